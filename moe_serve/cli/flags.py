@@ -1,0 +1,29 @@
+"""CLI flags derived from the config dataclasses: one flag per field, its help the field's doc."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip: tuple[str, ...] = ()) -> None:
+    """Add `--field-name` for every field of `config_cls` (a flat section dataclass)."""
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        args = typing.get_args(kind)
+        base = next((a for a in args if a is not type(None)), kind) if args else kind
+        help_text = f.metadata.get("help", "")
+        if base is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=base, default=None, help=f"{help_text} (default: {f.default})")
+
+
+def config_kwargs(args: argparse.Namespace, *config_classes) -> dict:
+    """The flags the user gave (not None) for the fields of `config_classes`, as keyword arguments."""
+    names = {f.name for cls in config_classes for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}

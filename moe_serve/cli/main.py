@@ -1,0 +1,35 @@
+"""`moe-serve`: one entry point, one module per subcommand.
+
+Each module in COMMANDS exposes `register(subparsers)`, which adds its subcommand and sets
+`func` (called with the parsed arguments; its return value is the exit code).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = [
+    "moe_serve.cli.generate",  # generate, info, record-trace
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-serve", description="Serve Mixture-of-Experts models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"moe-serve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Offline expert placement: statistics from routing traces in, a placement plan out."""

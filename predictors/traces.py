@@ -1,0 +1,147 @@
+"""Routing traces: the one data format shared by the runtime, `predictors` and `placement`.
+
+A trace is what the routers chose, per token and MoE layer. It is stored as a numpy archive
+(`.npz`, no pickle) with the keys of `../shared/traces/*.npz`:
+
+    experts      int16   [T, L, K]  expert ids per token and MoE layer, highest gate weight first
+    weights      float16 [T, L, K]  gate weights of those experts (as the router produced them)
+    seq_offsets  int64   [S+1]      token t of sequence s is row seq_offsets[s] + t
+    meta         0-d str            JSON: at least num_experts and top_k
+
+and, when the runtime recorded them:
+
+    token_ids    int64   [T]        the token id fed to the model at that row
+    hidden       float16 [T, L, H]  the hidden state entering each MoE layer's router
+
+Rows are in sequence order: row t+1 of a sequence is the token that followed row t, so replaying a
+sequence row by row is a batch-1 decode of it.
+
+Glossary: T tokens, L MoE layers, K experts per token (top-k), E experts per layer, S sequences,
+H hidden size.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class RoutingTrace:
+    experts: np.ndarray  # int16 [T, L, K]
+    weights: np.ndarray  # float16 [T, L, K]
+    seq_offsets: np.ndarray  # int64 [S+1]
+    num_experts: int
+    token_ids: np.ndarray | None = None  # int64 [T]
+    hidden: np.ndarray | None = None  # float16 [T, L, H]
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.experts.ndim != 3:
+            raise ValueError(f"trace: experts must be [T, L, K], got shape {tuple(self.experts.shape)}")
+        if self.weights.shape != self.experts.shape:
+            raise ValueError(
+                f"trace: weights shape {tuple(self.weights.shape)} != experts shape {tuple(self.experts.shape)}"
+            )
+        offs = self.seq_offsets
+        if offs.ndim != 1 or len(offs) < 1 or offs[0] != 0 or offs[-1] != self.num_tokens or np.any(np.diff(offs) < 0):
+            raise ValueError(
+                f"trace: seq_offsets must rise from 0 to T={self.num_tokens}, got {offs[:3]}..{offs[-3:]}"
+            )
+        if self.num_tokens and (self.experts.min() < 0 or self.experts.max() >= self.num_experts):
+            raise ValueError(
+                f"trace: expert ids must lie in [0, num_experts={self.num_experts}), "
+                f"got [{self.experts.min()}, {self.experts.max()}]"
+            )
+        if self.token_ids is not None and self.token_ids.shape != (self.num_tokens,):
+            raise ValueError(f"trace: token_ids must be [T={self.num_tokens}], got {self.token_ids.shape}")
+        if self.hidden is not None and self.hidden.shape[:2] != self.experts.shape[:2]:
+            raise ValueError(f"trace: hidden must be [T, L, H], got {self.hidden.shape}")
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.experts.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.experts.shape[1])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.experts.shape[2])
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.seq_offsets) - 1
+
+    def sequence(self, s: int) -> slice:
+        return slice(int(self.seq_offsets[s]), int(self.seq_offsets[s + 1]))
+
+    def prev_index(self) -> np.ndarray:
+        """int64 [T]: row of the previous token of the same sequence, -1 at a sequence start."""
+        prev = np.arange(self.num_tokens, dtype=np.int64) - 1
+        prev[self.seq_offsets[:-1][np.diff(self.seq_offsets) > 0]] = -1
+        return prev
+
+    def select_sequences(self, seq_ids) -> "RoutingTrace":
+        """A new trace holding whole sequences `seq_ids`, in that order."""
+        rows = [np.arange(self.seq_offsets[s], self.seq_offsets[s + 1]) for s in seq_ids]
+        idx = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+        lens = [len(r) for r in rows]
+        return RoutingTrace(
+            experts=self.experts[idx],
+            weights=self.weights[idx],
+            seq_offsets=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+            num_experts=self.num_experts,
+            token_ids=None if self.token_ids is None else self.token_ids[idx],
+            hidden=None if self.hidden is None else self.hidden[idx],
+            meta=dict(self.meta),
+        )
+
+    def save(self, path: str | Path) -> None:
+        meta = dict(self.meta, num_experts=self.num_experts, top_k=self.top_k)
+        arrays = dict(
+            experts=self.experts.astype(np.int16),
+            weights=self.weights.astype(np.float16),
+            seq_offsets=self.seq_offsets.astype(np.int64),
+            meta=np.array(json.dumps(meta)),
+        )
+        if self.token_ids is not None:
+            arrays["token_ids"] = self.token_ids.astype(np.int64)
+        if self.hidden is not None:
+            arrays["hidden"] = self.hidden.astype(np.float16)
+        np.savez(path, **arrays)
+
+
+def load_trace(path: str | Path) -> RoutingTrace:
+    """Read a trace file (the shared traces or the runtime's own); no pickle is ever executed."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"trace file {path} does not exist")
+    with np.load(path, allow_pickle=False) as z:
+        for key in ("experts", "weights", "seq_offsets"):
+            if key not in z.files:
+                raise ValueError(f"trace {path}: missing key {key!r} (has {sorted(z.files)})")
+        meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+        experts = z["experts"]
+        num_experts = int(meta.get("num_experts", int(experts.max()) + 1 if experts.size else 1))
+        return RoutingTrace(
+            experts=experts,
+            weights=z["weights"],
+            seq_offsets=z["seq_offsets"].astype(np.int64),
+            num_experts=num_experts,
+            token_ids=z["token_ids"] if "token_ids" in z.files else None,
+            hidden=z["hidden"] if "hidden" in z.files else None,
+            meta=meta,
+        )
+
+
+def split_sequences(trace: RoutingTrace, test_fraction: float, seed: int = 0) -> tuple[RoutingTrace, RoutingTrace]:
+    """Split by whole sequences (never by rows): (train, test)."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    order = np.random.default_rng(seed).permutation(trace.num_sequences)
+    n_test = max(1, int(round(test_fraction * trace.num_sequences)))
+    return trace.select_sequences(np.sort(order[n_test:])), trace.select_sequences(np.sort(order[:n_test]))
