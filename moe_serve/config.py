@@ -65,6 +65,7 @@ class TraceConfig:
     record_trace: str | None = doc("write a routing trace (.npz) of everything served to this path", default=None)
     record_hidden: bool = doc("also record the hidden state entering each router", default=False)
     replay_trace: str | None = doc("drive every router from this recorded trace instead of its gate", default=None)
+    expert_load_stats: bool = doc("count tokens per expert of each MoE layer (CLI load table, /metrics)", default=True)
 
 
 @dataclass
