@@ -69,11 +69,29 @@ class TraceConfig:
 
 
 @dataclass
+class ServerConfig:
+    host: str = doc("address the HTTP server binds (loopback by default)", default="127.0.0.1")
+    port: int = doc("TCP port of the HTTP server (0: any free port)", default=8000)
+    served_model_name: str | None = doc("model name in the API (default: the checkpoint directory's name)", default=None)
+    api_key: str | None = doc("if set, /v1/* requires 'Authorization: Bearer <api_key>'", default=None)
+    max_pending_requests: int = doc("most requests the server holds at once (running + waiting); more get 429",
+                                    default=256)
+    request_timeout_s: float = doc("a request still running after this many seconds is aborted (504)", default=600.0)
+    trace_dir: str = doc("directory where POST /v1/traces/dump writes routing traces", default="traces")
+
+    def __post_init__(self):
+        require(0 <= self.port <= 65535, "server", "port", "in [0, 65535]", self.port)
+        require(self.max_pending_requests >= 1, "server", "max_pending_requests", ">= 1", self.max_pending_requests)
+        require(self.request_timeout_s > 0, "server", "request_timeout_s", "> 0", self.request_timeout_s)
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trace: TraceConfig = field(default_factory=TraceConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
     @classmethod
     def from_flat(cls, **kwargs) -> "EngineConfig":
