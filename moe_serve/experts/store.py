@@ -1,0 +1,129 @@
+"""The expert store: the only way the model reaches expert weights.
+
+Contract (what the MoE block's experts stage calls, per MoE layer and step):
+
+    store.run(moe_layer, x_sorted, counts) -> y_sorted
+        x_sorted [M, H]: the step's token copies sorted by logical expert id (dispatch's output);
+        counts: list[int] of length E, rows of x_sorted per expert (sum = M);
+        y_sorted [M, H]: each row's expert output (unweighted: combine applies the gate weights).
+
+`ExpertStore.run` is written once in terms of three overridable methods, so another store changes
+where weights live without touching model code:
+
+    begin_layer(moe_layer, expert_ids)   the experts this step needs; an offloading store pins the
+                                         resident ones and starts fetching the missing ones
+    get(moe_layer, e) -> (gate_up, down) weights on the compute device, gate_up [2I, H] (gate rows
+                                         first), down [H, I]; may block until a fetch lands
+    end_layer(moe_layer)                 unpin
+    prefetch(moe_layer, expert_ids)      a hint from the predictor for a later layer (no-op here)
+
+A store that wants to compute a cold expert where its weights lie (on the CPU) overrides `run` or
+`compute_expert` for that expert; the stage only sees y_sorted. Weights come from an
+`ExpertSource` (the loader's memory-mapped checkpoint view), so a store may keep a host copy
+instead of stacking everything on the device.
+
+`ResidentExpertStore`: every expert on the compute device, stacked per layer as gate_up [E, 2I, H]
+and down [E, H, I]; `get` returns views (no copies), so decode reads each weight exactly once.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class ExpertSource(Protocol):
+    """Where a store gets weights from (the loader provides one backed by the safetensors files)."""
+
+    num_moe_layers: int
+    num_experts: int
+
+    def get(self, moe_layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [2I, H], down [H, I]) on the host, in the checkpoint's dtype, shapes checked."""
+        ...
+
+
+def expert_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One SwiGLU expert: x [M, H] -> [M, H] (fused gate_up as transformers computes it)."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [M, I] each
+    return F.linear(F.silu(gate) * up, down)
+
+
+class ExpertStore(ABC):
+    num_moe_layers: int
+    num_experts: int
+    device: torch.device
+
+    @abstractmethod
+    def get(self, moe_layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [2I, H], down [H, I]) of one expert, on the compute device."""
+
+    def begin_layer(self, moe_layer: int, expert_ids: list[int]) -> None:
+        """This step needs `expert_ids` of `moe_layer` (ascending)."""
+
+    def end_layer(self, moe_layer: int) -> None:
+        """The layer's experts are done with for this step."""
+
+    def prefetch(self, moe_layer: int, expert_ids: torch.Tensor) -> None:
+        """Hint: these experts of `moe_layer` will likely be needed soon."""
+
+    def compute_expert(self, moe_layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate_up, down = self.get(moe_layer, e)
+        return expert_forward(x, gate_up, down)
+
+    def run(self, moe_layer: int, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Experts stage: y_sorted [M, H] for x_sorted [M, H] grouped by expert per `counts`."""
+        active = [e for e, c in enumerate(counts) if c]
+        self.begin_layer(moe_layer, active)
+        y = torch.empty_like(x_sorted)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                y[start:start + c] = self.compute_expert(moe_layer, e, x_sorted[start:start + c])
+                start += c
+        self.end_layer(moe_layer)
+        return y
+
+    def nbytes(self) -> int:
+        """Bytes of expert weights this store holds on the compute device."""
+        return 0
+
+
+class ResidentExpertStore(ExpertStore):
+    """All experts on the compute device, stacked per MoE layer."""
+
+    def __init__(self, gate_up: list[torch.Tensor], down: list[torch.Tensor]):
+        # gate_up[l]: [E, 2I, H]; down[l]: [E, H, I]
+        if len(gate_up) != len(down) or not gate_up:
+            raise ValueError("ResidentExpertStore needs one gate_up and one down tensor per MoE layer")
+        self.gate_up, self.down = gate_up, down
+        self.num_moe_layers, self.num_experts = len(gate_up), gate_up[0].shape[0]
+        self.device = gate_up[0].device
+
+    @classmethod
+    def from_source(cls, source: ExpertSource, dtype: torch.dtype, device: torch.device | str) -> "ResidentExpertStore":
+        gate_up, down = [], []
+        for l in range(source.num_moe_layers):
+            gu0, d0 = source.get(l, 0)
+            gu = torch.empty((source.num_experts, *gu0.shape), dtype=dtype, device=device)
+            dn = torch.empty((source.num_experts, *d0.shape), dtype=dtype, device=device)
+            for e in range(source.num_experts):
+                g, d = (gu0, d0) if e == 0 else source.get(l, e)
+                gu[e].copy_(g)
+                dn[e].copy_(d)
+            gate_up.append(gu)
+            down.append(dn)
+        return cls(gate_up, down)
+
+    def get(self, moe_layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate_up[moe_layer][e], self.down[moe_layer][e]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.gate_up, *self.down))
+
+
+def resident_store_factory(spec, source: ExpertSource, dtype: torch.dtype, device) -> ExpertStore:
+    """The default `expert_store_factory` of `load_model`: (spec, source, dtype, device) -> store."""
+    return ResidentExpertStore.from_source(source, dtype, device)

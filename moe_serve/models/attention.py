@@ -1,0 +1,110 @@
+"""Attention over a preallocated per-slot KV cache, for mixed batches (prefill chunks + decodes).
+
+`StepMeta` is built once per forward from the ForwardBatch (host lists -> a few index tensors) and
+shared by every layer. `attend` writes the step's new cache rows, then:
+  - all decodes in one SDPA call: their slots' rows gathered to [B, T, ...], padded keys masked out
+    by length (no Python loop over sequences or tokens);
+  - each prefill chunk in its own SDPA call over its slot's first context+chunk rows, causal with the
+    chunk's offset, so chunked prefill equals one-shot prefill.
+The cache may hold keys/values (GQA) or a latent (MLA); `expand` turns gathered cache rows into K, V.
+Caches are zero-initialized: masked rows are never NaN, so 0-weights times them stay 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from moe_serve.models.batch import ForwardBatch
+
+
+@dataclass
+class StepMeta:
+    positions: torch.Tensor  # long [N]
+    token_slots: torch.Tensor  # long [N]: KV slot of each token
+    dec_idx: torch.Tensor | None  # long [B]: flat index of each decode token
+    dec_slots: torch.Tensor | None  # long [B]
+    dec_lens: torch.Tensor | None  # long [B]: cached tokens incl. this one
+    dec_max: int  # longest decode context (rows to gather)
+    prefills: list[tuple[int, int, int, int]]  # (start, n, slot, context_len) per prefill chunk
+    last_idx: torch.Tensor  # long [S]: flat index of each sequence's last token
+    _masks: dict = field(default_factory=dict)
+
+    @staticmethod
+    def build(batch: ForwardBatch, device) -> "StepMeta":
+        q, ctx, slots = batch.query_lens, batch.context_lens, batch.slot_ids
+        starts, acc = [], 0
+        for n in q:
+            starts.append(acc)
+            acc += n
+        if acc != batch.num_tokens:
+            raise ValueError(f"sum(query_lens) = {acc} but token_ids has {batch.num_tokens} tokens")
+        dec = [i for i, n in enumerate(q) if n == 1]
+        pre = [(starts[i], q[i], slots[i], ctx[i]) for i, n in enumerate(q) if n > 1]
+        as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+        qt = as_t(q)
+        return StepMeta(
+            positions=batch.positions.to(device),
+            token_slots=torch.repeat_interleave(as_t(slots), qt),
+            dec_idx=as_t([starts[i] for i in dec]) if dec else None,
+            dec_slots=as_t([slots[i] for i in dec]) if dec else None,
+            dec_lens=as_t([ctx[i] + 1 for i in dec]) if dec else None,
+            dec_max=max((ctx[i] + 1 for i in dec), default=0),
+            prefills=pre,
+            last_idx=torch.cumsum(qt, 0) - 1,
+        )
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """bool [B, 1, 1, T]: key t is visible to decode b (t < len_b, and inside the sliding window)."""
+        if window not in self._masks:
+            t = torch.arange(self.dec_max, device=self.dec_lens.device)
+            m = t[None, :] < self.dec_lens[:, None]
+            if window is not None:
+                m &= t[None, :] > (self.dec_lens[:, None] - 1 - window)
+            self._masks[window] = m[:, None, None, :]
+        return self._masks[window]
+
+
+def chunk_mask(n: int, ctx: int, window: int | None, device) -> torch.Tensor | None:
+    """bool [n, ctx+n] for a prefill chunk at offset ctx; None when plain causal from 0 suffices."""
+    if ctx == 0 and window is None:
+        return None
+    i = torch.arange(n, device=device)[:, None] + ctx
+    j = torch.arange(ctx + n, device=device)[None, :]
+    m = j <= i
+    if window is not None:
+        m &= j > i - window
+    return m
+
+
+def attend(
+    q: torch.Tensor,  # [N, Hq, Dqk]
+    new_rows: tuple[torch.Tensor, ...],  # each [N, ...]: this step's cache rows
+    caches: tuple[torch.Tensor, ...],  # each [slots, T, ...]
+    expand: Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, torch.Tensor]],  # rows [B,T,..] -> K,V [B,T,Hkv,D]
+    meta: StepMeta,
+    scale: float,
+    window: int | None,
+    v_dim: int,
+) -> torch.Tensor:  # [N, Hq, Dv]
+    for cache, rows in zip(caches, new_rows):
+        cache[meta.token_slots, meta.positions] = rows.to(cache.dtype)
+    n_tok, hq = q.shape[0], q.shape[1]
+    out = q.new_empty(n_tok, hq, v_dim)
+    if meta.dec_idx is not None:
+        k, v = expand(tuple(c[meta.dec_slots, : meta.dec_max] for c in caches))  # [B, T, Hkv, D]
+        qd = q.index_select(0, meta.dec_idx)[:, :, None, :]  # [B, Hq, 1, D]
+        o = F.scaled_dot_product_attention(qd, k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=meta.decode_mask(window), scale=scale,
+                                           enable_gqa=k.shape[2] != hq)
+        out.index_copy_(0, meta.dec_idx, o[:, :, 0, :])
+    for start, n, slot, ctx in meta.prefills:
+        k, v = expand(tuple(c[slot, : ctx + n][None] for c in caches))  # [1, ctx+n, Hkv, D]
+        qp = q[start:start + n].transpose(0, 1)[None]  # [1, Hq, n, D]
+        mask = chunk_mask(n, ctx, window, q.device)
+        o = F.scaled_dot_product_attention(qp, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                           is_causal=mask is None, scale=scale, enable_gqa=k.shape[2] != hq)
+        out[start:start + n] = o[0].transpose(0, 1)
+    return out

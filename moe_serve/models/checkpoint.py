@@ -1,0 +1,92 @@
+"""Reading a Hugging Face checkpoint directory: config.json and (sharded) safetensors, memory-mapped.
+
+Every failure names the file or tensor and what was expected: a missing directory or config.json,
+a missing, truncated or corrupt safetensors file, a missing tensor key, a tensor of the wrong shape.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+class CheckpointError(ValueError):
+    """The checkpoint directory is missing something or holds something malformed."""
+
+
+def read_config(model_dir: str | Path) -> dict:
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"model directory {str(d)!r} does not exist or is not a directory")
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path} is missing: a checkpoint directory needs config.json")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path} must hold a JSON object")
+    return cfg
+
+
+class SafetensorsCheckpoint:
+    """key -> tensor over one or several safetensors files (memory-mapped, read on demand)."""
+
+    def __init__(self, model_dir: str | Path):
+        d = Path(model_dir)
+        index = d / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index} is malformed (needs a 'weight_map' object): {e}") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in d.glob("*.safetensors"))
+            weight_map = None
+            if not files:
+                raise CheckpointError(f"no *.safetensors file in {d} (and no model.safetensors.index.json)")
+        self.handles = {}
+        for name in files:
+            path = d / name
+            if not path.is_file():
+                raise CheckpointError(f"{path} is missing (listed in {index.name})")
+            try:
+                self.handles[name] = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                raise CheckpointError(f"{path} is not a readable safetensors file "
+                                      f"(truncated or corrupt?): {e}") from None
+        self.key_file: dict[str, str] = {}
+        for name, h in self.handles.items():
+            for k in h.keys():
+                self.key_file[k] = name
+        if weight_map is not None:
+            for k, f in weight_map.items():
+                if self.key_file.get(k) != f:
+                    raise CheckpointError(f"tensor {k!r} is listed in {index.name} under {f} but {f} lacks it")
+        self.dir = d
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.key_file
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle(key).get_slice(key).get_shape())
+
+    def _handle(self, key: str):
+        if key not in self.key_file:
+            raise CheckpointError(f"tensor {key!r} is missing from the checkpoint in {self.dir}")
+        return self.handles[self.key_file[key]]
+
+    def get(self, key: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The tensor (checked against `shape` when given), as stored (mmap-backed, checkpoint dtype)."""
+        h = self._handle(key)
+        if shape is not None and self.shape(key) != tuple(shape):
+            raise CheckpointError(f"tensor {key!r} has shape {list(self.shape(key))}, expected {list(shape)}")
+        try:
+            return h.get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {key!r} from {self.dir / self.key_file[key]} "
+                                  f"(truncated or corrupt?): {e}") from None

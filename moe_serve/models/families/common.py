@@ -1,0 +1,118 @@
+"""What every family shares: reading config fields with clear errors, rope parameters, key mapping."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from moe_serve.models.spec import ModelSpec, RopeSpec, UnsupportedModelError
+
+SUPPORTED_ROPE = ("default", "linear", "yarn", "llama3")
+
+
+def need(cfg: dict, name: str, where: str):
+    """A required config.json field, or an error naming it."""
+    if cfg.get(name) is None:
+        raise ValueError(f"config.json of a {where} checkpoint lacks the required field '{name}'")
+    return cfg[name]
+
+
+def need_any(cfg: dict, names: tuple[str, ...], where: str):
+    """The first present of several names for one field (transformers renames some across versions)."""
+    for n in names:
+        if cfg.get(n) is not None:
+            return cfg[n]
+    raise ValueError(f"config.json of a {where} checkpoint lacks the required field '{names[0]}' "
+                     f"(also accepted: {', '.join(names[1:])})")
+
+
+def positive(value: int, name: str) -> int:
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"config.json field '{name}' must be a positive integer, got {value!r}")
+    return value
+
+
+def eos_ids(cfg: dict) -> tuple[int, ...]:
+    eos = cfg.get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+
+def torch_dtype(cfg: dict) -> str:
+    d = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return str(d).replace("torch.", "")
+
+
+def rope_spec(cfg: dict, dim: int, default_theta: float, interleaved: bool = False) -> RopeSpec:
+    """Read `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta` (older configs)."""
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind not in SUPPORTED_ROPE:
+        raise UnsupportedModelError(
+            f"rope type '{kind}' is not supported (supported: {', '.join(SUPPORTED_ROPE)})")
+    theta = params.get("rope_theta") or cfg.get("rope_theta") or default_theta
+    if params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) not in (None, 1.0):
+        raise UnsupportedModelError("partial_rotary_factor != 1 is not supported")
+    omax = params.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
+    if kind in ("yarn", "llama3") and omax is None:
+        omax = cfg.get("max_position_embeddings")
+    factor = params.get("factor")
+    if kind in ("linear", "yarn", "llama3") and factor is None:
+        if kind == "yarn" and omax:
+            factor = cfg["max_position_embeddings"] / omax
+        else:
+            raise ValueError(f"rope type '{kind}' needs rope_parameters.factor")
+    return RopeSpec(
+        kind=kind, theta=float(theta), dim=dim, interleaved=interleaved, factor=float(factor or 1.0),
+        original_max_position_embeddings=omax, attention_factor=params.get("attention_factor"),
+        beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+        mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),
+        truncate=bool(params.get("truncate", True)),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+    )
+
+
+def check_act(cfg: dict) -> str:
+    act = cfg.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise UnsupportedModelError(f"hidden_act '{act}' is not supported (supported: silu)")
+    return "silu"
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one family's config.json and checkpoint keys map onto the runtime.
+
+    Runtime parameter names follow transformers' in-memory names without the `model.` prefix
+    (`layers.3.self_attn.q_proj.weight`, `layers.3.mlp.gate.weight`, `layers.3.mlp.shared_expert.up_proj.weight`);
+    `renames` turns runtime substrings into the checkpoint's where they differ (Mixtral's
+    `block_sparse_moe`, DeepSeek's `shared_experts`).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    architectures: tuple[str, ...]
+    parse: Callable[[dict], ModelSpec]
+    moe_module: str = "mlp"  # checkpoint name of the MoE block
+    expert_leaves: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert gate, up, down
+    renames: tuple[tuple[str, str], ...] = ()
+
+    def checkpoint_key(self, runtime_name: str) -> str:
+        key = runtime_name
+        for ours, theirs in self.renames:
+            key = key.replace(ours, theirs)
+        if key.startswith("lm_head."):
+            return key
+        return "model." + key
+
+    def expert_keys(self, layer: int, e: int) -> tuple[str, str, str]:
+        """Per-expert keys as published on the Hub (and as transformers' save_pretrained writes them)."""
+        p = f"model.layers.{layer}.{self.moe_module}.experts.{e}"
+        return tuple(f"{p}.{leaf}.weight" for leaf in self.expert_leaves)  # type: ignore[return-value]
+
+    def fused_expert_keys(self, layer: int) -> list[tuple[str, str]]:
+        """Fused layouts (transformers 5 in-memory): gate_up_proj [E, 2I, H] gate rows first, down_proj [E, H, I]."""
+        mods = dict.fromkeys([self.moe_module, "mlp"])
+        return [(f"model.layers.{layer}.{m}.experts.gate_up_proj", f"model.layers.{layer}.{m}.experts.down_proj")
+                for m in mods]

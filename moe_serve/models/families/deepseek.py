@@ -1,0 +1,81 @@
+"""DeepSeek-V2 and -V3: multi-head latent attention, shared experts, first dense layers, group routing.
+
+V2 (as transformers implements it): softmax scores; `greedy` top-k or `group_limited_greedy` (keep the
+`topk_group` groups with the highest max score); weights times `routed_scaling_factor`.
+transformers ignores V2's `norm_topk_prob` (every published V2 has it false); so do we.
+V3: sigmoid scores; the choice uses scores + `e_score_correction_bias`, keeping the `topk_group`
+groups whose top-2 sum is highest (`noaux_tc`); weights are the unbiased scores, renormalized if
+`norm_topk_prob`, times `routed_scaling_factor`. Rope on a `qk_rope_head_dim` slice, adjacent pairs
+(interleaved); YaRN folds mscale(factor, mscale_all_dim)^2 into the softmax scale.
+"""
+from __future__ import annotations
+
+import math
+
+from moe_serve.models.families.common import Family, check_act, eos_ids, need, need_any, positive, rope_spec, torch_dtype
+from moe_serve.models.spec import MLASpec, ModelSpec, RoutingSpec, UnsupportedModelError
+
+
+def _mscale(scale: float, mscale: float) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _parse(cfg: dict, family: str) -> ModelSpec:
+    w = "DeepSeek-V2" if family == "deepseek_v2" else "DeepSeek-V3"
+    hidden, heads, layers = need(cfg, "hidden_size", w), need(cfg, "num_attention_heads", w), need(cfg, "num_hidden_layers", w)
+    num_experts = positive(need_any(cfg, ("n_routed_experts", "num_local_experts", "num_experts"), w), "n_routed_experts")
+    top_k = positive(need(cfg, "num_experts_per_tok", w), "num_experts_per_tok")
+    mla = MLASpec(q_lora_rank=cfg.get("q_lora_rank"), kv_lora_rank=need(cfg, "kv_lora_rank", w),
+                  qk_nope_head_dim=need(cfg, "qk_nope_head_dim", w), qk_rope_head_dim=need(cfg, "qk_rope_head_dim", w),
+                  v_head_dim=need(cfg, "v_head_dim", w))
+    first_dense = cfg.get("first_k_dense_replace") or 0
+    freq = cfg.get("moe_layer_freq", 1) or 1
+    moe_layers = tuple(i for i in range(layers) if i >= first_dense and i % freq == 0)
+    n_group = cfg.get("n_group") or 1
+    topk_group = cfg.get("topk_group") or n_group
+    if family == "deepseek_v2":
+        method = cfg.get("topk_method") or "greedy"
+        if method not in ("greedy", "group_limited_greedy"):
+            raise UnsupportedModelError(f"DeepSeek-V2 topk_method '{method}' is not supported "
+                                        "(supported: greedy, group_limited_greedy)")
+        routing = RoutingSpec(top_k=top_k, scoring="softmax", topk_method=method, norm_topk_prob=False,
+                              routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+                              n_group=n_group, topk_group=topk_group, logits_fp32=True, weights_fp32=True)
+        interleaved = True
+    else:
+        routing = RoutingSpec(top_k=top_k, scoring="sigmoid", topk_method="noaux_tc",
+                              norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+                              routed_scaling_factor=float(cfg.get("routed_scaling_factor", 2.5)),
+                              n_group=n_group, topk_group=topk_group, has_bias=True, logits_fp32=True,
+                              weights_fp32=True)
+        interleaved = bool(cfg.get("rope_interleave", True))
+    if num_experts % routing.n_group:
+        raise ValueError(f"n_routed_experts ({num_experts}) must be a multiple of n_group ({routing.n_group})")
+    if not 1 <= routing.topk_group <= routing.n_group:
+        raise ValueError(f"topk_group must be in 1..n_group ({routing.n_group}), got {routing.topk_group}")
+    rope = rope_spec(cfg, mla.qk_rope_head_dim, default_theta=10000.0, interleaved=interleaved)
+    scale = mla.qk_head_dim ** -0.5
+    if rope.kind != "default" and rope.mscale_all_dim:
+        scale *= _mscale(rope.factor, rope.mscale_all_dim) ** 2
+    return ModelSpec(
+        family=family, architecture="DeepseekV2ForCausalLM" if family == "deepseek_v2" else "DeepseekV3ForCausalLM",
+        num_layers=layers, hidden_size=hidden, vocab_size=need(cfg, "vocab_size", w), num_heads=heads,
+        num_kv_heads=heads, head_dim=mla.qk_head_dim, v_head_dim=mla.v_head_dim, num_experts=num_experts,
+        top_k=top_k, moe_layers=moe_layers, moe_intermediate_size=need(cfg, "moe_intermediate_size", w),
+        intermediate_size=need(cfg, "intermediate_size", w), routing=routing, rope=rope,
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=eos_ids(cfg), torch_dtype=torch_dtype(cfg), hidden_act=check_act(cfg), attention="mla",
+        mla=mla, qkv_bias=bool(cfg.get("attention_bias", False)), o_bias=bool(cfg.get("attention_bias", False)),
+        sliding_windows=tuple([None] * layers), attn_scale=scale,
+        shared_expert_intermediate_size=(cfg.get("n_shared_experts") or 0) * cfg["moe_intermediate_size"],
+        extra={"norm_topk_prob": cfg.get("norm_topk_prob"), "topk_method": cfg.get("topk_method"),
+               "scoring_func": cfg.get("scoring_func")},
+    )
+
+
+_RENAMES = ((".shared_expert.", ".shared_experts."),)
+DEEPSEEK_V2 = Family(name="deepseek_v2", model_types=("deepseek_v2",), architectures=("DeepseekV2ForCausalLM",),
+                     parse=lambda cfg: _parse(cfg, "deepseek_v2"), renames=_RENAMES)
+DEEPSEEK_V3 = Family(name="deepseek_v3", model_types=("deepseek_v3",), architectures=("DeepseekV3ForCausalLM",),
+                     parse=lambda cfg: _parse(cfg, "deepseek_v3"), renames=_RENAMES)

@@ -1,0 +1,90 @@
+"""load_model: a Hugging Face MoE checkpoint directory -> a ready MoEModel.
+
+    load_model(model_dir, dtype="auto", device="cpu", hooks=NO_HOOKS, expert_store_factory=None)
+
+`dtype`: "auto" (the checkpoint's `dtype`/`torch_dtype`, float32 when absent), "float32", "bfloat16",
+"float16" or a torch.dtype. Non-expert weights are read (memory-mapped) into the model built on the
+meta device; expert weights go through `expert_store_factory(spec, source, dtype, device)`, where
+`source.get(moe_layer, e) -> (gate_up [2I, H], down [H, I])` reads one expert from the checkpoint
+(per-expert keys as published, or transformers 5's fused `experts.gate_up_proj` / `down_proj`).
+The default factory builds a ResidentExpertStore.
+"""
+from __future__ import annotations
+
+from itertools import chain
+from pathlib import Path
+
+import torch
+
+from moe_serve.experts.store import resident_store_factory
+from moe_serve.models.checkpoint import CheckpointError, SafetensorsCheckpoint, read_config
+from moe_serve.models.families import parse_spec
+from moe_serve.models.families.common import Family
+from moe_serve.models.hooks import NO_HOOKS, RouterHooks
+from moe_serve.models.model import MoEModel
+from moe_serve.models.spec import ModelSpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FP32_PARAMS = ("e_score_correction_bias",)  # transformers keeps these in fp32 whatever the dtype
+
+
+def resolve_dtype(dtype, spec: ModelSpec) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = spec.torch_dtype if dtype == "auto" else dtype
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+class CheckpointExperts:
+    """ExpertSource over the checkpoint: one expert's (gate_up [2I, H], down [H, I]) on demand."""
+
+    def __init__(self, ckpt: SafetensorsCheckpoint, family: Family, spec: ModelSpec):
+        self.ckpt, self.family, self.spec = ckpt, family, spec
+        self.num_moe_layers, self.num_experts = spec.num_moe_layers, spec.num_experts
+        self._fused: dict[int, tuple[str, str] | None] = {}
+
+    def _fused_keys(self, layer: int) -> tuple[str, str] | None:
+        if layer not in self._fused:
+            self._fused[layer] = next(((g, d) for g, d in self.family.fused_expert_keys(layer)
+                                       if g in self.ckpt and d in self.ckpt), None)
+        return self._fused[layer]
+
+    def get(self, moe_layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= moe_layer < self.num_moe_layers or not 0 <= e < self.num_experts:
+            raise IndexError(f"expert ({moe_layer}, {e}) out of range ({self.num_moe_layers} MoE layers, "
+                             f"{self.num_experts} experts)")
+        s, layer = self.spec, self.spec.moe_layers[moe_layer]
+        h, i = s.hidden_size, s.moe_intermediate_size
+        fused = self._fused_keys(layer)
+        if fused is not None:
+            gu = self.ckpt.get(fused[0], (s.num_experts, 2 * i, h))[e]
+            dn = self.ckpt.get(fused[1], (s.num_experts, h, i))[e]
+            return gu, dn
+        g_key, u_key, d_key = self.family.expert_keys(layer, e)
+        gate, up, down = self.ckpt.get(g_key, (i, h)), self.ckpt.get(u_key, (i, h)), self.ckpt.get(d_key, (h, i))
+        return torch.cat((gate, up), dim=0), down
+
+
+def load_model(model_dir: str | Path, dtype="auto", device="cpu", hooks: RouterHooks = NO_HOOKS,
+               expert_store_factory=None) -> MoEModel:
+    cfg = read_config(model_dir)
+    family, spec = parse_spec(cfg)
+    dt, device = resolve_dtype(dtype, spec), torch.device(device)
+    ckpt = SafetensorsCheckpoint(model_dir)
+    with torch.device("meta"):
+        model = MoEModel(spec, hooks=hooks)
+    state = {}
+    for name, t in chain(model.named_parameters(), model.named_buffers()):
+        key = family.checkpoint_key(name)
+        if name == "lm_head.weight" and key not in ckpt:
+            raise CheckpointError(f"tensor 'lm_head.weight' is missing and tie_word_embeddings is false "
+                                  f"in {Path(model_dir) / 'config.json'}")
+        target = torch.float32 if name.endswith(FP32_PARAMS) else dt
+        state[name] = ckpt.get(key, tuple(t.shape)).to(device=device, dtype=target).contiguous()
+    model.load_state_dict(state, assign=True, strict=True)
+    source = CheckpointExperts(ckpt, family, spec)
+    model.store = (expert_store_factory or resident_store_factory)(spec, source, dt, device)
+    model.family, model.config, model.model_dir = family.name, cfg, str(model_dir)
+    return model.finish_loading().eval()

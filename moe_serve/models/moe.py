@@ -1,0 +1,118 @@
+"""The MoE block as four replaceable stages: router -> dispatch -> experts -> combine.
+
+- router (`Router`): logits, scores, top-k ids and weights per the family's `RoutingSpec`;
+- hooks (`runtime.hooks.route`) right after it, only when `hooks.active` (trace, replay, predictor);
+- dispatch (`runtime.dispatcher.dispatch`): local and dropless: token copies sorted by expert id,
+  no capacity limit; the EP engine swaps in an all-to-all dispatcher with the same two methods;
+- experts (`runtime.store.run`): the expert store computes each expert's rows (see experts/store.py);
+- combine (`runtime.dispatcher.combine`): weighted sum back into token order.
+The shared expert (Qwen2-MoE, DeepSeek) runs beside the routed ones and is added last, as in
+transformers. `MoERuntime` is one small object shared by every block, so swapping the store, the
+hooks or the dispatcher is one assignment on the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_serve.models.hooks import NO_HOOKS, RouterHooks
+from moe_serve.models.layers import MLP, linear
+from moe_serve.models.spec import ModelSpec, RoutingSpec
+
+
+class Router(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.r: RoutingSpec = spec.routing
+        self.num_experts = spec.num_experts
+        self.weight = nn.Parameter(torch.empty(spec.num_experts, spec.hidden_size), requires_grad=False)
+        if self.r.has_bias:  # kept in fp32, as transformers does
+            self.register_buffer("e_score_correction_bias", torch.empty(spec.num_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # x [N, H] -> ids long [N, K], w [N, K]
+        r, n = self.r, x.shape[0]
+        logits = F.linear(x.float(), self.weight.float()) if r.logits_fp32 else F.linear(x, self.weight)  # [N, E]
+        scores = logits.softmax(-1, dtype=torch.float32) if r.scoring == "softmax" else logits.float().sigmoid()
+        if r.topk_method == "greedy":
+            weights, ids = torch.topk(scores, r.top_k, dim=-1)
+        else:
+            choice = scores + self.e_score_correction_bias if r.has_bias else scores
+            grouped = choice.view(n, r.n_group, self.num_experts // r.n_group)  # [N, G, E/G]
+            if r.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1)[0].sum(-1)  # [N, G]
+            else:  # group_limited_greedy
+                group_scores = grouped.max(dim=-1).values
+            group_idx = torch.topk(group_scores, r.topk_group, dim=-1)[1]  # [N, topk_group]
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+            keep = keep[:, :, None].expand_as(grouped).reshape(n, self.num_experts)
+            fill = float("-inf") if r.topk_method == "noaux_tc" else 0.0
+            ids = torch.topk(choice.masked_fill(~keep, fill), r.top_k, dim=-1)[1]
+            weights = scores.gather(1, ids)
+        if r.norm_topk_prob:
+            eps = 1e-20 if r.scoring == "sigmoid" else 0.0
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + eps)
+        if r.routed_scaling_factor != 1.0:
+            weights = weights * r.routed_scaling_factor
+        if not r.weights_fp32:
+            weights = weights.to(x.dtype)
+        return ids, weights
+
+
+class LocalDispatcher:
+    """Dropless single-rank dispatch: copies of each token, sorted by expert id."""
+
+    def dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, num_experts: int):
+        n, k = ids.shape
+        flat = ids.reshape(-1)  # [N*K]
+        order = torch.argsort(flat, stable=True)  # [M=N*K] copy positions sorted by expert
+        token = torch.div(order, k, rounding_mode="floor")  # [M] source token of each copy
+        counts = torch.bincount(flat, minlength=num_experts).tolist()  # [E] one host read per layer
+        x_sorted = x.index_select(0, token)  # [M, H]
+        state = (token, weights.reshape(-1).index_select(0, order), n)
+        return x_sorted, counts, state
+
+    def combine(self, y_sorted: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
+        token, w, n = state  # [M], [M], N
+        contrib = (y_sorted * w[:, None]).to(dtype)  # weights may be fp32 (as transformers multiplies)
+        out = torch.zeros(n, y_sorted.shape[1], dtype=dtype, device=y_sorted.device)
+        return out.index_add_(0, token, contrib)  # rows per token added in expert order, like transformers
+
+
+@dataclass
+class MoERuntime:
+    """What every MoE block shares and the engine may swap: the expert store, hooks, dispatcher."""
+
+    store: object = None  # ExpertStore
+    hooks: RouterHooks = NO_HOOKS
+    dispatcher: object = None  # LocalDispatcher or an EP dispatcher
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, spec: ModelSpec, moe_index: int, runtime: MoERuntime):
+        super().__init__()
+        self.moe_index, self.num_experts, self.rt = moe_index, spec.num_experts, runtime
+        self.gate = Router(spec)
+        if spec.shared_expert_intermediate_size:
+            self.shared_expert = MLP(spec.hidden_size, spec.shared_expert_intermediate_size)
+        if spec.shared_expert_gate:
+            self.shared_expert_gate = linear(spec.hidden_size, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, H]
+        rt = self.rt
+        ids, weights = self.gate(x)  # [N, K], [N, K]
+        if rt.hooks.active:
+            replaced = rt.hooks.route(self.moe_index, x, ids, weights)
+            if replaced is not None:
+                ids, weights = replaced
+        x_sorted, counts, state = rt.dispatcher.dispatch(x, ids, weights, self.num_experts)
+        y_sorted = rt.store.run(self.moe_index, x_sorted, counts)
+        out = rt.dispatcher.combine(y_sorted, state, x.dtype)
+        if hasattr(self, "shared_expert"):
+            shared = self.shared_expert(x)
+            if hasattr(self, "shared_expert_gate"):
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out

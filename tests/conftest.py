@@ -1,0 +1,35 @@
+"""Shared fixtures: the shared data directory and tiny per-family checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = (REPO / ".." / "shared").resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """/work/shared (the repo's ../shared): corpus, traces. Skips when absent."""
+    if not SHARED.is_dir():
+        pytest.skip(f"shared data directory {SHARED} is absent (needed for this test)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Factory: tiny_checkpoint(family, **overrides) -> directory of a random save_pretrained checkpoint.
+
+    Cached per (family, overrides) for the session. Families: see tests/models/tiny_checkpoints.py."""
+    from tests.models.tiny_checkpoints import make_tiny_checkpoint
+
+    cache: dict = {}
+
+    def make(family: str, seed: int = 0, **overrides) -> Path:
+        key = (family, seed, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
+        if key not in cache:
+            cache[key] = make_tiny_checkpoint(family, tmp_path_factory.mktemp(family), seed=seed, **overrides)
+        return cache[key]
+
+    return make
