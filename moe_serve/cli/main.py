@@ -11,6 +11,7 @@ import sys
 
 COMMANDS = [
     "moe_serve.cli.generate",  # generate, info, record-trace
+    "moe_serve.cli.serve",  # serve
 ]
 
 

@@ -1,0 +1,48 @@
+"""`moe-serve serve`: the OpenAI-compatible HTTP server on one engine.
+
+Flags come from every section of `EngineConfig` (model, KV cache, scheduler, trace, server, and any
+section added later, such as the expert cache or parallelism), so new engine options reach the
+server without touching this file.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from moe_serve.cli.flags import add_config_flags, config_kwargs
+from moe_serve.config import EngineConfig
+
+
+def section_classes() -> list[type]:
+    return [f.default_factory().__class__ for f in dataclasses.fields(EngineConfig)]  # type: ignore[misc]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                              description="Serve a Mixture-of-Experts model over HTTP (/v1/completions, "
+                                          "/v1/chat/completions, /v1/models, /health, /metrics, /v1/traces/*).")
+    for cls in section_classes():
+        group = p.add_argument_group(cls.__name__)
+        add_config_flags(group, cls)
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default: warning)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from moe_serve.engine.async_engine import AsyncEngine
+    from moe_serve.server.app import create_app
+
+    cfg = EngineConfig.from_flat(**config_kwargs(args, *section_classes()))
+    engine = AsyncEngine.from_config(cfg)
+    try:
+        app = create_app(engine, cfg.server, cfg.model.model, own_engine=True)
+    except BaseException:
+        engine.shutdown()
+        raise
+    sc = cfg.server
+    print(f"moe-serve: serving {app.state.info.name} (max_model_len {app.state.info.max_model_len}) "
+          f"on http://{sc.host}:{sc.port}", flush=True)
+    uvicorn.run(app, host=sc.host, port=sc.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0

@@ -1,0 +1,89 @@
+"""Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`, naming the field.
+
+FastAPI answers invalid bodies with 422 and a list of pydantic errors; the OpenAI API answers 400
+with one message. `validation_error_response` turns the first pydantic error into that message,
+with the field's dotted path as `param` ("messages.0.role"), so clients see which field is wrong.
+"""
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+# pydantic's union-member labels in error locations ("str", "list[int]", "constrained-str"):
+# they say which union branch failed, not which field, so they are dropped from `param`.
+_UNION_LABELS = ("str", "int", "float", "bool", "list[", "constrained-", "function-", "tagged-union", "json-or-python")
+
+
+class APIError(Exception):
+    """An error the handlers answer in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                   code: str | int | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type, param, code), status_code=status, headers=headers)
+
+
+def _field_path(loc: tuple) -> str | None:
+    """("body", "messages", 0, "role") -> "messages.0.role"; union branch labels are skipped."""
+    parts = [str(p) for p in loc[1:] if not (isinstance(p, str) and p.startswith(_UNION_LABELS))]
+    return ".".join(parts) or None
+
+
+def _describe(err: dict) -> str:
+    if err.get("type") == "json_invalid":
+        return f"request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}"
+    if err.get("type") == "missing":
+        return "field required"
+    if err.get("type") == "extra_forbidden":
+        return "unrecognized request argument (not part of the API)"
+    msg = str(err.get("msg", "invalid value"))
+    if "input" in err and err.get("type") != "model_attributes_type":
+        shown = repr(err["input"])
+        msg += f" (got {shown[:80]}{'...' if len(shown) > 80 else ''})"
+    return msg
+
+
+def validation_error_response(exc: RequestValidationError) -> JSONResponse:
+    errors = list(exc.errors())
+    if not errors:
+        return error_response(400, "invalid request")
+    # Prefer errors about a named field over whole-body ones (a union yields one error per branch).
+    err = min(errors, key=lambda e: 0 if _field_path(tuple(e.get("loc", ()))) else 1)
+    loc = tuple(err.get("loc", ()))
+    param = _field_path(loc)
+    if err.get("type") == "json_invalid":
+        param = None
+    elif param is None and loc[:1] == ("body",) and err.get("type") in ("model_attributes_type", "dict_type", "missing"):
+        return error_response(400, "request body must be a JSON object", param=None, code="invalid_body")
+    message = f"{param}: {_describe(err)}" if param else _describe(err)
+    return error_response(400, message, param=param, code=err.get("type"))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        return validation_error_response(exc)
+
+    @app.exception_handler(APIError)
+    async def _api(request: Request, exc: APIError):
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(exc.status_code, str(exc.detail), kind, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "internal_server_error")

@@ -1,0 +1,156 @@
+"""One HTTP request's life in the engine: admission, prompt checks, timeout, disconnect, abort, metrics.
+
+Every path out of `RequestRunner.run` (finished, client gone, timed out, cancelled, engine error)
+passes through one `finally` that aborts the engine request if it is still live, so its KV-cache
+slot is freed at once and the server keeps serving. Timeouts and disconnects both work by aborting
+the engine request: the engine then ends the stream itself with finish_reason "abort", and the
+runner reports why.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import re
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from fastapi import Request
+
+from moe_serve.server.errors import APIError
+
+_PARAM_IN_ERROR = re.compile(r"(?:SamplingParams|sampling|model|scheduler)\.(\w+)")
+
+
+@dataclass
+class RunState:
+    """Why a run ended early (both False for a normal finish), and its timings for the metrics."""
+
+    disconnected: bool = False
+    timed_out: bool = False
+    arrival: float = 0.0
+    first_token: float | None = None
+    last_token: float | None = None
+
+
+def engine_error(exc: Exception) -> APIError:
+    """The engine's ValueError ("SamplingParams.top_k must be ...") -> 400 naming the field."""
+    msg = str(exc)
+    m = _PARAM_IN_ERROR.search(msg)
+    return APIError(400, msg, param=m.group(1) if m else None)
+
+
+class RequestRunner:
+    """Admits requests up to `max_pending_requests`, runs them through the engine, records metrics."""
+
+    def __init__(self, engine, metrics, max_pending_requests: int, request_timeout_s: float,
+                 queue_full_errors: tuple[type[Exception], ...] = (), dead_errors: tuple[type[Exception], ...] = ()):
+        self.engine, self.metrics = engine, metrics
+        self.max_pending = max_pending_requests
+        self.timeout_s = request_timeout_s
+        self.queue_full_errors, self.dead_errors = queue_full_errors, dead_errors
+        self.in_flight = 0
+
+    # -- admission ---------------------------------------------------------------------------
+    def admit(self) -> None:
+        """Count a request in, or refuse it with 429 while the server already holds its limit."""
+        if self.in_flight >= self.max_pending:
+            self.metrics.observe_error(429)
+            raise APIError(429, f"server busy: {self.in_flight} requests in flight, the limit is "
+                                f"max_pending_requests={self.max_pending}; retry later",
+                           type="rate_limit_error", code="queue_full")
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    # -- the engine stream -------------------------------------------------------------------
+    async def _abort(self, request_id: str) -> None:
+        try:
+            result = self.engine.abort(request_id)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:  # the request may already be gone; aborting twice is harmless
+            pass
+
+    async def _watch_disconnect(self, request: Request, request_id: str, state: RunState) -> None:
+        """Wait for the client to go away (ASGI `http.disconnect`), then abort its engine request."""
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                state.disconnected = True
+                await self._abort(request_id)
+                return
+
+    async def _watch_timeout(self, request_id: str, state: RunState) -> None:
+        await asyncio.sleep(self.timeout_s)
+        state.timed_out = True
+        await self._abort(request_id)
+
+    async def run(self, request: Request | None, request_id: str, prompt, params, state: RunState,
+                  watch_disconnect: bool = True) -> AsyncIterator:
+        """The engine's outputs for one request; raises APIError for a refused or failed request.
+
+        `watch_disconnect`: poll the connection (non-streaming responses); a streaming response
+        learns of the disconnect from its own failed write and cancels this generator instead.
+        """
+        state.arrival = time.monotonic()
+        watchers = [asyncio.create_task(self._watch_timeout(request_id, state))]
+        if watch_disconnect and request is not None:
+            watchers.append(asyncio.create_task(self._watch_disconnect(request, request_id, state)))
+        finished, final = False, None
+        try:
+            try:
+                stream = self.engine.generate(prompt, params, request_id)
+                async for out in stream:
+                    now = time.monotonic()
+                    if out.delta_token_ids:
+                        if state.first_token is None:
+                            state.first_token = now
+                        elif state.last_token is not None:
+                            self.metrics.observe_itl(now - state.last_token)
+                        state.last_token = now
+                    final, finished = out, out.finished
+                    yield out
+            except self.queue_full_errors as exc:
+                self.metrics.observe_error(429)
+                raise APIError(429, f"server busy: {exc}", type="rate_limit_error", code="queue_full") from exc
+            except self.dead_errors as exc:
+                self.metrics.observe_error(503)
+                raise APIError(503, f"engine unavailable: {exc}", type="service_unavailable") from exc
+            except ValueError as exc:
+                self.metrics.observe_error(400)
+                raise engine_error(exc) from exc
+        finally:
+            for w in watchers:
+                w.cancel()
+            if not finished:
+                await asyncio.shield(self._abort(request_id))
+            if final is not None and final.finished and final.finish_reason not in ("abort", "error"):
+                self._record(final, state)
+
+    def _record(self, out, state: RunState) -> None:
+        m = out.metrics
+        ttft = m.time_to_first_token if m.time_to_first_token is not None else (
+            None if state.first_token is None else state.first_token - state.arrival)
+        self.metrics.observe_request(
+            prompt_tokens=len(out.prompt_token_ids), output_tokens=len(out.token_ids),
+            e2e_s=time.monotonic() - state.arrival, ttft_s=ttft, tpot_s=m.time_per_output_token,
+            finish_reason=out.finish_reason)
+
+    def failure(self, out, state: RunState) -> APIError | None:
+        """The error a finished-early output means (None for a normal finish)."""
+        if out is None or out.finish_reason not in ("abort", "error"):
+            return None
+        if state.timed_out:
+            self.metrics.observe_error(504)
+            return APIError(504, f"request exceeded request_timeout_s={self.timeout_s}", type="timeout_error",
+                            code="timeout")
+        if state.disconnected:
+            self.metrics.observe_error(499)
+            return APIError(499, "client disconnected", code="client_closed")
+        if out.finish_reason == "error":
+            self.metrics.observe_error(500)
+            return APIError(500, f"engine error: {out.error}", type="internal_server_error")
+        self.metrics.observe_error(503)
+        return APIError(503, "request aborted by the engine (shutting down?)", type="service_unavailable")

@@ -1,0 +1,200 @@
+"""/v1/completions and /v1/chat/completions: request -> prompt ids + SamplingParams -> response or SSE.
+
+Prompts are tokenized here (not in the engine) so that a prompt over the context, or a token id
+outside the vocabulary, is a 400 naming `prompt`/`messages`/`max_tokens` before any engine work.
+Streams are server-sent events ending in `data: [DONE]`; with `stream_options.include_usage` the
+last chunk before it carries `usage` (and empty `choices`), as OpenAI sends it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from moe_serve.engine.sampling_params import SamplingParams
+from moe_serve.server import protocol as P
+from moe_serve.server.chat import render_chat
+from moe_serve.server.errors import APIError, error_body
+from moe_serve.server.lifecycle import RequestRunner, RunState
+
+
+@dataclass
+class ModelInfo:
+    """What the handlers need to know about the served model."""
+
+    name: str
+    tokenizer: object  # moe_serve.engine.tokenizer.Tokenizer: encode / decode
+    max_model_len: int
+    vocab_size: int
+    chat_template: str
+    template_vars: dict
+
+
+def check_prompt(ids: list[int], max_tokens: int | None, info: ModelInfo, field: str) -> int:
+    """Validate prompt length against the context; return the output limit (max_tokens or what fits)."""
+    n, ctx = len(ids), info.max_model_len
+    if n == 0:
+        raise APIError(400, f"{field}: the prompt is empty after tokenization", param=field)
+    bad = [t for t in ids if t >= info.vocab_size]
+    if bad:
+        raise APIError(400, f"{field}: token ids must be < vocab size {info.vocab_size}, got {bad[:5]}", param=field)
+    if n >= ctx:
+        raise APIError(400, f"{field}: the prompt is {n} tokens; the model's context is {ctx} tokens "
+                            f"(max_model_len), which must hold the prompt and at least 1 output token",
+                       param=field, code="context_length_exceeded")
+    if max_tokens is not None and n + max_tokens > ctx:
+        raise APIError(400, f"max_tokens: {max_tokens} output tokens + {n} prompt tokens exceed the model's "
+                            f"context of {ctx} tokens (max_model_len)", param="max_tokens",
+                       code="context_length_exceeded")
+    return max_tokens if max_tokens is not None else ctx - n
+
+
+def sampling_params(req: P.SamplingFields, max_tokens: int) -> SamplingParams:
+    try:
+        return SamplingParams(
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=-1 if req.top_k is None else req.top_k,
+            max_tokens=max_tokens, seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
+            ignore_eos=req.ignore_eos)
+    except ValueError as exc:
+        from moe_serve.server.lifecycle import engine_error
+        raise engine_error(exc) from exc
+
+
+def usage(out) -> P.Usage:
+    p, c = len(out.prompt_token_ids), len(out.token_ids)
+    return P.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+
+
+def sse(obj) -> str:
+    data = obj.model_dump_json(exclude_none=False) if hasattr(obj, "model_dump_json") else json.dumps(obj)
+    return f"data: {data}\n\n"
+
+
+class Handlers:
+    def __init__(self, runner: RequestRunner, info: ModelInfo):
+        self.runner, self.info = runner, info
+
+    # -- completions --------------------------------------------------------------------------
+    def completion_prompt(self, req: P.CompletionRequest) -> tuple[list[int], str | None]:
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str):
+            try:
+                return self.info.tokenizer.encode(prompt), prompt
+            except ValueError as exc:
+                raise APIError(400, str(exc), param="prompt") from exc
+        return list(prompt), None
+
+    async def completions(self, req: P.CompletionRequest, request: Request):
+        ids, text = self.completion_prompt(req)
+        limit = check_prompt(ids, req.max_tokens, self.info, "prompt")
+        params = sampling_params(req, limit)
+        echo = (text if text is not None else self.info.tokenizer.decode(ids)) if req.echo else ""
+        rid = P.new_id("cmpl")
+        return await self._respond(request, rid, ids, params, req, self._completion_chunks(rid, echo, req),
+                                   lambda out: P.CompletionResponse(
+                                       id=rid, model=self.info.name, usage=usage(out),
+                                       choices=[P.CompletionChoice(text=echo + out.text,
+                                                                   finish_reason=out.finish_reason)]))
+
+    def _completion_chunks(self, rid: str, echo: str, req):
+        def chunks(out, first: bool):
+            text = (echo if first else "") + out.delta_text
+            if text or out.finished:
+                yield P.CompletionResponse(id=rid, model=self.info.name, choices=[P.CompletionChoice(
+                    text=text, finish_reason=out.finish_reason if out.finished else None)])
+        return chunks
+
+    # -- chat ---------------------------------------------------------------------------------
+    async def chat(self, req: P.ChatCompletionRequest, request: Request):
+        messages = [m.model_dump() for m in req.messages]
+        try:
+            text = render_chat(messages, self.info.chat_template, self.info.template_vars, req.add_generation_prompt)
+            ids = self.info.tokenizer.encode(text)
+        except ValueError as exc:
+            raise APIError(400, f"messages: {exc}", param="messages") from exc
+        field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        try:
+            limit = check_prompt(ids, req.output_limit, self.info, "messages")
+        except APIError as exc:
+            if exc.param == "max_tokens":
+                exc.param, exc.message = field, exc.message.replace("max_tokens", field, 1)
+            raise
+        params = sampling_params(req, limit)
+        rid = P.new_id("chatcmpl")
+
+        def chunks(out, first: bool):
+            if first:
+                yield P.ChatCompletionChunk(id=rid, model=self.info.name, choices=[
+                    P.ChatChunkChoice(delta=P.DeltaMessage(role="assistant", content=""))])
+            if out.delta_text:
+                yield P.ChatCompletionChunk(id=rid, model=self.info.name, choices=[
+                    P.ChatChunkChoice(delta=P.DeltaMessage(content=out.delta_text))])
+            if out.finished:
+                yield P.ChatCompletionChunk(id=rid, model=self.info.name, choices=[
+                    P.ChatChunkChoice(delta=P.DeltaMessage(), finish_reason=out.finish_reason)])
+
+        return await self._respond(request, rid, ids, params, req, chunks, lambda out: P.ChatCompletionResponse(
+            id=rid, model=self.info.name, usage=usage(out),
+            choices=[P.ChatChoice(message=P.ResponseMessage(content=out.text), finish_reason=out.finish_reason)]))
+
+    # -- shared -------------------------------------------------------------------------------
+    async def _respond(self, request: Request, rid: str, ids: list[int], params, req, chunks, full):
+        runner, state = self.runner, RunState()
+        runner.admit()
+        released = False
+        try:
+            it = runner.run(request, rid, ids, params, state)
+            try:
+                first = await it.__anext__()  # engine refusals (queue full, bad value) become real 4xx here
+            except StopAsyncIteration:
+                first = None
+            if req.stream and first is not None and runner.failure(first, state) is None:
+                include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                released = True  # the stream body releases the admission when it ends
+                return StreamingResponse(self._stream(it, first, rid, state, chunks, include_usage),
+                                         media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            final = first
+            if final is not None:
+                async for out in it:
+                    final = out
+            err = runner.failure(final, state) if final is not None else APIError(
+                500, "engine ended the request without output", type="internal_server_error")
+            if err is not None:
+                raise err
+            return full(final)
+        finally:
+            if not released:
+                runner.release()
+
+    async def _stream(self, it, first, rid, state, chunks, include_usage: bool) -> AsyncIterator[str]:
+        """SSE body from a started run; an error after the headers went out is sent as an event."""
+        runner, final = self.runner, None
+        try:
+            out, is_first = first, True
+            while out is not None:
+                for chunk in chunks(out, is_first):
+                    yield sse(chunk)
+                final, is_first = out, False
+                out = await anext(it, None)
+            err = runner.failure(final, state)
+            if err is not None:
+                yield sse(error_body(err.message, err.type, err.param, err.code))
+            elif include_usage and final is not None:
+                kind = "text_completion" if rid.startswith("cmpl") else "chat.completion.chunk"
+                yield sse({"id": rid, "object": kind, "model": self.info.name, "choices": [],
+                           "usage": usage(final).model_dump()})
+            yield "data: [DONE]\n\n"
+        except APIError as err:
+            yield sse(error_body(err.message, err.type, err.param, err.code))
+            yield "data: [DONE]\n\n"
+        finally:
+            await it.aclose()  # aborts the engine request if it is still live (client gone)
+            runner.release()

@@ -1,0 +1,101 @@
+"""Routing-trace recording switched on and off on a live server (POST /v1/traces/start|stop|dump).
+
+`LiveTraceHook` sits in the model's hook chain for the server's lifetime and forwards to a
+`TraceRecorder` only while recording. The engine steps in its own thread, so a switch takes effect
+at the next step boundary: `begin_step` decides, under a lock, whether this whole step is recorded,
+and a start or stop in the middle of a step never leaves a recorder with half a step. When off,
+`route` returns at once (no tensor is copied).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from moe_serve.models.hooks import HookChain, RouterHooks
+from moe_serve.server.errors import APIError
+from moe_serve.tracing.recorder import TraceRecorder
+
+
+class LiveTraceHook(RouterHooks):
+    active = True
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, meta: dict):
+        self.shape, self.meta = (num_layers, num_experts, top_k), meta
+        self.lock = threading.Lock()
+        self.recorder: TraceRecorder | None = None  # the current (or last) recording
+        self.recording = False
+        self._step: TraceRecorder | None = None  # the recorder of the step in progress, if recorded
+
+    def start(self, record_hidden: bool = False) -> None:
+        with self.lock:
+            self.recorder = TraceRecorder(*self.shape, record_hidden=record_hidden, meta=self.meta)
+            self.recording = True
+
+    def stop(self) -> None:
+        with self.lock:
+            self.recording = False
+
+    def snapshot(self):
+        """The RoutingTrace recorded so far (None if recording never started)."""
+        with self.lock:
+            return None if self.recorder is None else self.recorder.to_trace()
+
+    def begin_step(self, batch):
+        with self.lock:
+            self._step = self.recorder if self.recording else None
+            if self._step is not None:
+                self._step.begin_step(batch)
+
+    def route(self, moe_layer, hidden, expert_ids, weights):
+        step = self._step
+        if step is not None:
+            step.route(moe_layer, hidden, expert_ids, weights)
+        return None
+
+    def end_step(self, batch):
+        with self.lock:
+            if self._step is not None:
+                self._step.end_step(batch)
+            self._step = None
+
+
+class TraceControl:
+    """The endpoints' logic: install the hook once, then start / stop / dump."""
+
+    def __init__(self, bridge, trace_dir: str):
+        self.trace_dir = Path(trace_dir)
+        spec, model = bridge.spec, bridge.model
+        self.hook = LiveTraceHook(spec.num_moe_layers, spec.num_experts, spec.top_k,
+                                  meta={"family": spec.family, "source": "moe-serve server"})
+        # Installed before the server takes requests, so no step is in flight while hooks change.
+        model.hooks = HookChain([model.hooks, self.hook])
+
+    def status(self) -> dict:
+        trace = self.hook.snapshot()
+        return {"recording": self.hook.recording,
+                "sequences": 0 if trace is None else trace.num_sequences,
+                "tokens": 0 if trace is None else trace.num_tokens}
+
+    def start(self, record_hidden: bool = False) -> dict:
+        self.hook.start(record_hidden)
+        return self.status()
+
+    def stop(self) -> dict:
+        self.hook.stop()
+        return self.status()
+
+    def dump(self, name: str | None) -> dict:
+        """Write what was recorded to `trace_dir/name` (.npz); name is a plain file name."""
+        trace = self.hook.snapshot()
+        if trace is None:
+            raise APIError(409, "no routing trace: POST /v1/traces/start first", code="not_recording")
+        if name is None:
+            name = time.strftime("trace-%Y%m%d-%H%M%S") + f"-{time.monotonic_ns() % 10**6:06d}.npz"
+        if Path(name).name != name or name.startswith(".") or not name.endswith(".npz"):
+            raise APIError(400, f"path: must be a plain file name ending in .npz (written under the server's "
+                                f"trace_dir), got {name!r}", param="path")
+        path = (self.trace_dir / name).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        trace.save(str(path))
+        return dict(self.status(), path=str(path))
