@@ -1,0 +1,10 @@
+"""The engine: scheduler, sampler, detokenizer, the sync core (LLMEngine), AsyncEngine and LLM."""
+from moe_serve.engine.async_engine import AsyncEngine, EngineDeadError
+from moe_serve.engine.llm import LLM
+from moe_serve.engine.llm_engine import LLMEngine
+from moe_serve.engine.sampling_params import SamplingParams
+from moe_serve.engine.scheduler import QueueFullError
+from moe_serve.engine.sequence import RequestMetrics, RequestOutput
+
+__all__ = ["AsyncEngine", "EngineDeadError", "LLM", "LLMEngine", "QueueFullError", "RequestMetrics",
+           "RequestOutput", "SamplingParams"]

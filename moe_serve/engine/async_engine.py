@@ -1,0 +1,130 @@
+"""AsyncEngine: the LLMEngine stepped by a background thread, streamed to asyncio consumers.
+
+`generate` is an async iterator of incremental RequestOutputs (the HTTP server's entry point). The
+step thread is the only one that touches the scheduler and the model; requests and aborts reach it
+through the engine's locked inbox, outputs come back through each request's asyncio.Queue via
+`call_soon_threadsafe`. A consumer that stops iterating (client gone, task cancelled) aborts its
+request, which frees its KV slot at the next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import traceback
+import uuid
+from typing import AsyncIterator
+
+from moe_serve.config import EngineConfig
+from moe_serve.engine.llm_engine import LLMEngine, Prompt
+from moe_serve.engine.sampling_params import SamplingParams
+from moe_serve.engine.sequence import RequestOutput
+
+
+class EngineDeadError(RuntimeError):
+    """The engine's step loop has stopped (shutdown, or a failure it could not isolate)."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self.dead: str | None = None  # why the step loop stopped, once it has
+        self._thread = threading.Thread(target=self._loop, name="moe-serve-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "AsyncEngine":
+        return cls(LLMEngine(config))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs as they come; the last one has `finished=True`.
+
+        Raises ValueError (bad input), QueueFullError (queue at scheduler.max_queue) or EngineDeadError.
+        """
+        if self.dead is not None:
+            raise EngineDeadError(f"engine is not running: {self.dead}")
+        rid = request_id if request_id is not None else uuid.uuid4().hex
+        seq = self.engine.make_sequence(prompt, params, rid)
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._streams_lock:
+            if rid in self._streams:
+                raise ValueError(f"request_id {rid!r} is already in use by a running request")
+            self._streams[rid] = (asyncio.get_running_loop(), queue)
+        finished = False
+        try:
+            self.engine.submit(seq)
+            self._wake.set()
+            while not finished:
+                out = await queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+        finally:
+            with self._streams_lock:
+                self._streams.pop(rid, None)
+            if not finished:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        self._wake.set()
+
+    def expert_load(self):
+        return self.engine.expert_load()
+
+    def _deliver(self, rid: str, item) -> None:
+        with self._streams_lock:
+            target = self._streams.get(rid)
+        if target is not None:
+            loop, queue = target
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # that event loop is closed: nobody is listening any more
+                self.engine.abort(rid)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopping:
+                if not self.engine.has_unfinished():
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
+                for out in self.engine.step():
+                    self._deliver(out.request_id, out)
+        except Exception as exc:  # noqa: BLE001 - a failure step() could not pin on one request
+            self.dead = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+            err = EngineDeadError(f"engine step failed: {self.dead}")
+            with self._streams_lock:
+                rids = list(self._streams)
+            for rid in rids:
+                self._deliver(rid, err)
+
+    def shutdown(self) -> None:
+        """Stop the step loop, end the open streams with an abort, and release the model."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+        self.dead = self.dead or "shut down"
+        with self._streams_lock:
+            rids = list(self._streams)
+        for rid in rids:
+            self._deliver(rid, EngineDeadError("engine shut down"))
+        self.engine.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        self.shutdown()

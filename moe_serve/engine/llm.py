@@ -1,0 +1,73 @@
+"""`LLM`: offline generation from Python, vLLM-style.
+
+    from moe_serve import LLM, SamplingParams
+    with LLM(model="path/to/checkpoint", max_num_seqs=8) as llm:
+        outs = llm.generate(["Once upon a time"], SamplingParams(max_tokens=32))
+        print(outs[0].text, outs[0].finish_reason, outs[0].metrics.time_to_first_token)
+
+Flat keyword options are the config fields (`EngineConfig.from_flat`). All prompts are validated
+before any work starts (a bad one raises ValueError naming `prompts[i]`); they are then fed to the
+engine as its queue has room, and outputs come back in prompt order.
+"""
+from __future__ import annotations
+
+from moe_serve.config import DEFAULT_MODEL, EngineConfig
+from moe_serve.engine.llm_engine import LLMEngine, Prompt
+from moe_serve.engine.sampling_params import SamplingParams
+from moe_serve.engine.sequence import RequestOutput
+
+
+def _as_prompt_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+            return [list(prompts)]  # one prompt of token ids
+        return list(prompts)
+    raise ValueError(f"prompts must be a string, a list of strings or a list of token-id lists, got {type(prompts).__name__}")
+
+
+class LLM:
+    def __init__(self, model: str = DEFAULT_MODEL, **options):
+        self.config = EngineConfig.from_flat(model=str(model), **options)
+        self.engine = LLMEngine(self.config)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """One finished RequestOutput per prompt, in prompt order."""
+        if self.engine.model is None:
+            raise RuntimeError("LLM is closed")
+        plist = _as_prompt_list(prompts)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(plist)
+        if len(params) != len(plist):
+            raise ValueError(f"sampling_params: got {len(params)} for {len(plist)} prompts")
+        seqs = []
+        for i, (p, sp) in enumerate(zip(plist, params)):
+            try:
+                seqs.append(self.engine.make_sequence(p, sp, request_id=f"llm-{id(self)}-{i}-{len(seqs)}"))
+            except ValueError as exc:
+                raise ValueError(f"prompts[{i}]: {exc}") from exc
+        results: dict[str, RequestOutput] = {}
+        todo = list(seqs)
+        while todo or len(results) < len(seqs):
+            while todo and self.engine.queue_has_room():
+                self.engine.submit(todo.pop(0))
+            for out in self.engine.step():
+                if out.finished:
+                    results[out.request_id] = out
+        return [results[s.request_id] for s in seqs]
+
+    def expert_load(self):
+        return self.engine.expert_load()
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

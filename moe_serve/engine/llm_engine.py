@@ -1,0 +1,244 @@
+"""The synchronous engine core: requests in, one forward step at a time, incremental outputs out.
+
+This is the only implementation of the step logic: `LLM` drives it in a loop, `AsyncEngine` drives
+it from a background thread. `add_request` and `abort` may be called from any thread (they only
+touch a locked inbox); everything else runs in the thread that calls `step`.
+
+A step: take new requests and aborts from the inbox, let the scheduler pick the batch (decodes plus
+prefill chunks), run the model once, sample the sequences whose known tokens are all in the KV
+cache, apply the stop conditions, and return an output for every request that changed. If the
+batched forward raises, each sequence is retried alone, so only the ones that fail alone end with
+finish_reason "error" and the others go on (rewriting a KV position is idempotent).
+"""
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+from collections import deque
+
+import torch
+
+from moe_serve.config import EngineConfig
+from moe_serve.engine.detokenizer import IncrementalDetokenizer
+from moe_serve.engine.model_setup import EngineHooks, load_engine_model, resolve_max_model_len
+from moe_serve.engine.sampler import make_generator, sample
+from moe_serve.engine.sampling_params import SamplingParams
+from moe_serve.engine.scheduler import QueueFullError, Scheduler, kv_cache_slots
+from moe_serve.engine.sequence import RequestOutput, Sequence
+from moe_serve.engine.tokenizer import load_tokenizer
+from moe_serve.models.batch import ForwardBatch
+
+Prompt = str | list[int]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        mc, sc = config.model, config.scheduler
+        self.hooks = EngineHooks(config.trace)
+        self.model = load_engine_model(mc, self.hooks)
+        self.spec = self.model.spec
+        self.device = torch.device(mc.device)
+        kv_bytes = self.model.kv_bytes_per_token()
+        self.max_model_len = resolve_max_model_len(mc.max_model_len, self.spec.max_position_embeddings,
+                                                   config.kv_cache.kv_cache_gb, kv_bytes)
+        self.num_slots = kv_cache_slots(config.kv_cache.kv_cache_gb, kv_bytes, self.max_model_len,
+                                        config.kv_cache.max_num_seqs)
+        self.model.allocate_kv_cache(self.num_slots, self.max_model_len)
+        self.hooks.attach(self.spec, self.device, meta={"model": str(mc.model), "family": self.spec.family})
+        self.tokenizer = load_tokenizer(mc.model)
+        self.eos_token_ids = set(self.spec.eos_token_ids or self.tokenizer.eos_token_ids)
+        self.scheduler = Scheduler(self.num_slots, sc.max_num_batched_tokens, sc.prefill_chunk, sc.max_queue)
+        self._lock = threading.Lock()
+        self._inbox: deque[Sequence] = deque()
+        self._aborts: deque[str] = deque()
+        self._live: dict[str, Sequence] = {}  # request id -> sequence, until finished
+        self._seq_ids = itertools.count()
+        self._seed_rng = random.Random(mc.seed)
+
+    # ---- requests in (any thread) ----
+
+    def make_sequence(self, prompt: Prompt, params: SamplingParams | None = None,
+                      request_id: str | None = None, arrival_time: float | None = None) -> Sequence:
+        """Validate and tokenize one request; raises ValueError naming the field and the limit."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            text, ids = None, list(prompt)
+            vocab = self.spec.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt_token_ids must lie in [0, vocab_size={vocab}), got {bad[:5]}")
+        else:
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt must contain at least one token, got an empty prompt")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; it must have at most {self.max_model_len - 1} "
+                f"(model.max_model_len={self.max_model_len}, leaving room for one output token)")
+        params.check_vocab(self.spec.vocab_size)
+        gen = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+            gen = make_generator(seed, self.device)
+        seq_id = next(self._seq_ids)
+        detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop_list, params.skip_special_tokens)
+        return Sequence(seq_id=seq_id, request_id=request_id if request_id is not None else f"req-{seq_id}",
+                        prompt=text, prompt_ids=ids, params=params, generator=gen, detok=detok,
+                        arrival_time=arrival_time if arrival_time is not None else time.monotonic())
+
+    def submit(self, seq: Sequence) -> str:
+        """Queue a validated sequence; QueueFullError when `scheduler.max_queue` requests already wait."""
+        with self._lock:
+            if seq.request_id in self._live:
+                raise ValueError(f"request_id {seq.request_id!r} is already in use by a running request")
+            waiting = len(self._inbox) + len(self.scheduler.waiting)
+            if waiting >= self.scheduler.max_queue:
+                raise QueueFullError(f"request {seq.request_id!r} refused: {waiting} requests already wait "
+                                     f"(scheduler.max_queue={self.scheduler.max_queue})")
+            self._live[seq.request_id] = seq
+            self._inbox.append(seq)
+        return seq.request_id
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    arrival_time: float | None = None) -> str:
+        return self.submit(self.make_sequence(prompt, params, request_id, arrival_time))
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (its slot is freed at the next step); unknown or finished ids are ignored."""
+        with self._lock:
+            self._aborts.append(request_id)
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self._live or self._aborts)
+
+    def queue_has_room(self) -> bool:
+        with self._lock:
+            return len(self._inbox) + len(self.scheduler.waiting) < self.scheduler.max_queue
+
+    # ---- the step (one thread) ----
+
+    def step(self) -> list[RequestOutput]:
+        outputs = self._drain()
+        plan = self.scheduler.schedule()
+        if not plan:
+            return outputs
+        plan, logits = self._forward(plan, outputs)
+        now = time.monotonic()
+        to_sample, rows = [], []
+        for i, (seq, n) in enumerate(plan):
+            seq.num_computed += n
+            if seq.num_computed == seq.num_tokens:
+                to_sample.append(seq)
+                rows.append(i)
+        if to_sample:
+            idx = torch.tensor(rows, device=logits.device)
+            tokens = sample(logits.index_select(0, idx), [s.params for s in to_sample], [s.generator for s in to_sample])
+            for seq, tok in zip(to_sample, tokens):
+                seq.append_token(tok, now)
+                self._check_stop(seq, tok)
+                if seq.finished:
+                    self._retire(seq)
+                outputs.append(seq.make_output())
+        return outputs
+
+    def _drain(self) -> list[RequestOutput]:
+        with self._lock:
+            new, aborts = list(self._inbox), list(self._aborts)
+            self._inbox.clear()
+            self._aborts.clear()
+        for seq in new:
+            self.scheduler.waiting.append(seq)  # room was checked in submit
+        outputs = []
+        for rid in aborts:
+            seq = self._live.get(rid)
+            if seq is not None and not seq.finished:
+                seq.finish("abort")
+                self._retire(seq)
+                outputs.append(seq.make_output())
+        return outputs
+
+    def _retire(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        with self._lock:
+            self._live.pop(seq.request_id, None)
+
+    def _batch(self, plan: list[tuple[Sequence, int]]) -> ForwardBatch:
+        tokens, positions = [], []
+        for seq, n in plan:
+            tokens += seq.pending_tokens(n)
+            positions += range(seq.num_computed, seq.num_computed + n)
+        return ForwardBatch(
+            token_ids=torch.tensor(tokens, dtype=torch.long, device=self.device),
+            positions=torch.tensor(positions, dtype=torch.long, device=self.device),
+            slot_ids=[seq.slot for seq, _ in plan],
+            query_lens=[n for _, n in plan],
+            context_lens=[seq.num_computed for seq, _ in plan],
+            seq_ids=[seq.seq_id for seq, _ in plan],
+        )
+
+    @torch.inference_mode()
+    def _forward(self, plan, outputs):
+        """(the sequences that ran, their logits [S, V]); a failing batch is retried one sequence at a time."""
+        try:
+            return plan, self.model.forward(self._batch(plan))
+        except Exception as batch_exc:  # noqa: BLE001 - isolate the culprit below
+            kept, rows = [], []
+            for seq, n in plan:
+                try:
+                    rows.append(self.model.forward(self._batch([(seq, n)])))
+                    kept.append((seq, n))
+                except Exception as exc:  # noqa: BLE001 - this request fails alone
+                    seq.finish("error", f"{type(exc).__name__}: {exc}")
+                    self._retire(seq)
+                    outputs.append(seq.make_output())
+            if not kept and not outputs:
+                raise batch_exc
+            logits = torch.cat(rows) if rows else torch.zeros(0, self.spec.vocab_size, device=self.device)
+            return kept, logits
+
+    def _check_stop(self, seq: Sequence, tok: int) -> None:
+        p = seq.params
+        if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            seq.finish("stop")  # the stop token stays in token_ids, not in the text
+            return
+        if seq.detok.add(tok):
+            seq.finish("stop")
+        elif (p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
+            seq.finish("length")
+
+    # ---- introspection and shutdown ----
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting) + len(self._inbox)
+
+    def expert_load(self):
+        """int64 [L, E] tokens routed to each expert of each MoE layer so far, or None when not counted."""
+        return self.hooks.expert_load()
+
+    def save_trace(self, path=None):
+        """Write the routing trace recorded so far (to `trace.record_trace` by default); returns it."""
+        return self.hooks.save_trace(path)
+
+    def close(self) -> None:
+        """Abort what is left, write the trace if recording, and drop the model and its KV cache."""
+        if getattr(self, "model", None) is None:
+            return
+        for seq in list(self._live.values()):
+            seq.finish("abort")
+            self._retire(seq)
+        if self.config.trace.record_trace:
+            self.save_trace()
+        self.model = None

@@ -1,0 +1,65 @@
+"""How to sample one request, with vLLM's field names so users' code carries over.
+
+Validated on construction: an impossible value raises ValueError naming the field and the limit,
+before the request ever reaches the engine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+_EPS = 1e-5  # temperatures below this are greedy (as in vLLM)
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p
+    top_k: int = -1  # keep the k most likely tokens; -1 (or 0) = all
+    max_tokens: int | None = 16  # most tokens to generate; None = up to the context limit
+    seed: int | None = None  # per-request seed: the same seed, prompt and params give the same text
+    stop: str | list[str] | None = None  # stop strings; the output is cut before the first one
+    stop_token_ids: list[int] | None = None  # tokens that end the request (kept in token_ids)
+    ignore_eos: bool = False  # keep generating past the model's end-of-sequence token
+    n: int = 1  # completions per prompt (only 1 is supported)
+    skip_special_tokens: bool = True  # leave special tokens out of the text
+    stop_list: list[str] = field(init=False, repr=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        def fail(name: str, limit: str, value) -> None:
+            raise ValueError(f"SamplingParams.{name} must be {limit}, got {value!r}")
+
+        if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 100.0:
+            fail("temperature", "a number in [0, 100]", self.temperature)
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            fail("top_p", "in (0, 1]", self.top_p)
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+            fail("top_k", "-1 (all), 0 (all) or a positive integer", self.top_k)
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            fail("max_tokens", ">= 1 (or None)", self.max_tokens)
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            fail("seed", "an integer in [0, 2**63)", self.seed)
+        if self.n != 1:
+            fail("n", "1 (one completion per prompt is supported)", self.n)
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(not isinstance(s, str) or s == "" for s in stop):
+            fail("stop", "a non-empty string or a list of non-empty strings", self.stop)
+        self.stop_list = stop
+        ids = list(self.stop_token_ids or [])
+        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in ids):
+            fail("stop_token_ids", "a list of non-negative integers", self.stop_token_ids)
+        self.stop_token_ids = ids
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _EPS
+
+    @property
+    def effective_top_k(self) -> int:
+        """0 means no top-k cut."""
+        return 0 if self.top_k in (-1, 0) else self.top_k
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token-id fields against the model's vocabulary (known only once a model is loaded)."""
+        bad = [t for t in self.stop_token_ids if t >= vocab_size]
+        if bad:
+            raise ValueError(f"SamplingParams.stop_token_ids must be < vocab size {vocab_size}, got {bad}")

@@ -1,0 +1,77 @@
+"""The tokenizer of a checkpoint directory, behind three methods: encode, decode, and the EOS ids.
+
+`tokenizer.json` is read with the `tokenizers` library (fast, no Python per token); a checkpoint
+that ships only other tokenizer files falls back to `transformers.AutoTokenizer`. A checkpoint with
+no tokenizer at all still serves prompts given as token ids (its text output is empty).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class Tokenizer:
+    def __init__(self, backend, kind: str, eos_token_ids: list[int]):
+        self.backend = backend  # tokenizers.Tokenizer, a transformers tokenizer, or None
+        self.kind = kind  # "tokenizers" | "transformers" | "none"
+        self.eos_token_ids = eos_token_ids
+
+    @property
+    def available(self) -> bool:
+        return self.backend is not None
+
+    def encode(self, text: str) -> list[int]:
+        if self.backend is None:
+            raise ValueError("prompt: this checkpoint has no tokenizer; pass the prompt as a list of token ids")
+        if self.kind == "tokenizers":
+            return self.backend.encode(text, add_special_tokens=True).ids
+        return list(self.backend.encode(text))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if self.backend is None:
+            return ""
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        """Minimal chat formatting: the checkpoint's template when transformers has one, else plain turns."""
+        if self.kind == "transformers" and getattr(self.backend, "chat_template", None):
+            return self.backend.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        turns = [f"{m['role']}: {m['content']}" for m in messages]
+        return "\n".join(turns) + "\nassistant:"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _eos_ids(model_dir: Path, backend, kind: str) -> list[int]:
+    """EOS ids from generation_config.json, then config.json, then the tokenizer's eos token."""
+    for name in ("generation_config.json", "config.json"):
+        eos = _read_json(model_dir / name).get("eos_token_id")
+        if eos is not None:
+            return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    token = _read_json(model_dir / "tokenizer_config.json").get("eos_token")
+    if isinstance(token, dict):
+        token = token.get("content")
+    if token and backend is not None:
+        tid = backend.token_to_id(token) if kind == "tokenizers" else backend.convert_tokens_to_ids(token)
+        if tid is not None:
+            return [int(tid)]
+    return []
+
+
+def load_tokenizer(model_dir: str | Path) -> Tokenizer:
+    model_dir = Path(model_dir)
+    backend, kind = None, "none"
+    if (model_dir / "tokenizer.json").exists():
+        from tokenizers import Tokenizer as FastTokenizer
+
+        backend, kind = FastTokenizer.from_file(str(model_dir / "tokenizer.json")), "tokenizers"
+    elif any((model_dir / f).exists() for f in ("tokenizer.model", "vocab.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        backend, kind = AutoTokenizer.from_pretrained(str(model_dir)), "transformers"
+    return Tokenizer(backend, kind, _eos_ids(model_dir, backend, kind))

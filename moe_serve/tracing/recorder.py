@@ -1,0 +1,83 @@
+"""Routing-trace recorder: a RouterHooks that keeps, per sequence, what every MoE router chose.
+
+Each forward step holds the tokens of many sequences, flattened (prefill chunks and decodes mixed).
+The recorder copies each layer's choice to host memory during the step and, at the end of the step,
+splits the rows by sequence, so every sequence's rows come out in token order (prompt, then the
+generated tokens that were fed back) whatever batches they were computed in. A sequence's final
+sampled token never enters the model, so it has no row. When recording is off the engine does not
+create a recorder at all (the model gets NO_HOOKS or a chain without it): no cost.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moe_serve.models.batch import ForwardBatch
+from moe_serve.models.hooks import RouterHooks
+from predictors.traces import RoutingTrace
+
+
+class TraceRecorder(RouterHooks):
+    active = True
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, record_hidden: bool = False,
+                 meta: dict | None = None):
+        self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
+        self.record_hidden = record_hidden
+        self.meta = dict(meta or {})
+        self.chunks: dict[int, list[tuple]] = {}  # seq id -> [(token_ids [n], experts [n,L,K], weights, hidden)]
+        self._step: list[tuple | None] = []
+
+    def begin_step(self, batch: ForwardBatch) -> None:
+        self._step = [None] * self.num_layers
+
+    def route(self, moe_layer, hidden, expert_ids, weights):
+        h = hidden.detach().to("cpu", torch.float16, copy=True) if self.record_hidden else None
+        self._step[moe_layer] = (
+            expert_ids.detach().to("cpu", torch.int16, copy=True),  # [N, K]
+            weights.detach().to("cpu", torch.float16, copy=True),  # [N, K]
+            h,  # [N, H] or None
+        )
+        return None
+
+    def end_step(self, batch: ForwardBatch) -> None:
+        if any(s is None for s in self._step):
+            return  # the forward did not reach every layer (it failed): nothing of it is kept
+        experts = torch.stack([s[0] for s in self._step], dim=1).numpy()  # [N, L, K]
+        weights = torch.stack([s[1] for s in self._step], dim=1).numpy()  # [N, L, K]
+        hidden = torch.stack([s[2] for s in self._step], dim=1).numpy() if self.record_hidden else None
+        tokens = batch.token_ids.detach().cpu().numpy()
+        ids = batch.seq_ids or batch.slot_ids
+        start = 0
+        for sid, n in zip(ids, batch.query_lens):
+            rows = slice(start, start + n)
+            self.chunks.setdefault(sid, []).append(
+                (tokens[rows], experts[rows], weights[rows], None if hidden is None else hidden[rows]))
+            start += n
+        self._step = []
+
+    def to_trace(self) -> RoutingTrace:
+        """Everything recorded so far, one trace sequence per engine sequence, in sequence-id order."""
+        order = sorted(self.chunks)
+        cat = lambda i: [c[i] for s in order for c in self.chunks[s]]  # noqa: E731
+        lens = [sum(len(c[0]) for c in self.chunks[s]) for s in order]
+        L, K = self.num_layers, self.top_k
+        experts = np.concatenate(cat(1)) if order else np.zeros((0, L, K), np.int16)
+        weights = np.concatenate(cat(2)) if order else np.zeros((0, L, K), np.float16)
+        return RoutingTrace(
+            experts=experts,
+            weights=weights,
+            seq_offsets=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+            num_experts=self.num_experts,
+            token_ids=np.concatenate(cat(0)).astype(np.int64) if order else np.zeros(0, np.int64),
+            hidden=np.concatenate(cat(3)) if (self.record_hidden and order) else None,
+            meta=dict(self.meta, sequences=len(order)),
+        )
+
+    def save(self, path: str | Path) -> RoutingTrace:
+        trace = self.to_trace()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        trace.save(path)
+        return trace

@@ -1,0 +1,82 @@
+"""Routing replay: drive every MoE router of a model from a recorded trace instead of its gate.
+
+Engine sequences are matched to trace sequences in the order the replay first sees them (the first
+sequence served replays trace sequence 0, the next one sequence 1, ..., cycling), and a token at
+position p of its sequence takes row `p mod len(trace sequence)` of its trace sequence. So a
+recorded run, replayed with the same prompts, sees exactly the recorded routing, and any workload
+can be pushed through real routing.
+
+Fitting a trace to a model of another shape (`fit_routing`), the rule:
+  * layers: model MoE layer l reads trace layer `l mod L_trace`;
+  * expert ids: `id mod num_experts`;
+  * top-k: the trace's highest-weight `top_k` are kept when it has more; when it has fewer, slot j
+    is filled with `(first id + j) mod num_experts` and the smallest kept weight;
+  * duplicates (from the modulo or the padding) move to the next free id, `(id + 1) mod num_experts`;
+  * each row's weights are rescaled to the trace row's total gate weight, so the mass the experts
+    contribute is the recorded one.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from moe_serve.models.batch import ForwardBatch
+from moe_serve.models.hooks import RouterHooks
+from predictors.traces import RoutingTrace
+
+
+def fit_routing(experts: np.ndarray, weights: np.ndarray, num_experts: int, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """[T, L, K] ids and weights -> [T, L, top_k] distinct ids in [0, num_experts) and rescaled weights."""
+    if top_k > num_experts:
+        raise ValueError(f"replay: top_k={top_k} must be <= num_experts={num_experts}")
+    ids = experts.astype(np.int64) % num_experts
+    w = weights.astype(np.float32)
+    total = w.sum(axis=-1, keepdims=True)  # [T, L, 1]
+    K = ids.shape[-1]
+    if K >= top_k:
+        ids, w = ids[..., :top_k].copy(), w[..., :top_k].copy()
+    else:
+        extra = (ids[..., :1] + np.arange(1, top_k - K + 1)) % num_experts
+        ids = np.concatenate([ids, extra], axis=-1)
+        w = np.concatenate([w, np.repeat(w.min(axis=-1, keepdims=True), top_k - K, axis=-1)], axis=-1)
+    for k in range(1, top_k):
+        for _ in range(top_k):  # at most k ids are taken, so k + 1 tries always find a free one
+            dup = (ids[..., k:k + 1] == ids[..., :k]).any(axis=-1)
+            if not dup.any():
+                break
+            ids[..., k] = np.where(dup, (ids[..., k] + 1) % num_experts, ids[..., k])
+    s = w.sum(axis=-1, keepdims=True)
+    w = np.where(s > 0, w * total / np.where(s > 0, s, 1.0), w)
+    return ids, w
+
+
+class TraceReplay(RouterHooks):
+    active = True
+
+    def __init__(self, trace: RoutingTrace, num_layers: int, num_experts: int, top_k: int):
+        ids, w = fit_routing(trace.experts, trace.weights, num_experts, top_k)  # [T, L_trace, K]
+        layers = [l % trace.num_layers for l in range(num_layers)]
+        self.experts = [torch.from_numpy(np.ascontiguousarray(ids[:, l])) for l in layers]  # L x [T, K]
+        self.weights = [torch.from_numpy(np.ascontiguousarray(w[:, l])) for l in layers]
+        lens = np.diff(trace.seq_offsets)
+        self.seqs = [(int(trace.seq_offsets[s]), int(lens[s])) for s in range(trace.num_sequences) if lens[s] > 0]
+        if not self.seqs:
+            raise ValueError("replay: the trace has no tokens")
+        self.assigned: dict[int, int] = {}  # engine seq id -> index into self.seqs
+        self.rows = torch.zeros(0, dtype=torch.long)
+
+    def begin_step(self, batch: ForwardBatch) -> None:
+        ids = batch.seq_ids or batch.slot_ids
+        pos = batch.positions.cpu()
+        starts, lens = [], []
+        for sid, n in zip(ids, batch.query_lens):
+            s = self.assigned.setdefault(sid, len(self.assigned) % len(self.seqs))
+            off, length = self.seqs[s]
+            starts += [off] * n
+            lens += [length] * n
+        self.rows = torch.tensor(starts) + pos % torch.tensor(lens)  # [N] trace row of each token
+
+    def route(self, moe_layer, hidden, expert_ids, weights):
+        ids = self.experts[moe_layer][self.rows].to(device=expert_ids.device, dtype=expert_ids.dtype)
+        w = self.weights[moe_layer][self.rows].to(device=weights.device, dtype=weights.dtype)
+        return ids, w

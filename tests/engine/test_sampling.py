@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from moe_serve.engine.sampler import make_generator, sample
+from moe_serve.engine.sampling_params import SamplingParams
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-2), "top_k"), (dict(max_tokens=0), "max_tokens"), (dict(seed=-1), "seed"),
+    (dict(n=2), "n"), (dict(stop=[""]), "stop"), (dict(stop_token_ids=[-3]), "stop_token_ids"),
+])
+def test_impossible_params_name_the_field(kw, field):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field} must be"):
+        SamplingParams(**kw)
+
+
+def test_stop_forms():
+    assert SamplingParams(stop="x").stop_list == ["x"]
+    assert SamplingParams(stop=["a", "bc"]).stop_list == ["a", "bc"]
+    with pytest.raises(ValueError, match="stop_token_ids must be < vocab size 10"):
+        SamplingParams(stop_token_ids=[12]).check_vocab(10)
+
+
+def _logits(S=4, V=50, seed=0):
+    return torch.randn(S, V, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_greedy_is_argmax():
+    x = _logits()
+    assert sample(x, [SamplingParams(temperature=0)] * 4, [None] * 4) == x.argmax(-1).tolist()
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy():
+    x = _logits()
+    gens = [make_generator(i) for i in range(4)]
+    assert sample(x, [SamplingParams(temperature=1.0, top_k=1)] * 4, gens) == x.argmax(-1).tolist()
+    assert sample(x, [SamplingParams(temperature=1.0, top_p=1e-6)] * 4, gens) == x.argmax(-1).tolist()
+
+
+def test_seeded_rows_do_not_depend_on_the_batch():
+    x = _logits(S=3)
+    p = SamplingParams(temperature=1.0, seed=7)
+    alone = [sample(x[1:2], [p], [make_generator(7)])[0] for _ in range(1)]
+    mixed = sample(x, [SamplingParams(temperature=0), p, SamplingParams(temperature=0.5)],
+                   [None, make_generator(7), make_generator(3)])
+    assert mixed[1] == alone[0]
+    assert mixed[0] == int(x[0].argmax())
+
+
+def test_top_k_restricts_the_support_and_follows_the_distribution():
+    x = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
+    g = make_generator(0)
+    draws = [sample(x, [SamplingParams(temperature=1.0, top_k=2)], [g])[0] for _ in range(2000)]
+    assert set(draws) <= {0, 1}
+    p0 = draws.count(0) / len(draws)
+    expected = float(torch.softmax(torch.tensor([2.0, 1.0]), 0)[0])
+    assert abs(p0 - expected) < 0.05
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    x = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = make_generator(1)
+    draws = {sample(x, [SamplingParams(temperature=1.0, top_p=0.75)], [g])[0] for _ in range(500)}
+    assert draws == {0, 1}
