@@ -1,0 +1,211 @@
+"""The frontend's side of a worker group: start the ranks, wait for them, watch them, stop them.
+
+`WorkerGroup` starts W rank processes on this machine (no extra command for the user), waits
+for every rank's Ready with a timeout (the error names the ranks that did not come up and why),
+then a monitor thread owns the up socket: it routes StepOutputs to a queue, records heartbeats,
+and turns a dead process, a silent rank or a WorkerError into `WorkerFailure`, which every
+waiting caller receives at once. Nothing waits without a timeout.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+
+import zmq
+
+from moe_serve.distributed import messages as m
+from moe_serve.distributed.endpoints import ControlEndpoints
+from moe_serve.distributed.worker import SPEC_ENV, WorkerSpec
+
+
+class WorkerFailure(RuntimeError):
+    """A rank died, went silent, or reported an error: requests in flight fail with this."""
+
+
+_FAILED = object()  # queue sentinel: wake the waiters
+
+
+class WorkerGroup:
+    def __init__(self, base: WorkerSpec, world_size: int, startup_timeout_s: float = 120.0,
+                 heartbeat_timeout_s: float = 10.0, transport: str = "ipc", faults: dict[int, str] | None = None):
+        self.world_size, self.heartbeat_timeout_s = world_size, heartbeat_timeout_s
+        self.endpoints = ControlEndpoints.create(world_size, transport)
+        self.ctx = zmq.Context()
+        self.up = self.ctx.socket(zmq.PULL)
+        self.up.setsockopt(zmq.LINGER, 0)
+        self.up.bind(self.endpoints.up)
+        up_addr = self.up.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.down = []
+        for addr in self.endpoints.down:
+            s = self.ctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDTIMEO, int(startup_timeout_s * 1000))
+            s.bind(addr)
+            self.down.append(s)
+        self.outputs: queue.Queue = queue.Queue()
+        self.error: WorkerFailure | None = None
+        self.last_seen = [time.monotonic()] * world_size
+        self.procs: list[subprocess.Popen] = []
+        self.ready: dict[int, m.Ready] = {}
+        self.phase: dict[int, str] = {}  # startup phase each rank last reported in a heartbeat
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+        faults = faults or {}
+        try:
+            for r in range(world_size):
+                spec = replace(base, rank=r, up=up_addr, down=self.down[r].getsockopt_string(zmq.LAST_ENDPOINT),
+                               dist_init=self.endpoints.store, fault=faults.get(r, ""))
+                env = dict(os.environ, **{SPEC_ENV: spec.to_json(), "OMP_NUM_THREADS": str(spec.threads)})
+                self.procs.append(subprocess.Popen([sys.executable, "-m", "moe_serve.distributed.worker"], env=env))
+            self._wait_ready(startup_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+        self._monitor = threading.Thread(target=self._watch, daemon=True, name="moe-serve-monitor")
+        self._monitor.start()
+
+    # ---- startup ------------------------------------------------------------------------------
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.ready) < self.world_size:
+            for r, p in enumerate(self.procs):
+                if p.poll() is not None and r not in self.ready:
+                    raise WorkerFailure(f"rank {r} (pid {p.pid}) exited with code {p.returncode} before it was ready"
+                                        + self._drain_errors())
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = [r for r in range(self.world_size) if r not in self.ready]
+                why = {"starting": "stuck before joining the process group",
+                       "rendezvous": "waiting in the rendezvous for the other ranks",
+                       "loading": "still loading its shard"}
+                state = [f"rank {r}: " + (why.get(self.phase[r], self.phase[r]) if r in self.phase
+                                          else "process alive, never sent a heartbeat") for r in missing]
+                raise WorkerFailure(
+                    f"rank(s) {missing} did not come up within parallel.startup_timeout_s={timeout_s:g} s "
+                    f"({'; '.join(state)})" + self._drain_errors())
+            if self.up.poll(int(min(left, 0.2) * 1000)):
+                msg = m.decode_from_worker(self.up.recv())
+                if isinstance(msg, m.Ready):
+                    self.ready[msg.rank] = msg
+                elif isinstance(msg, m.Heartbeat):
+                    self.phase[msg.rank] = msg.phase
+                elif isinstance(msg, m.WorkerError):
+                    raise WorkerFailure(f"rank {msg.rank} failed while starting:\n{msg.error}")
+
+    def _drain_errors(self) -> str:
+        text = ""
+        while self.up.poll(0):
+            msg = m.decode_from_worker(self.up.recv())
+            if isinstance(msg, m.WorkerError):
+                text += f"\nrank {msg.rank} reported:\n{msg.error}"
+        return text
+
+    # ---- monitoring ---------------------------------------------------------------------------
+    def _fail(self, text: str) -> None:
+        if self.error is None:
+            self.error = WorkerFailure(text)
+        self.outputs.put(_FAILED)
+
+    def _root_cause(self, msg: m.WorkerError, wait_s: float = 1.0) -> str:
+        """A collective fails on every rank when one rank dies: name the dead rank first, if any."""
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            dead = [(r, p) for r, p in enumerate(self.procs) if p.poll() is not None and r != msg.rank]
+            if dead:
+                r, p = dead[0]
+                last = msg.error.strip().splitlines()[-1][:300]
+                return (f"rank {r} (pid {p.pid}) exited with code {p.returncode}; "
+                        f"rank {msg.rank} then failed at step {msg.step}: {last}")
+            time.sleep(0.05)
+        return f"rank {msg.rank} failed at step {msg.step}:\n{msg.error}"
+
+    def _watch(self) -> None:
+        self.last_seen = [time.monotonic()] * self.world_size
+        while not self._stop.is_set():
+            if self.up.poll(100):
+                msg = m.decode_from_worker(self.up.recv())
+                now = time.monotonic()
+                if isinstance(msg, m.StepOutput):
+                    self.last_seen[msg.rank] = now
+                    self.outputs.put(msg)
+                elif isinstance(msg, m.Heartbeat):
+                    self.last_seen[msg.rank] = now
+                elif isinstance(msg, m.WorkerError):
+                    self._fail(self._root_cause(msg))
+            if self.error is not None:
+                continue
+            for r, p in enumerate(self.procs):
+                if p.poll() is not None:
+                    self._fail(f"rank {r} (pid {p.pid}) exited with code {p.returncode}")
+                    break
+                silent = time.monotonic() - self.last_seen[r]
+                if silent > self.heartbeat_timeout_s:
+                    self._fail(f"rank {r} (pid {p.pid}) sent no heartbeat for {silent:.1f} s "
+                               f"(parallel.heartbeat_timeout_s={self.heartbeat_timeout_s:g})")
+                    break
+
+    # ---- use ----------------------------------------------------------------------------------
+    def broadcast(self, msg) -> None:
+        """Send one message to every rank (encoded once)."""
+        if self.error is not None:
+            raise self.error
+        frame = m.encode(msg)
+        for s in self.down:
+            s.send(frame, copy=False)
+
+    def collect(self, step: int, count: int, timeout_s: float) -> list[m.StepOutput]:
+        """The StepOutputs of `step` from `count` ranks; WorkerFailure when a rank fails or time runs out."""
+        got: list[m.StepOutput] = []
+        deadline = time.monotonic() + timeout_s
+        while len(got) < count:
+            if self.error is not None:
+                raise self.error
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._fail(f"step {step} got {len(got)} of {count} outputs within "
+                           f"parallel.step_timeout_s={timeout_s:g} s")
+                raise self.error
+            try:
+                item = self.outputs.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                continue
+            if item is _FAILED:
+                raise self.error
+            if item.step == step:
+                got.append(item)
+        return got
+
+    def shutdown(self, grace_s: float = 5.0) -> None:
+        """Ask every rank to stop, then terminate and kill what is left; remove the temp dir."""
+        for s in self.down:
+            try:
+                s.send(m.encode(m.Shutdown("frontend shutdown")), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        deadline = time.monotonic() + grace_s
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.05, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=2)
+        self._stop.set()
+        if self._monitor is not None and self._monitor is not threading.current_thread():
+            self._monitor.join(timeout=2)
+        for s in [self.up, *self.down]:
+            s.close()
+        self.ctx.term()
+        self.endpoints.cleanup()
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]

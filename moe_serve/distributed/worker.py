@@ -1,0 +1,160 @@
+"""One worker rank: join the groups, load its shard, then run step plans until told to stop.
+
+Started by the frontend (`python -m moe_serve.distributed.worker`, its spec as JSON in the
+environment variable MOE_SERVE_WORKER_SPEC) or by torchrun (see `launch_torchrun`). A side thread
+sends a Heartbeat every interval from process start, so the frontend can tell a slow rank from a
+dead one. Any exception is reported as a WorkerError (with the traceback) before the rank exits.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+
+import zmq
+
+from moe_serve.distributed import messages as m
+
+SPEC_ENV = "MOE_SERVE_WORKER_SPEC"
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a rank needs to start (JSON-able: it travels in an environment variable)."""
+
+    rank: int
+    tp: int
+    ep: int
+    up: str  # frontend PULL address
+    down: str  # this rank's PULL address (the frontend PUSHes to it)
+    dist_init: str  # torch.distributed rendezvous: file://, tcp:// or env://
+    runner: str  # "module:function" building the step runner: fn(spec, groups) -> runner
+    runner_args: dict = field(default_factory=dict)  # JSON-able arguments of the runner (engine config, ...)
+    device: str = "cpu"
+    heartbeat_s: float = 0.5
+    dist_timeout_s: float = 60.0
+    threads: int = 1  # torch intra-op threads of this rank
+    fault: str = ""  # tests only: "exit_before_ready", "hang_before_ready", "exit_at_step:N"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @staticmethod
+    def from_json(text: str) -> "WorkerSpec":
+        return WorkerSpec(**json.loads(text))
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the frontend dies, so no orphan rank keeps a port or a core."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class _Heartbeat(threading.Thread):
+    def __init__(self, ctx: zmq.Context, spec: WorkerSpec):
+        super().__init__(daemon=True, name=f"heartbeat-{spec.rank}")
+        self.sock = ctx.socket(zmq.PUSH)  # its own socket: zmq sockets are not thread-safe
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(spec.up)
+        self.spec, self.step, self.phase, self.stop = spec, -1, "starting", threading.Event()
+
+    def run(self):
+        while True:
+            self.sock.send(m.encode(m.Heartbeat(self.spec.rank, self.step, time.time(), self.phase)))
+            if self.stop.wait(self.spec.heartbeat_s):
+                break
+        self.sock.close()
+
+
+def _load_runner(spec: WorkerSpec, groups):
+    module, _, fn = spec.runner.partition(":")
+    return getattr(importlib.import_module(module), fn)(spec, groups)
+
+
+def run_worker(spec: WorkerSpec) -> int:
+    t0 = time.time()
+    ctx = zmq.Context()
+    up = ctx.socket(zmq.PUSH)
+    up.setsockopt(zmq.LINGER, 2000)
+    up.connect(spec.up)
+    down = ctx.socket(zmq.PULL)
+    down.setsockopt(zmq.LINGER, 0)
+    down.connect(spec.down)
+    hb = _Heartbeat(ctx, spec)
+    hb.start()
+    step = -1
+    parent = os.getppid()
+    try:
+        if spec.fault == "exit_before_ready":
+            os._exit(3)
+        if spec.fault == "hang_before_ready":
+            time.sleep(3600)
+        import torch
+
+        from moe_serve.distributed.groups import ParallelLayout, init_distributed
+
+        torch.set_num_threads(spec.threads)
+        hb.phase = "rendezvous"
+        groups = init_distributed(ParallelLayout(spec.tp, spec.ep, spec.rank), torch.device(spec.device),
+                                  spec.dist_init, spec.dist_timeout_s)
+        hb.phase = "loading"
+        runner = _load_runner(spec, groups)
+        hb.phase = "serving"
+        up.send(m.encode(m.Ready(spec.rank, os.getpid(), socket.gethostname(), time.time() - t0)))
+        exit_at = int(spec.fault.split(":")[1]) if spec.fault.startswith("exit_at_step:") else -1
+        while True:
+            if not down.poll(1000):
+                if os.getppid() != parent:  # frontend gone (non-Linux fallback of PDEATHSIG)
+                    return 1
+                continue
+            msg = m.decode_to_worker(down.recv())
+            if isinstance(msg, m.Shutdown):
+                return 0
+            if isinstance(msg, m.StepPlan):
+                step = msg.step
+                if step == exit_at:
+                    os._exit(4)
+                t = time.perf_counter()
+                out = runner.step(msg)
+                if out is not None:
+                    seq_index, logits, stats = out
+                    up.send(m.encode(m.StepOutput(step, spec.rank, seq_index, m.TensorBlob.from_tensor(logits),
+                                                  time.perf_counter() - t, stats)))
+                hb.step = step
+            else:
+                runner.command(msg)
+    except Exception:  # report, then exit non-zero: the frontend fails the requests in flight
+        up.send(m.encode(m.WorkerError(spec.rank, step, traceback.format_exc())))
+        return 1
+    finally:
+        hb.stop.set()
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:
+            pass
+        up.close()
+        down.close()
+        ctx.term()
+
+
+def main() -> int:
+    _die_with_parent()
+    spec = WorkerSpec.from_json(os.environ[SPEC_ENV])
+    return run_worker(spec)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

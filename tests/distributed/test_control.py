@@ -1,0 +1,106 @@
+"""Control plane: typed messages round trip; ranks start, answer, fail loudly and never hang."""
+import os
+import signal
+import time
+
+import msgspec
+import pytest
+import torch
+
+from moe_serve.distributed import messages as m
+from moe_serve.distributed.launcher import WorkerFailure, WorkerGroup
+from moe_serve.distributed.groups import ParallelLayout
+from moe_serve.distributed.probe import expected_probe_logits
+from moe_serve.distributed.worker import WorkerSpec
+
+
+def _blob(t):
+    return m.TensorBlob.from_tensor(t)
+
+
+def test_messages_round_trip():
+    plan = m.StepPlan(step=7, token_ids=_blob(torch.tensor([5, 6, 7])), positions=_blob(torch.tensor([0, 1, 4])),
+                      slot_ids=[0, 3], query_lens=[2, 1], context_lens=[0, 4], seq_ids=[10, 11], freed_slots=[2])
+    for msg in (plan, m.PlacementCommand(at_step=9, plan_json="{}"), m.CacheCommand("prefetch", 1, [2, 3]),
+                m.Shutdown("bye")):
+        back = m.decode_to_worker(m.encode(msg))
+        assert type(back) is type(msg)
+        assert m.encode(back) == m.encode(msg)
+    assert torch.equal(m.decode_to_worker(m.encode(plan)).token_ids.to_tensor(), torch.tensor([5, 6, 7]))
+    logits = torch.randn(2, 5).to(torch.bfloat16)
+    out = m.StepOutput(step=7, rank=0, seq_index=[0, 1], logits=_blob(logits), compute_s=0.1, stats={"copies": 3.0})
+    back = m.decode_from_worker(m.encode(out))
+    assert torch.equal(back.logits.to_tensor(), logits) and back.stats == {"copies": 3.0}
+    for msg in (m.Ready(1, 2, "h", 0.5), m.Heartbeat(1, 3, 1.0), m.WorkerError(1, 3, "boom")):
+        assert m.decode_from_worker(m.encode(msg)) == msg
+
+
+def test_bad_frames_are_rejected_not_executed():
+    with pytest.raises(msgspec.DecodeError):
+        m.decode_to_worker(b"\x93garbage")
+    with pytest.raises(msgspec.ValidationError):  # a worker->frontend message is not a command
+        m.decode_to_worker(m.encode(m.Heartbeat(0, 0, 0.0)))
+
+
+def _spec(tp, ep, **kw):
+    return WorkerSpec(rank=0, tp=tp, ep=ep, up="", down="", dist_init="", runner="moe_serve.distributed.probe:build",
+                      heartbeat_s=0.2, dist_timeout_s=20, **kw)
+
+
+def _plan(step, seqs):
+    ids = [t for s in seqs for t in s]
+    return m.StepPlan(step=step, token_ids=_blob(torch.tensor(ids)), positions=_blob(torch.zeros(len(ids), dtype=torch.long)),
+                      slot_ids=list(range(len(seqs))), query_lens=[len(s) for s in seqs], context_lens=[0] * len(seqs))
+
+
+@pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2), (2, 2)])
+def test_probe_steps_exact(tp, ep):
+    group = WorkerGroup(_spec(tp, ep), world_size=max(tp, ep), startup_timeout_s=60, heartbeat_timeout_s=20)
+    try:
+        layout = ParallelLayout(tp, ep)
+        for step, seqs in enumerate([[[1, 2, 3], [9]], [[4], [10]], [[5], [11]]]):
+            group.broadcast(_plan(step, seqs))
+            outs = group.collect(step, len(layout.output_ranks()), timeout_s=30)
+            for out in outs:
+                want = expected_probe_logits([s[-1] for s in seqs], out.rank, layout.tp_groups(), layout.ep_groups())
+                assert torch.equal(out.logits.to_tensor(), want), (out.rank, step)
+    finally:
+        group.shutdown()
+    assert all(p.returncode == 0 for p in group.procs)
+
+
+def test_rank_that_hangs_at_startup_is_named():
+    t = time.monotonic()
+    with pytest.raises(WorkerFailure, match=r"did not come up within parallel.startup_timeout_s=8 s") as err:
+        WorkerGroup(_spec(2, 1), world_size=2, startup_timeout_s=8, faults={1: "hang_before_ready"})
+    assert "rank 1: stuck before joining the process group" in str(err.value)
+    assert "rank 0: waiting in the rendezvous" in str(err.value)
+    assert time.monotonic() - t < 20
+
+
+def test_rank_that_exits_at_startup_is_named():
+    with pytest.raises(WorkerFailure, match=r"rank 0 \(pid \d+\) exited with code 3 before it was ready"):
+        WorkerGroup(_spec(2, 1), world_size=2, startup_timeout_s=60, faults={0: "exit_before_ready"})
+
+
+@pytest.mark.parametrize("how", ["exit_at_step", "sigkill"])
+def test_rank_dying_mid_run_fails_the_step(how):
+    faults = {1: "exit_at_step:2"} if how == "exit_at_step" else {}
+    group = WorkerGroup(_spec(2, 1), world_size=2, startup_timeout_s=60, heartbeat_timeout_s=20, faults=faults)
+    try:
+        for step in range(4):
+            if how == "sigkill" and step == 2:
+                os.kill(group.pids()[1], signal.SIGKILL)
+            t = time.monotonic()
+            try:
+                group.broadcast(_plan(step, [[step]]))
+                group.collect(step, 1, timeout_s=30)
+            except WorkerFailure as exc:
+                assert step == 2 and "rank 1" in str(exc) and "exited with code" in str(exc)
+                assert time.monotonic() - t < 10
+                break
+        else:
+            pytest.fail("a dead rank went unnoticed")
+    finally:
+        group.shutdown()
+    assert all(p.returncode is not None for p in group.procs)
