@@ -1,0 +1,97 @@
+"""The public API: LLM (prompt forms, context manager, identical to transformers) and AsyncEngine streaming."""
+import asyncio
+
+import pytest
+import torch
+
+from moe_serve import LLM, AsyncEngine, SamplingParams
+from moe_serve.config import EngineConfig
+from moe_serve.engine import EngineDeadError
+
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+
+def test_llm_prompt_forms_and_context_manager(tiny_dir):
+    with LLM(model=str(tiny_dir), max_num_seqs=2) as llm:
+        ids = llm.tokenizer.encode("The quick brown fox")
+        by_text = llm.generate("The quick brown fox", GREEDY)
+        by_ids = llm.generate(ids, GREEDY)
+        many = llm.generate(["The quick brown fox", "Once upon", ids], GREEDY)  # more prompts than slots
+        assert len(by_text) == len(by_ids) == 1 and len(many) == 3
+        assert by_text[0].token_ids == by_ids[0].token_ids == many[0].token_ids == many[2].token_ids
+        out = many[1]
+        assert out.prompt == "Once upon" and out.text == llm.tokenizer.decode(out.token_ids)
+        m = out.metrics
+        assert m.num_prompt_tokens == len(out.prompt_token_ids) and m.num_output_tokens == 10
+        assert m.time_to_first_token > 0 and m.time_per_output_token > 0
+        with pytest.raises(ValueError, match=r"prompts\[1\]: prompt must contain at least one token"):
+            llm.generate(["ok", ""], GREEDY)
+    assert llm.engine.model is None
+    with pytest.raises(RuntimeError, match="closed"):
+        llm.generate("x", GREEDY)
+
+
+def test_greedy_matches_transformers(tiny_qwen_dir):
+    from transformers import AutoModelForCausalLM
+
+    with LLM(model=str(tiny_qwen_dir)) as llm:
+        ids = llm.tokenizer.encode("Mixture-of-experts models route every")
+        ours = llm.generate(ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))[0].token_ids
+    hf = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32)
+    ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, len(ids):]
+    assert ours == ref.tolist()
+
+
+async def _collect(engine, prompt, params, rid):
+    deltas, last = [], None
+    async for out in engine.generate(prompt, params, rid):
+        deltas.append(out.delta_text)
+        last = out
+    return deltas, last
+
+
+def test_async_streams_concatenate_to_the_final_text(tiny_dir):
+    eng = AsyncEngine.from_config(EngineConfig.from_flat(model=str(tiny_dir)))
+    try:
+        async def main():
+            stop = SamplingParams(temperature=0, max_tokens=16, stop=["zzz-never"], ignore_eos=True)
+            return await asyncio.gather(_collect(eng, "The quick brown fox", GREEDY, "a"),
+                                        _collect(eng, "Once upon a time", stop, "b"))
+        (da, a), (db, b) = asyncio.run(main())
+        for deltas, out in ((da, a), (db, b)):
+            assert out.finished and "".join(deltas) == out.text
+            assert len(deltas) > 3  # really streamed
+    finally:
+        eng.shutdown()
+    with LLM(model=str(tiny_dir)) as llm:
+        assert llm.generate("The quick brown fox", GREEDY)[0].token_ids == a.token_ids
+
+
+def test_async_bad_request_fails_alone_and_abort_frees(tiny_dir):
+    eng = AsyncEngine.from_config(EngineConfig.from_flat(model=str(tiny_dir), max_num_seqs=2))
+    try:
+        async def main():
+            with pytest.raises(ValueError, match="max_tokens"):
+                SamplingParams(max_tokens=-1)
+            with pytest.raises(ValueError, match="vocab_size"):
+                async for _ in eng.generate([10**6], GREEDY):
+                    pass
+            long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
+            n = 0
+            async for out in eng.generate("Once upon", long, "dropped"):
+                n += 1
+                if n == 3:
+                    break  # the consumer walks away: the request is aborted
+            await asyncio.sleep(0.3)
+            assert eng.engine.num_running == 0
+            return await _collect(eng, "The quick", GREEDY, "after")
+        deltas, out = asyncio.run(main())
+        assert out.finish_reason == "length" and len(out.token_ids) == 10
+    finally:
+        eng.shutdown()
+
+    async def after_shutdown():
+        async for _ in eng.generate("x", GREEDY):
+            pass
+    with pytest.raises(EngineDeadError):
+        asyncio.run(after_shutdown())
