@@ -1,0 +1,150 @@
+"""`moe-serve generate`, `moe-serve info`, `moe-serve record-trace`.
+
+    moe-serve generate [--model DIR] [--prompt TEXT ...|--prompts-file FILE] [--max-tokens N] ...
+    moe-serve info DIR
+    moe-serve record-trace --model DIR --prompts-file FILE --out trace.npz [--record-hidden]
+
+Sampling flags carry SamplingParams' field names; engine flags derive from the config dataclasses.
+`generate` prints each generation, the throughput, and each MoE layer's expert load.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from moe_serve.cli.flags import add_config_flags, config_kwargs
+from moe_serve.cli.info import format_info, model_info
+from moe_serve.config import DEFAULT_MODEL, KVCacheConfig, ModelConfig, SchedulerConfig, TraceConfig
+
+DEFAULT_PROMPTS = ["Once upon a time", "The history of the city", "def fibonacci(n):"]
+ENGINE_SECTIONS = (ModelConfig, KVCacheConfig, SchedulerConfig, TraceConfig)
+
+
+def _add_prompt_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
+    p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (SamplingParams fields)")
+    g.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate per prompt (default: 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1)")
+    g.add_argument("--top-k", type=int, default=-1, help="keep the k most likely tokens; -1 = all")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed of every request")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeat for several)")
+    g.add_argument("--stop-token-ids", type=int, nargs="+", default=None, help="token ids that end a request")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+
+
+def _add_engine_flags(p: argparse.ArgumentParser, skip=()) -> None:
+    for cls in ENGINE_SECTIONS:
+        add_config_flags(p.add_argument_group(f"engine: {cls.__name__}"), cls, skip=skip + ("seed",))
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text from prompts; print tokens/s and expert load")
+    _add_prompt_flags(p)
+    _add_sampling_flags(p)
+    _add_engine_flags(p)
+    p.set_defaults(func=run_generate)
+
+    p = subparsers.add_parser("info", help="describe a checkpoint: family, layers, experts, top-k, sizes")
+    p.add_argument("model_dir", nargs="?", default=DEFAULT_MODEL, help="checkpoint directory")
+    p.set_defaults(func=run_info)
+
+    p = subparsers.add_parser("record-trace", help="run prompts and write their routing trace (.npz)")
+    _add_prompt_flags(p)
+    _add_sampling_flags(p)
+    p.add_argument("--out", required=True, help="trace file to write (.npz)")
+    _add_engine_flags(p, skip=("record_trace",))
+    p.set_defaults(func=run_record_trace)
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompts-file: {path} does not exist")
+        prompts += [line for line in path.read_text().splitlines() if line.strip()]
+    return prompts or list(DEFAULT_PROMPTS)
+
+
+def sampling_params(args):
+    from moe_serve.engine.sampling_params import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          max_tokens=args.max_tokens, seed=args.seed, stop=args.stop,
+                          stop_token_ids=args.stop_token_ids, ignore_eos=args.ignore_eos)
+
+
+def load_table(load: np.ndarray) -> str:
+    """One line per MoE layer: tokens, min/max per expert, max/mean imbalance, hottest experts."""
+    lines = [f"{'layer':>5} {'tokens':>8} {'min':>6} {'max':>6} {'max/mean':>8}  hottest experts (share)"]
+    for layer, row in enumerate(load):
+        total = int(row.sum())
+        mean = total / max(1, len(row))
+        hot = np.argsort(-row, kind="stable")[:4]
+        hottest = " ".join(f"{e}({row[e] / max(1, total):.0%})" for e in hot)
+        lines.append(f"{layer:>5} {total:>8} {int(row.min()):>6} {int(row.max()):>6} "
+                     f"{row.max() / mean if mean else 0:>8.2f}  {hottest}")
+    return "\n".join(lines)
+
+
+def _generate(args, **extra):
+    from moe_serve.engine.llm import LLM
+
+    prompts, params = read_prompts(args), sampling_params(args)
+    options = config_kwargs(args, *ENGINE_SECTIONS)
+    options.setdefault("model", DEFAULT_MODEL)
+    options.update(extra)
+    llm = LLM(**options)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - t0
+    return llm, outs, elapsed
+
+
+def run_generate(args) -> int:
+    llm, outs, elapsed = _generate(args)
+    with llm:
+        for i, out in enumerate(outs):
+            print(f"--- [{i}] {out.prompt!r} ({out.finish_reason}, {len(out.token_ids)} tokens)")
+            print(out.prompt + out.text)
+        n_out = sum(len(o.token_ids) for o in outs)
+        n_in = sum(len(o.prompt_token_ids) for o in outs)
+        ttft = [o.metrics.time_to_first_token for o in outs if o.metrics.time_to_first_token is not None]
+        tpot = [o.metrics.time_per_output_token for o in outs if o.metrics.time_per_output_token is not None]
+        print(f"\n{len(outs)} requests, {n_in} prompt + {n_out} output tokens in {elapsed:.2f} s: "
+              f"{n_out / elapsed:.1f} output tokens/s, {(n_in + n_out) / elapsed:.1f} total tokens/s")
+        if ttft:
+            print(f"time to first token {np.mean(ttft) * 1e3:.1f} ms (mean), "
+                  f"time per output token {np.mean(tpot) * 1e3 if tpot else float('nan'):.1f} ms (mean)")
+        load = llm.expert_load()
+        if load is not None:
+            print("\nexpert load per MoE layer (tokens routed to each expert):")
+            print(load_table(load))
+    return 0
+
+
+def run_info(args) -> int:
+    if not Path(args.model_dir).is_dir():
+        raise FileNotFoundError(f"model directory {args.model_dir} does not exist")
+    print(format_info(model_info(args.model_dir)))
+    return 0
+
+
+def run_record_trace(args) -> int:
+    from predictors.traces import load_trace
+
+    llm, outs, elapsed = _generate(args, record_trace=str(args.out))
+    llm.close()  # writes the trace
+    trace = load_trace(args.out)
+    print(f"wrote {args.out}: {trace.num_sequences} sequences, {trace.num_tokens} tokens, "
+          f"{trace.num_layers} MoE layers, top-{trace.top_k} of {trace.num_experts} experts"
+          f"{', hidden states' if trace.hidden is not None else ''} ({elapsed:.2f} s)")
+    return 0

@@ -1,0 +1,31 @@
+"""CLI smoke tests through `moe_serve.cli.main.main([...])`."""
+from moe_serve.cli.main import main
+from predictors.traces import load_trace
+
+
+def test_generate_prints_text_throughput_and_load(tiny_dir, capsys, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The quick brown fox\n\nOnce upon a time\n")
+    rc = main(["generate", "--model", str(tiny_dir), "--prompts-file", str(prompts), "--prompt", "def add",
+               "--max-tokens", "6", "--max-num-seqs", "2", "--temperature", "0.7", "--seed", "3", "--ignore-eos"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert out.count("--- [") == 3 and "(length, 6 tokens)" in out
+    assert "output tokens/s" in out and "expert load per MoE layer" in out
+
+
+def test_info_and_record_trace(tiny_dir, capsys, tmp_path):
+    assert main(["info", str(tiny_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "mixtral" in out and "top_k" in out and "active per token" in out
+    trace_path = tmp_path / "t.npz"
+    assert main(["record-trace", "--model", str(tiny_dir), "--prompt", "hello there", "--prompt", "abc",
+                 "--max-tokens", "3", "--out", str(trace_path), "--record-hidden"]) == 0
+    trace = load_trace(trace_path)
+    assert trace.num_sequences == 2 and trace.hidden is not None
+
+
+def test_bad_input_exits_2_with_the_field(tiny_dir, capsys):
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "x", "--top-p", "2"]) == 2
+    assert "SamplingParams.top_p must be in (0, 1]" in capsys.readouterr().err
+    assert main(["info", "/nonexistent/dir"]) == 2
