@@ -13,7 +13,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 # pydantic's union-member labels in error locations ("str", "list[int]", "constrained-str"):
 # they say which union branch failed, not which field, so they are dropped from `param`.
-_UNION_LABELS = ("str", "int", "float", "bool", "list[", "constrained-", "function-", "tagged-union", "json-or-python")
+_UNION_TYPES = {"str", "int", "float", "bool", "dict"}
+_UNION_PREFIXES = ("list[", "dict[", "constrained-", "function-", "tagged-union", "json-or-python", "nullable[")
 
 
 class APIError(Exception):
@@ -36,7 +37,8 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
 
 def _field_path(loc: tuple) -> str | None:
     """("body", "messages", 0, "role") -> "messages.0.role"; union branch labels are skipped."""
-    parts = [str(p) for p in loc[1:] if not (isinstance(p, str) and p.startswith(_UNION_LABELS))]
+    parts = [str(p) for p in loc[1:]
+             if not (isinstance(p, str) and (p in _UNION_TYPES or p.startswith(_UNION_PREFIXES) or "[" in p))]
     return ".".join(parts) or None
 
 
@@ -47,7 +49,7 @@ def _describe(err: dict) -> str:
         return "field required"
     if err.get("type") == "extra_forbidden":
         return "unrecognized request argument (not part of the API)"
-    msg = str(err.get("msg", "invalid value"))
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     if "input" in err and err.get("type") != "model_attributes_type":
         shown = repr(err["input"])
         msg += f" (got {shown[:80]}{'...' if len(shown) > 80 else ''})"

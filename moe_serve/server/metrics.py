@@ -117,6 +117,9 @@ class ServerMetrics:
         self.success = Counter(P + "request_success", "requests finished", labels + ["finished_reason"], registry=r)
         self.errors = Counter(P + "request_errors", "requests answered with an error", labels + ["status"],
                               registry=r)
+        for series in (self.ttft, self.tpot, self.itl, self.e2e, self.prompt_hist, self.gen_hist,
+                       self.prompt_tokens, self.gen_tokens):
+            series.labels(model_name)  # present (at 0) before the first request, as vLLM's are
         r.register(_EngineCollector(stats_fn, in_flight))
 
     def observe_request(self, *, prompt_tokens: int, output_tokens: int, e2e_s: float, ttft_s: float | None,

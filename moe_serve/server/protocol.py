@@ -3,7 +3,7 @@
 Requests forbid unknown fields (the OpenAI API answers 400 "Unrecognized request argument") and
 carry their limits in the schema, so FastAPI rejects impossible values before they reach the engine
 and the OpenAPI spec tells clients (and the schema fuzzer) what is valid. A few vLLM extensions
-(`top_k`, `stop_token_ids`, `ignore_eos`, `min_tokens`) are accepted because vLLM users send them.
+(`top_k`, `stop_token_ids`, `ignore_eos`) are accepted because vLLM users send them.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationInfo, field_validator
 
 TokenId = Annotated[StrictInt, Field(ge=0)]
 Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None
@@ -32,22 +32,22 @@ class SamplingFields(BaseModel):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[StrictInt, Field(ge=-1)] | None = None  # vLLM: -1 or 0 mean all tokens
     n: Annotated[StrictInt, Field(ge=1, le=1)] = 1  # one choice per request: n > 1 is refused
-    seed: StrictInt | None = None
+    seed: Annotated[StrictInt, Field(ge=0, lt=2**63)] | None = None
     stop: Stop = None
     stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
     ignore_eos: StrictBool = False
-    min_tokens: Annotated[StrictInt, Field(ge=0)] = 0
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     presence_penalty: Annotated[float, Field(ge=0.0, le=0.0)] | None = None  # unsupported beyond 0
     frequency_penalty: Annotated[float, Field(ge=0.0, le=0.0)] | None = None  # unsupported beyond 0
     user: StrictStr | None = None
 
-    @model_validator(mode="after")
-    def _stream_options_need_stream(self):
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
-        return self
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, value, info: ValidationInfo):
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("only allowed when stream is true")
+        return value
 
 
 class CompletionRequest(SamplingFields):
@@ -76,14 +76,15 @@ class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
-    logprobs: Annotated[StrictBool, Field()] | None = None
+    logprobs: StrictBool | None = None
     add_generation_prompt: StrictBool = True  # vLLM extension
 
-    @model_validator(mode="after")
-    def _no_logprobs(self):
-        if self.logprobs:
-            raise ValueError("logprobs are not supported")
-        return self
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value):
+        if value:
+            raise ValueError("logprobs are not supported by this server")
+        return value
 
     @property
     def output_limit(self) -> int | None:

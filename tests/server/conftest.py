@@ -1,0 +1,101 @@
+"""Real servers on loopback: `python -m moe_serve.server` (= `moe-serve serve`) in a subprocess.
+
+Two servers on a tiny random Mixtral checkpoint with a real BPE tokenizer, each on a free port
+chosen at runtime: `server` (2 KV slots, at most 3 requests in flight: the OpenAI client, bad
+requests, disconnects, queue full, metrics, traces) and `strict_server` (1 KV slot, a 0.3 s
+timeout, an API key) for timeouts, auth and the schema fuzz, whose requests the timeout keeps short.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.engine.tiny_checkpoint import make_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+API_KEY = "test-key"
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    model: str
+    trace_dir: Path
+    headers: dict
+
+    def metrics(self) -> dict[str, float]:
+        """Prometheus samples without labels' quotes: {'name{label="v"}': value}."""
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir: Path, trace_dir: Path, *flags: str, headers: dict | None = None) -> Server:
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    log = open(trace_dir / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "moe_serve.server", "--model", str(model_dir), "--port", str(port),
+                             "--trace-dir", str(trace_dir), *flags], env=env, cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{(trace_dir / 'server.log').read_text()}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return Server(url, proc, model_dir.name, trace_dir, headers or {})
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server did not become healthy in 120 s:\n{(trace_dir / 'server.log').read_text()}")
+
+
+def stop_server(server: Server) -> None:
+    server.proc.terminate()
+    try:
+        server.proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("srv") / "tiny-mixtral")
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model, tmp_path_factory):
+    s = start_server(tiny_model, tmp_path_factory.mktemp("srv_traces"), "--max-num-seqs", "2",
+                     "--max-pending-requests", "3")
+    yield s
+    stop_server(s)
+
+
+@pytest.fixture(scope="session")
+def strict_server(tiny_model, tmp_path_factory):
+    s = start_server(tiny_model, tmp_path_factory.mktemp("strict_traces"), "--max-num-seqs", "1",
+                     "--request-timeout-s", "0.3", "--api-key", API_KEY, headers={"Authorization": f"Bearer {API_KEY}"})
+    yield s
+    stop_server(s)

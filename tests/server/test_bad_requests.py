@@ -1,0 +1,90 @@
+"""Every kind of invalid request gets a 400 in OpenAI's error shape naming the field; the server goes on."""
+from __future__ import annotations
+
+import httpx
+import pytest
+
+OK_COMPLETION = {"prompt": "hello", "max_tokens": 2}
+OK_CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 200  # far over the 256-token context
+
+# (endpoint, body, the field the error must name)
+CASES = [
+    ("completions", {"max_tokens": 2}, "prompt"),  # missing field
+    ("completions", {"prompt": 123, "max_tokens": 2}, "prompt"),  # wrong type
+    ("completions", {"prompt": "", "max_tokens": 2}, "prompt"),
+    ("completions", {"prompt": ["a", "b"], "max_tokens": 2}, "prompt"),  # batches are not supported
+    ("completions", {"prompt": [1, -3], "max_tokens": 2}, "prompt"),
+    ("completions", {"prompt": [1, 10**6], "max_tokens": 2}, "prompt"),  # token id outside the vocabulary
+    ("completions", {"prompt": LONG_PROMPT, "max_tokens": 2}, "prompt"),  # over the context
+    ("completions", {"prompt": "hello", "max_tokens": 256}, "max_tokens"),  # prompt + output over the context
+    ("completions", {"prompt": "hello", "max_tokens": 0}, "max_tokens"),
+    ("completions", {"prompt": "hello", "max_tokens": "ten"}, "max_tokens"),
+    ("completions", {"prompt": "hello", "max_tokens": 2.5}, "max_tokens"),
+    ("completions", {"prompt": "hello", "temperature": -0.1}, "temperature"),
+    ("completions", {"prompt": "hello", "temperature": "hot"}, "temperature"),
+    ("completions", {"prompt": "hello", "top_p": 0}, "top_p"),
+    ("completions", {"prompt": "hello", "top_p": 1.5}, "top_p"),
+    ("completions", {"prompt": "hello", "top_k": -2}, "top_k"),
+    ("completions", {"prompt": "hello", "n": 2}, "n"),
+    ("completions", {"prompt": "hello", "seed": -1}, "seed"),
+    ("completions", {"prompt": "hello", "stop": 5}, "stop"),
+    ("completions", {"prompt": "hello", "stop_token_ids": [-1]}, "stop_token_ids.0"),
+    ("completions", {"prompt": "hello", "stop_token_ids": [10**6]}, "stop_token_ids"),  # engine-side check
+    ("completions", {"prompt": "hello", "stream": "yes"}, "stream"),
+    ("completions", {"prompt": "hello", "stream_options": {"include_usage": True}}, "stream_options"),
+    ("completions", {"prompt": "hello", "logprobs": 3}, "logprobs"),
+    ("completions", {"prompt": "hello", "best_of_everything": 1}, "best_of_everything"),  # unknown field
+    ("chat/completions", {"max_tokens": 2}, "messages"),
+    ("chat/completions", {"messages": []}, "messages"),
+    ("chat/completions", {"messages": "hi"}, "messages"),
+    ("chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ("chat/completions", {"messages": [{"role": "user"}]}, "messages.0.content"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi", "mood": "x"}]}, "messages.0.mood"),
+    ("chat/completions", {"messages": [{"role": "user", "content": LONG_PROMPT}]}, "messages"),
+    ("chat/completions", dict(OK_CHAT, max_completion_tokens=0), "max_completion_tokens"),
+    ("chat/completions", dict(OK_CHAT, max_completion_tokens=1000), "max_completion_tokens"),
+    ("chat/completions", dict(OK_CHAT, temperature=3), "temperature"),
+    ("chat/completions", dict(OK_CHAT, logprobs=True), "logprobs"),
+    ("chat/completions", dict(OK_CHAT, presence_penalty=0.5), "presence_penalty"),
+    ("chat/completions", dict(OK_CHAT, functions=[]), "functions"),
+]
+
+
+def check_error(r: httpx.Response, status: int, param: str | None) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error" or status != 400
+    assert err["param"] == param, err
+    if param is not None:
+        assert param.split(".")[0] in err["message"], err  # the message names the field too
+    return err
+
+
+@pytest.mark.parametrize("endpoint,body,param", CASES, ids=[f"{e}:{p}:{i}" for i, (e, _, p) in enumerate(CASES)])
+def test_invalid_request_names_the_field(server, endpoint, body, param):
+    r = httpx.post(f"{server.url}/v1/{endpoint}", json=body, timeout=30)
+    check_error(r, 400, param)
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"[1, 2]", b'"text"', b"\xff\xfe"])
+def test_malformed_body_is_400(server, raw):
+    r = httpx.post(f"{server.url}/v1/completions", content=raw, headers={"content-type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"]
+
+
+def test_unknown_model_is_404_naming_model(server):
+    r = httpx.post(f"{server.url}/v1/completions", json=dict(OK_COMPLETION, model="gpt-17"), timeout=30)
+    check_error(r, 404, "model")
+
+
+def test_server_keeps_serving_after_bad_requests(server):
+    for endpoint, body, _ in CASES[:10]:
+        httpx.post(f"{server.url}/v1/{endpoint}", json=body, timeout=30)
+    assert httpx.post(f"{server.url}/v1/completions", json=OK_COMPLETION, timeout=30).status_code == 200
+    assert httpx.post(f"{server.url}/v1/chat/completions", json=OK_CHAT, timeout=30).status_code == 200
+    errors = {k: v for k, v in server.metrics().items() if k.startswith("moe_serve:request_errors_total")}
+    assert errors.get('moe_serve:request_errors_total{model_name="%s",status="400"}' % server.model, 0) > 0
