@@ -86,12 +86,65 @@ class ServerConfig:
 
 
 @dataclass
+class ParallelConfig:
+    tp: int = doc("tensor-parallel ranks: attention heads, dense MLPs and shared experts are split over them", default=1)
+    ep: int = doc("expert-parallel ranks: experts are spread over them per the placement plan "
+                  "(world size = max(tp, ep); tp=1 with ep>1 runs attention data-parallel)", default=1)
+    dispatch: str = doc("EP token dispatch: auto (alltoall when attention is data-parallel, else allgather), "
+                        "allgather (all-gather / reduce-scatter) or alltoall", default="auto")
+    placement: str | None = doc("placement plan file (JSON or safetensors from `placement`); default: contiguous",
+                                default=None)
+    rebalance_every: int = doc("compute a new placement from live expert loads every N steps (0: never)", default=0)
+    rebalance_window: int = doc("steps of expert-load history the rebalancer plans from", default=64)
+    redundant_experts: int = doc("extra physical expert slots in all (replicas of hot experts); must make "
+                                 "experts + redundant_experts divisible by ep", default=0)
+    allreduce: str = doc("TP all-reduce: auto (DeepSpeed shm for small CPU messages when available, else "
+                         "gloo/nccl), gloo or deepspeed", default="auto")
+    startup_timeout_s: float = doc("seconds to wait for every rank to load and report ready", default=180.0)
+    heartbeat_interval_s: float = doc("seconds between heartbeats of each rank", default=0.5)
+    heartbeat_timeout_s: float = doc("a rank silent this long is declared dead", default=30.0)
+    step_timeout_s: float = doc("longest a forward step may take on the ranks before it is failed", default=600.0)
+    control_transport: str = doc("ZeroMQ control sockets: ipc (temp dir) or tcp (loopback, free ports)", default="ipc")
+    threads_per_rank: int = doc("torch threads of each rank on CPU (0: cores / ranks)", default=0)
+
+    def __post_init__(self):
+        require(self.tp >= 1, "parallel", "tp", ">= 1", self.tp)
+        require(self.ep >= 1, "parallel", "ep", ">= 1", self.ep)
+        w = max(self.tp, self.ep)
+        require(w % self.tp == 0 and w % self.ep == 0, "parallel", "ep",
+                f"a divisor or a multiple of tp={self.tp}", self.ep)
+        require(self.tp in (1, w), "parallel", "tp", f"1 or max(tp, ep)={w} (mixed TP and DP attention "
+                "is not supported)", self.tp)
+        require(self.dispatch in ("auto", "allgather", "alltoall"), "parallel", "dispatch",
+                "one of auto, allgather, alltoall", self.dispatch)
+        require(not (self.dispatch == "alltoall" and self.tp > 1 and self.ep > 1), "parallel", "dispatch",
+                "allgather or auto when tp > 1 (alltoall needs data-parallel attention, tp=1)", self.dispatch)
+        require(self.rebalance_every >= 0, "parallel", "rebalance_every", ">= 0", self.rebalance_every)
+        require(self.rebalance_window >= 1, "parallel", "rebalance_window", ">= 1", self.rebalance_window)
+        require(self.redundant_experts >= 0, "parallel", "redundant_experts", ">= 0", self.redundant_experts)
+        require(self.allreduce in ("auto", "gloo", "deepspeed"), "parallel", "allreduce",
+                "one of auto, gloo, deepspeed", self.allreduce)
+        for name in ("startup_timeout_s", "heartbeat_interval_s", "heartbeat_timeout_s", "step_timeout_s"):
+            require(getattr(self, name) > 0, "parallel", name, "> 0", getattr(self, name))
+        require(self.heartbeat_timeout_s > 2 * self.heartbeat_interval_s, "parallel", "heartbeat_timeout_s",
+                f"> 2 x heartbeat_interval_s ({2 * self.heartbeat_interval_s:g})", self.heartbeat_timeout_s)
+        require(self.control_transport in ("ipc", "tcp"), "parallel", "control_transport", "ipc or tcp",
+                self.control_transport)
+        require(self.threads_per_rank >= 0, "parallel", "threads_per_rank", ">= 0", self.threads_per_rank)
+
+    @property
+    def world_size(self) -> int:
+        return max(self.tp, self.ep)
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trace: TraceConfig = field(default_factory=TraceConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @classmethod
     def from_flat(cls, **kwargs) -> "EngineConfig":
