@@ -1,0 +1,106 @@
+"""DeepSeek's Expert Parallelism Load Balancer (EPLB), written from its published description
+(github.com/deepseek-ai/EPLB README; DeepSeek-V3 report), in numpy.
+
+Hierarchical policy (used when the number of nodes divides the number of expert groups):
+  1. pack the expert groups (contiguous blocks of logical ids) onto nodes, balancing node load, each
+     node getting the same number of groups;
+  2. inside each node, replicate experts: each spare physical slot goes to the expert with the largest
+     load per copy;
+  3. pack the node's physical experts onto its GPUs, balancing GPU load, each GPU getting the same
+     number of physical experts.
+Global policy (otherwise): the same with one node and one group - replicate over all experts, then pack
+onto all GPUs.
+
+Balanced packing is greedy: items in descending weight order, each to the lightest pack that still has
+room (ties -> lowest pack index); an item's position inside its pack is the order it arrived in.
+Descending sorts are stable (equal weights keep ascending index order).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from placement.algorithms.common import check_sizes
+from placement.plan import PlacementPlan
+
+
+def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
+    """weight [X, n] -> (pack [X, n], position in pack [X, n]); every pack gets n / num_packs items."""
+    X, n = weight.shape
+    if n % num_packs:
+        raise ValueError(f"eplb: {n} items do not split evenly into num_packs={num_packs}")
+    per_pack = n // num_packs
+    pack = np.empty((X, n), dtype=np.int64)
+    pos = np.empty((X, n), dtype=np.int64)
+    for x in range(X):
+        pack_w = np.zeros(num_packs)
+        pack_n = np.zeros(num_packs, dtype=np.int64)
+        for item in np.argsort(-weight[x], kind="stable"):
+            open_w = np.where(pack_n < per_pack, pack_w, np.inf)
+            p = int(np.argmin(open_w))
+            pack[x, item], pos[x, item] = p, pack_n[p]
+            pack_w[p] += weight[x, item]
+            pack_n[p] += 1
+    return pack, pos
+
+
+def replicate(weight: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """weight [X, n] -> (phy2log [X, num_phy], replica index [X, num_phy], count [X, n]).
+    The first n physical experts are the logical ones in order; spare ones are appended as chosen."""
+    X, n = weight.shape
+    phy2log = np.tile(np.arange(num_phy, dtype=np.int64), (X, 1))
+    rep = np.zeros((X, num_phy), dtype=np.int64)
+    count = np.ones((X, n), dtype=np.int64)
+    rows = np.arange(X)
+    for p in range(n, num_phy):
+        e = np.argmax(weight / count, axis=1)  # first maximum on ties
+        phy2log[:, p], rep[:, p] = e, count[rows, e]
+        count[rows, e] += 1
+    return phy2log, rep, count
+
+
+def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int):
+    """EPLB's entry point: weight [L, E] -> (phy2log [L, P], log2phy [L, E, Rmax], count [L, E])."""
+    weight = np.asarray(weight, dtype=np.float64)
+    L, E = weight.shape
+    if num_groups % num_nodes:
+        num_groups, num_nodes = 1, 1  # global policy
+    if E % num_groups or num_gpus % num_nodes or num_replicas % num_gpus:
+        raise ValueError(
+            f"eplb: need E={E} % num_groups={num_groups} == 0, num_gpus={num_gpus} % num_nodes={num_nodes} == 0, "
+            f"num_replicas={num_replicas} % num_gpus == 0"
+        )
+    group_size, per_node_groups = E // num_groups, num_groups // num_nodes
+    log_per_node, phy_per_node = E // num_nodes, num_replicas // num_nodes
+    gpus_per_node, phy_per_gpu = num_gpus // num_nodes, num_replicas // num_gpus
+    # 1. groups -> nodes; relabel logical experts node-major ("mlog")
+    group_w = weight.reshape(L, num_groups, group_size).sum(-1)
+    gpack, gpos = balanced_packing(group_w, num_nodes)
+    log2mlog = ((gpack * per_node_groups + gpos) * group_size)[:, :, None] + np.arange(group_size)
+    log2mlog = log2mlog.reshape(L, E)
+    mlog2log = np.argsort(log2mlog, axis=1)
+    # 2. replicate within each node: [L * nodes, E / nodes]
+    mlog_w = np.take_along_axis(weight, mlog2log, axis=1).reshape(L * num_nodes, log_per_node)
+    phy2mlog, _, mcount = replicate(mlog_w, phy_per_node)
+    # 3. physical experts -> GPUs of the node
+    phy_w = np.take_along_axis(mlog_w / mcount, phy2mlog, axis=1)
+    ppack, ppos = balanced_packing(phy_w, gpus_per_node)
+    phy2pphy = ppack * phy_per_gpu + ppos
+    pphy2phy = np.argsort(phy2pphy, axis=1)
+    pphy2mlog = np.take_along_axis(phy2mlog, pphy2phy, axis=1).reshape(L, num_nodes, phy_per_node)
+    pphy2mlog = (pphy2mlog + (np.arange(num_nodes) * log_per_node)[None, :, None]).reshape(L, num_replicas)
+    phy2log = np.take_along_axis(mlog2log, pphy2mlog, axis=1)
+    plan = PlacementPlan.from_phy2log(phy2log, E, num_gpus)
+    return plan.phy2log, plan.log2phy, plan.replica_count
+
+
+def eplb(load, num_ranks: int, slots_per_rank: int, coact=None, transitions=None,
+         num_nodes: int = 1, num_groups: int | None = None, **_) -> PlacementPlan:
+    """Registry form: EPLB on `num_ranks` GPUs over `num_nodes` nodes (groups default to one per node)."""
+    load = np.asarray(load, dtype=np.float64)
+    L, E = check_sizes(load, num_ranks, slots_per_rank)
+    t0 = time.perf_counter()
+    phy2log, _, _ = rebalance_experts(load, num_ranks * slots_per_rank, num_groups or num_nodes, num_nodes, num_ranks)
+    return PlacementPlan.from_phy2log(phy2log, E, num_ranks,
+                                      dict(algorithm="eplb", solver_seconds=time.perf_counter() - t0))

@@ -1,0 +1,99 @@
+"""Scoring a placement plan on a routing trace: what it would cost the EP dispatch.
+
+Definitions (per MoE layer l, N ranks; replicas split tokens by `placement.replica.choose_replica`):
+
+- rank load: routing choices (token, k) served by each rank.
+- imbalance of a batch: max over ranks / mean over ranks of that batch's rank load (1.0 is perfect).
+  Batches hold B tokens drawn without replacement in a seeded random order (a decode batch mixes
+  tokens of many requests); the trailing partial batch only counts towards the whole-trace figure.
+  `imbalance_mean/p50/p99/max` are over all (batch, layer) pairs.
+- whole-trace imbalance (`imbalance_trace`): max/mean of the rank loads summed over the whole trace,
+  averaged over layers (`imbalance_trace_max`: the worst layer). This is the plan's imbalance with the
+  sampling noise of small batches removed.
+- fan-out: distinct ranks holding a token's k choices (= dispatch copies of its hidden state).
+- dispatch bytes per token: fan-out x hidden_size x dtype_bytes, summed over layers (one direction;
+  the combine sends the same amount back).
+- rank changes: ranks a token needs at layer l+1 that it did not use at layer l (mean per token and
+  layer pair) - hops a hidden state makes that co-location across layers could have saved.
+- replica memory: extra physical slots beyond one per logical expert, per layer and as a fraction.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from placement.plan import PlacementPlan
+from placement.replica import choose_replica
+
+
+def batch_ids(num_tokens: int, batch_size: int, seed: int = 0) -> np.ndarray:
+    """int64 [T]: batch of each row; rows are dealt to batches of `batch_size` in a seeded random order."""
+    if batch_size < 1:
+        raise ValueError(f"score: batch_size must be >= 1, got {batch_size}")
+    perm = np.random.default_rng(seed).permutation(num_tokens)
+    out = np.empty(num_tokens, dtype=np.int64)
+    out[perm] = np.arange(num_tokens) // batch_size
+    return out
+
+
+def assign_ranks(plan: PlacementPlan, experts: np.ndarray, batch: np.ndarray) -> np.ndarray:
+    """int64 [T, L, K]: rank serving each routing choice under the plan and the replica rule."""
+    experts = np.asarray(experts, dtype=np.int64)
+    T, L, K = experts.shape
+    if L != plan.num_layers:
+        raise ValueError(f"score: trace has {L} MoE layers, plan has {plan.num_layers}")
+    if experts.size and experts.max() >= plan.num_experts:
+        raise ValueError(f"score: trace expert id {experts.max()} >= plan num_experts={plan.num_experts}")
+    ranks = np.empty_like(experts)
+    for l in range(L):
+        slots = choose_replica(experts[:, l], plan.log2phy[l], plan.replica_count[l],
+                               plan.slots_per_rank, plan.num_ranks, batch)
+        ranks[:, l] = slots // plan.slots_per_rank
+    return ranks
+
+
+def touched_ranks(ranks: np.ndarray, num_ranks: int) -> np.ndarray:
+    """bool [T, L, N]: whether the token sends its hidden state to rank n at layer l."""
+    T, L, K = ranks.shape
+    out = np.zeros((T, L, num_ranks), dtype=bool)
+    t = np.broadcast_to(np.arange(T)[:, None, None], ranks.shape)
+    l = np.broadcast_to(np.arange(L)[None, :, None], ranks.shape)
+    out[t, l, ranks] = True
+    return out
+
+
+def score_plan(plan: PlacementPlan, experts, batch_size: int = 512, hidden_size: int = 2048,
+               dtype_bytes: int = 2, seed: int = 0) -> dict:
+    """All scores of `plan` on `experts` (int [T, L, K] or a RoutingTrace), as a flat JSON-able dict."""
+    experts = np.asarray(getattr(experts, "experts", experts), dtype=np.int64)
+    T, L, K = experts.shape
+    if T == 0:
+        raise ValueError("score: trace has no tokens")
+    N = plan.num_ranks
+    batch = batch_ids(T, batch_size, seed)
+    ranks = assign_ranks(plan, experts, batch)
+    nb = int(batch.max()) + 1
+    # rank load per (batch, layer): [nb, L, N]
+    flat = (batch[:, None, None] * L + np.arange(L)[None, :, None]) * N + ranks
+    load = np.bincount(flat.ravel(), minlength=nb * L * N).reshape(nb, L, N).astype(np.float64)
+    full = np.bincount(batch, minlength=nb) == batch_size
+    per_batch = load[full] if full.any() else load
+    imb = (per_batch.max(-1) / np.maximum(per_batch.mean(-1), 1e-12)).ravel()
+    whole = load.sum(0)  # [L, N]
+    imb_trace = whole.max(-1) / np.maximum(whole.mean(-1), 1e-12)
+    touched = touched_ranks(ranks, N)  # [T, L, N]
+    fan = touched.sum(-1)  # [T, L]
+    changes = (touched[:, 1:] & ~touched[:, :-1]).sum(-1) if L > 1 else np.zeros((T, 1))
+    extra = plan.num_slots - plan.num_experts
+    return dict(
+        tokens=T, layers=L, top_k=K, num_ranks=N, slots_per_rank=plan.slots_per_rank,
+        batch_size=batch_size, num_batches=int(full.sum()) or nb,
+        imbalance_mean=float(imb.mean()), imbalance_p50=float(np.percentile(imb, 50)),
+        imbalance_p99=float(np.percentile(imb, 99)), imbalance_max=float(imb.max()),
+        imbalance_trace=float(imb_trace.mean()), imbalance_trace_max=float(imb_trace.max()),
+        fanout_mean=float(fan.mean()), fanout_p99=float(np.percentile(fan, 99)),
+        dispatch_bytes_per_token=float(fan.sum(1).mean() * hidden_size * dtype_bytes),
+        hidden_size=hidden_size, rank_changes_mean=float(changes.mean()),
+        replica_slots_per_layer=int(extra), replica_memory_fraction=float(extra / plan.num_experts),
+        solver_seconds=float(plan.meta.get("solver_seconds", 0.0)),
+        algorithm=str(plan.meta.get("algorithm", "")),
+    )
