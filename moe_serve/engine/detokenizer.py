@@ -46,6 +46,10 @@ class IncrementalDetokenizer:
             return full[len(prefix):]
         return ""
 
+    def push(self, token_id: int) -> None:
+        """Append a token without decoding (no stop strings, nobody reading yet): decoded at the next add."""
+        self.ids.append(token_id)
+
     def add(self, token_id: int | None, final: bool = False) -> bool:
         """Append a token (None: only flush); True when a stop string was found (text cut before it)."""
         if self.stopped:

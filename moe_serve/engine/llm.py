@@ -31,6 +31,7 @@ class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, **options):
         self.config = EngineConfig.from_flat(model=str(model), **options)
         self.engine = LLMEngine(self.config)
+        self.engine.stream = False  # only final outputs are needed: no per-step deltas or decoding
 
     @property
     def tokenizer(self):

@@ -57,6 +57,7 @@ class LLMEngine:
         self._live: dict[str, Sequence] = {}  # request id -> sequence, until finished
         self._seq_ids = itertools.count()
         self._seed_rng = random.Random(mc.seed)
+        self.stream = True  # False (LLM.generate): step returns finished requests only, text decoded once
 
     # ---- requests in (any thread) ----
 
@@ -146,7 +147,9 @@ class LLMEngine:
                 self._check_stop(seq, tok)
                 if seq.finished:
                     self._retire(seq)
-                outputs.append(seq.make_output())
+                    outputs.append(seq.make_output())
+                elif self.stream:
+                    outputs.append(seq.make_output())
         return outputs
 
     def _drain(self) -> list[RequestOutput]:
@@ -209,7 +212,12 @@ class LLMEngine:
         if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             seq.finish("stop")  # the stop token stays in token_ids, not in the text
             return
-        if seq.detok.add(tok):
+        if p.stop_list or self.stream:
+            stopped = seq.detok.add(tok)
+        else:
+            seq.detok.push(tok)
+            stopped = False
+        if stopped:
             seq.finish("stop")
         elif (p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
             seq.finish("length")
