@@ -94,7 +94,7 @@ def attend(
     n_tok, hq = q.shape[0], q.shape[1]
     out = q.new_empty(n_tok, hq, v_dim)
     if meta.dec_idx is not None:
-        k, v = expand(tuple(c[meta.dec_slots, : meta.dec_max] for c in caches))  # [B, T, Hkv, D]
+        k, v = expand(tuple(c[:, : meta.dec_max].index_select(0, meta.dec_slots) for c in caches))  # [B, T, Hkv, D]
         qd = q.index_select(0, meta.dec_idx)[:, :, None, :]  # [B, Hq, 1, D]
         o = F.scaled_dot_product_attention(qd, k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=meta.decode_mask(window), scale=scale,

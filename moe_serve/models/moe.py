@@ -62,23 +62,32 @@ class Router(nn.Module):
 
 
 class LocalDispatcher:
-    """Dropless single-rank dispatch: copies of each token, sorted by expert id."""
+    """Dropless single-rank dispatch: copies of each token, sorted by expert id.
+
+    Combine gathers the copies back to token order and adds each token's k contributions in
+    ascending expert order, one add at a time in the activation dtype: the same additions, in the
+    same order, as transformers' expert loop (so bf16 results match bit for bit). No index_add_/
+    scatter: on CPU those parallelize even for two rows and stall on a busy machine.
+    """
 
     def dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, num_experts: int):
         n, k = ids.shape
-        flat = ids.reshape(-1)  # [N*K]
-        order = torch.argsort(flat, stable=True)  # [M=N*K] copy positions sorted by expert
-        token = torch.div(order, k, rounding_mode="floor")  # [M] source token of each copy
+        ids, perm = ids.sort(dim=1)  # [N, K] ascending expert per token
+        weights = weights.gather(1, perm)  # [N, K]
+        flat = ids.reshape(-1)  # [M = N*K]
+        order = torch.argsort(flat, stable=True)  # [M] copy positions sorted by expert
         counts = torch.bincount(flat, minlength=num_experts).tolist()  # [E] one host read per layer
-        x_sorted = x.index_select(0, token)  # [M, H]
-        state = (token, weights.reshape(-1).index_select(0, order), n)
-        return x_sorted, counts, state
+        x_sorted = x.index_select(0, torch.div(order, k, rounding_mode="floor"))  # [M, H]
+        return x_sorted, counts, (torch.argsort(order), weights, n, k)
 
     def combine(self, y_sorted: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
-        token, w, n = state  # [M], [M], N
-        contrib = (y_sorted * w[:, None]).to(dtype)  # weights may be fp32 (as transformers multiplies)
-        out = torch.zeros(n, y_sorted.shape[1], dtype=dtype, device=y_sorted.device)
-        return out.index_add_(0, token, contrib)  # rows per token added in expert order, like transformers
+        inv, weights, n, k = state  # inv [M]: sorted row of each copy; weights [N, K]
+        y = y_sorted.index_select(0, inv).view(n, k, -1)  # [N, K, H] back in token order
+        contrib = (y * weights[..., None]).to(dtype)  # weights may be fp32 (as transformers multiplies)
+        out = contrib[:, 0]
+        for j in range(1, k):  # k is small; a loop over ranks, not tokens
+            out = out + contrib[:, j]
+        return out
 
 
 @dataclass
