@@ -138,6 +138,39 @@ class ParallelConfig:
 
 
 @dataclass
+class ExpertCacheConfig:
+    expert_cache_gb: float | None = doc("GiB of expert slots on the compute device (the rest stay on the host); "
+                                        "default: every expert resident", default=None)
+    expert_cache_slots: int | None = doc("expert slots on the compute device (instead of --expert-cache-gb)", default=None)
+    cache_policy: str = doc("expert cache policy: lru, lfu, static or predicted", default="predicted")
+    prefetch_lookahead: int = doc("MoE layers ahead the predictor prefetches experts for (0: none)", default=1)
+    predictor: str | None = doc("fitted predictor file (predictors' safetensors) for the predicted policy", default=None)
+    cpu_experts: str = doc("compute cold experts where they lie (CPU) when cheaper: auto, on or off", default="auto")
+    cache_per_layer: bool = doc("split the expert slots evenly per layer instead of sharing them", default=False)
+    host_memory: str = doc("host copy of the experts: copy (in RAM, pinned on GPU), mmap (read from the "
+                           "checkpoint on demand) or auto (copy when RAM allows)", default="auto")
+
+    def __post_init__(self):
+        require(self.expert_cache_gb is None or self.expert_cache_gb > 0, "expert_cache", "expert_cache_gb", "> 0",
+                self.expert_cache_gb)
+        require(self.expert_cache_slots is None or self.expert_cache_slots >= 1, "expert_cache", "expert_cache_slots",
+                ">= 1", self.expert_cache_slots)
+        require(self.expert_cache_gb is None or self.expert_cache_slots is None, "expert_cache", "expert_cache_slots",
+                "unset when expert_cache_gb is set (one budget)", self.expert_cache_slots)
+        require(self.cache_policy in ("lru", "lfu", "static", "predicted"), "expert_cache", "cache_policy",
+                "one of lru, lfu, static, predicted", self.cache_policy)
+        require(self.prefetch_lookahead >= 0, "expert_cache", "prefetch_lookahead", ">= 0", self.prefetch_lookahead)
+        require(self.cpu_experts in ("auto", "on", "off"), "expert_cache", "cpu_experts", "one of auto, on, off",
+                self.cpu_experts)
+        require(self.host_memory in ("auto", "copy", "mmap"), "expert_cache", "host_memory", "one of auto, copy, mmap",
+                self.host_memory)
+
+    @property
+    def enabled(self) -> bool:
+        return self.expert_cache_gb is not None or self.expert_cache_slots is not None
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
@@ -145,6 +178,7 @@ class EngineConfig:
     trace: TraceConfig = field(default_factory=TraceConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    expert_cache: ExpertCacheConfig = field(default_factory=ExpertCacheConfig)
 
     @classmethod
     def from_flat(cls, **kwargs) -> "EngineConfig":

@@ -1,0 +1,37 @@
+"""Expert-cache policies behind one interface (`CachePolicy`); `make_policy` builds one by name."""
+from __future__ import annotations
+
+import numpy as np
+
+from moe_serve.experts.policies.base import CachePolicy
+from moe_serve.experts.policies.belady import BeladyPolicy, next_use_table
+from moe_serve.experts.policies.classic import LFUPolicy, LRUPolicy, StaticPolicy
+from moe_serve.experts.policies.predicted import PredictedPolicy, gap_counts
+
+POLICY_NAMES = ("lru", "lfu", "static", "predicted", "belady")
+SERVING_POLICIES = ("lru", "lfu", "static", "predicted")  # belady needs the future: replay only
+
+
+def make_policy(name: str, *, load: np.ndarray | None = None, future: np.ndarray | None = None,
+                predictor=None, lookahead: int = 1, prior=None) -> CachePolicy:
+    """`load` float [L, E] profiled expert load (static); `future` int [S, K] global ids per clock
+    (belady); `predictor` and `prior` (from `gap_counts`) for predicted."""
+    if name == "lru":
+        return LRUPolicy()
+    if name == "lfu":
+        return LFUPolicy()
+    if name == "static":
+        if load is None:
+            raise ValueError("cache policy 'static' needs a profiled expert load (a trace to profile)")
+        return StaticPolicy(load)
+    if name == "predicted":
+        return PredictedPolicy(predictor=predictor, lookahead=lookahead, prior=prior)
+    if name == "belady":
+        if future is None:
+            raise ValueError("cache policy 'belady' sees the future: it exists for trace replay only")
+        return BeladyPolicy(future)
+    raise ValueError(f"cache policy must be one of {', '.join(POLICY_NAMES)}, got {name!r}")
+
+
+__all__ = ["CachePolicy", "LRUPolicy", "LFUPolicy", "StaticPolicy", "PredictedPolicy", "BeladyPolicy",
+           "make_policy", "next_use_table", "gap_counts", "POLICY_NAMES", "SERVING_POLICIES"]

@@ -1,0 +1,153 @@
+"""Predictor-guided policy: evict by predicted next use, prefetch what the next layers will need.
+
+Belady evicts the expert whose next use is furthest away. This policy estimates that distance:
+
+- **next-token model** (learned online, optionally warm-started from another trace): for every
+  layer and expert, the hazard h[l, e, gap] that an expert last used `gap` tokens ago is used by
+  the next token. The previous token's routing is the gap=1 case, the strongest signal; frequency
+  enters through the per-expert counts. From h follows the expected number of tokens until the next
+  use, truncated at a horizon of H tokens (E[min(N, H)] = sum_{i<H} P(N > i)): beyond the time an
+  expert survives in the cache, how much later it is needed no longer matters.
+- **cross-layer predictor** (a `predictors.Predictor`, optional): after layer l's router, the
+  probability that each expert of layers l+1 .. l+lookahead is used by the current token. It
+  overrides the next-token model for those layers and names the experts to prefetch.
+
+Expected next use of expert (l', e), in layer steps from the current layer l:
+    d0 = (l' - l - 1) mod L + 1           (steps until layer l' runs again)
+    D  = d0 + L * (tokens_until_use - 1)
+and keep_score = -D. Prefetch hints: the predictor's likely experts for the next layers, and the
+next-token model's likely experts of layer l for the next token; the cache admits a hint only if it
+outranks the expert it would evict.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from moe_serve.experts.policies.base import CachePolicy
+
+MAX_GAP = 64  # gaps >= MAX_GAP share one hazard
+FAR = -MAX_GAP  # "last used" of an expert never used
+
+
+def gap_counts(experts: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hazard statistics of a trace replayed as one stream: (trials, uses) float [L, E, MAX_GAP + 1].
+    trials[l, e, g] counts tokens at which expert e of layer l had last been used g tokens before
+    (g = MAX_GAP: that long ago or never); uses counts those at which it was used again."""
+    T, L, K = experts.shape
+    trials = np.zeros((L, num_experts, MAX_GAP + 1))
+    uses = np.zeros_like(trials)
+    base = (np.arange(L)[:, None] * num_experts + np.arange(num_experts)[None, :]) * (MAX_GAP + 1)  # [L, E]
+    last = np.full((L, num_experts), FAR, dtype=np.int64)
+    lidx = np.arange(L)[:, None]
+    for t in range(T):
+        flat = base + np.minimum(t - last, MAX_GAP)  # [L, E]
+        trials.reshape(-1)[flat.reshape(-1)] += 1.0
+        uses.reshape(-1)[flat[lidx, experts[t]].reshape(-1)] += 1.0  # ids are unique within a layer
+        last[lidx, experts[t]] = t
+    return trials, uses
+
+
+class PredictedPolicy(CachePolicy):
+    """`predictor`: object with `predict(state, layer) -> scores [B, lookahead, E]` (probabilities in
+    [0, 1], or logits, mapped through a sigmoid), or None. `prior`: (trials, uses) from `gap_counts`
+    on a profiling trace, weighted by `prior_weight`. `horizon`: H in tokens.
+    `prefetch_threshold`: least predicted probability of use for a prefetch hint."""
+
+    name = "predicted"
+
+    def __init__(self, predictor=None, lookahead: int = 1, prior=None, prior_weight: float = 0.25,
+                 prefetch_threshold: float = 0.3, horizon: int = 8, shrink: float = 4.0, refresh_every: int = 16):
+        if lookahead < 0:
+            raise ValueError(f"predicted policy: lookahead must be >= 0, got {lookahead}")
+        if not 0.0 <= prefetch_threshold <= 1.0:
+            raise ValueError(f"predicted policy: prefetch_threshold must lie in [0, 1], got {prefetch_threshold}")
+        if horizon < 1:
+            raise ValueError(f"predicted policy: horizon must be >= 1 token, got {horizon}")
+        self.predictor, self.lookahead, self.prior, self.prior_weight = predictor, lookahead, prior, prior_weight
+        self.threshold, self.horizon, self.shrink, self.refresh_every = prefetch_threshold, horizon, shrink, refresh_every
+
+    def bind(self, num_layers, num_experts, capacity):
+        super().bind(num_layers, num_experts, capacity)
+        L, E = num_layers, num_experts
+        shape = (L, E, MAX_GAP + 1)
+        self.trials, self.uses = np.zeros(shape), np.zeros(shape)
+        if self.prior is not None:
+            pt, pu = self.prior
+            if pt.shape != shape:
+                raise ValueError(f"predicted policy: prior shape {pt.shape} != {shape}")
+            self.trials += self.prior_weight * pt
+            self.uses += self.prior_weight * pu
+        self.last_tok = np.full((L, E), FAR, dtype=np.int64)  # token of each expert's last use
+        self.tokens = np.ones((L, E))  # expected tokens until use, counted from the next opportunity
+        self.token, self.layer = -1, L - 1
+        self._e = np.arange(E)
+        self._steps = np.arange(self.horizon)
+        self._scores = None
+        self._refresh()
+
+    # -- the next-token model --------------------------------------------------------------
+    def _refresh(self) -> None:
+        """Hazards h [L, E, MAX_GAP + 1] from the counts, shrunk towards each layer's per-gap mean."""
+        t, u = self.trials, self.uses
+        base = (u.sum(1, keepdims=True) + 1.0) / (t.sum(1, keepdims=True) + 2.0)  # [L, 1, G+1]
+        self.h = np.clip((u + self.shrink * base) / (t + self.shrink), 1e-4, 1.0)
+        for l in range(self.num_layers):
+            self._update_row(l, self.token + 1 if l <= self.layer else self.token)
+
+    def _until(self, layer: int, gap: np.ndarray, horizon: int) -> np.ndarray:
+        """E[min(N, horizon)] [E]: expected tokens until use (1 = the next opportunity), given gap [E]."""
+        gaps = np.minimum(gap[:, None] + self._steps[None, :horizon], MAX_GAP)  # [E, H]
+        h = self.h[layer, self._e[:, None], gaps]  # [E, H]
+        survive = np.cumprod(1.0 - h, axis=1)  # P(N > i + 1)
+        return 1.0 + survive[:, :-1].sum(1)
+
+    def _update_row(self, layer: int, next_token: int) -> None:
+        gap = np.clip(next_token - self.last_tok[layer], 1, MAX_GAP)
+        self.tokens[layer] = self._until(layer, gap, self.horizon)
+
+    def on_access(self, layer, experts, clock):
+        if layer <= self.layer:  # wrapped around: a new token
+            self.token += 1
+            if self.token % self.refresh_every == 0:
+                self._refresh()
+        self.layer = layer
+        gap = np.clip(self.token - self.last_tok[layer], 1, MAX_GAP)
+        self.trials[layer, self._e, gap] += 1.0
+        self.uses[layer, experts, gap[experts]] += 1.0
+        self.last_tok[layer, experts] = self.token
+        self._update_row(layer, self.token + 1)
+        self._scores = None
+
+    # -- scores ----------------------------------------------------------------------------
+    def keep_score(self, gids):
+        if self._scores is None:  # one vector per layer step, shared by every eviction in it
+            L = self.num_layers
+            d0 = (np.arange(L) - self.layer - 1) % L + 1  # [L]
+            self._scores = -(d0[:, None] + L * (self.tokens - 1.0)).reshape(-1)
+        return self._scores[gids]
+
+    def on_route(self, layer, state, clock):
+        L, E = self.num_layers, self.num_experts
+        hints = []
+        if self.predictor is not None and self.lookahead > 0 and state is not None:
+            scores = np.asarray(self.predictor.predict(state, layer), dtype=np.float64)  # [B, D, E]
+            if scores.min() < 0.0 or scores.max() > 1.0:
+                scores = 1.0 / (1.0 + np.exp(-scores))
+            # P(any token of the batch uses the expert): [D, E]
+            scores = scores[0] if scores.shape[0] == 1 else 1.0 - np.prod(1.0 - scores, axis=0)
+            for j in range(min(self.lookahead, scores.shape[0])):
+                nl = layer + 1 + j
+                if nl >= L:
+                    break
+                p = scores[j]
+                gap = np.clip(self.token + 1 - self.last_tok[nl], 1, MAX_GAP)
+                later = self._until(nl, gap, max(self.horizon - 1, 1))
+                self.tokens[nl] = 1.0 + (1.0 - p) * later
+                want = np.flatnonzero(p >= self.threshold)
+                hints.append(nl * E + want[np.argsort(-p[want])])
+            self._scores = None
+        # the next token's experts of this layer, by the next-token model
+        p_next = self.h[layer, self._e, np.clip(self.token + 1 - self.last_tok[layer], 1, MAX_GAP)]
+        want = np.flatnonzero(p_next >= self.threshold)
+        hints.append(layer * E + want[np.argsort(-p_next[want])])
+        return np.concatenate(hints).astype(np.int64)

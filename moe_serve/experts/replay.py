@@ -1,0 +1,153 @@
+"""Trace-driven simulation of an expert cache: the serving policy code, no model.
+
+A routing trace is replayed as a batch-1 decode (token by token, layer by layer, one cache shared
+across layers, kept across sequences as a server would). A cost model turns residency into time:
+
+- every expert copy takes `copy_ms = expert_bytes / bandwidth` on one copy engine (a FIFO queue:
+  a demand fetch waits behind prefetches already queued, as on one CUDA copy stream);
+- every MoE layer takes `layer_ms` of compute once all its experts are ready; the wait before it
+  is stall.
+
+Per access (token, layer, expert): a *hit* needs no new copy (resident, or its prefetch already
+issued); *ready in time* means resident with its copy complete when the layer needs it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from moe_serve.experts.cache import SlotCache
+from moe_serve.experts.policies.base import CachePolicy
+
+DSV2_LITE_EXPERT_BYTES = 3 * 2048 * 1408 * 2  # gate, up, down of one DeepSeek-V2-Lite expert in bf16
+
+
+@dataclass
+class CostModel:
+    expert_bytes: int = DSV2_LITE_EXPERT_BYTES
+    bandwidth_gbps: float = 25.0  # host-to-device GB/s (PCIe 4.0 x16, pinned memory, in practice)
+    layer_ms: float = 0.25  # compute of one MoE layer at batch 1 (attention + experts), H100-class
+    max_queued: int = 12  # most prefetches waiting on the copy engine at once
+
+    def __post_init__(self):
+        for name in ("expert_bytes", "bandwidth_gbps", "layer_ms"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"cost model: {name} must be > 0, got {getattr(self, name)}")
+
+    @property
+    def copy_ms(self) -> float:
+        return self.expert_bytes / (self.bandwidth_gbps * 1e9) * 1e3
+
+
+def capacity_slots(fraction: float, num_layers: int, num_experts: int, top_k: int) -> int:
+    """Slots for `fraction` of all experts resident (at least one layer's top-k)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"capacity must be a fraction in (0, 1], got {fraction}")
+    return max(int(round(fraction * num_layers * num_experts)), top_k)
+
+
+def global_steps(experts: np.ndarray, num_experts: int) -> np.ndarray:
+    """experts int [T, L, K] -> int64 [T*L, K] global ids (layer * E + expert), one row per clock."""
+    T, L, K = experts.shape
+    return (np.arange(L)[None, :, None] * num_experts + experts.astype(np.int64)).reshape(T * L, K)
+
+
+def replay(experts: np.ndarray, num_experts: int, policy: CachePolicy, capacity: int,
+           cost: CostModel, state_fn=None) -> dict:
+    """Replay `experts` int [T, L, K] through a cache of `capacity` slots run by `policy`.
+
+    `state_fn(t, layer)` returns the predictor's input for token row t after `layer`'s router (or
+    None); it is only called for policies that prefetch. Returns the metrics (see module doc)."""
+    T, L, K = experts.shape
+    steps = global_steps(experts, num_experts)
+    cache = SlotCache(policy, L, num_experts, capacity)
+    copy_ms = cost.copy_ms
+    ready_at = np.zeros(L * num_experts)  # ms at which each expert's latest copy completes
+    prefetched = np.zeros(L * num_experts, dtype=bool)  # prefetched, not yet used
+    now = copy_free = stall = 0.0
+    hits = in_time = copies = pf_issued = pf_used = pf_wasted = 0
+    for clock in range(T * L):
+        layer = clock % L
+        gids = steps[clock]
+        cache.begin_step(gids)
+        policy.on_access(layer, experts[clock // L, layer], clock)
+        need = now
+        for g in gids.tolist():
+            if cache.resident(g):
+                hits += 1
+                in_time += ready_at[g] <= need
+                if prefetched[g]:
+                    pf_used += 1
+                    prefetched[g] = False
+                continue
+            _, evicted = cache.insert(g)
+            if evicted >= 0 and prefetched[evicted]:
+                pf_wasted += 1
+                prefetched[evicted] = False
+            copy_free = max(copy_free, now) + copy_ms
+            ready_at[g] = copy_free
+            copies += 1
+        hints = policy.on_route(layer, state_fn(clock // L, layer) if state_fn else None, clock)
+        for g in hints.tolist():
+            if cache.resident(g):
+                continue
+            if copy_free - now >= cost.max_queued * copy_ms:
+                break
+            placed = cache.insert(g, prefetch=True)
+            if placed is None:
+                continue
+            if placed[1] >= 0 and prefetched[placed[1]]:
+                pf_wasted += 1
+                prefetched[placed[1]] = False
+            copy_free = max(copy_free, now) + copy_ms
+            ready_at[g] = copy_free
+            prefetched[g] = True
+            copies += 1
+            pf_issued += 1
+        ready = ready_at[gids].max()
+        if ready > now:
+            stall += ready - now
+            now = ready
+        now += cost.layer_ms
+    accesses = T * L * K
+    misses = accesses - hits
+    return dict(
+        hit_rate=hits / accesses,
+        ready_in_time=in_time / accesses,
+        bytes_per_token=copies * cost.expert_bytes / T,
+        stall_ms_per_token=stall / T,
+        ms_per_token=now / T,
+        copies_per_token=copies / T,
+        prefetch_precision=pf_used / pf_issued if pf_issued else None,
+        prefetch_recall=pf_used / (pf_used + misses) if pf_used + misses else None,
+        prefetches_wasted=pf_wasted,
+        tokens=T,
+        accesses=accesses,
+        capacity=capacity,
+    )
+
+
+class TracePredictions:
+    """A fitted `predictors.Predictor` evaluated once over a whole trace, batched per layer (the
+    same `predict` code, 26 calls instead of one per token and layer), then served to the policy.
+
+    The policy calls `predict(state, layer)`; in replay the `state` is the trace row t (use
+    `state_fn=lambda t, layer: t`). Scores float32 [T, L, D, E]."""
+
+    def __init__(self, predictor, trace, chunk: int = 4096):
+        from predictors.base import RoutingState
+
+        self.lookahead = predictor.lookahead
+        T, L = trace.num_tokens, trace.num_layers
+        self.scores = torch.zeros(T, L, predictor.slots, trace.num_experts)
+        for layer in range(L):
+            for start in range(0, T, chunk):
+                rows = np.arange(start, min(start + chunk, T))
+                state = RoutingState.from_trace(trace, layer, rows)
+                self.scores[rows, layer] = predictor.predict(state, layer).float()
+        self.scores = self.scores.numpy()
+
+    def predict(self, state: int, layer: int) -> np.ndarray:
+        return self.scores[state, layer][None]  # [1, D, E]
