@@ -65,12 +65,23 @@ def score_plan(plan: PlacementPlan, experts, batch_size: int = 512, hidden_size:
                dtype_bytes: int = 2, seed: int = 0) -> dict:
     """All scores of `plan` on `experts` (int [T, L, K] or a RoutingTrace), as a flat JSON-able dict."""
     experts = np.asarray(getattr(experts, "experts", experts), dtype=np.int64)
-    T, L, K = experts.shape
-    if T == 0:
+    if experts.shape[0] == 0:
         raise ValueError("score: trace has no tokens")
-    N = plan.num_ranks
-    batch = batch_ids(T, batch_size, seed)
+    batch = batch_ids(experts.shape[0], batch_size, seed)
     ranks = assign_ranks(plan, experts, batch)
+    out = score_ranks(ranks, batch, batch_size, plan.num_ranks, hidden_size, dtype_bytes)
+    extra = plan.num_slots - plan.num_experts
+    out.update(slots_per_rank=plan.slots_per_rank, replica_slots_per_layer=int(extra),
+               replica_memory_fraction=float(extra / plan.num_experts),
+               solver_seconds=float(plan.meta.get("solver_seconds", 0.0)), algorithm=str(plan.meta.get("algorithm", "")))
+    return out
+
+
+def score_ranks(ranks: np.ndarray, batch: np.ndarray, batch_size: int, num_ranks: int, hidden_size: int = 2048,
+                dtype_bytes: int = 2) -> dict:
+    """Scores from the rank serving each choice (int [T, L, K]) and each row's batch id (int [T])."""
+    T, L, K = ranks.shape
+    N = num_ranks
     nb = int(batch.max()) + 1
     # rank load per (batch, layer): [nb, L, N]
     flat = (batch[:, None, None] * L + np.arange(L)[None, :, None]) * N + ranks
@@ -83,17 +94,12 @@ def score_plan(plan: PlacementPlan, experts, batch_size: int = 512, hidden_size:
     touched = touched_ranks(ranks, N)  # [T, L, N]
     fan = touched.sum(-1)  # [T, L]
     changes = (touched[:, 1:] & ~touched[:, :-1]).sum(-1) if L > 1 else np.zeros((T, 1))
-    extra = plan.num_slots - plan.num_experts
     return dict(
-        tokens=T, layers=L, top_k=K, num_ranks=N, slots_per_rank=plan.slots_per_rank,
-        batch_size=batch_size, num_batches=int(full.sum()) or nb,
+        tokens=T, layers=L, top_k=K, num_ranks=N, batch_size=batch_size, num_batches=int(full.sum()) or nb,
         imbalance_mean=float(imb.mean()), imbalance_p50=float(np.percentile(imb, 50)),
         imbalance_p99=float(np.percentile(imb, 99)), imbalance_max=float(imb.max()),
         imbalance_trace=float(imb_trace.mean()), imbalance_trace_max=float(imb_trace.max()),
         fanout_mean=float(fan.mean()), fanout_p99=float(np.percentile(fan, 99)),
         dispatch_bytes_per_token=float(fan.sum(1).mean() * hidden_size * dtype_bytes),
         hidden_size=hidden_size, rank_changes_mean=float(changes.mean()),
-        replica_slots_per_layer=int(extra), replica_memory_fraction=float(extra / plan.num_experts),
-        solver_seconds=float(plan.meta.get("solver_seconds", 0.0)),
-        algorithm=str(plan.meta.get("algorithm", "")),
     )
