@@ -32,7 +32,8 @@ _FAILED = object()  # queue sentinel: wake the waiters
 
 class WorkerGroup:
     def __init__(self, base: WorkerSpec, world_size: int, startup_timeout_s: float = 120.0,
-                 heartbeat_timeout_s: float = 10.0, transport: str = "ipc", faults: dict[int, str] | None = None):
+                 heartbeat_timeout_s: float = 10.0, transport: str = "ipc", faults: dict[int, str] | None = None,
+                 extra_env: dict[str, str] | None = None):
         self.world_size, self.heartbeat_timeout_s = world_size, heartbeat_timeout_s
         self.endpoints = ControlEndpoints.create(world_size, transport)
         self.ctx = zmq.Context()
@@ -60,7 +61,8 @@ class WorkerGroup:
             for r in range(world_size):
                 spec = replace(base, rank=r, up=up_addr, down=self.down[r].getsockopt_string(zmq.LAST_ENDPOINT),
                                dist_init=self.endpoints.store, fault=faults.get(r, ""))
-                env = dict(os.environ, **{SPEC_ENV: spec.to_json(), "OMP_NUM_THREADS": str(spec.threads)})
+                env = dict(os.environ, **(extra_env or {}),
+                           **{SPEC_ENV: spec.to_json(), "OMP_NUM_THREADS": str(spec.threads)})
                 self.procs.append(subprocess.Popen([sys.executable, "-m", "moe_serve.distributed.worker"], env=env))
             self._wait_ready(startup_timeout_s)
         except BaseException:

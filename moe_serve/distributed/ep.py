@@ -1,0 +1,249 @@
+"""Expert parallelism: this rank's physical experts, and the dispatch stages that reach the others.
+
+`EPExpertStore` holds only this rank's slots of the placement plan (a replicated expert is
+computed by whichever rank holds the chosen copy), split along the intermediate dim when several
+ranks share the same experts (MoE-TP). It answers the model's `store.run` contract for the rows
+this rank received, grouped by logical expert.
+
+Dispatchers (one per MoE layer; same `dispatch`/`combine` contract as models.moe.LocalDispatcher):
+- `ReplicatedDispatcher`: every rank already holds every token (TP attention). Each rank runs
+  its own copies and returns partial sums; the MoE block's single all-reduce finishes the combine
+  (the all-gather is the TP attention itself, the reduce-scatter + all-gather is that all-reduce).
+- `AllToAllDispatcher`: attention is data parallel, each rank holds its own tokens. Copies are
+  sent with all_to_all_single (uneven splits) to the ranks of their chosen slots and come back by
+  the reverse all-to-all; the combine then adds them in the local dispatcher's order.
+- `AllGatherDispatcher`: data-parallel attention, tokens all-gathered, partial sums reduced and
+  each rank keeps its own rows (gloo has no reduce-scatter: an all-reduce of the padded rows).
+Replicas are picked by `placement.replica.choose_replica`, the rule the placement scorer uses,
+over the batch a rank sees (its own tokens, or every rank's tokens as separate batches).
+`DispatchStats` counts what the runtime actually did: copies (distinct ranks per token), rows and
+bytes sent to other ranks, per-expert load.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moe_serve.experts.store import ExpertStore
+from placement.replica import choose_replica
+
+
+class EPExpertStore(ExpertStore):
+    """This rank's physical slots: per MoE layer gate_up [S, 2I/m, H], down [S, H, I/m]."""
+
+    def __init__(self, source, plan, ep_rank: int, moe_tp: int, moe_tp_rank: int, dtype, device):
+        self.source, self.plan, self.ep_rank = source, plan, ep_rank
+        self.moe_tp, self.moe_tp_rank, self.dtype, self.device = moe_tp, moe_tp_rank, dtype, torch.device(device)
+        self.num_moe_layers, self.num_experts = plan.num_layers, plan.num_experts
+        self.gate_up, self.down, self.local = [], [], []
+        for l in range(plan.num_layers):
+            gu, dn, local = self.read_layer(l, plan)
+            self.gate_up.append(gu)
+            self.down.append(dn)
+            self.local.append(local)
+
+    def _shard(self, gate_up: torch.Tensor, down: torch.Tensor):
+        i = down.shape[1]
+        if i % self.moe_tp:
+            raise ValueError(f"expert parallelism: moe_intermediate_size={i} must be divisible by the "
+                             f"{self.moe_tp} ranks sharing each expert")
+        k, r = i // self.moe_tp, self.moe_tp_rank
+        part = slice(r * k, (r + 1) * k)
+        return torch.cat((gate_up[:i][part], gate_up[i:][part])), down[:, part]
+
+    def slots_of(self, plan, l: int) -> np.ndarray:
+        spr = plan.slots_per_rank
+        return plan.phy2log[l, self.ep_rank * spr:(self.ep_rank + 1) * spr]
+
+    def read_layer(self, l: int, plan):
+        """Weights of this rank's slots of layer l under `plan` (from the checkpoint source)."""
+        experts = self.slots_of(plan, l)
+        pairs = [self._shard(*self.source.get(l, int(e))) for e in experts]
+        gu = torch.stack([p[0] for p in pairs]).to(self.device, self.dtype)
+        dn = torch.stack([p[1] for p in pairs]).to(self.device, self.dtype)
+        local = {}
+        for s, e in enumerate(experts.tolist()):
+            local.setdefault(e, s)
+        return gu, dn, local
+
+    def install_layer(self, l: int, gate_up: torch.Tensor, down: torch.Tensor, local: dict) -> None:
+        self.gate_up[l], self.down[l], self.local[l] = gate_up, down, local
+
+    def get(self, moe_layer: int, e: int):
+        s = self.local[moe_layer].get(e)
+        if s is None:
+            raise RuntimeError(f"EP rank {self.ep_rank} got rows of expert {e} (MoE layer {moe_layer}) "
+                               "that it does not hold: the ranks disagree on the placement plan")
+        return self.gate_up[moe_layer][s], self.down[moe_layer][s]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.gate_up, *self.down))
+
+
+@dataclass
+class DispatchStats:
+    """Counters of the dispatch the runtime did (real tokens only), reset by the runner each step."""
+
+    num_ranks: int
+    num_layers: int
+    num_experts: int
+    copies: int = 0  # sum over tokens and layers of distinct ranks holding the token's k experts
+    tokens: int = 0  # token-layers dispatched
+    remote_rows: int = 0  # rows sent to other ranks (one direction)
+    remote_bytes: int = 0
+    load: np.ndarray = field(default=None)  # int64 [L, E] routing choices per logical expert (cumulative)
+
+    def __post_init__(self):
+        if self.load is None:
+            self.load = np.zeros((self.num_layers, self.num_experts), dtype=np.int64)
+
+    def record(self, l: int, ids: np.ndarray, dest: np.ndarray, remote_rows: int, row_bytes: int) -> None:
+        """ids, dest: [n, K] logical ids and destination ranks of n real tokens; rows sent elsewhere."""
+        n = ids.shape[0]
+        if n == 0:
+            return
+        touched = np.zeros((n, self.num_ranks), dtype=bool)
+        touched[np.arange(n)[:, None], dest] = True
+        self.copies += int(touched.sum())
+        self.tokens += n
+        self.remote_rows += remote_rows
+        self.remote_bytes += remote_rows * row_bytes
+        np.add.at(self.load[l], ids.reshape(-1), 1)
+
+    def step_dict(self) -> dict[str, float]:
+        return {"dispatch_copies": float(self.copies), "dispatch_tokens": float(self.tokens),
+                "dispatch_remote_rows": float(self.remote_rows), "dispatch_remote_bytes": float(self.remote_bytes)}
+
+    def reset_step(self) -> None:
+        self.copies = self.tokens = self.remote_rows = self.remote_bytes = 0
+
+
+def _slots(plan, l: int, ids: np.ndarray, batch=None) -> np.ndarray:
+    return choose_replica(ids, plan.log2phy[l], plan.replica_count[l], plan.slots_per_rank, plan.num_ranks, batch)
+
+
+def _sort_local(x, token, e, w):
+    """Rows of this rank's copies grouped by logical expert (stable: token order inside an expert)."""
+    order = torch.argsort(e, stable=True)
+    return x.index_select(0, token[order]), token[order], w[order], e[order]
+
+
+class _Base:
+    def __init__(self, layer: int, ctx):
+        self.l, self.ctx = layer, ctx  # ctx: the runner's EPContext (plan, groups, stats, step info)
+
+    @property
+    def plan(self):
+        return self.ctx.plan
+
+
+class ReplicatedDispatcher(_Base):
+    def dispatch(self, x, ids, weights, num_experts):
+        n, k = ids.shape
+        ids_np = ids.cpu().numpy()
+        dest = _slots(self.plan, self.l, ids_np) // self.plan.slots_per_rank  # [N, K] EP rank of each copy
+        if self.ctx.count:  # tokens are on every rank already: nothing crosses the wire to dispatch
+            r = self.ctx.real_tokens
+            self.ctx.stats.record(self.l, ids_np[:r], dest[:r], 0, 0)
+        mine = torch.from_numpy((dest == self.ctx.ep_rank).reshape(-1))
+        flat = torch.arange(n * k)[mine]
+        token = torch.div(flat, k, rounding_mode="floor")
+        e, w = ids.reshape(-1)[flat], weights.reshape(-1)[flat]
+        x_sorted, token, w, e = _sort_local(x, token, e, w)
+        counts = torch.bincount(e, minlength=num_experts).tolist()
+        return x_sorted, counts, (token, w, n)
+
+    def combine(self, y_sorted, state, dtype):
+        token, w, n = state
+        out = torch.zeros(n, y_sorted.shape[1], dtype=dtype, device=y_sorted.device)
+        return out.index_add_(0, token, (y_sorted * w[:, None]).to(dtype))  # partial: the block all-reduces
+
+
+class AllToAllDispatcher(_Base):
+    def dispatch(self, x, ids, weights, num_experts):
+        n, k = ids.shape
+        W, group = self.plan.num_ranks, self.ctx.ep_group
+        ids_np = ids.cpu().numpy()
+        dest_np = _slots(self.plan, self.l, ids_np) // self.plan.slots_per_rank  # [N, K]
+        dest = torch.from_numpy(dest_np.reshape(-1))
+        if self.ctx.count:
+            r = self.ctx.real_tokens
+            remote = int((dest_np[:r] != self.ctx.ep_rank).sum())
+            self.ctx.stats.record(self.l, ids_np[:r], dest_np[:r], remote, x.shape[1] * x.element_size())
+        # one row per (token, expert), so the expert stage stays a plain grouped matmul
+        flat_ids = ids.reshape(-1)
+        order = torch.argsort(dest * num_experts + flat_ids, stable=True)  # by rank, then expert
+        send_counts = torch.bincount(dest, minlength=W)  # [W]
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=group)
+        sc, rc = send_counts.tolist(), recv_counts.tolist()
+        x_send = x.index_select(0, torch.div(order, k, rounding_mode="floor"))  # [M, H]
+        x_recv = x.new_empty(sum(rc), x.shape[1])
+        dist.all_to_all_single(x_recv, x_send, rc, sc, group=group)
+        e_recv = flat_ids.new_empty(sum(rc))
+        dist.all_to_all_single(e_recv, flat_ids[order].contiguous(), rc, sc, group=group)
+        back = torch.argsort(e_recv, stable=True)  # received rows grouped by expert
+        counts = torch.bincount(e_recv, minlength=num_experts).tolist()
+        by_expert = torch.argsort(flat_ids, stable=True)  # the local dispatcher's order, for the combine
+        return x_recv.index_select(0, back), counts, (order, back, sc, rc, n, k, weights, by_expert)
+
+    def combine(self, y_sorted, state, dtype):
+        order, back, sc, rc, n, k, weights, by_expert = state
+        y_recv = torch.empty_like(y_sorted)
+        y_recv[back] = y_sorted  # back to arrival order
+        y_home = y_sorted.new_empty(sum(sc), y_sorted.shape[1])
+        dist.all_to_all_single(y_home, y_recv, sc, rc, group=self.ctx.ep_group)
+        y_flat = torch.empty_like(y_home)
+        y_flat[order] = y_home  # [N*K, H] in (token, k) order
+        token = torch.div(by_expert, k, rounding_mode="floor")
+        w = weights.reshape(-1).index_select(0, by_expert)
+        contrib = (y_flat.index_select(0, by_expert) * w[:, None]).to(dtype)
+        out = torch.zeros(n, y_sorted.shape[1], dtype=dtype, device=y_sorted.device)
+        return out.index_add_(0, token, contrib)  # same order of additions as the local dispatcher
+
+
+class AllGatherDispatcher(_Base):
+    def dispatch(self, x, ids, weights, num_experts):
+        n, k = ids.shape
+        sizes, group, me = self.ctx.tokens_per_rank, self.ctx.ep_group, self.ctx.ep_rank
+        m = max(sizes)
+
+        def gather(t):  # [n, ...] -> [sum(sizes), ...] in rank order (padded to m for gloo)
+            pad = t.new_zeros((m, *t.shape[1:]))
+            pad[:n] = t
+            parts = [torch.empty_like(pad) for _ in sizes]
+            dist.all_gather(parts, pad, group=group)
+            return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+        xs, all_ids, all_w = gather(x), gather(ids), gather(weights)
+        src = np.repeat(np.arange(len(sizes)), sizes)
+        ids_np = all_ids.cpu().numpy()
+        dest = _slots(self.plan, self.l, ids_np, batch=src) // self.plan.slots_per_rank  # each rank a batch
+        if self.ctx.count:
+            r, start = self.ctx.real_tokens, sum(sizes[:me])
+            self.ctx.stats.record(self.l, ids_np[start:start + r], dest[start:start + r], r * (len(sizes) - 1),
+                                  x.shape[1] * x.element_size())
+        mine = torch.from_numpy((dest == me).reshape(-1))
+        flat = torch.arange(all_ids.numel())[mine]
+        token = torch.div(flat, k, rounding_mode="floor")
+        e, w = all_ids.reshape(-1)[flat], all_w.reshape(-1)[flat]
+        x_sorted, token, w, e = _sort_local(xs, token, e, w)
+        counts = torch.bincount(e, minlength=num_experts).tolist()
+        return x_sorted, counts, (token, w, n, m)
+
+    def combine(self, y_sorted, state, dtype):
+        token, w, n, m = state
+        sizes, me = self.ctx.tokens_per_rank, self.ctx.ep_rank
+        part = torch.zeros(sum(sizes), y_sorted.shape[1], dtype=dtype, device=y_sorted.device)
+        part.index_add_(0, token, (y_sorted * w[:, None]).to(dtype))
+        padded = part.new_zeros(len(sizes), m, part.shape[1])
+        for r, (a, s) in enumerate(zip(np.cumsum([0, *sizes[:-1]]), sizes)):
+            padded[r, :s] = part[a:a + s]
+        dist.all_reduce(padded, group=self.ctx.ep_group)  # reduce-scatter (gloo has none): keep my rows
+        return padded[me, :n].clone()
+
+
+DISPATCHERS = {"replicated": ReplicatedDispatcher, "alltoall": AllToAllDispatcher, "allgather": AllGatherDispatcher}

@@ -1,0 +1,144 @@
+"""The engine's view of a distributed model: `DistributedModel` quacks like MoEModel.
+
+The engine (scheduler, sampler, detokenizer) stays in the frontend process and calls
+`kv_bytes_per_token()`, `allocate_kv_cache(num_slots, max_len)` and `forward(batch) -> logits`
+exactly as on a local model. `allocate_kv_cache` starts the worker ranks (they need the KV size);
+`forward` sends the step plan to every rank and gathers the logits from the output ranks. When a
+rank dies or fails, `forward` raises WorkerFailure at once (the engine fails the requests in flight
+with its text), the workers are stopped, and every later call raises the same error: it never hangs.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+
+import torch
+
+from moe_serve.config import ModelConfig, ParallelConfig
+from moe_serve.distributed import messages as m
+from moe_serve.distributed.comm import shm_files
+from moe_serve.distributed.endpoints import free_tcp_port
+from moe_serve.distributed.groups import ParallelLayout
+from moe_serve.distributed.launcher import WorkerFailure, WorkerGroup
+from moe_serve.distributed.worker import WorkerSpec
+from moe_serve.models.batch import ForwardBatch
+
+
+def shm_allreduce_built() -> bool:
+    """Whether DeepSpeed's CPU shm all-reduce is installed and already compiled (no 40 s build at startup)."""
+    try:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+        from torch.utils.cpp_extension import _get_build_directory
+
+        b = ShareMemCommBuilder()
+        return os.path.isdir(_get_build_directory(b.name, verbose=False)) and any(
+            f.endswith(".so") for f in os.listdir(_get_build_directory(b.name, verbose=False)))
+    except Exception:
+        return False
+
+
+def resolve_allreduce(pc: ParallelConfig, device: str) -> str:
+    """auto: DeepSpeed shm on CPU when it is built (benches/allreduce.py: faster on decode sizes), else gloo."""
+    if pc.allreduce != "auto":
+        return pc.allreduce
+    return "deepspeed" if device == "cpu" and pc.tp > 1 and shm_allreduce_built() else "gloo"
+
+
+class DistributedModel:
+    def __init__(self, mc: ModelConfig, pc: ParallelConfig, faults: dict[int, str] | None = None):
+        from moe_serve.models.checkpoint import read_config
+        from moe_serve.models.families import parse_spec
+        from moe_serve.models.loader import resolve_dtype
+
+        self.mc, self.pc, self.faults = mc, pc, faults
+        _, self.spec = parse_spec(read_config(mc.model))
+        self.dtype = resolve_dtype(mc.dtype, self.spec)
+        self.device = torch.device("cpu")  # logits arrive on the host
+        self.layout = ParallelLayout(pc.tp, pc.ep)
+        self.group: WorkerGroup | None = None
+        self.error: WorkerFailure | None = None
+        self.step_id = 0
+        self.last_stats: list[dict] = []
+        self.allreduce = resolve_allreduce(pc, mc.device)
+        self._shm_port = None
+        atexit.register(self.close)
+
+    def kv_bytes_per_token(self) -> int:
+        return self.spec.kv_bytes_per_token(torch.finfo(self.dtype).bits // 8)
+
+    def allocate_kv_cache(self, num_slots: int, max_len: int) -> None:
+        """Start the ranks: each loads its shard and allocates its KV cache of `num_slots` x `max_len`."""
+        pc, mc, w = self.pc, self.mc, self.layout.world_size
+        threads = pc.threads_per_rank or max(1, (os.cpu_count() or 1) // w)
+        args = dict(model=str(mc.model), dtype=mc.dtype, num_slots=num_slots, max_len=max_len,
+                    dispatch=pc.dispatch, placement=pc.placement, redundant_experts=pc.redundant_experts,
+                    allreduce_backend=self.allreduce, rebalance_every=pc.rebalance_every,
+                    rebalance_window=pc.rebalance_window)
+        base = WorkerSpec(rank=0, tp=pc.tp, ep=pc.ep, up="", down="", dist_init="",
+                          runner="moe_serve.distributed.runner:build", runner_args=args, device=mc.device,
+                          heartbeat_s=pc.heartbeat_interval_s, dist_timeout_s=min(pc.step_timeout_s, 300),
+                          threads=threads)
+        env = {}
+        if self.allreduce == "deepspeed":  # names of DeepSpeed's /dev/shm files; LOCAL_SIZE must be the world
+            self._shm_port = str(free_tcp_port())
+            env = dict(LOCAL_SIZE=str(w), MASTER_ADDR="127.0.0.1", MASTER_PORT=self._shm_port, DS_ACCELERATOR="cpu")
+        self.group = WorkerGroup(base, w, pc.startup_timeout_s, pc.heartbeat_timeout_s, pc.control_transport,
+                                 self.faults, env)
+        self.num_slots, self.max_len = num_slots, max_len
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """logits fp32 [S, V] (or [N, V] with all_logits), assembled from the output ranks."""
+        if self.error is not None:
+            raise self.error
+        if self.group is None:
+            raise RuntimeError("call allocate_kv_cache(num_slots, max_len) before forward")
+        step, self.step_id = self.step_id, self.step_id + 1
+        plan = m.StepPlan(step=step, token_ids=m.TensorBlob.from_tensor(batch.token_ids),
+                          positions=m.TensorBlob.from_tensor(batch.positions), slot_ids=list(batch.slot_ids),
+                          query_lens=list(batch.query_lens), context_lens=list(batch.context_lens),
+                          seq_ids=list(batch.seq_ids), all_logits=batch.all_logits)
+        try:
+            self.group.broadcast(plan)
+            outs = self.group.collect(step, len(self.layout.output_ranks()), self.pc.step_timeout_s)
+        except WorkerFailure as exc:
+            self.error = exc
+            self.close()
+            raise
+        self.last_stats = [o.stats for o in outs]
+        return self._assemble(batch, outs)
+
+    def _assemble(self, batch: ForwardBatch, outs: list[m.StepOutput]) -> torch.Tensor:
+        if len(outs) == 1 and outs[0].seq_index == list(range(batch.num_seqs)):
+            return outs[0].logits.to_tensor()
+        rows: dict[int, torch.Tensor] = {}
+        for o in outs:
+            t = o.logits.to_tensor()
+            if batch.all_logits:  # rows are the tokens of its sequences, in their order
+                t = t.split([batch.query_lens[i] for i in o.seq_index])
+            for i, r in zip(o.seq_index, t):
+                rows[i] = r if batch.all_logits else r[None]
+        missing = [i for i in range(batch.num_seqs) if i not in rows]
+        if missing:
+            raise WorkerFailure(f"step outputs lack sequences {missing[:5]}: the ranks disagree on the DP split")
+        return torch.cat([rows[i] for i in range(batch.num_seqs)])
+
+    def dispatch_stats(self) -> dict[str, float]:
+        """This step's dispatch counters summed over the output ranks."""
+        out: dict[str, float] = {}
+        for s in self.last_stats:
+            for k, v in s.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+    def close(self) -> None:
+        if self.group is not None:
+            g, self.group = self.group, None
+            g.shutdown()
+        if self._shm_port is not None:
+            for f in shm_files("127.0.0.1", self._shm_port):
+                try:
+                    os.remove(f)
+                except OSError:
+                    pass
+            self._shm_port = None

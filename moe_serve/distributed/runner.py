@@ -1,0 +1,146 @@
+"""The model on one worker rank: load this rank's shard, run step plans, switch placement plans.
+
+`build(spec, groups)` is the worker's runner factory. `spec.runner_args` carries the model
+directory, dtype, device, KV-cache size, dispatch mode, placement plan path and all-reduce choice
+(JSON). The model is the ordinary `load_model` model with: an `EPExpertStore` holding only this
+rank's physical experts (through load_model's expert_store_factory seam), one dispatcher per MoE
+block (each block gets its own MoERuntime), and TP sharding applied in place (`tp.apply_tp`).
+
+Data-parallel attention (tp=1, dp>1): sequence s lives on DP rank slot % dp; a rank with no
+sequence in a step still runs one padding token (in a spare KV slot) so that it joins every
+dispatch collective; padding is never counted and never returned.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from moe_serve.distributed import messages as m
+from moe_serve.distributed.comm import AllReduce, load_deepspeed_shm
+from moe_serve.distributed.ep import DISPATCHERS, DispatchStats, EPExpertStore
+from moe_serve.distributed.groups import Groups
+from moe_serve.distributed.tp import apply_tp
+from moe_serve.models.batch import ForwardBatch
+from moe_serve.models.hooks import NO_HOOKS
+from moe_serve.models.moe import MoEBlock, MoERuntime
+
+
+def default_plan(num_layers: int, num_experts: int, ep: int, redundant: int, placement: str | None = None):
+    """The plan file when given, else contiguous (replicas, if any, of experts by id: no load known yet)."""
+    from placement.plan import PlacementPlan
+
+    if placement:
+        plan = PlacementPlan.load(placement)
+    else:
+        from placement.algorithms.simple import contiguous
+
+        if (num_experts + redundant) % ep:
+            raise ValueError(f"parallel.redundant_experts={redundant}: experts ({num_experts}) + redundant experts "
+                             f"must be divisible by parallel.ep={ep}")
+        plan = contiguous(np.ones((num_layers, num_experts)), ep, (num_experts + redundant) // ep)
+    if plan.num_layers != num_layers or plan.num_experts != num_experts or plan.num_ranks != ep:
+        raise ValueError(f"parallel.placement: plan has {plan.num_layers} layers x {plan.num_experts} experts on "
+                         f"{plan.num_ranks} ranks; the model and parallel.ep need {num_layers} x {num_experts} "
+                         f"on {ep}")
+    return plan
+
+
+@dataclass
+class EPContext:
+    """What every dispatcher of this rank reads: the plan in force, the group, this step's sizes."""
+
+    plan: object
+    ep_group: object
+    ep_rank: int
+    stats: DispatchStats
+    count: bool = True
+    real_tokens: int = 0  # tokens of real sequences on this rank this step (padding excluded)
+    tokens_per_rank: list[int] = field(default_factory=list)  # DP attention: tokens each EP rank runs
+
+
+def plan_batch(plan: m.StepPlan) -> ForwardBatch:
+    return ForwardBatch(token_ids=plan.token_ids.to_tensor(), positions=plan.positions.to_tensor(),
+                        slot_ids=list(plan.slot_ids), query_lens=list(plan.query_lens),
+                        context_lens=list(plan.context_lens), seq_ids=list(plan.seq_ids), all_logits=plan.all_logits)
+
+
+def sub_batch(b: ForwardBatch, seqs: list[int]) -> ForwardBatch:
+    starts = np.concatenate([[0], np.cumsum(b.query_lens)])
+    rows = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1])) for i in seqs])
+    pick = lambda xs: [xs[i] for i in seqs]  # noqa: E731
+    return ForwardBatch(token_ids=b.token_ids[rows], positions=b.positions[rows], slot_ids=pick(b.slot_ids),
+                        query_lens=pick(b.query_lens), context_lens=pick(b.context_lens),
+                        seq_ids=pick(b.seq_ids) if b.seq_ids else [], all_logits=b.all_logits)
+
+
+class ModelRunner:
+    def __init__(self, spec, groups: Groups):
+        from moe_serve.models import load_model
+        from moe_serve.models.checkpoint import read_config
+        from moe_serve.models.families import parse_spec
+
+        a, lay = spec.runner_args, groups.layout
+        self.layout, self.groups, self.args = lay, groups, a
+        _, mspec = parse_spec(read_config(a["model"]))
+        self.plan = default_plan(mspec.num_moe_layers, mspec.num_experts, lay.ep, a.get("redundant_experts", 0),
+                                 a.get("placement"))
+        backend, level = a.get("allreduce_backend", "gloo"), 0
+        if backend == "deepspeed" and lay.tp > 1:
+            level = load_deepspeed_shm(lay.world_size, lay.rank)
+        self.allreduce = AllReduce(groups.world if lay.tp > 1 else None, backend, a.get("shm_max_bytes", 1 << 20), level)
+        mode = "replicated" if lay.dp == 1 else a.get("dispatch", "alltoall")
+        self.mode = "alltoall" if mode == "auto" else mode
+        stats = DispatchStats(lay.ep, mspec.num_moe_layers, mspec.num_experts)
+        self.ctx = EPContext(self.plan, groups.ep, lay.ep_rank, stats)
+
+        def store_factory(sp, source, dtype, device):
+            return EPExpertStore(source, self.plan, lay.ep_rank, lay.moe_tp, lay.moe_tp_rank, dtype, device)
+
+        model = load_model(a["model"], dtype=a.get("dtype", "auto"), device=spec.device,
+                           expert_store_factory=store_factory)
+        for layer in model.layers:  # each MoE block its own runtime: its dispatcher knows its layer
+            if isinstance(layer.mlp, MoEBlock):
+                b = layer.mlp
+                b.rt = MoERuntime(store=model.store, hooks=NO_HOOKS,
+                                  dispatcher=DISPATCHERS[self.mode](b.moe_index, self.ctx))
+        if lay.tp > 1:
+            apply_tp(model, lay.tp, lay.tp_rank, self.allreduce)
+        self.num_slots = int(a["num_slots"])
+        model.allocate_kv_cache(self.num_slots + 1, int(a["max_len"]))  # +1: the padding slot of DP attention
+        self.model = model
+
+    # ---- steps --------------------------------------------------------------------------------
+    def step(self, plan: m.StepPlan):
+        lay, batch = self.layout, plan_batch(plan)
+        self.ctx.stats.reset_step()
+        if lay.dp == 1:
+            self.ctx.real_tokens = batch.num_tokens
+            logits = self.model.forward(batch)
+            if lay.rank not in lay.output_ranks():
+                return None
+            return list(range(batch.num_seqs)), logits, self.ctx.stats.step_dict()
+        owner = [s % lay.dp for s in batch.slot_ids]
+        mine = [i for i, d in enumerate(owner) if d == lay.dp_rank]
+        per_rank = [sum(q for q, d in zip(batch.query_lens, owner) if d == r) or 1 for r in range(lay.dp)]
+        self.ctx.tokens_per_rank = per_rank
+        if mine:
+            sub = sub_batch(batch, mine)
+            self.ctx.real_tokens = sub.num_tokens
+        else:  # padding: one token in the spare slot, so this rank joins every collective
+            sub = ForwardBatch.single([0], slot=self.num_slots, all_logits=batch.all_logits)
+            self.ctx.real_tokens = 0
+        logits = self.model.forward(sub)
+        if not mine:
+            logits = logits[:0]
+        return mine, logits, self.ctx.stats.step_dict()
+
+    # ---- commands -----------------------------------------------------------------------------
+    def command(self, msg) -> None:
+        raise ValueError(f"model runner: command {type(msg).__name__} is not supported yet")
+
+
+def build(spec, groups: Groups) -> ModelRunner:
+    return ModelRunner(spec, groups)
