@@ -68,8 +68,10 @@ class EngineBridge:
             if callable(fn):
                 return _as_dict(fn())
         model = self.core.model
-        store = getattr(getattr(model, "runtime", None), "store", None) if model is not None else None
-        for name in ("stats", "cache_stats"):
+        if model is None:
+            return {}
+        store = getattr(model, "store", None) or getattr(getattr(model, "runtime", None), "store", None)
+        for name in ("metrics", "cache_stats", "stats"):  # the offloading store's metrics(): hits, misses, ...
             fn = getattr(store, name, None)
             if callable(fn):
                 return _as_dict(fn())

@@ -3,7 +3,7 @@
 Two servers on a tiny random Mixtral checkpoint with a real BPE tokenizer, each on a free port
 chosen at runtime: `server` (2 KV slots, at most 3 requests in flight: the OpenAI client, bad
 requests, disconnects, queue full, metrics, traces) and `strict_server` (1 KV slot, a 0.3 s
-timeout, an API key) for timeouts, auth and the schema fuzz, whose requests the timeout keeps short.
+timeout, an API key, an offloading expert store of 4 slots) for cache metrics, timeouts, auth and the schema fuzz, whose requests the timeout keeps short.
 """
 from __future__ import annotations
 
@@ -96,6 +96,7 @@ def server(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="session")
 def strict_server(tiny_model, tmp_path_factory):
     s = start_server(tiny_model, tmp_path_factory.mktemp("strict_traces"), "--max-num-seqs", "1",
-                     "--request-timeout-s", "0.3", "--api-key", API_KEY, headers={"Authorization": f"Bearer {API_KEY}"})
+                     "--request-timeout-s", "0.3",
+                     "--expert-cache-slots", "4", "--cache-policy", "lru", "--api-key", API_KEY, headers={"Authorization": f"Bearer {API_KEY}"})
     yield s
     stop_server(s)

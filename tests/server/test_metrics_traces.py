@@ -5,6 +5,7 @@ import io
 
 import httpx
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from predictors.traces import load_trace
@@ -55,6 +56,20 @@ def test_balancedness_per_moe_layer(server):
     assert all(r > 0 for r in routed.values())
     # the resident store keeps no cache counters: they are absent, not reported as 0
     assert "moe_serve:expert_cache_hit_rate" not in fams
+
+
+def test_expert_cache_metrics_come_from_the_offloading_store(strict_server):
+    s = strict_server
+    r = httpx.post(s.url + "/v1/completions", headers=s.headers, json={"prompt": "Hello there", "max_tokens": 3},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    text = httpx.get(s.url + "/metrics", timeout=30).text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    hits = value(fams["moe_serve:expert_cache_hits"], "_total")
+    misses = value(fams["moe_serve:expert_cache_misses"], "_total")
+    assert hits + misses > 0  # 4 slots for 8 experts: every step looks experts up
+    assert value(fams["moe_serve:expert_cache_hit_rate"]) == pytest.approx(hits / (hits + misses))
+    assert value(fams["moe_serve:expert_cache_bytes_moved"], "_total") >= 0
 
 
 def test_trace_start_stop_dump(server):
