@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 
 from moe_serve.config import ServerConfig
 from moe_serve.server import protocol as P
@@ -23,8 +23,7 @@ from moe_serve.server.metrics import ServerMetrics
 from moe_serve.server.serving import Handlers, ModelInfo
 from moe_serve.server.traces import TraceControl
 
-ERRORS = {400: {"model": P.ErrorResponse}, 401: {"model": P.ErrorResponse}, 404: {"model": P.ErrorResponse}, 429: {"model": P.ErrorResponse},
-          503: {"model": P.ErrorResponse}, 504: {"model": P.ErrorResponse}}
+ERRORS = {code: {"model": P.ErrorResponse} for code in (400, 401, 404, 409, 429, 501, 503, 504)}
 
 
 def create_app(engine, cfg: ServerConfig, model_dir: str | None = None, own_engine: bool = False) -> FastAPI:
@@ -104,8 +103,8 @@ def create_app(engine, cfg: ServerConfig, model_dir: str | None = None, own_engi
 
     @app.get("/v1/traces/dump", **v1)
     async def trace_download():
-        path = traces.dump(None)["path"]
-        return FileResponse(path, media_type="application/octet-stream", filename=Path(path).name)
+        return Response(traces.download(), media_type="application/octet-stream",
+                        headers={"Content-Disposition": 'attachment; filename="trace.npz"'})
 
     def check_model(requested: str | None) -> None:
         if requested is not None and requested != name:

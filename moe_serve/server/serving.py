@@ -18,7 +18,7 @@ from moe_serve.engine.sampling_params import SamplingParams
 from moe_serve.server import protocol as P
 from moe_serve.server.chat import render_chat
 from moe_serve.server.errors import APIError, error_body
-from moe_serve.server.lifecycle import RequestRunner, RunState
+from moe_serve.server.lifecycle import RequestRunner, RunState, engine_error
 
 
 @dataclass
@@ -61,7 +61,6 @@ def sampling_params(req: P.SamplingFields, max_tokens: int) -> SamplingParams:
             max_tokens=max_tokens, seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
             ignore_eos=req.ignore_eos)
     except ValueError as exc:
-        from moe_serve.server.lifecycle import engine_error
         raise engine_error(exc) from exc
 
 

@@ -8,6 +8,7 @@ and a start or stop in the middle of a step never leaves a recorder with half a 
 """
 from __future__ import annotations
 
+import io
 import threading
 import time
 from pathlib import Path
@@ -69,7 +70,17 @@ class TraceControl:
         self.hook = LiveTraceHook(spec.num_moe_layers, spec.num_experts, spec.top_k,
                                   meta={"family": spec.family, "source": "moe-serve server"})
         # Installed before the server takes requests, so no step is in flight while hooks change.
-        model.hooks = HookChain([model.hooks, self.hook])
+        # A model without router hooks in this process (e.g. experts on worker ranks) cannot record.
+        self.unavailable = None
+        if isinstance(getattr(model, "hooks", None), RouterHooks):
+            model.hooks = HookChain([model.hooks, self.hook])
+        else:
+            self.unavailable = f"this engine's model ({type(model).__name__}) has no router hooks in the server process"
+
+    def _check(self) -> None:
+        if self.unavailable:
+            raise APIError(501, f"routing-trace recording is not available: {self.unavailable}",
+                           type="not_implemented", code="traces_unavailable")
 
     def status(self) -> dict:
         trace = self.hook.snapshot()
@@ -78,6 +89,7 @@ class TraceControl:
                 "tokens": 0 if trace is None else trace.num_tokens}
 
     def start(self, record_hidden: bool = False) -> dict:
+        self._check()
         self.hook.start(record_hidden)
         return self.status()
 
@@ -85,8 +97,19 @@ class TraceControl:
         self.hook.stop()
         return self.status()
 
+    def download(self) -> bytes:
+        """The recorded trace as .npz bytes (nothing is written on the server's disk)."""
+        self._check()
+        trace = self.hook.snapshot()
+        if trace is None:
+            raise APIError(409, "no routing trace: POST /v1/traces/start first", code="not_recording")
+        buf = io.BytesIO()
+        trace.save(buf)
+        return buf.getvalue()
+
     def dump(self, name: str | None) -> dict:
         """Write what was recorded to `trace_dir/name` (.npz); name is a plain file name."""
+        self._check()
         trace = self.hook.snapshot()
         if trace is None:
             raise APIError(409, "no routing trace: POST /v1/traces/start first", code="not_recording")
