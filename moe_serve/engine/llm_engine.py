@@ -38,7 +38,7 @@ class LLMEngine:
         self.config = config
         mc, sc = config.model, config.scheduler
         self.hooks = EngineHooks(config.trace)
-        self.model = load_engine_model(mc, self.hooks)
+        self.model = load_engine_model(mc, self.hooks, config.expert_cache)
         self.spec = self.model.spec
         self.device = torch.device(mc.device)
         kv_bytes = self.model.kv_bytes_per_token()
@@ -144,7 +144,10 @@ class LLMEngine:
             tokens = sample(logits.index_select(0, idx), [s.params for s in to_sample], [s.generator for s in to_sample])
             for seq, tok in zip(to_sample, tokens):
                 seq.append_token(tok, now)
-                self._check_stop(seq, tok)
+                try:
+                    self._check_stop(seq, tok)
+                except Exception as exc:  # noqa: BLE001 - e.g. the tokenizer fails on this request alone
+                    seq.finish("error", f"{type(exc).__name__}: {exc}")
                 if seq.finished:
                     self._retire(seq)
                     outputs.append(seq.make_output())

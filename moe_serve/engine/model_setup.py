@@ -53,12 +53,22 @@ class EngineHooks(HookChain):
         return self.recorder.save(path or self.trace_config.record_trace)
 
 
-def load_engine_model(mc: ModelConfig, hooks: EngineHooks):
+def load_engine_model(mc: ModelConfig, hooks: EngineHooks, expert_cache=None):
     from moe_serve.models import load_model
 
     if not Path(mc.model).is_dir():
         raise FileNotFoundError(f"model.model: checkpoint directory {mc.model} does not exist")
-    return load_model(mc.model, dtype=mc.dtype, device=mc.device, hooks=hooks.for_model())
+    factory = None
+    if expert_cache is not None:  # the offloading expert store (experts/factory.py); None: all resident
+        from moe_serve.experts.factory import expert_store_factory
+
+        factory = expert_store_factory(expert_cache)
+    model = load_model(mc.model, dtype=mc.dtype, device=mc.device, hooks=hooks.for_model(),
+                       expert_store_factory=factory)
+    routing_hook = getattr(model.store, "routing_hook", None)
+    if routing_hook is not None:  # after replay in the chain: the predictor sees the routing used
+        model.hooks = HookChain([model.hooks, routing_hook])
+    return model
 
 
 def resolve_max_model_len(requested: int | None, context: int, kv_cache_gb: float, kv_bytes_per_token: int) -> int:

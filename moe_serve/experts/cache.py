@@ -47,6 +47,10 @@ class SlotCache:
         self.in_use[:] = False
         self.in_use[np.asarray(gids, dtype=np.int64)] = True
 
+    def end_step(self) -> None:
+        """The current step's experts are done with: any of them may be evicted again."""
+        self.in_use[:] = False
+
     def _candidates(self, g: int) -> np.ndarray:
         held = self.gid_of[self.gid_of >= 0]
         if self.per_layer:
@@ -54,8 +58,8 @@ class SlotCache:
         return held[~self.in_use[held]]
 
     def insert(self, g: int, prefetch: bool = False) -> tuple[int, int] | None:
-        """Give `g` a slot: (slot, evicted gid or -1). A prefetch is refused (None) when the policy
-        rates the would-be victim at least as high as `g`; a demand insert always happens."""
+        """Give `g` a slot: (slot, evicted gid or -1). A prefetch is refused (None) when every slot is
+        in use or the policy does not admit it over the victim; a demand insert always happens."""
         if self.slot_of[g] >= 0:
             return int(self.slot_of[g]), -1
         free = self._free[self._pool(g)]
@@ -65,13 +69,13 @@ class SlotCache:
         else:
             cand = self._candidates(g)
             if cand.size == 0:
+                if prefetch:
+                    return None
                 raise CacheFull(f"expert cache: all {self.capacity} slots hold experts in use; "
                                 f"raise the capacity above the experts one step needs")
             victim = self.policy.victim(cand)
-            if prefetch:
-                ks = self.policy.keep_score(np.array([victim, g], dtype=np.int64))
-                if ks[1] <= ks[0]:
-                    return None
+            if prefetch and not self.policy.admits(g, victim):
+                return None
             slot = int(self.slot_of[victim])
             self.slot_of[victim] = -1
             evicted = victim

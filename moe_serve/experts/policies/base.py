@@ -7,8 +7,8 @@ the policy three things:
 - `on_route(layer, state, clock)`: the router of `layer` has chosen; return experts worth
   prefetching (global ids, most wanted first). Demand-only policies return nothing.
 - `keep_score(gids)`: higher means more worth keeping. The cache evicts the lowest-scoring resident
-  expert that is not in use by the current step, and admits a prefetch only when it scores higher
-  than the expert it would evict.
+  expert that is not in use by the current step (`victim`), and admits a prefetch when `admits`
+  says so (the predicted policy: only when it scores higher than the expert it would evict).
 
 Experts are named by a global id `g = layer * E + expert` so that one cache can be shared across
 layers. `clock` counts MoE layer steps (`token * L + layer` in a batch-1 decode), the unit in which
@@ -37,6 +37,10 @@ class CachePolicy:
     def keep_score(self, gids: np.ndarray) -> np.ndarray:
         """float [n]: higher = keep. Must accept non-resident ids (for prefetch admission)."""
         raise NotImplementedError
+
+    def admits(self, g: int, victim: int) -> bool:
+        """May prefetched expert `g` replace `victim`? Past-only policies take every hint."""
+        return True
 
     def victim(self, candidates: np.ndarray) -> int:
         """The global id to evict among `candidates` (resident, not in use by the current step)."""

@@ -126,6 +126,10 @@ class PredictedPolicy(CachePolicy):
             self._scores = -(d0[:, None] + L * (self.tokens - 1.0)).reshape(-1)
         return self._scores[gids]
 
+    def admits(self, g, victim):
+        ks = self.keep_score(np.array([victim, g], dtype=np.int64))
+        return bool(ks[1] > ks[0])
+
     def on_route(self, layer, state, clock):
         L, E = self.num_layers, self.num_experts
         hints = []

@@ -1,0 +1,67 @@
+"""`ExpertCacheConfig` -> the `expert_store_factory` that `load_model` calls (None: all resident)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moe_serve.config import ExpertCacheConfig
+from moe_serve.experts.offload import OffloadExpertStore
+from moe_serve.experts.policies import make_policy
+
+
+def _available_host_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def slots_for(cfg: ExpertCacheConfig, expert_bytes: int, total_experts: int) -> int:
+    if cfg.expert_cache_slots is not None:
+        slots = cfg.expert_cache_slots
+    else:
+        slots = int(cfg.expert_cache_gb * 2**30 // expert_bytes)
+        if slots < 1:
+            raise ValueError(f"expert_cache.expert_cache_gb={cfg.expert_cache_gb} holds no expert "
+                             f"(one takes {expert_bytes / 2**30:.4f} GiB)")
+    return min(slots, total_experts)
+
+
+def expert_store_factory(cfg: ExpertCacheConfig):
+    if not cfg.enabled:
+        return None
+
+    def factory(spec, source, dtype: torch.dtype, device) -> OffloadExpertStore:
+        gu, dn = source.get(0, 0)
+        expert_bytes = (gu.numel() + dn.numel()) * torch.finfo(dtype).bits // 8
+        L, E = source.num_moe_layers, source.num_experts
+        capacity = slots_for(cfg, expert_bytes, L * E)
+        predictor = None
+        if cfg.predictor is not None:
+            from predictors.registry import load_predictor
+
+            predictor = load_predictor(cfg.predictor)
+            if (predictor.num_layers, predictor.num_experts) != (L, E):
+                raise ValueError(f"expert_cache.predictor: fitted for {predictor.num_layers} layers x "
+                                 f"{predictor.num_experts} experts, the model has {L} x {E}")
+        load = None
+        if cfg.cache_policy == "static":
+            if predictor is None or not hasattr(predictor, "freq"):
+                raise ValueError("expert_cache.cache_policy=static needs expert_cache.predictor "
+                                 "(its fitted expert popularity is the profiled load)")
+            load = predictor.freq.numpy()
+        lookahead = min(cfg.prefetch_lookahead, predictor.lookahead) if predictor is not None else 0
+        policy = make_policy(cfg.cache_policy, load=load, predictor=predictor if lookahead else None,
+                             lookahead=lookahead)
+        host = cfg.host_memory
+        if host == "auto":
+            avail = _available_host_bytes()
+            host = "copy" if avail is None or avail > 1.25 * expert_bytes * L * E else "mmap"
+        return OffloadExpertStore(source, dtype, device, capacity, policy, top_k=spec.top_k,
+                                  per_layer=cfg.cache_per_layer, host=host, cpu_experts=cfg.cpu_experts)
+
+    return factory

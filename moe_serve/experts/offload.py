@@ -1,0 +1,198 @@
+"""The offloading expert store: a bounded set of expert slots on the compute device, the rest on the host.
+
+Behind the `ExpertStore` interface (the model never knows): per MoE layer and step the experts stage
+calls `begin_layer` (the experts this step needs), `get`/`compute_expert` per expert, `end_layer`.
+
+- Host tier: every expert in host memory (`host="copy"`: stacked per layer, pinned when the compute
+  device is CUDA), or read on demand from the memory-mapped checkpoint (`host="mmap"`, when host
+  memory is short).
+- Device tier: `capacity` slots (gate_up [C, 2I, H], down [C, H, I]), shared across layers or split
+  per layer; `SlotCache` + a `CachePolicy` decide residency; an expert in use by the current step is
+  never evicted.
+- Copies go through a copier (`copier.py`): a side CUDA stream with events, or a worker thread doing
+  real buffer copies on CPU, so prefetches overlap compute. `get` waits only for that expert's copy.
+- Misses: copied in on demand, or (cold experts on the CPU, Fiddler-style) computed where the
+  weights lie when the start-up cost model (`cost.py`) says that is cheaper.
+- Prefetch: after each router, the policy may name experts of later layers (and of the next token)
+  from the predictor; they are copied in behind the demand copies.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from moe_serve.experts.cache import CacheFull, SlotCache
+from moe_serve.experts.copier import make_copier
+from moe_serve.experts.cost import ExpertCosts, measure_costs
+from moe_serve.experts.prefetch import RoutingHook
+from moe_serve.experts.store import ExpertStore, expert_forward
+
+
+class OffloadExpertStore(ExpertStore):
+    def __init__(self, source, dtype: torch.dtype, device, capacity: int, policy, *, top_k: int,
+                 per_layer: bool = False, host: str = "copy", cpu_experts: str = "auto"):
+        if host not in ("copy", "mmap"):
+            raise ValueError(f"expert_cache.host_memory must be copy or mmap, got {host!r}")
+        if cpu_experts not in ("auto", "on", "off"):
+            raise ValueError(f"expert_cache.cpu_experts must be auto, on or off, got {cpu_experts!r}")
+        self.source, self.dtype, self.device = source, dtype, torch.device(device)
+        self.num_moe_layers, self.num_experts = L, E = source.num_moe_layers, source.num_experts
+        gu0, dn0 = source.get(0, 0)
+        self.host = host
+        if host == "copy":  # one stacked host copy per layer; pinned only where a GPU copies from it
+            pin = self.device.type == "cuda"
+            self.host_gu = [torch.empty((E, *gu0.shape), dtype=dtype, pin_memory=pin) for _ in range(L)]
+            self.host_dn = [torch.empty((E, *dn0.shape), dtype=dtype, pin_memory=pin) for _ in range(L)]
+            for l in range(L):
+                for e in range(E):
+                    g, d = source.get(l, e)
+                    self.host_gu[l][e].copy_(g)
+                    self.host_dn[l][e].copy_(d)
+        self.cache = SlotCache(policy, L, E, capacity, per_layer=per_layer)
+        self.policy, self.capacity = policy, capacity
+        self.slot_gu = torch.empty((capacity, *gu0.shape), dtype=dtype, device=self.device)
+        self.slot_dn = torch.empty((capacity, *dn0.shape), dtype=dtype, device=self.device)
+        self.copier = make_copier(self.device, capacity)
+        self.ticket = np.zeros(capacity, dtype=np.int64)  # copy each slot waits on
+        self.prefetched = np.zeros(L * E, dtype=bool)  # prefetched, not used yet
+        # the predictor reads each token's routing so far: only kept when there is a predictor
+        self.routing_hook = RoutingHook(L, top_k) if getattr(policy, "predictor", None) is not None else None
+        self.costs: ExpertCosts | None = None
+        self.cpu_mode = cpu_experts
+        if cpu_experts != "off":
+            self.costs = measure_costs(*self.host_expert(0, 0), self.slot_gu[0], self.slot_dn[0])
+        self.clock = 0
+        self._on_host: set[int] = set()  # experts of the current layer computed in place
+        self._used_slots: list[int] = []
+        self.reset_metrics()
+        if hasattr(policy, "warm_set"):  # a static hot set is loaded up front
+            for g in policy.warm_set().tolist():
+                self._copy_in(int(g), prefetch=False)
+            self.reset_metrics()
+
+    # -- metrics -------------------------------------------------------------------------------
+    def reset_metrics(self) -> None:
+        self.stats = dict(hits=0, misses=0, cpu_computed=0, prefetch_issued=0, prefetch_used=0,
+                          prefetch_wasted=0, copies=0, bytes_moved=0, stall_s=0.0)
+
+    def metrics(self) -> dict:
+        s = dict(self.stats)
+        acc = s["hits"] + s["misses"]
+        s["hit_rate"] = s["hits"] / acc if acc else None
+        s["prefetch_precision"] = s["prefetch_used"] / s["prefetch_issued"] if s["prefetch_issued"] else None
+        demand = s["misses"] + s["prefetch_used"]
+        s["prefetch_recall"] = s["prefetch_used"] / demand if demand else None
+        s["capacity"] = self.capacity
+        return s
+
+    # -- tiers ---------------------------------------------------------------------------------
+    def host_expert(self, l: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.host == "copy":
+            return self.host_gu[l][e], self.host_dn[l][e]
+        return self.source.get(l, e)
+
+    @property
+    def expert_bytes(self) -> int:
+        return (self.slot_gu[0].numel() + self.slot_dn[0].numel()) * self.slot_gu.element_size()
+
+    def _copy_in(self, g: int, prefetch: bool) -> bool:
+        placed = self.cache.insert(g, prefetch=prefetch)
+        if placed is None:
+            return False
+        slot, evicted = placed
+        if evicted >= 0 and self.prefetched[evicted]:
+            self.stats["prefetch_wasted"] += 1
+            self.prefetched[evicted] = False
+        gu, dn = self.host_expert(g // self.num_experts, g % self.num_experts)
+        self.ticket[slot] = self.copier.submit([(self.slot_gu[slot], gu), (self.slot_dn[slot], dn)], slot)
+        self.stats["copies"] += 1
+        self.stats["bytes_moved"] += self.expert_bytes
+        return True
+
+    def _computes_in_place(self, rows: int) -> bool:
+        if self.cpu_mode == "on":
+            return True
+        return self.cpu_mode == "auto" and self.costs is not None and self.costs.compute_on_cpu(rows)
+
+    # -- the ExpertStore contract ----------------------------------------------------------------
+    def begin_layer(self, moe_layer: int, expert_ids: list[int], rows: list[int] | None = None) -> None:
+        E = self.num_experts
+        ids = np.asarray(expert_ids, dtype=np.int64)
+        gids = moe_layer * E + ids
+        self.cache.begin_step(gids)
+        self.policy.on_access(moe_layer, ids, self.clock)
+        self._on_host.clear()
+        for i, g in enumerate(gids.tolist()):
+            if self.cache.resident(g):
+                self.stats["hits"] += 1
+                if self.prefetched[g]:
+                    self.stats["prefetch_used"] += 1
+                    self.prefetched[g] = False
+                continue
+            self.stats["misses"] += 1
+            if self._computes_in_place(1 if rows is None else rows[i]):
+                self._on_host.add(g)
+                continue
+            try:
+                self._copy_in(g, prefetch=False)
+            except CacheFull:  # more experts in this step than slots: the rest run from the host
+                self._on_host.add(g)
+        self._used_slots = [int(self.cache.slot_of[g]) for g in gids.tolist() if g not in self._on_host]
+        state = self.routing_hook.state(moe_layer) if self.routing_hook is not None else None
+        for g in self.policy.on_route(moe_layer, state, self.clock).tolist():
+            self._prefetch_one(g)
+
+    def _prefetch_one(self, g: int) -> None:
+        if not self.cache.resident(g) and self._copy_in(g, prefetch=True):
+            self.prefetched[g] = True
+            self.stats["prefetch_issued"] += 1
+
+    def prefetch(self, moe_layer: int, expert_ids) -> None:
+        for e in torch.as_tensor(expert_ids).reshape(-1).tolist():
+            self._prefetch_one(moe_layer * self.num_experts + int(e))
+
+    def get(self, moe_layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        slot = int(self.cache.slot_of[moe_layer * self.num_experts + e])
+        if slot < 0:
+            raise KeyError(f"expert ({moe_layer}, {e}) is not resident: begin_layer must name it first")
+        ticket = int(self.ticket[slot])
+        if not self.copier.ready(ticket):
+            t0 = time.perf_counter()
+            self.copier.wait(ticket)
+            self.stats["stall_s"] += time.perf_counter() - t0
+        else:
+            self.copier.wait(ticket)
+        return self.slot_gu[slot], self.slot_dn[slot]
+
+    def compute_expert(self, moe_layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
+        if moe_layer * self.num_experts + e in self._on_host:
+            self.stats["cpu_computed"] += 1
+            gu, dn = self.host_expert(moe_layer, e)
+            return expert_forward(x.to("cpu", gu.dtype), gu, dn).to(x.device, x.dtype)
+        gu, dn = self.get(moe_layer, e)
+        return expert_forward(x, gu, dn)
+
+    def run(self, moe_layer: int, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        active = [e for e, c in enumerate(counts) if c]
+        self.begin_layer(moe_layer, active, [counts[e] for e in active])
+        y = torch.empty_like(x_sorted)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                y[start:start + c] = self.compute_expert(moe_layer, e, x_sorted[start:start + c])
+                start += c
+        self.end_layer(moe_layer)
+        return y
+
+    def end_layer(self, moe_layer: int) -> None:
+        self.copier.release(self._used_slots)
+        self.cache.end_step()
+        self.clock += 1
+
+    def nbytes(self) -> int:
+        return self.slot_gu.numel() * self.slot_gu.element_size() + self.slot_dn.numel() * self.slot_dn.element_size()
+
+    def close(self) -> None:
+        self.copier.close()
