@@ -4,7 +4,7 @@ Contract (what the MoE block's experts stage calls, per MoE layer and step):
 
     store.run(moe_layer, x_sorted, counts) -> y_sorted
         x_sorted [M, H]: the step's token copies sorted by logical expert id (dispatch's output);
-        counts: list[int] of length E, rows of x_sorted per expert (sum = M);
+        counts: long tensor [E], rows of x_sorted per expert (sum = M);
         y_sorted [M, H]: each row's expert output (unweighted: combine applies the gate weights).
 
 `ExpertStore.run` is written once in terms of three overridable methods, so another store changes
@@ -23,7 +23,8 @@ A store that wants to compute a cold expert where its weights lie (on the CPU) o
 instead of stacking everything on the device.
 
 `ResidentExpertStore`: every expert on the compute device, stacked per layer as gate_up [E, 2I, H]
-and down [E, H, I]; `get` returns views (no copies), so decode reads each weight exactly once.
+and down [E, H, I]; `run` is two `F.grouped_mm` calls over the stacked weights (no host sync, the
+kernel transformers uses, so results match it bit for bit); `get` returns views (no copies).
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 
 class ExpertSource(Protocol):
@@ -73,8 +76,9 @@ class ExpertStore(ABC):
         gate_up, down = self.get(moe_layer, e)
         return expert_forward(x, gate_up, down)
 
-    def run(self, moe_layer: int, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Experts stage: y_sorted [M, H] for x_sorted [M, H] grouped by expert per `counts`."""
+    def run(self, moe_layer: int, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Experts stage: y_sorted [M, H] for x_sorted [M, H] grouped by expert per `counts` [E]."""
+        counts = counts.tolist()  # one host read per layer (a store may avoid it, as the resident one does)
         active = [e for e, c in enumerate(counts) if c]
         self.begin_layer(moe_layer, active)
         y = torch.empty_like(x_sorted)
@@ -119,6 +123,15 @@ class ResidentExpertStore(ExpertStore):
 
     def get(self, moe_layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.gate_up[moe_layer][e], self.down[moe_layer][e]
+
+    def run(self, moe_layer: int, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """All experts of the layer in two grouped matmuls (what transformers runs): no host sync."""
+        if not HAS_GROUPED_MM:
+            return super().run(moe_layer, x_sorted, counts)
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)  # [E] end row of each expert's group
+        gate_up = F.grouped_mm(x_sorted, self.gate_up[moe_layer].transpose(-2, -1), offs=offs)  # [M, 2I]
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.grouped_mm(F.silu(gate) * up, self.down[moe_layer].transpose(-2, -1), offs=offs)  # [M, H]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.gate_up, *self.down))

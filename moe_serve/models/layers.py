@@ -62,7 +62,7 @@ class GQAttention(nn.Module):
             self.q_norm = RMSNorm(s.num_heads * s.head_dim, s.rms_norm_eps)
             self.k_norm = RMSNorm(s.num_kv_heads * s.head_dim, s.rms_norm_eps)
         self.clip = s.clip_qkv
-        self.scale, self.window, self.interleaved = s.attn_scale, s.window(layer), s.rope.interleaved
+        self.scale, self.window, self.rope_mode = s.attn_scale, s.window(layer), s.rope_mode
 
     def cache_shapes(self, num_slots: int, max_len: int) -> list[tuple[int, ...]]:
         return [(num_slots, max_len, self.nkv, self.hd)] * 2
@@ -78,6 +78,6 @@ class GQAttention(nn.Module):
         q, k, v = q.view(n, self.nh, self.hd), k.view(n, self.nkv, self.hd), v.view(n, self.nkv, self.hd)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin, self.interleaved), apply_rope(k, cos, sin, self.interleaved)
+        q, k = apply_rope(q, cos, sin, self.rope_mode), apply_rope(k, cos, sin, self.rope_mode)
         o = attend(q, (k, v), cache, lambda rows: rows, meta, self.scale, self.window, self.hd)  # [N, Hq, D]
         return self.o_proj(o.reshape(n, self.nh * self.hd))

@@ -33,7 +33,7 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, LORA_NORM_EPS)
         self.kv_b_proj = linear(m.kv_lora_rank, self.nh * (m.qk_nope_head_dim + m.v_head_dim))
         self.o_proj = linear(self.nh * m.v_head_dim, h, spec.o_bias)
-        self.scale, self.interleaved = spec.attn_scale, spec.rope.interleaved
+        self.scale, self.rope_mode = spec.attn_scale, spec.rope_mode
 
     def cache_shapes(self, num_slots: int, max_len: int) -> list[tuple[int, ...]]:
         return [(num_slots, max_len, self.m.kv_lora_rank), (num_slots, max_len, self.m.qk_rope_head_dim)]
@@ -58,8 +58,8 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q.split([m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)
         c, k_pe = self.kv_a_proj_with_mqa(x).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
         c = self.kv_a_layernorm(c)  # [N, C]
-        q_pe = apply_rope(q_pe, cos, sin, self.interleaved)
-        k_pe = apply_rope(k_pe[:, None, :], cos, sin, self.interleaved)[:, 0]  # [N, R]
+        q_pe = apply_rope(q_pe, cos, sin, self.rope_mode)
+        k_pe = apply_rope(k_pe[:, None, :], cos, sin, self.rope_mode)[:, 0]  # [N, R]
         q = torch.cat((q_nope, q_pe), dim=-1)  # [N, H, Dqk]
         o = attend(q, (c, k_pe), cache, self._expand, meta, self.scale, None, m.v_head_dim)  # [N, H, Dv]
         return self.o_proj(o.reshape(n, self.nh * m.v_head_dim))

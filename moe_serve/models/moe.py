@@ -64,30 +64,27 @@ class Router(nn.Module):
 class LocalDispatcher:
     """Dropless single-rank dispatch: copies of each token, sorted by expert id.
 
-    Combine gathers the copies back to token order and adds each token's k contributions in
-    ascending expert order, one add at a time in the activation dtype: the same additions, in the
-    same order, as transformers' expert loop (so bf16 results match bit for bit). No index_add_/
-    scatter: on CPU those parallelize even for two rows and stall on a busy machine.
+    Combine follows transformers' default (grouped_mm) experts path exactly: weight each copy (fp32
+    weights promote the product to fp32), put copies back in token order, sum each token's k copies
+    (fp32 accumulation), cast once to the activation dtype; so bf16 outputs match bit for bit.
+    No index_add_/scatter: on CPU those parallelize even for two rows and stall on a busy machine.
     """
 
     def dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, num_experts: int):
         n, k = ids.shape
-        ids, perm = ids.sort(dim=1)  # [N, K] ascending expert per token
-        weights = weights.gather(1, perm)  # [N, K]
         flat = ids.reshape(-1)  # [M = N*K]
         order = torch.argsort(flat, stable=True)  # [M] copy positions sorted by expert
-        counts = torch.bincount(flat, minlength=num_experts).tolist()  # [E] one host read per layer
+        counts = torch.bincount(flat, minlength=num_experts)  # long [E]
         x_sorted = x.index_select(0, torch.div(order, k, rounding_mode="floor"))  # [M, H]
-        return x_sorted, counts, (torch.argsort(order), weights, n, k)
+        return x_sorted, counts, (order, weights.reshape(-1), n, k)
 
     def combine(self, y_sorted: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
-        inv, weights, n, k = state  # inv [M]: sorted row of each copy; weights [N, K]
-        y = y_sorted.index_select(0, inv).view(n, k, -1)  # [N, K, H] back in token order
-        contrib = (y * weights[..., None]).to(dtype)  # weights may be fp32 (as transformers multiplies)
-        out = contrib[:, 0]
-        for j in range(1, k):  # k is small; a loop over ranks, not tokens
-            out = out + contrib[:, j]
-        return out
+        order, weights, n, k = state  # order [M]: copy of each sorted row; weights [M] in copy order
+        weighted = y_sorted * weights.index_select(0, order)[:, None]  # [M, H] (fp32 if the weights are)
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(order.numel(), device=order.device)
+        y = weighted.index_select(0, inv).view(n, k, -1)  # [N, K, H] back in token order
+        return y.sum(dim=1).to(dtype)
 
 
 @dataclass

@@ -71,26 +71,36 @@ def inv_freq_and_scale(r: RopeSpec) -> tuple[torch.Tensor, float]:
 
 
 class Rotary:
-    """cos/sin for a step's positions; computed once per forward and shared by every layer."""
+    """The step's rotation table, computed once per forward and shared by every layer.
+
+    `mode`: "half" (rotate_half, Llama/Mixtral/Qwen/OLMoE), "pairs" (adjacent pairs, DeepSeek-V3),
+    "complex" (adjacent pairs as complex numbers in fp32, DeepSeek-V2 as transformers computes it)."""
 
     def __init__(self, spec: RopeSpec, device):
         inv, self.scale = inv_freq_and_scale(spec)
         self.inv_freq = inv.to(device)  # [dim/2] fp32
-        self.interleaved = spec.interleaved
+        self.mode = "complex" if spec.complex_fp32 else ("pairs" if spec.interleaved else "half")
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(cos, sin) [N, dim] in `dtype`; in complex mode (freqs_cis [N, dim/2] complex64, None)."""
         freqs = positions[:, None].float() * self.inv_freq  # [N, dim/2]
+        if self.mode == "complex":
+            return torch.polar(torch.ones_like(freqs), freqs) * self.scale, None
         emb = torch.cat((freqs, freqs), dim=-1)  # [N, dim]
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """x [N, heads, dim], cos/sin [N, dim]. Half rotation (Llama/Mixtral) or adjacent pairs (DeepSeek).
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor | None, mode: str) -> torch.Tensor:
+    """x [N, heads, dim] rotated by the table from `Rotary.cos_sin` (see Rotary for the modes).
 
-    The pair form returns the rotated pairs de-interleaved ([evens' | odds']), like transformers'
-    DeepSeek-V3; q and k get the same permutation so attention scores are unchanged."""
+    "pairs" returns the rotated pairs de-interleaved ([evens' | odds']) and "complex" keeps them
+    interleaved, exactly as transformers' DeepSeek-V3 / -V2 do; q and k always get the same layout,
+    so attention scores do not depend on it."""
+    if mode == "complex":
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # [N, heads, dim/2]
+        return torch.view_as_real(xc * cos[:, None, :]).flatten(-2).type_as(x)
     cos, sin = cos[:, None, :], sin[:, None, :]
-    if not interleaved:
+    if mode == "half":
         half = x.shape[-1] // 2
         rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rot * sin

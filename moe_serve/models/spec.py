@@ -20,6 +20,7 @@ class RopeSpec:
     theta: float = 10000.0
     dim: int = 0  # rotary dimensions per head (head_dim, or qk_rope_head_dim for MLA)
     interleaved: bool = False  # DeepSeek: rotate adjacent pairs (x0,x1),(x2,x3)... instead of halves
+    complex_fp32: bool = False  # DeepSeek-V2 (as transformers): pairs as complex numbers, rotated in fp32
     factor: float = 1.0
     original_max_position_embeddings: int | None = None
     attention_factor: float | None = None  # yarn: scales cos/sin (None: derived from factor/mscale)
@@ -105,6 +106,11 @@ class ModelSpec:
     def moe_index(self, layer: int) -> int:
         """Index among the MoE layers (what hooks and the expert store use) of model layer `layer`."""
         return self.moe_layers.index(layer)
+
+    @property
+    def rope_mode(self) -> str:
+        """How q/k are rotated: half | pairs | complex (see moe_serve.models.rope.Rotary)."""
+        return "complex" if self.rope.complex_fp32 else ("pairs" if self.rope.interleaved else "half")
 
     def window(self, layer: int) -> int | None:
         return self.sliding_windows[layer] if self.sliding_windows else None

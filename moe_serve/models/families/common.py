@@ -43,7 +43,8 @@ def torch_dtype(cfg: dict) -> str:
     return str(d).replace("torch.", "")
 
 
-def rope_spec(cfg: dict, dim: int, default_theta: float, interleaved: bool = False) -> RopeSpec:
+def rope_spec(cfg: dict, dim: int, default_theta: float, interleaved: bool = False,
+              complex_fp32: bool = False) -> RopeSpec:
     """Read `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta` (older configs)."""
     params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     kind = params.get("rope_type") or params.get("type") or "default"
@@ -63,7 +64,7 @@ def rope_spec(cfg: dict, dim: int, default_theta: float, interleaved: bool = Fal
         else:
             raise ValueError(f"rope type '{kind}' needs rope_parameters.factor")
     return RopeSpec(
-        kind=kind, theta=float(theta), dim=dim, interleaved=interleaved, factor=float(factor or 1.0),
+        kind=kind, theta=float(theta), dim=dim, interleaved=interleaved, complex_fp32=complex_fp32, factor=float(factor or 1.0),
         original_max_position_embeddings=omax, attention_factor=params.get("attention_factor"),
         beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
         mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),

@@ -53,7 +53,8 @@ def _parse(cfg: dict, family: str) -> ModelSpec:
         raise ValueError(f"n_routed_experts ({num_experts}) must be a multiple of n_group ({routing.n_group})")
     if not 1 <= routing.topk_group <= routing.n_group:
         raise ValueError(f"topk_group must be in 1..n_group ({routing.n_group}), got {routing.topk_group}")
-    rope = rope_spec(cfg, mla.qk_rope_head_dim, default_theta=10000.0, interleaved=interleaved)
+    rope = rope_spec(cfg, mla.qk_rope_head_dim, default_theta=10000.0, interleaved=interleaved,
+                     complex_fp32=family == "deepseek_v2")
     scale = mla.qk_head_dim ** -0.5
     if rope.kind != "default" and rope.mscale_all_dim:
         scale *= _mscale(rope.factor, rope.mscale_all_dim) ** 2
