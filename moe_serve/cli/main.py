@@ -12,6 +12,7 @@ import sys
 COMMANDS = [
     "moe_serve.cli.generate",  # generate, info, record-trace
     "moe_serve.cli.serve",  # serve
+    "moe_serve.cli.cache_sim",  # cache-sim
 ]
 
 

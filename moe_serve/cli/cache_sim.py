@@ -1,0 +1,67 @@
+"""`moe-serve cache-sim`: replay routing traces through the expert-cache policies, no model.
+
+    moe-serve cache-sim --trace A.npz [B.npz ...] --capacity 0.125 0.25 0.5 --policy all \
+        [--predictor P.safetensors] [--fit-trace OTHER.npz] --json OUT.json
+
+Prints a table and writes JSON: {"config": ..., "results": {trace: {capacity: {policy: {hit_rate,
+ready_in_time, bytes_per_token, stall_ms_per_token, ...}}}}}.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from moe_serve.experts.policies import POLICY_NAMES
+from moe_serve.experts.replay import DSV2_LITE_EXPERT_BYTES, CostModel
+from moe_serve.experts.simulate import format_table, simulate
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("cache-sim", help="simulate expert-cache policies on routing traces (no model)")
+    p.add_argument("--trace", nargs="+", required=True, help="routing trace files (.npz) to replay")
+    p.add_argument("--capacity", type=float, nargs="+", default=[0.25],
+                   help="fraction(s) of all experts resident, in (0, 1] (default: 0.25)")
+    p.add_argument("--policy", nargs="+", default=["all"], help=f"{', '.join(POLICY_NAMES)} or all")
+    p.add_argument("--predictor", default=None, help="fitted predictor file for the predicted policy's prefetch")
+    p.add_argument("--fit-trace", nargs="*", default=[],
+                   help="traces (another domain) the static load and the predicted prior are fitted on")
+    p.add_argument("--lookahead", type=int, default=1, help="MoE layers ahead to prefetch (default: 1)")
+    p.add_argument("--expert-bytes", type=int, default=DSV2_LITE_EXPERT_BYTES,
+                   help=f"bytes of one expert (default: {DSV2_LITE_EXPERT_BYTES}, DeepSeek-V2-Lite bf16)")
+    p.add_argument("--bandwidth-gbps", type=float, default=25.0, help="host-to-device GB/s (default: 25)")
+    p.add_argument("--layer-ms", type=float, default=0.25, help="compute ms per MoE layer (default: 0.25)")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    from predictors.traces import load_trace
+
+    policies = list(POLICY_NAMES) if args.policy == ["all"] else args.policy
+    cost = CostModel(expert_bytes=args.expert_bytes, bandwidth_gbps=args.bandwidth_gbps, layer_ms=args.layer_ms)
+    for c in args.capacity:
+        if not 0.0 < c <= 1.0:
+            raise ValueError(f"--capacity must be a fraction in (0, 1], got {c}")
+    if args.lookahead < 0:
+        raise ValueError(f"--lookahead must be >= 0, got {args.lookahead}")
+    predictor = None
+    if args.predictor:
+        from predictors.registry import load_predictor
+
+        predictor = load_predictor(args.predictor)
+    fit = [load_trace(p) for p in args.fit_trace]
+    results = {}
+    for path in args.trace:
+        trace = load_trace(path)
+        name = Path(path).stem
+        results[name] = simulate(trace, policies, args.capacity, cost, predictor=predictor, fit_traces=fit,
+                                 lookahead=args.lookahead, log=lambda s: print(f"{name}: {s}", file=sys.stderr))
+    print(format_table(results))
+    if args.json:
+        config = dict(trace=args.trace, capacity=args.capacity, policies=policies, predictor=args.predictor,
+                      fit_trace=args.fit_trace, lookahead=args.lookahead, expert_bytes=cost.expert_bytes,
+                      bandwidth_gbps=cost.bandwidth_gbps, layer_ms=cost.layer_ms, copy_ms=cost.copy_ms)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(dict(config=config, results=results), indent=1, default=float))
+    return 0
