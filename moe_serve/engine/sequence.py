@@ -108,7 +108,10 @@ class Sequence:
             return
         self.finish_reason, self.error = reason, error
         self.metrics.finished_time = time.monotonic()
-        self.detok.add(None, final=True)  # flush text held back for an incomplete character
+        try:
+            self.detok.add(None, final=True)  # flush text held back for an incomplete character
+        except Exception:  # noqa: BLE001 - the request ends anyway; its text stays as it was
+            pass
 
     def make_output(self) -> RequestOutput:
         """Cumulative text and ids plus what is new since the previous output."""
