@@ -23,8 +23,8 @@ A store that wants to compute a cold expert where its weights lie (on the CPU) o
 instead of stacking everything on the device.
 
 `ResidentExpertStore`: every expert on the compute device, stacked per layer as gate_up [E, 2I, H]
-and down [E, H, I]; `run` is two `F.grouped_mm` calls over the stacked weights (no host sync, the
-kernel transformers uses, so results match it bit for bit); `get` returns views (no copies).
+and down [E, H, I]; `get` returns views (no copies); on GPU `run` is two `F.grouped_mm` calls over
+the stacked weights (no host sync), on CPU a loop over the active experts (same bits).
 """
 from __future__ import annotations
 
@@ -125,8 +125,10 @@ class ResidentExpertStore(ExpertStore):
         return self.gate_up[moe_layer][e], self.down[moe_layer][e]
 
     def run(self, moe_layer: int, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """All experts of the layer in two grouped matmuls (what transformers runs): no host sync."""
-        if not HAS_GROUPED_MM:
+        """On GPU: all experts of the layer in two grouped matmuls, no host sync. On CPU: a loop over
+        the active experts (torch's CPU grouped_mm visits every expert, ~10x slower for decode);
+        both give the same bits as transformers' grouped_mm path."""
+        if not HAS_GROUPED_MM or x_sorted.device.type == "cpu":
             return super().run(moe_layer, x_sorted, counts)
         offs = torch.cumsum(counts, 0, dtype=torch.int32)  # [E] end row of each expert's group
         gate_up = F.grouped_mm(x_sorted, self.gate_up[moe_layer].transpose(-2, -1), offs=offs)  # [M, 2I]

@@ -28,6 +28,7 @@ class StepMeta:
     dec_slots: torch.Tensor | None  # long [B]
     dec_lens: torch.Tensor | None  # long [B]: cached tokens incl. this one
     dec_max: int  # longest decode context (rows to gather)
+    dec_uniform: bool  # every decode sees exactly dec_max keys: no length mask needed
     prefills: list[tuple[int, int, int, int]]  # (start, n, slot, context_len) per prefill chunk
     last_idx: torch.Tensor  # long [S]: flat index of each sequence's last token
     _masks: dict = field(default_factory=dict)
@@ -52,12 +53,16 @@ class StepMeta:
             dec_slots=as_t([slots[i] for i in dec]) if dec else None,
             dec_lens=as_t([ctx[i] + 1 for i in dec]) if dec else None,
             dec_max=max((ctx[i] + 1 for i in dec), default=0),
+            dec_uniform=len({ctx[i] for i in dec}) <= 1,
             prefills=pre,
             last_idx=torch.cumsum(qt, 0) - 1,
         )
 
-    def decode_mask(self, window: int | None) -> torch.Tensor:
-        """bool [B, 1, 1, T]: key t is visible to decode b (t < len_b, and inside the sliding window)."""
+    def decode_mask(self, window: int | None) -> torch.Tensor | None:
+        """bool [B, 1, 1, T]: key t is visible to decode b (t < len_b, and inside the sliding window);
+        None when all keys are visible (as transformers' unpadded decode, same kernel path)."""
+        if window is None and self.dec_uniform:
+            return None
         if window not in self._masks:
             t = torch.arange(self.dec_max, device=self.dec_lens.device)
             m = t[None, :] < self.dec_lens[:, None]

@@ -81,10 +81,9 @@ class LocalDispatcher:
     def combine(self, y_sorted: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
         order, weights, n, k = state  # order [M]: copy of each sorted row; weights [M] in copy order
         weighted = y_sorted * weights.index_select(0, order)[:, None]  # [M, H] (fp32 if the weights are)
-        inv = torch.empty_like(order)
-        inv[order] = torch.arange(order.numel(), device=order.device)
-        y = weighted.index_select(0, inv).view(n, k, -1)  # [N, K, H] back in token order
-        return y.sum(dim=1).to(dtype)
+        y = torch.empty_like(weighted)
+        y[order] = weighted  # back in copy (token, rank) order
+        return y.view(n, k, -1).sum(dim=1).to(dtype)  # [N, H]
 
 
 @dataclass
