@@ -30,11 +30,15 @@ class ModelConfig:
     device: str = doc("compute device, e.g. cpu or cuda:0", default="cpu")
     max_model_len: int | None = doc("longest sequence (prompt + output); default: the model's context", default=None)
     seed: int = doc("seed for requests that give none", default=0)
+    cpu_threads: int | None = doc("torch intra-op CPU threads (process-wide); default: torch's choice. "
+                                  "On a CPU shared with other work, 1 avoids waiting on descheduled threads",
+                                  default=None)
 
     def __post_init__(self):
         require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "model", "dtype",
                 "one of auto, float32, bfloat16, float16", self.dtype)
         require(self.max_model_len is None or self.max_model_len > 0, "model", "max_model_len", "> 0", self.max_model_len)
+        require(self.cpu_threads is None or self.cpu_threads >= 1, "model", "cpu_threads", ">= 1", self.cpu_threads)
 
 
 @dataclass

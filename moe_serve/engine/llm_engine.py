@@ -37,8 +37,10 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         mc, sc = config.model, config.scheduler
+        if mc.cpu_threads is not None:
+            torch.set_num_threads(mc.cpu_threads)
         self.hooks = EngineHooks(config.trace)
-        self.model = load_engine_model(mc, self.hooks, config.expert_cache)
+        self.model = load_engine_model(mc, self.hooks, config.expert_cache, config.parallel)
         self.spec = self.model.spec
         self.device = torch.device(mc.device)
         kv_bytes = self.model.kv_bytes_per_token()
@@ -252,4 +254,5 @@ class LLMEngine:
             self._retire(seq)
         if self.config.trace.record_trace:
             self.save_trace()
+        getattr(self.model, "close", lambda: None)()  # a DistributedModel stops its worker ranks
         self.model = None
