@@ -53,11 +53,15 @@ class EngineHooks(HookChain):
         return self.recorder.save(path or self.trace_config.record_trace)
 
 
-def load_engine_model(mc: ModelConfig, hooks: EngineHooks, expert_cache=None):
+def load_engine_model(mc: ModelConfig, hooks: EngineHooks, expert_cache=None, parallel=None):
     from moe_serve.models import load_model
 
     if not Path(mc.model).is_dir():
         raise FileNotFoundError(f"model.model: checkpoint directory {mc.model} does not exist")
+    if parallel is not None and parallel.world_size > 1:  # worker ranks (moe_serve/distributed)
+        from moe_serve.distributed.executor import distributed_engine_model
+
+        return distributed_engine_model(mc, parallel, hooks, expert_cache)
     factory = None
     if expert_cache is not None:  # the offloading expert store (experts/factory.py); None: all resident
         from moe_serve.experts.factory import expert_store_factory
