@@ -174,7 +174,9 @@ class OffloadExpertStore(ExpertStore):
         gu, dn = self.get(moe_layer, e)
         return expert_forward(x, gu, dn)
 
-    def run(self, moe_layer: int, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def run(self, moe_layer: int, x_sorted: torch.Tensor, counts) -> torch.Tensor:
+        """Experts stage (counts: long tensor [E] or list): one host read of counts per layer."""
+        counts = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
         active = [e for e, c in enumerate(counts) if c]
         self.begin_layer(moe_layer, active, [counts[e] for e in active])
         y = torch.empty_like(x_sorted)

@@ -87,9 +87,11 @@ class PredictedPolicy(CachePolicy):
 
     # -- the next-token model --------------------------------------------------------------
     def _refresh(self) -> None:
-        """Hazards h [L, E, MAX_GAP + 1] from the counts, shrunk towards each layer's per-gap mean."""
+        """Hazards h [L, E, MAX_GAP + 1] from the counts, shrunk towards each layer's per-gap rate."""
         t, u = self.trials, self.uses
-        base = (u.sum(1, keepdims=True) + 1.0) / (t.sum(1, keepdims=True) + 2.0)  # [L, 1, G+1]
+        # per layer: overall use rate, then per gap shrunk towards it, then per expert towards that
+        overall = (u.sum((1, 2), keepdims=True) + 1.0) / (t.sum((1, 2), keepdims=True) + self.num_experts)
+        base = (u.sum(1, keepdims=True) + self.shrink * overall) / (t.sum(1, keepdims=True) + self.shrink)
         self.h = np.clip((u + self.shrink * base) / (t + self.shrink), 1e-4, 1.0)
         for l in range(self.num_layers):
             self._update_row(l, self.token + 1 if l <= self.layer else self.token)
