@@ -11,10 +11,9 @@ and output lengths), both engines are timed side by side in this one process:
     running to the longest requested output, each row then cut to its own length. The speedup at
     16 requests is quoted against the faster of the two transformers runs.
 Every moe-serve output must equal transformers' sequential output token for token (mismatches are
-listed and make the script exit 1). Both engines compute in `--dtype` (default float32, the bf16
-checkpoints upcast at load): this CPU has no bf16 arithmetic, and in bf16 the rounding of any two
-implementations differs enough to flip greedy near-ties (transformers' own cached decode disagrees
-with its own full forward on the 1 GB model), so bf16 runs are reported, not asserted equal. EOS is ignored on both sides (`ignore_eos`; transformers with no
+listed and make the script exit 1). Both engines compute in `--dtype` (default auto: the
+checkpoint's, bf16 here); moe-serve's bf16 path follows transformers' rounding op for op, so the
+greedy outputs are equal in bf16 too (a model computing in another dtype would flip near-ties). EOS is ignored on both sides (`ignore_eos`; transformers with no
 eos id), so every request produces exactly its requested length.
 
 Memory-bandwidth bound: the machine's copy bandwidth is measured with a large tensor copy (bytes
@@ -178,7 +177,7 @@ def bench_model(name: str, model_dir: Path, quick: bool, bw: float, dtype: str) 
     counter = StepBytes(model.spec.num_experts)
     model.hooks = HookChain([model.hooks, counter])
     dense, expert, row = weight_bytes(model)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=model.dtype).eval()
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=model.dtype).eval()  # the same compute dtype
     hf.generation_config.eos_token_id = None  # ignore EOS, like ignore_eos=True
     hf.generation_config.pad_token_id = 0
     for wname, work in workloads(model.spec.vocab_size, llm.tokenizer, quick).items():
@@ -220,15 +219,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="default,mixtral1g", help="comma list: default, mixtral1g, or a checkpoint dir")
     ap.add_argument("--quick", action="store_true", help="shorter outputs (a smoke run)")
-    ap.add_argument("--dtype", default="float32",
-                    help="compute dtype of both engines (default float32: this CPU has no bf16 arithmetic, and bf16 "
-                         "rounding differs between any two implementations, flipping greedy near-ties)")
+    ap.add_argument("--dtype", default="auto", help="compute dtype of both engines: auto (the checkpoint's), "
+                                                     "float32, bfloat16")
     ap.add_argument("--out", default=str(ROOT / "benches" / "results" / "engine_vs_hf.json"))
     ap.add_argument("--work-dir", default=None, help="keep the built 1 GB checkpoint here (default: a temp dir)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads for both engines (process-wide); default: torch's choice")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     bw = copy_bandwidth()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
-          f"{torch.get_num_threads()}, copy bandwidth {bw / 1e9:.1f} GB/s (read+write)")
+          f"{torch.get_num_threads()}, copy bandwidth {bw / 1e9:.1f} GB/s (read+write), "
+          f"load average {load_before[0]:.1f}")
     rows = []
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
         tmp = args.work_dir or tmp
@@ -256,7 +260,8 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(dict(machine=dict(processor=platform.processor(), cpus=os.cpu_count(),
                                                 torch_threads=torch.get_num_threads(), copy_bandwidth_Bps=bw,
                                                 torch=torch.__version__, quick=args.quick,
-                                                load_average=os.getloadavg()),
+                                                load_average_before=load_before,
+                                                load_average_after=os.getloadavg()),
                                    results=rows), indent=1))
     print(f"wrote {out}")
     return 0 if all(r["identical"] for r in rows) else 1
