@@ -154,9 +154,14 @@ class PlacementPlan:
                 arrays = {k: f.get_tensor(k) for k in ("phy2log", "log2phy", "replica_count")}
         else:
             header = json.loads(path.read_text())
-            arrays = {k: np.asarray(header[k], dtype=np.int64) for k in ("phy2log", "log2phy", "replica_count")}
+            arrays = None
         if header.get("format") != FORMAT:
             raise ValueError(f"plan file {path}: format {header.get('format')!r} is not {FORMAT!r}")
+        if arrays is None:
+            missing = [k for k in ("phy2log", "log2phy", "replica_count") if k not in header]
+            if missing:
+                raise ValueError(f"plan file {path}: missing {missing}")
+            arrays = {k: np.asarray(header[k], dtype=np.int64) for k in ("phy2log", "log2phy", "replica_count")}
         plan = cls(arrays["phy2log"].astype(np.int64), arrays["log2phy"].astype(np.int64),
                    arrays["replica_count"].astype(np.int64), int(header["num_ranks"]),
                    int(header["slots_per_rank"]), dict(header.get("meta", {})))

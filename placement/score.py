@@ -25,11 +25,12 @@ from placement.plan import PlacementPlan
 from placement.replica import choose_replica
 
 
-def batch_ids(num_tokens: int, batch_size: int, seed: int = 0) -> np.ndarray:
-    """int64 [T]: batch of each row; rows are dealt to batches of `batch_size` in a seeded random order."""
+def batch_ids(num_tokens: int, batch_size: int, seed: int | None = 0) -> np.ndarray:
+    """int64 [T]: batch of each row; rows are dealt to batches of `batch_size` in a seeded random order
+    (seed None: in row order)."""
     if batch_size < 1:
         raise ValueError(f"score: batch_size must be >= 1, got {batch_size}")
-    perm = np.random.default_rng(seed).permutation(num_tokens)
+    perm = np.arange(num_tokens) if seed is None else np.random.default_rng(seed).permutation(num_tokens)
     out = np.empty(num_tokens, dtype=np.int64)
     out[perm] = np.arange(num_tokens) // batch_size
     return out
@@ -62,8 +63,9 @@ def touched_ranks(ranks: np.ndarray, num_ranks: int) -> np.ndarray:
 
 
 def score_plan(plan: PlacementPlan, experts, batch_size: int = 512, hidden_size: int = 2048,
-               dtype_bytes: int = 2, seed: int = 0) -> dict:
-    """All scores of `plan` on `experts` (int [T, L, K] or a RoutingTrace), as a flat JSON-able dict."""
+               dtype_bytes: int = 2, seed: int | None = 0) -> dict:
+    """All scores of `plan` on `experts` (int [T, L, K] or a RoutingTrace), as a flat JSON-able dict.
+    seed: batching order (None: consecutive rows form a batch)."""
     experts = np.asarray(getattr(experts, "experts", experts), dtype=np.int64)
     if experts.shape[0] == 0:
         raise ValueError("score: trace has no tokens")

@@ -13,6 +13,8 @@ COMMANDS = [
     "moe_serve.cli.generate",  # generate, info, record-trace
     "moe_serve.cli.serve",  # serve
     "moe_serve.cli.cache_sim",  # cache-sim
+    "moe_serve.cli.predict",  # predict fit, predict eval
+    "moe_serve.cli.place",  # place, place eval
 ]
 
 

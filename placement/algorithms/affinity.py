@@ -45,7 +45,7 @@ def balanced_start(w: np.ndarray, count: np.ndarray, num_ranks: int, slots_per_r
 
 def place_layer(phy, w, count, num_ranks, slots_per_rank, tokens_l=None, prev_touch=None, C=None,
                 balance_tol=0.02, cross_layer_weight=0.3, max_iters=400, rounds=3, max_swaps=None,
-                balance_weight=0.0):
+                balance_weight=4.0, explore_tol=0.0):
     """One layer's swap search from slots `phy` [P] (expert per slot). Returns (phy [P], touch [T, N]
     the ranks each token uses under the result, or None without tokens).
 
@@ -73,14 +73,18 @@ def place_layer(phy, w, count, num_ranks, slots_per_rank, tokens_l=None, prev_to
         elif C is not None:
             Ci = C[np.ix_(item_expert, item_expert)] / np.outer(count[item_expert], count[item_expert])
             Ci[item_expert[:, None] == item_expert[None, :]] = 0.0
-            item_load = (w / count)[item_expert]
+            item_load = (w / count)[item_expert] * max(C.sum(), 1.0) / 2  # in the units of C
             cost = lambda ir, Ci=Ci: swap_cost_pairs(Ci, ir, num_ranks)
         else:
             break
         rank_load = np.bincount(item_rank, weights=item_load, minlength=num_ranks)
-        cap = (1.0 + balance_tol) * rank_load.mean()
-        item_rank, _ = swap_search(item_rank, item_expert, item_load, num_ranks, cost, cap, max_iters,
-                                   max_swaps, balance_weight)
+        mean = rank_load.mean()
+        if explore_tol > balance_tol:  # explore: clusters form under a loose cap ...
+            item_rank, _ = swap_search(item_rank, item_expert, item_load, num_ranks, cost,
+                                       (1.0 + explore_tol) * mean, max_iters, max_swaps)
+        # ... then tighten: balance first (excess over the mean costs `balance_weight` per unit), fan-out next
+        item_rank, _ = swap_search(item_rank, item_expert, item_load, num_ranks, cost, (1.0 + balance_tol) * mean,
+                                   max_iters, max_swaps, balance_weight)
     phy = items_to_phy2log(item_rank, item_expert, num_ranks)
     if tokens_l is not None:
         plan = PlacementPlan.from_phy2log(phy[None], E, num_ranks)
@@ -91,20 +95,16 @@ def place_layer(phy, w, count, num_ranks, slots_per_rank, tokens_l=None, prev_to
 
 
 def affinity(load, num_ranks: int, slots_per_rank: int, coact=None, transitions=None, tokens=None,
-             balance_tol: float = 0.02, uniform_blend: float = 0.05, cross_layer_weight: float = 0.3,
-             max_iters: int = 400, max_tokens: int = 8192, rounds: int = 3, **_) -> PlacementPlan:
+             uniform_blend: float = 0.0, max_tokens: int = 8192, balance_tol: float = 0.02,
+             explore_tol: float = 0.25, balance_weight: float = 4.0, cross_layer_weight: float = 0.3,
+             max_iters: int = 400, rounds: int = 3, **_) -> PlacementPlan:
     """load [L, E]; coact [L, E, E] (optional); tokens int [T, L, K], the fitted trace (optional, exact
     objective; subsampled to `max_tokens` rows, evenly spaced). `transitions` is accepted for the common
     interface; the cross-layer term is taken exactly from `tokens` instead."""
-    with single_thread_blas():  # small matrices: threads only contend (10-50x slower on a busy host)
-        return _affinity(load, num_ranks, slots_per_rank, coact, tokens, balance_tol, uniform_blend,
-                         cross_layer_weight, max_iters, max_tokens, rounds)
-
-
-def _affinity(load, num_ranks, slots_per_rank, coact, tokens, balance_tol, uniform_blend, cross_layer_weight,
-              max_iters, max_tokens, rounds) -> PlacementPlan:
     load = np.asarray(load, dtype=np.float64)
     L, E = check_sizes(load, num_ranks, slots_per_rank)
+    layer_kw = dict(balance_tol=balance_tol, explore_tol=explore_tol, balance_weight=balance_weight,
+                    cross_layer_weight=cross_layer_weight, max_iters=max_iters, rounds=rounds)
     t0 = time.perf_counter()
     if tokens is not None:
         tokens = np.asarray(tokens, dtype=np.int64)
@@ -113,18 +113,17 @@ def _affinity(load, num_ranks, slots_per_rank, coact, tokens, balance_tol, unifo
     P = num_ranks * slots_per_rank
     phy2log = np.zeros((L, P), dtype=np.int64)
     prev_touch = None
-    for l in range(L):
-        total = load[l].sum()
-        w = load[l] / total if total > 0 else np.full(E, 1.0 / E)
-        w = (1.0 - uniform_blend) * w + uniform_blend / E
-        count = replicate_greedy(w, P)
-        phy = np.array([e for r in balanced_start(w, count, num_ranks, slots_per_rank) for e in r])
-        tok_l = None if tokens is None else tokens[:, l]
-        C = None if coact is None else np.asarray(coact[l], dtype=np.float64)
-        phy, touch = place_layer(phy, w, count, num_ranks, slots_per_rank, tok_l, prev_touch, C,
-                                 balance_tol, cross_layer_weight, max_iters, rounds)
-        phy2log[l] = phy
-        prev_touch = touch
-    meta = dict(algorithm="affinity", solver_seconds=time.perf_counter() - t0, balance_tol=balance_tol,
-                uniform_blend=uniform_blend, cross_layer_weight=cross_layer_weight)
+    with single_thread_blas():  # small matrices: threads only contend (10-50x slower on a busy host)
+        for l in range(L):
+            total = load[l].sum()
+            w = load[l] / total if total > 0 else np.full(E, 1.0 / E)
+            w = (1.0 - uniform_blend) * w + uniform_blend / E
+            count = replicate_greedy(w, P)
+            phy = np.array([e for r in balanced_start(w, count, num_ranks, slots_per_rank) for e in r])
+            tok_l = None if tokens is None else tokens[:, l]
+            C = None if coact is None else np.asarray(coact[l], dtype=np.float64)
+            phy2log[l], prev_touch = place_layer(phy, w, count, num_ranks, slots_per_rank, tok_l, prev_touch, C,
+                                                 **layer_kw)
+    meta = dict(algorithm="affinity", solver_seconds=time.perf_counter() - t0, uniform_blend=uniform_blend,
+                **layer_kw)
     return PlacementPlan.from_phy2log(phy2log, E, num_ranks, meta)

@@ -1,0 +1,127 @@
+"""`moe-serve place` and `moe-serve place eval`: expert placement plans from routing traces.
+
+    moe-serve place --trace a.npz [b.npz ...] --ep 8 --redundant 8 --algorithm affinity --out plan.json
+    moe-serve place eval --plan plan.json --trace c.npz --json scores.json [--batch-size 512]
+
+`--redundant` is the number of extra physical slots in all (as `ParallelConfig.redundant_experts`): it
+must make experts + redundant divisible by ep. The plan file is JSON, or safetensors when --out ends
+in .safetensors. `eval` prints the scores and writes them as JSON (imbalance_mean, imbalance_p99,
+fanout_mean, solver_seconds, ... - see placement.score).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+def _params(items: list[str] | None) -> dict:
+    """--param KEY=VALUE (VALUE parsed as JSON when it parses, else kept as a string)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--param must look like KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _experts(paths: list[str]):
+    """Concatenate the traces' expert ids: (int [T, L, K], num_experts)."""
+    import numpy as np
+
+    from predictors.traces import load_trace
+
+    traces = [load_trace(p) for p in paths]
+    shapes = {(t.num_layers, t.top_k, t.num_experts) for t in traces}
+    if len(shapes) != 1:
+        raise ValueError(f"--trace files disagree in (layers, top_k, num_experts): {sorted(shapes)}")
+    return np.concatenate([t.experts for t in traces]), traces[0].num_experts
+
+
+def run_fit(args) -> int:
+    from placement.algorithms import get_algorithm
+    from placement.stats import coactivation, expert_load
+
+    if not args.out:
+        raise ValueError("--out is required (the plan file to write)")
+    if args.ep < 1:
+        raise ValueError(f"--ep must be >= 1, got {args.ep}")
+    experts, E = _experts(args.trace)
+    if args.redundant < 0 or (E + args.redundant) % args.ep:
+        raise ValueError(f"--redundant={args.redundant}: experts ({E}) + redundant must be >= {E} and divisible "
+                         f"by --ep={args.ep}")
+    algorithm = get_algorithm(args.algorithm)
+    t0 = time.perf_counter()
+    plan = algorithm(expert_load(experts, E), args.ep, (E + args.redundant) // args.ep,
+                     coact=coactivation(experts, E) if args.algorithm == "affinity" and args.no_tokens else None,
+                     tokens=None if args.no_tokens else experts, num_nodes=args.num_nodes, **_params(args.param))
+    plan.meta["solver_seconds"] = time.perf_counter() - t0  # statistics included
+    plan.meta["traces"] = [Path(p).name for p in args.trace]
+    plan.validate().save(args.out)
+    print(f"placed {plan.num_layers} layers x {E} experts on {args.ep} ranks x {plan.slots_per_rank} slots "
+          f"({args.algorithm}) in {plan.meta['solver_seconds']:.1f}s -> {args.out}")
+    return 0
+
+
+def run_eval(args) -> int:
+    from placement.plan import PlacementPlan
+    from placement.score import score_plan
+
+    if not args.plan:
+        raise ValueError("--plan is required (the plan file to score)")
+    plan = PlacementPlan.load(args.plan)
+    experts, E = _experts(args.trace)
+    if E != plan.num_experts:
+        raise ValueError(f"--trace has {E} experts per layer, the plan {plan.num_experts}")
+    if args.online_budget:
+        from placement.online import online_replay
+
+        scores, _ = online_replay(plan, experts, args.batch_size, window=args.online_window,
+                                  budget=args.online_budget, hidden_size=args.hidden_size)
+    else:
+        scores = score_plan(plan, experts, args.batch_size, args.hidden_size)
+    scores.update(plan=str(args.plan), traces=[Path(p).name for p in args.trace])
+    for key in ("imbalance_mean", "imbalance_p99", "imbalance_trace", "fanout_mean", "rank_changes_mean",
+                "dispatch_bytes_per_token", "solver_seconds", "experts_moved_total"):
+        if key in scores:
+            print(f"{key:>26}: {scores[key]:.4g}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(scores, indent=2))
+    return 0
+
+
+def run(args) -> int:
+    if not args.trace:
+        raise ValueError("--trace is required (one or more routing trace .npz files)")
+    return run_eval(args) if args.action == "eval" else run_fit(args)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("place", help="expert placement plans: fit one, or `place eval` to score one",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("action", nargs="?", choices=["fit", "eval"], default="fit",
+                   help="fit (default): write a plan; eval: score a plan on traces")
+    p.add_argument("--trace", nargs="+", help="routing trace files (.npz)")
+    p.add_argument("--ep", type=int, default=8, help="expert-parallel ranks (default: 8)")
+    p.add_argument("--redundant", type=int, default=0,
+                   help="extra physical expert slots in all, replicas of hot experts (default: 0)")
+    p.add_argument("--algorithm", default="affinity", help="contiguous, round_robin, eplb or affinity (default)")
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes, for eplb's hierarchical policy (default: 1)")
+    p.add_argument("--no-tokens", action="store_true",
+                   help="affinity: fit from the co-activation matrix instead of the tokens themselves")
+    p.add_argument("--param", action="append", help="algorithm option KEY=VALUE (repeatable)")
+    p.add_argument("--out", help="plan file to write (.json or .safetensors)")
+    p.add_argument("--plan", help="eval: plan file to score")
+    p.add_argument("--json", help="eval: write the scores here")
+    p.add_argument("--batch-size", type=int, default=512, help="eval: tokens per batch for imbalance (default: 512)")
+    p.add_argument("--hidden-size", type=int, default=2048, help="eval: hidden size for dispatch bytes (default: 2048)")
+    p.add_argument("--online-budget", type=int, default=0,
+                   help="eval: replay with online re-placement, at most this many slots rewritten per layer "
+                        "and batch (default: 0, static)")
+    p.add_argument("--online-window", type=int, default=1024, help="eval: online sliding window in tokens")
+    p.set_defaults(func=run)

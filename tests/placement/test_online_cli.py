@@ -1,0 +1,100 @@
+"""Online re-placement (budget, stable slots, adaptation) and the `moe-serve place` CLI end to end."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from placement.algorithms import get_algorithm
+from placement.online import online_replay, rebalance_layer, stable_layout
+from placement.plan import PlacementPlan
+from placement.score import score_plan
+
+
+def test_stable_layout_keeps_slots_of_experts_that_stay():
+    old = np.array([0, 1, 2, 3, 4, 5])
+    new = np.array([4, 0, 1, 2, 3, 5])  # rank 0 = {0,1,4}: 2 -> 4 ; rank 1 = {2,3,5}: 4 -> 2
+    assert stable_layout(old, new, 3).tolist() == [0, 1, 4, 3, 2, 5]
+
+
+def _shifted_stream(T, E, K, hot, seed):
+    rng = np.random.default_rng(seed)
+    p = np.ones(E)
+    p[hot] = 12.0
+    p /= p.sum()
+    return np.stack([rng.choice(E, K, replace=False, p=p) for _ in range(T)])[:, None, :]
+
+
+def test_online_adapts_within_budget():
+    E, N, K = 16, 4, 2
+    fit = _shifted_stream(1024, E, K, hot=[0, 1], seed=0)
+    stream = _shifted_stream(2048, E, K, hot=[4, 5], seed=1)  # experts 4, 5 on the same contiguous rank
+    plan = get_algorithm("contiguous")(np.bincount(fit.ravel(), minlength=E)[None].astype(float), N, 5)
+    static = score_plan(plan, stream, 128)
+    scores, final = online_replay(plan, stream, batch_size=128, window=256, budget=2)
+    assert scores["imbalance_mean"] < static["imbalance_mean"] - 0.1
+    assert 0 < scores["experts_moved_total"] <= 2 * scores["online_steps"]
+    assert scores["experts_moved_per_step_max"] <= 2
+    assert final.replica_count[0, 4] + final.replica_count[0, 5] > 2  # replicas followed the traffic
+
+
+def test_rebalance_layer_respects_budget():
+    rng = np.random.default_rng(3)
+    phy = np.array([0, 1, 2, 3, 4, 5, 6, 7, 0, 1])
+    tokens = rng.integers(8, size=(300, 2))
+    tokens[:, 1] = np.where(tokens[:, 1] == tokens[:, 0], (tokens[:, 0] + 1) % 8, tokens[:, 1])
+    for budget in (0, 1, 3):
+        new, moved = rebalance_layer(phy, tokens, 8, 2, 5, budget=budget)
+        assert moved <= budget and moved == int((new != phy).sum())
+        PlacementPlan.from_phy2log(new[None], 8, 2).validate()
+
+
+def _parser():
+    from moe_serve.cli import place
+
+    parser = argparse.ArgumentParser()
+    place.register(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_place_is_a_registered_command():
+    from moe_serve.cli.main import COMMANDS
+
+    assert "moe_serve.cli.place" in COMMANDS
+
+
+@pytest.mark.parametrize("suffix", [".json", ".safetensors"])
+def test_cli_fit_and_eval_on_shared_trace(shared_dir, tmp_path, suffix):
+    from predictors.traces import load_trace
+
+    src = load_trace(shared_dir / "traces" / "dsv2lite_intent.npz")
+    small = tmp_path / "intent_small.npz"
+    src.select_sequences(range(12)).save(small)  # a few sequences keep the test fast
+    other = tmp_path / "summary_small.npz"
+    load_trace(shared_dir / "traces" / "dsv2lite_summary.npz").select_sequences([0]).save(other)
+    plan_path, out_json = tmp_path / f"plan{suffix}", tmp_path / "scores.json"
+    args = _parser().parse_args(["place", "--trace", str(small), "--ep", "8", "--redundant", "8",
+                                 "--algorithm", "affinity", "--param", "max_iters=20", "--out", str(plan_path)])
+    assert args.func(args) == 0
+    plan = PlacementPlan.load(plan_path)
+    assert plan.phy2log.shape == (26, 72) and plan.meta["algorithm"] == "affinity"
+    args = _parser().parse_args(["place", "eval", "--plan", str(plan_path), "--trace", str(other),
+                                 "--json", str(out_json), "--batch-size", "256"])
+    assert args.func(args) == 0
+    scores = json.loads(out_json.read_text())
+    for key in ("imbalance_mean", "imbalance_p99", "fanout_mean", "solver_seconds"):
+        assert key in scores
+    assert 1.0 <= scores["imbalance_mean"] <= scores["imbalance_max"]
+    assert 1.0 <= scores["fanout_mean"] <= 6.0
+    assert scores["solver_seconds"] == pytest.approx(plan.meta["solver_seconds"])
+
+
+def test_cli_errors_name_the_flag(shared_dir, tmp_path):
+    trace = str(shared_dir / "traces" / "dsv2lite_intent.npz")
+    args = _parser().parse_args(["place", "--trace", trace, "--ep", "8", "--redundant", "3", "--out",
+                                 str(tmp_path / "p.json")])
+    with pytest.raises(ValueError, match="--redundant=3"):
+        args.func(args)
+    args = _parser().parse_args(["place", "--trace", trace, "--algorithm", "nope", "--out", str(tmp_path / "p.json")])
+    with pytest.raises(ValueError, match="not one of"):
+        args.func(args)

@@ -1,0 +1,87 @@
+"""The replica rule and the scorer on cases worked by hand."""
+import numpy as np
+import pytest
+
+from placement.plan import PlacementPlan, plan_from_rank_lists
+from placement.replica import _water_fill, choose_replica
+from placement.score import score_plan
+
+
+def test_water_fill_is_the_one_at_a_time_greedy():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        R = int(rng.integers(1, 5))
+        loads, c = rng.integers(0, 10, (1, R)), int(rng.integers(0, 30))
+        got = _water_fill(loads, np.array([c]))[0]
+        cur, want = loads[0].copy(), np.zeros(R, dtype=int)
+        for _ in range(c):
+            i = int(np.argmin(cur))
+            cur[i] += 1
+            want[i] += 1
+        assert got.tolist() == want.tolist()
+
+
+def _rep_plan():
+    # rank 0: experts 0, 2 (slots 0, 1); rank 1: experts 1, 2 (slots 2, 3) -> expert 2 on both ranks
+    return PlacementPlan.from_phy2log([[0, 2, 1, 2]], 3, 2).validate()
+
+
+def test_same_rank_first_when_quotas_allow():
+    plan = _rep_plan()
+    tokens = np.array([[0, 2], [1, 2], [2, 0], [2, 1]])
+    slots = choose_replica(tokens, plan.log2phy[0], plan.replica_count[0], 2, 2)
+    assert slots.tolist() == [[0, 1], [2, 3], [1, 0], [3, 2]]  # every token stays on one rank
+
+
+def test_least_loaded_quota_overrides_preference():
+    # single-copy load: rank 0 = 3 (expert 0 x3), rank 1 = 1. Expert 2's 4 choices are handed out one at a
+    # time to the least-loaded rank: rank1, rank1, tie->rank0, rank1 => quotas [1, 3]. t0..t2 prefer the
+    # rank-0 copy but only t0 (first in row order) gets it; t1, t2 fill the rank-1 copy; t3 prefers it.
+    plan = _rep_plan()
+    tokens = np.array([[0, 2], [0, 2], [0, 2], [1, 2]])
+    slots = choose_replica(tokens, plan.log2phy[0], plan.replica_count[0], 2, 2)
+    assert slots[:, 1].tolist() == [1, 3, 3, 3]
+    load = np.bincount((slots // 2).ravel(), minlength=2)
+    assert load.tolist() == [4, 4]
+
+
+def test_batches_keep_separate_loads():
+    plan = _rep_plan()
+    tokens = np.array([[0, 2], [0, 2], [1, 2], [1, 2]])
+    one = choose_replica(tokens, plan.log2phy[0], plan.replica_count[0], 2, 2, batch=np.array([0, 0, 1, 1]))
+    # batch 0: rank0 has 2, rank1 0 -> both choices of expert 2 go to rank 1; batch 1 mirrored
+    assert one[:, 1].tolist() == [3, 3, 1, 1]
+
+
+def test_scores_of_a_known_plan_by_hand():
+    plan = plan_from_rank_lists([[[0, 1], [2, 3]], [[0, 1], [2, 3]]], num_experts=4)
+    plan.meta["solver_seconds"] = 1.5
+    ex = np.array([
+        [[0, 1], [2, 3]],  # t0: layer0 ranks {0}, layer1 {1}
+        [[0, 2], [0, 1]],  # t1: {0,1}, {0}
+        [[2, 3], [0, 3]],  # t2: {1}, {0,1}
+        [[1, 3], [0, 1]],  # t3: {0,1}, {0}
+    ])
+    s = score_plan(plan, ex, batch_size=2, hidden_size=4, dtype_bytes=2, seed=None)
+    # fan-out: layer0 1,2,1,2; layer1 1,1,2,1 -> 11 / 8
+    assert s["fanout_mean"] == pytest.approx(11 / 8)
+    # per token over layers: 2,3,3,3 ranks -> 2.75 x 4 x 2 bytes
+    assert s["dispatch_bytes_per_token"] == pytest.approx(22.0)
+    # new ranks at layer1: t0 {1} vs {0} -> 1, t1 0, t2 {0,1} vs {1} -> 1, t3 0
+    assert s["rank_changes_mean"] == pytest.approx(0.5)
+    # batches (t0,t1), (t2,t3): layer0 loads [3,1], [1,3]; layer1 [2,2], [3,1]
+    assert s["imbalance_mean"] == pytest.approx((1.5 + 1.5 + 1.0 + 1.5) / 4)
+    assert s["imbalance_max"] == pytest.approx(1.5)
+    assert s["imbalance_p50"] == pytest.approx(1.5)
+    # whole trace: layer0 [4,4] -> 1.0; layer1 [5,3] -> 1.25
+    assert s["imbalance_trace"] == pytest.approx(1.125)
+    assert s["imbalance_trace_max"] == pytest.approx(1.25)
+    assert s["solver_seconds"] == 1.5 and s["replica_slots_per_layer"] == 0
+
+
+def test_score_rejects_mismatched_trace():
+    plan = plan_from_rank_lists([[[0, 1], [2, 3]]], num_experts=4)
+    with pytest.raises(ValueError, match="MoE layers"):
+        score_plan(plan, np.zeros((4, 2, 2), dtype=int))
+    with pytest.raises(ValueError, match="num_experts=4"):
+        score_plan(plan, np.full((4, 1, 2), 7))
