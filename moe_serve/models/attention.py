@@ -29,6 +29,7 @@ class StepMeta:
     dec_lens: torch.Tensor | None  # long [B]: cached tokens incl. this one
     dec_max: int  # longest decode context (rows to gather)
     dec_uniform: bool  # every decode sees exactly dec_max keys: no length mask needed
+    dec_range: tuple[int, int] | None  # decode slots are exactly a..b-1 in order: read a view, no gather
     prefills: list[tuple[int, int, int, int]]  # (start, n, slot, context_len) per prefill chunk
     last_idx: torch.Tensor  # long [S]: flat index of each sequence's last token
     _masks: dict = field(default_factory=dict)
@@ -54,6 +55,7 @@ class StepMeta:
             dec_lens=as_t([ctx[i] + 1 for i in dec]) if dec else None,
             dec_max=max((ctx[i] + 1 for i in dec), default=0),
             dec_uniform=len({ctx[i] for i in dec}) <= 1,
+            dec_range=_contiguous([slots[i] for i in dec]),
             prefills=pre,
             last_idx=torch.cumsum(qt, 0) - 1,
         )
@@ -70,6 +72,12 @@ class StepMeta:
                 m &= t[None, :] > (self.dec_lens[:, None] - 1 - window)
             self._masks[window] = m[:, None, None, :]
         return self._masks[window]
+
+
+def _contiguous(slots: list[int]) -> tuple[int, int] | None:
+    if slots and slots == list(range(slots[0], slots[0] + len(slots))):
+        return slots[0], slots[0] + len(slots)
+    return None
 
 
 def chunk_mask(n: int, ctx: int, window: int | None, device) -> torch.Tensor | None:
@@ -99,7 +107,11 @@ def attend(
     n_tok, hq = q.shape[0], q.shape[1]
     out = q.new_empty(n_tok, hq, v_dim)
     if meta.dec_idx is not None:
-        k, v = expand(tuple(c[:, : meta.dec_max].index_select(0, meta.dec_slots) for c in caches))  # [B, T, Hkv, D]
+        if meta.dec_range is not None:  # slots a..b-1: a view of the cache, no copy
+            rows = tuple(c[meta.dec_range[0]:meta.dec_range[1], : meta.dec_max] for c in caches)
+        else:
+            rows = tuple(c[:, : meta.dec_max].index_select(0, meta.dec_slots) for c in caches)
+        k, v = expand(rows)  # [B, T, Hkv, D]
         qd = q.index_select(0, meta.dec_idx)[:, :, None, :]  # [B, Hq, 1, D]
         o = F.scaled_dot_product_attention(qd, k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=meta.decode_mask(window), scale=scale,

@@ -34,20 +34,21 @@ def test_chunked_prefill_equals_one_shot(model):
     torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-5, atol=1e-5)
 
 
-def test_batched_decode_equals_alone(model):
+@pytest.mark.parametrize("slots", [(3, 4, 5), (5, 1, 3)], ids=["contiguous", "gathered"])
+def test_batched_decode_equals_alone(model, slots):
     alone = []
-    for i, p in enumerate(PROMPTS):  # each sequence alone: prefill, then 3 decodes
-        out = [model(batch([(p, i, 0)]))]
+    for i, p in enumerate(PROMPTS):  # each sequence alone (slot 0): prefill, then 3 decodes
+        out = [model(batch([(p, 0, 0)]))]
         for step in range(3):
             tok = int(out[-1][0].argmax())
-            out.append(model(batch([([tok], i, len(p) + step)])))
+            out.append(model(batch([([tok], 0, len(p) + step)])))
         alone.append(torch.cat(out))  # [4, V]
-    # together, in slots 3..5: one prefill step of all three, then decode steps of all three
-    out = model(batch([(p, 3 + i, 0) for i, p in enumerate(PROMPTS)]))  # [3, V]
+    # together: one prefill step of all three, then decode steps of all three (different lengths)
+    out = model(batch([(p, slots[i], 0) for i, p in enumerate(PROMPTS)]))  # [3, V]
     together = [out]
     for step in range(3):
         toks = out.argmax(-1).tolist()
-        out = model(batch([([t], 3 + i, len(PROMPTS[i]) + step) for i, t in enumerate(toks)]))
+        out = model(batch([([t], slots[i], len(PROMPTS[i]) + step) for i, t in enumerate(toks)]))
         together.append(out)
     together = torch.stack(together, dim=1)  # [3 seqs, 4 steps, V]
     for i in range(3):
