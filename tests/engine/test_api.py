@@ -67,6 +67,20 @@ def test_async_streams_concatenate_to_the_final_text(tiny_dir):
         assert llm.generate("The quick brown fox", GREEDY)[0].token_ids == a.token_ids
 
 
+def test_async_stream_with_a_matching_stop_string(tiny_dir):
+    with LLM(model=str(tiny_dir)) as llm:
+        full = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    eng = AsyncEngine.from_config(EngineConfig.from_flat(model=str(tiny_dir)))
+    try:
+        params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=[stop])
+        deltas, out = asyncio.run(_collect(eng, "Once upon a time", params, "s"))
+    finally:
+        eng.shutdown()
+    assert out.finish_reason == "stop"
+    assert "".join(deltas) == out.text == full[: full.index(stop)]
+
+
 def test_async_bad_request_fails_alone_and_abort_frees(tiny_dir):
     eng = AsyncEngine.from_config(EngineConfig.from_flat(model=str(tiny_dir), max_num_seqs=2))
     try:
