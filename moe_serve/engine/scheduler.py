@@ -10,6 +10,7 @@ them); finishing or aborting a sequence returns its slot at once.
 """
 from __future__ import annotations
 
+import heapq
 from collections import deque
 
 from moe_serve.engine.sequence import Sequence
@@ -32,7 +33,7 @@ def kv_cache_slots(kv_cache_gb: float, kv_bytes_per_token: int, max_model_len: i
 
 class Scheduler:
     def __init__(self, num_slots: int, max_num_batched_tokens: int, prefill_chunk: int, max_queue: int):
-        self.free_slots = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self.free_slots = list(range(num_slots))  # a min-heap: the lowest free slot is handed out first
         self.num_slots = num_slots
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefill_chunk = prefill_chunk
@@ -55,8 +56,10 @@ class Scheduler:
         """[(sequence, tokens it feeds this step)], decodes first; empty when there is nothing to do."""
         budget = self.max_num_batched_tokens
         plan: list[tuple[Sequence, int]] = []
-        for seq in self.running:
-            if seq.prefill_done and budget > 0:
+        # decodes in slot order: with lowest-slot-first allocation they are usually slots 0..B-1,
+        # which lets the model read their KV rows as one view instead of gathering them
+        for seq in sorted((s for s in self.running if s.prefill_done), key=lambda s: s.slot):
+            if budget > 0:
                 plan.append((seq, 1))
                 budget -= 1
         for seq in self.running:
@@ -66,7 +69,7 @@ class Scheduler:
                 budget -= n
         while self.waiting and self.free_slots and budget > 0:
             seq = self.waiting.popleft()
-            seq.slot = self.free_slots.pop()
+            seq.slot = heapq.heappop(self.free_slots)
             self.running.append(seq)
             n = min(self.prefill_chunk, len(seq.prompt_ids), budget)
             plan.append((seq, n))
@@ -80,5 +83,5 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         if seq.slot is not None:
-            self.free_slots.append(seq.slot)
+            heapq.heappush(self.free_slots, seq.slot)
             seq.slot = None
