@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moe_serve.experts.store import ExpertStore
+from moe_serve.experts.store import ExpertStore, expert_forward
 from placement.replica import choose_replica
 
 
@@ -79,6 +79,18 @@ class EPExpertStore(ExpertStore):
                                "that it does not hold: the ranks disagree on the placement plan")
         return self.gate_up[moe_layer][s], self.down[moe_layer][s]
 
+    def run(self, moe_layer: int, x_sorted: torch.Tensor, counts) -> torch.Tensor:
+        """Rows grouped by logical expert per `counts` [E] (list or long tensor), this rank's copies only."""
+        counts = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
+        y = torch.empty_like(x_sorted)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                gate_up, down = self.get(moe_layer, e)
+                y[start:start + c] = expert_forward(x_sorted[start:start + c], gate_up, down)
+                start += c
+        return y
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.gate_up, *self.down))
 
@@ -125,10 +137,19 @@ def _slots(plan, l: int, ids: np.ndarray, batch=None) -> np.ndarray:
     return choose_replica(ids, plan.log2phy[l], plan.replica_count[l], plan.slots_per_rank, plan.num_ranks, batch)
 
 
-def _sort_local(x, token, e, w):
-    """Rows of this rank's copies grouped by logical expert (stable: token order inside an expert)."""
+def _sort_local(x, flat, k, e):
+    """This rank's copies (flat (token, k) positions, logical ids e) grouped by expert, stably."""
     order = torch.argsort(e, stable=True)
-    return x.index_select(0, token[order]), token[order], w[order], e[order]
+    flat = flat[order]
+    return x.index_select(0, torch.div(flat, k, rounding_mode="floor")), flat, e[order]
+
+
+def _sum_copies(weighted: torch.Tensor, flat: torch.Tensor, n: int, k: int, dtype) -> torch.Tensor:
+    """Weighted copies at (token, k) positions `flat` -> [n, H]: each token's k copies summed (absent
+    copies are zero) in the activation dtype after an fp32-or-wider sum, as models.moe.LocalDispatcher."""
+    full = weighted.new_zeros(n * k, weighted.shape[1])
+    full[flat] = weighted
+    return full.view(n, k, -1).sum(dim=1).to(dtype)
 
 
 class _Base:
@@ -148,18 +169,14 @@ class ReplicatedDispatcher(_Base):
         if self.ctx.count:  # tokens are on every rank already: nothing crosses the wire to dispatch
             r = self.ctx.real_tokens
             self.ctx.stats.record(self.l, ids_np[:r], dest[:r], 0, 0)
-        mine = torch.from_numpy((dest == self.ctx.ep_rank).reshape(-1))
-        flat = torch.arange(n * k)[mine]
-        token = torch.div(flat, k, rounding_mode="floor")
-        e, w = ids.reshape(-1)[flat], weights.reshape(-1)[flat]
-        x_sorted, token, w, e = _sort_local(x, token, e, w)
-        counts = torch.bincount(e, minlength=num_experts).tolist()
-        return x_sorted, counts, (token, w, n)
+        flat = torch.arange(n * k)[torch.from_numpy((dest == self.ctx.ep_rank).reshape(-1))]
+        x_sorted, flat, e = _sort_local(x, flat, k, ids.reshape(-1)[flat])
+        counts = torch.bincount(e, minlength=num_experts)
+        return x_sorted, counts, (flat, weights.reshape(-1)[flat], n, k)
 
     def combine(self, y_sorted, state, dtype):
-        token, w, n = state
-        out = torch.zeros(n, y_sorted.shape[1], dtype=dtype, device=y_sorted.device)
-        return out.index_add_(0, token, (y_sorted * w[:, None]).to(dtype))  # partial: the block all-reduces
+        flat, w, n, k = state
+        return _sum_copies(y_sorted * w[:, None], flat, n, k, dtype)  # partial: the block all-reduces
 
 
 class AllToAllDispatcher(_Base):
@@ -186,23 +203,16 @@ class AllToAllDispatcher(_Base):
         e_recv = flat_ids.new_empty(sum(rc))
         dist.all_to_all_single(e_recv, flat_ids[order].contiguous(), rc, sc, group=group)
         back = torch.argsort(e_recv, stable=True)  # received rows grouped by expert
-        counts = torch.bincount(e_recv, minlength=num_experts).tolist()
-        by_expert = torch.argsort(flat_ids, stable=True)  # the local dispatcher's order, for the combine
-        return x_recv.index_select(0, back), counts, (order, back, sc, rc, n, k, weights, by_expert)
+        counts = torch.bincount(e_recv, minlength=num_experts)
+        return x_recv.index_select(0, back), counts, (order, back, sc, rc, n, k, weights)
 
     def combine(self, y_sorted, state, dtype):
-        order, back, sc, rc, n, k, weights, by_expert = state
+        order, back, sc, rc, n, k, weights = state
         y_recv = torch.empty_like(y_sorted)
         y_recv[back] = y_sorted  # back to arrival order
         y_home = y_sorted.new_empty(sum(sc), y_sorted.shape[1])
         dist.all_to_all_single(y_home, y_recv, sc, rc, group=self.ctx.ep_group)
-        y_flat = torch.empty_like(y_home)
-        y_flat[order] = y_home  # [N*K, H] in (token, k) order
-        token = torch.div(by_expert, k, rounding_mode="floor")
-        w = weights.reshape(-1).index_select(0, by_expert)
-        contrib = (y_flat.index_select(0, by_expert) * w[:, None]).to(dtype)
-        out = torch.zeros(n, y_sorted.shape[1], dtype=dtype, device=y_sorted.device)
-        return out.index_add_(0, token, contrib)  # same order of additions as the local dispatcher
+        return _sum_copies(y_home * weights.reshape(-1).index_select(0, order)[:, None], order, n, k, dtype)
 
 
 class AllGatherDispatcher(_Base):
@@ -226,19 +236,15 @@ class AllGatherDispatcher(_Base):
             r, start = self.ctx.real_tokens, sum(sizes[:me])
             self.ctx.stats.record(self.l, ids_np[start:start + r], dest[start:start + r], r * (len(sizes) - 1),
                                   x.shape[1] * x.element_size())
-        mine = torch.from_numpy((dest == me).reshape(-1))
-        flat = torch.arange(all_ids.numel())[mine]
-        token = torch.div(flat, k, rounding_mode="floor")
-        e, w = all_ids.reshape(-1)[flat], all_w.reshape(-1)[flat]
-        x_sorted, token, w, e = _sort_local(xs, token, e, w)
-        counts = torch.bincount(e, minlength=num_experts).tolist()
-        return x_sorted, counts, (token, w, n, m)
+        flat = torch.arange(all_ids.numel())[torch.from_numpy((dest == me).reshape(-1))]
+        x_sorted, flat, e = _sort_local(xs, flat, k, all_ids.reshape(-1)[flat])
+        counts = torch.bincount(e, minlength=num_experts)
+        return x_sorted, counts, (flat, all_w.reshape(-1)[flat], n, m, k)
 
     def combine(self, y_sorted, state, dtype):
-        token, w, n, m = state
+        flat, w, n, m, k = state
         sizes, me = self.ctx.tokens_per_rank, self.ctx.ep_rank
-        part = torch.zeros(sum(sizes), y_sorted.shape[1], dtype=dtype, device=y_sorted.device)
-        part.index_add_(0, token, (y_sorted * w[:, None]).to(dtype))
+        part = _sum_copies(y_sorted * w[:, None], flat, sum(sizes), k, dtype)  # [T, H] partial
         padded = part.new_zeros(len(sizes), m, part.shape[1])
         for r, (a, s) in enumerate(zip(np.cumsum([0, *sizes[:-1]]), sizes)):
             padded[r, :s] = part[a:a + s]

@@ -46,12 +46,12 @@ def resolve_allreduce(pc: ParallelConfig, device: str) -> str:
 
 
 class DistributedModel:
-    def __init__(self, mc: ModelConfig, pc: ParallelConfig, faults: dict[int, str] | None = None):
+    def __init__(self, mc: ModelConfig, pc: ParallelConfig, faults: dict[int, str] | None = None, engine_hooks=None):
         from moe_serve.models.checkpoint import read_config
         from moe_serve.models.families import parse_spec
         from moe_serve.models.loader import resolve_dtype
 
-        self.mc, self.pc, self.faults = mc, pc, faults
+        self.mc, self.pc, self.faults, self.engine_hooks = mc, pc, faults, engine_hooks
         _, self.spec = parse_spec(read_config(mc.model))
         self.dtype = resolve_dtype(mc.dtype, self.spec)
         self.device = torch.device("cpu")  # logits arrive on the host
@@ -60,6 +60,7 @@ class DistributedModel:
         self.error: WorkerFailure | None = None
         self.step_id = 0
         self.last_stats: list[dict] = []
+        self.expert_load: torch.Tensor | None = None
         self.allreduce = resolve_allreduce(pc, mc.device)
         self._shm_port = None
         atexit.register(self.close)
@@ -106,6 +107,12 @@ class DistributedModel:
             self.close()
             raise
         self.last_stats = [o.stats for o in outs]
+        loads = [o.expert_load.to_tensor() for o in outs if o.expert_load is not None]
+        if loads:
+            self.expert_load = torch.stack(loads).sum(0)  # int64 [L, E] routing choices so far
+            counter = getattr(self.engine_hooks, "counter", None)
+            if counter is not None:  # the engine's ExpertLoadCounter (CLI table, /metrics) shows the ranks' sum
+                counter.counts.copy_(self.expert_load)
         return self._assemble(batch, outs)
 
     def _assemble(self, batch: ForwardBatch, outs: list[m.StepOutput]) -> torch.Tensor:
@@ -142,3 +149,16 @@ class DistributedModel:
                 except OSError:
                     pass
             self._shm_port = None
+
+
+def distributed_engine_model(mc: ModelConfig, pc: ParallelConfig, hooks, expert_cache) -> DistributedModel:
+    """The engine's model when parallel.tp * ep > 1 (moe_serve.engine.model_setup calls this)."""
+    tc = hooks.trace_config
+    if tc.record_trace or tc.replay_trace:
+        raise ValueError("trace.record_trace and trace.replay_trace are not supported with "
+                         f"parallel.tp={pc.tp}, parallel.ep={pc.ep} yet (routing happens on the worker ranks)")
+    if expert_cache is not None and (expert_cache.expert_cache_gb is not None
+                                     or expert_cache.expert_cache_slots is not None):
+        raise ValueError("expert_cache.expert_cache_gb/expert_cache_slots (offloading) are not supported with "
+                         f"parallel.tp={pc.tp}, parallel.ep={pc.ep} yet: every rank keeps its experts resident")
+    return DistributedModel(mc, pc, engine_hooks=hooks)

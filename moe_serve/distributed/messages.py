@@ -82,6 +82,7 @@ class StepOutput(msgspec.Struct, tag=True):
     logits: TensorBlob  # float [len(seq_index) or tokens, V]
     compute_s: float  # forward time on the rank
     stats: dict[str, float] = {}  # counters of this step (dispatch copies, bytes, ...)
+    expert_load: TensorBlob | None = None  # int64 [L, E] cumulative routing choices of this rank's tokens
 
 
 class WorkerError(msgspec.Struct, tag=True):

@@ -41,7 +41,7 @@ class ProbeRunner:
             outs.append(x)
         if self.layout.rank not in self.layout.output_ranks():
             return None
-        return list(range(len(plan.slot_ids))), torch.stack(outs, dim=1), {"allreduces": 3.0}
+        return list(range(len(plan.slot_ids))), torch.stack(outs, dim=1), {"allreduces": 3.0}, None
 
     def command(self, msg) -> None:
         raise ValueError(f"probe runner: command {type(msg).__name__} is not supported")

@@ -121,7 +121,7 @@ class ModelRunner:
             logits = self.model.forward(batch)
             if lay.rank not in lay.output_ranks():
                 return None
-            return list(range(batch.num_seqs)), logits, self.ctx.stats.step_dict()
+            return list(range(batch.num_seqs)), logits, self.ctx.stats.step_dict(), self._load()
         owner = [s % lay.dp for s in batch.slot_ids]
         mine = [i for i, d in enumerate(owner) if d == lay.dp_rank]
         per_rank = [sum(q for q, d in zip(batch.query_lens, owner) if d == r) or 1 for r in range(lay.dp)]
@@ -135,7 +135,10 @@ class ModelRunner:
         logits = self.model.forward(sub)
         if not mine:
             logits = logits[:0]
-        return mine, logits, self.ctx.stats.step_dict()
+        return mine, logits, self.ctx.stats.step_dict(), self._load()
+
+    def _load(self) -> torch.Tensor:
+        return torch.from_numpy(self.ctx.stats.load)
 
     # ---- commands -----------------------------------------------------------------------------
     def command(self, msg) -> None:

@@ -127,9 +127,10 @@ def run_worker(spec: WorkerSpec) -> int:
                 t = time.perf_counter()
                 out = runner.step(msg)
                 if out is not None:
-                    seq_index, logits, stats = out
+                    seq_index, logits, stats, load = out
                     up.send(m.encode(m.StepOutput(step, spec.rank, seq_index, m.TensorBlob.from_tensor(logits),
-                                                  time.perf_counter() - t, stats)))
+                                                  time.perf_counter() - t, stats,
+                                                  None if load is None else m.TensorBlob.from_tensor(load))))
                 hb.step = step
             else:
                 runner.command(msg)

@@ -142,8 +142,9 @@ class LLMEngine:
                 to_sample.append(seq)
                 rows.append(i)
         if to_sample:
-            idx = torch.tensor(rows, device=logits.device)
-            tokens = sample(logits.index_select(0, idx), [s.params for s in to_sample], [s.generator for s in to_sample])
+            if len(rows) < logits.shape[0]:  # some sequences are mid-prefill: no token for them yet
+                logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+            tokens = sample(logits, [s.params for s in to_sample], [s.generator for s in to_sample])
             for seq, tok in zip(to_sample, tokens):
                 seq.append_token(tok, now)
                 try:

@@ -53,7 +53,7 @@ def _plan(step, seqs):
                       slot_ids=list(range(len(seqs))), query_lens=[len(s) for s in seqs], context_lens=[0] * len(seqs))
 
 
-@pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2), (2, 2)])
+@pytest.mark.parametrize("tp,ep", [(1, 2), (2, 2)])
 def test_probe_steps_exact(tp, ep):
     group = WorkerGroup(_spec(tp, ep), world_size=max(tp, ep), startup_timeout_s=60, heartbeat_timeout_s=20)
     try:
@@ -83,8 +83,7 @@ def test_rank_that_exits_at_startup_is_named():
         WorkerGroup(_spec(2, 1), world_size=2, startup_timeout_s=60, faults={0: "exit_before_ready"})
 
 
-@pytest.mark.parametrize("how", ["exit_at_step", "sigkill"])
-def test_rank_dying_mid_run_fails_the_step(how):
+def test_rank_dying_mid_run_fails_the_step(how="exit_at_step"):  # SIGKILL: test_engine_parallel
     faults = {1: "exit_at_step:2"} if how == "exit_at_step" else {}
     group = WorkerGroup(_spec(2, 1), world_size=2, startup_timeout_s=60, heartbeat_timeout_s=20, faults=faults)
     try:
