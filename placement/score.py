@@ -104,4 +104,32 @@ def score_ranks(ranks: np.ndarray, batch: np.ndarray, batch_size: int, num_ranks
         fanout_mean=float(fan.mean()), fanout_p99=float(np.percentile(fan, 99)),
         dispatch_bytes_per_token=float(fan.sum(1).mean() * hidden_size * dtype_bytes),
         hidden_size=hidden_size, rank_changes_mean=float(changes.mean()),
+        imbalance_series=[float(x) for x in (load.max(-1) / np.maximum(load.mean(-1), 1e-12)).mean(1)],
     )
+
+
+def score_load(plan: PlacementPlan, load) -> dict:
+    """Imbalance of `plan` under per-expert loads only (float [L, E], e.g. aggregate counts): single-copy
+    experts load their rank; replicated experts are split as the replica rule does in expectation
+    (least-loaded water-filling, ascending expert id, unsettled ones counted as an even split)."""
+    load = np.asarray(load, dtype=np.float64)
+    if load.shape != (plan.num_layers, plan.num_experts):
+        raise ValueError(f"score: load must be [L={plan.num_layers}, E={plan.num_experts}], got {load.shape}")
+    N, spr = plan.num_ranks, plan.slots_per_rank
+    rank_load = np.zeros((plan.num_layers, N))
+    for l in range(plan.num_layers):
+        cnt = plan.replica_count[l]
+        slot_rank = np.arange(plan.num_slots) // spr
+        rank_load[l] = np.bincount(slot_rank, weights=(load[l] / cnt)[plan.phy2log[l]], minlength=N)
+        for e in np.flatnonzero(cnt > 1):
+            ranks = plan.log2phy[l, e, :cnt[e]] // spr
+            np.subtract.at(rank_load[l], ranks, load[l, e] / cnt[e])
+            base = rank_load[l, ranks]
+            lo, hi = base.min(), base.max() + load[l, e]
+            for _ in range(60):  # bisection for the water level
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if np.maximum(mid - base, 0).sum() < load[l, e] else (lo, mid)
+            np.add.at(rank_load[l], ranks, np.maximum(hi - base, 0) * load[l, e] / max(np.maximum(hi - base, 0).sum(), 1e-12))
+    imb = rank_load.max(1) / np.maximum(rank_load.mean(1), 1e-12)
+    return dict(imbalance_trace=float(imb.mean()), imbalance_trace_max=float(imb.max()),
+                imbalance_per_layer=[float(x) for x in imb])

@@ -2,19 +2,28 @@
 
 Per layer, in order (layer l sees layer l-1's finished placement):
 
-1. Robust load: the fitted load, normalized, blended with a uniform prior (`uniform_blend`) so a plan
-   fitted on one domain does not trust that domain's cold experts to stay cold.
-2. Replication: spare slots go to the experts with the largest load per copy (EPLB's rule); copies of
-   an expert land on different ranks. The replica rule (placement.replica) makes replicas a dynamic
-   balancer at run time, so they go where balance needs them, not where affinity would want them.
-3. Balanced start: physical experts in descending load, each to the lightest rank with a free slot.
-4. Local search: swap two single-copy experts on different ranks when it lowers the cost and keeps
-   every rank's load under `(1 + balance_tol) x mean`. The cost is exact on the fitted tokens:
+1. Load: the fitted load, normalized, optionally blended with a uniform prior (`uniform_blend`) so a
+   plan fitted on one domain trusts that domain's cold experts less.
+2. Replication: spare slots go to the experts with the largest load per copy (EPLB's rule). The replica
+   rule (placement.replica: least-loaded quotas, same-rank-first inside them) then balances replicated
+   traffic per batch at run time.
+3. Balanced start: physical experts in descending load, each to the lightest rank with a free slot that
+   lacks it.
+4. Swap search over physical experts ("items", replicas included; placement.algorithms.swap_search).
+   With the fitted tokens, each choice is first mapped to a copy by the run-time replica rule, so an
+   item carries exactly the tokens it would serve. The cost is exact on those tokens:
        sum over tokens t, ranks n touched by t at this layer of (1 + cross_layer_weight * [n not touched
        by t at layer l-1]),
-   i.e. fan-out plus weighted cross-layer rank changes. The gain of every candidate swap is computed at
-   once with a few [T, E] x [T, N] products (no per-token loops). Without tokens, the within-layer
-   co-activation matrix gives the classic pairwise proxy (co-activation kept inside ranks).
+   i.e. fan-out plus weighted cross-layer rank changes; every candidate swap's change comes from a few
+   [T, I] x [T, N] products (no per-token loops).
+   a. explore: swaps that lower the cost under a loose cap, every rank <= (1 + explore_tol) x mean, so
+      clusters of experts that fire together can form;
+   b. tighten: cost + balance_weight x (load excess over the mean) under the tight cap
+      (1 + balance_tol) x mean, accepting swaps that bring an over-cap pair closer to it, so balance is
+      restored with the least fan-out given back.
+   `rounds` re-maps replicated experts' tokens to their new copies and searches again.
+   Without tokens, the within-layer co-activation matrix gives the pairwise proxy (co-activation kept
+   inside ranks); without either, the balanced start is the plan.
 """
 from __future__ import annotations
 
@@ -23,8 +32,8 @@ import time
 import numpy as np
 
 from placement.algorithms.common import check_sizes, replicate_greedy, single_thread_blas
-from placement.plan import PlacementPlan
 from placement.algorithms.swap_search import items_to_phy2log, swap_cost_pairs, swap_cost_tokens, swap_search
+from placement.plan import PlacementPlan
 from placement.replica import choose_replica
 
 
@@ -95,9 +104,9 @@ def place_layer(phy, w, count, num_ranks, slots_per_rank, tokens_l=None, prev_to
 
 
 def affinity(load, num_ranks: int, slots_per_rank: int, coact=None, transitions=None, tokens=None,
-             uniform_blend: float = 0.0, max_tokens: int = 8192, balance_tol: float = 0.02,
+             uniform_blend: float = 0.0, max_tokens: int = 4096, balance_tol: float = 0.02,
              explore_tol: float = 0.25, balance_weight: float = 4.0, cross_layer_weight: float = 0.3,
-             max_iters: int = 400, rounds: int = 3, **_) -> PlacementPlan:
+             max_iters: int = 400, rounds: int = 2, **_) -> PlacementPlan:
     """load [L, E]; coact [L, E, E] (optional); tokens int [T, L, K], the fitted trace (optional, exact
     objective; subsampled to `max_tokens` rows, evenly spaced). `transitions` is accepted for the common
     interface; the cross-layer term is taken exactly from `tokens` instead."""
@@ -105,7 +114,7 @@ def affinity(load, num_ranks: int, slots_per_rank: int, coact=None, transitions=
     L, E = check_sizes(load, num_ranks, slots_per_rank)
     layer_kw = dict(balance_tol=balance_tol, explore_tol=explore_tol, balance_weight=balance_weight,
                     cross_layer_weight=cross_layer_weight, max_iters=max_iters, rounds=rounds)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if tokens is not None:
         tokens = np.asarray(tokens, dtype=np.int64)
         if len(tokens) > max_tokens:
@@ -124,6 +133,7 @@ def affinity(load, num_ranks: int, slots_per_rank: int, coact=None, transitions=
             C = None if coact is None else np.asarray(coact[l], dtype=np.float64)
             phy2log[l], prev_touch = place_layer(phy, w, count, num_ranks, slots_per_rank, tok_l, prev_touch, C,
                                                  **layer_kw)
-    meta = dict(algorithm="affinity", solver_seconds=time.perf_counter() - t0, uniform_blend=uniform_blend,
+    meta = dict(algorithm="affinity", solver_seconds=time.perf_counter() - t0,
+                solver_cpu_seconds=time.process_time() - c0, uniform_blend=uniform_blend,
                 **layer_kw)
     return PlacementPlan.from_phy2log(phy2log, E, num_ranks, meta)
