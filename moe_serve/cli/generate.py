@@ -17,10 +17,10 @@ import numpy as np
 
 from moe_serve.cli.flags import add_config_flags, config_kwargs
 from moe_serve.cli.info import format_info, model_info
-from moe_serve.config import DEFAULT_MODEL, KVCacheConfig, ModelConfig, SchedulerConfig, TraceConfig
+from moe_serve.config import DEFAULT_MODEL, KVCacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, TraceConfig
 
 DEFAULT_PROMPTS = ["Once upon a time", "The history of the city", "def fibonacci(n):"]
-ENGINE_SECTIONS = (ModelConfig, KVCacheConfig, SchedulerConfig, TraceConfig)
+ENGINE_SECTIONS = (ModelConfig, KVCacheConfig, SchedulerConfig, TraceConfig, ParallelConfig)
 
 
 def _add_prompt_flags(p: argparse.ArgumentParser) -> None:
