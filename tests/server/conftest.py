@@ -49,26 +49,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, trace_dir: Path, *flags: str, headers: dict | None = None) -> Server:
+def launch(model_dir: Path, trace_dir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     log = open(trace_dir / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "moe_serve.server", "--model", str(model_dir), "--port", str(port),
                              "--trace-dir", str(trace_dir), *flags], env=env, cwd=REPO, stdout=log,
                             stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{(trace_dir / 'server.log').read_text()}")
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return Server(url, proc, model_dir.name, trace_dir, headers or {})
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
     proc.kill()
-    raise RuntimeError(f"server did not become healthy in 120 s:\n{(trace_dir / 'server.log').read_text()}")
+    raise RuntimeError(f"server did not become healthy in {timeout} s:\n{log.read_text()}")
 
 
 def stop_server(server: Server) -> None:
@@ -86,17 +89,33 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(tiny_model, tmp_path_factory):
-    s = start_server(tiny_model, tmp_path_factory.mktemp("srv_traces"), "--max-num-seqs", "2",
-                     "--max-pending-requests", "3")
-    yield s
-    stop_server(s)
+def servers(tiny_model, tmp_path_factory):
+    """Both servers, started at once so that their start-ups overlap."""
+    specs = {
+        "server": ((), ("--max-num-seqs", "2", "--max-pending-requests", "3")),
+        "strict": ({"Authorization": f"Bearer {API_KEY}"},
+                   ("--max-num-seqs", "1", "--request-timeout-s", "0.3", "--expert-cache-slots", "4",
+                    "--cache-policy", "lru", "--api-key", API_KEY)),
+    }
+    started = {}
+    try:
+        for name, (headers, flags) in specs.items():
+            trace_dir = tmp_path_factory.mktemp(f"{name}_traces")
+            proc, url = launch(tiny_model, trace_dir, *flags)
+            started[name] = Server(url, proc, tiny_model.name, trace_dir, dict(headers))
+        for s in started.values():
+            wait_healthy(s.proc, s.url, s.trace_dir / "server.log")
+        yield started
+    finally:
+        for s in started.values():
+            stop_server(s)
 
 
 @pytest.fixture(scope="session")
-def strict_server(tiny_model, tmp_path_factory):
-    s = start_server(tiny_model, tmp_path_factory.mktemp("strict_traces"), "--max-num-seqs", "1",
-                     "--request-timeout-s", "0.3",
-                     "--expert-cache-slots", "4", "--cache-policy", "lru", "--api-key", API_KEY, headers={"Authorization": f"Bearer {API_KEY}"})
-    yield s
-    stop_server(s)
+def server(servers) -> Server:
+    return servers["server"]
+
+
+@pytest.fixture(scope="session")
+def strict_server(servers) -> Server:
+    return servers["strict"]
