@@ -59,10 +59,10 @@ class ThreadCopier:
             self._cv.notify_all()
             return self._issued
 
-    def ready(self, ticket: int) -> bool:
+    def ready(self, ticket: int, slot: int) -> bool:
         return self._done >= ticket
 
-    def wait(self, ticket: int) -> None:
+    def wait(self, ticket: int, slot: int) -> None:
         with self._cv:
             while self._done < ticket:
                 self._cv.wait()
@@ -85,7 +85,7 @@ class StreamCopier:
         self.device = device
         self.stream = torch.cuda.Stream(device=device)
         self._released: list[torch.cuda.Event | None] = [None] * num_slots  # last reader's end, per slot
-        self._events: dict[int, torch.cuda.Event] = {}
+        self._landed: list[torch.cuda.Event | None] = [None] * num_slots  # latest copy into each slot
         self._issued = 0
 
     def submit(self, pairs, slot: int) -> int:
@@ -96,20 +96,17 @@ class StreamCopier:
                 dst.copy_(src, non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(self.stream)
+        self._landed[slot] = ev
         self._issued += 1
-        self._events[self._issued] = ev
-        if len(self._events) > 4 * len(self._released):  # forget events long since waited on
-            for t in sorted(self._events)[: len(self._events) // 2]:
-                del self._events[t]
         return self._issued
 
-    def ready(self, ticket: int) -> bool:
-        ev = self._events.get(ticket)
+    def ready(self, ticket: int, slot: int) -> bool:
+        ev = self._landed[slot]
         return ev is None or ev.query()
 
-    def wait(self, ticket: int) -> None:
-        ev = self._events.get(ticket)
-        if ev is not None:
+    def wait(self, ticket: int, slot: int) -> None:
+        ev = self._landed[slot]
+        if ev is not None:  # the compute stream waits; the host does not
             torch.cuda.current_stream(self.device).wait_event(ev)
 
     def release(self, slots) -> None:

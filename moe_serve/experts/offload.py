@@ -158,12 +158,12 @@ class OffloadExpertStore(ExpertStore):
         if slot < 0:
             raise KeyError(f"expert ({moe_layer}, {e}) is not resident: begin_layer must name it first")
         ticket = int(self.ticket[slot])
-        if not self.copier.ready(ticket):
+        if not self.copier.ready(ticket, slot):
             t0 = time.perf_counter()
-            self.copier.wait(ticket)
+            self.copier.wait(ticket, slot)
             self.stats["stall_s"] += time.perf_counter() - t0
         else:
-            self.copier.wait(ticket)
+            self.copier.wait(ticket, slot)
         return self.slot_gu[slot], self.slot_dn[slot]
 
     def compute_expert(self, moe_layer: int, e: int, x: torch.Tensor) -> torch.Tensor:

@@ -139,7 +139,7 @@ class TracePredictions:
     def __init__(self, predictor, trace, chunk: int = 4096):
         from predictors.base import RoutingState
 
-        self.lookahead = predictor.lookahead
+        self.lookahead, self.top_k = predictor.lookahead, predictor.top_k
         T, L = trace.num_tokens, trace.num_layers
         self.scores = torch.zeros(T, L, predictor.slots, trace.num_experts)
         for layer in range(L):

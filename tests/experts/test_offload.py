@@ -128,3 +128,18 @@ def test_bad_budget_names_the_field():
         ExpertCacheConfig(cache_policy="belady")
     with pytest.raises(ValueError, match="capacity must lie in"):
         OffloadExpertStore(_Source(), torch.float32, "cpu", capacity=0, policy=LRUPolicy(), top_k=2, cpu_experts="off")
+
+
+def test_thread_copier_copies_in_order_and_reports_errors():
+    from moe_serve.experts.copier import ThreadCopier
+
+    c = ThreadCopier()
+    dst = torch.zeros(4, 1000)
+    tickets = [c.submit([(dst[i % 4], torch.full((1000,), float(i)))], i % 4) for i in range(12)]
+    c.wait(tickets[-1], 3)
+    assert all(c.ready(t, 0) for t in tickets)
+    assert dst[:, 0].tolist() == [8.0, 9.0, 10.0, 11.0]  # the last copy into each slot wins
+    bad = c.submit([(torch.zeros(3), torch.zeros(4))], 0)  # shape mismatch: fails in the worker
+    with pytest.raises(RuntimeError, match="expert copy failed"):
+        c.wait(bad, 0)
+    c.close()

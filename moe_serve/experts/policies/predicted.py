@@ -47,9 +47,18 @@ def gap_counts(experts: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.nd
     return trials, uses
 
 
+def as_probabilities(scores: np.ndarray, top_k: int) -> np.ndarray:
+    """Predictor scores [..., E] (any scale; logits when negative) -> P(expert used) [..., E]: the
+    scores' shares of the top_k experts a token uses, capped at 1."""
+    if scores.min() < 0.0:
+        scores = np.exp(scores - scores.max(-1, keepdims=True))
+    share = scores / np.maximum(scores.sum(-1, keepdims=True), 1e-12)
+    return np.minimum(share * top_k, 1.0)
+
+
 class PredictedPolicy(CachePolicy):
-    """`predictor`: object with `predict(state, layer) -> scores [B, lookahead, E]` (probabilities in
-    [0, 1], or logits, mapped through a sigmoid), or None. `prior`: (trials, uses) from `gap_counts`
+    """`predictor`: object with `top_k` and `predict(state, layer) -> scores [B, lookahead, E]` (any
+    scale, see `as_probabilities`), or None. `prior`: (trials, uses) from `gap_counts`
     on a profiling trace, weighted by `prior_weight`. `horizon`: H in tokens.
     `prefetch_threshold`: least predicted probability of use for a prefetch hint."""
 
@@ -136,9 +145,8 @@ class PredictedPolicy(CachePolicy):
         L, E = self.num_layers, self.num_experts
         hints = []
         if self.predictor is not None and self.lookahead > 0 and state is not None:
-            scores = np.asarray(self.predictor.predict(state, layer), dtype=np.float64)  # [B, D, E]
-            if scores.min() < 0.0 or scores.max() > 1.0:
-                scores = 1.0 / (1.0 + np.exp(-scores))
+            scores = as_probabilities(np.asarray(self.predictor.predict(state, layer), dtype=np.float64),
+                                      self.predictor.top_k)  # [B, D, E]
             # P(any token of the batch uses the expert): [D, E]
             scores = scores[0] if scores.shape[0] == 1 else 1.0 - np.prod(1.0 - scores, axis=0)
             for j in range(min(self.lookahead, scores.shape[0])):
