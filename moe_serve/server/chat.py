@@ -1,6 +1,6 @@
 """Chat messages -> one prompt string, with the tokenizer's chat template or a simple fallback.
 
-A checkpoint's `tokenizer_config.json` may carry a Jinja `chat_template` (Hugging Face's format);
+A checkpoint's `tokenizer_config.json` (or its `chat_template.jinja`) may carry a Jinja chat template;
 it is rendered in a sandboxed Jinja environment, as `transformers` does. A model without one (a
 small base model) gets `FALLBACK_TEMPLATE`: role-tagged turns and an open assistant turn, which is
 plain text any byte-level tokenizer can encode.
@@ -38,6 +38,9 @@ def load_chat_template(model_dir: str | None, tokenizer=None) -> tuple[str, dict
                 tok = tok.get("content")
             if isinstance(tok, str):
                 specials[key] = tok
+    jinja = Path(model_dir) / "chat_template.jinja" if model_dir else None
+    if not template and jinja is not None and jinja.is_file():  # where transformers >= 4.43 saves it
+        template = jinja.read_text()
     if isinstance(template, list):  # HF allows a list of named templates; take "default"
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     return (template or FALLBACK_TEMPLATE), specials

@@ -31,6 +31,12 @@ def test_checkpoint_template_and_special_tokens(tmp_path):
     assert render_chat(parts, loaded, specials) == "<s>[user] ab</s>[assistant] "
 
 
+def test_template_from_chat_template_jinja(tmp_path):
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}|{% endfor %}")
+    template, _ = load_chat_template(str(tmp_path))
+    assert render_chat(MESSAGES, template) == "Be brief.|Hi!|"
+
+
 def test_template_errors_are_value_errors(tmp_path):
     strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first message must be user') }}{% endif %}"
     with pytest.raises(ValueError, match="first message must be user"):
