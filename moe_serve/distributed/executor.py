@@ -130,6 +130,18 @@ class DistributedModel:
             raise WorkerFailure(f"step outputs lack sequences {missing[:5]}: the ranks disagree on the DP split")
         return torch.cat([rows[i] for i in range(batch.num_seqs)])
 
+    def switch_placement(self, plan, at_step: int | None = None) -> int:
+        """Have every rank switch to `plan` (a placement.PlacementPlan) before step `at_step` (default: the
+        next one); returns that step. Weights move between ranks; outputs do not change."""
+        import json
+
+        if self.group is None:
+            raise RuntimeError("the worker ranks are not running")
+        at = self.step_id if at_step is None else at_step
+        doc = dict(num_ranks=plan.num_ranks, phy2log=plan.phy2log.tolist(), meta=plan.meta)
+        self.group.broadcast(m.PlacementCommand(at_step=at, plan_json=json.dumps(doc)))
+        return at
+
     def dispatch_stats(self) -> dict[str, float]:
         """This step's dispatch counters summed over the output ranks."""
         out: dict[str, float] = {}

@@ -22,6 +22,7 @@ from moe_serve.distributed import messages as m
 from moe_serve.distributed.comm import AllReduce, load_deepspeed_shm
 from moe_serve.distributed.ep import DISPATCHERS, DispatchStats, EPExpertStore
 from moe_serve.distributed.groups import Groups
+from moe_serve.distributed.rebalance import Rebalancer
 from moe_serve.distributed.tp import apply_tp
 from moe_serve.models.batch import ForwardBatch
 from moe_serve.models.hooks import NO_HOOKS
@@ -111,9 +112,20 @@ class ModelRunner:
         self.num_slots = int(a["num_slots"])
         model.allocate_kv_cache(self.num_slots + 1, int(a["max_len"]))  # +1: the padding slot of DP attention
         self.model = model
+        self.rebalancer = Rebalancer(self, a.get("rebalance_every", 0) if lay.ep > 1 else 0,
+                                     a.get("rebalance_window", 64), a.get("rebalance_algorithm", "eplb"))
 
     # ---- steps --------------------------------------------------------------------------------
     def step(self, plan: m.StepPlan):
+        self.rebalancer.before_step(plan.step)
+        out = self._forward(plan)
+        self.rebalancer.after_step(plan.step)
+        if out is None:
+            return None
+        seq_index, logits, stats = out
+        return seq_index, logits, {**stats, **self.rebalancer.stats()}, torch.from_numpy(self.ctx.stats.load)
+
+    def _forward(self, plan: m.StepPlan):
         lay, batch = self.layout, plan_batch(plan)
         self.ctx.stats.reset_step()
         if lay.dp == 1:
@@ -121,7 +133,7 @@ class ModelRunner:
             logits = self.model.forward(batch)
             if lay.rank not in lay.output_ranks():
                 return None
-            return list(range(batch.num_seqs)), logits, self.ctx.stats.step_dict(), self._load()
+            return list(range(batch.num_seqs)), logits, self.ctx.stats.step_dict()
         owner = [s % lay.dp for s in batch.slot_ids]
         mine = [i for i, d in enumerate(owner) if d == lay.dp_rank]
         per_rank = [sum(q for q, d in zip(batch.query_lens, owner) if d == r) or 1 for r in range(lay.dp)]
@@ -135,14 +147,22 @@ class ModelRunner:
         logits = self.model.forward(sub)
         if not mine:
             logits = logits[:0]
-        return mine, logits, self.ctx.stats.step_dict(), self._load()
-
-    def _load(self) -> torch.Tensor:
-        return torch.from_numpy(self.ctx.stats.load)
+        return mine, logits, self.ctx.stats.step_dict()
 
     # ---- commands -----------------------------------------------------------------------------
     def command(self, msg) -> None:
-        raise ValueError(f"model runner: command {type(msg).__name__} is not supported yet")
+        if isinstance(msg, m.PlacementCommand):  # switch before step `at_step`, on every rank
+            from placement.plan import PlacementPlan
+
+            doc = json.loads(msg.plan_json)
+            new = PlacementPlan.from_phy2log(np.asarray(doc["phy2log"]), self.plan.num_experts,
+                                             int(doc["num_ranks"]), doc.get("meta", {}))
+            if new.num_ranks != self.plan.num_ranks or new.slots_per_rank != self.plan.slots_per_rank:
+                raise ValueError(f"placement command: plan has {new.num_ranks} ranks x {new.slots_per_rank} slots, "
+                                 f"the running one {self.plan.num_ranks} x {self.plan.slots_per_rank}")
+            self.rebalancer.pending[msg.at_step] = new
+            return
+        raise ValueError(f"model runner: command {type(msg).__name__} is not supported")
 
 
 def build(spec, groups: Groups) -> ModelRunner:
