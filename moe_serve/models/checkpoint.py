@@ -86,7 +86,11 @@ class SafetensorsCheckpoint:
         if shape is not None and self.shape(key) != tuple(shape):
             raise CheckpointError(f"tensor {key!r} has shape {list(self.shape(key))}, expected {list(shape)}")
         try:
-            return h.get_tensor(key)
+            t = h.get_tensor(key)
         except Exception as e:
             raise CheckpointError(f"cannot read tensor {key!r} from {self.dir / self.key_file[key]} "
                                   f"(truncated or corrupt?): {e}") from None
+        if not t.is_floating_point() or t.element_size() < 2:
+            raise CheckpointError(f"tensor {key!r} has dtype {t.dtype}; only float32/bfloat16/float16 "
+                                  "weights are supported (quantized checkpoints are not)")
+        return t

@@ -22,7 +22,7 @@ from moe_serve.models.families import parse_spec
 from moe_serve.models.families.common import Family
 from moe_serve.models.hooks import NO_HOOKS, RouterHooks
 from moe_serve.models.model import MoEModel
-from moe_serve.models.spec import ModelSpec
+from moe_serve.models.spec import ModelSpec, UnsupportedModelError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FP32_PARAMS = ("e_score_correction_bias",)  # transformers keeps these in fp32 whatever the dtype
@@ -44,6 +44,7 @@ class CheckpointExperts:
         self.ckpt, self.family, self.spec = ckpt, family, spec
         self.num_moe_layers, self.num_experts = spec.num_moe_layers, spec.num_experts
         self._fused: dict[int, tuple[str, str] | None] = {}
+        self._fused_layer: tuple[int, torch.Tensor, torch.Tensor] | None = None  # last fused layer read
 
     def _fused_keys(self, layer: int) -> tuple[str, str] | None:
         if layer not in self._fused:
@@ -58,10 +59,11 @@ class CheckpointExperts:
         s, layer = self.spec, self.spec.moe_layers[moe_layer]
         h, i = s.hidden_size, s.moe_intermediate_size
         fused = self._fused_keys(layer)
-        if fused is not None:
-            gu = self.ckpt.get(fused[0], (s.num_experts, 2 * i, h))[e]
-            dn = self.ckpt.get(fused[1], (s.num_experts, h, i))[e]
-            return gu, dn
+        if fused is not None:  # read the layer's [E, ...] tensors once, not once per expert
+            if self._fused_layer is None or self._fused_layer[0] != layer:
+                self._fused_layer = (layer, self.ckpt.get(fused[0], (s.num_experts, 2 * i, h)),
+                                     self.ckpt.get(fused[1], (s.num_experts, h, i)))
+            return self._fused_layer[1][e], self._fused_layer[2][e]
         g_key, u_key, d_key = self.family.expert_keys(layer, e)
         gate, up, down = self.ckpt.get(g_key, (i, h)), self.ckpt.get(u_key, (i, h)), self.ckpt.get(d_key, (h, i))
         return torch.cat((gate, up), dim=0), down
@@ -71,6 +73,11 @@ def load_model(model_dir: str | Path, dtype="auto", device="cpu", hooks: RouterH
                expert_store_factory=None) -> MoEModel:
     cfg = read_config(model_dir)
     family, spec = parse_spec(cfg)
+    quant = cfg.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        raise UnsupportedModelError(f"quantized checkpoints are not supported (config.json quantization_config."
+                                    f"quant_method={method!r}); use a float32/bfloat16/float16 checkpoint")
     dt, device = resolve_dtype(dtype, spec), torch.device(device)
     ckpt = SafetensorsCheckpoint(model_dir)
     with torch.device("meta"):

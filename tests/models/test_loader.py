@@ -124,3 +124,22 @@ def test_missing_expert_key(mixtral_dir, tmp_path):
 def test_bad_dtype(mixtral_dir):
     with pytest.raises(ValueError, match="dtype"):
         load_model(mixtral_dir, dtype="int8")
+
+
+def test_tied_embeddings_match_transformers(tmp_path):
+    hf = build_hf_model("qwen3_moe", tie_word_embeddings=True)
+    hf.save_pretrained(tmp_path)
+    m = load_model(tmp_path)
+    assert m.spec.tie_word_embeddings and not hasattr(m, "lm_head")
+    with torch.no_grad():
+        ref = hf(torch.tensor([IDS])).logits[0, -1]
+    torch.testing.assert_close(logits(m)[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_quantized_checkpoint_refused(mixtral_dir, tmp_path):
+    d = copy(mixtral_dir, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="quant_method='fp8'"):
+        load_model(d)
