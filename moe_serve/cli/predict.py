@@ -1,0 +1,94 @@
+"""`moe-serve predict fit` and `moe-serve predict eval`: expert predictors on routing traces.
+
+    moe-serve predict fit --trace a.npz [b.npz ...] --predictor mlp --lookahead 3 --out mlp.safetensors
+    moe-serve predict eval --train a.npz --test b.npz --lookahead 3 --json results.json
+
+`eval` fits every predictor (or those named by --predictors) on the train traces, measures them on
+the test traces, prints a table and writes the JSON (per predictor and lookahead: recall_at_k,
+precision_at_budget, recall_at_budget, fit and predict times).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _params(items: list[str] | None) -> dict:
+    """--param KEY=VALUE (VALUE parsed as JSON when it parses, else kept as a string)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--param must look like KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def run_fit(args) -> int:
+    from predictors.registry import make_predictor
+    from predictors.router import RouterPredictor, router_weights_from_checkpoint
+    from predictors.traces import load_trace
+
+    traces = [load_trace(p) for p in args.trace]
+    ref = traces[0]
+    t0 = time.perf_counter()
+    if args.predictor == "router" and args.router_checkpoint:
+        pred = RouterPredictor.from_router_weights(router_weights_from_checkpoint(args.router_checkpoint, ref.num_experts), ref.top_k, args.lookahead)
+    else:
+        pred = make_predictor(args.predictor, ref.num_layers, ref.num_experts, ref.top_k, args.lookahead, **_params(args.param))
+        pred.fit(traces)
+    pred.save(args.out)
+    print(f"fitted {args.predictor} (lookahead {args.lookahead}) on {sum(t.num_tokens for t in traces)} tokens "
+          f"in {time.perf_counter() - t0:.1f}s -> {args.out}")
+    return 0
+
+
+def run_eval(args) -> int:
+    from predictors.compare import compare, format_table
+    from predictors.traces import load_trace
+
+    train = [load_trace(p) for p in args.train]
+    test = [load_trace(p) for p in args.test]
+    names = args.predictors.split(",") if args.predictors else None
+    params = json.loads(args.params) if args.params else None
+    result = compare(train, test, names, args.lookahead, args.budget, not args.no_next_token, params,
+                     log=lambda s: print(s, file=sys.stderr, flush=True))
+    result.update(train=[str(p) for p in args.train], test=[str(p) for p in args.test])
+    print(format_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def register(subparsers) -> None:
+    from predictors.registry import REGISTRY
+
+    p = subparsers.add_parser("predict", help="fit and evaluate expert predictors on routing traces")
+    sub = p.add_subparsers(dest="predict_command", required=True)
+
+    f = sub.add_parser("fit", help="fit one predictor on traces and save it (safetensors, no pickle)")
+    f.add_argument("--trace", nargs="+", required=True, help="trace files (.npz)")
+    f.add_argument("--predictor", required=True, choices=sorted(REGISTRY), help="which predictor")
+    f.add_argument("--lookahead", type=int, default=1, help="MoE layers ahead to predict; 0 = next token, same layer (default: 1)")
+    f.add_argument("--out", required=True, help="output file (.safetensors)")
+    f.add_argument("--param", action="append", help="predictor parameter KEY=VALUE (repeatable), e.g. epochs=8")
+    f.add_argument("--router-checkpoint", default=None, help="router: take the router weights from this checkpoint directory")
+    f.set_defaults(func=run_fit)
+
+    e = sub.add_parser("eval", help="fit every predictor on --train, measure on --test, print a table, write JSON")
+    e.add_argument("--train", nargs="+", required=True, help="trace files to fit on")
+    e.add_argument("--test", nargs="+", required=True, help="trace files to measure on")
+    e.add_argument("--lookahead", type=int, default=3, help="measure lookahead 1..D (default: 3)")
+    e.add_argument("--budget", type=int, default=None, help="prefetch budget B experts per layer (default: 2 * top_k)")
+    e.add_argument("--predictors", default=None, help="comma-separated subset (default: all)")
+    e.add_argument("--params", default=None, help='JSON: per-predictor parameters, e.g. {"mlp": {"epochs": 4}}')
+    e.add_argument("--no-next-token", action="store_true", help="skip the next-token same-layer evaluation")
+    e.add_argument("--json", default=None, help="write the results here")
+    e.set_defaults(func=run_eval)

@@ -1,0 +1,72 @@
+"""Every predictor side by side: fit on train traces, evaluate on test traces, one table.
+
+Used by `moe-serve predict eval` and `benches/predictor_eval.py`. Each predictor is fitted twice:
+with lookahead D (slots = layers l+1..l+D of the same token) and with lookahead 0 (the next token at
+the same layer). Predictors that need hidden states are skipped, with the reason, when a trace lacks them.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from predictors.evaluate import evaluate, online_cost
+from predictors.registry import REGISTRY, make_predictor
+from predictors.traces import RoutingTrace
+
+DEFAULT_ORDER = ["popularity", "transition", "prev_token", "router", "logreg", "sgd", "mlp", "ensemble"]
+METRICS = ("recall_at_k", "precision_at_budget", "recall_at_budget")
+
+
+def compare(
+    train: list[RoutingTrace], test: list[RoutingTrace], names: list[str] | None = None, lookahead: int = 3,
+    budget: int | None = None, next_token: bool = True, params: dict | None = None, log=print,
+) -> dict:
+    """{'results': {name: {slot: metrics, fit_s, predict_s, predict_ms_b64}}, 'skipped': {name: why}, ...}."""
+    ref = train[0]
+    L, E, K = ref.num_layers, ref.num_experts, ref.top_k
+    budget = 2 * K if budget is None else budget
+    if not 1 <= budget <= E:
+        raise ValueError(f"budget must lie in [1, num_experts={E}], got {budget}")
+    names = names or [n for n in DEFAULT_ORDER if n in REGISTRY]
+    has_hidden = all(t.hidden is not None for t in train + test)
+    out = dict(top_k=K, budget=budget, lookahead=lookahead, num_layers=L, num_experts=E,
+               torch_threads=torch.get_num_threads(), results={}, skipped={})
+    for name in names:
+        if name not in REGISTRY:
+            raise ValueError(f"predictor must be one of {sorted(REGISTRY)}, got {name!r}")
+        if REGISTRY[name].needs_hidden and not has_hidden:
+            out["skipped"][name] = "needs hidden states; the traces have none"
+            continue
+        res: dict = {}
+        for la in ([lookahead] if lookahead else []) + ([0] if next_token else []):
+            t0 = time.perf_counter()
+            pred = make_predictor(name, L, E, K, la, **(params or {}).get(name, {})).fit(train)
+            fit_s = time.perf_counter() - t0
+            ev = evaluate(pred, test, budget)
+            tag = "" if la else "_next_token"
+            res[f"fit_s{tag}"] = fit_s
+            res[f"predict_s{tag}"] = ev.pop("predict_s")
+            res[f"predict_ms_b64{tag}"] = online_cost(pred, test[0])
+            res.update(ev)
+            log(f"  {name} lookahead={la}: fit {fit_s:.1f}s, " + ", ".join(f"{k} r@k={v['recall_at_k']:.3f}" for k, v in ev.items()))
+        out["results"][name] = res
+    return out
+
+
+def format_table(result: dict) -> str:
+    """One row per predictor and slot: recall@k, precision/recall at the budget, fit and predict times."""
+    K, B = result["top_k"], result["budget"]
+    head = f"{'predictor':<12} {'target':<12} {'recall@' + str(K):>9} {'prec@' + str(B):>8} {'rec@' + str(B):>8} {'fit s':>7} {'ms/b64':>7}"
+    lines = [head, "-" * len(head)]
+    for name, res in result["results"].items():
+        for slot in sorted(k for k in res if k.startswith("lookahead_")) + (["next_token"] if "next_token" in res else []):
+            m = res[slot]
+            tag = "_next_token" if slot == "next_token" else ""
+            lines.append(
+                f"{name:<12} {slot:<12} {m['recall_at_k']:>9.3f} {m['precision_at_budget']:>8.3f} "
+                f"{m['recall_at_budget']:>8.3f} {res['fit_s' + tag]:>7.1f} {res['predict_ms_b64' + tag]:>7.3f}"
+            )
+    for name, why in result["skipped"].items():
+        lines.append(f"{name:<12} skipped: {why}")
+    return "\n".join(lines)

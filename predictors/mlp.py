@@ -1,0 +1,195 @@
+"""A small torch MLP over the routing history, trained with BCE on multi-hot targets.
+
+Why this shape: a token's experts at the last layers are a fingerprint of the token (and its
+context), and the next layers' routing is mostly a function of that fingerprint. The model sums one
+learned vector per (layer, expert) the token used in its last `cur_window` layers (gate-weighted),
+one per (layer, expert) the previous token used in layers l-`prev_before` .. target+`prev_after`,
+and a layer embedding (plus a projection of the hidden state when the traces carry it): a trunk
+vector z. Each (slot, target layer) has its own linear head on z. Two direct terms carry what
+counting already knows: a learned transition matrix from the current layer's experts, and one from
+the previous token's experts at the target layer.
+
+Training uses the prefix trick: a window sum over layers for every l is a difference of two cumsums,
+so an epoch is one pass over the trace, not one per layer. Online, one layer costs two embedding
+bags, a LayerNorm, one [dim, dim] and one [dim, D*E] matmul (tables fused per layer on first use).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from predictors.base import Predictor, RoutingState, multi_hot, normalized, trace_tensors
+from predictors.dataset import slot_targets
+from predictors.traces import RoutingTrace
+
+
+class HistoryNet(nn.Module):
+    def __init__(self, L: int, E: int, D: int, dim: int, hidden_size: int):
+        super().__init__()
+        self.cur = nn.Parameter(torch.randn(L * E, dim) * 0.05)  # current token, (layer, expert)
+        self.prev = nn.Parameter(torch.randn(L * E, dim) * 0.05)  # previous token, (layer, expert)
+        self.layer = nn.Parameter(torch.zeros(L, dim))
+        self.hid = nn.Linear(hidden_size, dim, bias=False) if hidden_size else None
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, dim)
+        self.head = nn.Parameter(torch.randn(D, L, dim, E) * 0.02)  # [slot, target layer, dim, E]
+        self.bias = nn.Parameter(torch.zeros(D, L, E))  # [slot, target layer, E]
+        self.trans = nn.Parameter(torch.zeros(D, L, E, E))  # [slot, source layer, from, to]
+        self.copy = nn.Parameter(torch.zeros(D, L, E, E))  # [slot, target layer, prev token's, to]
+
+    def trunk(self, z: torch.Tensor) -> torch.Tensor:
+        z = F.gelu(self.norm(z))
+        return z + F.gelu(self.fc(z))
+
+
+def input_weights(ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """[..., K] -> [..., K] input value per expert: half multi-hot, half normalized gate weight."""
+    w = torch.where(ids >= 0, w, 0.0)
+    return torch.where(ids >= 0, 0.5 / ids.shape[-1] + 0.5 * normalized(w), 0.0)
+
+
+def window_sums(per_layer: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """per_layer [T, L, dim]; lo, hi long [L] -> [T, L, dim]: sum over layers lo[l] .. hi[l] (inclusive)."""
+    c = F.pad(per_layer.cumsum(1), (0, 0, 1, 0))  # [T, L+1, dim], c[:, i] = sum of layers < i
+    return c[:, hi + 1] - c[:, lo]
+
+
+class MLPPredictor(Predictor):
+    name = "mlp"
+
+    def _net(self, hidden_size: int) -> HistoryNet:
+        torch.manual_seed(int(self.params.get("seed", 0)))
+        return HistoryNet(self.num_layers, self.num_experts, self.slots, int(self.params.get("dim", 192)), hidden_size)
+
+    def windows(self, layer: int) -> tuple[int, int, int]:
+        """(first current-token layer, first and last previous-token layer) the trunk reads at `layer`."""
+        cw = int(self.params.get("cur_window", 6)) or self.num_layers
+        last_target = max(self.target_layers(layer))
+        plo = max(layer - int(self.params.get("prev_before", 1)), 0)
+        phi = min(last_target + int(self.params.get("prev_after", 1)), self.num_layers - 1)
+        return max(layer - cw + 1, 0), plo, phi
+
+    # ---- training: whole traces, all layers at once ----------------------------------------------
+    def _forward_all(self, net: HistoryNet, x, w, px, pw, hidden, drop: float = 0.0):
+        """x, w, px, pw [T, L, K] (hidden [T, L, H] or None) -> per slot, logits [T, L, E] by source layer."""
+        E, L, T = self.num_experts, self.num_layers, x.shape[0]
+        off = torch.arange(L)[:, None] * E  # [L, 1]
+        xv, pv = input_weights(x, w), input_weights(px, pw)
+        cur = F.embedding_bag((x.clamp(min=0) + off).reshape(-1, x.shape[-1]), net.cur, per_sample_weights=xv.reshape(-1, x.shape[-1]), mode="sum")
+        prev = F.embedding_bag((px.clamp(min=0) + off).reshape(-1, x.shape[-1]), net.prev, per_sample_weights=pv.reshape(-1, x.shape[-1]), mode="sum")
+        win = torch.tensor([self.windows(l) for l in range(L)])  # [L, 3]
+        idx = torch.arange(L)
+        z = window_sums(cur.reshape(T, L, -1), win[:, 0], idx) + window_sums(prev.reshape(T, L, -1), win[:, 1], win[:, 2])
+        z = z + net.layer
+        if net.hid is not None:
+            z = z + net.hid(hidden)
+        z = net.trunk(z)  # [T, L, dim]
+        if drop > 0:  # trunk dropout: whole rows lean on the direct terms alone, which transfer across domains
+            z = z * (torch.rand(T, L, 1) > drop).float() / (1.0 - drop)
+        cur_mh, prev_mh = multi_hot(x, E, xv), multi_hot(px, E, pv)  # [T, L, E]
+        outs = []
+        for j in range(self.slots):
+            d = 0 if self.next_token else j + 1
+            n, tl = L - d, torch.arange(d, L)  # source layers with a target, their targets
+            lg = torch.einsum("tlh,lhe->tle", z[:, :n], net.head[j, tl]) + net.bias[j, tl]
+            lg = lg + torch.einsum("tli,lie->tle", cur_mh[:, :n], net.trans[j, :n])
+            lg = lg + torch.einsum("tli,lie->tle", prev_mh[:, d:], net.copy[j, tl])
+            outs.append(F.pad(lg, (0, 0, 0, d)))  # rows of source layers without a target: 0
+        return outs
+
+    def fit(self, traces: list[RoutingTrace]) -> "MLPPredictor":
+        self.check_traces(traces)
+        use_hidden = bool(self.params.get("use_hidden", True)) and all(t.hidden is not None for t in traces)
+        hsize = int(traces[0].hidden.shape[-1]) if use_hidden else 0
+        self.params["hidden_size"] = hsize
+        net = self._net(hsize)
+        data = [torch.cat(parts) for parts in zip(*(trace_tensors(t) for t in traces))]
+        hidden = torch.cat([torch.from_numpy(t.hidden.astype(np.float32)) for t in traces]) if hsize else None
+        tgt = torch.cat([slot_targets(t, self.lookahead) for t in traces])  # [T, L, D, K]
+        T = tgt.shape[0]
+        epochs, bs, lr = int(self.params.get("epochs", 10)), int(self.params.get("batch", 256)), float(self.params.get("lr", 3e-3))
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=float(self.params.get("weight_decay", 0.01)))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(epochs * ((T + bs - 1) // bs), 1), pct_start=0.1)
+        gen = torch.Generator().manual_seed(int(self.params.get("seed", 0)))
+        drop = float(self.params.get("trunk_dropout", 0.3))
+        for _ in range(epochs):
+            for idx in torch.randperm(T, generator=gen).split(bs):
+                outs = self._forward_all(net, *(d[idx] for d in data), None if hidden is None else hidden[idx], drop)
+                loss = 0.0
+                for j, lg in enumerate(outs):
+                    y = tgt[idx, :, j]  # [b, L, K]
+                    ok = (y[..., 0] >= 0).float()  # [b, L]
+                    bce = F.binary_cross_entropy_with_logits(lg, multi_hot(y, self.num_experts), reduction="none").sum(-1)
+                    loss = loss + (bce * ok).sum() / ok.sum().clamp(min=1)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+        self.net = net.eval()
+        self._plans = {}
+        self.fitted = True
+        return self
+
+    # ---- online: one layer, a batch of states ---------------------------------------------------
+    def _plan(self, layer: int) -> dict:
+        """Per-layer fused tables: trunk ids offsets, [dim, D*E] head, [E + D*E, D*E] direct table."""
+        if layer in self._plans:
+            return self._plans[layer]
+        net, E, L, D = self.net, self.num_experts, self.num_layers, self.slots
+        lo, plo, phi = self.windows(layer)
+        targets = self.target_layers(layer)
+        head = torch.zeros(net.head.shape[2], D * E)
+        bias = torch.zeros(D * E)
+        direct = torch.zeros(E + D * E, D * E)  # rows: current layer's experts, then slot j's previous-token experts
+        for j, t in enumerate(targets):
+            if t < L:
+                cols = slice(j * E, (j + 1) * E)
+                head[:, cols], bias[cols] = net.head[j, t], net.bias[j, t]
+                direct[:E, cols] = net.trans[j, layer]
+                direct[E + j * E : E + (j + 1) * E, cols] = net.copy[j, t]
+        plan = dict(
+            lo=lo, plo=plo, phi=phi,
+            cur_off=(torch.arange(lo, layer + 1)[:, None] * E),
+            prev_off=(torch.arange(plo, phi + 1)[:, None] * E + L * E),
+            table=torch.cat([net.cur, net.prev]).detach(),
+            tgt=torch.tensor([min(t, L - 1) for t in targets]),
+            tgt_ok=torch.tensor([t < L for t in targets])[None, :, None],
+            slot_off=(E + torch.arange(D) * E)[None, :, None],
+            head=head.detach(), bias=(bias + 0).detach(), direct=direct.detach(),
+            layer_vec=net.layer[layer].detach(),
+        )
+        self._plans[layer] = plan
+        return plan
+
+    @torch.inference_mode()
+    def predict(self, state: RoutingState, layer: int) -> torch.Tensor:
+        self.check(state, layer)
+        p, net, B = self._plan(layer), self.net, state.batch_size
+        x, w = state.experts[:, p["lo"] : layer + 1], state.weights[:, p["lo"] : layer + 1]
+        px = state.prev_experts
+        pw = state.prev_weights if state.prev_weights is not None else (px >= 0).float()
+        pxw, pww = px[:, p["plo"] : p["phi"] + 1], pw[:, p["plo"] : p["phi"] + 1]
+        ids = torch.cat([(x.clamp(min=0) + p["cur_off"]).reshape(B, -1), (pxw.clamp(min=0) + p["prev_off"]).reshape(B, -1)], 1)
+        vals = torch.cat([input_weights(x, w).reshape(B, -1), input_weights(pxw, pww).reshape(B, -1)], 1)
+        z = F.embedding_bag(ids, p["table"], per_sample_weights=vals, mode="sum") + p["layer_vec"]
+        if net.hid is not None:
+            z = z + net.hid(state.hidden.float())
+        z = net.trunk(z)  # [B, dim]
+        # direct terms: current layer's experts, and the previous token's experts at each target
+        pt, ptw = px[:, p["tgt"]], pw[:, p["tgt"]]  # [B, D, K]
+        d_ids = torch.cat([x[:, -1].clamp(min=0), (pt.clamp(min=0) + p["slot_off"]).reshape(B, -1)], 1)
+        d_vals = torch.cat([input_weights(x[:, -1], w[:, -1]), (input_weights(pt, ptw) * p["tgt_ok"]).reshape(B, -1)], 1)
+        out = torch.addmm(p["bias"], z, p["head"]) + F.embedding_bag(d_ids, p["direct"], per_sample_weights=d_vals, mode="sum")
+        return out.view(B, self.slots, self.num_experts)
+
+    def arrays(self):
+        return {k: v.detach() for k, v in self.net.state_dict().items()}
+
+    def load_arrays(self, arrays):
+        self.net = self._net(int(self.params.get("hidden_size", 0)))
+        self.net.load_state_dict(arrays)
+        self.net.eval()
+        self._plans = {}
+        self.fitted = True

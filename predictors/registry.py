@@ -1,0 +1,53 @@
+"""Predictor names -> classes, and loading a saved predictor (safetensors + JSON header, no pickle)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import safe_open
+
+from predictors.base import FORMAT_VERSION, Predictor
+from predictors.baselines import PopularityPredictor, PrevTokenPredictor, TransitionPredictor
+from predictors.ensemble import EnsemblePredictor
+from predictors.mlp import MLPPredictor
+from predictors.router import RouterPredictor
+from predictors.sklearn_models import LogRegPredictor, SGDPredictor
+
+REGISTRY: dict[str, type[Predictor]] = {
+    cls.name: cls
+    for cls in (
+        PopularityPredictor, TransitionPredictor, PrevTokenPredictor, RouterPredictor,
+        LogRegPredictor, SGDPredictor, MLPPredictor, EnsemblePredictor,
+    )
+}
+
+
+def make_predictor(name: str, num_layers: int, num_experts: int, top_k: int, lookahead: int = 1, **params) -> Predictor:
+    if name not in REGISTRY:
+        raise ValueError(f"predictor must be one of {sorted(REGISTRY)}, got {name!r}")
+    return REGISTRY[name](num_layers, num_experts, top_k, lookahead, **params)
+
+
+def from_config(config: dict, arrays: dict) -> Predictor:
+    """Rebuild a fitted predictor from its JSON config and arrays (used by load and by ensembles)."""
+    if int(config.get("format_version", -1)) != FORMAT_VERSION:
+        raise ValueError(f"predictor file: format_version must be {FORMAT_VERSION}, got {config.get('format_version')}")
+    pred = make_predictor(
+        config["predictor"], config["num_layers"], config["num_experts"], config["top_k"], config["lookahead"],
+        **config.get("params", {}),
+    )
+    pred.load_arrays(arrays)
+    return pred
+
+
+def load_predictor(path: str | Path) -> Predictor:
+    """Load what `Predictor.save` wrote. Safetensors holds only arrays and strings: no code runs."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"predictor file {path} does not exist")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if "predictor" not in meta:
+            raise ValueError(f"predictor file {path}: no 'predictor' JSON in the safetensors header")
+        arrays = {k: f.get_tensor(k) for k in f.keys()}
+    return from_config(json.loads(meta["predictor"]), arrays)

@@ -1,0 +1,107 @@
+"""The next layers' own routers applied to the current hidden state.
+
+The residual stream changes little from one layer to the next, so layer t's router on the hidden
+state entering layer l (< t) already ranks layer t's experts well. Needs the router weights (from
+the model's checkpoint: `from_router_weights`) or traces with hidden states to estimate them
+(`fit`: a softmax regression of each layer's gate weights on the hidden state entering that layer).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from predictors.base import Predictor, RoutingState, multi_hot
+from predictors.traces import RoutingTrace
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def router_weights_from_checkpoint(model_dir: str | Path, num_experts: int) -> dict[int, torch.Tensor]:
+    """MoE layer index -> router weight [E, H], read from a checkpoint directory's *.safetensors.
+
+    A router weight is any `...layers.N....gate.weight` tensor with E rows (Mixtral, Qwen-MoE,
+    DeepSeek, OLMoE and GPT-OSS-style `router.weight` names); MoE layers are numbered in model-layer order.
+    """
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"router checkpoint {model_dir}: no *.safetensors files")
+    found = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                m = _LAYER.search(key)
+                if m and (key.endswith("gate.weight") or key.endswith("router.weight")) and "shared_expert_gate" not in key:
+                    t = st.get_tensor(key)
+                    if t.dim() == 2 and t.shape[0] == num_experts:
+                        found[int(m.group(1))] = t
+    if not found:
+        raise ValueError(f"router checkpoint {model_dir}: no router weight with num_experts={num_experts} rows")
+    return {i: found[n] for i, n in enumerate(sorted(found))}
+
+
+class RouterPredictor(Predictor):
+    name = "router"
+    needs_hidden = True
+
+    @classmethod
+    def from_router_weights(cls, weights: dict[int, torch.Tensor], top_k: int, lookahead: int = 1) -> "RouterPredictor":
+        """weights: MoE layer index -> router weight [E, H] (a model's gate.weight), every layer present."""
+        layers = sorted(weights)
+        if layers != list(range(len(layers))):
+            raise ValueError(f"router weights must cover MoE layers 0..L-1 without gaps, got {layers}")
+        W = torch.stack([weights[l].detach().float().cpu() for l in layers])  # [L, E, H]
+        pred = cls(W.shape[0], W.shape[1], top_k, lookahead, source="checkpoint")
+        pred.weight = W
+        pred.fitted = True
+        return pred
+
+    def fit(self, traces: list[RoutingTrace]) -> "RouterPredictor":
+        if self.fitted and self.params.get("source") == "checkpoint":
+            return self  # the real routers need no fitting
+        self.check_traces(traces)
+        hidden = torch.cat([torch.from_numpy(t.hidden.astype(np.float32)) for t in traces])  # [T, L, H]
+        # soft targets: the chosen experts' gate weights, renormalized (proportional to the router's softmax)
+        y = torch.cat([
+            multi_hot(torch.from_numpy(t.experts.astype(np.int64)), self.num_experts, torch.from_numpy(t.weights.astype(np.float32)))
+            for t in traces
+        ])
+        y = y / y.sum(-1, keepdim=True).clamp(min=1e-6)  # [T, L, E]
+        scale = hidden.pow(2).mean().sqrt().clamp(min=1e-6)
+        W = torch.zeros(self.num_layers, self.num_experts, hidden.shape[-1], requires_grad=True)
+        opt = torch.optim.LBFGS([W], lr=1.0, max_iter=int(self.params.get("steps", 100)), line_search_fn="strong_wolfe")
+        l2 = float(self.params.get("l2", 1e-4))
+
+        def closure():
+            opt.zero_grad()
+            logits = torch.einsum("tlh,leh->tle", hidden / scale, W)
+            loss = -(y * F.log_softmax(logits, -1)).sum(-1).mean() + l2 * W.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        self.weight = (W.detach() / scale)
+        self.params["source"] = "fitted"
+        self.fitted = True
+        return self
+
+    @torch.inference_mode()
+    def predict(self, state: RoutingState, layer: int) -> torch.Tensor:
+        self.check(state, layer)
+        h = state.hidden.float()  # [B, H]
+        out = torch.zeros(state.batch_size, self.slots, self.num_experts)
+        for j, t in enumerate(self.target_layers(layer)):
+            if t < self.num_layers:
+                out[:, j] = torch.softmax(h @ self.weight[t].T, -1)
+        return out
+
+    def arrays(self):
+        return {"weight": self.weight}
+
+    def load_arrays(self, arrays):
+        self.weight = arrays["weight"]
+        self.fitted = True
