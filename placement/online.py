@@ -9,7 +9,8 @@ rewritten = one expert's weights copied to a rank). Per layer and step:
    more than the donor's load per copy after giving one up;
 2. balance-capped swaps (`swap_search`) with the remaining budget, two slots per swap, minimizing
    fan-out on the window's tokens plus `balance_weight` x the load excess over the mean, so swaps that
-   cut the busiest ranks come first.
+   cut the busiest ranks come first; a swap must save more than `min_gain` x window tokens (no chasing
+   noise).
 
 Slots that keep their expert keep their position (nothing moves inside a rank). The stream is scored
 over every batch, including those served before the plan adapted.
@@ -41,7 +42,7 @@ def stable_layout(old: np.ndarray, new: np.ndarray, slots_per_rank: int) -> np.n
 
 
 def rebalance_layer(phy, window_tokens, num_experts, num_ranks, slots_per_rank, budget=4,
-                    balance_tol=0.02, balance_weight=2.0, hysteresis=1.25, max_rounds=8):
+                    balance_tol=0.02, balance_weight=2.0, hysteresis=1.25, max_rounds=8, min_gain=0.02):
     """phy int [P] (expert per slot), window_tokens int [W, K] -> (new phy [P], slots rewritten)."""
     E, P = num_experts, len(phy)
     old = np.asarray(phy, dtype=np.int64)
@@ -80,7 +81,8 @@ def rebalance_layer(phy, window_tokens, num_experts, num_ranks, slots_per_rank, 
         cap = (1.0 + balance_tol) * item_load.sum() / num_ranks
         item_rank, _ = swap_search(item_rank, phy, item_load, num_ranks,
                                    lambda ir: swap_cost_tokens(X, ir, num_ranks, weight), cap,
-                                   max_rounds=max_rounds, max_swaps=swaps_left, balance_weight=balance_weight)
+                                   max_rounds=max_rounds, max_swaps=swaps_left, balance_weight=balance_weight,
+                                   min_gain=max(min_gain * len(window_tokens), 1e-9))
         phy = stable_layout(phy, items_to_phy2log(item_rank, phy, num_ranks), slots_per_rank)
     return phy, int((phy != old).sum())
 

@@ -104,7 +104,7 @@ def score_ranks(ranks: np.ndarray, batch: np.ndarray, batch_size: int, num_ranks
         fanout_mean=float(fan.mean()), fanout_p99=float(np.percentile(fan, 99)),
         dispatch_bytes_per_token=float(fan.sum(1).mean() * hidden_size * dtype_bytes),
         hidden_size=hidden_size, rank_changes_mean=float(changes.mean()),
-        imbalance_series=[float(x) for x in (load.max(-1) / np.maximum(load.mean(-1), 1e-12)).mean(1)],
+        imbalance_series=[float(x) for x in (per_batch.max(-1) / np.maximum(per_batch.mean(-1), 1e-12)).mean(1)],
     )
 
 

@@ -63,9 +63,9 @@ def section_real(traces, B, algos, online_budget, log):
                                     batch_size=b, solver_seconds=plan.meta["solver_seconds"],
                                     solver_cpu_seconds=plan.meta["solver_cpu_seconds"]))
                     log(rows[-1])
-            for a in [x for x in ("eplb", "affinity") if x in plans]:
-                s, _ = online_replay(plans[a], ev.experts, B[0], window=1024, budget=online_budget)
-                rows.append(row(s, fit=fit_dom, eval=ev_dom, algorithm=f"{a}+online", batch_size=B[0],
+            for a, b in itertools.product([x for x in ("eplb", "affinity") if x in plans], B):
+                s, _ = online_replay(plans[a], ev.experts, b, window=1024, budget=online_budget)
+                rows.append(row(s, fit=fit_dom, eval=ev_dom, algorithm=f"{a}+online", batch_size=b,
                                 solver_cpu_seconds=plans[a].meta["solver_cpu_seconds"]))
                 log(rows[-1])
     return rows

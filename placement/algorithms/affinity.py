@@ -22,6 +22,8 @@ Per layer, in order (layer l sees layer l-1's finished placement):
       (1 + balance_tol) x mean, accepting swaps that bring an over-cap pair closer to it, so balance is
       restored with the least fan-out given back.
    `rounds` re-maps replicated experts' tokens to their new copies and searches again.
+   `window_tokens` > 0 also penalizes excess in random windows of that many fitted tokens (batch-level
+   balance); on the DeepSeek traces it did not lower per-batch imbalance, so it is off by default.
    Without tokens, the within-layer co-activation matrix gives the pairwise proxy (co-activation kept
    inside ranks); without either, the balanced start is the plan.
 """
@@ -54,7 +56,7 @@ def balanced_start(w: np.ndarray, count: np.ndarray, num_ranks: int, slots_per_r
 
 def place_layer(phy, w, count, num_ranks, slots_per_rank, tokens_l=None, prev_touch=None, C=None,
                 balance_tol=0.02, cross_layer_weight=0.3, max_iters=400, rounds=3, max_swaps=None,
-                balance_weight=4.0, explore_tol=0.0):
+                balance_weight=4.0, explore_tol=0.0, window_tokens=0):
     """One layer's swap search from slots `phy` [P] (expert per slot). Returns (phy [P], touch [T, N]
     the ranks each token uses under the result, or None without tokens).
 
@@ -92,8 +94,12 @@ def place_layer(phy, w, count, num_ranks, slots_per_rank, tokens_l=None, prev_to
             item_rank, _ = swap_search(item_rank, item_expert, item_load, num_ranks, cost,
                                        (1.0 + explore_tol) * mean, max_iters, max_swaps)
         # ... then tighten: balance first (excess over the mean costs `balance_weight` per unit), fan-out next
+        win = None
+        if tokens_l is not None and window_tokens:  # per-window loads over random batches of the tokens
+            wid = np.random.default_rng(12345).permutation(len(X)) // window_tokens
+            win = np.stack([X[wid == i].sum(0) for i in range(max(int(wid.max()), 1))]).astype(np.float64)
         item_rank, _ = swap_search(item_rank, item_expert, item_load, num_ranks, cost, (1.0 + balance_tol) * mean,
-                                   max_iters, max_swaps, balance_weight)
+                                   max_iters, max_swaps, balance_weight, window_load=win)
     phy = items_to_phy2log(item_rank, item_expert, num_ranks)
     if tokens_l is not None:
         plan = PlacementPlan.from_phy2log(phy[None], E, num_ranks)
@@ -106,14 +112,15 @@ def place_layer(phy, w, count, num_ranks, slots_per_rank, tokens_l=None, prev_to
 def affinity(load, num_ranks: int, slots_per_rank: int, coact=None, transitions=None, tokens=None,
              uniform_blend: float = 0.0, max_tokens: int = 4096, balance_tol: float = 0.02,
              explore_tol: float = 0.25, balance_weight: float = 4.0, cross_layer_weight: float = 0.3,
-             max_iters: int = 400, rounds: int = 2, **_) -> PlacementPlan:
+             max_iters: int = 400, rounds: int = 2, window_tokens: int = 0, **_) -> PlacementPlan:
     """load [L, E]; coact [L, E, E] (optional); tokens int [T, L, K], the fitted trace (optional, exact
     objective; subsampled to `max_tokens` rows, evenly spaced). `transitions` is accepted for the common
     interface; the cross-layer term is taken exactly from `tokens` instead."""
     load = np.asarray(load, dtype=np.float64)
     L, E = check_sizes(load, num_ranks, slots_per_rank)
     layer_kw = dict(balance_tol=balance_tol, explore_tol=explore_tol, balance_weight=balance_weight,
-                    cross_layer_weight=cross_layer_weight, max_iters=max_iters, rounds=rounds)
+                    cross_layer_weight=cross_layer_weight, max_iters=max_iters, rounds=rounds,
+                    window_tokens=window_tokens)
     t0, c0 = time.perf_counter(), time.process_time()
     if tokens is not None:
         tokens = np.asarray(tokens, dtype=np.int64)

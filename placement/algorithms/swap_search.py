@@ -44,16 +44,23 @@ def swap_cost_pairs(C: np.ndarray, item_rank: np.ndarray, num_ranks: int) -> np.
 
 
 def swap_search(item_rank, item_expert, item_load, num_ranks, cost_fn, cap, max_rounds=400, max_swaps=None,
-                balance_weight=0.0):
+                balance_weight=0.0, min_gain=1e-9, window_load=None):
     """Improve `item_rank` (int [I], modified copy returned) by swaps with negative cost that keep every
     rank's load <= cap. Each round applies the best swaps whose ranks are all distinct (at most N/2).
     `cost_fn(item_rank) -> D [I, I]`. `max_swaps` bounds the total (online budget). `balance_weight`
     adds that multiple of the change in the two ranks' load excess over the mean (lets a search that
-    starts over the cap climb down towards it). Returns (item_rank, swaps made)."""
+    starts over the cap climb down towards it). `window_load` [W, I] (item loads in W windows of the
+    tokens) adds the same weight x the change in per-window excess, summed over windows: balance that
+    holds batch by batch, not only on average. A swap must cut the cost by more than `min_gain`.
+    Returns (item_rank, swaps made)."""
     item_rank = np.array(item_rank, dtype=np.int64)
     E = int(item_expert.max()) + 1
     rank_load = np.bincount(item_rank, weights=item_load, minlength=num_ranks)
     mean = rank_load.mean()
+    wl = None if window_load is None else np.asarray(window_load, dtype=np.float64)
+    if wl is not None:
+        win_load = np.stack([np.bincount(item_rank, weights=w, minlength=num_ranks) for w in wl])  # [W, N]
+        win_mean = win_load.mean(1, keepdims=True)[:, :, None]
     swaps = 0
     for _ in range(max_rounds):
         D = cost_fn(item_rank)
@@ -71,12 +78,18 @@ def swap_search(item_rank, item_expert, item_load, num_ranks, cost_fn, cap, max_
             excess = lambda x: np.maximum(x - mean, 0.0)
             D = D + balance_weight * (excess(new_a) + excess(new_b) - excess(rank_load[ra][:, None])
                                       - excess(rank_load[ra][None, :]))
+            if wl is not None:
+                cur = win_load[:, ra]  # [W, I]
+                wa = cur[:, :, None] - wl[:, :, None] + wl[:, None, :]  # [W, a, b]: a's rank after the swap
+                ex = lambda x: np.maximum(x - win_mean, 0.0)
+                D = D + balance_weight * (ex(wa) + ex(wa.transpose(0, 2, 1)) - ex(cur[:, :, None])
+                                          - ex(cur[:, None, :])).sum(0)
         D = np.where(ok, D, np.inf)
         order = np.argsort(D, axis=None, kind="stable")
         used, moved = np.zeros(num_ranks, dtype=bool), 0
         I = len(item_rank)
         for flat in order[: 4 * I]:
-            if not D.flat[flat] < -1e-9 or (max_swaps is not None and swaps >= max_swaps):
+            if not D.flat[flat] < -min_gain or (max_swaps is not None and swaps >= max_swaps):
                 break
             a, b = divmod(int(flat), I)
             r, s = item_rank[a], item_rank[b]
@@ -85,6 +98,9 @@ def swap_search(item_rank, item_expert, item_load, num_ranks, cost_fn, cap, max_
             used[r] = used[s] = True
             rank_load[r] += item_load[b] - item_load[a]
             rank_load[s] += item_load[a] - item_load[b]
+            if wl is not None:
+                win_load[:, r] += wl[:, b] - wl[:, a]
+                win_load[:, s] += wl[:, a] - wl[:, b]
             item_rank[a], item_rank[b] = s, r
             moved += 1
             swaps += 1
