@@ -87,6 +87,22 @@ def rebalance_layer(phy, window_tokens, num_experts, num_ranks, slots_per_rank, 
     return phy, int((phy != old).sum())
 
 
+def rebalance_plan(plan: PlacementPlan, window_experts, budget: int = 4, **layer_kw) -> tuple[PlacementPlan, np.ndarray]:
+    """One online step for a whole plan (what a runtime calls): window_experts int [W, L, K], the recent
+    routing. Returns (new plan, int [L] slots rewritten per layer); slots that keep their expert keep
+    their index, so only the rewritten slots need weights copied."""
+    window_experts = np.asarray(window_experts, dtype=np.int64)
+    if window_experts.ndim != 3 or window_experts.shape[1] != plan.num_layers:
+        raise ValueError(f"online: window_experts must be [W, L={plan.num_layers}, K], got {window_experts.shape}")
+    phy2log = plan.phy2log.copy()
+    moved = np.zeros(plan.num_layers, dtype=np.int64)
+    with single_thread_blas():
+        for l in range(plan.num_layers):
+            phy2log[l], moved[l] = rebalance_layer(phy2log[l], window_experts[:, l], plan.num_experts,
+                                                   plan.num_ranks, plan.slots_per_rank, budget, **layer_kw)
+    return PlacementPlan.from_phy2log(phy2log, plan.num_experts, plan.num_ranks, dict(plan.meta)), moved
+
+
 def online_replay(plan: PlacementPlan, experts, batch_size=256, window=1024, step_batches=1, budget=4,
                   seed=0, hidden_size=2048, **layer_kw):
     """Serve `experts` (int [T, L, K]) batch by batch (same batching as `score_plan`), re-placing after

@@ -11,6 +11,21 @@ import numpy as np  # noqa: E402
 
 COLORS = {"contiguous": "#9e9e9e", "round_robin": "#bdbdbd", "eplb": "#e07b39", "affinity": "#2b7bba",
           "eplb+online": "#f2b27e", "affinity+online": "#1b4f8a"}
+ABOUT = """
+- **contiguous** (vLLM's default), **round_robin**: logical experts by id; spare slots hold replicas of the
+  busiest experts. **eplb**: DeepSeek's EPLB (numpy re-implementation, one node -> global policy), the baseline.
+  **affinity** (ours): replication + balanced start + swap search minimizing fan-out and cross-layer rank
+  changes on the fitted tokens, explore under a loose cap then tighten to 2% (placement/algorithms/affinity.py).
+- **X+online**: plan X as the starting point, then our online re-placement (placement/online.py) after every
+  batch, from the last 1024 tokens, rewriting at most 4 slots per layer per step; scored over the whole stream,
+  including the batches served before it adapted. "moved" = slots rewritten in all (weights copied).
+- Replicas split tokens by `placement.replica.choose_replica` in every row: least-loaded quotas per batch,
+  same-rank-first inside them.
+- Batches: B tokens dealt in a seeded random order (a decode batch mixes many requests). Imbalance (max/mean
+  rank load per layer) is averaged over (batch, layer); `trace` is the same on whole-trace loads (no
+  sampling noise). Fan-out = distinct ranks a token's top-k experts live on.
+"""
+
 ORDER = ["contiguous", "round_robin", "eplb", "eplb+online", "affinity", "affinity+online"]
 
 
@@ -165,7 +180,8 @@ def _plot_synth(rows, path):
 def write_report(results: dict, out: Path) -> str:
     s = results["sections"]
     parts = [f"# Load-imbalance suite\n\nMachine: {results['machine']}. Suite time: "
-             f"{results['suite_seconds']:.0f} s{' (smoke configuration)' if results['smoke'] else ''}.\n"]
+             f"{results['suite_seconds']:.0f} s{' (smoke configuration)' if results['smoke'] else ''}. "
+             "Regenerate: `python benches/imbalance/run.py --out benches/results/imbalance`.\n", ABOUT]
     if "real" in s:
         parts += ["## DeepSeek-V2-Lite traces, EP=8, 1 redundant slot per rank\n", _real_tables(s["real"]),
                   "\n![real](real.png)\n\n![online](online.png)\n"]

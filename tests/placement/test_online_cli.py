@@ -49,6 +49,21 @@ def test_rebalance_layer_respects_budget():
         PlacementPlan.from_phy2log(new[None], 8, 2).validate()
 
 
+def test_rebalance_plan_moves_replicas_to_new_hot_experts():
+    from placement.online import rebalance_plan
+
+    E, N = 8, 2
+    plan = PlacementPlan.from_phy2log([[0, 1, 2, 3, 0, 4, 5, 6, 7, 1]], E, N)  # replicas of 0 and 1
+    rng = np.random.default_rng(0)
+    window = np.stack([rng.choice(E, 2, replace=False, p=[.02, .02, .02, .02, .02, .02, .44, .44])
+                       for _ in range(400)])[:, None, :]
+    new, moved = rebalance_plan(plan, window, budget=2)
+    assert new.validate().replica_count[0, 6] == 2 and new.replica_count[0, 7] == 2
+    assert moved.tolist() == [2] and int((new.phy2log != plan.phy2log).sum()) == 2
+    with pytest.raises(ValueError, match="window_experts"):
+        rebalance_plan(plan, window[:, 0])
+
+
 def _parser():
     from moe_serve.cli import place
 
