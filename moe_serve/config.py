@@ -146,7 +146,9 @@ class ExpertCacheConfig:
     expert_cache_gb: float | None = doc("GiB of expert slots on the compute device (the rest stay on the host); "
                                         "default: every expert resident", default=None)
     expert_cache_slots: int | None = doc("expert slots on the compute device (instead of --expert-cache-gb)", default=None)
-    cache_policy: str = doc("expert cache policy: lru, lfu, static or predicted", default="predicted")
+    cache_policy: str = doc("expert cache policy: lru, lfu, static, predicted (evict by predicted next use) or "
+                            "predicted-prefetch (also fetch the predictor's top-k of the next layers)",
+                            default="predicted")
     prefetch_lookahead: int = doc("MoE layers ahead the predictor prefetches experts for (0: none)", default=1)
     predictor: str | None = doc("fitted predictor file (predictors' safetensors) for the predicted policy", default=None)
     cpu_experts: str = doc("compute cold experts where they lie (CPU) when cheaper: auto, on or off", default="auto")
@@ -161,8 +163,8 @@ class ExpertCacheConfig:
                 ">= 1", self.expert_cache_slots)
         require(self.expert_cache_gb is None or self.expert_cache_slots is None, "expert_cache", "expert_cache_slots",
                 "unset when expert_cache_gb is set (one budget)", self.expert_cache_slots)
-        require(self.cache_policy in ("lru", "lfu", "static", "predicted"), "expert_cache", "cache_policy",
-                "one of lru, lfu, static, predicted", self.cache_policy)
+        require(self.cache_policy in ("lru", "lfu", "static", "predicted", "predicted-prefetch"), "expert_cache",
+                "cache_policy", "one of lru, lfu, static, predicted, predicted-prefetch", self.cache_policy)
         require(self.prefetch_lookahead >= 0, "expert_cache", "prefetch_lookahead", ">= 0", self.prefetch_lookahead)
         require(self.cpu_experts in ("auto", "on", "off"), "expert_cache", "cpu_experts", "one of auto, on, off",
                 self.cpu_experts)

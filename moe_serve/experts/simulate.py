@@ -36,11 +36,12 @@ def simulate(trace, policies, capacities, cost: CostModel, predictor=None, fit_t
     fit_traces = list(fit_traces)
     load = expert_load(fit_traces or [trace])
     prior = None
-    if fit_traces and "predicted" in policies:
+    predicted = any(n.startswith("predicted") for n in policies)
+    if fit_traces and predicted:
         parts = [gap_counts(t.experts.astype(np.int64), E) for t in fit_traces]
         prior = (sum(p[0] for p in parts), sum(p[1] for p in parts))
     preds = None
-    if predictor is not None and "predicted" in policies and lookahead > 0:
+    if predictor is not None and predicted and lookahead > 0:
         preds = TracePredictions(predictor, trace)
     future = global_steps(experts, E) if "belady" in policies else None
     out: dict = {}
@@ -49,7 +50,7 @@ def simulate(trace, policies, capacities, cost: CostModel, predictor=None, fit_t
         row = out.setdefault(f"{frac:g}", {})
         for name in policies:
             t0 = time.perf_counter()
-            use_pred = name == "predicted" and preds is not None
+            use_pred = name.startswith("predicted") and preds is not None
             policy = make_policy(name, load=load, future=future, predictor=preds if use_pred else None,
                                  lookahead=min(lookahead, preds.lookahead) if use_pred else 0, prior=prior)
             m = replay(experts, E, policy, slots, cost, state_fn=(lambda t, layer: t) if use_pred else None)

@@ -68,7 +68,7 @@ def test_cli_cache_sim_json(tmp_path, capsys):
     assert rc == 0
     data = json.loads(out.read_text())
     row = data["results"]["cycle"]["0.75"]
-    assert set(row) == {"lru", "lfu", "static", "predicted", "belady"}
+    assert set(row) == {"lru", "lfu", "static", "predicted", "predicted-prefetch", "belady"}
     for m in row.values():
         assert {"hit_rate", "ready_in_time", "bytes_per_token", "stall_ms_per_token"} <= set(m)
         assert m["hit_rate"] <= row["belady"]["hit_rate"]

@@ -8,14 +8,16 @@ from moe_serve.experts.policies.belady import BeladyPolicy, next_use_table
 from moe_serve.experts.policies.classic import LFUPolicy, LRUPolicy, StaticPolicy
 from moe_serve.experts.policies.predicted import PredictedPolicy, gap_counts
 
-POLICY_NAMES = ("lru", "lfu", "static", "predicted", "belady")
-SERVING_POLICIES = ("lru", "lfu", "static", "predicted")  # belady needs the future: replay only
+POLICY_NAMES = ("lru", "lfu", "static", "predicted", "predicted-prefetch", "belady")
+SERVING_POLICIES = ("lru", "lfu", "static", "predicted", "predicted-prefetch")  # belady: replay only
 
 
 def make_policy(name: str, *, load: np.ndarray | None = None, future: np.ndarray | None = None,
                 predictor=None, lookahead: int = 1, prior=None) -> CachePolicy:
     """`load` float [L, E] profiled expert load (static); `future` int [S, K] global ids per clock
-    (belady); `predictor` and `prior` (from `gap_counts`) for predicted."""
+    (belady); `predictor` and `prior` (from `gap_counts`) for predicted. "predicted-prefetch" is
+    predicted that also fetches the predictor's top-k experts of the next layers unconditionally
+    (more hits, more bytes moved)."""
     if name == "lru":
         return LRUPolicy()
     if name == "lfu":
@@ -24,8 +26,9 @@ def make_policy(name: str, *, load: np.ndarray | None = None, future: np.ndarray
         if load is None:
             raise ValueError("cache policy 'static' needs a profiled expert load (a trace to profile)")
         return StaticPolicy(load)
-    if name == "predicted":
-        return PredictedPolicy(predictor=predictor, lookahead=lookahead, prior=prior)
+    if name in ("predicted", "predicted-prefetch"):
+        top = predictor.top_k if name == "predicted-prefetch" and predictor is not None else 0
+        return PredictedPolicy(predictor=predictor, lookahead=lookahead, prior=prior, prefetch_top=top)
     if name == "belady":
         if future is None:
             raise ValueError("cache policy 'belady' sees the future: it exists for trace replay only")

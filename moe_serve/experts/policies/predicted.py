@@ -60,12 +60,15 @@ class PredictedPolicy(CachePolicy):
     """`predictor`: object with `top_k` and `predict(state, layer) -> scores [B, lookahead, E]` (any
     scale, see `as_probabilities`), or None. `prior`: (trials, uses) from `gap_counts`
     on a profiling trace, weighted by `prior_weight`. `horizon`: H in tokens.
-    `prefetch_threshold`: least predicted probability of use for a prefetch hint."""
+    `prefetch_threshold`: least predicted probability of use for a prefetch hint (admitted only if it
+    outranks its victim). `prefetch_top`: the predictor's N likeliest experts of each predicted layer
+    are fetched whatever they displace (more hits for more bytes)."""
 
     name = "predicted"
 
     def __init__(self, predictor=None, lookahead: int = 1, prior=None, prior_weight: float = 0.25,
-                 prefetch_threshold: float = 0.3, horizon: int = 8, shrink: float = 4.0, refresh_every: int = 16):
+                 prefetch_threshold: float = 0.3, horizon: int = 8, shrink: float = 4.0, refresh_every: int = 16,
+                 prefetch_top: int = 0):
         if lookahead < 0:
             raise ValueError(f"predicted policy: lookahead must be >= 0, got {lookahead}")
         if not 0.0 <= prefetch_threshold <= 1.0:
@@ -74,6 +77,10 @@ class PredictedPolicy(CachePolicy):
             raise ValueError(f"predicted policy: horizon must be >= 1 token, got {horizon}")
         self.predictor, self.lookahead, self.prior, self.prior_weight = predictor, lookahead, prior, prior_weight
         self.threshold, self.horizon, self.shrink, self.refresh_every = prefetch_threshold, horizon, shrink, refresh_every
+        if prefetch_top < 0:
+            raise ValueError(f"predicted policy: prefetch_top must be >= 0, got {prefetch_top}")
+        self.prefetch_top = prefetch_top
+        self._forced: set[int] = set()
 
     def bind(self, num_layers, num_experts, capacity):
         super().bind(num_layers, num_experts, capacity)
@@ -138,12 +145,15 @@ class PredictedPolicy(CachePolicy):
         return self._scores[gids]
 
     def admits(self, g, victim):
+        if g in self._forced:  # one of the predictor's top picks: fetched whatever it displaces
+            return True
         ks = self.keep_score(np.array([victim, g], dtype=np.int64))
         return bool(ks[1] > ks[0])
 
     def on_route(self, layer, state, clock):
         L, E = self.num_layers, self.num_experts
         hints = []
+        self._forced.clear()
         if self.predictor is not None and self.lookahead > 0 and state is not None:
             scores = as_probabilities(np.asarray(self.predictor.predict(state, layer), dtype=np.float64),
                                       self.predictor.top_k)  # [B, D, E]
@@ -157,8 +167,11 @@ class PredictedPolicy(CachePolicy):
                 gap = np.clip(self.token + 1 - self.last_tok[nl], 1, MAX_GAP)
                 later = self._until(nl, gap, max(self.horizon - 1, 1))
                 self.tokens[nl] = 1.0 + (1.0 - p) * later
-                want = np.flatnonzero(p >= self.threshold)
-                hints.append(nl * E + want[np.argsort(-p[want])])
+                order = np.argsort(-p)  # most likely first
+                self._forced.update((nl * E + order[: self.prefetch_top]).tolist())
+                want = p >= self.threshold
+                want[order[: self.prefetch_top]] = True
+                hints.append(nl * E + order[want[order]])
             self._scores = None
         # the next token's experts of this layer, by the next-token model
         p_next = self.h[layer, self._e, np.clip(self.token + 1 - self.last_tok[layer], 1, MAX_GAP)]
