@@ -125,10 +125,10 @@ class ResidentExpertStore(ExpertStore):
         return self.gate_up[moe_layer][e], self.down[moe_layer][e]
 
     def run(self, moe_layer: int, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """On GPU: all experts of the layer in two grouped matmuls, no host sync. On CPU: a loop over
-        the active experts (torch's CPU grouped_mm visits every expert, ~10x slower for decode);
-        both give the same bits as transformers' grouped_mm path."""
-        if not HAS_GROUPED_MM or x_sorted.device.type == "cpu":
+        """On GPU in bf16: all experts of the layer in two grouped matmuls, no host sync. Otherwise a
+        loop over the active experts (torch's CPU grouped_mm visits every expert, ~10x slower for
+        decode; the GPU kernel wants bf16); on CPU both give the same bits as transformers."""
+        if not HAS_GROUPED_MM or x_sorted.device.type == "cpu" or x_sorted.dtype != torch.bfloat16:
             return super().run(moe_layer, x_sorted, counts)
         offs = torch.cumsum(counts, 0, dtype=torch.int32)  # [E] end row of each expert's group
         gate_up = F.grouped_mm(x_sorted, self.gate_up[moe_layer].transpose(-2, -1), offs=offs)  # [M, 2I]
