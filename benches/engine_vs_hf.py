@@ -11,9 +11,13 @@ and output lengths), both engines are timed side by side in this one process:
     running to the longest requested output, each row then cut to its own length. The speedup at
     16 requests is quoted against the faster of the two transformers runs.
 Every moe-serve output must equal transformers' sequential output token for token (mismatches are
-listed and make the script exit 1). Both engines compute in `--dtype` (default auto: the
-checkpoint's, bf16 here); moe-serve's bf16 path follows transformers' rounding op for op, so the
-greedy outputs are equal in bf16 too (a model computing in another dtype would flip near-ties). EOS is ignored on both sides (`ignore_eos`; transformers with no
+listed and make the script exit 1). Both engines compute in `--dtype`, default float32 (the bf16
+checkpoints upcast at load by both). Why not bf16 on this CPU: it has no bf16 arithmetic
+(no avx512_bf16), so a bf16 matmul of 16 rows costs ~7x one of 1 row and batching buys little; and bf16
+results depend on the batch shape (different kernels, different rounding), enough to flip greedy
+near-ties: on the 1 GB model transformers' own batched bf16 generate disagrees with its own
+sequential one on 7 of the 16 requests. moe-serve's bf16 path matches transformers' op for op at
+batch 1 (`--dtype auto` shows it), but no engine's batched bf16 output equals a batch-1 run. EOS is ignored on both sides (`ignore_eos`; transformers with no
 eos id), so every request produces exactly its requested length.
 
 Memory-bandwidth bound: the machine's copy bandwidth is measured with a large tensor copy (bytes
@@ -219,8 +223,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="default,mixtral1g", help="comma list: default, mixtral1g, or a checkpoint dir")
     ap.add_argument("--quick", action="store_true", help="shorter outputs (a smoke run)")
-    ap.add_argument("--dtype", default="auto", help="compute dtype of both engines: auto (the checkpoint's), "
-                                                     "float32, bfloat16")
+    ap.add_argument("--dtype", default="float32", help="compute dtype of both engines: float32 (default), "
+                                                        "auto (the checkpoint's), bfloat16")
     ap.add_argument("--out", default=str(ROOT / "benches" / "results" / "engine_vs_hf.json"))
     ap.add_argument("--work-dir", default=None, help="keep the built 1 GB checkpoint here (default: a temp dir)")
     ap.add_argument("--threads", type=int, default=None,
