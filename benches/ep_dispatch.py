@@ -115,7 +115,11 @@ def run_ours(rank, world, args, plan, mode, experts, weights, batches):
                 copies_per_token_layer=float(out[2] / out[3]), remote_rows_per_step=float(out[4] / len(batches)),
                 remote_bytes_per_step=float(out[4] / len(batches) * args.hidden * 4),
                 remote_bytes_per_step_dsv2lite_bf16=float(out[4] / len(batches) * 2048 * 2),
-                tokens_per_step=float(out[3] / len(batches) / L))
+                tokens_per_step=float(out[3] / len(batches) / L),
+                # TP attention combines by an all-reduce of every token's row per layer (each rank sends
+                # about (W-1)/W of it twice in a ring); alltoall combines by the reverse all-to-all
+                allreduce_bytes_per_step=float(out[3] / len(batches) * args.hidden * 4 * 2 * (world - 1) / world)
+                if mode == "replicated" else 0.0)
 
 
 def run_deepspeed(rank, world, args, E, K, batches):
@@ -253,12 +257,12 @@ def main() -> int:
                machine=f"{platform.machine()} {os.cpu_count()} cores, 2 ranks x 1 thread, gloo, shared with other "
                        f"jobs (load average {os.getloadavg()[0]:.1f})")
     Path(args.out).write_text(json.dumps(doc, indent=1))
-    print(f"{'plan':>11} {'mode':>10} {'tok/s':>8} {'copies':>7} {'predicted':>9} {'remote B/step':>13} "
-          f"{'dsv2-lite B/step':>16}")
+    print(f"{'plan':>11} {'mode':>10} {'tok/s':>8} {'copies':>7} {'predicted':>9} {'dispatch B/step':>15} "
+          f"{'dsv2-lite B/step':>16} {'all-reduce B/step':>17}")
     for r in doc["rows"]:
         print(f"{r['plan']:>11} {r['mode']:>10} {r['tokens_per_s']:>8.0f} {r['copies_per_token_layer']:>7.3f} "
-              f"{r['predicted_fanout']:>9.3f} {r['remote_bytes_per_step']:>13.0f} "
-              f"{r['remote_bytes_per_step_dsv2lite_bf16']:>16.0f}")
+              f"{r['predicted_fanout']:>9.3f} {r['remote_bytes_per_step']:>15.0f} "
+              f"{r['remote_bytes_per_step_dsv2lite_bf16']:>16.0f} {r['allreduce_bytes_per_step']:>17.0f}")
     ds = doc["deepspeed_moe"]
     if ds:
         print("deepspeed MoE:", ds.get("error") or f"{ds['tokens_per_s']:.0f} tok/s (k={ds['k']}, {ds['note']})")

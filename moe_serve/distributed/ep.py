@@ -149,7 +149,7 @@ def _sum_copies(weighted: torch.Tensor, flat: torch.Tensor, n: int, k: int, dtyp
     copies are zero) in the activation dtype after an fp32-or-wider sum, as models.moe.LocalDispatcher."""
     full = weighted.new_zeros(n * k, weighted.shape[1])
     full[flat] = weighted
-    return full.view(n, k, -1).sum(dim=1).to(dtype)
+    return full.view(n, k, weighted.shape[1]).sum(dim=1).to(dtype)
 
 
 class _Base:
@@ -180,39 +180,53 @@ class ReplicatedDispatcher(_Base):
 
 
 class AllToAllDispatcher(_Base):
+    """One row per (token, destination rank), carrying the token's expert ids and weights for that rank
+    (-1 elsewhere): the bytes on the wire follow the fan-out the placement plan optimizes. The
+    receiver returns one weighted partial sum per row; the sender adds its ranks' partials."""
+
     def dispatch(self, x, ids, weights, num_experts):
         n, k = ids.shape
         W, group = self.plan.num_ranks, self.ctx.ep_group
         ids_np = ids.cpu().numpy()
         dest_np = _slots(self.plan, self.l, ids_np) // self.plan.slots_per_rank  # [N, K]
-        dest = torch.from_numpy(dest_np.reshape(-1))
+        dest = torch.from_numpy(dest_np)
+        key = dest * n + torch.arange(n)[:, None]  # [N, K]: (rank, token) of each copy
+        pair, inv = torch.unique(key.reshape(-1), sorted=True, return_inverse=True)  # rows grouped by rank
+        p_rank, p_tok = torch.div(pair, n, rounding_mode="floor"), pair % n
         if self.ctx.count:
             r = self.ctx.real_tokens
-            remote = int((dest_np[:r] != self.ctx.ep_rank).sum())
+            remote = int(((p_rank != self.ctx.ep_rank) & (p_tok < r)).sum())
             self.ctx.stats.record(self.l, ids_np[:r], dest_np[:r], remote, x.shape[1] * x.element_size())
-        # one row per (token, expert), so the expert stage stays a plain grouped matmul
-        flat_ids = ids.reshape(-1)
-        order = torch.argsort(dest * num_experts + flat_ids, stable=True)  # by rank, then expert
-        send_counts = torch.bincount(dest, minlength=W)  # [W]
+        inv = inv.view(n, k)
+        cols = torch.arange(k)[None, :].expand(n, k)
+        p_ids = torch.full((len(pair), k), -1, dtype=ids.dtype)
+        p_ids[inv, cols] = ids
+        p_w = torch.zeros((len(pair), k), dtype=weights.dtype)
+        p_w[inv, cols] = weights
+        send_counts = torch.bincount(p_rank, minlength=W)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=group)
         sc, rc = send_counts.tolist(), recv_counts.tolist()
-        x_send = x.index_select(0, torch.div(order, k, rounding_mode="floor"))  # [M, H]
-        x_recv = x.new_empty(sum(rc), x.shape[1])
-        dist.all_to_all_single(x_recv, x_send, rc, sc, group=group)
-        e_recv = flat_ids.new_empty(sum(rc))
-        dist.all_to_all_single(e_recv, flat_ids[order].contiguous(), rc, sc, group=group)
-        back = torch.argsort(e_recv, stable=True)  # received rows grouped by expert
-        counts = torch.bincount(e_recv, minlength=num_experts)
-        return x_recv.index_select(0, back), counts, (order, back, sc, rc, n, k, weights)
+        R = sum(rc)
+        r_x = x.new_empty(R, x.shape[1])
+        dist.all_to_all_single(r_x, x.index_select(0, p_tok), rc, sc, group=group)
+        r_ids = p_ids.new_empty(R, k)
+        dist.all_to_all_single(r_ids, p_ids, rc, sc, group=group)
+        r_w = p_w.new_empty(R, k)
+        dist.all_to_all_single(r_w, p_w, rc, sc, group=group)
+        flat = torch.nonzero(r_ids.reshape(-1) >= 0).reshape(-1)  # this rank's copies among the rows
+        x_sorted, flat, e = _sort_local(r_x, flat, k, r_ids.reshape(-1)[flat])
+        counts = torch.bincount(e, minlength=num_experts)
+        return x_sorted, counts, (flat, r_w, R, k, p_rank, p_tok, sc, rc, n)
 
     def combine(self, y_sorted, state, dtype):
-        order, back, sc, rc, n, k, weights = state
-        y_recv = torch.empty_like(y_sorted)
-        y_recv[back] = y_sorted  # back to arrival order
-        y_home = y_sorted.new_empty(sum(sc), y_sorted.shape[1])
-        dist.all_to_all_single(y_home, y_recv, sc, rc, group=self.ctx.ep_group)
-        return _sum_copies(y_home * weights.reshape(-1).index_select(0, order)[:, None], order, n, k, dtype)
+        flat, r_w, R, k, p_rank, p_tok, sc, rc, n = state
+        partial = _sum_copies(y_sorted * r_w.reshape(-1)[flat][:, None], flat, R, k, dtype)  # [R, H]
+        back = partial.new_empty(sum(sc), partial.shape[1])
+        dist.all_to_all_single(back, partial, sc, rc, group=self.ctx.ep_group)
+        per_rank = back.new_zeros(self.plan.num_ranks, n, back.shape[1])
+        per_rank[p_rank, p_tok] = back
+        return per_rank.sum(0)  # each token's partials, added in rank order
 
 
 class AllGatherDispatcher(_Base):
