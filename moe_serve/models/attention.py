@@ -105,17 +105,20 @@ def attend(
     for cache, rows in zip(caches, new_rows):
         cache[meta.token_slots, meta.positions] = rows.to(cache.dtype)
     n_tok, hq = q.shape[0], q.shape[1]
-    out = q.new_empty(n_tok, hq, v_dim)
+    out = q.new_empty(n_tok, hq, v_dim) if meta.prefills else None
     if meta.dec_idx is not None:
         if meta.dec_range is not None:  # slots a..b-1: a view of the cache, no copy
             rows = tuple(c[meta.dec_range[0]:meta.dec_range[1], : meta.dec_max] for c in caches)
         else:
             rows = tuple(c[:, : meta.dec_max].index_select(0, meta.dec_slots) for c in caches)
         k, v = expand(rows)  # [B, T, Hkv, D]
-        qd = q.index_select(0, meta.dec_idx)[:, :, None, :]  # [B, Hq, 1, D]
+        only_decodes = not meta.prefills  # then decode b is token b: no gather/scatter of q and out
+        qd = (q if only_decodes else q.index_select(0, meta.dec_idx))[:, :, None, :]  # [B, Hq, 1, D]
         o = F.scaled_dot_product_attention(qd, k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=meta.decode_mask(window), scale=scale,
                                            enable_gqa=k.shape[2] != hq)
+        if only_decodes:
+            return o[:, :, 0, :]
         out.index_copy_(0, meta.dec_idx, o[:, :, 0, :])
     for start, n, slot, ctx in meta.prefills:
         k, v = expand(tuple(c[slot, : ctx + n][None] for c in caches))  # [1, ctx+n, Hkv, D]
