@@ -110,6 +110,9 @@ class ParallelConfig:
     step_timeout_s: float = doc("longest a forward step may take on the ranks before it is failed", default=600.0)
     control_transport: str = doc("ZeroMQ control sockets: ipc (temp dir) or tcp (loopback, free ports)", default="ipc")
     threads_per_rank: int = doc("torch threads of each rank on CPU (0: cores / ranks)", default=0)
+    worker_endpoint: str | None = doc("tcp://host:port to bind for ranks started by torchrun (each rank gets "
+                                      "MOE_SERVE_FRONTEND=host:port); default: the engine starts its ranks",
+                                      default=None)
 
     def __post_init__(self):
         require(self.tp >= 1, "parallel", "tp", ">= 1", self.tp)
@@ -135,6 +138,9 @@ class ParallelConfig:
         require(self.control_transport in ("ipc", "tcp"), "parallel", "control_transport", "ipc or tcp",
                 self.control_transport)
         require(self.threads_per_rank >= 0, "parallel", "threads_per_rank", ">= 0", self.threads_per_rank)
+        require(self.worker_endpoint is None or (self.worker_endpoint.startswith("tcp://")
+                                                 and self.worker_endpoint.rsplit(":", 1)[-1].isdigit()),
+                "parallel", "worker_endpoint", "tcp://host:port", self.worker_endpoint)
 
     @property
     def world_size(self) -> int:

@@ -85,7 +85,7 @@ class DistributedModel:
             self._shm_port = str(free_tcp_port())
             env = dict(LOCAL_SIZE=str(w), MASTER_ADDR="127.0.0.1", MASTER_PORT=self._shm_port, DS_ACCELERATOR="cpu")
         self.group = WorkerGroup(base, w, pc.startup_timeout_s, pc.heartbeat_timeout_s, pc.control_transport,
-                                 self.faults, env)
+                                 self.faults, env, external=pc.worker_endpoint)
         self.num_slots, self.max_len = num_slots, max_len
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

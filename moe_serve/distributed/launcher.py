@@ -33,9 +33,16 @@ _FAILED = object()  # queue sentinel: wake the waiters
 class WorkerGroup:
     def __init__(self, base: WorkerSpec, world_size: int, startup_timeout_s: float = 120.0,
                  heartbeat_timeout_s: float = 10.0, transport: str = "ipc", faults: dict[int, str] | None = None,
-                 extra_env: dict[str, str] | None = None):
+                 extra_env: dict[str, str] | None = None, external: str | None = None):
+        """external: tcp://host:port to bind for ranks started elsewhere (torchrun); None: start them here."""
         self.world_size, self.heartbeat_timeout_s = world_size, heartbeat_timeout_s
-        self.endpoints = ControlEndpoints.create(world_size, transport)
+        if external is not None:
+            host, port = external.removeprefix("tcp://").rsplit(":", 1)
+            self.endpoints = ControlEndpoints(up=f"tcp://{host}:{port}",
+                                              down=[f"tcp://{host}:{int(port) + 1 + r}" for r in range(world_size)],
+                                              store="env://")
+        else:
+            self.endpoints = ControlEndpoints.create(world_size, transport)
         self.ctx = zmq.Context()
         self.up = self.ctx.socket(zmq.PULL)
         self.up.setsockopt(zmq.LINGER, 0)
@@ -61,6 +68,9 @@ class WorkerGroup:
             for r in range(world_size):
                 spec = replace(base, rank=r, up=up_addr, down=self.down[r].getsockopt_string(zmq.LAST_ENDPOINT),
                                dist_init=self.endpoints.store, fault=faults.get(r, ""))
+                if external is not None:  # the rank exists already: it waits for its spec on down[r]
+                    self.down[r].send(m.encode(m.Configure(spec.to_json())))
+                    continue
                 env = dict(os.environ, **(extra_env or {}),
                            **{SPEC_ENV: spec.to_json(), "OMP_NUM_THREADS": str(spec.threads)})
                 self.procs.append(subprocess.Popen([sys.executable, "-m", "moe_serve.distributed.worker"], env=env))

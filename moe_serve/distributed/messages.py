@@ -6,7 +6,7 @@ control plane (the step's token ids, the returned logits) travel as raw little-e
 their dtype and shape next to them (`TensorBlob`); big tensors inside the forward pass never do,
 they go through torch.distributed.
 
-Directions: frontend -> every rank: StepPlan, PlacementCommand, CacheCommand, Shutdown.
+Directions: frontend -> every rank: StepPlan, PlacementCommand, CacheCommand, Configure, Shutdown.
 Every rank -> frontend: Ready, Heartbeat, StepOutput, WorkerError.
 """
 from __future__ import annotations
@@ -108,13 +108,19 @@ class CacheCommand(msgspec.Struct, tag=True):
     experts: list[int] = []
 
 
+class Configure(msgspec.Struct, tag=True):
+    """To a rank started by an external launcher (torchrun): its WorkerSpec as JSON (model, sizes, ...)."""
+
+    spec_json: str
+
+
 class Shutdown(msgspec.Struct, tag=True):
     """Finish the current step, leave the process groups and exit."""
 
     reason: str = ""
 
 
-ToWorker = StepPlan | PlacementCommand | CacheCommand | Shutdown
+ToWorker = StepPlan | PlacementCommand | CacheCommand | Configure | Shutdown
 FromWorker = Ready | Heartbeat | StepOutput | WorkerError
 
 _encoder = msgspec.msgpack.Encoder()

@@ -114,7 +114,7 @@ def run_worker(spec: WorkerSpec) -> int:
         exit_at = int(spec.fault.split(":")[1]) if spec.fault.startswith("exit_at_step:") else -1
         while True:
             if not down.poll(1000):
-                if os.getppid() != parent:  # frontend gone (non-Linux fallback of PDEATHSIG)
+                if spec.dist_init != "env://" and os.getppid() != parent:  # frontend gone (non-Linux fallback of PDEATHSIG)
                     return 1
                 continue
             msg = m.decode_to_worker(down.recv())
@@ -151,10 +151,48 @@ def run_worker(spec: WorkerSpec) -> int:
         ctx.term()
 
 
+FRONTEND_ENV = "MOE_SERVE_FRONTEND"
+
+
+def external_spec(timeout_s: float = 600.0) -> WorkerSpec:
+    """A rank started by torchrun: RANK etc. from its environment, the rest from the frontend.
+
+    MOE_SERVE_FRONTEND=host:port names the frontend's `parallel.worker_endpoint`; rank r pulls its
+    Configure message from port + 1 + r, torch.distributed rendezvous is env:// (MASTER_ADDR/PORT).
+    """
+    from moe_serve.distributed.groups import torchrun_env
+
+    env, front = torchrun_env(), os.environ.get(FRONTEND_ENV)
+    if env is None or not front:
+        raise SystemExit(f"moe_serve.distributed.worker: set {SPEC_ENV} (started by the engine) or "
+                         f"RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun) and {FRONTEND_ENV}=host:port")
+    host, port = front.rsplit(":", 1)
+    rank = int(env["RANK"])
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://{host}:{int(port) + 1 + rank}")
+    try:
+        if not sock.poll(int(timeout_s * 1000)):
+            raise SystemExit(f"rank {rank}: no Configure from the frontend at {front} within {timeout_s:g} s")
+        msg = m.decode_to_worker(sock.recv())
+    finally:
+        sock.close()
+        ctx.term()
+    if not isinstance(msg, m.Configure):
+        raise SystemExit(f"rank {rank}: expected Configure from the frontend, got {type(msg).__name__}")
+    spec = WorkerSpec.from_json(msg.spec_json)
+    spec.rank, spec.dist_init = rank, "env://"
+    if spec.device.startswith("cuda"):
+        spec.device = f"cuda:{env['LOCAL_RANK']}"
+    return spec
+
+
 def main() -> int:
-    _die_with_parent()
-    spec = WorkerSpec.from_json(os.environ[SPEC_ENV])
-    return run_worker(spec)
+    if SPEC_ENV in os.environ:
+        _die_with_parent()
+        return run_worker(WorkerSpec.from_json(os.environ[SPEC_ENV]))
+    return run_worker(external_spec())
 
 
 if __name__ == "__main__":
