@@ -61,7 +61,7 @@ def _real_tables(rows):
                          "" if moved is None else f"{moved} ({r['experts_moved_per_layer_step_mean']:.1f})"])
         cross = f != e
         tgt_imb, tgt_fan = (1.10, 0.85) if cross else (1.03, 0.80)
-        for a in ("affinity", "affinity+online"):
+        for a in ("affinity", "affinity+online", "eplb+online"):
             r = by.get((f, e, a, b0))
             if r and eplb:
                 ratio = r["fanout_mean"] / eplb["fanout_mean"]
@@ -103,7 +103,7 @@ def _plot_real(rows, path):
     axes[1].set_ylim(1.0, None)
     axes[0].axhline(1.10, ls="--", c="k", lw=0.8)
     axes[0].text(len(scen) - 0.5, 1.105, "cross-domain target 1.10", fontsize=8, ha="right")
-    axes[1].legend(fontsize=8, loc="lower right")
+    axes[0].legend(fontsize=8, loc="upper left", ncol=2)
     fig.suptitle("DeepSeek-V2-Lite traces, EP=8, 1 redundant slot per rank")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -145,6 +145,7 @@ def _plot_sweep(rows, path):
         axes[1, j].set_xlabel("EP ranks")
         for i in range(2):
             axes[i, j].set_xscale("log", base=2)
+            axes[i, j].set_xticks([2, 4, 8, 16], ["2", "4", "8", "16"])
             axes[i, j].grid(alpha=0.3)
     axes[0, 0].set_ylabel("imbalance (cross-domain)")
     axes[1, 0].set_ylabel("fan-out (cross-domain)")
