@@ -249,6 +249,10 @@ def main() -> int:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+        from moe_serve.distributed.comm import shm_files
+
+        for f in shm_files("127.0.0.1", env["MASTER_PORT"]):  # deepspeed.init_distributed leaves them
+            os.remove(f)
     if rc:
         return 1
     doc = json.loads(Path(args.out).read_text())

@@ -24,6 +24,12 @@ from moe_serve.distributed.worker import WorkerSpec
 from moe_serve.models.batch import ForwardBatch
 
 
+# Largest all-reduce sent through DeepSpeed's shm kernel; bigger ones go through gloo. From
+# benches/allreduce.py on the 2-core CPU: shm 7-18 us vs gloo 190-400 us for 4-64 KB when both ranks
+# are scheduled, but slower at 1 MB (decode: hidden 2048 x 16 tokens x bf16 = 64 KB).
+SHM_MAX_BYTES = 64 << 10
+
+
 def shm_allreduce_built() -> bool:
     """Whether DeepSpeed's CPU shm all-reduce is installed and already compiled (no 40 s build at startup)."""
     try:
@@ -75,6 +81,7 @@ class DistributedModel:
         args = dict(model=str(mc.model), dtype=mc.dtype, num_slots=num_slots, max_len=max_len,
                     dispatch=pc.dispatch, placement=pc.placement, redundant_experts=pc.redundant_experts,
                     allreduce_backend=self.allreduce, rebalance_every=pc.rebalance_every,
+                    shm_max_bytes=SHM_MAX_BYTES,
                     rebalance_window=pc.rebalance_window)
         base = WorkerSpec(rank=0, tp=pc.tp, ep=pc.ep, up="", down="", dist_init="",
                           runner="moe_serve.distributed.runner:build", runner_args=args, device=mc.device,

@@ -44,3 +44,27 @@ def test_distributed_matches_one_process(tmp_path, family, tp, ep, dispatch):
     moe_layers = ref.spec.num_moe_layers
     assert stats["dispatch_tokens"] == 3 * moe_layers
     assert 3 * moe_layers <= stats["dispatch_copies"] <= 3 * moe_layers * min(ref.spec.top_k, ep)
+
+
+@pytest.mark.skipif(not __import__("moe_serve.distributed.executor", fromlist=["x"]).shm_allreduce_built(),
+                    reason="DeepSpeed's CPU shm all-reduce is not installed and built (pip install deepspeed; "
+                           "python benches/allreduce.py builds it)")
+def test_tp_with_deepspeed_shm_allreduce(tmp_path):
+    from moe_serve.distributed.comm import shm_files
+
+    ckpt = make_tiny_checkpoint("mixtral", tmp_path / "mixtral")
+    ref = load_model(ckpt)
+    ref.allocate_kv_cache(4, 64)
+    want_tokens, want_logits = greedy(ref, steps=4)
+    dm = DistributedModel(ModelConfig(model=str(ckpt)),
+                          ParallelConfig(tp=2, ep=1, allreduce="deepspeed", threads_per_rank=1))
+    try:
+        dm.allocate_kv_cache(4, 64)
+        port = dm._shm_port
+        assert len(shm_files("127.0.0.1", port)) == 2  # one shm buffer per rank while serving
+        got_tokens, got_logits = greedy(dm, steps=4)
+    finally:
+        dm.close()
+    assert got_tokens == want_tokens
+    torch.testing.assert_close(got_logits, want_logits, atol=1e-4, rtol=1e-4)
+    assert shm_files("127.0.0.1", port) == []  # DeepSpeed's /dev/shm files are removed on close
