@@ -7,6 +7,7 @@ timeout, an API key, an offloading expert store of 4 slots) for cache metrics, t
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from tests.engine.tiny_checkpoint import make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "test-key"
+CONTEXT = 4096
 
 
 @dataclass
@@ -85,7 +87,13 @@ def stop_server(server: Server) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("srv") / "tiny-mixtral")
+    """The engine tests' tiny Mixtral, with a 4096-token context so that long requests outlast the
+    disconnects and timeouts the tests provoke even on a fast machine."""
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("srv") / "tiny-mixtral")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["max_position_embeddings"] = CONTEXT
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import pytest
 
 OK_COMPLETION = {"prompt": "hello", "max_tokens": 2}
 OK_CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 200  # far over the 256-token context
+LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 1000  # far over the 4096-token context
 
 # (endpoint, body, the field the error must name)
 CASES = [
@@ -17,7 +17,7 @@ CASES = [
     ("completions", {"prompt": [1, -3], "max_tokens": 2}, "prompt"),
     ("completions", {"prompt": [1, 10**6], "max_tokens": 2}, "prompt"),  # token id outside the vocabulary
     ("completions", {"prompt": LONG_PROMPT, "max_tokens": 2}, "prompt"),  # over the context
-    ("completions", {"prompt": "hello", "max_tokens": 256}, "max_tokens"),  # prompt + output over the context
+    ("completions", {"prompt": "hello", "max_tokens": 4096}, "max_tokens"),  # prompt + output over the context
     ("completions", {"prompt": "hello", "max_tokens": 0}, "max_tokens"),
     ("completions", {"prompt": "hello", "max_tokens": "ten"}, "max_tokens"),
     ("completions", {"prompt": "hello", "max_tokens": 2.5}, "max_tokens"),
@@ -44,7 +44,7 @@ CASES = [
     ("chat/completions", {"messages": [{"role": "user", "content": "hi", "mood": "x"}]}, "messages.0.mood"),
     ("chat/completions", {"messages": [{"role": "user", "content": LONG_PROMPT}]}, "messages"),
     ("chat/completions", dict(OK_CHAT, max_completion_tokens=0), "max_completion_tokens"),
-    ("chat/completions", dict(OK_CHAT, max_completion_tokens=1000), "max_completion_tokens"),
+    ("chat/completions", dict(OK_CHAT, max_completion_tokens=5000), "max_completion_tokens"),
     ("chat/completions", dict(OK_CHAT, temperature=3), "temperature"),
     ("chat/completions", dict(OK_CHAT, logprobs=True), "logprobs"),
     ("chat/completions", dict(OK_CHAT, presence_penalty=0.5), "presence_penalty"),

@@ -1,12 +1,12 @@
 """Disconnects, a full server, timeouts and auth, over real sockets."""
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
 
 import httpx
 
-LONG = {"prompt": "Once upon a time", "max_tokens": 240, "ignore_eos": True, "temperature": 0}
+LONG = {"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True, "temperature": 0}
 
 
 def wait_for(cond, timeout: float = 10.0, every: float = 0.02) -> bool:
@@ -35,7 +35,7 @@ def test_disconnect_mid_stream_aborts_and_frees_the_slot(server):
             lines = r.iter_lines()
             assert next(line for line in lines if line.startswith("data: "))  # generation has started
             assert gauge(server, "num_requests_running") == 1
-        # leaving the block closes the connection long before 240 tokens are out
+        # leaving the block closes the connection long before 4000 tokens are out
     assert wait_for(lambda: gauge(server, "num_requests_running") == 0 and gauge(server, "num_requests_in_flight") == 0)
     time.sleep(1.0)
     assert successes(server) == before  # it never finished: aborted, not run to max_tokens
@@ -47,7 +47,7 @@ def test_disconnect_mid_stream_aborts_and_frees_the_slot(server):
 
 def test_disconnect_of_non_streaming_request_aborts_it(server):
     before = successes(server)
-    with httpx.Client(timeout=0.3) as c:  # gives up (closes the socket) long before 240 tokens
+    with httpx.Client(timeout=0.3) as c:  # gives up (closes the socket) long before 4000 tokens
         try:
             c.post(server.url + "/v1/completions", json=LONG)
         except httpx.TimeoutException:
@@ -59,23 +59,40 @@ def test_disconnect_of_non_streaming_request_aborts_it(server):
 
 def test_full_server_answers_429_and_recovers(server):
     """3 long streams fill the server (2 in KV slots, 1 waiting); the 4th request is refused at once."""
-    with httpx.Client(timeout=30) as c:
-        streams = [c.stream("POST", server.url + "/v1/completions", json=dict(LONG, stream=True)) for _ in range(3)]
-        opened = []
-        try:
-            for i, s in enumerate(streams):
-                threading.Thread(target=lambda s=s: opened.append(s.__enter__()), daemon=True).start()
-            assert wait_for(lambda: gauge(server, "num_requests_in_flight") == 3)
-            r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=30)
-            assert r.status_code == 429, r.text
-            err = r.json()["error"]
-            assert err["type"] == "rate_limit_error" and "max_pending_requests=3" in err["message"]
-            assert wait_for(lambda: len(opened) == 3)  # the held streams are fine (the queued one too)
-            assert all(resp.status_code == 200 for resp in opened)
-        finally:
-            for s in streams:
-                s.__exit__(None, None, None)  # hang up: the three are aborted
-    assert wait_for(lambda: gauge(server, "num_requests_in_flight") == 0)
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=60) as c:
+            statuses = []
+
+            async def hold():
+                async with c.stream("POST", server.url + "/v1/completions", json=dict(LONG, stream=True)) as r:
+                    statuses.append(r.status_code)
+                    async for _ in r.aiter_lines():
+                        pass
+
+            holders = [asyncio.create_task(hold()) for _ in range(3)]
+            try:
+                for _ in range(500):
+                    if (await c.get(server.url + "/metrics")).text.count("moe_serve:num_requests_in_flight 3.0"):
+                        break
+                    await asyncio.sleep(0.02)
+                r = await c.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+                for _ in range(500):  # the two running streams have sent their headers
+                    if len(statuses) >= 2:
+                        break
+                    await asyncio.sleep(0.02)
+                return r, statuses
+            finally:
+                for t in holders:
+                    t.cancel()  # hang up: all three are aborted
+                await asyncio.gather(*holders, return_exceptions=True)
+
+    r, statuses = asyncio.run(scenario())
+    assert r.status_code == 429, r.text
+    err = r.json()["error"]
+    assert err["type"] == "rate_limit_error" and "max_pending_requests=3" in err["message"]
+    assert statuses[:2] == [200, 200]
+    assert wait_for(lambda: gauge(server, "num_requests_in_flight") == 0 and gauge(server, "num_requests_running") == 0)
     ok = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=30)
     assert ok.status_code == 200, ok.text
 
@@ -84,13 +101,13 @@ def test_timeout_aborts_the_request_and_frees_its_slot(strict_server):
     s = strict_server
     t0 = time.monotonic()
     r = httpx.post(s.url + "/v1/chat/completions", headers=s.headers, timeout=30,
-                   json={"messages": [{"role": "user", "content": "tell a long story"}], "max_tokens": 200,
+                   json={"messages": [{"role": "user", "content": "tell a long story"}], "max_tokens": 4000,
                          "ignore_eos": True})
     assert r.status_code == 504 and "request_timeout_s=0.3" in r.json()["error"]["message"]
     assert time.monotonic() - t0 < 5
     assert wait_for(lambda: gauge(s, "num_requests_running") == 0)
     with httpx.stream("POST", s.url + "/v1/completions", headers=s.headers, timeout=30,
-                      json={"prompt": "hi", "max_tokens": 200, "ignore_eos": True, "stream": True}) as r:
+                      json={"prompt": "hi", "max_tokens": 4000, "ignore_eos": True, "stream": True}) as r:
         lines = [line for line in r.iter_lines() if line]
     assert r.status_code == 200
     assert '"timeout_error"' in lines[-2] and lines[-1] == "data: [DONE]"  # the error arrives as an event
