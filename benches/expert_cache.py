@@ -5,7 +5,7 @@
 (a) `moe-serve cache-sim`'s code on the DeepSeek-V2-Lite traces (../shared/traces), both domain
 directions: every policy at 12.5%, 25% and 50% of experts resident; whatever a policy learns before
 the replay (static hot set, the predicted policy's next-token prior, the cross-layer transition
-predictor from `predictors`) is fitted on the OTHER domain. Cost model: DeepSeek-V2-Lite bf16
+predictor from `predictors`, lookahead 2 layers) is fitted on the OTHER domain. Cost model: DeepSeek-V2-Lite bf16
 experts (17.3 MB), 25 GB/s host-to-device, 0.25 ms per MoE layer (H100-class batch-1 estimate).
 
 (b) A routing-replayed Mixtral-architecture model of about 1.1 GB (random bf16 weights, 8 layers x
@@ -38,6 +38,7 @@ SHARED = (ROOT / ".." / "shared").resolve()
 RESULTS = ROOT / "benches" / "results"
 DOMAINS = ("intent", "summary")
 CAPACITIES = (0.125, 0.25, 0.5)
+LOOKAHEAD = 2  # MoE layers ahead the predicted policies prefetch for
 
 
 def sim_direction(replayed: str, fitted: str, tokens: int | None) -> dict:
@@ -51,9 +52,9 @@ def sim_direction(replayed: str, fitted: str, tokens: int | None) -> dict:
     fit = load_trace(SHARED / "traces" / f"dsv2lite_{fitted}.npz")
     if tokens:
         trace = trace.select_sequences(range(int(np.searchsorted(trace.seq_offsets, tokens, side="right"))))
-    predictor = TransitionPredictor(fit.num_layers, fit.num_experts, fit.top_k, lookahead=1).fit([fit])
+    predictor = TransitionPredictor(fit.num_layers, fit.num_experts, fit.top_k, lookahead=LOOKAHEAD).fit([fit])
     return simulate(trace, list(POLICY_NAMES), CAPACITIES, CostModel(), predictor=predictor, fit_traces=[fit],
-                    log=lambda s: print(f"{replayed}<-{fitted}: {s}", flush=True))
+                    lookahead=LOOKAHEAD, log=lambda s: print(f"{replayed}<-{fitted}: {s}", flush=True))
 
 
 def part_sim(tokens: int | None, jobs: int) -> dict:

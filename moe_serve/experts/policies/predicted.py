@@ -47,6 +47,19 @@ def gap_counts(experts: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.nd
     return trials, uses
 
 
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-4, 1 - 1e-4)
+    return np.log(p) - np.log1p(-p)
+
+
+def combine(p_layer: np.ndarray, p_token: np.ndarray, base: float) -> np.ndarray:
+    """Two forecasts of the same event, one from this token's earlier layers (the predictor), one
+    from this expert's own recency (the next-token model), combined as independent evidence over
+    the base rate (naive Bayes in log-odds): each signal is weak alone, together far less so."""
+    z = _logit(p_layer) + _logit(p_token) - _logit(np.asarray(base))
+    return 1.0 / (1.0 + np.exp(-z))
+
+
 def as_probabilities(scores: np.ndarray, top_k: int) -> np.ndarray:
     """Predictor scores [..., E] (any scale; logits when negative) -> P(expert used) [..., E]: the
     scores' shares of the top_k experts a token uses, capped at 1."""
@@ -163,14 +176,15 @@ class PredictedPolicy(CachePolicy):
                 nl = layer + 1 + j
                 if nl >= L:
                     break
-                p = scores[j]
-                gap = np.clip(self.token + 1 - self.last_tok[nl], 1, MAX_GAP)
-                later = self._until(nl, gap, max(self.horizon - 1, 1))
+                gap = np.clip(self.token - self.last_tok[nl], 1, MAX_GAP)  # layer nl, this token
+                p = combine(scores[j], self.h[nl, self._e, gap], self.predictor.top_k / E)
+                top = np.argsort(-scores[j])[: self.prefetch_top]  # the predictor's own picks
+                self._forced.update((nl * E + top).tolist())
+                later = self._until(nl, np.minimum(gap + 1, MAX_GAP), max(self.horizon - 1, 1))
                 self.tokens[nl] = 1.0 + (1.0 - p) * later
                 order = np.argsort(-p)  # most likely first
-                self._forced.update((nl * E + order[: self.prefetch_top]).tolist())
                 want = p >= self.threshold
-                want[order[: self.prefetch_top]] = True
+                want[top] = True
                 hints.append(nl * E + order[want[order]])
             self._scores = None
         # the next token's experts of this layer, by the next-token model
