@@ -210,10 +210,11 @@ class AllToAllDispatcher(_Base):
         R = sum(rc)
         r_x = x.new_empty(R, x.shape[1])
         dist.all_to_all_single(r_x, x.index_select(0, p_tok), rc, sc, group=group)
-        r_ids = p_ids.new_empty(R, k)
-        dist.all_to_all_single(r_ids, p_ids, rc, sc, group=group)
-        r_w = p_w.new_empty(R, k)
-        dist.all_to_all_single(r_w, p_w, rc, sc, group=group)
+        # ids and weights in one exchange: weights widened to fp64 (exact) and sent as their int64 bits
+        meta = torch.cat((p_ids.long(), p_w.double().view(torch.int64)), dim=1)  # [P, 2K]
+        r_meta = meta.new_empty(R, 2 * k)
+        dist.all_to_all_single(r_meta, meta, rc, sc, group=group)
+        r_ids, r_w = r_meta[:, :k], r_meta[:, k:].contiguous().view(torch.float64).to(weights.dtype)
         flat = torch.nonzero(r_ids.reshape(-1) >= 0).reshape(-1)  # this rank's copies among the rows
         x_sorted, flat, e = _sort_local(r_x, flat, k, r_ids.reshape(-1)[flat])
         counts = torch.bincount(e, minlength=num_experts)
