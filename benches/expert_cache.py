@@ -13,8 +13,8 @@ experts (17.3 MB), 25 GB/s host-to-device, 0.25 ms per MoE layer (H100-class bat
 layer l), decoded through `LLM` with `replay_trace`, computed in float32 on this CPU (no bf16
 arithmetic here). Side by side in one process: all experts resident (reference), on-demand copying
 without a cache (6 slots: one layer's top-k, every expert copied in when needed), and the
-offloading store with 25% of experts resident (LRU and predicted), cpu-experts off, plus
-cpu-experts auto. Greedy outputs must be identical in all configurations.
+offloading store with 25% of experts resident (LRU, predicted, predicted-prefetch), cpu-experts
+off, plus cpu-experts auto. Greedy outputs must be identical in all configurations.
 
 Results: tables on stdout, JSON in benches/results/expert_cache.json (and expert_cache_sim.json).
 """
@@ -64,7 +64,9 @@ def part_sim(tokens: int | None, jobs: int) -> dict:
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         outs = list(pool.map(sim_direction, [a for a, _ in pairs], [b for _, b in pairs], [tokens] * 2))
     results = {f"{a} (fit on {b})": o for (a, b), o in zip(pairs, outs)}
-    print(format_table(results))
+    table = format_table(results)
+    print(table)
+    (RESULTS / "expert_cache_sim.txt").write_text(table + "\n")
     return results
 
 
@@ -142,6 +144,8 @@ def part_e2e(new_tokens: int, small: bool = False) -> dict:
         "offload 25% LRU": dict(expert_cache_slots=quarter, cache_policy="lru", cpu_experts="off"),
         "offload 25% predicted": dict(expert_cache_slots=quarter, cache_policy="predicted", predictor=str(pred),
                                       cpu_experts="off"),
+        "offload 25% predicted-prefetch": dict(expert_cache_slots=quarter, cache_policy="predicted-prefetch",
+                                               predictor=str(pred), cpu_experts="off"),
         "offload 25% predicted, cpu-experts auto": dict(expert_cache_slots=quarter, cache_policy="predicted",
                                                         predictor=str(pred), cpu_experts="auto"),
     }
@@ -151,11 +155,22 @@ def part_e2e(new_tokens: int, small: bool = False) -> dict:
         r = results[name]
         print(f"{name:42s} {r['tokens_per_s']:7.2f} tok/s  hit {r['hit_rate'] if r['hit_rate'] is None else round(r['hit_rate'], 3)}"
               f"  copies {r['copies']}  stall {r['stall_s'] if r['stall_s'] is None else round(r['stall_s'], 2)} s", flush=True)
+    lines = [f"{'configuration':42s} {'tok/s':>7s} {'x on-demand':>11s} {'hit':>6s} {'copies':>7s} "
+             f"{'stall s':>8s} {'same tokens':>11s}"]
     ref = results["resident (all experts in RAM)"]["token_ids"]
     base = results["on-demand copy, no cache (6 slots)"]["tokens_per_s"]
     for r in results.values():
         r["same_tokens_as_resident"] = r["token_ids"] == ref
         r["speedup_vs_on_demand"] = r["tokens_per_s"] / base
+    for name, r in results.items():
+        hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
+        stall = "-" if r["stall_s"] is None else f"{r['stall_s']:.2f}"
+        lines.append(f"{name:42s} {r['tokens_per_s']:7.2f} {r['speedup_vs_on_demand']:11.2f} {hit:>6s} "
+                     f"{str(r['copies'] if r['copies'] is not None else '-'):>7s} {stall:>8s} "
+                     f"{str(r['same_tokens_as_resident']):>11s}")
+    print("\n".join(lines))
+    if not small:
+        (RESULTS / "expert_cache_e2e.txt").write_text("\n".join(lines) + "\n")
     size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     return dict(checkpoint_bytes=size, config=shape, new_tokens=new_tokens, slots_25pct=quarter, runs=results)
 

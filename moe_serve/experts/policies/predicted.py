@@ -80,7 +80,7 @@ class PredictedPolicy(CachePolicy):
     name = "predicted"
 
     def __init__(self, predictor=None, lookahead: int = 1, prior=None, prior_weight: float = 0.25,
-                 prefetch_threshold: float = 0.3, horizon: int = 8, shrink: float = 4.0, refresh_every: int = 16,
+                 prefetch_threshold: float = 0.5, horizon: int = 8, shrink: float = 4.0, refresh_every: int = 16,
                  prefetch_top: int = 0):
         if lookahead < 0:
             raise ValueError(f"predicted policy: lookahead must be >= 0, got {lookahead}")
@@ -183,8 +183,8 @@ class PredictedPolicy(CachePolicy):
                 later = self._until(nl, np.minimum(gap + 1, MAX_GAP), max(self.horizon - 1, 1))
                 self.tokens[nl] = 1.0 + (1.0 - p) * later
                 order = np.argsort(-p)  # most likely first
-                want = p >= self.threshold
-                want[top] = True
+                want = scores[j] >= self.threshold  # the predictor's own confidence (the combined
+                want[top] = True  # estimate is overconfident: it counts shared evidence twice)
                 hints.append(nl * E + order[want[order]])
             self._scores = None
         # the next token's experts of this layer, by the next-token model
