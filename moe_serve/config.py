@@ -96,6 +96,8 @@ class ParallelConfig:
                   "(world size = max(tp, ep); tp=1 with ep>1 runs attention data-parallel)", default=1)
     dispatch: str = doc("EP token dispatch: auto (alltoall when attention is data-parallel, else allgather), "
                         "allgather (all-gather / reduce-scatter) or alltoall", default="auto")
+    preplan: bool = doc("pre-planned all-to-all dispatch: size each layer's buffers from the previous step's "
+                        "counts and skip the count exchange (mispredictions are corrected)", default=False)
     placement: str | None = doc("placement plan file (JSON or safetensors from `placement`); default: contiguous",
                                 default=None)
     rebalance_every: int = doc("compute a new placement from live expert loads every N steps (0: never)", default=0)

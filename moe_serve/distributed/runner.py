@@ -60,6 +60,9 @@ class EPContext:
     count: bool = True
     real_tokens: int = 0  # tokens of real sequences on this rank this step (padding excluded)
     tokens_per_rank: list[int] = field(default_factory=list)  # DP attention: tokens each EP rank runs
+    ep_global: object = None  # EP rank j -> global rank (point-to-point ops need global ranks)
+    preplan: dict = field(default_factory=lambda: dict(count_exchanges=0, count_exchange_s=0.0, skipped=0,
+                                                       overflow_blocks=0, padding_rows=0))
 
 
 def plan_batch(plan: m.StepPlan) -> ForwardBatch:
@@ -95,7 +98,13 @@ class ModelRunner:
         mode = "replicated" if lay.dp == 1 else a.get("dispatch", "alltoall")
         self.mode = "alltoall" if mode == "auto" else mode
         stats = DispatchStats(lay.ep, mspec.num_moe_layers, mspec.num_experts)
-        self.ctx = EPContext(self.plan, groups.ep, lay.ep_rank, stats)
+        self.ctx = EPContext(self.plan, groups.ep, lay.ep_rank, stats,
+                             ep_global=lambda j: lay.moe_tp_rank + j * lay.moe_tp)
+        dispatchers = dict(DISPATCHERS)
+        if a.get("preplan"):
+            from moe_serve.distributed.preplan import PrePlannedAllToAllDispatcher
+
+            dispatchers["alltoall"] = PrePlannedAllToAllDispatcher
 
         def store_factory(sp, source, dtype, device):
             return EPExpertStore(source, self.plan, lay.ep_rank, lay.moe_tp, lay.moe_tp_rank, dtype, device)
@@ -106,7 +115,7 @@ class ModelRunner:
             if isinstance(layer.mlp, MoEBlock):
                 b = layer.mlp
                 b.rt = MoERuntime(store=model.store, hooks=NO_HOOKS,
-                                  dispatcher=DISPATCHERS[self.mode](b.moe_index, self.ctx))
+                                  dispatcher=dispatchers[self.mode](b.moe_index, self.ctx))
         if lay.tp > 1:
             apply_tp(model, lay.tp, lay.tp_rank, self.allreduce)
         self.num_slots = int(a["num_slots"])
@@ -123,7 +132,11 @@ class ModelRunner:
         if out is None:
             return None
         seq_index, logits, stats = out
-        return seq_index, logits, {**stats, **self.rebalancer.stats()}, torch.from_numpy(self.ctx.stats.load)
+        pp = self.ctx.preplan
+        saved = pp["skipped"] * pp["count_exchange_s"] / max(pp["count_exchanges"], 1)  # skips x measured latency
+        stats = {**stats, **self.rebalancer.stats(), **{f"preplan_{k}": float(v) for k, v in pp.items()},
+                 "preplan_saved_s": saved}
+        return seq_index, logits, stats, torch.from_numpy(self.ctx.stats.load)
 
     def _forward(self, plan: m.StepPlan):
         lay, batch = self.layout, plan_batch(plan)
