@@ -65,11 +65,12 @@ class RequestRunner:
         self.in_flight -= 1
 
     # -- the engine stream -------------------------------------------------------------------
-    async def _abort(self, request_id: str) -> None:
+    def _abort(self, request_id: str) -> None:
+        """Abort without suspending, so it also completes inside a cancelled task or scope."""
         try:
             result = self.engine.abort(request_id)
             if inspect.isawaitable(result):
-                await result
+                asyncio.ensure_future(result)
         except Exception:  # the request may already be gone; aborting twice is harmless
             pass
 
@@ -79,26 +80,27 @@ class RequestRunner:
             message = await request.receive()
             if message["type"] == "http.disconnect":
                 state.disconnected = True
-                await self._abort(request_id)
+                self._abort(request_id)
                 return
 
     async def _watch_timeout(self, request_id: str, state: RunState) -> None:
         await asyncio.sleep(self.timeout_s)
         state.timed_out = True
-        await self._abort(request_id)
+        self._abort(request_id)
 
     async def run(self, request: Request | None, request_id: str, prompt, params, state: RunState,
                   watch_disconnect: bool = True) -> AsyncIterator:
         """The engine's outputs for one request; raises APIError for a refused or failed request.
 
-        `watch_disconnect`: poll the connection (non-streaming responses); a streaming response
-        learns of the disconnect from its own failed write and cancels this generator instead.
+        `watch_disconnect`: wait for the client's `http.disconnect` and abort at once, even while the
+        request waits in the queue (a streaming response is also cancelled by Starlette, which closes
+        this generator: the `finally` aborts then).
         """
         state.arrival = time.monotonic()
         watchers = [asyncio.create_task(self._watch_timeout(request_id, state))]
         if watch_disconnect and request is not None:
             watchers.append(asyncio.create_task(self._watch_disconnect(request, request_id, state)))
-        finished, final = False, None
+        finished, final, stream = False, None, None
         try:
             try:
                 stream = self.engine.generate(prompt, params, request_id)
@@ -125,7 +127,9 @@ class RequestRunner:
             for w in watchers:
                 w.cancel()
             if not finished:
-                await asyncio.shield(self._abort(request_id))
+                self._abort(request_id)
+            if stream is not None:
+                await stream.aclose()  # the engine's own cleanup (its stream table) runs now, not at GC
             if final is not None and final.finished and final.finish_reason not in ("abort", "error"):
                 self._record(final, state)
 
