@@ -38,7 +38,9 @@ def test_greedy_matches_transformers(tiny_qwen_dir):
         ids = llm.tokenizer.encode("Mixture-of-experts models route every")
         ours = llm.generate(ids, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))[0].token_ids
     hf = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir, dtype=torch.float32)
-    ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, len(ids):]
+    hf.generation_config.eos_token_id = None  # EOS is an ordinary token, as with ignore_eos=True
+    hf.generation_config.pad_token_id = 0
+    ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):]
     assert ours == ref.tolist()
 
 
