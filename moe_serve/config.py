@@ -128,6 +128,8 @@ class ParallelConfig:
                 "one of auto, allgather, alltoall", self.dispatch)
         require(not (self.dispatch == "alltoall" and self.tp > 1 and self.ep > 1), "parallel", "dispatch",
                 "allgather or auto when tp > 1 (alltoall needs data-parallel attention, tp=1)", self.dispatch)
+        require(not self.preplan or (self.tp == 1 and self.ep > 1 and self.dispatch != "allgather"), "parallel",
+                "preplan", "False unless the dispatch is alltoall (tp=1, ep>1, dispatch auto or alltoall)", self.preplan)
         require(self.rebalance_every >= 0, "parallel", "rebalance_every", ">= 0", self.rebalance_every)
         require(self.rebalance_window >= 1, "parallel", "rebalance_window", ">= 1", self.rebalance_window)
         require(self.redundant_experts >= 0, "parallel", "redundant_experts", ">= 0", self.redundant_experts)
