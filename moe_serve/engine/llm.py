@@ -48,7 +48,7 @@ class LLM:
         seqs = []
         for i, (p, sp) in enumerate(zip(plist, params)):
             try:
-                seqs.append(self.engine.make_sequence(p, sp, request_id=f"llm-{id(self)}-{i}-{len(seqs)}"))
+                seqs.append(self.engine.make_sequence(p, sp))  # request id: the engine's "req-<seq id>"
             except ValueError as exc:
                 raise ValueError(f"prompts[{i}]: {exc}") from exc
         results: dict[str, RequestOutput] = {}
