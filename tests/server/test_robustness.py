@@ -121,3 +121,37 @@ def test_api_key_is_required_when_set(strict_server):
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     assert httpx.get(s.url + "/v1/models", headers=s.headers, timeout=30).status_code == 200
     assert httpx.get(s.url + "/health", timeout=30).status_code == 200  # probes need no key
+
+
+def test_disconnect_while_queued_leaves_the_queue(server):
+    """With both KV slots busy, a queued request whose client hangs up is dropped at once."""
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=60) as c:
+            async def hold():
+                async with c.stream("POST", server.url + "/v1/completions", json=dict(LONG, stream=True)) as r:
+                    async for _ in r.aiter_lines():
+                        pass
+
+            holders = [asyncio.create_task(hold()) for _ in range(2)]
+            try:
+                while "moe_serve:num_requests_running 2.0" not in (await c.get(server.url + "/metrics")).text:
+                    await asyncio.sleep(0.02)
+                queued = asyncio.create_task(c.post(server.url + "/v1/completions", json=LONG))
+                while "moe_serve:num_requests_waiting 1.0" not in (await c.get(server.url + "/metrics")).text:
+                    await asyncio.sleep(0.02)
+                queued.cancel()  # the client gives up while its request waits for a slot
+                await asyncio.gather(queued, return_exceptions=True)
+                for _ in range(250):
+                    text = (await c.get(server.url + "/metrics")).text
+                    if "moe_serve:num_requests_waiting 0.0" in text and "moe_serve:num_requests_in_flight 2.0" in text:
+                        return True
+                    await asyncio.sleep(0.02)
+                return False
+            finally:
+                for t in holders:
+                    t.cancel()
+                await asyncio.gather(*holders, return_exceptions=True)
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert wait_for(lambda: gauge(server, "num_requests_in_flight") == 0 and gauge(server, "num_requests_running") == 0)
