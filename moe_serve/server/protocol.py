@@ -31,16 +31,30 @@ class SamplingFields(BaseModel):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[StrictInt, Field(ge=-1)] | None = None  # vLLM: -1 or 0 mean all tokens
-    n: Annotated[StrictInt, Field(ge=1, le=1)] = 1  # one choice per request: n > 1 is refused
+    n: Annotated[StrictInt, Field(ge=1)] = 1  # one choice per request: n > 1 is refused
     seed: Annotated[StrictInt, Field(ge=0, lt=2**63)] | None = None
     stop: Stop = None
     stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
     ignore_eos: StrictBool = False
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: Annotated[float, Field(ge=0.0, le=0.0)] | None = None  # unsupported beyond 0
-    frequency_penalty: Annotated[float, Field(ge=0.0, le=0.0)] | None = None  # unsupported beyond 0
+    presence_penalty: float | None = None  # only 0 (no penalty) is supported
+    frequency_penalty: float | None = None  # only 0 (no penalty) is supported
     user: StrictStr | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value):
+        if value != 1:
+            raise ValueError("only n=1 is supported (one choice per request)")
+        return value
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalties(cls, value):
+        if value not in (None, 0, 0.0):
+            raise ValueError("penalties are not supported: only 0 (or null) is accepted")
+        return value
 
     @field_validator("stream_options")
     @classmethod
