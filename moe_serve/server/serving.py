@@ -8,6 +8,7 @@ last chunk before it carries `usage` (and empty `choices`), as OpenAI sends it.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -188,7 +189,7 @@ class Handlers:
                 yield sse(error_body(err.message, err.type, err.param, err.code))
             elif include_usage and final is not None:
                 kind = "text_completion" if rid.startswith("cmpl") else "chat.completion.chunk"
-                yield sse({"id": rid, "object": kind, "model": self.info.name, "choices": [],
+                yield sse({"id": rid, "object": kind, "created": int(time.time()), "model": self.info.name, "choices": [],
                            "usage": usage(final).model_dump()})
             yield "data: [DONE]\n\n"
         except APIError as err:
