@@ -189,8 +189,8 @@ class Handlers:
                 yield sse(error_body(err.message, err.type, err.param, err.code))
             elif include_usage and final is not None:
                 kind = "text_completion" if rid.startswith("cmpl") else "chat.completion.chunk"
-                yield sse({"id": rid, "object": kind, "created": int(time.time()), "model": self.info.name, "choices": [],
-                           "usage": usage(final).model_dump()})
+                yield sse({"id": rid, "object": kind, "created": int(time.time()), "model": self.info.name,
+                           "choices": [], "usage": usage(final).model_dump()})
             yield "data: [DONE]\n\n"
         except APIError as err:
             yield sse(error_body(err.message, err.type, err.param, err.code))
