@@ -7,7 +7,8 @@ placement scorer uses) through all 26 layers of the runtime's own EP stages
 (moe_serve.distributed.ep: EPExpertStore + dispatcher) with small synthetic experts
 (`--hidden`, `--inter`), in both dispatch modes:
 - replicated (TP attention: every rank holds the batch; partial sums all-reduced),
-- alltoall (DP attention: the batch split between the ranks, rows exchanged by all_to_all_single).
+- alltoall (DP attention: the batch split between the ranks, rows exchanged by all_to_all_single),
+- preplan (alltoall with buffers sized from the previous step: the count exchange skipped).
 Reported per plan and mode: tokens/s, dispatch copies per token-layer counted by the runtime, the
 fan-out `placement` predicts for the same batches (must be equal), remote bytes per step (at the
 bench's hidden size and scaled to DeepSeek-V2-Lite's 2048 x bf16). Baseline in the same run:
@@ -81,12 +82,16 @@ def run_ours(rank, world, args, plan, mode, experts, weights, batches):
 
     L, E = plan.num_layers, plan.num_experts
     store = EPExpertStore(SyntheticExperts(L, E, args.hidden, args.inter), plan, rank, 1, 0, torch.float32, "cpu")
-    ctx = EPContext(plan, dist.group.WORLD, rank, DispatchStats(world, L, E))
-    disp = [DISPATCHERS[mode](l, ctx) for l in range(L)]
+    ctx = EPContext(plan, dist.group.WORLD, rank, DispatchStats(world, L, E), ep_global=lambda j: j)
+    if mode == "preplan":
+        from moe_serve.distributed.preplan import PrePlannedAllToAllDispatcher as cls
+    else:
+        cls = DISPATCHERS[mode]
+    disp = [cls(l, ctx) for l in range(L)]
     g = torch.Generator().manual_seed(1)
     times, tokens, copies, tl, remote = [], 0, 0, 0, 0
     for i, rows in enumerate(batches):
-        if mode == "alltoall":
+        if mode in ("alltoall", "preplan"):
             rows = rows[rank::world]
         ids = torch.from_numpy(experts[rows].astype(np.int64))  # [n, L, K]
         w = torch.from_numpy(weights[rows].astype(np.float32))
@@ -116,6 +121,7 @@ def run_ours(rank, world, args, plan, mode, experts, weights, batches):
                 remote_bytes_per_step=float(out[4] / len(batches) * args.hidden * 4),
                 remote_bytes_per_step_dsv2lite_bf16=float(out[4] / len(batches) * 2048 * 2),
                 tokens_per_step=float(out[3] / len(batches) / L),
+                preplan={k: float(v) for k, v in ctx.preplan.items()} if mode == "preplan" else None,
                 # TP attention combines by an all-reduce of every token's row per layer (each rank sends
                 # about (W-1)/W of it twice in a ring); alltoall combines by the reverse all-to-all
                 allreduce_bytes_per_step=float(out[3] / len(batches) * args.hidden * 4 * 2 * (world - 1) / world)
@@ -174,10 +180,10 @@ def worker(rank: int, args) -> None:
     rows = []
     for name in PLANS:
         plan = PlacementPlan.load(meta[name])
-        for mode in ("replicated", "alltoall"):
+        for mode in ("replicated", "alltoall", "preplan"):
             r = run_ours(rank, world, args, plan, mode, experts, weights, batches)
             r.update(plan=name, mode=mode, predicted_fanout=predicted_fanout(plan, experts, batches, world,
-                                                                               mode == "alltoall"))
+                                                                               mode != "replicated"))
             rows.append(r)
     ds = run_deepspeed(rank, world, args, tr.num_experts, args.ds_k, batches) if not args.no_deepspeed else None
     if rank == 0:
@@ -267,6 +273,12 @@ def main() -> int:
         print(f"{r['plan']:>11} {r['mode']:>10} {r['tokens_per_s']:>8.0f} {r['copies_per_token_layer']:>7.3f} "
               f"{r['predicted_fanout']:>9.3f} {r['remote_bytes_per_step']:>15.0f} "
               f"{r['remote_bytes_per_step_dsv2lite_bf16']:>16.0f} {r['allreduce_bytes_per_step']:>17.0f}")
+    for r in doc["rows"]:
+        if r.get("preplan"):
+            p = r["preplan"]
+            print(f"preplan {r['plan']}: count exchange skipped on {p['skipped']:.0f} layer-steps, overflow blocks "
+                  f"{p['overflow_blocks']:.0f}, padding rows {p['padding_rows']:.0f}, count exchange "
+                  f"{1e3 * p['count_exchange_s'] / max(p['count_exchanges'], 1):.2f} ms each when done")
     ds = doc["deepspeed_moe"]
     if ds:
         print("deepspeed MoE:", ds.get("error") or f"{ds['tokens_per_s']:.0f} tok/s (k={ds['k']}, {ds['note']})")
