@@ -29,7 +29,7 @@ from moe_serve.engine.llm import LLM  # noqa: E402
 from moe_serve.engine.sampling_params import SamplingParams  # noqa: E402
 from predictors.compare import compare, format_table  # noqa: E402
 from predictors.evaluate import evaluate, online_cost  # noqa: E402
-from predictors.router import RouterPredictor, router_weights_from_checkpoint  # noqa: E402
+from predictors.router import HiddenLinearPredictor, RouterPredictor, router_weights_from_checkpoint  # noqa: E402
 from predictors.traces import load_trace  # noqa: E402
 
 
@@ -69,10 +69,13 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--lookahead", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--workdir", default=None, help="keep the recorded traces here; reuse them when present")
+    ap.add_argument("--mlp-epochs", type=int, default=8)
     ap.add_argument("--out", default=str(REPO / "benches" / "results" / "predictor_hidden.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    tmp = Path(tempfile.mkdtemp(prefix="predhidden-"))
+    tmp = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="predhidden-"))
+    tmp.mkdir(parents=True, exist_ok=True)
     default = Path(DEFAULT_MODEL)
     if (default / "config.json").exists():
         model, source = default, "project default model (moe_serve/default_model)"
@@ -90,19 +93,31 @@ def main() -> int:
     traces = {}
     for dom, prompts in domains.items():
         t0 = time.time()
-        traces[dom] = record(model, prompts, args.max_tokens, tmp / f"{dom}.npz")
+        path = tmp / f"{dom}.npz"
+        traces[dom] = load_trace(path) if path.exists() else record(model, prompts, args.max_tokens, path)
         print(f"recorded {dom}: {traces[dom].num_tokens} tokens, hidden {traces[dom].hidden.shape} in {time.time() - t0:.1f}s", flush=True)
     (a, b), ref = list(traces), next(iter(traces.values()))
     routers = router_weights_from_checkpoint(model, ref.num_experts)
     report = dict(model=source, started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), directions={})
     for src, dst in ((a, b), (b, a)):
         print(f"\n== fit on {src}, measure on {dst} ({source}) ==", flush=True)
-        res = compare([traces[src]], [traces[dst]], ["popularity", "transition", "prev_token", "router", "mlp"], args.lookahead,
-                      params={"mlp": {"epochs": 20}}, log=lambda s: print(s, file=sys.stderr, flush=True))
-        exact = RouterPredictor.from_router_weights(routers, ref.top_k, args.lookahead)
-        ev = evaluate(exact, [traces[dst]], res["budget"])
-        ev.pop("predict_s")
-        res["results"]["router_ckpt"] = dict(ev, fit_s=0.0, predict_ms_b64=online_cost(exact, traces[dst]))
+        names = ["popularity", "transition", "prev_token", "router", "hidden_linear", "mlp"]
+        res = compare([traces[src]], [traces[dst]], names, args.lookahead, params={"mlp": {"epochs": args.mlp_epochs}},
+                      log=lambda s: print(s, file=sys.stderr, flush=True))
+        for name, make in (
+            ("router_ckpt", lambda la: RouterPredictor.from_router_weights(routers, ref.top_k, la)),
+            ("hidden_linear_ckpt", lambda la: HiddenLinearPredictor.from_router_weights(routers, ref.top_k, la)),
+        ):
+            entry = {}
+            for la, tag in ((args.lookahead, ""), (0, "_next_token")):
+                t0 = time.perf_counter()
+                pred = make(la).fit([traces[src]])
+                entry["fit_s" + tag] = time.perf_counter() - t0
+                ev = evaluate(pred, [traces[dst]], res["budget"])
+                entry["predict_s" + tag] = ev.pop("predict_s")
+                entry["predict_ms_b64" + tag] = online_cost(pred, traces[dst])
+                entry.update(ev)
+            res["results"][name] = entry
         print(format_table(res), flush=True)
         report["directions"][f"{src}->{dst}"] = res
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

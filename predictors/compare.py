@@ -14,7 +14,7 @@ from predictors.evaluate import evaluate, online_cost
 from predictors.registry import REGISTRY, make_predictor
 from predictors.traces import RoutingTrace
 
-DEFAULT_ORDER = ["popularity", "transition", "prev_token", "router", "logreg", "sgd", "mlp", "ensemble"]
+DEFAULT_ORDER = ["popularity", "transition", "prev_token", "router", "hidden_linear", "logreg", "sgd", "mlp", "ensemble"]
 METRICS = ("recall_at_k", "precision_at_budget", "recall_at_budget")
 
 

@@ -30,3 +30,23 @@ def slot_targets(trace: RoutingTrace, lookahead: int) -> torch.Tensor:
 
 def concat_targets(traces: list[RoutingTrace], lookahead: int) -> torch.Tensor:
     return torch.cat([slot_targets(t, lookahead) for t in traces])
+
+
+def slot_target_dist(trace: RoutingTrace, lookahead: int) -> torch.Tensor:
+    """float [T, L, D, E]: each slot target's gate weights as a distribution over experts (0 where none)."""
+    ids = slot_targets(trace, lookahead)  # [T, L, D, K]
+    w = torch.from_numpy(trace.weights.astype(np.float32))  # [T, L, K]
+    T, L, K = w.shape
+    if lookahead == 0:
+        nxt = torch.from_numpy(next_index(trace))
+        tw = w[nxt.clamp(min=0)][:, :, None, :]
+    else:
+        tw = torch.zeros(T, L, lookahead, K)
+        for j in range(lookahead):
+            if j + 1 < L:
+                tw[:, : L - j - 1, j] = w[:, j + 1 :]
+    valid = ids >= 0
+    dist = torch.zeros(*ids.shape[:-1], trace.num_experts + 1)
+    dist.scatter_add_(-1, torch.where(valid, ids, trace.num_experts), torch.where(valid, tw, 0.0))
+    dist = dist[..., : trace.num_experts]
+    return dist / dist.sum(-1, keepdim=True).clamp(min=1e-6)

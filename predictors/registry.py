@@ -10,13 +10,13 @@ from predictors.base import FORMAT_VERSION, Predictor
 from predictors.baselines import PopularityPredictor, PrevTokenPredictor, TransitionPredictor
 from predictors.ensemble import EnsemblePredictor
 from predictors.mlp import MLPPredictor
-from predictors.router import RouterPredictor
+from predictors.router import HiddenLinearPredictor, RouterPredictor
 from predictors.sklearn_models import LogRegPredictor, SGDPredictor
 
 REGISTRY: dict[str, type[Predictor]] = {
     cls.name: cls
     for cls in (
-        PopularityPredictor, TransitionPredictor, PrevTokenPredictor, RouterPredictor,
+        PopularityPredictor, TransitionPredictor, PrevTokenPredictor, RouterPredictor, HiddenLinearPredictor,
         LogRegPredictor, SGDPredictor, MLPPredictor, EnsemblePredictor,
     )
 }

@@ -105,3 +105,73 @@ class RouterPredictor(Predictor):
     def load_arrays(self, arrays):
         self.weight = arrays["weight"]
         self.fitted = True
+
+
+class HiddenLinearPredictor(Predictor):
+    """A softmax regression from the hidden state at layer l to each slot's target layer routing.
+
+    Unlike `router` (layer t's own router on layer l's hidden state), this learns the map for each
+    (slot, source layer), so it absorbs the norm scales and the residual drift between l and t.
+    Started from the checkpoint's routers when built with `from_router_weights`.
+    """
+
+    name = "hidden_linear"
+    needs_hidden = True
+
+    @classmethod
+    def from_router_weights(cls, weights: dict[int, torch.Tensor], top_k: int, lookahead: int = 1, **params):
+        router = RouterPredictor.from_router_weights(weights, top_k, lookahead)
+        pred = cls(router.num_layers, router.num_experts, top_k, lookahead, **params)
+        pred.init = router.weight  # [L, E, H]
+        return pred
+
+    def fit(self, traces: list[RoutingTrace]) -> "HiddenLinearPredictor":
+        from predictors.dataset import slot_target_dist
+
+        self.check_traces(traces)
+        L, E, D = self.num_layers, self.num_experts, self.slots
+        hidden = torch.cat([torch.from_numpy(t.hidden.astype(np.float32)) for t in traces])  # [T, L, H]
+        y = torch.cat([slot_target_dist(t, self.lookahead) for t in traces])  # [T, L, D, E]
+        ok = (y.sum(-1) > 0).float()  # [T, L, D]
+        scale = hidden.pow(2).mean().sqrt().clamp(min=1e-6)
+        x = hidden / scale
+        init = getattr(self, "init", None)
+        W0 = torch.zeros(D, L, E, x.shape[-1])
+        if init is not None:  # slot j at source layer l starts as its target layer's router
+            for j in range(D):
+                for l in range(L):
+                    t = self.target_layers(l)[j]
+                    if t < L:
+                        W0[j, l] = init[t] * scale
+        W = W0.clone().requires_grad_(True)
+        b = torch.zeros(D, L, E, requires_grad=True)
+        opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=int(self.params.get("steps", 100)), line_search_fn="strong_wolfe")
+        l2 = float(self.params.get("l2", 1e-4))
+
+        def closure():
+            opt.zero_grad()
+            logits = torch.einsum("tlh,dleh->tlde", x, W) + b.transpose(0, 1)  # [T, L, D, E]
+            ce = -(y * F.log_softmax(logits, -1)).sum(-1)
+            loss = (ce * ok).sum() / ok.sum().clamp(min=1) + l2 * (W - W0).pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        self.weight, self.bias = (W.detach() / scale), b.detach()
+        self.fitted = True
+        return self
+
+    @torch.inference_mode()
+    def predict(self, state: RoutingState, layer: int) -> torch.Tensor:
+        self.check(state, layer)
+        h = state.hidden.float()  # [B, H]
+        out = torch.einsum("bh,deh->bde", h, self.weight[:, layer]) + self.bias[:, layer]
+        valid = torch.tensor([t < self.num_layers for t in self.target_layers(layer)])[None, :, None]
+        return torch.where(valid, torch.softmax(out, -1), 0.0)
+
+    def arrays(self):
+        return {"weight": self.weight, "bias": self.bias}
+
+    def load_arrays(self, arrays):
+        self.weight, self.bias = arrays["weight"], arrays["bias"]
+        self.fitted = True

@@ -7,11 +7,11 @@ from predictors import load_predictor
 from predictors.base import RoutingState
 from predictors.evaluate import evaluate, online_cost
 from predictors.registry import REGISTRY, make_predictor
-from predictors.router import RouterPredictor
+from predictors.router import HiddenLinearPredictor, RouterPredictor
 from tests.predictors.synth import copy_trace, layer_map_trace, router_trace
 
 L, E, K = 5, 16, 2
-FAST = {"mlp": dict(epochs=10, dim=32, batch=32, lr=2e-2, trunk_dropout=0.9), "sgd": dict(epochs=3), "router": dict(steps=100)}
+FAST = {"mlp": dict(epochs=10, dim=32, batch=32, lr=2e-2, trunk_dropout=0.9), "sgd": dict(epochs=3), "router": dict(steps=100), "hidden_linear": dict(steps=100)}
 ENSEMBLE = dict(members=["transition", "prev_token"])
 
 
@@ -58,6 +58,11 @@ def test_router_from_weights_and_fitted():
     assert res["lookahead_1"]["recall_at_k"] > 0.97 and res["lookahead_2"]["recall_at_k"] > 0.97
     fitted = make_predictor("router", 4, E, K, 1, steps=100).fit([train])
     assert evaluate(fitted, [test], budget=4)["lookahead_1"]["recall_at_k"] > 0.85
+    learned = make_predictor("hidden_linear", 4, E, K, 2).fit([train])
+    res = evaluate(learned, [test], budget=4)
+    assert res["lookahead_1"]["recall_at_k"] > 0.85 and res["lookahead_2"]["recall_at_k"] > 0.85
+    warm = HiddenLinearPredictor.from_router_weights({l: torch.from_numpy(routers[l]) for l in range(4)}, top_k=K, lookahead=1, steps=5)
+    assert evaluate(warm.fit([train]), [test], budget=4)["lookahead_1"]["recall_at_k"] > 0.9
     with pytest.raises(ValueError, match="hidden"):
         make_predictor("router", L, E, K, 1).fit([copy_trace()])
 
@@ -65,7 +70,7 @@ def test_router_from_weights_and_fitted():
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 @pytest.mark.parametrize("lookahead", [2, 0])
 def test_save_load_round_trip(name, lookahead, tmp_path):
-    if name == "router":
+    if name in ("router", "hidden_linear"):
         trace, _ = router_trace(tokens=200, L=L, seed=2)
     else:
         trace = layer_map_trace(tokens=200, seed=2)
