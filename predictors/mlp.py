@@ -154,7 +154,7 @@ class MLPPredictor(Predictor):
             cur_off=(torch.arange(lo, layer + 1)[:, None] * E),
             prev_off=(torch.arange(plo, phi + 1)[:, None] * E + L * E),
             table=torch.cat([net.cur, net.prev]).detach(),
-            tgt=torch.tensor([min(t, L - 1) for t in targets]),
+            tgt=torch.tensor([min(t, L - 1) - plo for t in targets]),  # relative to the previous-token window
             tgt_ok=torch.tensor([t < L for t in targets])[None, :, None],
             slot_off=(E + torch.arange(D) * E)[None, :, None],
             head=head.detach(), bias=(bias + 0).detach(), direct=direct.detach(),
@@ -167,20 +167,23 @@ class MLPPredictor(Predictor):
     def predict(self, state: RoutingState, layer: int) -> torch.Tensor:
         self.check(state, layer)
         p, net, B = self._plan(layer), self.net, state.batch_size
-        x, w = state.experts[:, p["lo"] : layer + 1], state.weights[:, p["lo"] : layer + 1]
-        px = state.prev_experts
-        pw = state.prev_weights if state.prev_weights is not None else (px >= 0).float()
-        pxw, pww = px[:, p["plo"] : p["phi"] + 1], pw[:, p["plo"] : p["phi"] + 1]
-        ids = torch.cat([(x.clamp(min=0) + p["cur_off"]).reshape(B, -1), (pxw.clamp(min=0) + p["prev_off"]).reshape(B, -1)], 1)
-        vals = torch.cat([input_weights(x, w).reshape(B, -1), input_weights(pxw, pww).reshape(B, -1)], 1)
+        lo, plo, phi = p["lo"], p["plo"], p["phi"]
+        x = state.experts[:, lo : layer + 1]  # [B, n, K]
+        xv = input_weights(x, state.weights[:, lo : layer + 1])
+        px = state.prev_experts[:, plo : phi + 1]  # the previous token's window (holds every target layer)
+        pw = state.prev_weights[:, plo : phi + 1] if state.prev_weights is not None else (px >= 0).float()
+        pv = input_weights(px, pw)  # [B, m, K]
+        xc, pc = x.clamp(min=0), px.clamp(min=0)
+        # trunk: one bag over the current token's window and the previous token's window
+        ids = torch.cat([(xc + p["cur_off"]).view(B, -1), (pc + p["prev_off"]).view(B, -1)], 1)
+        vals = torch.cat([xv.view(B, -1), pv.view(B, -1)], 1)
         z = F.embedding_bag(ids, p["table"], per_sample_weights=vals, mode="sum") + p["layer_vec"]
         if net.hid is not None:
             z = z + net.hid(state.hidden.float())
         z = net.trunk(z)  # [B, dim]
         # direct terms: current layer's experts, and the previous token's experts at each target
-        pt, ptw = px[:, p["tgt"]], pw[:, p["tgt"]]  # [B, D, K]
-        d_ids = torch.cat([x[:, -1].clamp(min=0), (pt.clamp(min=0) + p["slot_off"]).reshape(B, -1)], 1)
-        d_vals = torch.cat([input_weights(x[:, -1], w[:, -1]), (input_weights(pt, ptw) * p["tgt_ok"]).reshape(B, -1)], 1)
+        d_ids = torch.cat([xc[:, -1], (pc[:, p["tgt"]] + p["slot_off"]).view(B, -1)], 1)
+        d_vals = torch.cat([xv[:, -1], (pv[:, p["tgt"]] * p["tgt_ok"]).view(B, -1)], 1)
         out = torch.addmm(p["bias"], z, p["head"]) + F.embedding_bag(d_ids, p["direct"], per_sample_weights=d_vals, mode="sum")
         return out.view(B, self.slots, self.num_experts)
 
