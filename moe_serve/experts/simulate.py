@@ -70,13 +70,13 @@ def simulate(trace, policies, capacities, cost: CostModel, predictor=None, fit_t
 
 def format_table(results: dict) -> str:
     """results {trace: {capacity: {policy: metrics}}} -> a plain-text table."""
-    lines = [f"{'trace':22s} {'cap':>6s} {'policy':10s} {'hit':>7s} {'/belady':>8s} {'ready':>7s} "
+    lines = [f"{'trace':24s} {'cap':>6s} {'policy':18s} {'hit':>7s} {'/belady':>8s} {'ready':>7s} "
              f"{'MB/tok':>8s} {'stall ms/tok':>12s}"]
     for tname, caps in results.items():
         for cap, row in caps.items():
             for name, m in row.items():
                 vb = m.get("vs_belady")
-                lines.append(f"{tname:22s} {cap:>6s} {name:10s} {m['hit_rate']:7.4f} "
+                lines.append(f"{tname:24s} {cap:>6s} {name:18s} {m['hit_rate']:7.4f} "
                              f"{(f'{vb:.3f}' if vb is not None else '-'):>8s} {m['ready_in_time']:7.4f} "
                              f"{m['bytes_per_token'] / 1e6:8.1f} {m['stall_ms_per_token']:12.2f}")
     return "\n".join(lines)
