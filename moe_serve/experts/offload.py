@@ -54,6 +54,7 @@ class OffloadExpertStore(ExpertStore):
         self.policy, self.capacity = policy, capacity
         self.slot_gu = torch.empty((capacity, *gu0.shape), dtype=dtype, device=self.device)
         self.slot_dn = torch.empty((capacity, *dn0.shape), dtype=dtype, device=self.device)
+        self.expert_bytes = (self.slot_gu[0].numel() + self.slot_dn[0].numel()) * self.slot_gu.element_size()
         self.copier = make_copier(self.device, capacity)
         self.ticket = np.zeros(capacity, dtype=np.int64)  # copy each slot waits on
         self.prefetched = np.zeros(L * E, dtype=bool)  # prefetched, not used yet
@@ -92,10 +93,6 @@ class OffloadExpertStore(ExpertStore):
         if self.host == "copy":
             return self.host_gu[l][e], self.host_dn[l][e]
         return self.source.get(l, e)
-
-    @property
-    def expert_bytes(self) -> int:
-        return (self.slot_gu[0].numel() + self.slot_dn[0].numel()) * self.slot_gu.element_size()
 
     def _copy_in(self, g: int, prefetch: bool) -> bool:
         placed = self.cache.insert(g, prefetch=prefetch)
