@@ -172,7 +172,7 @@ def part_e2e(new_tokens: int, small: bool = False) -> dict:
     if not small:
         (RESULTS / "expert_cache_e2e.txt").write_text("\n".join(lines) + "\n")
     size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
-    return dict(checkpoint_bytes=size, config=shape, new_tokens=new_tokens, slots_25pct=quarter, runs=results)
+    return dict(checkpoint_bytes=size, config=shape, torch_threads=torch.get_num_threads(), new_tokens=new_tokens, slots_25pct=quarter, runs=results)
 
 
 def main() -> int:
