@@ -233,6 +233,7 @@ def main(argv=None) -> int:
         prompts = random_prompts(args.num_prompts, args.input_len, args.range_ratio, tok.get_vocab_size(), rng)
     else:
         prompts = corpus_prompts(args.num_prompts, args.input_len, args.range_ratio, tok, rng)
+    load_start = os.getloadavg()
     proc = launch_server(args) if args.launch else None
     pid = proc.pid if proc else args.server_pid
     try:
@@ -262,7 +263,8 @@ def main(argv=None) -> int:
            "dataset": args.dataset, "input_len": args.input_len, "output_len": args.output_len,
            "num_prompts": args.num_prompts, "duration_per_pass": args.duration, "machine": machine(),
            "server_args": args.serve_args if args.launch else None, "passes": passes,
-           "baseline": f"max_concurrency={levels[0]}", "moe_metrics": moe}
+           "baseline": f"max_concurrency={levels[0]}", "moe_metrics": moe,
+           "load_avg_1m_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)]}
     if sampler:
         out.update(sampler.report(args.warmup_s))
     if len(passes) == 1:
