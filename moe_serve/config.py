@@ -197,13 +197,16 @@ class EngineConfig:
     expert_cache: ExpertCacheConfig = field(default_factory=ExpertCacheConfig)
 
     @classmethod
+    def sections(cls) -> dict[str, type]:
+        """Section name -> section dataclass, in declaration order (the CLI's flag groups)."""
+        return {f.name: f.default_factory().__class__ for f in fields(cls)}  # type: ignore[misc]
+
+    @classmethod
     def from_flat(cls, **kwargs) -> "EngineConfig":
         """Build the tree from flat keyword arguments (`LLM(model=..., max_num_seqs=...)`, CLI flags)."""
-        sections = {f.name: f.default_factory for f in fields(cls)}  # type: ignore[misc]
         built = {}
         remaining = dict(kwargs)
-        for name, factory in sections.items():
-            section_cls = factory().__class__
+        for name, section_cls in cls.sections().items():
             names = {f.name for f in fields(section_cls)}
             mine = {k: remaining.pop(k) for k in list(remaining) if k in names}
             built[name] = section_cls(**mine)

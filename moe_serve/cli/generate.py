@@ -17,10 +17,11 @@ import numpy as np
 
 from moe_serve.cli.flags import add_config_flags, config_kwargs
 from moe_serve.cli.info import format_info, model_info
-from moe_serve.config import DEFAULT_MODEL, KVCacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, TraceConfig
+from moe_serve.config import DEFAULT_MODEL, EngineConfig
 
 DEFAULT_PROMPTS = ["Once upon a time", "The history of the city", "def fibonacci(n):"]
-ENGINE_SECTIONS = (ModelConfig, KVCacheConfig, SchedulerConfig, TraceConfig, ParallelConfig)
+# every engine section but the HTTP server's
+ENGINE_SECTIONS = tuple(cls for name, cls in EngineConfig.sections().items() if name != "server")
 
 
 def _add_prompt_flags(p: argparse.ArgumentParser) -> None:

@@ -6,14 +6,12 @@ server without touching this file.
 """
 from __future__ import annotations
 
-import dataclasses
-
 from moe_serve.cli.flags import add_config_flags, config_kwargs
 from moe_serve.config import EngineConfig
 
 
 def section_classes() -> list[type]:
-    return [f.default_factory().__class__ for f in dataclasses.fields(EngineConfig)]  # type: ignore[misc]
+    return list(EngineConfig.sections().values())
 
 
 def register(subparsers) -> None:

@@ -29,3 +29,12 @@ def test_bad_input_exits_2_with_the_field(tiny_dir, capsys):
     assert main(["generate", "--model", str(tiny_dir), "--prompt", "x", "--top-p", "2"]) == 2
     assert "SamplingParams.top_p must be in (0, 1]" in capsys.readouterr().err
     assert main(["info", "/nonexistent/dir"]) == 2
+
+
+def test_generate_with_the_offloading_store_from_flags(tiny_dir, capsys):
+    """The expert-cache section's flags reach `generate` (every engine section but the server's does)."""
+    rc = main(["generate", "--model", str(tiny_dir), "--prompt", "hello", "--max-tokens", "4",
+               "--expert-cache-slots", "2", "--cache-policy", "lru", "--cpu-experts", "off"])
+    assert rc == 0 and "(length, 4 tokens)" in capsys.readouterr().out
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "x", "--cache-policy", "nope"]) == 2
+    assert "cache_policy" in capsys.readouterr().err
