@@ -61,7 +61,7 @@ class MLPPredictor(Predictor):
 
     def _net(self, hidden_size: int) -> HistoryNet:
         torch.manual_seed(int(self.params.get("seed", 0)))
-        return HistoryNet(self.num_layers, self.num_experts, self.slots, int(self.params.get("dim", 192)), hidden_size)
+        return HistoryNet(self.num_layers, self.num_experts, self.slots, int(self.params.get("dim", 256)), hidden_size)
 
     def windows(self, layer: int) -> tuple[int, int, int]:
         """(first current-token layer, first and last previous-token layer) the trunk reads at `layer`."""
@@ -109,7 +109,7 @@ class MLPPredictor(Predictor):
         hidden = torch.cat([torch.from_numpy(t.hidden.astype(np.float32)) for t in traces]) if hsize else None
         tgt = torch.cat([slot_targets(t, self.lookahead) for t in traces])  # [T, L, D, K]
         T = tgt.shape[0]
-        epochs, bs, lr = int(self.params.get("epochs", 10)), int(self.params.get("batch", 256)), float(self.params.get("lr", 3e-3))
+        epochs, bs, lr = int(self.params.get("epochs", 10)), int(self.params.get("batch", 256)), float(self.params.get("lr", 6e-3))
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=float(self.params.get("weight_decay", 0.01)))
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(epochs * ((T + bs - 1) // bs), 1), pct_start=0.1)
         gen = torch.Generator().manual_seed(int(self.params.get("seed", 0)))
