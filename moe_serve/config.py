@@ -98,6 +98,9 @@ class ParallelConfig:
                         "allgather (all-gather / reduce-scatter) or alltoall", default="auto")
     preplan: bool = doc("pre-planned all-to-all dispatch: size each layer's buffers from the previous step's "
                         "counts and skip the count exchange (mispredictions are corrected)", default=False)
+    preplan_predictor: str | None = doc("fitted predictor file (predictors' safetensors, lookahead >= 1): the "
+                                        "pre-planned dispatch forecasts layer l+1's counts with it after layer l's "
+                                        "router instead of using the previous step's counts", default=None)
     placement: str | None = doc("placement plan file (JSON or safetensors from `placement`); default: contiguous",
                                 default=None)
     rebalance_every: int = doc("compute a new placement from live expert loads every N steps (0: never)", default=0)
@@ -130,6 +133,8 @@ class ParallelConfig:
                 "allgather or auto when tp > 1 (alltoall needs data-parallel attention, tp=1)", self.dispatch)
         require(not self.preplan or (self.tp == 1 and self.ep > 1 and self.dispatch != "allgather"), "parallel",
                 "preplan", "False unless the dispatch is alltoall (tp=1, ep>1, dispatch auto or alltoall)", self.preplan)
+        require(self.preplan_predictor is None or self.preplan, "parallel", "preplan_predictor",
+                "unset unless preplan is on", self.preplan_predictor)
         require(self.rebalance_every >= 0, "parallel", "rebalance_every", ">= 0", self.rebalance_every)
         require(self.rebalance_window >= 1, "parallel", "rebalance_window", ">= 1", self.rebalance_window)
         require(self.redundant_experts >= 0, "parallel", "redundant_experts", ">= 0", self.redundant_experts)

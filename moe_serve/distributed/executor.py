@@ -81,7 +81,7 @@ class DistributedModel:
         args = dict(model=str(mc.model), dtype=mc.dtype, num_slots=num_slots, max_len=max_len,
                     dispatch=pc.dispatch, placement=pc.placement, redundant_experts=pc.redundant_experts,
                     allreduce_backend=self.allreduce, rebalance_every=pc.rebalance_every,
-                    shm_max_bytes=SHM_MAX_BYTES, preplan=pc.preplan,
+                    shm_max_bytes=SHM_MAX_BYTES, preplan=pc.preplan, preplan_predictor=pc.preplan_predictor,
                     rebalance_window=pc.rebalance_window)
         base = WorkerSpec(rank=0, tp=pc.tp, ep=pc.ep, up="", down="", dist_init="",
                           runner="moe_serve.distributed.runner:build", runner_args=args, device=mc.device,

@@ -62,7 +62,10 @@ class EPContext:
     tokens_per_rank: list[int] = field(default_factory=list)  # DP attention: tokens each EP rank runs
     ep_global: object = None  # EP rank j -> global rank (point-to-point ops need global ranks)
     preplan: dict = field(default_factory=lambda: dict(count_exchanges=0, count_exchange_s=0.0, skipped=0,
-                                                       overflow_blocks=0, padding_rows=0))
+                                                       overflow_blocks=0, padding_rows=0, predictor_skipped=0,
+                                                       predictor_overflow_blocks=0, predictor_padding_rows=0,
+                                                       predict_s=0.0))
+    routing: object = None  # forecast.RoutingLog when the pre-planned dispatch forecasts with a predictor
 
 
 def plan_batch(plan: m.StepPlan) -> ForwardBatch:
@@ -105,6 +108,12 @@ class ModelRunner:
             from moe_serve.distributed.preplan import PrePlannedAllToAllDispatcher
 
             dispatchers["alltoall"] = PrePlannedAllToAllDispatcher
+            if a.get("preplan_predictor"):
+                from moe_serve.distributed.forecast import RoutingLog, load_forecaster
+
+                pred = load_forecaster(a["preplan_predictor"], mspec.num_moe_layers, mspec.num_experts, mspec.top_k)
+                self.ctx.routing = RoutingLog(pred, mspec.num_moe_layers, mspec.top_k)
+        self.slot_routing: dict = {}  # slot -> its last token's routing (the predictor's previous token)
 
         def store_factory(sp, source, dtype, device):
             return EPExpertStore(source, self.plan, lay.ep_rank, lay.moe_tp, lay.moe_tp_rank, dtype, device)
@@ -134,8 +143,9 @@ class ModelRunner:
         seq_index, logits, stats = out
         pp = self.ctx.preplan
         saved = pp["skipped"] * pp["count_exchange_s"] / max(pp["count_exchanges"], 1)  # skips x measured latency
+        saved_pred = pp["predictor_skipped"] * pp["count_exchange_s"] / max(pp["count_exchanges"], 1)
         stats = {**stats, **self.rebalancer.stats(), **{f"preplan_{k}": float(v) for k, v in pp.items()},
-                 "preplan_saved_s": saved}
+                 "preplan_saved_s": saved, "preplan_predictor_saved_s": saved_pred}
         return seq_index, logits, stats, torch.from_numpy(self.ctx.stats.load)
 
     def _forward(self, plan: m.StepPlan):
@@ -157,7 +167,14 @@ class ModelRunner:
         else:  # padding: one token in the spare slot, so this rank joins every collective
             sub = ForwardBatch.single([0], slot=self.num_slots, all_logits=batch.all_logits)
             self.ctx.real_tokens = 0
+        log = self.ctx.routing
+        if log is not None:
+            from moe_serve.distributed.forecast import prev_routing, remember
+
+            prev_routing(log, self.slot_routing, sub.slot_ids, sub.query_lens, sub.context_lens)
         logits = self.model.forward(sub)
+        if log is not None and mine:
+            remember(log, self.slot_routing, sub.slot_ids, sub.query_lens)
         if not mine:
             logits = logits[:0]
         return mine, logits, self.ctx.stats.step_dict()

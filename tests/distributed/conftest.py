@@ -18,3 +18,7 @@ def hard_timeout(request):
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, old)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "limit(seconds): this test's hard wall-clock limit (default 90 s)")
