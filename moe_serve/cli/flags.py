@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import dataclasses
 import typing
 
@@ -27,3 +28,17 @@ def config_kwargs(args: argparse.Namespace, *config_classes) -> dict:
     """The flags the user gave (not None) for the fields of `config_classes`, as keyword arguments."""
     names = {f.name for cls in config_classes for f in dataclasses.fields(cls)}
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def key_value_params(items: list[str] | None) -> dict:
+    """--param KEY=VALUE (VALUE parsed as JSON when it parses, else kept as a string)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--param must look like KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

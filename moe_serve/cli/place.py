@@ -14,19 +14,7 @@ import json
 import time
 from pathlib import Path
 
-
-def _params(items: list[str] | None) -> dict:
-    """--param KEY=VALUE (VALUE parsed as JSON when it parses, else kept as a string)."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--param must look like KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+from moe_serve.cli.flags import key_value_params as _params
 
 
 def _experts(paths: list[str]):
