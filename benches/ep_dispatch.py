@@ -8,14 +8,17 @@ placement scorer uses) through all 26 layers of the runtime's own EP stages
 (`--hidden`, `--inter`), in both dispatch modes:
 - replicated (TP attention: every rank holds the batch; partial sums all-reduced),
 - alltoall (DP attention: the batch split between the ranks, rows exchanged by all_to_all_single),
-- preplan (alltoall with buffers sized from the previous step: the count exchange skipped).
+- preplan (alltoall with buffers sized from the previous step: the count exchange skipped),
+- preplan_predictor (the same, layer l+1's buffers sized from a `predictors` predictor's forecast made
+  after layer l's router; fitted on the --fit trace with --predictor, saved and loaded with
+  predictors.load_predictor; the previous token's routing comes from the replayed trace).
 Reported per plan and mode: tokens/s, dispatch copies per token-layer counted by the runtime, the
 fan-out `placement` predicts for the same batches (must be equal), remote bytes per step (at the
 bench's hidden size and scaled to DeepSeek-V2-Lite's 2048 x bf16). Baseline in the same run:
 DeepSpeed's MoE layer (deepspeed.moe.layer.MoE, same experts, ep_size=2, no token dropping) on
 the same batch size, with its own gate (it cannot replay routing).
 
-    python benches/ep_dispatch.py [--steps 24] [--batch 32] [--out benches/results/ep_dispatch.json]
+    python benches/ep_dispatch.py [--steps 24] [--batch 32] [--predictor transition] [--out ...json]
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT / ".." / "shared" / "traces"
 PLANS = ("contiguous", "eplb", "affinity")
+MODES = ("replicated", "alltoall", "preplan", "preplan_predictor")
 
 
 def replay_batches(T: int, batch: int, steps: int) -> list[np.ndarray]:
@@ -73,7 +77,7 @@ class SyntheticExperts:
         return gu * (1 + 0.01 * l), dn
 
 
-def run_ours(rank, world, args, plan, mode, experts, weights, batches):
+def run_ours(rank, world, args, plan, mode, experts, weights, batches, pred=None, prev=None):
     import torch
     import torch.distributed as dist
 
@@ -83,16 +87,22 @@ def run_ours(rank, world, args, plan, mode, experts, weights, batches):
     L, E = plan.num_layers, plan.num_experts
     store = EPExpertStore(SyntheticExperts(L, E, args.hidden, args.inter), plan, rank, 1, 0, torch.float32, "cpu")
     ctx = EPContext(plan, dist.group.WORLD, rank, DispatchStats(world, L, E), ep_global=lambda j: j)
-    if mode == "preplan":
+    if mode.startswith("preplan"):
         from moe_serve.distributed.preplan import PrePlannedAllToAllDispatcher as cls
+        if mode == "preplan_predictor":
+            from moe_serve.distributed.forecast import RoutingLog
+
+            ctx.routing = RoutingLog(pred, L, experts.shape[-1])
     else:
         cls = DISPATCHERS[mode]
     disp = [cls(l, ctx) for l in range(L)]
     g = torch.Generator().manual_seed(1)
     times, tokens, copies, tl, remote = [], 0, 0, 0, 0
     for i, rows in enumerate(batches):
-        if mode in ("alltoall", "preplan"):
+        if mode != "replicated":
             rows = rows[rank::world]
+        if ctx.routing is not None:  # the previous token of each row's sequence, as the trace recorded it
+            ctx.routing.prev_experts, ctx.routing.prev_weights = prev[0][rows], prev[1][rows]
         ids = torch.from_numpy(experts[rows].astype(np.int64))  # [n, L, K]
         w = torch.from_numpy(weights[rows].astype(np.float32))
         x = torch.randn(len(rows), args.hidden, generator=g)
@@ -121,7 +131,7 @@ def run_ours(rank, world, args, plan, mode, experts, weights, batches):
                 remote_bytes_per_step=float(out[4] / len(batches) * args.hidden * 4),
                 remote_bytes_per_step_dsv2lite_bf16=float(out[4] / len(batches) * 2048 * 2),
                 tokens_per_step=float(out[3] / len(batches) / L),
-                preplan={k: float(v) for k, v in ctx.preplan.items()} if mode == "preplan" else None,
+                preplan={k: float(v) for k, v in ctx.preplan.items()} if mode.startswith("preplan") else None,
                 # TP attention combines by an all-reduce of every token's row per layer (each rank sends
                 # about (W-1)/W of it twice in a ring); alltoall combines by the reverse all-to-all
                 allreduce_bytes_per_step=float(out[3] / len(batches) * args.hidden * 4 * 2 * (world - 1) / world)
@@ -177,11 +187,16 @@ def worker(rank: int, args) -> None:
     experts, weights = np.asarray(tr.experts), np.asarray(tr.weights)
     batches = replay_batches(tr.num_tokens, args.batch, args.steps)
     meta = json.loads(Path(args.plans).read_text())
+    from moe_serve.distributed.forecast import load_forecaster
+    from predictors.base import trace_tensors
+
+    pred = load_forecaster(meta["_predictor"], tr.num_layers, tr.num_experts, tr.top_k)
+    prev = trace_tensors(tr)[2:]  # previous token's experts, weights [T, L, K]
     rows = []
     for name in PLANS:
         plan = PlacementPlan.load(meta[name])
-        for mode in ("replicated", "alltoall", "preplan"):
-            r = run_ours(rank, world, args, plan, mode, experts, weights, batches)
+        for mode in MODES:
+            r = run_ours(rank, world, args, plan, mode, experts, weights, batches, pred, prev)
             r.update(plan=name, mode=mode, predicted_fanout=predicted_fanout(plan, experts, batches, world,
                                                                                mode != "replicated"))
             rows.append(r)
@@ -208,7 +223,35 @@ def build_plans(args, tmp: Path) -> dict:
         solve[name] = time.perf_counter() - t
         out[name] = str(tmp / f"{name}.json")
         plan.save(out[name])
+    t = time.perf_counter()  # the dispatch forecaster, fitted on the same (other) trace as the plans
+    from predictors import make_predictor
+
+    pred = make_predictor(args.predictor, tr.num_layers, tr.num_experts, tr.top_k, lookahead=1).fit([tr])
+    out["_predictor"] = str(tmp / f"{args.predictor}.safetensors")
+    pred.save(out["_predictor"])
+    solve["predictor_fit"] = time.perf_counter() - t
     return out, solve
+
+
+def preplan_compare(rows: list[dict], world: int, steps: int) -> list[dict]:
+    """Per plan, the two forecast sources side by side. Saved latency = skipped exchanges x the mean
+    count-exchange latency measured in both runs of that plan (per rank and step)."""
+    out = []
+    for name in PLANS:
+        runs = {r["mode"]: r for r in rows if r["plan"] == name and r.get("preplan")}
+        n = sum(r["preplan"]["count_exchanges"] for r in runs.values())
+        lat = sum(r["preplan"]["count_exchange_s"] for r in runs.values()) / max(n, 1)
+        for mode, r in runs.items():
+            p, per = r["preplan"], world * steps
+            out.append(dict(plan=name, forecast="predictor" if mode == "preplan_predictor" else "previous step",
+                            tokens_per_s=r["tokens_per_s"], step_s_median=r["step_s_median"],
+                            count_exchanges=p["count_exchanges"], skipped=p["skipped"],
+                            skipped_on_predictor=p["predictor_skipped"], overflow_blocks=p["overflow_blocks"],
+                            overflow_blocks_on_predictor=p["predictor_overflow_blocks"],
+                            padding_rows=p["padding_rows"], count_exchange_ms=1e3 * lat,
+                            saved_ms_per_step=1e3 * p["skipped"] * lat / per,
+                            predict_ms_per_step=1e3 * p["predict_s"] / per))
+    return out
 
 
 def main() -> int:
@@ -220,6 +263,7 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--inter", type=int, default=64)
     ap.add_argument("--redundant", type=int, default=8)
+    ap.add_argument("--predictor", default="transition", help="predictors name fitted on --fit for preplan_predictor")
     ap.add_argument("--ds-k", type=int, default=6)
     ap.add_argument("--ds-layers", type=int, default=4)
     ap.add_argument("--no-deepspeed", action="store_true")
@@ -264,6 +308,7 @@ def main() -> int:
     doc = json.loads(Path(args.out).read_text())
     doc.update(solver_seconds=solve, fit=Path(args.fit).name, eval=Path(args.eval).name, batch=args.batch,
                steps=args.steps, hidden=args.hidden, inter=args.inter, redundant_slots=args.redundant,
+               predictor=args.predictor, preplan_compare=preplan_compare(doc["rows"], 2, args.steps),
                machine=f"{platform.machine()} {os.cpu_count()} cores, 2 ranks x 1 thread, gloo, shared with other "
                        f"jobs (load average {os.getloadavg()[0]:.1f})")
     Path(args.out).write_text(json.dumps(doc, indent=1))
@@ -273,12 +318,15 @@ def main() -> int:
         print(f"{r['plan']:>11} {r['mode']:>10} {r['tokens_per_s']:>8.0f} {r['copies_per_token_layer']:>7.3f} "
               f"{r['predicted_fanout']:>9.3f} {r['remote_bytes_per_step']:>15.0f} "
               f"{r['remote_bytes_per_step_dsv2lite_bf16']:>16.0f} {r['allreduce_bytes_per_step']:>17.0f}")
-    for r in doc["rows"]:
-        if r.get("preplan"):
-            p = r["preplan"]
-            print(f"preplan {r['plan']}: count exchange skipped on {p['skipped']:.0f} layer-steps, overflow blocks "
-                  f"{p['overflow_blocks']:.0f}, padding rows {p['padding_rows']:.0f}, count exchange "
-                  f"{1e3 * p['count_exchange_s'] / max(p['count_exchanges'], 1):.2f} ms each when done")
+    print(f"\npre-planned all-to-all, forecast from the previous step vs the {args.predictor} predictor "
+          "(per rank and step: saved = skipped count exchanges x their measured latency)")
+    print(f"{'plan':>11} {'forecast':>13} {'tok/s':>6} {'exchanges':>9} {'skipped':>7} {'by pred':>7} "
+          f"{'overflow':>8} {'padding':>7} {'exch ms':>7} {'saved ms':>8} {'predict ms':>10}")
+    for c in doc["preplan_compare"]:
+        print(f"{c['plan']:>11} {c['forecast']:>13} {c['tokens_per_s']:>6.0f} {c['count_exchanges']:>9.0f} "
+              f"{c['skipped']:>7.0f} {c['skipped_on_predictor']:>7.0f} {c['overflow_blocks']:>8.0f} "
+              f"{c['padding_rows']:>7.0f} {c['count_exchange_ms']:>7.2f} {c['saved_ms_per_step']:>8.2f} "
+              f"{c['predict_ms_per_step']:>10.2f}")
     ds = doc["deepspeed_moe"]
     if ds:
         print("deepspeed MoE:", ds.get("error") or f"{ds['tokens_per_s']:.0f} tok/s (k={ds['k']}, {ds['note']})")
