@@ -3,8 +3,13 @@
 A routing trace is replayed as a batch-1 decode (token by token, layer by layer, one cache shared
 across layers, kept across sequences as a server would). A cost model turns residency into time:
 
-- every expert copy takes `copy_ms = expert_bytes / bandwidth` on one copy engine (a FIFO queue:
-  a demand fetch waits behind prefetches already queued, as on one CUDA copy stream);
+- every expert copy takes `copy_ms = expert_bytes / bandwidth` on one copy engine. One engine at
+  full bandwidth is right for host-to-device over PCIe (more engines share the same link). The order:
+  `copy_order="fifo"` (default; what the store does today: every copy goes on one CUDA stream in
+  submission order, so a demand fetch waits behind the prefetches already queued) or
+  `"demand-first"` (prefetches wait in a host-side queue and one is started only when the engine
+  is free, so a demand fetch waits at most for the one copy in flight; a queued prefetch whose expert
+  is evicted is cancelled, one whose expert is needed first becomes a demand fetch);
 - every MoE layer takes `layer_ms` of compute once all its experts are ready; the wait before it
   is stall.
 
@@ -30,11 +35,14 @@ class CostModel:
     bandwidth_gbps: float = 25.0  # host-to-device GB/s (PCIe 4.0 x16, pinned memory, in practice)
     layer_ms: float = 0.25  # compute of one MoE layer at batch 1 (attention + experts), H100-class
     max_queued: int = 12  # most prefetches waiting on the copy engine at once
+    copy_order: str = "fifo"  # or "demand-first" (see the module doc)
 
     def __post_init__(self):
         for name in ("expert_bytes", "bandwidth_gbps", "layer_ms"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"cost model: {name} must be > 0, got {getattr(self, name)}")
+        if self.copy_order not in ("fifo", "demand-first"):
+            raise ValueError(f"cost model: copy_order must be 'fifo' or 'demand-first', got {self.copy_order!r}")
 
     @property
     def copy_ms(self) -> float:
@@ -66,26 +74,52 @@ def replay(experts: np.ndarray, num_experts: int, policy: CachePolicy, capacity:
     copy_ms = cost.copy_ms
     ready_at = np.zeros(L * num_experts)  # ms at which each expert's latest copy completes
     prefetched = np.zeros(L * num_experts, dtype=bool)  # prefetched, not yet used
+    demand_first = cost.copy_order == "demand-first"
+    pending: list[int] = []  # demand-first: prefetches issued whose copy has not started, in order
+    is_pending = np.zeros(L * num_experts, dtype=bool)
+    issued_at = np.zeros(L * num_experts)
     now = copy_free = stall = 0.0
-    hits = in_time = copies = pf_issued = pf_used = pf_wasted = 0
+    hits = in_time = copies = pf_issued = pf_used = pf_wasted = pf_cancelled = 0
+
+    def evicted_one(ev: int) -> None:
+        nonlocal pf_wasted, pf_cancelled, copies
+        if ev < 0 or not prefetched[ev]:
+            return
+        prefetched[ev] = False
+        if is_pending[ev]:  # never started: cancelled, no bytes moved
+            pending.remove(ev)
+            is_pending[ev] = False
+            pf_cancelled += 1
+            copies -= 1
+        else:
+            pf_wasted += 1
+
     for clock in range(T * L):
         layer = clock % L
         gids = steps[clock]
         cache.begin_step(gids)
         policy.on_access(layer, experts[clock // L, layer], clock)
+        while pending and copy_free < now:  # queued prefetches the engine started before this step
+            g = pending.pop(0)
+            is_pending[g] = False
+            copy_free = max(copy_free, issued_at[g]) + copy_ms
+            ready_at[g] = copy_free
         need = now
         for g in gids.tolist():
             if cache.resident(g):
                 hits += 1
+                if is_pending[g]:  # its prefetch has not started: it goes first now, as a demand fetch
+                    pending.remove(g)
+                    is_pending[g] = False
+                    copy_free = max(copy_free, now) + copy_ms
+                    ready_at[g] = copy_free
                 in_time += ready_at[g] <= need
                 if prefetched[g]:
                     pf_used += 1
                     prefetched[g] = False
                 continue
             _, evicted = cache.insert(g)
-            if evicted >= 0 and prefetched[evicted]:
-                pf_wasted += 1
-                prefetched[evicted] = False
+            evicted_one(evicted)
             copy_free = max(copy_free, now) + copy_ms
             ready_at[g] = copy_free
             copies += 1
@@ -93,16 +127,20 @@ def replay(experts: np.ndarray, num_experts: int, policy: CachePolicy, capacity:
         for g in hints.tolist():
             if cache.resident(g):
                 continue
-            if copy_free - now >= cost.max_queued * copy_ms:
+            if len(pending) >= cost.max_queued if demand_first else copy_free - now >= cost.max_queued * copy_ms:
                 break
             placed = cache.insert(g, prefetch=True)
             if placed is None:
                 continue
-            if placed[1] >= 0 and prefetched[placed[1]]:
-                pf_wasted += 1
-                prefetched[placed[1]] = False
-            copy_free = max(copy_free, now) + copy_ms
-            ready_at[g] = copy_free
+            evicted_one(placed[1])
+            if demand_first:
+                pending.append(g)
+                is_pending[g] = True
+                issued_at[g] = now
+                ready_at[g] = np.inf
+            else:
+                copy_free = max(copy_free, now) + copy_ms
+                ready_at[g] = copy_free
             prefetched[g] = True
             copies += 1
             pf_issued += 1
@@ -123,6 +161,7 @@ def replay(experts: np.ndarray, num_experts: int, policy: CachePolicy, capacity:
         prefetch_precision=pf_used / pf_issued if pf_issued else None,
         prefetch_recall=pf_used / (pf_used + misses) if pf_used + misses else None,
         prefetches_wasted=pf_wasted,
+        prefetches_cancelled=pf_cancelled,
         tokens=T,
         accesses=accesses,
         capacity=capacity,

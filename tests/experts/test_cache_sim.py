@@ -97,3 +97,30 @@ def test_real_trace_lru_far_from_belady(shared_dir):
                      CostModel())["hit_rate"] for n in ("lru", "predicted", "belady")}
     assert hit["lru"] < 0.8 * hit["belady"]
     assert hit["lru"] < hit["predicted"] < hit["belady"]
+
+
+def test_demand_first_lets_a_miss_overtake_queued_prefetches():
+    """Layer 0 prefetches 3 experts of layer 1 (1 ms copies, 0.1 ms layers); layer 1 then misses on
+    another one. FIFO: the miss waits behind all three (ready at 4 ms). Demand-first: only the copy
+    already in flight runs first (ready at 2 ms), the two queued prefetches after it."""
+    from moe_serve.experts.policies import PredictedPolicy
+
+    class ThreeHints(PredictedPolicy):  # the predicted policy, hinting layer 1's experts 1, 2, 3
+        def on_route(self, layer, state, clock):
+            return np.array([5, 6, 7]) if layer == 0 else np.zeros(0, dtype=np.int64)
+
+    x = np.array([[[0], [0]]], dtype=np.int64)  # T=1, L=2, K=1: layer 0 expert 0, layer 1 expert 0 (gid 4)
+    out = {}
+    for order in ("fifo", "demand-first"):
+        cost = CostModel(expert_bytes=10**6, bandwidth_gbps=1.0, layer_ms=0.1, copy_order=order)
+        out[order] = replay(x, 4, ThreeHints(), 5, cost)
+    # layer 0: demand copy 0..1 ms (stall 1), compute to 1.1; layer 1 asks at 1.1
+    assert out["fifo"]["stall_ms_per_token"] == pytest.approx(1.0 + (5.0 - 1.1))
+    assert out["demand-first"]["stall_ms_per_token"] == pytest.approx(1.0 + (3.0 - 1.1))
+    for m in out.values():
+        assert m["hit_rate"] == 0.0 and m["copies_per_token"] == 5
+
+
+def test_cost_model_rejects_unknown_copy_order():
+    with pytest.raises(ValueError, match="copy_order"):
+        CostModel(copy_order="lifo")

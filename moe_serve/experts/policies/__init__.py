@@ -17,7 +17,7 @@ def make_policy(name: str, *, load: np.ndarray | None = None, future: np.ndarray
     """`load` float [L, E] profiled expert load (static); `future` int [S, K] global ids per clock
     (belady); `predictor` and `prior` (from `gap_counts`) for predicted. "predicted-prefetch" is
     predicted that also fetches the predictor's top-k experts of the next layers unconditionally
-    (more hits, more bytes moved)."""
+    (more hits, more bytes moved), and the k + 4 likeliest by the combined estimate."""
     if name == "lru":
         return LRUPolicy()
     if name == "lfu":
@@ -28,7 +28,11 @@ def make_policy(name: str, *, load: np.ndarray | None = None, future: np.ndarray
         return StaticPolicy(load)
     if name in ("predicted", "predicted-prefetch"):
         top = predictor.top_k if name == "predicted-prefetch" and predictor is not None else 0
-        return PredictedPolicy(predictor=predictor, lookahead=lookahead, prior=prior, prefetch_top=top)
+        # predicted-prefetch also forces the top k + 4 by the combined estimate (predictor and the
+        # expert's own recent use): about k - 2 of those are resident already, the rest are the
+        # likeliest misses the predictor alone ranks too low
+        return PredictedPolicy(predictor=predictor, lookahead=lookahead, prior=prior, prefetch_top=top,
+                               combined_top=top + 4 if top else 0)
     if name == "belady":
         if future is None:
             raise ValueError("cache policy 'belady' sees the future: it exists for trace replay only")

@@ -47,8 +47,13 @@ def gap_counts(experts: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.nd
     return trials, uses
 
 
+def _gap(d: np.ndarray) -> np.ndarray:
+    """Tokens since last use, as a hazard index in [1, MAX_GAP] (np.clip is slow on small arrays)."""
+    return np.minimum(np.maximum(d, 1), MAX_GAP)
+
+
 def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-4, 1 - 1e-4)
+    p = np.minimum(np.maximum(p, 1e-4), 1 - 1e-4)
     return np.log(p) - np.log1p(-p)
 
 
@@ -75,13 +80,18 @@ class PredictedPolicy(CachePolicy):
     on a profiling trace, weighted by `prior_weight`. `horizon`: H in tokens.
     `prefetch_threshold`: least predicted probability of use for a prefetch hint (admitted only if it
     outranks its victim). `prefetch_top`: the predictor's N likeliest experts of each predicted layer
-    are fetched whatever they displace (more hits for more bytes)."""
+    are fetched whatever they displace (more hits for more bytes); `combined_top`: so are the N
+    likeliest by the combined estimate (predictor and the expert's own recent use at that layer,
+    `combine`), which catches the likely misses the predictor alone ranks too low.
+
+    Online cost: everything that depends only on the hazards (their log-odds, E[min(N, H)] for every
+    gap) is tabulated at each refresh, so a layer step is a few gathers over E experts."""
 
     name = "predicted"
 
     def __init__(self, predictor=None, lookahead: int = 1, prior=None, prior_weight: float = 0.25,
                  prefetch_threshold: float = 0.5, horizon: int = 8, shrink: float = 4.0, refresh_every: int = 16,
-                 prefetch_top: int = 0):
+                 prefetch_top: int = 0, combined_top: int = 0):
         if lookahead < 0:
             raise ValueError(f"predicted policy: lookahead must be >= 0, got {lookahead}")
         if not 0.0 <= prefetch_threshold <= 1.0:
@@ -92,7 +102,7 @@ class PredictedPolicy(CachePolicy):
         self.threshold, self.horizon, self.shrink, self.refresh_every = prefetch_threshold, horizon, shrink, refresh_every
         if prefetch_top < 0:
             raise ValueError(f"predicted policy: prefetch_top must be >= 0, got {prefetch_top}")
-        self.prefetch_top = prefetch_top
+        self.prefetch_top, self.combined_top = prefetch_top, combined_top
         self._forced: set[int] = set()
 
     def bind(self, num_layers, num_experts, capacity):
@@ -110,8 +120,8 @@ class PredictedPolicy(CachePolicy):
         self.tokens = np.ones((L, E))  # expected tokens until use, counted from the next opportunity
         self.token, self.layer = -1, L - 1
         self._e = np.arange(E)
-        self._steps = np.arange(self.horizon)
         self._scores = None
+        self._z_base = _logit(np.asarray(self.predictor.top_k / E)) if self.predictor is not None else 0.0
         self._refresh()
 
     # -- the next-token model --------------------------------------------------------------
@@ -122,18 +132,26 @@ class PredictedPolicy(CachePolicy):
         overall = (u.sum((1, 2), keepdims=True) + 1.0) / (t.sum((1, 2), keepdims=True) + self.num_experts)
         base = (u.sum(1, keepdims=True) + self.shrink * overall) / (t.sum(1, keepdims=True) + self.shrink)
         self.h = np.clip((u + self.shrink * base) / (t + self.shrink), 1e-4, 1.0)
+        self.logit_h = _logit(self.h)  # [L, E, G] for `combine`, once per refresh
+        # E[min(N, H)] for every layer, expert and gap at once (the online path only gathers):
+        # _tab[h] [L, E, G] for every horizon h <= H
+        G = MAX_GAP + 1
+        gaps = np.arange(G)
+        until, survive = np.ones_like(self.h), np.ones_like(self.h)  # [L, E, G]
+        self._tab = {1: until.copy()}
+        for i in range(self.horizon - 1):  # E[min(N, H)] = 1 + sum_{i < H-1} P(N > i + 1)
+            survive *= 1.0 - self.h[:, :, np.minimum(gaps + i, MAX_GAP)]
+            until += survive
+            self._tab[i + 2] = until.copy()
         for l in range(self.num_layers):
             self._update_row(l, self.token + 1 if l <= self.layer else self.token)
 
     def _until(self, layer: int, gap: np.ndarray, horizon: int) -> np.ndarray:
         """E[min(N, horizon)] [E]: expected tokens until use (1 = the next opportunity), given gap [E]."""
-        gaps = np.minimum(gap[:, None] + self._steps[None, :horizon], MAX_GAP)  # [E, H]
-        h = self.h[layer, self._e[:, None], gaps]  # [E, H]
-        survive = np.cumprod(1.0 - h, axis=1)  # P(N > i + 1)
-        return 1.0 + survive[:, :-1].sum(1)
+        return self._tab[horizon][layer, self._e, gap]
 
     def _update_row(self, layer: int, next_token: int) -> None:
-        gap = np.clip(next_token - self.last_tok[layer], 1, MAX_GAP)
+        gap = _gap(next_token - self.last_tok[layer])
         self.tokens[layer] = self._until(layer, gap, self.horizon)
 
     def on_access(self, layer, experts, clock):
@@ -142,7 +160,7 @@ class PredictedPolicy(CachePolicy):
             if self.token % self.refresh_every == 0:
                 self._refresh()
         self.layer = layer
-        gap = np.clip(self.token - self.last_tok[layer], 1, MAX_GAP)
+        gap = _gap(self.token - self.last_tok[layer])
         self.trials[layer, self._e, gap] += 1.0
         self.uses[layer, experts, gap[experts]] += 1.0
         self.last_tok[layer, experts] = self.token
@@ -172,23 +190,29 @@ class PredictedPolicy(CachePolicy):
                                       self.predictor.top_k)  # [B, D, E]
             # P(any token of the batch uses the expert): [D, E]
             scores = scores[0] if scores.shape[0] == 1 else 1.0 - np.prod(1.0 - scores, axis=0)
+            z_layer = _logit(scores) - self._z_base  # [D, E]
             for j in range(min(self.lookahead, scores.shape[0])):
                 nl = layer + 1 + j
                 if nl >= L:
                     break
-                gap = np.clip(self.token - self.last_tok[nl], 1, MAX_GAP)  # layer nl, this token
-                p = combine(scores[j], self.h[nl, self._e, gap], self.predictor.top_k / E)
-                top = np.argsort(-scores[j])[: self.prefetch_top]  # the predictor's own picks
+                gap = _gap(self.token - self.last_tok[nl])  # layer nl, this token
+                # `combine` with the hazard's log-odds from the refresh-time table
+                p = 1.0 / (1.0 + np.exp(-(z_layer[j] + self.logit_h[nl, self._e, gap])))
+                order = np.argsort(-p)  # most likely first
+                # forced picks: the predictor's own top, plus the top by the combined estimate, which adds
+                # the previous tokens' use of the expert at layer nl (the strongest single signal)
+                top = np.argsort(-scores[j])[: self.prefetch_top]
+                if self.combined_top:
+                    top = np.concatenate([top, order[: self.combined_top]])  # duplicates are harmless
                 self._forced.update((nl * E + top).tolist())
                 later = self._until(nl, np.minimum(gap + 1, MAX_GAP), max(self.horizon - 1, 1))
                 self.tokens[nl] = 1.0 + (1.0 - p) * later
-                order = np.argsort(-p)  # most likely first
                 want = scores[j] >= self.threshold  # the predictor's own confidence (the combined
                 want[top] = True  # estimate is overconfident: it counts shared evidence twice)
                 hints.append(nl * E + order[want[order]])
             self._scores = None
         # the next token's experts of this layer, by the next-token model
-        p_next = self.h[layer, self._e, np.clip(self.token + 1 - self.last_tok[layer], 1, MAX_GAP)]
+        p_next = self.h[layer, self._e, _gap(self.token + 1 - self.last_tok[layer])]
         want = np.flatnonzero(p_next >= self.threshold)
         hints.append(layer * E + want[np.argsort(-p_next[want])])
         return np.concatenate(hints).astype(np.int64)
