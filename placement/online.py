@@ -4,13 +4,19 @@ A stream of batches is served under the plan in effect; after each `step_batches
 is re-placed from the last `window` tokens, rewriting at most `budget` slots per layer (a slot
 rewritten = one expert's weights copied to a rank). Per layer and step:
 
-1. replicas follow the traffic: while the budget lasts, one copy of an expert with spare copies is
-   re-pointed to the expert with the largest window load per copy, when that is clearly (`hysteresis`)
-   more than the donor's load per copy after giving one up;
+1. replicas follow the traffic: for at most `replica_moves` slots of the budget (default 2), one copy of
+   an expert with spare copies is re-pointed to the expert with the largest window load per copy, when
+   that is clearly (`hysteresis`) more than the donor's load per copy after giving one up;
 2. balance-capped swaps (`swap_search`) with the remaining budget, two slots per swap, minimizing
    fan-out on the window's tokens plus `balance_weight` x the load excess over the mean, so swaps that
    cut the busiest ranks come first; a swap must save more than `min_gain` x window tokens (no chasing
    noise).
+Why these defaults: after a domain shift a plan fitted with co-location has whole ranks hot (experts
+that fire together turned hot together); replicas cannot fix that, swaps can, so the budget is split
+(replicas first, at least one swap kept), and balance is weighted 20x a token's dispatch (fan-out has
+slack against the target, per-batch balance does not). On DeepSeek-V2-Lite summary -> intent (budget
+4, B=256/512) this took affinity+online from 1.105/1.110 to about 1.098/1.098 mean imbalance at a
+fan-out of 3.67/3.72 (EPLB static: 4.45); see benches/results/imbalance/report.md for the suite's numbers.
 
 Slots that keep their expert keep their position (nothing moves inside a rank). The stream is scored
 over every batch, including those served before the plan adapted.
@@ -42,8 +48,14 @@ def stable_layout(old: np.ndarray, new: np.ndarray, slots_per_rank: int) -> np.n
 
 
 def rebalance_layer(phy, window_tokens, num_experts, num_ranks, slots_per_rank, budget=4,
-                    balance_tol=0.02, balance_weight=2.0, hysteresis=1.25, max_rounds=8, min_gain=0.02):
-    """phy int [P] (expert per slot), window_tokens int [W, K] -> (new phy [P], slots rewritten)."""
+                    balance_tol=0.02, balance_weight=20.0, hysteresis=1.25, max_rounds=8, min_gain=0.02,
+                    sub_window=0, lightest_donor=False, replica_moves=2, excess_tol=0.0):
+    """phy int [P] (expert per slot), window_tokens int [W, K] -> (new phy [P], slots rewritten).
+    sub_window > 0: the swaps also pay `balance_weight` x each rank's excess in every consecutive chunk
+    of that many window tokens (per-batch balance, not only the window's total). lightest_donor: a
+    re-pointed replica takes the donor's copy on the least-loaded rank (else the first eligible one).
+    replica_moves: at most this many of the budget's slots go to re-pointing replicas (None: all), the
+    rest is kept for swaps (a rank made hot by co-located experts needs swaps, not replicas)."""
     E, P = num_experts, len(phy)
     old = np.asarray(phy, dtype=np.int64)
     phy = old.copy()
@@ -51,7 +63,7 @@ def rebalance_layer(phy, window_tokens, num_experts, num_ranks, slots_per_rank, 
     count = np.bincount(phy, minlength=E)
     moved = 0
     want = replicate_greedy(wload, P)
-    while moved < budget:
+    while moved < min(budget, budget if replica_moves is None else replica_moves):
         takers = np.flatnonzero(want > count)
         donors = np.flatnonzero(count > np.maximum(want, 1))
         if not len(takers) or not len(donors):
@@ -65,7 +77,9 @@ def rebalance_layer(phy, window_tokens, num_experts, num_ranks, slots_per_rank, 
         cands = [p for p in np.flatnonzero(phy == y) if slot_rank[p] not in x_ranks]
         if not cands:
             break
-        phy[cands[0]] = x
+        # the new copy goes where it can take load: the donor copy on the least-loaded rank
+        rank_load = np.bincount(slot_rank, weights=(wload / count)[phy], minlength=num_ranks)
+        phy[min(cands, key=lambda p: (rank_load[slot_rank[p]], p)) if lightest_donor else cands[0]] = x
         count[x] += 1
         count[y] -= 1
         moved += 1
@@ -79,10 +93,15 @@ def rebalance_layer(phy, window_tokens, num_experts, num_ranks, slots_per_rank, 
         item_rank = np.arange(P) // slots_per_rank
         weight = np.ones((len(window_tokens), num_ranks), dtype=np.float32)
         cap = (1.0 + balance_tol) * item_load.sum() / num_ranks
+        win = None
+        if sub_window and len(X) >= 2 * sub_window:  # [C, P] item loads per chunk of sub_window tokens
+            n_chunks = len(X) // sub_window
+            win = X[: n_chunks * sub_window].reshape(n_chunks, sub_window, P).sum(1).astype(np.float64)
         item_rank, _ = swap_search(item_rank, phy, item_load, num_ranks,
                                    lambda ir: swap_cost_tokens(X, ir, num_ranks, weight), cap,
                                    max_rounds=max_rounds, max_swaps=swaps_left, balance_weight=balance_weight,
-                                   min_gain=max(min_gain * len(window_tokens), 1e-9))
+                                   min_gain=max(min_gain * len(window_tokens), 1e-9), window_load=win,
+                                   excess_tol=excess_tol)
         phy = stable_layout(phy, items_to_phy2log(item_rank, phy, num_ranks), slots_per_rank)
     return phy, int((phy != old).sum())
 

@@ -17,8 +17,13 @@ ABOUT = """
   **affinity** (ours): replication + balanced start + swap search minimizing fan-out and cross-layer rank
   changes on the fitted tokens, explore under a loose cap then tighten to 2% (placement/algorithms/affinity.py).
 - **X+online**: plan X as the starting point, then our online re-placement (placement/online.py) after every
-  batch, from the last 1024 tokens, rewriting at most 4 slots per layer per step; scored over the whole stream,
-  including the batches served before it adapted. "moved" = slots rewritten in all (weights copied).
+  batch, from the last 1024 tokens, rewriting at most 4 slots per layer per step (at most 2 of them re-pointing
+  replicas, the rest swaps weighted 20x towards balance); scored over the whole stream, including the batches
+  served before it adapted. "moved" = slots rewritten in all (weights copied).
+- Static cross-domain: the two domains' per-expert loads correlate weakly, so every static plan fitted on one
+  domain, load-agnostic ones (contiguous, round_robin) included, lands far above 1.10 on the other (table
+  below); robust variants of `affinity` (uniform prior blend, in-order window scenarios, no co-location
+  exploring) did not close that gap either. The cross-domain target is for re-placement online.
 - Replicas split tokens by `placement.replica.choose_replica` in every row: least-loaded quotas per batch,
   same-rank-first inside them.
 - Batches: B tokens dealt in a seeded random order (a decode batch mixes many requests). Imbalance (max/mean

@@ -44,14 +44,16 @@ def swap_cost_pairs(C: np.ndarray, item_rank: np.ndarray, num_ranks: int) -> np.
 
 
 def swap_search(item_rank, item_expert, item_load, num_ranks, cost_fn, cap, max_rounds=400, max_swaps=None,
-                balance_weight=0.0, min_gain=1e-9, window_load=None):
+                balance_weight=0.0, min_gain=1e-9, window_load=None, excess_tol=0.0):
     """Improve `item_rank` (int [I], modified copy returned) by swaps with negative cost that keep every
     rank's load <= cap. Each round applies the best swaps whose ranks are all distinct (at most N/2).
     `cost_fn(item_rank) -> D [I, I]`. `max_swaps` bounds the total (online budget). `balance_weight`
     adds that multiple of the change in the two ranks' load excess over the mean (lets a search that
     starts over the cap climb down towards it). `window_load` [W, I] (item loads in W windows of the
     tokens) adds the same weight x the change in per-window excess, summed over windows: balance that
-    holds batch by batch, not only on average. A swap must cut the cost by more than `min_gain`.
+    holds batch by batch, not only on average. Excess counts above (1 + excess_tol) x the mean (0: above
+    the mean; > 0 leaves near-balanced ranks to the cost alone). A swap must cut the cost by more than
+    `min_gain`.
     Returns (item_rank, swaps made)."""
     item_rank = np.array(item_rank, dtype=np.int64)
     E = int(item_expert.max()) + 1
@@ -75,13 +77,13 @@ def swap_search(item_rank, item_expert, item_load, num_ranks, cost_fn, cap, max_
         new_max = np.maximum(new_a, new_b)
         ok &= (new_max <= cap + 1e-12) | (new_max < old_max - 1e-12)  # under the cap, or closer to it
         if balance_weight:
-            excess = lambda x: np.maximum(x - mean, 0.0)
+            excess = lambda x: np.maximum(x - (1.0 + excess_tol) * mean, 0.0)
             D = D + balance_weight * (excess(new_a) + excess(new_b) - excess(rank_load[ra][:, None])
                                       - excess(rank_load[ra][None, :]))
             if wl is not None:
                 cur = win_load[:, ra]  # [W, I]
                 wa = cur[:, :, None] - wl[:, :, None] + wl[:, None, :]  # [W, a, b]: a's rank after the swap
-                ex = lambda x: np.maximum(x - win_mean, 0.0)
+                ex = lambda x: np.maximum(x - (1.0 + excess_tol) * win_mean, 0.0)
                 D = D + balance_weight * (ex(wa) + ex(wa.transpose(0, 2, 1)) - ex(cur[:, :, None])
                                           - ex(cur[:, None, :])).sum(0)
         D = np.where(ok, D, np.inf)

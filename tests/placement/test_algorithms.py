@@ -97,3 +97,20 @@ def _coact(tokens, E):
     from placement.stats import coactivation
 
     return coactivation(tokens, E)
+
+
+def test_affinity_contiguous_windows_balance_each_phase_of_the_trace():
+    # first half of the fitted trace uses experts 0-3 only, the second half 4-7 only (top-2, 1 layer):
+    # clustering by co-activation puts each half's experts on one rank (fan-out 1, totals balanced, but
+    # each half loads one rank only); in-order windows of half the trace make the search spread them
+    rng = np.random.default_rng(0)
+    first = np.stack([rng.choice(4, 2, replace=False) for _ in range(400)])
+    tokens = np.concatenate([first, first + 4])[:, None, :]
+    load = np.bincount(tokens.ravel(), minlength=8)[None].astype(float)
+    plain = get_algorithm("affinity")(load, 2, 4, tokens=tokens).validate()
+    robust = get_algorithm("affinity")(load, 2, 4, tokens=tokens, window_tokens=400,
+                                       contiguous_windows=True).validate()
+    half = lambda plan: score_plan(plan, tokens[:400], 400, seed=None)["imbalance_mean"]
+    assert half(plain) > 1.9  # the clustered plan: all of the first half on one rank
+    assert half(robust) < 1.1
+    assert robust.meta["contiguous_windows"] is True

@@ -113,3 +113,43 @@ def test_cli_errors_name_the_flag(shared_dir, tmp_path):
     args = _parser().parse_args(["place", "--trace", trace, "--algorithm", "nope", "--out", str(tmp_path / "p.json")])
     with pytest.raises(ValueError, match="not one of"):
         args.func(args)
+
+
+def test_rebalance_layer_replica_moves_caps_repointing():
+    # 8 experts on 2 ranks, replicas of cold experts 0 and 1; the window makes 6 and 7 hot
+    phy = np.array([0, 1, 2, 3, 0, 4, 5, 6, 7, 1])
+    rng = np.random.default_rng(0)
+    p = np.array([.02, .02, .02, .02, .02, .02, .44, .44])
+    window = np.stack([rng.choice(8, 2, replace=False, p=p) for _ in range(400)])
+    repointed = lambda new: int(np.abs(np.bincount(new, minlength=8) - np.bincount(phy, minlength=8)).sum() // 2)
+    free, _ = rebalance_layer(phy, window, 8, 2, 5, budget=4, replica_moves=None)
+    capped, moved = rebalance_layer(phy, window, 8, 2, 5, budget=4, replica_moves=1)
+    assert repointed(free) == 2 and repointed(capped) == 1
+    assert moved <= 4
+    PlacementPlan.from_phy2log(capped[None], 8, 2).validate()
+
+
+def test_rebalance_layer_lightest_donor_puts_new_copy_on_light_rank():
+    # cold expert 0 has copies on rank 0 (slot 0; rank 0 also holds hot 1, 2), rank 1 (slot 6, light) and
+    # rank 2 (slot 11, next to the hottest expert 9, which wants another copy)
+    phy = np.array([0, 1, 2, 3, 4, 5, 0, 6, 7, 8, 9, 0])
+    rng = np.random.default_rng(1)
+    second = rng.choice([1, 2, 3, 4, 5, 6, 7, 8], size=300, p=[.3, .3, .05, .05, .1, .1, .05, .05])
+    window = np.stack([np.full(300, 9), second], axis=1)
+    new, _ = rebalance_layer(phy, window, 10, 3, 4, budget=1, lightest_donor=True, replica_moves=1)
+    assert new[6] == 9 and new[0] == 0  # the light rank's copy was re-pointed
+    first, _ = rebalance_layer(phy, window, 10, 3, 4, budget=1, lightest_donor=False, replica_moves=1)
+    assert first[0] == 9 and first[6] == 0  # default: the first eligible copy (rank 0's)
+
+
+def test_rebalance_layer_sub_window_balances_each_chunk():
+    # 4 experts, 2 ranks x 2 slots, top-1: totals are balanced, but chunk A uses only rank 0's experts
+    # and chunk B only rank 1's; fan-out cannot change (k=1), so only the per-chunk term can ask for a swap
+    phy = np.array([0, 1, 2, 3])
+    window = np.r_[np.tile([0, 1], 50), np.tile([2, 3], 50)][:, None]
+    same, moved = rebalance_layer(phy, window, 4, 2, 2, budget=2)
+    assert moved == 0 and same.tolist() == phy.tolist()
+    new, moved = rebalance_layer(phy, window, 4, 2, 2, budget=2, sub_window=100)
+    assert moved == 2
+    ranks = {e: i // 2 for i, e in enumerate(new)}
+    assert ranks[0] != ranks[1] and ranks[2] != ranks[3]  # each chunk now spans both ranks
