@@ -114,3 +114,18 @@ def test_affinity_contiguous_windows_balance_each_phase_of_the_trace():
     assert half(plain) > 1.9  # the clustered plan: all of the first half on one rank
     assert half(robust) < 1.1
     assert robust.meta["contiguous_windows"] is True
+
+
+def test_swap_search_excess_tol_leaves_near_balanced_ranks_to_the_cost():
+    from placement.algorithms.swap_search import swap_search
+
+    # rank 0 holds loads 3 + 2, rank 1 holds 1 + 0 (mean 3): one swap (2 <-> 0 or 3 <-> 1) balances them.
+    # The token cost is flat, so only the balance term can ask for the swap.
+    item_rank, item_expert, item_load = np.array([0, 0, 1, 1]), np.arange(4), np.array([3.0, 2.0, 1.0, 0.0])
+    flat = lambda ir: np.zeros((4, 4))
+    ranks, swaps = swap_search(item_rank, item_expert, item_load, 2, flat, cap=10.0, balance_weight=1.0)
+    assert swaps == 1 and np.bincount(ranks, weights=item_load).tolist() == [3.0, 3.0]
+    # excess only above 2x the mean (6): rank 0's 5 is not excess, nothing to gain
+    ranks, swaps = swap_search(item_rank, item_expert, item_load, 2, flat, cap=10.0, balance_weight=1.0,
+                               excess_tol=1.0)
+    assert swaps == 0 and ranks.tolist() == [0, 0, 1, 1]
