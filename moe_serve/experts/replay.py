@@ -9,7 +9,8 @@ across layers, kept across sequences as a server would). A cost model turns resi
   submission order, so a demand fetch waits behind the prefetches already queued) or
   `"demand-first"` (prefetches wait in a host-side queue and one is started only when the engine
   is free, so a demand fetch waits at most for the one copy in flight; a queued prefetch whose expert
-  is evicted is cancelled, one whose expert is needed first becomes a demand fetch);
+  is evicted is cancelled, one whose expert is needed before its copy started counts as a miss and
+  becomes a demand fetch);
 - every MoE layer takes `layer_ms` of compute once all its experts are ready; the wait before it
   is stall.
 
@@ -106,13 +107,15 @@ def replay(experts: np.ndarray, num_experts: int, policy: CachePolicy, capacity:
             ready_at[g] = copy_free
         need = now
         for g in gids.tolist():
+            if is_pending[g]:  # its prefetch never started: a miss, fetched now on demand
+                pending.remove(g)
+                is_pending[g] = False
+                prefetched[g] = False
+                copy_free = max(copy_free, now) + copy_ms
+                ready_at[g] = copy_free
+                continue
             if cache.resident(g):
                 hits += 1
-                if is_pending[g]:  # its prefetch has not started: it goes first now, as a demand fetch
-                    pending.remove(g)
-                    is_pending[g] = False
-                    copy_free = max(copy_free, now) + copy_ms
-                    ready_at[g] = copy_free
                 in_time += ready_at[g] <= need
                 if prefetched[g]:
                     pf_used += 1

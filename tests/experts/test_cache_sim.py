@@ -124,3 +124,24 @@ def test_demand_first_lets_a_miss_overtake_queued_prefetches():
 def test_cost_model_rejects_unknown_copy_order():
     with pytest.raises(ValueError, match="copy_order"):
         CostModel(copy_order="lifo")
+
+
+def test_demand_first_prefetch_not_started_in_time_is_a_miss():
+    """Layer 0 prefetches layer 1's experts 1 and 2 (gids 5, 6); layer 1 needs expert 2 while its copy
+    still waits behind expert 1's. FIFO: committed to the stream, a hit (not ready). Demand-first: a
+    miss, fetched on demand; the stall is the same here (3 ms - 1.1 ms at layer 1)."""
+    from moe_serve.experts.policies import LRUPolicy
+
+    class TwoHints(LRUPolicy):  # LRU, hinting layer 1's experts 1, 2 after layer 0's router
+        def on_route(self, layer, state, clock):
+            return np.array([5, 6]) if layer == 0 else np.zeros(0, dtype=np.int64)
+
+    x = np.array([[[0], [2]]], dtype=np.int64)  # T=1, L=2, K=1
+    out = {order: replay(x, 4, TwoHints(), 5, CostModel(expert_bytes=10**6, bandwidth_gbps=1.0, layer_ms=0.1,
+                                                       copy_order=order))
+           for order in ("fifo", "demand-first")}
+    assert out["fifo"]["hit_rate"] == 0.5 and out["fifo"]["ready_in_time"] == 0.0
+    assert out["demand-first"]["hit_rate"] == 0.0
+    for m in out.values():
+        assert m["stall_ms_per_token"] == pytest.approx(1.0 + (3.0 - 1.1))
+        assert m["copies_per_token"] == 3
