@@ -171,20 +171,6 @@ class OffloadExpertStore(ExpertStore):
         gu, dn = self.get(moe_layer, e)
         return expert_forward(x, gu, dn)
 
-    def run(self, moe_layer: int, x_sorted: torch.Tensor, counts) -> torch.Tensor:
-        """Experts stage (counts: long tensor [E] or list): one host read of counts per layer."""
-        counts = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
-        active = [e for e, c in enumerate(counts) if c]
-        self.begin_layer(moe_layer, active, [counts[e] for e in active])
-        y = torch.empty_like(x_sorted)
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                y[start:start + c] = self.compute_expert(moe_layer, e, x_sorted[start:start + c])
-                start += c
-        self.end_layer(moe_layer)
-        return y
-
     def end_layer(self, moe_layer: int) -> None:
         self.copier.release(self._used_slots)
         self.cache.end_step()

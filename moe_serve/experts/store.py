@@ -10,7 +10,7 @@ Contract (what the MoE block's experts stage calls, per MoE layer and step):
 `ExpertStore.run` is written once in terms of three overridable methods, so another store changes
 where weights live without touching model code:
 
-    begin_layer(moe_layer, expert_ids)   the experts this step needs; an offloading store pins the
+    begin_layer(moe_layer, ids, rows)    the experts this step needs; an offloading store pins the
                                          resident ones and starts fetching the missing ones
     get(moe_layer, e) -> (gate_up, down) weights on the compute device, gate_up [2I, H] (gate rows
                                          first), down [H, I]; may block until a fetch lands
@@ -63,8 +63,8 @@ class ExpertStore(ABC):
     def get(self, moe_layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [2I, H], down [H, I]) of one expert, on the compute device."""
 
-    def begin_layer(self, moe_layer: int, expert_ids: list[int]) -> None:
-        """This step needs `expert_ids` of `moe_layer` (ascending)."""
+    def begin_layer(self, moe_layer: int, expert_ids: list[int], rows: list[int] | None = None) -> None:
+        """This step needs `expert_ids` of `moe_layer` (ascending), for `rows[i]` tokens each."""
 
     def end_layer(self, moe_layer: int) -> None:
         """The layer's experts are done with for this step."""
@@ -78,9 +78,10 @@ class ExpertStore(ABC):
 
     def run(self, moe_layer: int, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Experts stage: y_sorted [M, H] for x_sorted [M, H] grouped by expert per `counts` [E]."""
-        counts = counts.tolist()  # one host read per layer (a store may avoid it, as the resident one does)
+        # one host read per layer (a store may avoid it, as the resident one does)
+        counts = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
         active = [e for e, c in enumerate(counts) if c]
-        self.begin_layer(moe_layer, active)
+        self.begin_layer(moe_layer, active, [counts[e] for e in active])
         y = torch.empty_like(x_sorted)
         start = 0
         for e, c in enumerate(counts):

@@ -72,7 +72,7 @@ class CountingStore(ExpertStore):
         self.source, self.num_moe_layers, self.num_experts = source, source.num_moe_layers, source.num_experts
         self.device, self.fetched, self.open = torch.device("cpu"), 0, set()
 
-    def begin_layer(self, moe_layer, expert_ids):
+    def begin_layer(self, moe_layer, expert_ids, rows=None):
         assert moe_layer not in self.open
         self.open.add(moe_layer)
 
