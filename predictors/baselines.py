@@ -25,6 +25,12 @@ class CountPredictor(Predictor):
         self.check_traces(traces)
         self.freq = layer_frequency(traces, self.num_experts)
 
+    def fit(self, traces):
+        """Popularity and previous-token need nothing but the frequency table."""
+        self._fit_frequency(traces)
+        self.fitted = True
+        return self
+
     def _prior(self, layer: int, batch: int) -> torch.Tensor:
         """[B, D, E]: popularity of each slot's target layer, zeros past the last layer."""
         out = torch.zeros(batch, self.slots, self.num_experts)
@@ -38,11 +44,6 @@ class PopularityPredictor(CountPredictor):
     """Each target layer's most used experts, whatever the token: the floor every predictor must beat."""
 
     name = "popularity"
-
-    def fit(self, traces):
-        self._fit_frequency(traces)
-        self.fitted = True
-        return self
 
     def predict(self, state: RoutingState, layer: int) -> torch.Tensor:
         self.check(state, layer)
@@ -112,11 +113,6 @@ class PrevTokenPredictor(CountPredictor):
     """
 
     name = "prev_token"
-
-    def fit(self, traces):
-        self._fit_frequency(traces)
-        self.fitted = True
-        return self
 
     def predict(self, state: RoutingState, layer: int) -> torch.Tensor:
         self.check(state, layer)
