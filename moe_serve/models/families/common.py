@@ -117,3 +117,16 @@ class Family:
         mods = dict.fromkeys([self.moe_module, "mlp"])
         return [(f"model.layers.{layer}.{m}.experts.gate_up_proj", f"model.layers.{layer}.{m}.experts.down_proj")
                 for m in mods]
+
+
+def decoder_fields(cfg: dict, where: str) -> dict:
+    """The ModelSpec fields the GQA families (Mixtral, Qwen-MoE, OLMoE) read the same way."""
+    hidden, heads = need(cfg, "hidden_size", where), need(cfg, "num_attention_heads", where)
+    head_dim = cfg.get("head_dim") or hidden // heads
+    return dict(
+        num_layers=need(cfg, "num_hidden_layers", where), hidden_size=hidden, vocab_size=need(cfg, "vocab_size", where),
+        num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim, v_head_dim=head_dim,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=eos_ids(cfg), torch_dtype=torch_dtype(cfg), hidden_act=check_act(cfg),
+        attn_scale=head_dim ** -0.5,
+    )

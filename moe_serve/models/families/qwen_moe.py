@@ -5,14 +5,14 @@ cast to the hidden dtype. Dense layers: `mlp_only_layers` or those failing `(i +
 """
 from __future__ import annotations
 
-from moe_serve.models.families.common import Family, check_act, eos_ids, need, need_any, positive, rope_spec, torch_dtype
+from moe_serve.models.families.common import Family, decoder_fields, need, need_any, positive, rope_spec
 from moe_serve.models.spec import ModelSpec, RoutingSpec
 
 
 def _parse(cfg: dict, family: str) -> ModelSpec:
     w = "Qwen2-MoE" if family == "qwen2_moe" else "Qwen3-MoE"
-    hidden, heads, layers = need(cfg, "hidden_size", w), need(cfg, "num_attention_heads", w), need(cfg, "num_hidden_layers", w)
-    head_dim = cfg.get("head_dim") or hidden // heads
+    base = decoder_fields(cfg, w)
+    layers, head_dim = base["num_layers"], base["head_dim"]
     num_experts = positive(need_any(cfg, ("num_experts", "num_local_experts"), w), "num_experts")
     top_k = positive(need(cfg, "num_experts_per_tok", w), "num_experts_per_tok")
     step = cfg.get("decoder_sparse_step", 1) or 1
@@ -31,21 +31,18 @@ def _parse(cfg: dict, family: str) -> ModelSpec:
         windows = tuple([None] * layers)
     shared = cfg.get("shared_expert_intermediate_size", 0) if family == "qwen2_moe" else 0
     return ModelSpec(
-        family=family, architecture="Qwen2MoeForCausalLM" if family == "qwen2_moe" else "Qwen3MoeForCausalLM",
-        num_layers=layers, hidden_size=hidden, vocab_size=need(cfg, "vocab_size", w), num_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim, v_head_dim=head_dim,
+        **base, family=family,
+        architecture="Qwen2MoeForCausalLM" if family == "qwen2_moe" else "Qwen3MoeForCausalLM",
         num_experts=num_experts, top_k=top_k, moe_layers=moe_layers,
         moe_intermediate_size=need(cfg, "moe_intermediate_size", w), intermediate_size=need(cfg, "intermediate_size", w),
         routing=RoutingSpec(top_k=top_k, scoring="softmax", norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
                             weights_fp32=False),
         rope=rope_spec(cfg, head_dim, default_theta=10000.0), rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         max_position_embeddings=cfg.get("max_position_embeddings", 32768),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), bos_token_id=cfg.get("bos_token_id"),
-        eos_token_ids=eos_ids(cfg), torch_dtype=torch_dtype(cfg), hidden_act=check_act(cfg),
         qkv_bias=bool(cfg.get("qkv_bias", True)) if family == "qwen2_moe" else bool(cfg.get("attention_bias", False)),
         o_bias=False if family == "qwen2_moe" else bool(cfg.get("attention_bias", False)),
         qk_norm="none" if family == "qwen2_moe" else "head", sliding_windows=windows,
-        attn_scale=head_dim ** -0.5, shared_expert_intermediate_size=shared or 0,
+        shared_expert_intermediate_size=shared or 0,
         shared_expert_gate=bool(shared),
     )
 
