@@ -14,6 +14,16 @@ from moe_serve.models.rope import apply_rope
 from moe_serve.models.spec import ModelSpec
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """As transformers: normalize in fp32, cast back, then scale in the activation dtype.
+    `weight` broadcasts over x's trailing dims ([D], or [heads, D] for several norms at once)."""
+    if x.dtype == torch.float32:  # the casts are no-ops: skip their dispatch (decode is op-bound)
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -21,10 +31,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # as transformers: normalize in fp32, cast back, then scale in the activation dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def linear(i: int, o: int, bias: bool = False) -> nn.Linear:
@@ -63,21 +70,48 @@ class GQAttention(nn.Module):
             self.k_norm = RMSNorm(s.num_kv_heads * s.head_dim, s.rms_norm_eps)
         self.clip = s.clip_qkv
         self.scale, self.window, self.rope_mode = s.attn_scale, s.window(layer), s.rope_mode
+        self._fused_src, self._fused = None, None
 
     def cache_shapes(self, num_slots: int, max_len: int) -> list[tuple[int, ...]]:
         return [(num_slots, max_len, self.nkv, self.hd)] * 2
 
+    def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(qkv weight [(Hq+2Hkv)*D, H], its bias or None, per-head q|k norm weight [Hq+Hkv, D] or None).
+
+        One matmul instead of three (each output column is the same dot product: same bits), and
+        with per-head q/k norms one norm and one rotation over q and k together. Built on first use
+        and rebuilt when a projection is replaced (tensor-parallel sharding swaps them)."""
+        src = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.nh, self.nkv)
+        if self._fused_src is None or any(a is not b for a, b in zip(src, self._fused_src)):
+            projs = (self.q_proj, self.k_proj, self.v_proj)
+            bias = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None
+            norm = None
+            if self.qk_norm == "head":
+                norm = torch.cat([self.q_norm.weight.expand(self.nh, -1), self.k_norm.weight.expand(self.nkv, -1)])
+            self._fused = (torch.cat([p.weight for p in projs]), bias, norm)
+            self._fused_src = src
+        return self._fused
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: StepMeta,
                 cache: tuple[torch.Tensor, ...]) -> torch.Tensor:  # x [N, H]
-        n = x.shape[0]
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [N, Hq*D], [N, Hkv*D] x2
-        if self.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.clip is not None:
-            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
-        q, k, v = q.view(n, self.nh, self.hd), k.view(n, self.nkv, self.hd), v.view(n, self.nkv, self.hd)
-        if self.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin, self.rope_mode), apply_rope(k, cos, sin, self.rope_mode)
+        n, nh, nkv, hd = x.shape[0], self.nh, self.nkv, self.hd
+        weight, bias, qk_norm_weight = self.fused_weights()
+        qkv = F.linear(x, weight, bias)  # [N, (Hq + 2 Hkv) * D]
+        nq, nk = nh * hd, nkv * hd
+        if self.qk_norm == "full":  # norms over the whole projections, before the clip (OLMoE)
+            q, k, v = self.q_norm(qkv[:, :nq]), self.k_norm(qkv[:, nq:nq + nk]), qkv[:, nq + nk:]
+            if self.clip is not None:
+                q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+            q = apply_rope(q.view(n, nh, hd), cos, sin, self.rope_mode)
+            k = apply_rope(k.view(n, nkv, hd), cos, sin, self.rope_mode)
+        else:
+            if self.clip is not None:
+                qkv = qkv.clamp(-self.clip, self.clip)
+            qk = qkv[:, :nq + nk].view(n, nh + nkv, hd)  # q heads then k heads
+            if qk_norm_weight is not None:
+                qk = rms_norm(qk, qk_norm_weight, self.q_norm.eps)
+            qk = apply_rope(qk, cos, sin, self.rope_mode)
+            q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nq + nk:]
+        v = v.view(n, nkv, hd)
         o = attend(q, (k, v), cache, lambda rows: rows, meta, self.scale, self.window, self.hd)  # [N, Hq, D]
-        return self.o_proj(o.reshape(n, self.nh * self.hd))
+        return self.o_proj(o.reshape(n, nh * hd))

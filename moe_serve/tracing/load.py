@@ -1,7 +1,9 @@
 """Per-layer expert load: tokens routed to each expert of each MoE layer, counted on the device.
 
-One `bincount` per MoE layer per step, accumulated in a device tensor (no host sync in the step);
-the CLI's load table and the server's /metrics read a snapshot.
+`route` only keeps a reference to each layer's choice; `end_step` counts the whole step with one
+`bincount` over (layer, expert) pairs, accumulated in a device tensor (no host sync in the step,
+a handful of ops per step instead of per layer). The CLI's load table and the server's /metrics
+read a snapshot.
 """
 from __future__ import annotations
 
@@ -15,12 +17,26 @@ class ExpertLoadCounter(RouterHooks):
     active = True
 
     def __init__(self, num_layers: int, num_experts: int, device: torch.device | str = "cpu"):
-        self.num_experts = num_experts
+        self.num_layers, self.num_experts = num_layers, num_experts
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.long, device=device)  # [L, E]
+        self._offsets = torch.arange(num_layers, device=device) * num_experts  # [L] first bin of each layer
+        self._step: list[tuple[int, torch.Tensor]] = []  # (moe layer, expert ids [N, K]) seen this step
+
+    def begin_step(self, batch) -> None:
+        self._step.clear()
 
     def route(self, moe_layer, hidden, expert_ids, weights):
-        self.counts[moe_layer] += torch.bincount(expert_ids.reshape(-1), minlength=self.num_experts)
+        self._step.append((moe_layer, expert_ids))
         return None
+
+    def end_step(self, batch) -> None:
+        if not self._step:
+            return
+        layers = torch.tensor([layer for layer, _ in self._step], device=self.counts.device)
+        ids = torch.stack([e.reshape(-1) for _, e in self._step])  # [layers seen, N*K]
+        bins = (ids + self._offsets[layers, None]).reshape(-1)
+        self.counts += torch.bincount(bins, minlength=self.counts.numel()).view_as(self.counts)
+        self._step.clear()
 
     def snapshot(self) -> np.ndarray:
         """int64 [L, E] cumulative token counts."""
