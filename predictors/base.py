@@ -112,6 +112,7 @@ class Predictor(ABC):
 
     name: str = "base"
     needs_hidden: bool = False  # True: predict() requires state.hidden
+    adapts: bool = False  # True: observe() learns, so evaluation must replay in time order (prequential)
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, lookahead: int = 1, **params):
         for field, value, low in (("num_layers", num_layers, 1), ("num_experts", num_experts, 1), ("top_k", top_k, 1), ("lookahead", lookahead, 0)):
@@ -139,6 +140,15 @@ class Predictor(ABC):
     @abstractmethod
     def load_arrays(self, arrays: dict[str, torch.Tensor]) -> None:
         """Restore the fitted state written by `arrays`."""
+
+    def observe(self, experts: torch.Tensor, weights: torch.Tensor, prev_experts: torch.Tensor,
+                prev_weights: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> None:
+        """Learn from tokens whose routing is now complete (online adaptation); a no-op unless overridden.
+
+        experts, weights, prev_experts, prev_weights: [N, L, K] every layer of N finished tokens and of
+        the token before each (-1 / 0 where none); hidden: [N, L, H] or None. Only routing that has already
+        happened is ever passed here: a predictor that learns from it never sees the future.
+        """
 
     # ---- shared helpers ----------------------------------------------------------------------
     @property

@@ -14,7 +14,7 @@ from predictors.evaluate import evaluate, online_cost
 from predictors.registry import REGISTRY, make_predictor
 from predictors.traces import RoutingTrace
 
-DEFAULT_ORDER = ["popularity", "transition", "prev_token", "router", "hidden_linear", "logreg", "sgd", "mlp", "ensemble"]
+DEFAULT_ORDER = ["popularity", "transition", "prev_token", "router", "hidden_linear", "logreg", "sgd", "mlp", "mlp_online", "ensemble"]
 METRICS = ("recall_at_k", "precision_at_budget", "recall_at_budget")
 
 
@@ -47,6 +47,9 @@ def compare(
             tag = "" if la else "_next_token"
             res[f"fit_s{tag}"] = fit_s
             res[f"predict_s{tag}"] = ev.pop("predict_s")
+            if "observe_s" in ev:  # adapted online, prequentially: learned only from already-seen test tokens
+                res[f"observe_s{tag}"] = ev.pop("observe_s")
+                res["prequential"] = True
             res[f"predict_ms_b64{tag}"] = online_cost(pred, test[0])
             res.update(ev)
             log(f"  {name} lookahead={la}: fit {fit_s:.1f}s, " + ", ".join(f"{k} r@k={v['recall_at_k']:.3f}" for k, v in ev.items()))

@@ -99,6 +99,16 @@ class MLPPredictor(Predictor):
             outs.append(F.pad(lg, (0, 0, 0, d)))  # rows of source layers without a target: 0
         return outs
 
+    def _loss(self, net: HistoryNet, data: list, hidden, tgt: torch.Tensor, drop: float) -> torch.Tensor:
+        """Summed per-slot BCE of a batch: data = (x, w, px, pw) [b, L, K], tgt long [b, L, D, K] (-1 = none)."""
+        loss = 0.0
+        for j, lg in enumerate(self._forward_all(net, *data, hidden, drop)):
+            y = tgt[:, :, j]  # [b, L, K]
+            ok = (y[..., 0] >= 0).float()  # [b, L]
+            bce = F.binary_cross_entropy_with_logits(lg, multi_hot(y, self.num_experts), reduction="none").sum(-1)
+            loss = loss + (bce * ok).sum() / ok.sum().clamp(min=1)
+        return loss
+
     def fit(self, traces: list[RoutingTrace]) -> "MLPPredictor":
         self.check_traces(traces)
         use_hidden = bool(self.params.get("use_hidden", True)) and all(t.hidden is not None for t in traces)
@@ -116,13 +126,7 @@ class MLPPredictor(Predictor):
         drop = float(self.params.get("trunk_dropout", 0.3))
         for _ in range(epochs):
             for idx in torch.randperm(T, generator=gen).split(bs):
-                outs = self._forward_all(net, *(d[idx] for d in data), None if hidden is None else hidden[idx], drop)
-                loss = 0.0
-                for j, lg in enumerate(outs):
-                    y = tgt[idx, :, j]  # [b, L, K]
-                    ok = (y[..., 0] >= 0).float()  # [b, L]
-                    bce = F.binary_cross_entropy_with_logits(lg, multi_hot(y, self.num_experts), reduction="none").sum(-1)
-                    loss = loss + (bce * ok).sum() / ok.sum().clamp(min=1)
+                loss = self._loss(net, [d[idx] for d in data], None if hidden is None else hidden[idx], tgt[idx], drop)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -134,30 +138,33 @@ class MLPPredictor(Predictor):
 
     # ---- online: one layer, a batch of states ---------------------------------------------------
     def _plan(self, layer: int) -> dict:
-        """Per-layer fused tables: trunk ids offsets, [dim, D*E] head, [E + D*E, D*E] direct table."""
+        """Per-layer fused tables, built on first use: one embedding-bag table over the layer's input
+        window whose rows carry [trunk vector (dim) | direct logits (D*E)], and the [dim, D*E] head.
+
+        Window rows: the current token's layers lo..layer, then the previous token's layers plo..phi,
+        E rows each. The direct columns hold the transition rows (current layer) and the copy rows
+        (previous token at each slot's target layer), so one bag computes the trunk input and both
+        direct terms at once."""
         if layer in self._plans:
             return self._plans[layer]
         net, E, L, D = self.net, self.num_experts, self.num_layers, self.slots
         lo, plo, phi = self.windows(layer)
-        targets = self.target_layers(layer)
-        head = torch.zeros(net.head.shape[2], D * E)
+        n, m, dim = layer - lo + 1, phi - plo + 1, net.cur.shape[1]
+        table = torch.zeros((n + m) * E, dim + D * E)
+        table[: n * E, :dim] = net.cur[lo * E : (layer + 1) * E]
+        table[n * E :, :dim] = net.prev[plo * E : (phi + 1) * E]
+        head = torch.zeros(dim, D * E)
         bias = torch.zeros(D * E)
-        direct = torch.zeros(E + D * E, D * E)  # rows: current layer's experts, then slot j's previous-token experts
-        for j, t in enumerate(targets):
+        for j, t in enumerate(self.target_layers(layer)):
             if t < L:
                 cols = slice(j * E, (j + 1) * E)
                 head[:, cols], bias[cols] = net.head[j, t], net.bias[j, t]
-                direct[:E, cols] = net.trans[j, layer]
-                direct[E + j * E : E + (j + 1) * E, cols] = net.copy[j, t]
+                table[(n - 1) * E : n * E, dim + j * E : dim + (j + 1) * E] = net.trans[j, layer]
+                r = (n + t - plo) * E  # the previous token's target layer t (inside plo..phi by construction)
+                table[r : r + E, dim + j * E : dim + (j + 1) * E] = net.copy[j, t]
         plan = dict(
-            lo=lo, plo=plo, phi=phi,
-            cur_off=(torch.arange(lo, layer + 1)[:, None] * E),
-            prev_off=(torch.arange(plo, phi + 1)[:, None] * E + L * E),
-            table=torch.cat([net.cur, net.prev]).detach(),
-            tgt=torch.tensor([min(t, L - 1) - plo for t in targets]),  # relative to the previous-token window
-            tgt_ok=torch.tensor([t < L for t in targets])[None, :, None],
-            slot_off=(E + torch.arange(D) * E)[None, :, None],
-            head=head.detach(), bias=(bias + 0).detach(), direct=direct.detach(),
+            lo=lo, plo=plo, phi=phi, dim=dim, table=table.detach(), head=head.detach(), bias=bias.detach(),
+            off=(torch.arange(n + m) * E)[:, None],  # [n+m, 1] row offset of each window layer
             layer_vec=net.layer[layer].detach(),
         )
         self._plans[layer] = plan
@@ -168,23 +175,17 @@ class MLPPredictor(Predictor):
         self.check(state, layer)
         p, net, B = self._plan(layer), self.net, state.batch_size
         lo, plo, phi = p["lo"], p["plo"], p["phi"]
-        x = state.experts[:, lo : layer + 1]  # [B, n, K]
-        xv = input_weights(x, state.weights[:, lo : layer + 1])
         px = state.prev_experts[:, plo : phi + 1]  # the previous token's window (holds every target layer)
         pw = state.prev_weights[:, plo : phi + 1] if state.prev_weights is not None else (px >= 0).float()
-        pv = input_weights(px, pw)  # [B, m, K]
-        xc, pc = x.clamp(min=0), px.clamp(min=0)
-        # trunk: one bag over the current token's window and the previous token's window
-        ids = torch.cat([(xc + p["cur_off"]).view(B, -1), (pc + p["prev_off"]).view(B, -1)], 1)
-        vals = torch.cat([xv.view(B, -1), pv.view(B, -1)], 1)
-        z = F.embedding_bag(ids, p["table"], per_sample_weights=vals, mode="sum") + p["layer_vec"]
+        ids = torch.cat([state.experts[:, lo : layer + 1], px], 1)  # [B, n+m, K]
+        w = torch.cat([state.weights[:, lo : layer + 1], pw], 1)
+        # input_weights(), fused: half multi-hot, half normalized gate weight, 0 where there is no expert
+        vals = (w / w.sum(-1, keepdim=True).clamp(min=1e-6)).mul_(0.5).add_(0.5 / ids.shape[-1]).mul_(ids >= 0)
+        out = F.embedding_bag((ids.clamp(min=0) + p["off"]).view(B, -1), p["table"], per_sample_weights=vals.view(B, -1), mode="sum")
+        z = out[:, : p["dim"]] + p["layer_vec"]  # [B, dim]
         if net.hid is not None:
             z = z + net.hid(state.hidden.float())
-        z = net.trunk(z)  # [B, dim]
-        # direct terms: current layer's experts, and the previous token's experts at each target
-        d_ids = torch.cat([xc[:, -1], (pc[:, p["tgt"]] + p["slot_off"]).view(B, -1)], 1)
-        d_vals = torch.cat([xv[:, -1], (pv[:, p["tgt"]] * p["tgt_ok"]).view(B, -1)], 1)
-        out = torch.addmm(p["bias"], z, p["head"]) + F.embedding_bag(d_ids, p["direct"], per_sample_weights=d_vals, mode="sum")
+        out = torch.addmm(out[:, p["dim"] :], net.trunk(z), p["head"]).add_(p["bias"])  # [B, D*E]
         return out.view(B, self.slots, self.num_experts)
 
     def arrays(self):

@@ -10,6 +10,7 @@ from predictors.base import FORMAT_VERSION, Predictor
 from predictors.baselines import PopularityPredictor, PrevTokenPredictor, TransitionPredictor
 from predictors.ensemble import EnsemblePredictor
 from predictors.mlp import MLPPredictor
+from predictors.online import OnlineMLPPredictor
 from predictors.router import HiddenLinearPredictor, RouterPredictor
 from predictors.sklearn_models import LogRegPredictor, SGDPredictor
 
@@ -17,7 +18,7 @@ REGISTRY: dict[str, type[Predictor]] = {
     cls.name: cls
     for cls in (
         PopularityPredictor, TransitionPredictor, PrevTokenPredictor, RouterPredictor, HiddenLinearPredictor,
-        LogRegPredictor, SGDPredictor, MLPPredictor, EnsemblePredictor,
+        LogRegPredictor, SGDPredictor, MLPPredictor, OnlineMLPPredictor, EnsemblePredictor,
     )
 }
 

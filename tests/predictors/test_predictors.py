@@ -11,7 +11,7 @@ from predictors.router import HiddenLinearPredictor, RouterPredictor
 from tests.predictors.synth import copy_trace, layer_map_trace, router_trace
 
 L, E, K = 5, 16, 2
-FAST = {"mlp": dict(epochs=10, dim=32, batch=32, lr=2e-2, trunk_dropout=0.9), "sgd": dict(epochs=3), "router": dict(steps=100), "hidden_linear": dict(steps=100)}
+FAST = {"mlp": dict(epochs=10, dim=32, batch=32, lr=2e-2, trunk_dropout=0.9), "mlp_online": dict(epochs=10, dim=32, batch=32, lr=2e-2, trunk_dropout=0.9), "sgd": dict(epochs=3), "router": dict(steps=100), "hidden_linear": dict(steps=100)}
 ENSEMBLE = dict(members=["transition", "prev_token"])
 
 
@@ -74,7 +74,7 @@ def test_save_load_round_trip(name, lookahead, tmp_path):
         trace, _ = router_trace(tokens=200, L=L, seed=2)
     else:
         trace = layer_map_trace(tokens=200, seed=2)
-    pred = _make(name, lookahead, **({"epochs": 1} if name == "mlp" else {})).fit([trace])
+    pred = _make(name, lookahead, **({"epochs": 1} if name in ("mlp", "mlp_online") else {})).fit([trace])
     path = tmp_path / f"{name}.safetensors"
     pred.save(path)
     loaded = load_predictor(path)
@@ -123,3 +123,16 @@ def test_bad_input_names_the_field(tmp_path):
     save_file({"a": torch.zeros(1)}, str(bad))
     with pytest.raises(ValueError, match="no 'predictor' JSON"):
         load_predictor(bad)
+
+
+def test_fused_predict_matches_training_forward_with_hidden():
+    trace, _ = router_trace(tokens=120, L=L, seed=4)
+    pred = _make("mlp", 3, epochs=1).fit([trace])
+    from predictors.base import trace_tensors
+
+    full = pred._forward_all(pred.net, *trace_tensors(trace), torch.from_numpy(trace.hidden).float())
+    for layer in (0, 1, L - 1):
+        online = pred.predict(RoutingState.from_trace(trace, layer), layer)
+        for j, t in enumerate(pred.target_layers(layer)):
+            if t < L:
+                assert torch.allclose(online[:, j], full[j][:, layer], atol=1e-4)

@@ -1,0 +1,96 @@
+"""Online adaptation: `mlp_online` learns a new domain from observed routing, and the prequential
+evaluation never lets a predictor see a label before it has predicted it."""
+import numpy as np
+import pytest
+import torch
+
+from predictors import load_predictor
+from predictors.base import RoutingState
+from predictors.baselines import PopularityPredictor
+from predictors.evaluate import evaluate
+from predictors.online import lookahead_targets
+from predictors.registry import make_predictor
+from tests.predictors.synth import layer_map_trace
+
+L, E, K = 5, 16, 2
+FAST = dict(epochs=10, dim=32, batch=32, lr=2e-2, trunk_dropout=0.9, online_steps=2, online_batch=64, online_lr=1e-2)
+
+
+def _other_domain(tokens, seed):
+    """Same shape, a different layer-to-layer map: what the offline fit learned is wrong here."""
+    perms = np.stack([np.random.default_rng(500 + l).permutation(E) for l in range(L)])
+    return layer_map_trace(tokens=tokens, seed=seed, perms=perms)
+
+
+def test_online_mlp_learns_a_new_domain():
+    train, test = layer_map_trace(tokens=400, seed=0), _other_domain(1200, seed=1)
+    offline = make_predictor("mlp", L, E, K, 1, **FAST).fit([train])
+    online = make_predictor("mlp_online", L, E, K, 1, **FAST).fit([train])
+    before = evaluate(offline, [test], budget=4)["lookahead_1"]["recall_at_k"]
+    after = evaluate(online, [test], budget=4, chunk=32)["lookahead_1"]["recall_at_k"]
+    assert online.observed == test.num_tokens
+    assert before < 0.5 and after > before + 0.25, (before, after)
+    # the adapted weights are what a later replay of the same domain starts from
+    late = evaluate(online, [_other_domain(200, seed=2)], budget=4)["lookahead_1"]["recall_at_k"]
+    assert late > 0.9
+
+
+class Spy(PopularityPredictor):
+    """Popularity that adapts: records, at each predict, how many rows it had observed."""
+
+    name = "popularity"
+    adapts = True
+
+    def fit(self, traces):
+        super().fit(traces)
+        self.seen, self.log = 0, []
+        return self
+
+    def predict(self, state, layer):
+        self.log.append((self.seen, state.batch_size, layer))
+        return super().predict(state, layer)
+
+    def observe(self, experts, weights, prev_experts, prev_weights=None, hidden=None):
+        assert experts.shape[1] == L and (experts >= 0).all()  # finished tokens: every layer known
+        self.seen += experts.shape[0]
+
+
+def test_prequential_predicts_a_chunk_before_observing_it():
+    test = layer_map_trace(tokens=150, seed=3)
+    spy = Spy(L, E, K, 1).fit([test])
+    res = evaluate(spy, [test], budget=4, chunk=40)
+    assert spy.seen == 150 and "observe_s" in res
+    starts = [0, 40, 80, 120]
+    assert [(s, min(40, 150 - s), l) for s in starts for l in range(L)] == spy.log
+    # and for a predictor that does not adapt, chunked replay changes nothing
+    plain = PopularityPredictor(L, E, K, 1).fit([test])
+    a = evaluate(plain, [test], budget=4)["lookahead_1"]
+    b = evaluate(spy.fit([test]), [test], budget=4, chunk=7)["lookahead_1"]
+    assert a == b
+
+
+def test_online_next_token_and_round_trip(tmp_path):
+    train, test = layer_map_trace(tokens=300, seed=0), _other_domain(300, seed=1)
+    pred = make_predictor("mlp_online", L, E, K, 0, **FAST).fit([train])
+    pred.observe(*_finished(test))
+    assert pred.observed == int((torch.from_numpy(test.prev_index()) >= 0).sum())  # one example per token with a predecessor
+    path = tmp_path / "o.safetensors"
+    pred.save(path)
+    loaded = load_predictor(path)
+    st = RoutingState.from_trace(test, 2)
+    assert type(loaded) is type(pred) and torch.equal(pred.predict(st, 2), loaded.predict(st, 2))
+    with pytest.raises(ValueError, match="observe"):
+        pred.observe(torch.zeros(3, L + 1, K, dtype=torch.long), torch.zeros(3, L + 1, K), torch.zeros(3, L + 1, K, dtype=torch.long))
+
+
+def _finished(trace):
+    from predictors.base import trace_tensors
+
+    return trace_tensors(trace)
+
+
+def test_lookahead_targets():
+    ex = torch.arange(2 * L * K).view(2, L, K)
+    t = lookahead_targets(ex, 2)
+    assert torch.equal(t[:, 0, 0], ex[:, 1]) and torch.equal(t[:, 0, 1], ex[:, 2])
+    assert (t[:, L - 1] == -1).all() and (t[:, L - 2, 1] == -1).all() and torch.equal(t[:, L - 2, 0], ex[:, L - 1])
