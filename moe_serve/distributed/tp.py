@@ -99,6 +99,7 @@ def shard_gqa(a: GQAttention, tp: int, r: int, reduce) -> None:
         a.k_norm = ShardedRMSNorm(a.k_norm, _head_rows(a.nkv, a.hd, kv), full_k, reduce)
     a.o_proj = RowParallelLinear(a.o_proj, _head_rows(a.nh, a.hd, heads), keep_bias=r == 0, reduce=reduce)
     a.nh, a.nkv = heads.stop - heads.start, kv.stop - kv.start
+    a.fuse_projections()
 
 
 def shard_mla(a: MLAttention, tp: int, r: int, reduce) -> None:

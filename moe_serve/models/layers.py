@@ -92,6 +92,17 @@ class GQAttention(nn.Module):
             self._fused_src = src
         return self._fused
 
+    def fuse_projections(self) -> None:
+        """Keep q, k, v weights (and biases) as row views of the fused tensor: one copy in memory."""
+        weight, bias, _ = self.fused_weights()
+        nq, nk = self.nh * self.hd, self.nkv * self.hd
+        for proj, rows in ((self.q_proj, slice(0, nq)), (self.k_proj, slice(nq, nq + nk)),
+                           (self.v_proj, slice(nq + nk, nq + 2 * nk))):
+            proj.weight = nn.Parameter(weight[rows], requires_grad=False)
+            if bias is not None:
+                proj.bias = nn.Parameter(bias[rows], requires_grad=False)
+        self._fused_src = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.nh, self.nkv)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: StepMeta,
                 cache: tuple[torch.Tensor, ...]) -> torch.Tensor:  # x [N, H]
         n, nh, nkv, hd = x.shape[0], self.nh, self.nkv, self.hd

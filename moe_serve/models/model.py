@@ -82,8 +82,11 @@ class MoEModel(nn.Module):
         return self.embed_tokens.weight.device
 
     def finish_loading(self) -> "MoEModel":
-        """Build what is derived, not loaded (rope tables) once weights sit on their device."""
+        """Build what is derived, not loaded (rope tables, fused q|k|v weights) once weights sit on their device."""
         self.rotary = Rotary(self.spec.rope, self.device)
+        for layer in self.layers:
+            if isinstance(layer.self_attn, GQAttention):
+                layer.self_attn.fuse_projections()
         return self
 
     def kv_bytes_per_token(self) -> int:
