@@ -14,7 +14,10 @@ calls `begin_layer` (the experts this step needs), `get`/`compute_expert` per ex
 - Misses: copied in on demand, or (cold experts on the CPU, Fiddler-style) computed where the
   weights lie when the start-up cost model (`cost.py`) says that is cheaper.
 - Prefetch: after each router, the policy may name experts of later layers (and of the next token)
-  from the predictor; they are copied in behind the demand copies.
+  from the predictor; they are copied in behind the demand copies, by the clock they are needed at
+  (on CPU; on CUDA in FIFO order on the side stream), at most `max_queued` waiting. A queued
+  prefetch whose expert is evicted is cancelled; one needed before its copy started is a miss and
+  becomes a demand copy (the same rules as `replay.py`'s demand-first copy order).
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from moe_serve.experts.store import ExpertStore, expert_forward
 
 class OffloadExpertStore(ExpertStore):
     def __init__(self, source, dtype: torch.dtype, device, capacity: int, policy, *, top_k: int,
-                 per_layer: bool = False, host: str = "copy", cpu_experts: str = "auto"):
+                 per_layer: bool = False, host: str = "copy", cpu_experts: str = "auto", max_queued: int = 12):
         if host not in ("copy", "mmap"):
             raise ValueError(f"expert_cache.host_memory must be copy or mmap, got {host!r}")
         if cpu_experts not in ("auto", "on", "off"):
@@ -64,19 +67,20 @@ class OffloadExpertStore(ExpertStore):
         self.cpu_mode = cpu_experts
         if cpu_experts != "off":
             self.costs = measure_costs(*self.host_expert(0, 0), self.slot_gu[0], self.slot_dn[0])
-        self.clock = 0
+        self.clock, self.layer, self.max_queued = 0, 0, max_queued
         self._on_host: set[int] = set()  # experts of the current layer computed in place
         self._used_slots: list[int] = []
         self.reset_metrics()
         if hasattr(policy, "warm_set"):  # a static hot set is loaded up front
             for g in policy.warm_set().tolist():
-                self._copy_in(int(g), prefetch=False)
+                self._copy_in(int(g))
             self.reset_metrics()
 
     # -- metrics -------------------------------------------------------------------------------
     def reset_metrics(self) -> None:
         self.stats = dict(hits=0, misses=0, cpu_computed=0, prefetch_issued=0, prefetch_used=0,
-                          prefetch_wasted=0, copies=0, bytes_moved=0, stall_s=0.0)
+                          prefetch_wasted=0, prefetch_cancelled=0, prefetch_late=0, copies=0, bytes_moved=0,
+                          stall_s=0.0)
 
     def metrics(self) -> dict:
         s = dict(self.stats)
@@ -94,16 +98,23 @@ class OffloadExpertStore(ExpertStore):
             return self.host_gu[l][e], self.host_dn[l][e]
         return self.source.get(l, e)
 
-    def _copy_in(self, g: int, prefetch: bool) -> bool:
-        placed = self.cache.insert(g, prefetch=prefetch)
+    def _copy_in(self, g: int, need: int | None = None) -> bool:
+        """Give `g` a slot and queue its copy: on demand (`need` None) or as a prefetch needed at
+        clock `need` (refused, False, when the policy does not admit it over its victim)."""
+        placed = self.cache.insert(g, prefetch=need is not None)
         if placed is None:
             return False
         slot, evicted = placed
         if evicted >= 0 and self.prefetched[evicted]:
-            self.stats["prefetch_wasted"] += 1
             self.prefetched[evicted] = False
+            if self.copier.cancel(int(self.ticket[slot]), slot):  # never started: no bytes moved
+                self.stats["prefetch_cancelled"] += 1
+                self.stats["copies"] -= 1
+                self.stats["bytes_moved"] -= self.expert_bytes
+            else:
+                self.stats["prefetch_wasted"] += 1
         gu, dn = self.host_expert(g // self.num_experts, g % self.num_experts)
-        self.ticket[slot] = self.copier.submit([(self.slot_gu[slot], gu), (self.slot_dn[slot], dn)], slot)
+        self.ticket[slot] = self.copier.submit([(self.slot_gu[slot], gu), (self.slot_dn[slot], dn)], slot, need)
         self.stats["copies"] += 1
         self.stats["bytes_moved"] += self.expert_bytes
         return True
@@ -120,9 +131,16 @@ class OffloadExpertStore(ExpertStore):
         gids = moe_layer * E + ids
         self.cache.begin_step(gids)
         self.policy.on_access(moe_layer, ids, self.clock)
+        self.layer = moe_layer
         self._on_host.clear()
         for i, g in enumerate(gids.tolist()):
             if self.cache.resident(g):
+                slot = int(self.cache.slot_of[g])
+                if self.prefetched[g] and self.copier.promote(int(self.ticket[slot]), slot):
+                    self.prefetched[g] = False  # its prefetch had not started: a miss, now a demand copy
+                    self.stats["misses"] += 1
+                    self.stats["prefetch_late"] += 1
+                    continue
                 self.stats["hits"] += 1
                 if self.prefetched[g]:
                     self.stats["prefetch_used"] += 1
@@ -133,7 +151,7 @@ class OffloadExpertStore(ExpertStore):
                 self._on_host.add(g)
                 continue
             try:
-                self._copy_in(g, prefetch=False)
+                self._copy_in(g)
             except CacheFull:  # more experts in this step than slots: the rest run from the host
                 self._on_host.add(g)
         self._used_slots = [int(self.cache.slot_of[g]) for g in gids.tolist() if g not in self._on_host]
@@ -142,7 +160,10 @@ class OffloadExpertStore(ExpertStore):
             self._prefetch_one(g)
 
     def _prefetch_one(self, g: int) -> None:
-        if not self.cache.resident(g) and self._copy_in(g, prefetch=True):
+        if self.cache.resident(g) or self.copier.queued_prefetches() >= self.max_queued:
+            return
+        need = self.clock + (g // self.num_experts - self.layer - 1) % self.num_moe_layers + 1
+        if self._copy_in(g, need):
             self.prefetched[g] = True
             self.stats["prefetch_issued"] += 1
 

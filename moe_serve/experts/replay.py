@@ -7,10 +7,10 @@ across layers, kept across sequences as a server would). A cost model turns resi
   full bandwidth is right for host-to-device over PCIe (more engines share the same link). The order:
   `copy_order="fifo"` (default; what the store does today: every copy goes on one CUDA stream in
   submission order, so a demand fetch waits behind the prefetches already queued) or
-  `"demand-first"` (prefetches wait in a host-side queue and one is started only when the engine
-  is free, so a demand fetch waits at most for the one copy in flight; a queued prefetch whose expert
-  is evicted is cancelled, one whose expert is needed before its copy started counts as a miss and
-  becomes a demand fetch);
+  `"demand-first"` (prefetches wait in a host-side queue ordered by when they will be needed, and
+  one is started only when the engine is free, so a demand fetch waits at most for the one copy in
+  flight; a queued prefetch whose expert is evicted is cancelled, one whose expert is needed before
+  its copy started counts as a miss and becomes a demand fetch: what `ThreadCopier` does);
 - every MoE layer takes `layer_ms` of compute once all its experts are ready; the wait before it
   is stall.
 
@@ -19,6 +19,7 @@ issued); *ready in time* means resident with its copy complete when the layer ne
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,10 +77,12 @@ def replay(experts: np.ndarray, num_experts: int, policy: CachePolicy, capacity:
     ready_at = np.zeros(L * num_experts)  # ms at which each expert's latest copy completes
     prefetched = np.zeros(L * num_experts, dtype=bool)  # prefetched, not yet used
     demand_first = cost.copy_order == "demand-first"
-    pending: list[int] = []  # demand-first: prefetches issued whose copy has not started, in order
+    pending: list[tuple[int, int, int]] = []  # demand-first: heap of (need clock, seq, gid) not started
     is_pending = np.zeros(L * num_experts, dtype=bool)
+    pend_seq = np.zeros(L * num_experts, dtype=np.int64)  # heap entries with another seq are stale
     issued_at = np.zeros(L * num_experts)
     now = copy_free = stall = 0.0
+    seq = 0
     hits = in_time = copies = pf_issued = pf_used = pf_wasted = pf_cancelled = 0
 
     def evicted_one(ev: int) -> None:
@@ -88,7 +91,6 @@ def replay(experts: np.ndarray, num_experts: int, policy: CachePolicy, capacity:
             return
         prefetched[ev] = False
         if is_pending[ev]:  # never started: cancelled, no bytes moved
-            pending.remove(ev)
             is_pending[ev] = False
             pf_cancelled += 1
             copies -= 1
@@ -101,14 +103,15 @@ def replay(experts: np.ndarray, num_experts: int, policy: CachePolicy, capacity:
         cache.begin_step(gids)
         policy.on_access(layer, experts[clock // L, layer], clock)
         while pending and copy_free < now:  # queued prefetches the engine started before this step
-            g = pending.pop(0)
+            _, sq, g = heapq.heappop(pending)
+            if not is_pending[g] or pend_seq[g] != sq:
+                continue
             is_pending[g] = False
             copy_free = max(copy_free, issued_at[g]) + copy_ms
             ready_at[g] = copy_free
         need = now
         for g in gids.tolist():
             if is_pending[g]:  # its prefetch never started: a miss, fetched now on demand
-                pending.remove(g)
                 is_pending[g] = False
                 prefetched[g] = False
                 copy_free = max(copy_free, now) + copy_ms
@@ -127,18 +130,22 @@ def replay(experts: np.ndarray, num_experts: int, policy: CachePolicy, capacity:
             ready_at[g] = copy_free
             copies += 1
         hints = policy.on_route(layer, state_fn(clock // L, layer) if state_fn else None, clock)
+        n_pending = int(is_pending.sum()) if demand_first and hints.size else 0
         for g in hints.tolist():
             if cache.resident(g):
                 continue
-            if len(pending) >= cost.max_queued if demand_first else copy_free - now >= cost.max_queued * copy_ms:
+            if n_pending >= cost.max_queued if demand_first else copy_free - now >= cost.max_queued * copy_ms:
                 break
             placed = cache.insert(g, prefetch=True)
             if placed is None:
                 continue
             evicted_one(placed[1])
             if demand_first:
-                pending.append(g)
+                seq += 1
+                heapq.heappush(pending, (clock + (g // num_experts - layer - 1) % L + 1, seq, g))
                 is_pending[g] = True
+                pend_seq[g] = seq
+                n_pending += 1
                 issued_at[g] = now
                 ready_at[g] = np.inf
             else:

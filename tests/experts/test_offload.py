@@ -112,6 +112,8 @@ def test_in_use_expert_never_evicted_and_prefetch_counts():
         assert torch.equal(gu, src.w[0, e][0]) and torch.equal(dn, src.w[0, e][1])
     store.end_layer(0)
     store.prefetch(1, [3])  # now allowed: the victim is not in use
+    slot = int(store.cache.slot_of[1 * 4 + 3])
+    store.copier.wait(int(store.ticket[slot]), slot)  # landed before it is needed: a used prefetch
     store.begin_layer(1, [3])
     assert torch.equal(store.get(1, 3)[0], src.w[1, 3][0])
     m = store.metrics()
@@ -133,13 +135,49 @@ def test_bad_budget_names_the_field():
 def test_thread_copier_copies_in_order_and_reports_errors():
     from moe_serve.experts.copier import ThreadCopier
 
-    c = ThreadCopier()
+    c = ThreadCopier(4)
     dst = torch.zeros(4, 1000)
     tickets = [c.submit([(dst[i % 4], torch.full((1000,), float(i)))], i % 4) for i in range(12)]
-    c.wait(tickets[-1], 3)
-    assert all(c.ready(t, 0) for t in tickets)
+    for i in range(8, 12):
+        c.wait(tickets[i], i % 4)
+    assert all(c.ready(t, i % 4) for i, t in enumerate(tickets))
     assert dst[:, 0].tolist() == [8.0, 9.0, 10.0, 11.0]  # the last copy into each slot wins
     bad = c.submit([(torch.zeros(3), torch.zeros(4))], 0)  # shape mismatch: fails in the worker
     with pytest.raises(RuntimeError, match="expert copy failed"):
         c.wait(bad, 0)
+    c.close()
+
+
+def test_thread_copier_runs_demand_first_then_by_need():
+    """Queued while the worker is held: the demand copy runs first, then the promoted prefetch, then
+    the rest by need clock; a cancelled copy and a superseded one (same slot) never run."""
+    from moe_serve.experts.copier import ThreadCopier
+
+    order = []
+
+    class Dst:  # a destination that records when its copy ran
+        def __init__(self, name):
+            self.name = name
+
+        def copy_(self, src):
+            order.append(self.name)
+
+    c = ThreadCopier(6)
+    with c._cv:  # the worker cannot pop until everything is queued
+        t9 = c.submit([(Dst("p9"), None)], 0, need=9)
+        c.submit([(Dst("p3"), None)], 1, need=3)
+        late = c.submit([(Dst("p5"), None)], 2, need=5)
+        cut = c.submit([(Dst("p4"), None)], 3, need=4)
+        c.submit([(Dst("demand"), None)], 4)
+        assert c.cancel(cut, 3) and not c.cancel(cut, 3)  # its expert was evicted before the copy started
+        assert c.promote(late, 2)  # needed before its copy started
+        c.submit([(Dst("p7-old"), None)], 5, need=7)
+        t8 = c.submit([(Dst("p8-new"), None)], 5, need=8)  # a new copy into slot 5 supersedes the queued one
+        assert c.queued_prefetches() == 3
+    c.wait(t9, 0)
+    c.wait(t8, 5)
+    assert order == ["demand", "p5", "p3", "p8-new", "p9"]
+    assert not c.promote(late, 2) and c.ready(late, 2)
+    with pytest.raises(RuntimeError, match="cancelled"):
+        c.wait(cut, 3)
     c.close()
