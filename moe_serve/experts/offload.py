@@ -12,7 +12,9 @@ calls `begin_layer` (the experts this step needs), `get`/`compute_expert` per ex
 - Copies go through a copier (`copier.py`): a side CUDA stream with events, or a worker thread doing
   real buffer copies on CPU, so prefetches overlap compute. `get` waits only for that expert's copy.
 - Misses: copied in on demand, or (cold experts on the CPU, Fiddler-style) computed where the
-  weights lie when the start-up cost model (`cost.py`) says that is cheaper.
+  weights lie when the start-up cost model (`cost.py`) says that is cheaper. When the compute device
+  is the CPU itself and cpu_experts is not off, every miss runs in place and nothing is copied or
+  prefetched: there a copy is pure overhead (measured: benches/results/expert_cache_e2e.txt).
 - Prefetch: after each router, the policy may name experts of later layers (and of the next token)
   from the predictor; they are copied in behind the demand copies, by the clock they are needed at
   (on CPU; on CUDA in FIFO order on the side stream), at most `max_queued` waiting. A queued
@@ -61,10 +63,14 @@ class OffloadExpertStore(ExpertStore):
         self.copier = make_copier(self.device, capacity)
         self.ticket = np.zeros(capacity, dtype=np.int64)  # copy each slot waits on
         self.prefetched = np.zeros(L * E, dtype=bool)  # prefetched, not used yet
-        # the predictor reads each token's routing so far: only kept when there is a predictor
-        self.routing_hook = RoutingHook(L, top_k) if getattr(policy, "predictor", None) is not None else None
         self.costs: ExpertCosts | None = None
         self.cpu_mode = cpu_experts
+        # the compute device is the host: a copy can never beat computing where the weights lie (same
+        # memory, same cores, plus the copy), so every miss runs in place and nothing is prefetched
+        self.in_place_only = self.device.type == "cpu" and cpu_experts != "off"
+        # the predictor reads each token's routing so far: only kept when there is a predictor to prefetch
+        wants = getattr(policy, "predictor", None) is not None and not self.in_place_only
+        self.routing_hook = RoutingHook(L, top_k) if wants else None
         if cpu_experts != "off":
             self.costs = measure_costs(*self.host_expert(0, 0), self.slot_gu[0], self.slot_dn[0])
         self.clock, self.layer, self.max_queued = 0, 0, max_queued
@@ -120,7 +126,7 @@ class OffloadExpertStore(ExpertStore):
         return True
 
     def _computes_in_place(self, rows: int) -> bool:
-        if self.cpu_mode == "on":
+        if self.cpu_mode == "on" or self.in_place_only:
             return True
         return self.cpu_mode == "auto" and self.costs is not None and self.costs.compute_on_cpu(rows)
 
@@ -130,7 +136,8 @@ class OffloadExpertStore(ExpertStore):
         ids = np.asarray(expert_ids, dtype=np.int64)
         gids = moe_layer * E + ids
         self.cache.begin_step(gids)
-        self.policy.on_access(moe_layer, ids, self.clock)
+        if not self.in_place_only:  # nothing is ever copied in: the policy has nothing to decide
+            self.policy.on_access(moe_layer, ids, self.clock)
         self.layer = moe_layer
         self._on_host.clear()
         for i, g in enumerate(gids.tolist()):
@@ -155,12 +162,14 @@ class OffloadExpertStore(ExpertStore):
             except CacheFull:  # more experts in this step than slots: the rest run from the host
                 self._on_host.add(g)
         self._used_slots = [int(self.cache.slot_of[g]) for g in gids.tolist() if g not in self._on_host]
+        if self.in_place_only:
+            return
         state = self.routing_hook.state(moe_layer) if self.routing_hook is not None else None
         for g in self.policy.on_route(moe_layer, state, self.clock).tolist():
             self._prefetch_one(g)
 
     def _prefetch_one(self, g: int) -> None:
-        if self.cache.resident(g) or self.copier.queued_prefetches() >= self.max_queued:
+        if self.in_place_only or self.cache.resident(g) or self.copier.queued_prefetches() >= self.max_queued:
             return
         need = self.clock + (g // self.num_experts - self.layer - 1) % self.num_moe_layers + 1
         if self._copy_in(g, need):

@@ -78,6 +78,10 @@ class PredictedPolicy(CachePolicy):
     """`predictor`: object with `top_k` and `predict(state, layer) -> scores [B, lookahead, E]` (any
     scale, see `as_probabilities`), or None. `prior`: (trials, uses) from `gap_counts`
     on a profiling trace, weighted by `prior_weight`. `horizon`: H in tokens.
+    Defaults measured on the DeepSeek-V2-Lite traces (replay, 25%, demand-first, the other domain's
+    predictor; benches/results/expert_cache_sim.txt): H = 4 beats 8 (summary hit/Belady .715 -> .755,
+    intent .757 -> .801), and the other domain's hazard prior costs more than it helps (weight 0:
+    .768 / .819), so it is off unless asked for: hazards are learned online from the first token.
     `prefetch_threshold`: least predicted probability of use for a prefetch hint (admitted only if it
     outranks its victim). `prefetch_top`: the predictor's N likeliest experts of each predicted layer
     are fetched whatever they displace (more hits for more bytes); `combined_top`: so are the N
@@ -89,8 +93,8 @@ class PredictedPolicy(CachePolicy):
 
     name = "predicted"
 
-    def __init__(self, predictor=None, lookahead: int = 1, prior=None, prior_weight: float = 0.25,
-                 prefetch_threshold: float = 0.5, horizon: int = 8, shrink: float = 4.0, refresh_every: int = 16,
+    def __init__(self, predictor=None, lookahead: int = 1, prior=None, prior_weight: float = 0.0,
+                 prefetch_threshold: float = 0.5, horizon: int = 4, shrink: float = 4.0, refresh_every: int = 16,
                  prefetch_top: int = 0, combined_top: int = 0):
         if lookahead < 0:
             raise ValueError(f"predicted policy: lookahead must be >= 0, got {lookahead}")
