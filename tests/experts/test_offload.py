@@ -53,8 +53,9 @@ def test_every_family_matches_resident(family, tiny_checkpoint):
         if cfg.cpu_experts == "off":
             # a miss is copied in, or run from the host when a prefill step needs more experts than slots
             assert m["copies"] - m["prefetch_issued"] + m["cpu_computed"] == m["misses"] and m["copies"] > 0
-        else:
-            assert m["cpu_computed"] == m["misses"]
+        else:  # the compute device is the CPU: misses run where they lie, nothing is copied
+            assert m["cpu_computed"] == m["misses"] and m["copies"] == 0 and m["prefetch_issued"] == 0
+            assert store.in_place_only and store.routing_hook is None
         store.close()
 
 
@@ -181,3 +182,42 @@ def test_thread_copier_runs_demand_first_then_by_need():
     with pytest.raises(RuntimeError, match="cancelled"):
         c.wait(cut, 3)
     c.close()
+
+
+def test_prefetch_not_started_when_needed_is_a_late_miss():
+    """The copy thread is held, so the prefetch of (1, 3) is still queued when layer 1 needs it: it
+    counts as a miss (as in the replay's demand-first order), is promoted to a demand copy, and
+    `get` returns the right weights once it lands."""
+    src = _Source()
+    store = OffloadExpertStore(src, torch.float32, "cpu", capacity=3, policy=LRUPolicy(), top_k=2, cpu_experts="off")
+    store.begin_layer(0, [0])
+    store.get(0, 0)
+    store.end_layer(0)
+    with store.copier._cv:  # the worker cannot start a copy until we let go
+        store.prefetch(1, [3])
+        assert store.copier.queued_prefetches() == 1
+        store.begin_layer(1, [3])
+    assert torch.equal(store.get(1, 3)[1], src.w[1, 3][1])
+    store.end_layer(1)
+    m = store.metrics()
+    assert m["misses"] == 2 and m["hits"] == 0 and m["prefetch_late"] == 1 and m["prefetch_used"] == 0
+    assert m["copies"] == 2  # the prefetch's copy became the demand copy: not copied twice
+    store.close()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_on_demand_baseline_matches_resident(family, tiny_checkpoint):
+    """The no-cache baseline copies every routed expert of every step, and computes the same bits."""
+    from moe_serve.experts.ondemand import OnDemandExpertStore
+
+    path = tiny_checkpoint(family)
+    (ref_toks, ref_logits), resident = run(path)
+    model = load_model(path)
+    model.store = store = OnDemandExpertStore(resident.gate_up, resident.down, "cpu")
+    model.allocate_kv_cache(2, 64)
+    with torch.no_grad():
+        toks, logits = greedy(model, PROMPT, 6)
+    assert toks == ref_toks
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    m = store.metrics()
+    assert m["copies"] > 0 and m["bytes_moved"] == m["copies"] * store.expert_bytes and m["hit_rate"] == 0.0
