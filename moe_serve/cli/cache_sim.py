@@ -31,6 +31,9 @@ def register(subparsers) -> None:
                    help=f"bytes of one expert (default: {DSV2_LITE_EXPERT_BYTES}, DeepSeek-V2-Lite bf16)")
     p.add_argument("--bandwidth-gbps", type=float, default=25.0, help="host-to-device GB/s (default: 25)")
     p.add_argument("--layer-ms", type=float, default=0.25, help="compute ms per MoE layer (default: 0.25)")
+    p.add_argument("--copy-order", choices=("fifo", "demand-first"), default="fifo",
+                   help="copy engine order: fifo (the CUDA side stream) or demand-first (demand copies, then "
+                        "prefetches by need time: the CPU copy thread); default: fifo")
     p.add_argument("--json", default=None, help="write the results here")
     p.set_defaults(func=main)
 
@@ -39,7 +42,8 @@ def main(args) -> int:
     from predictors.traces import load_trace
 
     policies = list(POLICY_NAMES) if args.policy == ["all"] else args.policy
-    cost = CostModel(expert_bytes=args.expert_bytes, bandwidth_gbps=args.bandwidth_gbps, layer_ms=args.layer_ms)
+    cost = CostModel(expert_bytes=args.expert_bytes, bandwidth_gbps=args.bandwidth_gbps, layer_ms=args.layer_ms,
+                     copy_order=args.copy_order)
     for c in args.capacity:
         if not 0.0 < c <= 1.0:
             raise ValueError(f"--capacity must be a fraction in (0, 1], got {c}")
@@ -61,7 +65,8 @@ def main(args) -> int:
     if args.json:
         config = dict(trace=args.trace, capacity=args.capacity, policies=policies, predictor=args.predictor,
                       fit_trace=args.fit_trace, lookahead=args.lookahead, expert_bytes=cost.expert_bytes,
-                      bandwidth_gbps=cost.bandwidth_gbps, layer_ms=cost.layer_ms, copy_ms=cost.copy_ms)
+                      bandwidth_gbps=cost.bandwidth_gbps, layer_ms=cost.layer_ms, copy_ms=cost.copy_ms,
+                      copy_order=cost.copy_order)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(dict(config=config, results=results), indent=1, default=float))
     return 0

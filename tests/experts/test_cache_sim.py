@@ -64,9 +64,10 @@ def test_cli_cache_sim_json(tmp_path, capsys):
                  num_experts=4).save(path)
     out = tmp_path / "sim.json"
     rc = cli_main(["cache-sim", "--trace", str(path), "--capacity", "0.75", "--policy", "all",
-                   "--expert-bytes", "1000", "--json", str(out)])
+                   "--expert-bytes", "1000", "--copy-order", "demand-first", "--json", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
+    assert data["config"]["copy_order"] == "demand-first"
     row = data["results"]["cycle"]["0.75"]
     assert set(row) == {"lru", "lfu", "static", "predicted", "predicted-prefetch", "belady"}
     for m in row.values():
