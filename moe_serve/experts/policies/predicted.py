@@ -78,10 +78,11 @@ class PredictedPolicy(CachePolicy):
     """`predictor`: object with `top_k` and `predict(state, layer) -> scores [B, lookahead, E]` (any
     scale, see `as_probabilities`), or None. `prior`: (trials, uses) from `gap_counts`
     on a profiling trace, weighted by `prior_weight`. `horizon`: H in tokens.
-    Defaults measured on the DeepSeek-V2-Lite traces (replay, 25%, demand-first, the other domain's
-    predictor; benches/results/expert_cache_sim.txt): H = 4 beats 8 (summary hit/Belady .715 -> .755,
-    intent .757 -> .801), and the other domain's hazard prior costs more than it helps (weight 0:
-    .768 / .819), so it is off unless asked for: hazards are learned online from the first token.
+    Defaults measured on the DeepSeek-V2-Lite traces (replay of the first 2255 summary / 1520 intent
+    rows at 25%, demand-first, the other domain's predictor, no forced prefetch): H = 4 beats 8
+    (hit/Belady summary .715 -> .755 with prior weight .05, intent .757 -> .801), and the other
+    domain's hazard prior costs more than it helps (weight 0: .768 / .819), so it is off unless asked
+    for: the hazards are learned online from the first token.
     `prefetch_threshold`: least predicted probability of use for a prefetch hint (admitted only if it
     outranks its victim). `prefetch_top`: the predictor's N likeliest experts of each predicted layer
     are fetched whatever they displace (more hits for more bytes); `combined_top`: so are the N
