@@ -6,6 +6,10 @@ chunks of ../shared/corpus (Wikipedia and the Python docs). Without it, a tiny r
 written with transformers, prompted with token ids from the two halves of its vocabulary (said so in
 the output). Predictors are fitted on one domain and measured on the other, both directions. The
 router predictor `router_ckpt` takes the checkpoint's own router weights; `router` estimates them.
+`mlp_ckpt` / `mlp_online_ckpt`: the history MLP with a direct hidden-state map started from those
+routers; `mlp_online*` keep learning from the test stream prequentially (a chunk of 64 tokens is
+predicted before the predictor observes it; see predictors/online.py). `mlp_online_ckpt` takes two
+AdamW steps of 256 rows per chunk (the default is one of 128): updates of this 4-layer model are cheap.
 
     python benches/predictor_hidden.py [--prompts 24] [--max-tokens 48] [--lookahead 3]
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -29,8 +34,12 @@ from moe_serve.engine.llm import LLM  # noqa: E402
 from moe_serve.engine.sampling_params import SamplingParams  # noqa: E402
 from predictors.compare import compare, format_table  # noqa: E402
 from predictors.evaluate import evaluate, online_cost  # noqa: E402
+from predictors.registry import make_predictor  # noqa: E402
 from predictors.router import HiddenLinearPredictor, RouterPredictor, router_weights_from_checkpoint  # noqa: E402
 from predictors.traces import load_trace  # noqa: E402
+
+
+ONLINE_CKPT = {"online_steps": 2, "online_batch": 256}
 
 
 def tiny_olmoe(path: Path, layers: int, experts: int, top_k: int) -> Path:
@@ -90,23 +99,31 @@ def main() -> int:
     else:
         domains = {d: [rng.integers(lo, hi, args.prompt_len).tolist() for _ in range(args.prompts)]
                    for d, (lo, hi) in (("low_vocab", (3, vocab // 2)), ("high_vocab", (vocab // 2, vocab)))}
-    traces = {}
+    traces, trace_files = {}, {}
     for dom, prompts in domains.items():
         t0 = time.time()
         path = tmp / f"{dom}.npz"
-        traces[dom] = load_trace(path) if path.exists() else record(model, prompts, args.max_tokens, path)
+        reused = path.exists()
+        traces[dom] = load_trace(path) if reused else record(model, prompts, args.max_tokens, path)
+        trace_files[dom] = dict(path=str(path), reused=reused, recorded=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(path.stat().st_mtime)),
+                                model_saved=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime((model / "config.json").stat().st_mtime)))
         print(f"recorded {dom}: {traces[dom].num_tokens} tokens, hidden {traces[dom].hidden.shape} in {time.time() - t0:.1f}s", flush=True)
     (a, b), ref = list(traces), next(iter(traces.values()))
     routers = router_weights_from_checkpoint(model, ref.num_experts)
-    report = dict(model=source, started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), directions={})
+    report = dict(model=source, started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), directions={},
+                  load_average_start=os.getloadavg(), threads=args.threads, traces=trace_files)
     for src, dst in ((a, b), (b, a)):
         print(f"\n== fit on {src}, measure on {dst} ({source}) ==", flush=True)
-        names = ["popularity", "transition", "prev_token", "router", "hidden_linear", "mlp"]
-        res = compare([traces[src]], [traces[dst]], names, args.lookahead, params={"mlp": {"epochs": args.mlp_epochs}},
+        names = ["popularity", "transition", "prev_token", "router", "hidden_linear", "mlp", "mlp_online"]
+        mlp_params = {"epochs": args.mlp_epochs}
+        res = compare([traces[src]], [traces[dst]], names, args.lookahead, params={"mlp": mlp_params, "mlp_online": mlp_params},
                       log=lambda s: print(s, file=sys.stderr, flush=True))
         for name, make in (
             ("router_ckpt", lambda la: RouterPredictor.from_router_weights(routers, ref.top_k, la)),
             ("hidden_linear_ckpt", lambda la: HiddenLinearPredictor.from_router_weights(routers, ref.top_k, la)),
+            ("mlp_ckpt", lambda la: make_predictor("mlp", ref.num_layers, ref.num_experts, ref.top_k, la, **mlp_params).with_router_weights(routers)),
+            ("mlp_online_ckpt", lambda la: make_predictor(
+                "mlp_online", ref.num_layers, ref.num_experts, ref.top_k, la, **mlp_params, **ONLINE_CKPT).with_router_weights(routers)),
         ):
             entry = {}
             for la, tag in ((args.lookahead, ""), (0, "_next_token")):
@@ -115,11 +132,16 @@ def main() -> int:
                 entry["fit_s" + tag] = time.perf_counter() - t0
                 ev = evaluate(pred, [traces[dst]], res["budget"])
                 entry["predict_s" + tag] = ev.pop("predict_s")
+                if "observe_s" in ev:
+                    entry["observe_s" + tag] = ev.pop("observe_s")
+                    entry["prequential"] = True
+                    entry["params"] = ONLINE_CKPT
                 entry["predict_ms_b64" + tag] = online_cost(pred, traces[dst])
                 entry.update(ev)
             res["results"][name] = entry
         print(format_table(res), flush=True)
         report["directions"][f"{src}->{dst}"] = res
+    report["load_average_end"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")

@@ -21,8 +21,12 @@ METRICS = ("recall_at_k", "precision_at_budget", "recall_at_budget")
 def compare(
     train: list[RoutingTrace], test: list[RoutingTrace], names: list[str] | None = None, lookahead: int = 3,
     budget: int | None = None, next_token: bool = True, params: dict | None = None, log=print,
+    aliases: dict[str, str] | None = None,
 ) -> dict:
-    """{'results': {name: {slot: metrics, fit_s, predict_s, predict_ms_b64}}, 'skipped': {name: why}, ...}."""
+    """{'results': {name: {slot: metrics, fit_s, predict_s, predict_ms_b64}}, 'skipped': {name: why}, ...}.
+
+    aliases: extra row name -> registry name (e.g. {"mlp_online_d256": "mlp_online"} with its own params).
+    """
     ref = train[0]
     L, E, K = ref.num_layers, ref.num_experts, ref.top_k
     budget = 2 * K if budget is None else budget
@@ -32,16 +36,18 @@ def compare(
     has_hidden = all(t.hidden is not None for t in train + test)
     out = dict(top_k=K, budget=budget, lookahead=lookahead, num_layers=L, num_experts=E,
                torch_threads=torch.get_num_threads(), results={}, skipped={})
+    aliases = aliases or {}
     for name in names:
-        if name not in REGISTRY:
-            raise ValueError(f"predictor must be one of {sorted(REGISTRY)}, got {name!r}")
-        if REGISTRY[name].needs_hidden and not has_hidden:
+        kind = aliases.get(name, name)
+        if kind not in REGISTRY:
+            raise ValueError(f"predictor must be one of {sorted(REGISTRY)}, got {kind!r}")
+        if REGISTRY[kind].needs_hidden and not has_hidden:
             out["skipped"][name] = "needs hidden states; the traces have none"
             continue
         res: dict = {}
         for la in ([lookahead] if lookahead else []) + ([0] if next_token else []):
             t0 = time.perf_counter()
-            pred = make_predictor(name, L, E, K, la, **(params or {}).get(name, {})).fit(train)
+            pred = make_predictor(kind, L, E, K, la, **(params or {}).get(name, {})).fit(train)
             fit_s = time.perf_counter() - t0
             ev = evaluate(pred, test, budget)
             tag = "" if la else "_next_token"

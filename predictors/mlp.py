@@ -26,7 +26,7 @@ from predictors.traces import RoutingTrace
 
 
 class HistoryNet(nn.Module):
-    def __init__(self, L: int, E: int, D: int, dim: int, hidden_size: int):
+    def __init__(self, L: int, E: int, D: int, dim: int, hidden_size: int, hidden_direct: bool = False):
         super().__init__()
         self.cur = nn.Parameter(torch.randn(L * E, dim) * 0.05)  # current token, (layer, expert)
         self.prev = nn.Parameter(torch.randn(L * E, dim) * 0.05)  # previous token, (layer, expert)
@@ -38,6 +38,8 @@ class HistoryNet(nn.Module):
         self.bias = nn.Parameter(torch.zeros(D, L, E))  # [slot, target layer, E]
         self.trans = nn.Parameter(torch.zeros(D, L, E, E))  # [slot, source layer, from, to]
         self.copy = nn.Parameter(torch.zeros(D, L, E, E))  # [slot, target layer, prev token's, to]
+        # optional: a linear map from the hidden state straight to each slot's logits (a learned router)
+        self.hdirect = nn.Parameter(torch.zeros(D, L, E, hidden_size)) if hidden_size and hidden_direct else None
 
     def trunk(self, z: torch.Tensor) -> torch.Tensor:
         z = F.gelu(self.norm(z))
@@ -61,7 +63,26 @@ class MLPPredictor(Predictor):
 
     def _net(self, hidden_size: int) -> HistoryNet:
         torch.manual_seed(int(self.params.get("seed", 0)))
-        return HistoryNet(self.num_layers, self.num_experts, self.slots, int(self.params.get("dim", 256)), hidden_size)
+        net = HistoryNet(self.num_layers, self.num_experts, self.slots, int(self.params.get("dim", 256)), hidden_size,
+                         bool(self.params.get("hidden_direct", False)))
+        init = getattr(self, "router_init", None)  # [L, E, H]: the model's routers, see with_router_weights
+        if net.hdirect is not None and init is not None:
+            if tuple(init.shape) != (self.num_layers, self.num_experts, hidden_size):
+                raise ValueError(f"{self.name}: router weights {tuple(init.shape)} != (L, E, H)=({self.num_layers}, {self.num_experts}, {hidden_size})")
+            with torch.no_grad():  # slot j at source layer l starts as its target layer's own router
+                for l in range(self.num_layers):
+                    for j, t in enumerate(self.target_layers(l)):
+                        if t < self.num_layers:
+                            net.hdirect[j, l] = init[t]
+        return net
+
+    def with_router_weights(self, weights: dict[int, torch.Tensor]) -> "MLPPredictor":
+        """Start the direct hidden-state map (hidden_direct=True) from the model's routers (layer -> [E, H])."""
+        if sorted(weights) != list(range(self.num_layers)):
+            raise ValueError(f"{self.name}: router weights must cover MoE layers 0..{self.num_layers - 1}, got {sorted(weights)}")
+        self.params["hidden_direct"] = True
+        self.router_init = torch.stack([weights[l].detach().float().cpu() for l in range(self.num_layers)])
+        return self
 
     def windows(self, layer: int) -> tuple[int, int, int]:
         """(first current-token layer, first and last previous-token layer) the trunk reads at `layer`."""
@@ -96,6 +117,8 @@ class MLPPredictor(Predictor):
             lg = torch.einsum("tlh,lhe->tle", z[:, :n], net.head[j, tl]) + net.bias[j, tl]
             lg = lg + torch.einsum("tli,lie->tle", cur_mh[:, :n], net.trans[j, :n])
             lg = lg + torch.einsum("tli,lie->tle", prev_mh[:, d:], net.copy[j, tl])
+            if net.hdirect is not None:
+                lg = lg + torch.einsum("tlh,leh->tle", hidden[:, :n], net.hdirect[j, :n])
             outs.append(F.pad(lg, (0, 0, 0, d)))  # rows of source layers without a target: 0
         return outs
 
@@ -162,8 +185,15 @@ class MLPPredictor(Predictor):
                 table[(n - 1) * E : n * E, dim + j * E : dim + (j + 1) * E] = net.trans[j, layer]
                 r = (n + t - plo) * E  # the previous token's target layer t (inside plo..phi by construction)
                 table[r : r + E, dim + j * E : dim + (j + 1) * E] = net.copy[j, t]
+        hdirect = None
+        if net.hdirect is not None:  # [H, D*E]: slot j's map from the hidden state at `layer`
+            hdirect = torch.zeros(net.hdirect.shape[-1], D * E)
+            for j, t in enumerate(self.target_layers(layer)):
+                if t < L:
+                    hdirect[:, j * E : (j + 1) * E] = net.hdirect[j, layer].T
+            hdirect = hdirect.detach()
         plan = dict(
-            lo=lo, plo=plo, phi=phi, dim=dim, table=table.detach(), head=head.detach(), bias=bias.detach(),
+            lo=lo, plo=plo, phi=phi, dim=dim, table=table.detach(), head=head.detach(), bias=bias.detach(), hdirect=hdirect,
             off=(torch.arange(n + m) * E)[:, None],  # [n+m, 1] row offset of each window layer
             layer_vec=net.layer[layer].detach(),
         )
@@ -186,6 +216,8 @@ class MLPPredictor(Predictor):
         if net.hid is not None:
             z = z + net.hid(state.hidden.float())
         out = torch.addmm(out[:, p["dim"] :], net.trunk(z), p["head"]).add_(p["bias"])  # [B, D*E]
+        if p["hdirect"] is not None:
+            out = torch.addmm(out, state.hidden.float(), p["hdirect"])
         return out.view(B, self.slots, self.num_experts)
 
     def arrays(self):

@@ -3,6 +3,9 @@
     moe-serve predict fit --trace a.npz [b.npz ...] --predictor mlp --lookahead 3 --out mlp.safetensors
     moe-serve predict eval --train a.npz --test b.npz --lookahead 3 --json results.json
 
+`mlp_online` keeps learning from the routing it observes; `eval` measures it prequentially (each
+64-token chunk of the test traces is predicted before the predictor learns from it).
+
 `eval` fits every predictor (or those named by --predictors) on the train traces, measures them on
 the test traces, prints a table and writes the JSON (per predictor and lookahead: recall_at_k,
 precision_at_budget, recall_at_budget, fit and predict times).
@@ -29,6 +32,8 @@ def run_fit(args) -> int:
         pred = RouterPredictor.from_router_weights(router_weights_from_checkpoint(args.router_checkpoint, ref.num_experts), ref.top_k, args.lookahead)
     else:
         pred = make_predictor(args.predictor, ref.num_layers, ref.num_experts, ref.top_k, args.lookahead, **_params(args.param))
+        if args.router_checkpoint and hasattr(pred, "with_router_weights"):  # mlp, mlp_online: start from the routers
+            pred.with_router_weights(router_weights_from_checkpoint(args.router_checkpoint, ref.num_experts))
         pred.fit(traces)
     pred.save(args.out)
     print(f"fitted {args.predictor} (lookahead {args.lookahead}) on {sum(t.num_tokens for t in traces)} tokens "
@@ -67,7 +72,7 @@ def register(subparsers) -> None:
     f.add_argument("--lookahead", type=int, default=1, help="MoE layers ahead to predict; 0 = next token, same layer (default: 1)")
     f.add_argument("--out", required=True, help="output file (.safetensors)")
     f.add_argument("--param", action="append", help="predictor parameter KEY=VALUE (repeatable), e.g. epochs=8")
-    f.add_argument("--router-checkpoint", default=None, help="router: take the router weights from this checkpoint directory")
+    f.add_argument("--router-checkpoint", default=None, help="router: take the router weights from this checkpoint directory; mlp, mlp_online: start their hidden-state map from them")
     f.set_defaults(func=run_fit)
 
     e = sub.add_parser("eval", help="fit every predictor on --train, measure on --test, print a table, write JSON")

@@ -52,3 +52,22 @@ def test_predict_cli_errors_name_the_field(shared_dir, tmp_path, capsys):
     train_path, _ = _small(shared_dir, "intent", tmp_path, [0, 1])
     rc = main(["predict", "eval", "--train", str(train_path), "--test", str(train_path), "--budget", "65", "--predictors", "popularity"])
     assert rc == 2 and "budget" in capsys.readouterr().err
+
+
+def test_predict_eval_runs_mlp_online_prequentially(shared_dir, tmp_path, capsys):
+    train_path, _ = _small(shared_dir, "intent", tmp_path, range(0, 20))
+    test_path, test = _small(shared_dir, "summary", tmp_path, [0])
+    js = tmp_path / "eval.json"
+    params = json.dumps({"mlp": {"epochs": 1, "dim": 32}, "mlp_online": {"epochs": 1, "dim": 32}})
+    assert main(["predict", "eval", "--train", str(train_path), "--test", str(test_path), "--lookahead", "1",
+                 "--no-next-token", "--predictors", "mlp,mlp_online", "--params", params, "--json", str(js)]) == 0
+    res = json.loads(js.read_text())["results"]
+    on, off = res["mlp_online"], res["mlp"]
+    assert on["prequential"] is True and on["observe_s"] > 0 and "observe_s" not in off
+    assert on["lookahead_1"]["rows"] == off["lookahead_1"]["rows"] == test.num_tokens * 25  # layers 0..24 have a next layer
+    # it learns from the summary stream it has already seen: better than the same net frozen
+    assert on["lookahead_1"]["recall_at_k"] > off["lookahead_1"]["recall_at_k"] + 0.03
+    out = tmp_path / "o.safetensors"
+    assert main(["predict", "fit", "--trace", str(train_path), "--predictor", "mlp_online", "--param", "epochs=1",
+                 "--param", "dim=32", "--out", str(out)]) == 0
+    assert load_predictor(out).name == "mlp_online"

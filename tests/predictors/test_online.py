@@ -94,3 +94,23 @@ def test_lookahead_targets():
     t = lookahead_targets(ex, 2)
     assert torch.equal(t[:, 0, 0], ex[:, 1]) and torch.equal(t[:, 0, 1], ex[:, 2])
     assert (t[:, L - 1] == -1).all() and (t[:, L - 2, 1] == -1).all() and torch.equal(t[:, L - 2, 0], ex[:, L - 1])
+
+
+def test_hidden_direct_starts_from_the_routers_and_round_trips(tmp_path):
+    from tests.predictors.synth import router_trace
+
+    train, routers = router_trace(tokens=300, L=4, seed=0)
+    test, _ = router_trace(tokens=200, L=4, seed=1, routers=routers)
+    weights = {l: torch.from_numpy(routers[l]) for l in range(4)}
+    # no training at all (lr 0): the direct map alone is the next layer's own router, so it ranks like it
+    pred = make_predictor("mlp", 4, E, K, 1, epochs=1, dim=16, lr=0.0).with_router_weights(weights).fit([train])
+    assert torch.equal(pred.net.hdirect[0, 0], weights[1]) and (pred.net.hdirect[0, 3] == 0).all()
+    assert evaluate(pred, [test], budget=4)["lookahead_1"]["recall_at_k"] > 0.85
+    plain = make_predictor("mlp", 4, E, K, 1, epochs=1, dim=16, lr=0.0).fit([train])
+    assert plain.net.hdirect is None and evaluate(plain, [test], budget=4)["lookahead_1"]["recall_at_k"] < 0.5
+    path = tmp_path / "h.safetensors"
+    pred.save(path)
+    st = RoutingState.from_trace(test, 1)
+    assert torch.equal(load_predictor(path).predict(st, 1), pred.predict(st, 1))
+    with pytest.raises(ValueError, match="router weights"):
+        make_predictor("mlp", 4, E, K, 1).with_router_weights({0: weights[0]})
