@@ -10,8 +10,10 @@ counting already knows: a learned transition matrix from the current layer's exp
 the previous token's experts at the target layer.
 
 Training uses the prefix trick: a window sum over layers for every l is a difference of two cumsums,
-so an epoch is one pass over the trace, not one per layer. Online, one layer costs two embedding
-bags, a LayerNorm, one [dim, dim] and one [dim, D*E] matmul (tables fused per layer on first use).
+so an epoch is one pass over the trace, not one per layer. Online, one layer costs one embedding
+bag (trunk input and both direct terms), a LayerNorm, one [dim, dim] and one [dim, D*E] matmul
+(tables fused per layer on first use). With `hidden_direct`, a per-(slot, source layer) linear map
+from the hidden state adds its logits directly (`with_router_weights` starts it from the routers).
 """
 from __future__ import annotations
 
@@ -192,30 +194,40 @@ class MLPPredictor(Predictor):
                 if t < L:
                     hdirect[:, j * E : (j + 1) * E] = net.hdirect[j, layer].T
             hdirect = hdirect.detach()
+        # one zero row in front of each window layer's E rows: an absent expert (-1) lands on it and adds
+        # nothing, with no clamp or mask; the 0.5 of input_weights() is folded into the table
+        table = F.pad(table.view(n + m, E, -1), (0, 0, 1, 0)).reshape((n + m) * (E + 1), -1) * 0.5
         plan = dict(
             lo=lo, plo=plo, phi=phi, dim=dim, table=table.detach(), head=head.detach(), bias=bias.detach(), hdirect=hdirect,
-            off=(torch.arange(n + m) * E)[:, None],  # [n+m, 1] row offset of each window layer
-            layer_vec=net.layer[layer].detach(),
+            off=(torch.arange(n + m) * (E + 1) + 1)[:, None],  # [n+m, 1] row of expert 0 of each window layer
+            layer_vec=net.layer[layer].detach(), inv_k=1.0 / self.top_k,
+            ln=(net.norm.weight.detach(), net.norm.bias.detach(), net.norm.eps),
+            fc=(net.fc.bias.detach(), net.fc.weight.detach().T.contiguous()),  # [dim], [dim, dim] (in, out)
+            hid=None if net.hid is None else net.hid.weight.detach().T.contiguous(),  # [H, dim]
         )
         self._plans[layer] = plan
         return plan
 
     @torch.inference_mode()
     def predict(self, state: RoutingState, layer: int) -> torch.Tensor:
+        """The training forward for one layer, as ~16 torch ops on the fused plan (no nn.Module calls)."""
         self.check(state, layer)
-        p, net, B = self._plan(layer), self.net, state.batch_size
-        lo, plo, phi = p["lo"], p["plo"], p["phi"]
+        p, B = self._plan(layer), state.batch_size
+        lo, plo, phi, dim = p["lo"], p["plo"], p["phi"], p["dim"]
         px = state.prev_experts[:, plo : phi + 1]  # the previous token's window (holds every target layer)
         pw = state.prev_weights[:, plo : phi + 1] if state.prev_weights is not None else (px >= 0).float()
         ids = torch.cat([state.experts[:, lo : layer + 1], px], 1)  # [B, n+m, K]
         w = torch.cat([state.weights[:, lo : layer + 1], pw], 1)
-        # input_weights(), fused: half multi-hot, half normalized gate weight, 0 where there is no expert
-        vals = (w / w.sum(-1, keepdim=True).clamp(min=1e-6)).mul_(0.5).add_(0.5 / ids.shape[-1]).mul_(ids >= 0)
-        out = F.embedding_bag((ids.clamp(min=0) + p["off"]).view(B, -1), p["table"], per_sample_weights=vals.view(B, -1), mode="sum")
-        z = out[:, : p["dim"]] + p["layer_vec"]  # [B, dim]
-        if net.hid is not None:
-            z = z + net.hid(state.hidden.float())
-        out = torch.addmm(out[:, p["dim"] :], net.trunk(z), p["head"]).add_(p["bias"])  # [B, D*E]
+        # 2 x input_weights(): normalized gate weight + 1/K (the table holds the 0.5; absent ids hit zero rows)
+        vals = (w / w.sum(-1, keepdim=True).clamp(min=1e-6)).add_(p["inv_k"])
+        out = F.embedding_bag((ids + p["off"]).view(B, -1), p["table"], per_sample_weights=vals.view(B, -1), mode="sum")
+        z = out[:, :dim] + p["layer_vec"]  # [B, dim]; out[:, dim:] = the direct terms [B, D*E]
+        if p["hid"] is not None:
+            z = torch.addmm(z, state.hidden.float(), p["hid"])
+        z = F.gelu(F.layer_norm(z, (dim,), *p["ln"]))  # HistoryNet.trunk, inlined
+        fc_bias, fc_weight = p["fc"]
+        z = z + F.gelu(torch.addmm(fc_bias, z, fc_weight))
+        out = torch.addmm(out[:, dim:], z, p["head"]).add_(p["bias"])  # [B, D*E]
         if p["hdirect"] is not None:
             out = torch.addmm(out, state.hidden.float(), p["hdirect"])
         return out.view(B, self.slots, self.num_experts)
