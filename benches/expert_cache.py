@@ -7,6 +7,8 @@ directions: every policy at 12.5%, 25% and 50% of experts resident; whatever a p
 the replay (static hot set, the predicted policy's next-token prior, the cross-layer transition
 predictor from `predictors`, lookahead 2 layers) is fitted on the OTHER domain. Cost model: DeepSeek-V2-Lite bf16
 experts (17.3 MB), 25 GB/s host-to-device, 0.25 ms per MoE layer (H100-class batch-1 estimate).
+Two oracles (replay only): belady (the demand hit-rate bound) and belady-prefetch (Belady's eviction
+plus a prefetch of the experts the next 4 layer steps really use: the reference for ready in time).
 
 (b) A routing-replayed Mixtral-architecture model of about 1.1 GB (random bf16 weights, 8 layers x
 64 experts top-6 so the DeepSeek-V2-Lite routing replays unchanged; model layer l replays trace

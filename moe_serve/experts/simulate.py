@@ -43,7 +43,7 @@ def simulate(trace, policies, capacities, cost: CostModel, predictor=None, fit_t
     preds = None
     if predictor is not None and predicted and lookahead > 0:
         preds = TracePredictions(predictor, trace)
-    future = global_steps(experts, E) if "belady" in policies else None
+    future = global_steps(experts, E) if any(n.startswith("belady") for n in policies) else None
     out: dict = {}
     for frac in capacities:
         slots = capacity_slots(frac, L, E, K)

@@ -69,10 +69,10 @@ def test_cli_cache_sim_json(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["config"]["copy_order"] == "demand-first"
     row = data["results"]["cycle"]["0.75"]
-    assert set(row) == {"lru", "lfu", "static", "predicted", "predicted-prefetch", "belady"}
-    for m in row.values():
+    assert set(row) == {"lru", "lfu", "static", "predicted", "predicted-prefetch", "belady", "belady-prefetch"}
+    for name, m in row.items():
         assert {"hit_rate", "ready_in_time", "bytes_per_token", "stall_ms_per_token"} <= set(m)
-        assert m["hit_rate"] <= row["belady"]["hit_rate"]
+        assert m["ready_in_time"] <= row["belady-prefetch"]["ready_in_time"], name
     assert row["lru"]["hit_rate"] == 0.0 and row["belady"]["hit_rate"] == 0.5
     assert row["belady"]["vs_belady"] == 1.0
     assert "belady" in capsys.readouterr().out
@@ -146,3 +146,17 @@ def test_demand_first_prefetch_not_started_in_time_is_a_miss():
     for m in out.values():
         assert m["stall_ms_per_token"] == pytest.approx(1.0 + (3.0 - 1.1))
         assert m["copies_per_token"] == 3
+
+
+def test_oracle_prefetch_is_in_time_where_belady_stalls():
+    """The cycle of 4 experts through 3 slots, copies 0.2 ms, layers 1 ms: Belady misses at accesses
+    0-3, 6 and 9 and stalls on each; the oracle prefetch fetches each of those one step ahead, in
+    time (the first access still waits), but it moves twice the bytes: each prefetch evicts the
+    expert needed furthest ahead, which is then fetched again (Belady moves the fewest)."""
+    x = cycle_experts()
+    cost = CostModel(expert_bytes=200_000, bandwidth_gbps=1.0, layer_ms=1.0, copy_order="demand-first")
+    bel = replay(x, 4, make_policy("belady", future=global_steps(x, 4)), 3, cost)
+    pre = replay(x, 4, make_policy("belady-prefetch", future=global_steps(x, 4)), 3, cost)
+    assert bel["ready_in_time"] == 0.5 and bel["stall_ms_per_token"] == pytest.approx(6 * 0.2 / 12)
+    assert pre["ready_in_time"] == 11 / 12 and pre["stall_ms_per_token"] == pytest.approx(0.2 / 12)
+    assert bel["copies_per_token"] == 0.5 and pre["copies_per_token"] == 1.0

@@ -4,12 +4,12 @@ from __future__ import annotations
 import numpy as np
 
 from moe_serve.experts.policies.base import CachePolicy
-from moe_serve.experts.policies.belady import BeladyPolicy, next_use_table
+from moe_serve.experts.policies.belady import BeladyPolicy, BeladyPrefetchPolicy, next_use_table
 from moe_serve.experts.policies.classic import LFUPolicy, LRUPolicy, StaticPolicy
 from moe_serve.experts.policies.predicted import PredictedPolicy, gap_counts
 
-POLICY_NAMES = ("lru", "lfu", "static", "predicted", "predicted-prefetch", "belady")
-SERVING_POLICIES = ("lru", "lfu", "static", "predicted", "predicted-prefetch")  # belady: replay only
+POLICY_NAMES = ("lru", "lfu", "static", "predicted", "predicted-prefetch", "belady", "belady-prefetch")
+SERVING_POLICIES = ("lru", "lfu", "static", "predicted", "predicted-prefetch")  # belady*: replay only
 
 
 def make_policy(name: str, *, load: np.ndarray | None = None, future: np.ndarray | None = None,
@@ -33,12 +33,12 @@ def make_policy(name: str, *, load: np.ndarray | None = None, future: np.ndarray
         # likeliest misses the predictor alone ranks too low
         return PredictedPolicy(predictor=predictor, lookahead=lookahead, prior=prior, prefetch_top=top,
                                combined_top=top + 4 if top else 0)
-    if name == "belady":
+    if name in ("belady", "belady-prefetch"):
         if future is None:
-            raise ValueError("cache policy 'belady' sees the future: it exists for trace replay only")
-        return BeladyPolicy(future)
+            raise ValueError(f"cache policy {name!r} sees the future: it exists for trace replay only")
+        return BeladyPolicy(future) if name == "belady" else BeladyPrefetchPolicy(future)
     raise ValueError(f"cache policy must be one of {', '.join(POLICY_NAMES)}, got {name!r}")
 
 
-__all__ = ["CachePolicy", "LRUPolicy", "LFUPolicy", "StaticPolicy", "PredictedPolicy", "BeladyPolicy",
+__all__ = ["CachePolicy", "LRUPolicy", "LFUPolicy", "StaticPolicy", "PredictedPolicy", "BeladyPolicy", "BeladyPrefetchPolicy",
            "make_policy", "next_use_table", "gap_counts", "POLICY_NAMES", "SERVING_POLICIES"]

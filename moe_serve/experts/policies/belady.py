@@ -53,3 +53,25 @@ class BeladyPolicy(CachePolicy):
 
     def keep_score(self, gids):
         return -self.next_use[gids].astype(np.float64)
+
+
+class BeladyPrefetchPolicy(BeladyPolicy):
+    """Belady's eviction plus an oracle prefetch: after each router, the experts the next `lookahead`
+    layer steps will really use, soonest first, admitted over a victim used later. Replay only: it is
+    the reference for what prefetching could give under the cost model (ready in time, stall), as
+    Belady is for the demand hit rate. It is not a bound proven optimal, only a strong oracle."""
+
+    name = "belady-prefetch"
+
+    def __init__(self, steps: np.ndarray, lookahead: int = 4):
+        if lookahead < 1:
+            raise ValueError(f"belady-prefetch: lookahead must be >= 1 layer step, got {lookahead}")
+        super().__init__(steps)
+        self.lookahead = lookahead
+
+    def on_route(self, layer, state, clock):
+        rows = self.steps[clock + 1: clock + 1 + self.lookahead].reshape(-1)
+        return rows[rows >= 0]
+
+    def admits(self, g, victim):
+        return bool(self.next_use[g] < self.next_use[victim])
