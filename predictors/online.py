@@ -53,7 +53,8 @@ class OnlineMLPPredictor(MLPPredictor):
 
     def reset_online(self) -> None:
         """Forget what was observed (the buffer and optimizer), keeping the current weights."""
-        self._buf: list[torch.Tensor] | None = None  # x, w, px, pw, tgt (and hidden) of observed tokens
+        self._buf: list[torch.Tensor] | None = None  # ring of x, w, px, pw, tgt (and hidden) of observed tokens
+        self._start = self._size = 0  # ring slot of the oldest row, rows held
         self._opt = None
         self._gen = torch.Generator().manual_seed(int(self.params.get("seed", 0)) + 1)
         self.observed = 0
@@ -74,6 +75,26 @@ class OnlineMLPPredictor(MLPPredictor):
         tgt = experts[has][:, :, None, :]  # [n, L, 1, K]
         return [x, w, none, torch.zeros_like(w), tgt], None
 
+    def _store(self, data: list[torch.Tensor]) -> int:
+        """Append rows to the replay ring (preallocated: online_buffer rows; ids kept as int16,
+        hidden states as float16); returns how many rows were added."""
+        cap = int(self.params.get("online_buffer", 20000))
+        data = [d[-cap:] for d in data]
+        new = data[0].shape[0]
+        if self._buf is None:
+            small = {torch.int64: torch.int16, torch.float32: torch.float32}
+            self._dtypes = [d.dtype for d in data]
+            self._buf = [torch.empty((cap, *d.shape[1:]), dtype=small[d.dtype]) for d in data]
+            if self.net.hid is not None:
+                self._buf[-1] = self._buf[-1].half()
+        slots = (self._start + self._size + torch.arange(new)) % cap
+        for b, d in zip(self._buf, data):
+            b[slots] = d.to(b.dtype)
+        self._size += new
+        if self._size > cap:  # the oldest rows were overwritten
+            self._start, self._size = (self._start + self._size - cap) % cap, cap
+        return new
+
     def observe(self, experts, weights, prev_experts, prev_weights=None, hidden=None) -> None:
         if not self.fitted:
             raise ValueError(f"{self.name}: observe() before fit()")
@@ -86,14 +107,12 @@ class OnlineMLPPredictor(MLPPredictor):
             return
         if self.net.hid is not None:
             data.append(hid.float())
-        new = data[0].shape[0]
-        cap = int(self.params.get("online_buffer", 20000))
-        self._buf = data if self._buf is None else [torch.cat([b, d])[-cap:] for b, d in zip(self._buf, data)]
+        new = self._store(data)
         self.observed += new
         if self._opt is None:
             self._opt = torch.optim.AdamW(self.net.parameters(), lr=float(self.params.get("online_lr", 3e-3)),
                                           weight_decay=float(self.params.get("weight_decay", 0.01)))
-        n = self._buf[0].shape[0]
+        n, cap = self._size, self._buf[0].shape[0]
         bs = int(self.params.get("online_batch", 128))
         drop = float(self.params.get("online_dropout", 0.1))
         self.net.train()
@@ -101,8 +120,8 @@ class OnlineMLPPredictor(MLPPredictor):
             for _ in range(int(self.params.get("online_steps", 1))):
                 newest = torch.arange(n - min(new, bs), n)
                 older = torch.randint(0, max(n - new, 1), (max(bs - len(newest), 0),), generator=self._gen) if n > new else newest[:0]
-                idx = torch.cat([newest, older])
-                b = [t[idx] for t in self._buf]
+                idx = (self._start + torch.cat([newest, older])) % cap  # time order -> ring slot
+                b = [t[idx].to(dtype) for t, dtype in zip(self._buf, self._dtypes)]
                 loss = self._loss(self.net, b[:4], b[5] if len(b) > 5 else None, b[4], drop)
                 self._opt.zero_grad()
                 loss.backward()
