@@ -114,3 +114,14 @@ def test_hidden_direct_starts_from_the_routers_and_round_trips(tmp_path):
     assert torch.equal(load_predictor(path).predict(st, 1), pred.predict(st, 1))
     with pytest.raises(ValueError, match="router weights"):
         make_predictor("mlp", 4, E, K, 1).with_router_weights({0: weights[0]})
+
+
+def test_replay_ring_keeps_the_newest_rows():
+    train, test = layer_map_trace(tokens=200, seed=0), _other_domain(300, seed=1)
+    pred = make_predictor("mlp_online", L, E, K, 1, **dict(FAST, online_buffer=100, online_steps=1)).fit([train])
+    full = _finished(test)
+    for s in range(0, 300, 70):  # 70 does not divide 100: the ring wraps mid-chunk
+        pred.observe(*(t[s : s + 70] for t in full))
+    assert pred.observed == 300 and pred._size == 100
+    held = pred._buf[0][(pred._start + torch.arange(100)) % 100].long()  # time order
+    assert torch.equal(held, full[0][200:])
