@@ -94,6 +94,15 @@ class EnsemblePredictor(Predictor):
                 out = out + standardize(m.predict(state, layer)) * w[None, :, None]
         return out
 
+    @property
+    def adapts(self) -> bool:
+        """True when a member learns online (e.g. mlp_online): then observe() reaches it."""
+        return any(m.adapts for m in getattr(self, "members", []))
+
+    def observe(self, experts, weights, prev_experts, prev_weights=None, hidden=None) -> None:
+        for m in self.members:
+            m.observe(experts, weights, prev_experts, prev_weights, hidden)
+
     def arrays(self):
         arrays = {"weight": self.weight}
         for i, m in enumerate(self.members):

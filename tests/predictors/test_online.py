@@ -125,3 +125,11 @@ def test_replay_ring_keeps_the_newest_rows():
     assert pred.observed == 300 and pred._size == 100
     held = pred._buf[0][(pred._start + torch.arange(100)) % 100].long()  # time order
     assert torch.equal(held, full[0][200:])
+
+
+def test_ensemble_passes_observed_routing_to_an_online_member():
+    train, test = layer_map_trace(tokens=400, seed=0), _other_domain(600, seed=1)
+    ens = make_predictor("ensemble", L, E, K, 1, members=["mlp_online", "prev_token"], member_params={"mlp_online": FAST}).fit([train])
+    assert ens.adapts and not make_predictor("ensemble", L, E, K, 1, members=["transition"]).adapts
+    evaluate(ens, [test], budget=4)
+    assert ens.members[0].observed == test.num_tokens
