@@ -29,7 +29,7 @@ from predictors.traces import load_trace  # noqa: E402
 
 CASES = [("popularity", {}), ("transition", {}), ("prev_token", {}), ("logreg", dict(max_tokens=300, max_iter=5)),
          ("mlp", dict(epochs=1)), ("mlp", dict(epochs=1, dim=128)), ("mlp", dict(epochs=1, dim=64)),
-         ("mlp_online", dict(epochs=1))]
+         ("mlp_online", dict(epochs=1)), ("mlp_online", dict(epochs=1, dim=64))]
 
 
 def observe_cost(pred, trace, calls: int) -> float:
