@@ -10,8 +10,8 @@ counting already knows: a learned transition matrix from the current layer's exp
 the previous token's experts at the target layer.
 
 Training uses the prefix trick: a window sum over layers for every l is a difference of two cumsums,
-so an epoch is one pass over the trace, not one per layer. Online, one layer costs one embedding
-bag (trunk input and both direct terms), a LayerNorm, one [dim, dim] and one [dim, D*E] matmul
+so an epoch is one pass over the trace, not one per layer. Online, one layer costs one or two embedding
+bags (trunk input and both direct terms), a LayerNorm, one [dim, dim] and one [dim, D*E] matmul
 (tables fused per layer on first use). With `hidden_direct`, a per-(slot, source layer) linear map
 from the hidden state adds its logits directly (`with_router_weights` starts it from the routers).
 """
@@ -163,13 +163,14 @@ class MLPPredictor(Predictor):
 
     # ---- online: one layer, a batch of states ---------------------------------------------------
     def _plan(self, layer: int) -> dict:
-        """Per-layer fused tables, built on first use: one embedding-bag table over the layer's input
-        window whose rows carry [trunk vector (dim) | direct logits (D*E)], and the [dim, D*E] head.
+        """Per-layer fused tables, built on first use: an embedding-bag table of trunk vectors over the
+        layer's input window (with the direct logits, D*E columns, alongside when D = 1), a table of
+        direct logits over the part of the window that has any (D > 1), and the [dim, D*E] head.
 
         Window rows: the current token's layers lo..layer, then the previous token's layers plo..phi,
-        E rows each. The direct columns hold the transition rows (current layer) and the copy rows
-        (previous token at each slot's target layer), so one bag computes the trunk input and both
-        direct terms at once."""
+        E rows each. The direct rows are the transition rows (current layer) and the copy rows (the
+        previous token at each slot's target layer): window positions n-1 .. `dir_hi`, a contiguous
+        slice, so a second bag reads a view of the same ids (cheaper than one wide bag when D > 1)."""
         if layer in self._plans:
             return self._plans[layer]
         net, E, L, D = self.net, self.num_experts, self.num_layers, self.slots
@@ -197,9 +198,15 @@ class MLPPredictor(Predictor):
         # one zero row in front of each window layer's E rows: an absent expert (-1) lands on it and adds
         # nothing, with no clamp or mask; the 0.5 of input_weights() is folded into the table
         table = F.pad(table.view(n + m, E, -1), (0, 0, 1, 0)).reshape((n + m) * (E + 1), -1) * 0.5
+        valid = [t for t in self.target_layers(layer) if t < L]
+        hi = n + max(valid) - plo if valid else n - 1  # last window position with direct rows
+        off = (torch.arange(n + m) * (E + 1) + 1)[:, None]  # [n+m, 1] row of expert 0 of each window layer
+        split = D > 1  # measured: two bags pay off when the direct part is wide (D*E), one when it is not
         plan = dict(
-            lo=lo, plo=plo, phi=phi, dim=dim, table=table.detach(), head=head.detach(), bias=bias.detach(), hdirect=hdirect,
-            off=(torch.arange(n + m) * (E + 1) + 1)[:, None],  # [n+m, 1] row of expert 0 of each window layer
+            lo=lo, plo=plo, phi=phi, dim=dim, head=head.detach(), bias=bias.detach(), hdirect=hdirect, off=off,
+            table=(table[:, :dim].contiguous() if split else table).detach(),  # [rows, dim] or [rows, dim + D*E]
+            dir_lo=n - 1, dir_hi=hi + 1, dir_off=off[n - 1 : hi + 1] - (n - 1) * (E + 1),
+            direct=table[(n - 1) * (E + 1) : (hi + 1) * (E + 1), dim:].contiguous().detach() if split else None,
             layer_vec=net.layer[layer].detach(), inv_k=1.0 / self.top_k,
             ln=(net.norm.weight.detach(), net.norm.bias.detach(), net.norm.eps),
             fc=(net.fc.bias.detach(), net.fc.weight.detach().T.contiguous()),  # [dim], [dim, dim] (in, out)
@@ -210,7 +217,7 @@ class MLPPredictor(Predictor):
 
     @torch.inference_mode()
     def predict(self, state: RoutingState, layer: int) -> torch.Tensor:
-        """The training forward for one layer, as ~16 torch ops on the fused plan (no nn.Module calls)."""
+        """The training forward for one layer, as ~20 torch ops on the fused plan (no nn.Module calls)."""
         self.check(state, layer)
         p, B = self._plan(layer), state.batch_size
         lo, plo, phi, dim = p["lo"], p["plo"], p["phi"], p["dim"]
@@ -221,13 +228,19 @@ class MLPPredictor(Predictor):
         # 2 x input_weights(): normalized gate weight + 1/K (the table holds the 0.5; absent ids hit zero rows)
         vals = (w / w.sum(-1, keepdim=True).clamp(min=1e-6)).add_(p["inv_k"])
         out = F.embedding_bag((ids + p["off"]).view(B, -1), p["table"], per_sample_weights=vals.view(B, -1), mode="sum")
-        z = out[:, :dim] + p["layer_vec"]  # [B, dim]; out[:, dim:] = the direct terms [B, D*E]
+        z = out[:, :dim] + p["layer_vec"]  # [B, dim]
+        if p["direct"] is None:  # one bag: out[:, dim:] holds the direct terms [B, D*E]
+            direct = out[:, dim:]
+        else:  # the direct terms from their own window slice: transition and copy rows
+            a, b = p["dir_lo"], p["dir_hi"]
+            direct = F.embedding_bag((ids[:, a:b] + p["dir_off"]).reshape(B, -1), p["direct"],
+                                     per_sample_weights=vals[:, a:b].reshape(B, -1), mode="sum")
         if p["hid"] is not None:
             z = torch.addmm(z, state.hidden.float(), p["hid"])
         z = F.gelu(F.layer_norm(z, (dim,), *p["ln"]))  # HistoryNet.trunk, inlined
         fc_bias, fc_weight = p["fc"]
         z = z + F.gelu(torch.addmm(fc_bias, z, fc_weight))
-        out = torch.addmm(out[:, dim:], z, p["head"]).add_(p["bias"])  # [B, D*E]
+        out = torch.addmm(direct, z, p["head"]).add_(p["bias"])  # [B, D*E]
         if p["hdirect"] is not None:
             out = torch.addmm(out, state.hidden.float(), p["hdirect"])
         return out.view(B, self.slots, self.num_experts)

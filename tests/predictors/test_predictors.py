@@ -131,7 +131,7 @@ def test_fused_predict_matches_training_forward_with_hidden():
     from predictors.base import trace_tensors
 
     full = pred._forward_all(pred.net, *trace_tensors(trace), torch.from_numpy(trace.hidden).float())
-    for layer in (0, 1, L - 1):
+    for layer in range(L):  # every layer: all, some and none of the targets past the last layer
         online = pred.predict(RoutingState.from_trace(trace, layer), layer)
         for j, t in enumerate(pred.target_layers(layer)):
             if t < L:
