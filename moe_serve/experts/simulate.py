@@ -1,7 +1,8 @@
 """Run cache policies side by side over routing traces (what `moe-serve cache-sim` and the benchmark do).
 
 Everything a policy learns before the replay comes from `fit_traces` (another domain, to keep the
-comparison honest): the static policy's profiled load, the predicted policy's next-token prior.
+comparison honest): the static policy's profiled load, the predicted policy's next-token prior
+(passed in; `PredictedPolicy` weights it 0 by default: measured, it costs more than it helps).
 The cross-layer predictor is a fitted `predictors.Predictor` (fit it on the other domain too).
 Without fit traces, the static policy profiles the replayed trace itself, which the result notes.
 """
