@@ -4,8 +4,8 @@
 
 (a) `moe-serve cache-sim`'s code on the DeepSeek-V2-Lite traces (../shared/traces), both domain
 directions: every policy at 12.5%, 25% and 50% of experts resident; whatever a policy learns before
-the replay (static hot set, the predicted policy's next-token prior (given, but weighted 0 by default), the cross-layer transition
-predictor from `predictors`, lookahead 2 layers) is fitted on the OTHER domain. Cost model: DeepSeek-V2-Lite bf16
+the replay (static hot set, the predicted policy's next-token prior (given, weighted 0 by default),
+the cross-layer transition predictor from `predictors`, lookahead 2 layers) is fitted on the OTHER domain. Cost model: DeepSeek-V2-Lite bf16
 experts (17.3 MB), 25 GB/s host-to-device, 0.25 ms per MoE layer (H100-class batch-1 estimate).
 Two oracles (replay only): belady (the demand hit-rate bound) and belady-prefetch (Belady's eviction
 plus a prefetch of the experts the next 4 layer steps really use: the reference for ready in time).
