@@ -146,7 +146,9 @@ class MLPPredictor(Predictor):
         T = tgt.shape[0]
         epochs, bs, lr = int(self.params.get("epochs", 10)), int(self.params.get("batch", 256)), float(self.params.get("lr", 6e-3))
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=float(self.params.get("weight_decay", 0.01)))
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(epochs * ((T + bs - 1) // bs), 1), pct_start=0.1)
+        steps = max(epochs * ((T + bs - 1) // bs), 2)
+        # warm up for 10% of the steps, but at least one (OneCycleLR divides by zero on tiny traces otherwise)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=max(0.1, 1.5 / steps))
         gen = torch.Generator().manual_seed(int(self.params.get("seed", 0)))
         drop = float(self.params.get("trunk_dropout", 0.3))
         for _ in range(epochs):

@@ -133,3 +133,9 @@ def test_ensemble_passes_observed_routing_to_an_online_member():
     assert ens.adapts and not make_predictor("ensemble", L, E, K, 1, members=["transition"]).adapts
     evaluate(ens, [test], budget=4)
     assert ens.members[0].observed == test.num_tokens
+
+
+def test_mlp_fits_a_tiny_trace_with_default_params():
+    """10 epochs of one 256-row batch: the one-cycle schedule still has a warm-up step."""
+    pred = make_predictor("mlp", L, E, K, 1, dim=16).fit([layer_map_trace(tokens=60, seed=2)])
+    assert torch.isfinite(pred.predict(RoutingState.from_trace(layer_map_trace(tokens=30, seed=3), 0), 0)).all()
