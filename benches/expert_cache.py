@@ -5,7 +5,8 @@
 (a) `moe-serve cache-sim`'s code on the DeepSeek-V2-Lite traces (../shared/traces), both domain
 directions: every policy at 12.5%, 25% and 50% of experts resident; whatever a policy learns before
 the replay (static hot set, the predicted policy's next-token prior (given, weighted 0 by default),
-the cross-layer transition predictor from `predictors`, lookahead 2 layers) is fitted on the OTHER domain. Cost model: DeepSeek-V2-Lite bf16
+the cross-layer predictor from `predictors`, mlp_online by default (it also adapts to the replayed
+trace, prequentially), lookahead 2 layers) is fitted on the OTHER domain. Cost model: DeepSeek-V2-Lite bf16
 experts (17.3 MB), 25 GB/s host-to-device, 0.25 ms per MoE layer (H100-class batch-1 estimate).
 Two oracles (replay only): belady (the demand hit-rate bound) and belady-prefetch (Belady's eviction
 plus a prefetch of the experts the next 4 layer steps really use: the reference for ready in time).
@@ -51,8 +52,9 @@ CAPACITIES = (0.125, 0.25, 0.5)
 LOOKAHEAD = 2  # MoE layers ahead the predicted policies prefetch for
 
 
-def sim_direction(replayed: str, fitted: str, tokens: int | None, policies=None, copy_order: str = "fifo") -> dict:
-    from predictors.baselines import TransitionPredictor
+def sim_direction(replayed: str, fitted: str, tokens: int | None, policies=None, copy_order: str = "fifo",
+                  predictor_name: str = "mlp_online") -> dict:
+    from predictors.registry import make_predictor
     from predictors.traces import load_trace
     from moe_serve.experts.policies import POLICY_NAMES
     from moe_serve.experts.replay import CostModel
@@ -62,28 +64,33 @@ def sim_direction(replayed: str, fitted: str, tokens: int | None, policies=None,
     fit = load_trace(SHARED / "traces" / f"dsv2lite_{fitted}.npz")
     if tokens:
         trace = trace.select_sequences(range(int(np.searchsorted(trace.seq_offsets, tokens, side="right"))))
-    predictor = TransitionPredictor(fit.num_layers, fit.num_experts, fit.top_k, lookahead=LOOKAHEAD).fit([fit])
+    torch.set_num_threads(1)
+    # mlp_online adapts to the replayed trace as it goes (prequentially, see TracePredictions)
+    predictor = make_predictor(predictor_name, fit.num_layers, fit.num_experts, fit.top_k, lookahead=LOOKAHEAD)
+    predictor.fit([fit])
     return simulate(trace, list(policies or POLICY_NAMES), CAPACITIES, CostModel(copy_order=copy_order),
                     predictor=predictor, fit_traces=[fit],
                     lookahead=LOOKAHEAD, log=lambda s: print(f"{replayed}<-{fitted}: {s}", flush=True))
 
 
-def part_sim(tokens: int | None, jobs: int, policies=None, copy_order: str = "fifo") -> dict:
+def part_sim(tokens: int | None, jobs: int, policies=None, copy_order: str = "fifo",
+             predictor_name: str = "mlp_online") -> dict:
     """Both directions; the FIFO copy engine writes the table, another copy order appends its own."""
     from moe_serve.experts.simulate import format_table
 
     pairs = [(DOMAINS[0], DOMAINS[1]), (DOMAINS[1], DOMAINS[0])]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         outs = list(pool.map(sim_direction, [a for a, _ in pairs], [b for _, b in pairs], [tokens] * 2,
-                             [policies] * 2, [copy_order] * 2))
+                             [policies] * 2, [copy_order] * 2, [predictor_name] * 2))
     results = {f"{a} (fit on {b})": o for (a, b), o in zip(pairs, outs)}
     table = format_table(results)
     print(table)
     txt = RESULTS / "expert_cache_sim.txt"
+    head = f"copy order: {copy_order}, predictor: {predictor_name} (fitted on the other domain)\n"
     if copy_order == "fifo":
-        txt.write_text(table + "\n")
+        txt.write_text(head + table + "\n")
     else:
-        txt.write_text(txt.read_text() + f"\ncopy order: {copy_order}\n" + table + "\n")
+        txt.write_text(txt.read_text() + "\n" + head + table + "\n")
     return results
 
 
@@ -215,6 +222,8 @@ def main() -> int:
     ap.add_argument("--copy-order", choices=("fifo", "demand-first"), default="fifo",
                     help="sim copy engine order; demand-first adds results_demand-first to the sim JSON")
     ap.add_argument("--policies", default=None, help="comma-separated sim policies (default: all)")
+    ap.add_argument("--sim-predictor", default="mlp_online",
+                    help="predictors registry name for the predicted policies (default: mlp_online; was transition)")
     args = ap.parse_args()
     if not (SHARED / "traces").is_dir():
         print(f"needs the shared traces in {SHARED / 'traces'}", file=sys.stderr)
@@ -225,10 +234,10 @@ def main() -> int:
     out = {"machine": machine}
     if args.part in ("sim", "all"):
         policies = args.policies.split(",") if args.policies else None
-        out["sim"] = part_sim(args.tokens, args.jobs, policies, args.copy_order)
+        out["sim"] = part_sim(args.tokens, args.jobs, policies, args.copy_order, args.sim_predictor)
         path = RESULTS / "expert_cache_sim.json"
         if args.copy_order == "fifo":
-            data = dict(machine=machine, tokens=args.tokens, results=out["sim"])
+            data = dict(machine=machine, tokens=args.tokens, predictor=args.sim_predictor, results=out["sim"])
         else:
             data = json.loads(path.read_text())
             data[f"results_{args.copy_order}"] = out["sim"]

@@ -179,23 +179,32 @@ def replay(experts: np.ndarray, num_experts: int, policy: CachePolicy, capacity:
 
 
 class TracePredictions:
-    """A fitted `predictors.Predictor` evaluated once over a whole trace, batched per layer (the
-    same `predict` code, 26 calls instead of one per token and layer), then served to the policy.
+    """A fitted `predictors.Predictor` evaluated once over a whole trace, batched (the same `predict`
+    code, one call per layer and chunk of rows instead of one per token and layer), then served to
+    the policy. A predictor that adapts online (`adapts`) is replayed prequentially, as
+    `predictors.evaluate` does: every layer of a 64-row chunk is predicted, and only then does it
+    observe that chunk's routing, so no prediction uses the label of its own or a later token.
 
     The policy calls `predict(state, layer)`; in replay the `state` is the trace row t (use
     `state_fn=lambda t, layer: t`). Scores float32 [T, L, D, E]."""
 
     def __init__(self, predictor, trace, chunk: int = 4096):
-        from predictors.base import RoutingState
+        from predictors.base import RoutingState, trace_tensors
 
         self.lookahead, self.top_k = predictor.lookahead, predictor.top_k
         T, L = trace.num_tokens, trace.num_layers
+        adapts = getattr(predictor, "adapts", False)
+        step = 64 if adapts else chunk
+        tensors = trace_tensors(trace) if adapts else None  # experts, weights, prev_e, prev_w [T, L, K]
         self.scores = torch.zeros(T, L, predictor.slots, trace.num_experts)
-        for layer in range(L):
-            for start in range(0, T, chunk):
-                rows = np.arange(start, min(start + chunk, T))
-                state = RoutingState.from_trace(trace, layer, rows)
-                self.scores[rows, layer] = predictor.predict(state, layer).float()
+        for start in range(0, T, step):
+            rows = np.arange(start, min(start + step, T))
+            with torch.no_grad():
+                for layer in range(L):
+                    state = RoutingState.from_trace(trace, layer, rows)
+                    self.scores[rows, layer] = predictor.predict(state, layer).float()
+            if adapts:
+                predictor.observe(*(t[rows] for t in tensors))
         self.scores = self.scores.numpy()
 
     def predict(self, state: int, layer: int) -> np.ndarray:

@@ -160,3 +160,32 @@ def test_oracle_prefetch_is_in_time_where_belady_stalls():
     assert bel["ready_in_time"] == 0.5 and bel["stall_ms_per_token"] == pytest.approx(6 * 0.2 / 12)
     assert pre["ready_in_time"] == 11 / 12 and pre["stall_ms_per_token"] == pytest.approx(0.2 / 12)
     assert bel["copies_per_token"] == 0.5 and pre["copies_per_token"] == 1.0
+
+
+def test_trace_predictions_replay_an_adapting_predictor_prequentially():
+    """An adapting predictor is asked about a 64-row chunk before it observes that chunk: the score it
+    gives (here: how many rows it has observed) is 64 * chunk index for every row and layer."""
+    import torch
+
+    from moe_serve.experts.replay import TracePredictions
+
+    class Counting:  # adapts: its prediction is the number of rows observed so far
+        adapts, lookahead, slots, top_k = True, 1, 1, 1
+
+        def __init__(self):
+            self.seen = 0
+
+        def predict(self, state, layer):
+            return torch.full((state.experts.shape[0], 1, 4), float(self.seen))
+
+        def observe(self, experts, weights, prev_experts, prev_weights):
+            self.seen += experts.shape[0]
+
+    x = np.tile(cycle_experts(), (20, 2, 1)).astype(np.int16)  # T=240, L=2, K=1
+    trace = RoutingTrace(experts=x, weights=np.ones_like(x, dtype=np.float16), seq_offsets=np.array([0, 240]),
+                         num_experts=4)
+    pred = Counting()
+    scores = TracePredictions(pred, trace).scores  # [T, L, 1, 4]
+    want = (np.arange(240) // 64 * 64).astype(np.float32)
+    assert np.array_equal(scores[:, 0, 0, 0], want) and np.array_equal(scores[:, 1, 0, 3], want)
+    assert pred.seen == 240
