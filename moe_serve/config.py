@@ -166,6 +166,8 @@ class ExpertCacheConfig:
                             default="predicted")
     prefetch_lookahead: int = doc("MoE layers ahead the predictor prefetches experts for (0: none)", default=1)
     predictor: str | None = doc("fitted predictor file (predictors' safetensors) for the predicted policy", default=None)
+    predictor_learn_every: int = doc("an adaptive predictor (mlp_online) learns from the served routing every this "
+                                     "many tokens; 0: never (it stays as fitted)", default=64)
     cpu_experts: str = doc("compute cold experts where they lie (CPU) when cheaper: auto, on or off", default="auto")
     cache_per_layer: bool = doc("split the expert slots evenly per layer instead of sharing them", default=False)
     host_memory: str = doc("host copy of the experts: copy (in RAM, pinned on GPU), mmap (read from the "
@@ -181,6 +183,8 @@ class ExpertCacheConfig:
         require(self.cache_policy in ("lru", "lfu", "static", "predicted", "predicted-prefetch"), "expert_cache",
                 "cache_policy", "one of lru, lfu, static, predicted, predicted-prefetch", self.cache_policy)
         require(self.prefetch_lookahead >= 0, "expert_cache", "prefetch_lookahead", ">= 0", self.prefetch_lookahead)
+        require(self.predictor_learn_every >= 0, "expert_cache", "predictor_learn_every", ">= 0",
+                self.predictor_learn_every)
         require(self.cpu_experts in ("auto", "on", "off"), "expert_cache", "cpu_experts", "one of auto, on, off",
                 self.cpu_experts)
         require(self.host_memory in ("auto", "copy", "mmap"), "expert_cache", "host_memory", "one of auto, copy, mmap",

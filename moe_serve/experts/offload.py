@@ -37,7 +37,8 @@ from moe_serve.experts.store import ExpertStore, expert_forward
 
 class OffloadExpertStore(ExpertStore):
     def __init__(self, source, dtype: torch.dtype, device, capacity: int, policy, *, top_k: int,
-                 per_layer: bool = False, host: str = "copy", cpu_experts: str = "auto", max_queued: int = 12):
+                 per_layer: bool = False, host: str = "copy", cpu_experts: str = "auto", max_queued: int = 12,
+                 learn_every: int = 64):
         if host not in ("copy", "mmap"):
             raise ValueError(f"expert_cache.host_memory must be copy or mmap, got {host!r}")
         if cpu_experts not in ("auto", "on", "off"):
@@ -70,7 +71,9 @@ class OffloadExpertStore(ExpertStore):
         self.in_place_only = self.device.type == "cpu" and cpu_experts != "off"
         # the predictor reads each token's routing so far: only kept when there is a predictor to prefetch
         wants = getattr(policy, "predictor", None) is not None and not self.in_place_only
-        self.routing_hook = RoutingHook(L, top_k) if wants else None
+        predictor = getattr(policy, "predictor", None)
+        learner = predictor if learn_every > 0 and getattr(predictor, "adapts", False) else None  # keeps adapting
+        self.routing_hook = RoutingHook(L, top_k, learner, max(learn_every, 1)) if wants else None
         if cpu_experts != "off":
             self.costs = measure_costs(*self.host_expert(0, 0), self.slot_gu[0], self.slot_dn[0])
         self.clock, self.layer, self.max_queued = 0, 0, max_queued

@@ -5,20 +5,34 @@ stage will use). Per step it fills experts/weights [N, L, K] layer by layer and 
 previous token (the previous row of the same sequence in this step, or the sequence's last token of
 the previous step), which is what `predictors.RoutingState` asks for. The store reads `state(layer)`
 when its policy wants to query the predictor.
+
+With a `learner` (a predictor that `adapts`, e.g. mlp_online), the hook also hands it the routing of
+finished steps, `learn_every` tokens at a time (one `observe` call per chunk, after the step's
+forward): the predictor keeps adapting to the served traffic, and only ever learns from routing that
+has already happened. Prediction only steers copies, so this never changes what the model computes.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from moe_serve.models.batch import ForwardBatch
 from moe_serve.models.hooks import RouterHooks
 
+log = logging.getLogger(__name__)
+
 
 class RoutingHook(RouterHooks):
     active = True
 
-    def __init__(self, num_layers: int, top_k: int):
+    def __init__(self, num_layers: int, top_k: int, learner=None, learn_every: int = 64):
+        if learn_every < 1:
+            raise ValueError(f"RoutingHook: learn_every must be >= 1, got {learn_every}")
         self.L, self.K = num_layers, top_k
+        self.learner, self.learn_every = learner, learn_every
+        self._pending: list[tuple[torch.Tensor, ...]] = []  # finished steps' (experts, weights, prev_e, prev_w)
+        self._pending_rows = 0
         self.last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # seq id -> ([L, K] ids, weights)
         self.experts = torch.full((0, num_layers, top_k), -1, dtype=torch.long)
         self.weights = torch.zeros((0, num_layers, top_k))
@@ -51,17 +65,38 @@ class RoutingHook(RouterHooks):
         from predictors.base import RoutingState
 
         known = (torch.arange(self.L) <= layer)[None, :, None]
-        prev_e, prev_w = self.prev_e.clone(), self.prev_w.clone()
-        inner = torch.tensor([r < 0 for r in self.first_row], dtype=torch.bool)  # rows after the first of a chunk
-        if inner.any():
-            idx = torch.nonzero(inner).squeeze(1)
-            prev_e[idx], prev_w[idx] = self.experts[idx - 1], self.weights[idx - 1]
+        prev_e, prev_w = self._previous()
         return RoutingState(
             experts=torch.where(known, self.experts, -1), weights=torch.where(known, self.weights, 0.0),
             prev_experts=prev_e, prev_weights=prev_w,
         )
 
+    def _previous(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's previous token's routing [N, L, K]: the row before it in a prefill chunk."""
+        prev_e, prev_w = self.prev_e.clone(), self.prev_w.clone()
+        inner = torch.tensor([r < 0 for r in self.first_row], dtype=torch.bool)  # rows after the first of a chunk
+        if inner.any():
+            idx = torch.nonzero(inner).squeeze(1)
+            prev_e[idx], prev_w[idx] = self.experts[idx - 1], self.weights[idx - 1]
+        return prev_e, prev_w
+
+    def _learn(self) -> None:
+        if self.learner is None or self.experts.shape[0] == 0:
+            return
+        self._pending.append((self.experts, self.weights, *self._previous()))
+        self._pending_rows += self.experts.shape[0]
+        if self._pending_rows < self.learn_every:
+            return
+        chunks, self._pending, self._pending_rows = self._pending, [], 0
+        try:  # the forward runs in inference mode; learning needs autograd and ordinary tensors
+            with torch.inference_mode(False):
+                self.learner.observe(*(torch.cat(t) for t in zip(*chunks)))
+        except Exception as exc:  # prediction only steers copies: a failing learner must not fail the step
+            log.warning("expert cache: the predictor stopped learning online (%s: %s)", type(exc).__name__, exc)
+            self.learner = None
+
     def end_step(self, batch: ForwardBatch) -> None:
+        self._learn()
         live = {}
         row = 0
         for sid, n in zip(batch.seq_ids or batch.slot_ids, batch.query_lens):

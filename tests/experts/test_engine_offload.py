@@ -43,3 +43,55 @@ def test_bad_expert_cache_options_name_the_field(tiny_checkpoint):
         LLM(model=path, dtype="float32", kv_cache_gb=0.01, expert_cache_slots=4, cache_policy="static")
     with pytest.raises(ValueError, match="holds no expert"):
         LLM(model=path, dtype="float32", kv_cache_gb=0.01, expert_cache_gb=1e-9)
+
+
+def test_adaptive_predictor_learns_from_served_routing(tiny_checkpoint, tmp_path):
+    """mlp_online keeps learning from the routing the engine serves (every `predictor_learn_every`
+    tokens), and that never changes the tokens; with predictor_learn_every=0 it stays as fitted."""
+    import torch
+
+    from predictors.online import OnlineMLPPredictor
+
+    path = tiny_checkpoint("mixtral")  # 3 MoE layers x 8 experts, top-2
+    ref = tokens(LLM(model=str(path), dtype="float32", kv_cache_gb=0.01))
+    rng = np.random.default_rng(1)
+    ex = np.stack([rng.permutation(8)[:2] for _ in range(200 * 3)]).reshape(200, 3, 2).astype(np.int16)
+    trace = RoutingTrace(experts=ex, weights=np.full(ex.shape, 0.5, dtype=np.float16), seq_offsets=np.array([0, 200]),
+                         num_experts=8)
+    pred_path = tmp_path / "online.safetensors"
+    OnlineMLPPredictor(3, 8, 2, lookahead=1, epochs=1, dim=16).fit([trace]).save(pred_path)
+    for every, learns in ((4, True), (0, False)):
+        llm = LLM(model=str(path), dtype="float32", kv_cache_gb=0.01, expert_cache_slots=5, cache_policy="predicted",
+                  predictor=str(pred_path), cpu_experts="off", predictor_learn_every=every)
+        predictor = llm.engine.model.store.policy.predictor
+        before = [p.detach().clone() for p in predictor.net.parameters()]
+        assert tokens(llm) == ref
+        changed = any(not torch.equal(a, b) for a, b in zip(before, predictor.net.parameters()))
+        assert changed == learns
+        # 8 prompt tokens + 2 x 7 decoded tokens have full routing by the end
+        assert (predictor.observed >= 16) == learns and (predictor.observed == 0) != learns
+
+
+def test_failing_learner_is_dropped_and_the_step_goes_on(caplog):
+    import torch
+
+    from moe_serve.experts.prefetch import RoutingHook
+    from moe_serve.models.batch import ForwardBatch
+
+    class Broken:
+        calls = 0
+
+        def observe(self, *tensors):
+            Broken.calls += 1
+            raise RuntimeError("boom")
+
+    hook = RoutingHook(num_layers=2, top_k=2, learner=Broken(), learn_every=3)
+    batch = ForwardBatch.single([4, 5, 6, 7])
+    with torch.inference_mode():
+        hook.begin_step(batch)
+        for layer in range(2):
+            hook.route(layer, None, torch.tensor([[0, 1]] * 4), torch.full((4, 2), 0.5))
+        hook.end_step(batch)  # 4 rows >= 3: observe is called, raises, and is caught
+    assert Broken.calls == 1 and hook.learner is None
+    assert "stopped learning online" in caplog.text
+    assert hook.state(1).experts.shape == (4, 2, 2)  # the hook still serves predictions
