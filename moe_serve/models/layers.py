@@ -81,8 +81,9 @@ class GQAttention(nn.Module):
         One matmul instead of three (each output column is the same dot product: same bits), and
         with per-head q/k norms one norm and one rotation over q and k together. Built on first use
         and rebuilt when a projection is replaced (tensor-parallel sharding swaps them)."""
-        src = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.nh, self.nkv)
-        if self._fused_src is None or any(a is not b for a, b in zip(src, self._fused_src)):
+        src = self._fusion_sources()
+        if self._fused_src is None or len(src) != len(self._fused_src) or any(
+                a is not b if isinstance(a, torch.Tensor) else a != b for a, b in zip(src, self._fused_src)):
             projs = (self.q_proj, self.k_proj, self.v_proj)
             bias = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None
             norm = None
@@ -101,7 +102,12 @@ class GQAttention(nn.Module):
             proj.weight = nn.Parameter(weight[rows], requires_grad=False)
             if bias is not None:
                 proj.bias = nn.Parameter(bias[rows], requires_grad=False)
-        self._fused_src = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.nh, self.nkv)
+        self._fused_src = self._fusion_sources()
+
+    def _fusion_sources(self) -> tuple:
+        """What the fused tensors are built from: a new object here means they are stale."""
+        norms = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm == "head" else ()
+        return (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.nh, self.nkv, *norms)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: StepMeta,
                 cache: tuple[torch.Tensor, ...]) -> torch.Tensor:  # x [N, H]
