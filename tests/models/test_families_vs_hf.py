@@ -49,3 +49,18 @@ def test_greedy_continuation_matches(pair):
     expected = hf_greedy(hf, prompt, 32)
     assert our_greedy(ours, prompt, 32, slot=0) == expected, family
     assert len(set(expected)) > 1  # a constant continuation would prove little
+
+
+
+@pytest.mark.parametrize("family", sorted(f for f in FAMILIES if not f.startswith("deepseek")))  # GQA families
+def test_fused_qkv_follows_replaced_weights(family, tmp_path):
+    """The fused q|k|v matmul is a cache over the projections: replacing one (as TP sharding does)
+    must be seen by the next forward, here by scaling layer 0's k and v in both models alike."""
+    hf, ours = hf_and_ours(family, tmp_path)
+    attn, hf_attn = ours.layers[0].self_attn, hf.model.layers[0].self_attn
+    for proj in (attn.k_proj, attn.v_proj, hf_attn.k_proj, hf_attn.v_proj):
+        proj.weight = torch.nn.Parameter(proj.weight * 1.5, requires_grad=False)
+    with torch.no_grad():
+        ref = hf(PROMPT[None]).logits[0]
+    got = ours(ForwardBatch.single(PROMPT.tolist(), slot=1, all_logits=True))
+    assert rel_err(got, ref) < 1e-4, family
