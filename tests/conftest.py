@@ -1,9 +1,10 @@
-"""Shared fixtures: the shared data directory and tiny per-family checkpoints."""
+"""Shared fixtures: the shared data directory, tiny per-family checkpoints, one torch thread."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = (REPO / ".." / "shared").resolve()
@@ -48,3 +49,13 @@ def tiny_qwen_dir(tmp_path_factory):
     from tests.engine.tiny_checkpoint import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_qwen3"), family="qwen3_moe", num_experts=8, top_k=2)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one intra-op thread for the test: tiny ops gain nothing from threads, and on a shared
+    CPU OpenMP regions stall waiting for a descheduled thread. Directories opt in from their conftest."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

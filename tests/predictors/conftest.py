@@ -1,11 +1,7 @@
 """Predictor tests run torch on one thread: the box is shared, and small ops thrash with two."""
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
