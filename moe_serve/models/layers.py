@@ -82,7 +82,7 @@ class GQAttention(nn.Module):
         with per-head q/k norms one norm and one rotation over q and k together. Built on first use
         and rebuilt when a projection is replaced (tensor-parallel sharding swaps them)."""
         src = self._fusion_sources()
-        if self._fused_src is None or len(src) != len(self._fused_src) or any(
+        if self._fused_src is None or any(
                 a is not b if isinstance(a, torch.Tensor) else a != b for a, b in zip(src, self._fused_src)):
             projs = (self.q_proj, self.k_proj, self.v_proj)
             bias = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None

@@ -17,7 +17,6 @@ class ExpertLoadCounter(RouterHooks):
     active = True
 
     def __init__(self, num_layers: int, num_experts: int, device: torch.device | str = "cpu"):
-        self.num_layers, self.num_experts = num_layers, num_experts
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.long, device=device)  # [L, E]
         self._offsets = torch.arange(num_layers, device=device) * num_experts  # [L] first bin of each layer
         self._step: list[tuple[int, torch.Tensor]] = []  # (moe layer, expert ids [N, K]) seen this step
