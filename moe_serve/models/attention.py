@@ -3,7 +3,7 @@
 `StepMeta` is built once per forward from the ForwardBatch (host lists -> a few index tensors) and
 shared by every layer. `attend` writes the step's new cache rows, then:
   - all decodes in one SDPA call: their slots' rows gathered to [B, T, ...], padded keys masked out
-    by length (no Python loop over sequences or tokens);
+    by length (no Python loop over sequences or tokens), each KV head's query heads as query rows;
   - each prefill chunk in its own SDPA call over its slot's first context+chunk rows, causal with the
     chunk's offset, so chunked prefill equals one-shot prefill.
 The cache may hold keys/values (GQA) or a latent (MLA); `expand` turns gathered cache rows into K, V.
@@ -23,7 +23,7 @@ from moe_serve.models.batch import ForwardBatch
 @dataclass
 class StepMeta:
     positions: torch.Tensor  # long [N]
-    token_slots: torch.Tensor  # long [N]: KV slot of each token
+    cache_rows: torch.Tensor  # long [N]: row of each token in a cache flattened to [slots * max_len, ...]
     dec_idx: torch.Tensor | None  # long [B]: flat index of each decode token
     dec_slots: torch.Tensor | None  # long [B]
     dec_lens: torch.Tensor | None  # long [B]: cached tokens incl. this one
@@ -35,7 +35,7 @@ class StepMeta:
     _masks: dict = field(default_factory=dict)
 
     @staticmethod
-    def build(batch: ForwardBatch, device) -> "StepMeta":
+    def build(batch: ForwardBatch, device, max_len: int) -> "StepMeta":
         q, ctx, slots = batch.query_lens, batch.context_lens, batch.slot_ids
         starts, acc = [], 0
         for n in q:
@@ -46,18 +46,30 @@ class StepMeta:
         dec = [i for i, n in enumerate(q) if n == 1]
         pre = [(starts[i], q[i], slots[i], ctx[i]) for i, n in enumerate(q) if n > 1]
         as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-        qt = as_t(q)
+        positions = batch.positions.to(device)
+        if len(dec) == len(q):  # decodes only (the common step): token b is sequence b
+            dec_t = as_t(slots)
+            cache_rows = dec_t * max_len + positions
+            last_idx = dec_idx = torch.arange(len(q), device=device)
+            dec_lens = as_t([c + 1 for c in ctx])
+        else:
+            token_slots = torch.repeat_interleave(as_t(slots), as_t(q))
+            cache_rows = token_slots * max_len + positions
+            last_idx = as_t([s + n - 1 for s, n in zip(starts, q)])
+            dec_idx = as_t([starts[i] for i in dec]) if dec else None
+            dec_t = as_t([slots[i] for i in dec]) if dec else None
+            dec_lens = as_t([ctx[i] + 1 for i in dec]) if dec else None
         return StepMeta(
-            positions=batch.positions.to(device),
-            token_slots=torch.repeat_interleave(as_t(slots), qt),
-            dec_idx=as_t([starts[i] for i in dec]) if dec else None,
-            dec_slots=as_t([slots[i] for i in dec]) if dec else None,
-            dec_lens=as_t([ctx[i] + 1 for i in dec]) if dec else None,
+            positions=positions,
+            cache_rows=cache_rows,
+            dec_idx=dec_idx,
+            dec_slots=dec_t,
+            dec_lens=dec_lens,
             dec_max=max((ctx[i] + 1 for i in dec), default=0),
             dec_uniform=len({ctx[i] for i in dec}) <= 1,
             dec_range=_contiguous([slots[i] for i in dec]),
             prefills=pre,
-            last_idx=torch.cumsum(qt, 0) - 1,
+            last_idx=last_idx,
         )
 
     def decode_mask(self, window: int | None) -> torch.Tensor | None:
@@ -102,8 +114,8 @@ def attend(
     window: int | None,
     v_dim: int,
 ) -> torch.Tensor:  # [N, Hq, Dv]
-    for cache, rows in zip(caches, new_rows):
-        cache[meta.token_slots, meta.positions] = rows.to(cache.dtype)
+    for cache, rows in zip(caches, new_rows):  # one index_copy_ per cache into its [slots * max_len] rows view
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, meta.cache_rows, rows if rows.dtype == cache.dtype else rows.to(cache.dtype))
     n_tok, hq = q.shape[0], q.shape[1]
     out = q.new_empty(n_tok, hq, v_dim) if meta.prefills else None
     if meta.dec_idx is not None:
@@ -113,13 +125,17 @@ def attend(
             rows = tuple(c[:, : meta.dec_max].index_select(0, meta.dec_slots) for c in caches)
         k, v = expand(rows)  # [B, T, Hkv, D]
         only_decodes = not meta.prefills  # then decode b is token b: no gather/scatter of q and out
-        qd = (q if only_decodes else q.index_select(0, meta.dec_idx))[:, :, None, :]  # [B, Hq, 1, D]
+        qd = q if only_decodes else q.index_select(0, meta.dec_idx)  # [B, Hq, D]
+        b, hkv = qd.shape[0], k.shape[2]
+        # The G = Hq/Hkv query heads that share a KV head (heads kv*G .. kv*G+G-1) attend as G query
+        # rows of that head: no K/V expansion, and one kernel block per KV head (~2x faster on CPU).
+        qd = qd.reshape(b, hkv, hq // hkv, qd.shape[-1])  # [B, Hkv, G, D]
         o = F.scaled_dot_product_attention(qd, k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=meta.decode_mask(window), scale=scale,
-                                           enable_gqa=k.shape[2] != hq)
+                                           attn_mask=meta.decode_mask(window), scale=scale)  # [B, Hkv, G, Dv]
+        o = o.reshape(b, hq, o.shape[-1])
         if only_decodes:
-            return o[:, :, 0, :]
-        out.index_copy_(0, meta.dec_idx, o[:, :, 0, :])
+            return o
+        out.index_copy_(0, meta.dec_idx, o)
     for start, n, slot, ctx in meta.prefills:
         k, v = expand(tuple(c[slot, : ctx + n][None] for c in caches))  # [1, ctx+n, Hkv, D]
         qp = q[start:start + n].transpose(0, 1)[None]  # [1, Hq, n, D]

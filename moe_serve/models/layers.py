@@ -5,6 +5,8 @@ parameter names are transformers' in-memory names, so the loader's key map stays
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,14 +16,25 @@ from moe_serve.models.rope import apply_rope
 from moe_serve.models.spec import ModelSpec
 
 
+@functools.lru_cache(maxsize=None)
+def fp32_constant(value: float, device: torch.device) -> torch.Tensor:
+    """A 0-dim fp32 tensor: a Python scalar operand is wrapped into a tensor on every call (~2 us on
+    this CPU), a tensor one is not; the arithmetic (fp32, the same rounded value) is unchanged."""
+    with torch.inference_mode(False):  # a normal tensor, usable inside and outside inference mode
+        return torch.tensor(value, dtype=torch.float32, device=device)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """As transformers: normalize in fp32, cast back, then scale in the activation dtype.
-    `weight` broadcasts over x's trailing dims ([D], or [heads, D] for several norms at once)."""
+    `weight` broadcasts over x's trailing dims ([D], or [heads, D] for several norms at once).
+    Same ops and bits as `h * rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)` (mean is sum then a
+    divide; pow(2) is h*h), with the scalars as tensors and the temporaries reused."""
+    h = x if x.dtype == torch.float32 else x.float()
+    mean_sq = (h * h).sum(-1, keepdim=True).div_(fp32_constant(float(h.shape[-1]), h.device))
+    normed = torch.mul(h, torch.rsqrt(mean_sq.add_(fp32_constant(eps, h.device))))
     if x.dtype == torch.float32:  # the casts are no-ops: skip their dispatch (decode is op-bound)
-        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+        return normed.mul_(weight) if weight.dim() <= normed.dim() and weight.dtype == normed.dtype else weight * normed
+    return weight * normed.to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -70,7 +83,7 @@ class GQAttention(nn.Module):
             self.k_norm = RMSNorm(s.num_kv_heads * s.head_dim, s.rms_norm_eps)
         self.clip = s.clip_qkv
         self.scale, self.window, self.rope_mode = s.attn_scale, s.window(layer), s.rope_mode
-        self._fused_src, self._fused = None, None
+        self._fused_key, self._fused_src, self._fused = None, None, None
 
     def cache_shapes(self, num_slots: int, max_len: int) -> list[tuple[int, ...]]:
         return [(num_slots, max_len, self.nkv, self.hd)] * 2
@@ -82,15 +95,14 @@ class GQAttention(nn.Module):
         with per-head q/k norms one norm and one rotation over q and k together. Built on first use
         and rebuilt when a projection is replaced (tensor-parallel sharding swaps them)."""
         src = self._fusion_sources()
-        if self._fused_src is None or any(
-                a is not b if isinstance(a, torch.Tensor) else a != b for a, b in zip(src, self._fused_src)):
+        if src[0] != self._fused_key:
             projs = (self.q_proj, self.k_proj, self.v_proj)
             bias = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None
             norm = None
             if self.qk_norm == "head":
                 norm = torch.cat([self.q_norm.weight.expand(self.nh, -1), self.k_norm.weight.expand(self.nkv, -1)])
             self._fused = (torch.cat([p.weight for p in projs]), bias, norm)
-            self._fused_src = src
+            self._fused_key, self._fused_src = src
         return self._fused
 
     def fuse_projections(self) -> None:
@@ -102,12 +114,17 @@ class GQAttention(nn.Module):
             proj.weight = nn.Parameter(weight[rows], requires_grad=False)
             if bias is not None:
                 proj.bias = nn.Parameter(bias[rows], requires_grad=False)
-        self._fused_src = self._fusion_sources()
+        self._fused_key, self._fused_src = self._fusion_sources()
 
-    def _fusion_sources(self) -> tuple:
-        """What the fused tensors are built from: a new object here means they are stale."""
-        norms = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm == "head" else ()
-        return (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.nh, self.nkv, *norms)
+    def _fusion_sources(self) -> tuple[tuple, list]:
+        """(key, sources): what the fused tensors are built from. The key holds the source tensors'
+        ids (a new object means the fused copy is stale; `_fused_src` keeps the old ones alive, so
+        an id is never reused while compared) and the head counts by value. Read straight from the
+        parameter dicts: this runs every forward, and nn.Module attribute lookups cost ~1 us each."""
+        mods = self._modules
+        names = ("q_proj", "k_proj", "v_proj", "q_norm", "k_norm") if self.qk_norm == "head" else ("q_proj", "k_proj", "v_proj")
+        objs = [mods[n]._parameters["weight"] for n in names]
+        return (*map(id, objs), self.nh, self.nkv), objs
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: StepMeta,
                 cache: tuple[torch.Tensor, ...]) -> torch.Tensor:  # x [N, H]

@@ -117,7 +117,7 @@ class MoEModel(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         self._check(batch)
-        meta = StepMeta.build(batch, self.device)
+        meta = StepMeta.build(batch, self.device, self.max_len)
         hooks = self.runtime.hooks
         if hooks.active:
             hooks.begin_step(batch)
