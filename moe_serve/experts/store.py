@@ -82,14 +82,15 @@ class ExpertStore(ABC):
         counts = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
         active = [e for e, c in enumerate(counts) if c]
         self.begin_layer(moe_layer, active, [counts[e] for e in active])
-        y = torch.empty_like(x_sorted)
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                y[start:start + c] = self.compute_expert(moe_layer, e, x_sorted[start:start + c])
-                start += c
+        outs, start = [], 0
+        for e in active:
+            c = counts[e]
+            outs.append(self.compute_expert(moe_layer, e, x_sorted[start:start + c]))
+            start += c
         self.end_layer(moe_layer)
-        return y
+        if not outs:
+            return x_sorted.new_empty(x_sorted.shape)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def nbytes(self) -> int:
         """Bytes of expert weights this store holds on the compute device."""
@@ -106,6 +107,8 @@ class ResidentExpertStore(ExpertStore):
         self.gate_up, self.down = gate_up, down
         self.num_moe_layers, self.num_experts = len(gate_up), gate_up[0].shape[0]
         self.device = gate_up[0].device
+        # per-expert views made once: `get` runs per expert and step, and indexing costs an op each time
+        self._views = [list(zip(gu.unbind(0), dn.unbind(0))) for gu, dn in zip(gate_up, down)]
 
     @classmethod
     def from_source(cls, source: ExpertSource, dtype: torch.dtype, device: torch.device | str) -> "ResidentExpertStore":
@@ -123,7 +126,7 @@ class ResidentExpertStore(ExpertStore):
         return cls(gate_up, down)
 
     def get(self, moe_layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.gate_up[moe_layer][e], self.down[moe_layer][e]
+        return self._views[moe_layer][e]
 
     def run(self, moe_layer: int, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """On GPU in bf16: all experts of the layer in two grouped matmuls, no host sync. Otherwise a
@@ -131,6 +134,7 @@ class ResidentExpertStore(ExpertStore):
         decode; the GPU kernel wants bf16); on CPU both give the same bits as transformers."""
         if not HAS_GROUPED_MM or x_sorted.device.type == "cpu" or x_sorted.dtype != torch.bfloat16:
             return super().run(moe_layer, x_sorted, counts)
+        counts = torch.as_tensor(counts, device=x_sorted.device)
         offs = torch.cumsum(counts, 0, dtype=torch.int32)  # [E] end row of each expert's group
         gate_up = F.grouped_mm(x_sorted, self.gate_up[moe_layer].transpose(-2, -1), offs=offs)  # [M, 2I]
         gate, up = gate_up.chunk(2, dim=-1)

@@ -56,7 +56,7 @@ class Router(nn.Module):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + eps)
         if r.routed_scaling_factor != 1.0:
             weights = weights * r.routed_scaling_factor
-        if not r.weights_fp32:
+        if not r.weights_fp32 and weights.dtype != x.dtype:
             weights = weights.to(x.dtype)
         return ids, weights
 
@@ -72,6 +72,13 @@ class LocalDispatcher:
 
     def dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, num_experts: int):
         n, k = ids.shape
+        if n == 1 and ids.device.type == "cpu":  # batch-1 decode: order its K experts on the host (no
+            chosen = ids[0].tolist()                 # sort/bincount/gather; on a GPU this would sync)
+            order = sorted(range(k), key=chosen.__getitem__)  # copy ranks by expert id (ids are distinct)
+            counts = [0] * num_experts
+            for e in chosen:
+                counts[e] += 1
+            return x.expand(k, x.shape[1]), counts, (order, weights, n, k)  # [K, H] view: every copy is x
         flat = ids.reshape(-1)  # [M = N*K]
         order = torch.argsort(flat, stable=True)  # [M] copy positions sorted by expert
         counts = torch.bincount(flat, minlength=num_experts)  # long [E]
@@ -80,10 +87,23 @@ class LocalDispatcher:
 
     def combine(self, y_sorted: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
         order, weights, n, k = state  # order [M]: copy of each sorted row; weights [M] in copy order
-        weighted = y_sorted * weights.index_select(0, order)[:, None]  # [M, H] (fp32 if the weights are)
-        y = torch.empty_like(weighted)
-        y[order] = weighted  # back in copy (token, rank) order
-        return y.view(n, k, -1).sum(dim=1).to(dtype)  # [N, H]
+        if isinstance(order, list):  # one token: y_sorted rows back in rank order, then the same math
+            if order != sorted(order):
+                y_sorted = y_sorted.index_select(0, torch.tensor(_inverse(order), device=y_sorted.device))
+            y = y_sorted * weights.reshape(k, 1)  # [K, H], rank order
+        else:
+            weighted = y_sorted * weights.index_select(0, order)[:, None]  # [M, H] (fp32 if the weights are)
+            y = torch.empty_like(weighted)
+            y[order] = weighted  # back in copy (token, rank) order
+        out = y.view(n, k, -1).sum(dim=1)  # [N, H]
+        return out if out.dtype == dtype else out.to(dtype)
+
+
+def _inverse(perm: list[int]) -> list[int]:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return inv
 
 
 @dataclass

@@ -33,6 +33,25 @@ def test_dispatch_experts_combine_equals_reference(n, k):
     torch.testing.assert_close(out.double(), reference_moe(x, ids, w, store, 1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [2, 4, 6])
+def test_one_token_dispatch_is_bitwise_the_rank_order_sum(k):
+    """Batch-1 decode skips the sort: its experts run in id order on the host and come back in rank
+    order, so the result is exactly sum over ranks of w_r * expert_{id_r}(x), accumulated as combine does."""
+    from moe_serve.experts.store import expert_forward
+
+    store = random_store()
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(1, 16, generator=g)
+    ids = torch.randperm(6, generator=g)[:k].sort(descending=True).values[None]  # ranks not in id order
+    w = torch.rand(1, k, generator=g)
+    d = LocalDispatcher()
+    x_sorted, counts, state = d.dispatch(x, ids, w, 6)
+    assert counts == [int((ids == e).sum()) for e in range(6)]
+    out = d.combine(store.run(0, x_sorted, counts), state, x.dtype)
+    per_rank = torch.cat([expert_forward(x, *store.get(0, e)) for e in ids[0].tolist()]) * w.reshape(k, 1)
+    assert torch.equal(out, per_rank.view(1, k, -1).sum(dim=1))
+
+
 ROUTINGS = {
     "mixtral": RoutingSpec(top_k=2, norm_topk_prob=True),
     "qwen": RoutingSpec(top_k=4, norm_topk_prob=False, weights_fp32=False),
