@@ -5,10 +5,11 @@
 - `StreamCopier` (CUDA): copies run on a side stream, ordered after the compute stream has released
   the slot (an event recorded when the layer that last read it ended), and each copy records an
   event; `wait` makes the compute stream wait on it, so nothing blocks the host.
-- `ThreadCopier` (CPU, or any device without streams): one worker thread does the copies one at a
-  time (like one copy engine), demand copies first, then prefetches by the clock they are needed at
-  (the replay's `copy_order="demand-first"`), so prefetches overlap the model's compute without
-  delaying a demand fetch by more than the copy in flight; `wait` blocks until that copy is done.
+- `ThreadCopier` (CPU, or any device without streams): a demand copy runs in the thread that waits
+  for it (no hand-off, and the weights are in cache for the forward that follows); one worker thread
+  runs prefetches one at a time by the clock they are needed at, so a demand copy never queues
+  behind them (the replay's `copy_order="demand-first"`); a prefetch still queued when it is needed
+  is run by the waiter.
 
 Both copy into preallocated slot buffers (`dst.copy_(src)`), never allocate on the hot path.
 """
@@ -20,20 +21,36 @@ import threading
 import torch
 
 
+class CopyError(RuntimeError):
+    """A copy into `slot` (ticket `ticket`) failed: the slot holds no valid weights."""
+
+    def __init__(self, slot: int, ticket: int, exc: BaseException):
+        super().__init__(f"expert copy failed (slot {slot}, copy {ticket}): {type(exc).__name__}: {exc}")
+        self.slot, self.ticket = slot, ticket
+        self.__cause__ = exc
+
+
 class ThreadCopier:
-    """One worker thread, one copy at a time, in priority order: demand copies first (in submission
-    order), then prefetches by the clock they are needed at (`need`), so a demand fetch waits at
-    most for the one copy already running. A queued copy can be cancelled (its expert was evicted)
-    or promoted to demand (its expert is needed before the copy started)."""
+    """Demand copies run in the thread that waits for them; one worker thread runs prefetches, one
+    at a time, by the clock they are needed at (`need`).
+
+    Why inline: on a CPU-only machine a copy is a memcpy on the same memory bus the compute reads
+    from (measured on the 2-core CPU: a copy in one thread and an expert forward in another both run
+    at half speed, so overlapping them saves nothing), and handing a demand copy to the worker adds
+    a wake-up and a GIL hand-back per expert on the critical path. Run inline just before the
+    expert's forward, the copy also leaves the weights in cache for it. The worker keeps prefetches
+    off the critical path. A queued prefetch can be cancelled (its expert was evicted) or promoted
+    to demand (its expert is needed before the copy started: the waiter then runs it inline); a
+    copy into a slot never starts while an earlier copy into that slot is still running."""
 
     def __init__(self, num_slots: int):
         self._cv = threading.Condition()
-        self._heap: list = []  # (key, seq, ticket, slot, pairs); key -1 = demand, else need clock
-        self._queued: dict[int, tuple[int, int, bool]] = {}  # slot -> (ticket, seq, is prefetch) not started
+        self._heap: list = []  # (need, seq, slot): prefetches for the worker (stale entries skipped)
+        self._queued: dict[int, tuple] = {}  # slot -> (ticket, seq, is prefetch, pairs) not started
         self._slot_done = [0] * num_slots  # last ticket finished per slot (a slot's copies finish in order)
+        self._running: dict[int, int] = {}  # slot -> ticket being copied (by the worker or a waiter)
         self._issued = self._seq = 0
-        self._running: tuple[int, int] | None = None  # (slot, ticket) being copied
-        self._error: BaseException | None = None
+        self._errors: list[CopyError] = []  # the worker's failures, not reported yet
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="expert-copier", daemon=True)
         self._thread.start()
@@ -46,36 +63,34 @@ class ThreadCopier:
                         self._cv.wait()
                     if not self._heap:
                         return
-                    _, seq, ticket, slot, pairs = heapq.heappop(self._heap)
-                    if self._queued.get(slot, (0, -1))[1] == seq:  # else superseded, cancelled or promoted
+                    _, seq, slot = heapq.heappop(self._heap)
+                    q = self._queued.get(slot)
+                    if q is not None and q[1] == seq and slot not in self._running:  # else stale
                         del self._queued[slot]
-                        self._running = (slot, ticket)
+                        ticket, pairs = q[0], q[3]
+                        self._running[slot] = ticket
                         break
-            try:
-                with torch.no_grad():
-                    for dst, src in pairs:
-                        dst.copy_(src)
-            except BaseException as exc:  # surfaced to the waiter, never lost
-                self._error = exc
+            err = _copy(pairs, BaseException)  # a dying worker would leave its waiters hanging
             with self._cv:
+                if err is not None:  # surfaced to the next waiter, never lost
+                    self._errors.append(CopyError(slot, ticket, err))
                 self._slot_done[slot] = ticket
-                self._running = None
+                del self._running[slot]
                 self._cv.notify_all()
 
-    def _push(self, key: int, ticket: int, slot: int, pairs, prefetch: bool) -> None:
-        self._seq += 1
-        self._queued[slot] = (ticket, self._seq, prefetch)  # supersedes a queued copy into the slot
-        heapq.heappush(self._heap, (key, self._seq, ticket, slot, pairs))
-        self._cv.notify_all()
-
     def submit(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], slot: int, need: int | None = None) -> int:
-        """Queue copies (dst, src) into `slot`: a demand copy (`need` None) or a prefetch needed at
-        clock `need`. Returns a ticket to `wait` on."""
+        """Queue copies (dst, src) into `slot`: a demand copy (`need` None: runs when waited for) or
+        a prefetch needed at clock `need` (the worker's). Returns a ticket to `wait` on. A new copy
+        into a slot supersedes one queued there."""
         with self._cv:
             if self._closed:
                 raise RuntimeError("expert copier is closed")
             self._issued += 1
-            self._push(-1 if need is None else need, self._issued, slot, pairs, need is not None)
+            self._seq += 1
+            self._queued[slot] = (self._issued, self._seq, need is not None, pairs)
+            if need is not None:
+                heapq.heappush(self._heap, (need, self._seq, slot))
+                self._cv.notify()
             return self._issued
 
     def cancel(self, ticket: int, slot: int) -> bool:
@@ -87,13 +102,14 @@ class ThreadCopier:
             return True
 
     def promote(self, ticket: int, slot: int) -> bool:
-        """A queued prefetch is needed now: move it to the demand queue. False if it already started."""
+        """A queued prefetch is needed now: the worker leaves it to the waiter. False if it already
+        started (or is not a queued prefetch)."""
         with self._cv:
             q = self._queued.get(slot)
             if q is None or q[0] != ticket or not q[2]:
                 return False
-            pairs = next(h[4] for h in self._heap if h[1] == q[1])
-            self._push(-1, ticket, slot, pairs, False)
+            self._seq += 1
+            self._queued[slot] = (ticket, self._seq, False, q[3])  # its heap entry is stale now
             return True
 
     def queued_prefetches(self) -> int:
@@ -103,14 +119,39 @@ class ThreadCopier:
         return self._slot_done[slot] >= ticket
 
     def wait(self, ticket: int, slot: int) -> None:
+        """Return once copy `ticket` into `slot` has landed: run it here if it has not started."""
+        pairs = None
         with self._cv:
             while self._slot_done[slot] < ticket:
-                if self._queued.get(slot, (0,))[0] != ticket and self._running != (slot, ticket):
+                q = self._queued.get(slot)
+                if q is not None and q[0] == ticket:
+                    if slot not in self._running:  # ours to run now
+                        del self._queued[slot]
+                        self._running[slot] = ticket
+                        pairs = q[3]
+                        break
+                elif self._running.get(slot) != ticket:
                     raise RuntimeError(f"expert copy {ticket} into slot {slot} was cancelled: nothing to wait for")
-                self._cv.wait()
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise RuntimeError(f"expert copy failed: {err}") from err
+                self._cv.wait()  # running in the worker, or an earlier copy into the slot still is
+        if pairs is not None:
+            err = None
+            try:
+                err = _copy(pairs)
+            finally:  # even when interrupted: nobody may wait for this slot forever
+                with self._cv:
+                    self._slot_done[slot] = ticket
+                    del self._running[slot]
+                    self._cv.notify_all()
+            if err is not None:
+                raise CopyError(slot, ticket, err) from err
+        if self._errors:  # this copy's failure first, else the oldest unreported one
+            with self._cv:
+                mine = [e for e in self._errors if (e.slot, e.ticket) == (slot, ticket)]
+                err = (mine or self._errors)[0] if self._errors else None
+                if err is not None:
+                    self._errors.remove(err)
+            if err is not None:
+                raise err
 
     def release(self, slots) -> None:
         """The compute that read `slots` is done (CPU compute is synchronous: nothing to record)."""
@@ -120,6 +161,17 @@ class ThreadCopier:
             self._closed = True
             self._cv.notify_all()
         self._thread.join(timeout=5)
+
+
+def _copy(pairs, catch=Exception) -> BaseException | None:
+    """Run one expert's copies (dst, src); the error instead of raising it (the caller decides who sees it)."""
+    try:
+        with torch.no_grad():
+            for dst, src in pairs:
+                dst.copy_(src)
+    except catch as exc:
+        return exc
+    return None
 
 
 class StreamCopier:

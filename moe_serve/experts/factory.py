@@ -31,7 +31,8 @@ def slots_for(cfg: ExpertCacheConfig, expert_bytes: int, total_experts: int) -> 
     return min(slots, total_experts)
 
 
-def expert_store_factory(cfg: ExpertCacheConfig):
+def expert_store_factory(cfg: ExpertCacheConfig, admit: str = "auto"):
+    """`admit`: the store's admission rule (auto: on a CPU device only experts used lately take a slot)."""
     if not cfg.enabled:
         return None
 
@@ -63,6 +64,6 @@ def expert_store_factory(cfg: ExpertCacheConfig):
             host = "copy" if avail is None or avail > 1.25 * expert_bytes * L * E else "mmap"
         return OffloadExpertStore(source, dtype, device, capacity, policy, top_k=spec.top_k,
                                   per_layer=cfg.cache_per_layer, host=host, cpu_experts=cfg.cpu_experts,
-                                  learn_every=cfg.predictor_learn_every)
+                                  learn_every=cfg.predictor_learn_every, admit=admit)
 
     return factory

@@ -5,6 +5,8 @@ and evictions happen with budgets below the expert count), and an expert in use 
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -42,16 +44,18 @@ def run(path, factory=None, n=6):
 def test_every_family_matches_resident(family, tiny_checkpoint):
     path = tiny_checkpoint(family)
     (ref_toks, ref_logits), _ = run(path)
-    for cfg in (ExpertCacheConfig(expert_cache_slots=3, cache_policy="lru", cpu_experts="off"),
-                ExpertCacheConfig(expert_cache_slots=5, cache_policy="predicted", cpu_experts="on")):
-        (toks, logits), store = run(path, expert_store_factory(cfg))
+    off = ExpertCacheConfig(expert_cache_slots=3, cache_policy="lru", cpu_experts="off")
+    for cfg, admit in ((off, "always"), (off, "reuse"),
+                       (ExpertCacheConfig(expert_cache_slots=5, cache_policy="predicted", cpu_experts="on"), "auto")):
+        (toks, logits), store = run(path, expert_store_factory(cfg, admit=admit))
         assert isinstance(store, OffloadExpertStore)
         m = store.metrics()
         assert toks == ref_toks, (family, cfg.cache_policy)
         torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
         assert m["misses"] > 0 and m["hits"] + m["misses"] > 0
         if cfg.cpu_experts == "off":
-            # a miss is copied in, or run from the host when a prefill step needs more experts than slots
+            # a miss is copied in (to a slot, or streamed through the staging buffer), or run from the
+            # host when a prefill step needs more experts than slots
             assert m["copies"] - m["prefetch_issued"] + m["cpu_computed"] == m["misses"] and m["copies"] > 0
         else:  # the compute device is the CPU: misses run where they lie, nothing is copied
             assert m["cpu_computed"] == m["misses"] and m["copies"] == 0 and m["prefetch_issued"] == 0
@@ -59,13 +63,17 @@ def test_every_family_matches_resident(family, tiny_checkpoint):
         store.close()
 
 
+@pytest.mark.parametrize("admit", ["always", "reuse"])
 @pytest.mark.parametrize("policy", ["lru", "lfu", "predicted"])
 @pytest.mark.parametrize("slots", [2, 7, 40])
-def test_any_policy_any_budget(policy, slots, tiny_checkpoint):
+def test_any_policy_any_budget(policy, slots, admit, tiny_checkpoint):
     path = tiny_checkpoint("mixtral")
     (ref_toks, ref_logits), _ = run(path, n=8)
     cfg = ExpertCacheConfig(expert_cache_slots=slots, cache_policy=policy, cpu_experts="off", cache_per_layer=False)
-    (toks, logits), store = run(path, expert_store_factory(cfg), n=8)
+    (toks, logits), store = run(path, expert_store_factory(cfg, admit=admit), n=8)
+    assert store.admit == admit
+    if admit == "reuse":  # experts not used in the last 2 tokens ran from the staging buffer
+        assert store.metrics()["streamed"] > 0
     assert toks == ref_toks
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     m = store.metrics()
@@ -103,7 +111,8 @@ class _Source:
 
 def test_in_use_expert_never_evicted_and_prefetch_counts():
     src = _Source()
-    store = OffloadExpertStore(src, torch.float32, "cpu", capacity=3, policy=LRUPolicy(), top_k=2, cpu_experts="off")
+    store = OffloadExpertStore(src, torch.float32, "cpu", capacity=3, policy=LRUPolicy(), top_k=2, cpu_experts="off",
+                               admit="always")
     store.begin_layer(0, [0, 1, 2])  # fills all three slots
     store.prefetch(1, [3])  # every slot holds an expert in use: the prefetch must not evict one
     assert not store.cache.resident(1 * 4 + 3)
@@ -134,34 +143,49 @@ def test_bad_budget_names_the_field():
 
 
 def test_thread_copier_copies_in_order_and_reports_errors():
-    from moe_serve.experts.copier import ThreadCopier
+    from moe_serve.experts.copier import CopyError, ThreadCopier
 
     c = ThreadCopier(4)
     dst = torch.zeros(4, 1000)
-    tickets = [c.submit([(dst[i % 4], torch.full((1000,), float(i)))], i % 4) for i in range(12)]
+    tickets = [c.submit([(dst[i % 4], torch.full((1000,), float(i)))], i % 4, need=None if i % 3 else i)
+               for i in range(12)]
     for i in range(8, 12):
         c.wait(tickets[i], i % 4)
-    assert all(c.ready(t, i % 4) for i, t in enumerate(tickets))
+    assert all(c.ready(t, i % 4) for i, t in enumerate(tickets[8:], 8))
     assert dst[:, 0].tolist() == [8.0, 9.0, 10.0, 11.0]  # the last copy into each slot wins
-    bad = c.submit([(torch.zeros(3), torch.zeros(4))], 0)  # shape mismatch: fails in the worker
-    with pytest.raises(RuntimeError, match="expert copy failed"):
+    bad = c.submit([(torch.zeros(3), torch.zeros(4))], 0)  # shape mismatch: fails in the waiting thread
+    with pytest.raises(CopyError, match="expert copy failed") as info:
         c.wait(bad, 0)
+    assert info.value.slot == 0 and info.value.ticket == bad
+    bad = c.submit([(torch.zeros(3), torch.zeros(4))], 1, need=1)  # fails in the worker: reported to
+    good = c.submit([(dst[2], torch.ones(1000))], 2, need=2)  # the next waiter, whichever copy it waits on
+    for _ in range(5000):
+        if c.ready(bad, 1):
+            break
+        time.sleep(0.001)
+    with pytest.raises(CopyError, match="expert copy failed") as info:
+        c.wait(good, 2)
+    assert info.value.slot == 1 and info.value.ticket == bad and c.ready(bad, 1)
+    c.wait(good, 2)  # reported once
     c.close()
 
 
-def test_thread_copier_runs_demand_first_then_by_need():
-    """Queued while the worker is held: the demand copy runs first, then the promoted prefetch, then
-    the rest by need clock; a cancelled copy and a superseded one (same slot) never run."""
+def test_thread_copier_worker_prefetches_by_need_waiter_runs_demand():
+    """Queued while the worker is held: the worker runs only prefetches, by need clock; a demand copy
+    and a promoted prefetch run in the thread that waits for them; a cancelled copy and a superseded
+    one (same slot) never run."""
+    import threading
+
     from moe_serve.experts.copier import ThreadCopier
 
     order = []
 
-    class Dst:  # a destination that records when its copy ran
+    class Dst:  # a destination that records when, and in which thread, its copy ran
         def __init__(self, name):
             self.name = name
 
         def copy_(self, src):
-            order.append(self.name)
+            order.append((self.name, threading.current_thread().name))
 
     c = ThreadCopier(6)
     with c._cv:  # the worker cannot pop until everything is queued
@@ -169,18 +193,51 @@ def test_thread_copier_runs_demand_first_then_by_need():
         c.submit([(Dst("p3"), None)], 1, need=3)
         late = c.submit([(Dst("p5"), None)], 2, need=5)
         cut = c.submit([(Dst("p4"), None)], 3, need=4)
-        c.submit([(Dst("demand"), None)], 4)
+        demand = c.submit([(Dst("demand"), None)], 4)
         assert c.cancel(cut, 3) and not c.cancel(cut, 3)  # its expert was evicted before the copy started
         assert c.promote(late, 2)  # needed before its copy started
         c.submit([(Dst("p7-old"), None)], 5, need=7)
         t8 = c.submit([(Dst("p8-new"), None)], 5, need=8)  # a new copy into slot 5 supersedes the queued one
         assert c.queued_prefetches() == 3
-    c.wait(t9, 0)
-    c.wait(t8, 5)
-    assert order == ["demand", "p5", "p3", "p8-new", "p9"]
+    for _ in range(5000):  # the worker's own pace (waiting on them would run a queued one here)
+        if c.ready(t9, 0) and c.ready(t8, 5):
+            break
+        time.sleep(0.001)
+    assert order == [("p3", "expert-copier"), ("p8-new", "expert-copier"), ("p9", "expert-copier")]
+    assert not c.ready(demand, 4) and not c.ready(late, 2)  # the worker never runs them
+    me = threading.current_thread().name
+    c.wait(late, 2)
+    c.wait(demand, 4)
+    assert order[3:] == [("p5", me), ("demand", me)]
     assert not c.promote(late, 2) and c.ready(late, 2)
     with pytest.raises(RuntimeError, match="cancelled"):
         c.wait(cut, 3)
+    c.close()
+
+
+def test_thread_copier_waits_for_an_earlier_copy_into_the_slot():
+    """A demand copy into a slot whose prefetch is still running in the worker starts only after
+    it: the later copy's bytes win."""
+    import threading
+
+    from moe_serve.experts.copier import ThreadCopier
+
+    started, go = threading.Event(), threading.Event()
+
+    class Slow:  # the worker's copy into slot 0 runs until the test lets it go
+        def copy_(self, src):
+            started.set()
+            go.wait(5)
+            dst.copy_(torch.zeros(8))
+
+    dst = torch.full((8,), -1.0)
+    c = ThreadCopier(1)
+    c.submit([(Slow(), None)], 0, need=1)
+    assert started.wait(5)
+    t = c.submit([(dst, torch.ones(8))], 0)  # the prefetch's expert was evicted; a demand copy follows
+    threading.Timer(0.05, go.set).start()
+    c.wait(t, 0)
+    assert dst.tolist() == [1.0] * 8
     c.close()
 
 
@@ -189,7 +246,8 @@ def test_prefetch_not_started_when_needed_is_a_late_miss():
     counts as a miss (as in the replay's demand-first order), is promoted to a demand copy, and
     `get` returns the right weights once it lands."""
     src = _Source()
-    store = OffloadExpertStore(src, torch.float32, "cpu", capacity=3, policy=LRUPolicy(), top_k=2, cpu_experts="off")
+    store = OffloadExpertStore(src, torch.float32, "cpu", capacity=3, policy=LRUPolicy(), top_k=2, cpu_experts="off",
+                               admit="always")
     store.begin_layer(0, [0])
     store.get(0, 0)
     store.end_layer(0)
@@ -221,3 +279,50 @@ def test_on_demand_baseline_matches_resident(family, tiny_checkpoint):
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     m = store.metrics()
     assert m["copies"] > 0 and m["bytes_moved"] == m["copies"] * store.expert_bytes and m["hit_rate"] == 0.0
+
+
+def test_admission_streams_experts_not_used_lately():
+    """admit="reuse": a miss whose expert was not used in the last `admit_window` tokens is copied
+    into the staging buffer and computed there, never given a slot; used again within the window,
+    it takes a slot. Both give the expert's own output."""
+    from moe_serve.experts.store import expert_forward
+
+    src = _Source()
+    store = OffloadExpertStore(src, torch.float32, "cpu", capacity=3, policy=LRUPolicy(), top_k=2, cpu_experts="off",
+                               admit="reuse", admit_window=1)
+    x = torch.randn(2, 8)
+    for token in range(3):
+        for layer in range(2):
+            store.begin_layer(layer, [1])
+            y = store.compute_expert(layer, 1, x)
+            torch.testing.assert_close(y, expert_forward(x, *src.w[layer, 1]))
+            assert store.cache.resident(layer * 4 + 1) == (token > 0)  # first use streamed, then kept
+            store.end_layer(layer)
+    m = store.metrics()
+    assert m["streamed"] == 2 and m["copies"] == 4 and m["misses"] == 4 and m["hits"] == 2
+    assert m["bytes_moved"] == 4 * store.expert_bytes
+    with pytest.raises(ValueError, match="admit must be"):
+        OffloadExpertStore(src, torch.float32, "cpu", capacity=3, policy=LRUPolicy(), top_k=2, admit="sometimes")
+    store.close()
+
+
+def test_failed_copy_forgets_the_expert_and_the_store_keeps_serving():
+    from moe_serve.experts.copier import CopyError
+
+    class Broken(_Source):
+        def get(self, l, e):
+            gu, dn = super().get(l, e)
+            return (gu[:-1], dn) if (l, e) == (1, 2) else (gu, dn)  # a short gate_up: the copy fails
+
+    src = Broken()
+    store = OffloadExpertStore(src, torch.float32, "cpu", capacity=3, policy=LRUPolicy(), top_k=2, cpu_experts="off",
+                               host="mmap", admit="always")
+    store.begin_layer(1, [2])
+    with pytest.raises(CopyError, match="expert copy failed"):
+        store.get(1, 2)
+    assert not store.cache.resident(1 * 4 + 2)  # no slot claims weights it does not hold
+    store.end_layer(1)
+    store.begin_layer(0, [0, 1])
+    assert torch.equal(store.get(0, 1)[0], src.w[0, 1][0])
+    store.end_layer(0)
+    store.close()
