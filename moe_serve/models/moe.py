@@ -12,6 +12,7 @@ hooks or the dispatcher is one assignment on the model.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -89,7 +90,7 @@ class LocalDispatcher:
         order, weights, n, k = state  # order [M]: copy of each sorted row; weights [M] in copy order
         if isinstance(order, list):  # one token: y_sorted rows back in rank order, then the same math
             if order != sorted(order):
-                y_sorted = y_sorted.index_select(0, torch.tensor(_inverse(order), device=y_sorted.device))
+                y_sorted = y_sorted.index_select(0, _inverse(tuple(order), y_sorted.device))
             y = y_sorted * weights.reshape(k, 1)  # [K, H], rank order
         else:
             weighted = y_sorted * weights.index_select(0, order)[:, None]  # [M, H] (fp32 if the weights are)
@@ -99,11 +100,14 @@ class LocalDispatcher:
         return out if out.dtype == dtype else out.to(dtype)
 
 
-def _inverse(perm: list[int]) -> list[int]:
+@functools.lru_cache(maxsize=1024)
+def _inverse(perm: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """long [K]: the inverse permutation, as a tensor made once per (permutation, device)."""
     inv = [0] * len(perm)
     for i, p in enumerate(perm):
         inv[p] = i
-    return inv
+    with torch.inference_mode(False):  # a normal tensor, usable inside and outside inference mode
+        return torch.tensor(inv, device=device)
 
 
 @dataclass
