@@ -48,8 +48,8 @@ class StepMeta:
         as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
         positions = batch.positions.to(device)
         if len(dec) == len(q):  # decodes only (the common step): token b is sequence b
-            dec_t = as_t(slots)
-            cache_rows = dec_t * max_len + positions
+            dec_slots = as_t(slots)
+            cache_rows = dec_slots * max_len + positions
             last_idx = dec_idx = torch.arange(len(q), device=device)
             dec_lens = as_t([c + 1 for c in ctx])
         else:
@@ -57,13 +57,13 @@ class StepMeta:
             cache_rows = token_slots * max_len + positions
             last_idx = as_t([s + n - 1 for s, n in zip(starts, q)])
             dec_idx = as_t([starts[i] for i in dec]) if dec else None
-            dec_t = as_t([slots[i] for i in dec]) if dec else None
+            dec_slots = as_t([slots[i] for i in dec]) if dec else None
             dec_lens = as_t([ctx[i] + 1 for i in dec]) if dec else None
         return StepMeta(
             positions=positions,
             cache_rows=cache_rows,
             dec_idx=dec_idx,
-            dec_slots=dec_t,
+            dec_slots=dec_slots,
             dec_lens=dec_lens,
             dec_max=max((ctx[i] + 1 for i in dec), default=0),
             dec_uniform=len({ctx[i] for i in dec}) <= 1,
