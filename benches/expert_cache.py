@@ -17,11 +17,15 @@ layer l), decoded through `LLM` with `replay_trace`, computed in float32 on this
 arithmetic here). Side by side in one process: all experts resident (reference); the no-cache
 baseline (`OnDemandExpertStore`: every step copies each expert it needs into a device-side buffer,
 synchronously, then computes: accelerate / vLLM cpu_offload behaviour, restricted to the routed
-experts); the previous baseline (a 6-slot LRU offloading store, copies through the copy thread);
-the offloading store with 25% of experts resident (LRU, predicted, predicted-prefetch) with
-cpu-experts off (real copies, demand-first copy thread), and predicted with cpu-experts auto (on a
-CPU-only machine: every miss computed where it lies, nothing copied). Greedy outputs must be
-identical in all configurations; the 1-minute load average is recorded before and after each run.
+experts); the previous baseline (a 6-slot LRU offloading store); the offloading store with 25% of
+experts resident (LRU, predicted, predicted-prefetch) with cpu-experts off (real copies: on CPU a
+demand copy runs in the compute thread, prefetches in the copy thread; misses whose expert was not
+used in the last 2 tokens stream through a staging buffer, see moe_serve/experts/offload.py; LRU
+also with every miss taking a slot, the store without that admission rule), and predicted with
+cpu-experts auto (on a CPU-only machine: every miss computed where it lies, nothing copied). Each
+configuration: a warm-up request, then `--repeat` timed requests of `--new-tokens` (the same trace
+sequences for all). Greedy outputs must be identical in all configurations; the 1-minute load
+average is recorded before and after each configuration.
 
 `--copy-order demand-first --policies lru,predicted-prefetch,belady` reruns (a) with prefetches
 queued on the host so demand fetches overtake them, by need time (see moe_serve/experts/replay.py),
@@ -131,12 +135,23 @@ def on_demand(resident):
     return OnDemandExpertStore(resident.gate_up, resident.down, resident.device)
 
 
-def decode(model_dir: Path, trace: Path, new_tokens: int, swap=None, **options) -> dict:
+def decode(model_dir: Path, trace: Path, new_tokens: int, repeat: int = 1, swap=None, admit=None, **options) -> dict:
+    """Warm-up on trace sequence 0, then `repeat` timed requests (trace sequences 1..repeat, the same
+    for every configuration; the cache stays warm between them). tok/s = all timed tokens / their time."""
     from moe_serve import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(model=str(model_dir), replay_trace=str(trace), dtype="float32", kv_cache_gb=0.05, max_num_seqs=1,
-              **options)
+    if admit is not None:  # the store's admission rule, which no config field sets (auto otherwise)
+        import moe_serve.experts.factory as factory_mod
+
+        make = factory_mod.expert_store_factory
+        factory_mod.expert_store_factory = lambda cfg: make(cfg, admit=admit)
+    try:
+        llm = LLM(model=str(model_dir), replay_trace=str(trace), dtype="float32", kv_cache_gb=0.05, max_num_seqs=1,
+                  **options)
+    finally:
+        if admit is not None:
+            factory_mod.expert_store_factory = make
     if swap is not None:
         llm.engine.model.store = swap(llm.engine.model.store)
     load_s = time.perf_counter() - t0
@@ -147,20 +162,24 @@ def decode(model_dir: Path, trace: Path, new_tokens: int, swap=None, **options) 
     llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))  # warm-up: trace seq 0
     if hasattr(store, "reset_metrics"):
         store.reset_metrics()
-    t0 = time.perf_counter()  # the timed request replays trace sequence 1
-    out = llm.generate([prompt], sp)[0]
-    wall = time.perf_counter() - t0
+    walls, token_ids = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()  # each timed request replays the next trace sequence
+        out = llm.generate([prompt], sp)[0]
+        walls.append(time.perf_counter() - t0)
+        token_ids.append(list(out.token_ids))
     metrics = store.metrics() if hasattr(store, "metrics") else {}
     if hasattr(store, "close"):
         store.close()
-    return dict(tokens_per_s=new_tokens / wall, seconds=wall, load_s=load_s, token_ids=list(out.token_ids),
-                loadavg_before=load_before, loadavg_after=os.getloadavg(),
-                store=type(store).__name__, **{k: metrics.get(k) for k in
-                                               ("hit_rate", "copies", "cpu_computed", "stall_s", "capacity",
-                                                "prefetch_precision", "prefetch_recall")})
+    wall = sum(walls)
+    return dict(tokens_per_s=new_tokens * repeat / wall, seconds=wall, per_request_tok_s=[new_tokens / w for w in walls],
+                load_s=load_s, token_ids=token_ids, loadavg_before=load_before, loadavg_after=os.getloadavg(),
+                store=type(store).__name__, admit=getattr(store, "admit", None),
+                **{k: metrics.get(k) for k in ("hit_rate", "copies", "streamed", "cpu_computed", "stall_s", "capacity",
+                                               "prefetch_precision", "prefetch_recall")})
 
 
-def part_e2e(new_tokens: int, small: bool = False) -> dict:
+def part_e2e(new_tokens: int, small: bool = False, repeat: int = 3) -> dict:
     # one compute thread: on this shared 2-core machine OpenMP's second thread makes a batch-1 expert
     # 1000x slower (spin-waits against other processes); the copier thread may use the other core
     torch.set_num_threads(1)
@@ -175,8 +194,10 @@ def part_e2e(new_tokens: int, small: bool = False) -> dict:
     runs = {
         "resident (all experts in RAM)": {},
         "on-demand copy, no cache": dict(swap=on_demand),
-        "6-slot LRU store, copy thread": dict(expert_cache_slots=E2E["num_experts_per_tok"], cache_policy="lru",
+        "6-slot LRU store": dict(expert_cache_slots=E2E["num_experts_per_tok"], cache_policy="lru",
                                               cpu_experts="off"),
+        "offload 25% LRU, every miss takes a slot": dict(expert_cache_slots=quarter, cache_policy="lru",
+                                                         cpu_experts="off", admit="always"),
         "offload 25% LRU": dict(expert_cache_slots=quarter, cache_policy="lru", cpu_experts="off"),
         "offload 25% predicted": dict(expert_cache_slots=quarter, cache_policy="predicted", predictor=str(pred),
                                       cpu_experts="off"),
@@ -187,11 +208,11 @@ def part_e2e(new_tokens: int, small: bool = False) -> dict:
     }
     results = {}
     for name, opts in runs.items():
-        results[name] = decode(model_dir, trace, new_tokens, **opts)
+        results[name] = decode(model_dir, trace, new_tokens, repeat, **opts)
         r = results[name]
         print(f"{name:42s} {r['tokens_per_s']:7.2f} tok/s  hit {r['hit_rate'] if r['hit_rate'] is None else round(r['hit_rate'], 3)}"
               f"  copies {r['copies']}  stall {r['stall_s'] if r['stall_s'] is None else round(r['stall_s'], 2)} s", flush=True)
-    lines = [f"{'configuration':42s} {'tok/s':>7s} {'x on-demand':>11s} {'hit':>6s} {'copies':>7s} "
+    lines = [f"{'configuration':42s} {'tok/s':>7s} {'x on-demand':>11s} {'hit':>6s} {'copies':>7s} {'streamed':>8s} "
              f"{'stall s':>8s} {'same tokens':>11s} {'load avg (1 min)':>16s}"]
     ref = results["resident (all experts in RAM)"]["token_ids"]
     base = results["on-demand copy, no cache"]["tokens_per_s"]
@@ -202,21 +223,24 @@ def part_e2e(new_tokens: int, small: bool = False) -> dict:
         hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
         stall = "-" if r["stall_s"] is None else f"{r['stall_s']:.2f}"
         lines.append(f"{name:42s} {r['tokens_per_s']:7.2f} {r['speedup_vs_on_demand']:11.2f} {hit:>6s} "
-                     f"{str(r['copies'] if r['copies'] is not None else '-'):>7s} {stall:>8s} "
+                     f"{str(r['copies'] if r['copies'] is not None else '-'):>7s} "
+                     f"{str(r['streamed'] if r['streamed'] is not None else '-'):>8s} {stall:>8s} "
                      f"{str(r['same_tokens_as_resident']):>11s} "
                      f"{r['loadavg_before'][0]:7.2f} ->{r['loadavg_after'][0]:5.2f}")
     print("\n".join(lines))
     if not small:
         (RESULTS / "expert_cache_e2e.txt").write_text("\n".join(lines) + "\n")
     size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
-    return dict(checkpoint_bytes=size, config=shape, torch_threads=torch.get_num_threads(), new_tokens=new_tokens, slots_25pct=quarter, runs=results)
+    return dict(checkpoint_bytes=size, config=shape, torch_threads=torch.get_num_threads(), new_tokens=new_tokens,
+                repeat=repeat, slots_25pct=quarter, runs=results)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=("sim", "e2e", "all"), default="all")
     ap.add_argument("--tokens", type=int, default=None, help="replay only the first N tokens of each trace")
-    ap.add_argument("--new-tokens", type=int, default=48, help="tokens decoded per end-to-end run")
+    ap.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per timed end-to-end request")
+    ap.add_argument("--repeat", type=int, default=3, help="timed requests per end-to-end configuration")
     ap.add_argument("--small", action="store_true", help="a tiny e2e model (smoke test of the script)")
     ap.add_argument("--jobs", type=int, default=2, help="processes for the two sim directions")
     ap.add_argument("--copy-order", choices=("fifo", "demand-first"), default="fifo",
@@ -243,7 +267,7 @@ def main() -> int:
             data[f"results_{args.copy_order}"] = out["sim"]
         path.write_text(json.dumps(data, indent=1, default=float))
     if args.part in ("e2e", "all"):
-        out["e2e"] = part_e2e(args.new_tokens, args.small)
+        out["e2e"] = part_e2e(args.new_tokens, args.small, args.repeat)
         if args.small:
             return 0
         (RESULTS / "expert_cache.json").write_text(json.dumps(out, indent=1, default=float))

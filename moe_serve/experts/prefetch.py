@@ -38,6 +38,8 @@ class RoutingHook(RouterHooks):
         self.weights = torch.zeros((0, num_layers, top_k))
         self.prev_e, self.prev_w = self.experts, self.weights
         self.seq_of: list[int] = []
+        self._inner: torch.Tensor | None = None  # rows after the first of a prefill chunk (None: no such row)
+        self._routed = -1  # last layer `route` filled this step
 
     def begin_step(self, batch: ForwardBatch) -> None:
         N, L, K = batch.num_tokens, self.L, self.K
@@ -54,30 +56,34 @@ class RoutingHook(RouterHooks):
             self.seq_of += [sid] * n
             self.first_row += [row] + [-1] * (n - 1)
             row += n
+        inner = [r for r, first in enumerate(self.first_row) if first < 0]
+        self._inner = torch.tensor(inner, dtype=torch.long) if inner else None  # once per step, not per layer
+        self._routed = -1
 
     def route(self, moe_layer, hidden, expert_ids, weights):
         self.experts[:, moe_layer] = expert_ids.detach().to("cpu", torch.long)
         self.weights[:, moe_layer] = weights.detach().to("cpu", torch.float32)
+        self._routed = max(self._routed, moe_layer)
         return None
 
     def state(self, layer: int):
         """`predictors.RoutingState` after `layer`'s router, for every token of the step."""
         from predictors.base import RoutingState
 
-        known = (torch.arange(self.L) <= layer)[None, :, None]
+        experts, weights = self.experts, self.weights
+        if self._routed > layer:  # layers are routed in order, so later ones are still unset (-1, 0): this
+            known = (torch.arange(self.L) <= layer)[None, :, None]  # masking is needed only out of order
+            experts, weights = torch.where(known, experts, -1), torch.where(known, weights, 0.0)
         prev_e, prev_w = self._previous()
-        return RoutingState(
-            experts=torch.where(known, self.experts, -1), weights=torch.where(known, self.weights, 0.0),
-            prev_experts=prev_e, prev_weights=prev_w,
-        )
+        return RoutingState(experts=experts, weights=weights, prev_experts=prev_e, prev_weights=prev_w)
 
     def _previous(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's previous token's routing [N, L, K]: the row before it in a prefill chunk."""
+        if self._inner is None:  # decode: every row's previous token is from an earlier step
+            return self.prev_e, self.prev_w
+        idx = self._inner
         prev_e, prev_w = self.prev_e.clone(), self.prev_w.clone()
-        inner = torch.tensor([r < 0 for r in self.first_row], dtype=torch.bool)  # rows after the first of a chunk
-        if inner.any():
-            idx = torch.nonzero(inner).squeeze(1)
-            prev_e[idx], prev_w[idx] = self.experts[idx - 1], self.weights[idx - 1]
+        prev_e[idx], prev_w[idx] = self.experts[idx - 1], self.weights[idx - 1]
         return prev_e, prev_w
 
     def _learn(self) -> None:
