@@ -5,11 +5,10 @@
 - `StreamCopier` (CUDA): copies run on a side stream, ordered after the compute stream has released
   the slot (an event recorded when the layer that last read it ended), and each copy records an
   event; `wait` makes the compute stream wait on it, so nothing blocks the host.
-- `ThreadCopier` (CPU, or any device without streams): a demand copy runs in the thread that waits
-  for it (no hand-off, and the weights are in cache for the forward that follows); one worker thread
-  runs prefetches one at a time by the clock they are needed at, so a demand copy never queues
-  behind them (the replay's `copy_order="demand-first"`); a prefetch still queued when it is needed
-  is run by the waiter.
+- `ThreadCopier` (CPU, or any device without streams): one worker thread runs copies one at a time,
+  demand copies first, then prefetches by the clock they are needed at (the replay's
+  `copy_order="demand-first"`); a copy the worker has not started when someone waits for it runs
+  in the waiting thread instead (no hand-off latency on the critical path).
 
 Both copy into preallocated slot buffers (`dst.copy_(src)`), never allocate on the hot path.
 """
@@ -31,21 +30,23 @@ class CopyError(RuntimeError):
 
 
 class ThreadCopier:
-    """Demand copies run in the thread that waits for them; one worker thread runs prefetches, one
-    at a time, by the clock they are needed at (`need`).
+    """One worker thread, one copy at a time: demand copies first (in submission order), then
+    prefetches by the clock they are needed at (`need`). `wait` on a copy the worker has not
+    started runs it in the waiting thread: no wake-up and GIL hand-back on the critical path, and
+    the weights are in this core's cache for the forward that follows. (Measured on the 2-core
+    CPU: a copy in one thread and an expert forward in another both run at about half speed, the
+    memory bus is shared, so the worker overlaps a copy with the Python and attention work around
+    the experts more than with the experts themselves.) With `worker_demand=False` the worker runs
+    prefetches only and every demand copy waits for its waiter.
 
-    Why inline: on a CPU-only machine a copy is a memcpy on the same memory bus the compute reads
-    from (measured on the 2-core CPU: a copy in one thread and an expert forward in another both run
-    at half speed, so overlapping them saves nothing), and handing a demand copy to the worker adds
-    a wake-up and a GIL hand-back per expert on the critical path. Run inline just before the
-    expert's forward, the copy also leaves the weights in cache for it. The worker keeps prefetches
-    off the critical path. A queued prefetch can be cancelled (its expert was evicted) or promoted
-    to demand (its expert is needed before the copy started: the waiter then runs it inline); a
-    copy into a slot never starts while an earlier copy into that slot is still running."""
+    A queued copy can be cancelled (its expert was evicted) or a queued prefetch promoted to demand
+    (its expert is needed before the copy started); a copy into a slot never starts while an
+    earlier copy into that slot is still running."""
 
-    def __init__(self, num_slots: int):
+    def __init__(self, num_slots: int, worker_demand: bool = True):
+        self.worker_demand = worker_demand  # the worker also runs demand copies (first) unless a waiter took them
         self._cv = threading.Condition()
-        self._heap: list = []  # (need, seq, slot): prefetches for the worker (stale entries skipped)
+        self._heap: list = []  # (need or -1 for demand, seq, slot) for the worker (stale entries skipped)
         self._queued: dict[int, tuple] = {}  # slot -> (ticket, seq, is prefetch, pairs) not started
         self._slot_done = [0] * num_slots  # last ticket finished per slot (a slot's copies finish in order)
         self._running: dict[int, int] = {}  # slot -> ticket being copied (by the worker or a waiter)
@@ -88,8 +89,8 @@ class ThreadCopier:
             self._issued += 1
             self._seq += 1
             self._queued[slot] = (self._issued, self._seq, need is not None, pairs)
-            if need is not None:
-                heapq.heappush(self._heap, (need, self._seq, slot))
+            if need is not None or self.worker_demand:
+                heapq.heappush(self._heap, (-1 if need is None else need, self._seq, slot))
                 self._cv.notify()
             return self._issued
 
@@ -110,6 +111,9 @@ class ThreadCopier:
                 return False
             self._seq += 1
             self._queued[slot] = (ticket, self._seq, False, q[3])  # its heap entry is stale now
+            if self.worker_demand:
+                heapq.heappush(self._heap, (-1, self._seq, slot))
+                self._cv.notify()
             return True
 
     def queued_prefetches(self) -> int:
@@ -223,5 +227,5 @@ class StreamCopier:
         self.stream.synchronize()
 
 
-def make_copier(device: torch.device, num_slots: int):
-    return StreamCopier(device, num_slots) if device.type == "cuda" else ThreadCopier(num_slots)
+def make_copier(device: torch.device, num_slots: int, **options):
+    return StreamCopier(device, num_slots) if device.type == "cuda" else ThreadCopier(num_slots, **options)

@@ -47,7 +47,7 @@ from moe_serve.experts.store import ExpertStore, expert_forward
 class OffloadExpertStore(ExpertStore):
     def __init__(self, source, dtype: torch.dtype, device, capacity: int, policy, *, top_k: int,
                  per_layer: bool = False, host: str = "copy", cpu_experts: str = "auto", max_queued: int = 12,
-                 learn_every: int = 64, admit: str = "auto", admit_window: int = 1):
+                 learn_every: int = 64, admit: str = "auto", admit_window: int = 1, copier_options: dict | None = None):
         if host not in ("copy", "mmap"):
             raise ValueError(f"expert_cache.host_memory must be copy or mmap, got {host!r}")
         if cpu_experts not in ("auto", "on", "off"):
@@ -76,7 +76,7 @@ class OffloadExpertStore(ExpertStore):
         self.slot_gu = torch.zeros((capacity, *gu0.shape), dtype=dtype, device=self.device)
         self.slot_dn = torch.zeros((capacity, *dn0.shape), dtype=dtype, device=self.device)
         self.expert_bytes = (self.slot_gu[0].numel() + self.slot_dn[0].numel()) * self.slot_gu.element_size()
-        self.copier = make_copier(self.device, capacity)
+        self.copier = make_copier(self.device, capacity, **({} if copier_options is None else copier_options))
         self.ticket = np.zeros(capacity, dtype=np.int64)  # copy each slot waits on
         self.prefetched = np.zeros(L * E, dtype=bool)  # prefetched, not used yet
         self.costs: ExpertCosts | None = None
@@ -200,6 +200,38 @@ class OffloadExpertStore(ExpertStore):
         state = self.routing_hook.state(moe_layer) if self.routing_hook is not None else None
         for g in self.policy.on_route(moe_layer, state, self.clock).tolist():
             self._prefetch_one(g)
+
+    def run(self, moe_layer: int, x_sorted: torch.Tensor, counts) -> torch.Tensor:
+        """`ExpertStore.run`, computing the experts whose weights are in place first, then those whose
+        slot copy is pending (in the order they were queued: the copier works on them meanwhile), then
+        the streamed and host-computed ones; outputs stay in expert order (each expert's rows are
+        computed alone, so the order changes no bits)."""
+        counts = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
+        active = [e for e, c in enumerate(counts) if c]
+        self.begin_layer(moe_layer, active, [counts[e] for e in active])
+        starts, start = [], 0
+        for e in active:
+            starts.append(start)
+            start += counts[e]
+        base = moe_layer * self.num_experts
+        late = self._on_host | self._streamed
+
+        def rank(i: int) -> tuple[int, int]:
+            g = base + active[i]
+            if g in late:
+                return 2, i
+            slot = int(self.cache.slot_of[g])
+            ticket = int(self.ticket[slot])
+            return (0, i) if self.copier.ready(ticket, slot) else (1, ticket)
+
+        outs: list[torch.Tensor | None] = [None] * len(active)
+        for i in sorted(range(len(active)), key=rank):
+            e = active[i]
+            outs[i] = self.compute_expert(moe_layer, e, x_sorted[starts[i]:starts[i] + counts[e]])
+        self.end_layer(moe_layer)
+        if not outs:
+            return x_sorted.new_empty(x_sorted.shape)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _prefetch_one(self, g: int) -> None:
         if self.in_place_only or self.cache.resident(g) or self.copier.queued_prefetches() >= self.max_queued:

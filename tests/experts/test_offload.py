@@ -170,10 +170,11 @@ def test_thread_copier_copies_in_order_and_reports_errors():
     c.close()
 
 
-def test_thread_copier_worker_prefetches_by_need_waiter_runs_demand():
-    """Queued while the worker is held: the worker runs only prefetches, by need clock; a demand copy
-    and a promoted prefetch run in the thread that waits for them; a cancelled copy and a superseded
-    one (same slot) never run."""
+def test_thread_copier_runs_demand_first_then_by_need_and_waiters_take_queued_copies():
+    """Queued while the worker is held: the worker runs the demand copy first, then the promoted
+    prefetch, then the rest by need clock; a cancelled copy and a superseded one (same slot) never
+    run; a copy still queued when someone waits for it runs in the waiting thread. With
+    worker_demand=False the worker leaves demand copies to their waiters."""
     import threading
 
     from moe_serve.experts.copier import ThreadCopier
@@ -187,32 +188,45 @@ def test_thread_copier_worker_prefetches_by_need_waiter_runs_demand():
         def copy_(self, src):
             order.append((self.name, threading.current_thread().name))
 
-    c = ThreadCopier(6)
-    with c._cv:  # the worker cannot pop until everything is queued
-        t9 = c.submit([(Dst("p9"), None)], 0, need=9)
-        c.submit([(Dst("p3"), None)], 1, need=3)
-        late = c.submit([(Dst("p5"), None)], 2, need=5)
-        cut = c.submit([(Dst("p4"), None)], 3, need=4)
-        demand = c.submit([(Dst("demand"), None)], 4)
-        assert c.cancel(cut, 3) and not c.cancel(cut, 3)  # its expert was evicted before the copy started
-        assert c.promote(late, 2)  # needed before its copy started
-        c.submit([(Dst("p7-old"), None)], 5, need=7)
-        t8 = c.submit([(Dst("p8-new"), None)], 5, need=8)  # a new copy into slot 5 supersedes the queued one
-        assert c.queued_prefetches() == 3
-    for _ in range(5000):  # the worker's own pace (waiting on them would run a queued one here)
-        if c.ready(t9, 0) and c.ready(t8, 5):
-            break
-        time.sleep(0.001)
-    assert order == [("p3", "expert-copier"), ("p8-new", "expert-copier"), ("p9", "expert-copier")]
-    assert not c.ready(demand, 4) and not c.ready(late, 2)  # the worker never runs them
+    def settle(c, *tickets_slots):  # the worker's own pace (waiting would run a queued copy here)
+        for _ in range(5000):
+            if all(c.ready(t, s) for t, s in tickets_slots):
+                return
+            time.sleep(0.001)
+
     me = threading.current_thread().name
-    c.wait(late, 2)
-    c.wait(demand, 4)
-    assert order[3:] == [("p5", me), ("demand", me)]
-    assert not c.promote(late, 2) and c.ready(late, 2)
-    with pytest.raises(RuntimeError, match="cancelled"):
-        c.wait(cut, 3)
-    c.close()
+    for worker_demand in (True, False):
+        order.clear()
+        c = ThreadCopier(7, worker_demand=worker_demand)
+        with c._cv:  # the worker cannot pop until everything is queued
+            t9 = c.submit([(Dst("p9"), None)], 0, need=9)
+            c.submit([(Dst("p3"), None)], 1, need=3)
+            late = c.submit([(Dst("p5"), None)], 2, need=5)
+            cut = c.submit([(Dst("p4"), None)], 3, need=4)
+            demand = c.submit([(Dst("demand"), None)], 4)
+            assert c.cancel(cut, 3) and not c.cancel(cut, 3)  # its expert was evicted before the copy started
+            assert c.promote(late, 2)  # needed before its copy started
+            c.submit([(Dst("p7-old"), None)], 5, need=7)
+            t8 = c.submit([(Dst("p8-new"), None)], 5, need=8)  # a new copy into slot 5 supersedes the queued one
+            assert c.queued_prefetches() == 3
+            mine = c.submit([(Dst("p1-waited"), None)], 6, need=1)
+            c.wait(mine, 6)  # queued, not started: runs here, at once, though the worker is held
+        assert order == [("p1-waited", me)]
+        settle(c, (t9, 0), (t8, 5))
+        worker = [n for n, th in order if th == "expert-copier"]
+        if worker_demand:
+            settle(c, (demand, 4), (late, 2))
+            assert worker == ["demand", "p5", "p3", "p8-new", "p9"]
+        else:
+            assert worker == ["p3", "p8-new", "p9"]
+            assert not c.ready(demand, 4) and not c.ready(late, 2)  # left to their waiters
+            c.wait(late, 2)
+            c.wait(demand, 4)
+            assert order[-2:] == [("p5", me), ("demand", me)]
+        assert not c.promote(late, 2) and c.ready(late, 2)
+        with pytest.raises(RuntimeError, match="cancelled"):
+            c.wait(cut, 3)
+        c.close()
 
 
 def test_thread_copier_waits_for_an_earlier_copy_into_the_slot():
