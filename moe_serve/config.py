@@ -33,12 +33,17 @@ class ModelConfig:
     cpu_threads: int | None = doc("torch intra-op CPU threads (process-wide); default: torch's choice. "
                                   "On a CPU shared with other work, 1 avoids waiting on descheduled threads",
                                   default=None)
+    mla_decode: str = doc("DeepSeek (MLA) decode attention: absorbed (in the latent space, no per-step "
+                          "expansion of the cache: the fast one) or expanded (transformers' op order: bit-exact "
+                          "in bf16, cost grows with context x heads)", default="absorbed")
 
     def __post_init__(self):
         require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "model", "dtype",
                 "one of auto, float32, bfloat16, float16", self.dtype)
         require(self.max_model_len is None or self.max_model_len > 0, "model", "max_model_len", "> 0", self.max_model_len)
         require(self.cpu_threads is None or self.cpu_threads >= 1, "model", "cpu_threads", ">= 1", self.cpu_threads)
+        require(self.mla_decode in ("absorbed", "expanded"), "model", "mla_decode", "absorbed or expanded",
+                self.mla_decode)
 
 
 @dataclass

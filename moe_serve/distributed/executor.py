@@ -78,7 +78,7 @@ class DistributedModel:
         """Start the ranks: each loads its shard and allocates its KV cache of `num_slots` x `max_len`."""
         pc, mc, w = self.pc, self.mc, self.layout.world_size
         threads = pc.threads_per_rank or max(1, (os.cpu_count() or 1) // w)
-        args = dict(model=str(mc.model), dtype=mc.dtype, num_slots=num_slots, max_len=max_len,
+        args = dict(model=str(mc.model), dtype=mc.dtype, mla_decode=mc.mla_decode, num_slots=num_slots, max_len=max_len,
                     dispatch=pc.dispatch, placement=pc.placement, redundant_experts=pc.redundant_experts,
                     allreduce_backend=self.allreduce, rebalance_every=pc.rebalance_every,
                     shm_max_bytes=SHM_MAX_BYTES, preplan=pc.preplan, preplan_predictor=pc.preplan_predictor,

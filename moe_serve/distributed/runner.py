@@ -119,7 +119,7 @@ class ModelRunner:
             return EPExpertStore(source, self.plan, lay.ep_rank, lay.moe_tp, lay.moe_tp_rank, dtype, device)
 
         model = load_model(a["model"], dtype=a.get("dtype", "auto"), device=spec.device,
-                           expert_store_factory=store_factory)
+                           expert_store_factory=store_factory, mla_decode=a.get("mla_decode", "absorbed"))
         for layer in model.layers:  # each MoE block its own runtime: its dispatcher knows its layer
             if isinstance(layer.mlp, MoEBlock):
                 b = layer.mlp

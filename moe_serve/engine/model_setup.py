@@ -68,7 +68,7 @@ def load_engine_model(mc: ModelConfig, hooks: EngineHooks, expert_cache=None, pa
 
         factory = expert_store_factory(expert_cache)
     model = load_model(mc.model, dtype=mc.dtype, device=mc.device, hooks=hooks.for_model(),
-                       expert_store_factory=factory)
+                       expert_store_factory=factory, mla_decode=mc.mla_decode)
     routing_hook = getattr(model.store, "routing_hook", None)
     if routing_hook is not None:  # after replay in the chain: the predictor sees the routing used
         model.hooks = HookChain([model.hooks, routing_hook])

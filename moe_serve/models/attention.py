@@ -104,6 +104,18 @@ def chunk_mask(n: int, ctx: int, window: int | None, device) -> torch.Tensor | N
     return m
 
 
+def gqa_decode(qd: torch.Tensor, rows: tuple[torch.Tensor, ...], expand, mask: torch.Tensor | None,
+               scale: float) -> torch.Tensor:
+    """Decodes' attention: qd [B, Hq, D] over their cache rows (each [B, T, ...]) -> [B, Hq, Dv].
+    The G = Hq/Hkv query heads that share a KV head (heads kv*G .. kv*G+G-1) attend as G query rows
+    of that head: no K/V expansion, and one kernel block per KV head (~2x faster on CPU)."""
+    k, v = expand(rows)  # [B, T, Hkv, D]
+    b, hq, hkv = qd.shape[0], qd.shape[1], k.shape[2]
+    o = F.scaled_dot_product_attention(qd.reshape(b, hkv, hq // hkv, qd.shape[-1]), k.transpose(1, 2),
+                                       v.transpose(1, 2), attn_mask=mask, scale=scale)  # [B, Hkv, G, Dv]
+    return o.reshape(b, hq, o.shape[-1])
+
+
 def attend(
     q: torch.Tensor,  # [N, Hq, Dqk]
     new_rows: tuple[torch.Tensor, ...],  # each [N, ...]: this step's cache rows
@@ -113,6 +125,7 @@ def attend(
     scale: float,
     window: int | None,
     v_dim: int,
+    decode: Callable | None = None,  # (qd [B,Hq,Dqk], rows, mask [B,1,1,T] | None) -> [B,Hq,Dv]; default gqa_decode
 ) -> torch.Tensor:  # [N, Hq, Dv]
     for cache, rows in zip(caches, new_rows):  # one index_copy_ per cache into its [slots * max_len] rows view
         cache.view(-1, *cache.shape[2:]).index_copy_(0, meta.cache_rows, rows if rows.dtype == cache.dtype else rows.to(cache.dtype))
@@ -123,16 +136,10 @@ def attend(
             rows = tuple(c[meta.dec_range[0]:meta.dec_range[1], : meta.dec_max] for c in caches)
         else:
             rows = tuple(c[:, : meta.dec_max].index_select(0, meta.dec_slots) for c in caches)
-        k, v = expand(rows)  # [B, T, Hkv, D]
         only_decodes = not meta.prefills  # then decode b is token b: no gather/scatter of q and out
         qd = q if only_decodes else q.index_select(0, meta.dec_idx)  # [B, Hq, D]
-        b, hkv = qd.shape[0], k.shape[2]
-        # The G = Hq/Hkv query heads that share a KV head (heads kv*G .. kv*G+G-1) attend as G query
-        # rows of that head: no K/V expansion, and one kernel block per KV head (~2x faster on CPU).
-        qd = qd.reshape(b, hkv, hq // hkv, qd.shape[-1])  # [B, Hkv, G, D]
-        o = F.scaled_dot_product_attention(qd, k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=meta.decode_mask(window), scale=scale)  # [B, Hkv, G, Dv]
-        o = o.reshape(b, hq, o.shape[-1])
+        mask = meta.decode_mask(window)
+        o = decode(qd, rows, mask) if decode is not None else gqa_decode(qd, rows, expand, mask, scale)  # [B, Hq, Dv]
         if only_decodes:
             return o
         out.index_copy_(0, meta.dec_idx, o)

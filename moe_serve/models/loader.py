@@ -1,6 +1,6 @@
 """load_model: a Hugging Face MoE checkpoint directory -> a ready MoEModel.
 
-    load_model(model_dir, dtype="auto", device="cpu", hooks=NO_HOOKS, expert_store_factory=None)
+    load_model(model_dir, dtype="auto", device="cpu", hooks=NO_HOOKS, expert_store_factory=None, mla_decode="absorbed")
 
 `dtype`: "auto" (the checkpoint's `dtype`/`torch_dtype`, float32 when absent), "float32", "bfloat16",
 "float16" or a torch.dtype. Non-expert weights are read (memory-mapped) into the model built on the
@@ -69,8 +69,13 @@ class CheckpointExperts:
         return torch.cat((gate, up), dim=0), down
 
 
+MLA_DECODE_MODES = ("absorbed", "expanded")
+
+
 def load_model(model_dir: str | Path, dtype="auto", device="cpu", hooks: RouterHooks = NO_HOOKS,
-               expert_store_factory=None) -> MoEModel:
+               expert_store_factory=None, mla_decode: str = "absorbed") -> MoEModel:
+    if mla_decode not in MLA_DECODE_MODES:
+        raise ValueError(f"model.mla_decode must be one of {', '.join(MLA_DECODE_MODES)}, got {mla_decode!r}")
     cfg = read_config(model_dir)
     family, spec = parse_spec(cfg)
     quant = cfg.get("quantization_config")
@@ -94,4 +99,7 @@ def load_model(model_dir: str | Path, dtype="auto", device="cpu", hooks: RouterH
     source = CheckpointExperts(ckpt, family, spec)
     model.store = (expert_store_factory or resident_store_factory)(spec, source, dt, device)
     model.family, model.config, model.model_dir = family.name, cfg, str(model_dir)
+    for layer in model.layers:
+        if hasattr(layer.self_attn, "absorb_decode"):  # MLA
+            layer.self_attn.absorb_decode = mla_decode == "absorbed"
     return model.finish_loading().eval()

@@ -1,7 +1,9 @@
 """bf16 checkpoints: the same numbers as transformers (loaded with from_pretrained), bit for bit.
 
 The engine benchmark requires identical greedy outputs in bf16, so the model mirrors transformers'
-op order where rounding depends on it (router dtype, grouped-mm combine, fp32 complex rope of V2)."""
+op order where rounding depends on it (router dtype, grouped-mm combine, fp32 complex rope of V2).
+DeepSeek (MLA) decodes are bit-exact with `mla_decode="expanded"` (transformers' order); the default
+absorbed form computes the same attention in another order (tests/models/test_mla_absorbed.py)."""
 from __future__ import annotations
 
 import pytest
@@ -19,7 +21,7 @@ PROMPT = torch.randint(3, 128, (20,), generator=torch.Generator().manual_seed(1)
 def test_bf16_prefill_and_greedy_are_bit_exact(family, tmp_path):
     d = make_tiny_checkpoint(family, tmp_path, dtype=torch.bfloat16)
     hf = AutoModelForCausalLM.from_pretrained(d).eval()
-    ours = load_model(d)
+    ours = load_model(d, mla_decode="expanded")
     assert hf.dtype == ours.dtype == torch.bfloat16
     ours.allocate_kv_cache(2, 64)
     with torch.no_grad():
