@@ -49,7 +49,7 @@ def create_app(engine, cfg: ServerConfig, model_dir: str | None = None, own_engi
     app = FastAPI(title="moe-serve", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible server for Mixture-of-Experts models")
     app.state.metrics, app.state.runner, app.state.info = metrics, runner, info
-    install_error_handlers(app)
+    install_error_handlers(app, metrics.observe_error)
 
     async def check_key(request: Request) -> None:
         if cfg.api_key is None:

@@ -6,6 +6,8 @@ with the field's dotted path as `param` ("messages.0.role"), so clients see whic
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -21,9 +23,10 @@ class APIError(Exception):
     """An error the handlers answer in OpenAI's shape."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, counted: bool = False):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.counted = counted  # already in the error metric (raised where a stream may have started)
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict:
@@ -72,20 +75,28 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
     return error_response(400, message, param=param, code=err.get("type"))
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, count_error: Callable[[int], None] = lambda status: None) -> None:
+    """OpenAI-shaped error bodies for every failure; each error answered is counted once by
+    `count_error(status)` (the request_errors metric), unless the raiser counted it already."""
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        return validation_error_response(exc)
+        response = validation_error_response(exc)
+        count_error(response.status_code)
+        return response
 
     @app.exception_handler(APIError)
     async def _api(request: Request, exc: APIError):
+        if not exc.counted:
+            count_error(exc.status)
         return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        count_error(exc.status_code)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error_response(exc.status_code, str(exc.detail), kind, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
+        count_error(500)
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "internal_server_error")

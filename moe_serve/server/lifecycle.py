@@ -33,11 +33,11 @@ class RunState:
     last_token: float | None = None
 
 
-def engine_error(exc: Exception) -> APIError:
+def engine_error(exc: Exception, counted: bool = False) -> APIError:
     """The engine's ValueError ("SamplingParams.top_k must be ...") -> 400 naming the field."""
     msg = str(exc)
     m = _PARAM_IN_ERROR.search(msg)
-    return APIError(400, msg, param=m.group(1) if m else None)
+    return APIError(400, msg, param=m.group(1) if m else None, counted=counted)
 
 
 class RequestRunner:
@@ -58,7 +58,7 @@ class RequestRunner:
             self.metrics.observe_error(429)
             raise APIError(429, f"server busy: {self.in_flight} requests in flight, the limit is "
                                 f"max_pending_requests={self.max_pending}; retry later",
-                           type="rate_limit_error", code="queue_full")
+                           type="rate_limit_error", code="queue_full", counted=True)
         self.in_flight += 1
 
     def release(self) -> None:
@@ -116,13 +116,13 @@ class RequestRunner:
                     yield out
             except self.queue_full_errors as exc:
                 self.metrics.observe_error(429)
-                raise APIError(429, f"server busy: {exc}", type="rate_limit_error", code="queue_full") from exc
+                raise APIError(429, f"server busy: {exc}", type="rate_limit_error", code="queue_full", counted=True) from exc
             except self.dead_errors as exc:
                 self.metrics.observe_error(503)
-                raise APIError(503, f"engine unavailable: {exc}", type="service_unavailable") from exc
+                raise APIError(503, f"engine unavailable: {exc}", type="service_unavailable", counted=True) from exc
             except ValueError as exc:
                 self.metrics.observe_error(400)
-                raise engine_error(exc) from exc
+                raise engine_error(exc, counted=True) from exc
         finally:
             for w in watchers:
                 w.cancel()
@@ -149,12 +149,13 @@ class RequestRunner:
         if state.timed_out:
             self.metrics.observe_error(504)
             return APIError(504, f"request exceeded request_timeout_s={self.timeout_s}", type="timeout_error",
-                            code="timeout")
+                            code="timeout", counted=True)
         if state.disconnected:
             self.metrics.observe_error(499)
-            return APIError(499, "client disconnected", code="client_closed")
+            return APIError(499, "client disconnected", code="client_closed", counted=True)
         if out.finish_reason == "error":
             self.metrics.observe_error(500)
-            return APIError(500, f"engine error: {out.error}", type="internal_server_error")
+            return APIError(500, f"engine error: {out.error}", type="internal_server_error", counted=True)
         self.metrics.observe_error(503)
-        return APIError(503, "request aborted by the engine (shutting down?)", type="service_unavailable")
+        return APIError(503, "request aborted by the engine (shutting down?)", type="service_unavailable",
+                        counted=True)

@@ -110,14 +110,14 @@ class TraceControl:
     def dump(self, name: str | None) -> dict:
         """Write what was recorded to `trace_dir/name` (.npz); name is a plain file name."""
         self._check()
+        if name is not None and (Path(name).name != name or name.startswith(".") or not name.endswith(".npz")):
+            raise APIError(400, f"path: must be a plain file name ending in .npz (written under the server's "
+                                f"trace_dir), got {name!r}", param="path")  # a bad request whatever the state
         trace = self.hook.snapshot()
         if trace is None:
             raise APIError(409, "no routing trace: POST /v1/traces/start first", code="not_recording")
         if name is None:
             name = time.strftime("trace-%Y%m%d-%H%M%S") + f"-{time.monotonic_ns() % 10**6:06d}.npz"
-        if Path(name).name != name or name.startswith(".") or not name.endswith(".npz"):
-            raise APIError(400, f"path: must be a plain file name ending in .npz (written under the server's "
-                                f"trace_dir), got {name!r}", param="path")
         path = (self.trace_dir / name).resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         trace.save(str(path))
