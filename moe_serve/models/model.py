@@ -37,8 +37,10 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(spec.hidden_size, spec.intermediate_size)
 
     def forward(self, h, cos, sin, meta, cache):  # h [N, H]
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        # Submodules are called through .forward: nn.Module.__call__'s hook machinery (no hooks are
+        # registered on them) costs ~2.5 us a call, ~5% of the default model's decode step.
+        h = h + self.self_attn.forward(self.input_layernorm.forward(h), cos, sin, meta, cache)
+        return h + self.mlp.forward(self.post_attention_layernorm.forward(h))
 
 
 class MoEModel(nn.Module):
@@ -124,7 +126,7 @@ class MoEModel(nn.Module):
         h = F.embedding(batch.token_ids.to(self.device), self.embed_tokens.weight)  # [N, H]
         cos, sin = self.rotary.cos_sin(meta.positions, self.dtype)  # [N, rope_dim]
         for layer, cache in zip(self.layers, self.kv_cache):
-            h = layer(h, cos, sin, meta, cache)
+            h = layer.forward(h, cos, sin, meta, cache)
         if not batch.all_logits:
             h = h.index_select(0, meta.last_idx)  # [S, H]
         h = self.norm(h)

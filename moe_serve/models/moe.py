@@ -131,7 +131,7 @@ class MoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, H]
         rt = self.rt
-        ids, weights = self.gate(x)  # [N, K], [N, K]
+        ids, weights = self.gate.forward(x)  # [N, K], [N, K]
         if rt.hooks.active:
             replaced = rt.hooks.route(self.moe_index, x, ids, weights)
             if replaced is not None:
