@@ -127,11 +127,12 @@ class MoEModel(nn.Module):
         cos, sin = self.rotary.cos_sin(meta.positions, self.dtype)  # [N, rope_dim]
         for layer, cache in zip(self.layers, self.kv_cache):
             h = layer.forward(h, cos, sin, meta, cache)
-        if not batch.all_logits:
+        if not batch.all_logits and meta.prefills:  # decodes only: every token is its sequence's last
             h = h.index_select(0, meta.last_idx)  # [S, H]
         h = self.norm(h)
         head = self.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
-        logits = F.linear(h, head).float()  # [S or N, V]
+        logits = F.linear(h, head)  # [S or N, V]
+        logits = logits if logits.dtype == torch.float32 else logits.float()
         if hooks.active:
             hooks.end_step(batch)
         return logits

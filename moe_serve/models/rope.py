@@ -87,7 +87,10 @@ class Rotary:
         if self.mode == "complex":
             return torch.polar(torch.ones_like(freqs), freqs) * self.scale, None
         emb = torch.cat((freqs, freqs), dim=-1)  # [N, dim]
-        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.scale != 1.0:
+            cos, sin = cos * self.scale, sin * self.scale
+        return (cos, sin) if dtype == torch.float32 else (cos.to(dtype), sin.to(dtype))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor | None, mode: str) -> torch.Tensor:
