@@ -10,8 +10,9 @@ calls `begin_layer` (the experts this step needs), `get`/`compute_expert` per ex
   per layer; `SlotCache` + a `CachePolicy` decide residency; an expert in use by the current step is
   never evicted.
 - Copies go through a copier (`copier.py`): a side CUDA stream with events; on CPU real buffer
-  copies, a demand copy in the thread that needs it (in `get`, right before the forward), prefetches
-  in a worker thread. `get` waits only for that expert's copy.
+  copies by a worker thread (demand first), and `get` runs a copy the worker has not started
+  itself. `get` waits only for that expert's copy; `run` computes the experts already in place
+  first, so pending copies have time to land.
 - Admission (`admit`; auto = "reuse" on a CPU device, "always" elsewhere): with "reuse" a demand
   miss takes a slot only if its expert was used within the last `admit_window` tokens (default 1:
   the previous token; 1, 2 and 4 measured on the e2e bench, 1 best by a few %); the others
@@ -47,15 +48,14 @@ from moe_serve.experts.store import ExpertStore, expert_forward
 class OffloadExpertStore(ExpertStore):
     def __init__(self, source, dtype: torch.dtype, device, capacity: int, policy, *, top_k: int,
                  per_layer: bool = False, host: str = "copy", cpu_experts: str = "auto", max_queued: int = 12,
-                 learn_every: int = 64, admit: str = "auto", admit_window: int = 1, copier_options: dict | None = None):
+                 learn_every: int = 64, admit: str = "auto", admit_window: int = 1):
         if host not in ("copy", "mmap"):
             raise ValueError(f"expert_cache.host_memory must be copy or mmap, got {host!r}")
         if cpu_experts not in ("auto", "on", "off"):
             raise ValueError(f"expert_cache.cpu_experts must be auto, on or off, got {cpu_experts!r}")
-        if admit not in ("auto", "always", "reuse"):
-            raise ValueError(f"OffloadExpertStore: admit must be auto, always or reuse, got {admit!r}")
-        if admit_window < 1:
-            raise ValueError(f"OffloadExpertStore: admit_window must be >= 1 token, got {admit_window}")
+        if admit not in ("auto", "always", "reuse") or admit_window < 1:
+            raise ValueError(f"OffloadExpertStore: admit must be auto, always or reuse (got {admit!r}) and "
+                             f"admit_window >= 1 token (got {admit_window})")
         self.source, self.dtype, self.device = source, dtype, torch.device(device)
         self.num_moe_layers, self.num_experts = L, E = source.num_moe_layers, source.num_experts
         gu0, dn0 = source.get(0, 0)
@@ -76,7 +76,7 @@ class OffloadExpertStore(ExpertStore):
         self.slot_gu = torch.zeros((capacity, *gu0.shape), dtype=dtype, device=self.device)
         self.slot_dn = torch.zeros((capacity, *dn0.shape), dtype=dtype, device=self.device)
         self.expert_bytes = (self.slot_gu[0].numel() + self.slot_dn[0].numel()) * self.slot_gu.element_size()
-        self.copier = make_copier(self.device, capacity, **({} if copier_options is None else copier_options))
+        self.copier = make_copier(self.device, capacity)
         self.ticket = np.zeros(capacity, dtype=np.int64)  # copy each slot waits on
         self.prefetched = np.zeros(L * E, dtype=bool)  # prefetched, not used yet
         self.costs: ExpertCosts | None = None
@@ -286,10 +286,10 @@ class OffloadExpertStore(ExpertStore):
         with torch.no_grad():
             self.stage_gu.copy_(gu)
             self.stage_dn.copy_(dn)
-        self.stats["stall_s"] += time.perf_counter() - t0
-        self.stats["streamed"] += 1
-        self.stats["copies"] += 1
-        self.stats["bytes_moved"] += self.expert_bytes
+        st = self.stats
+        st["stall_s"] += time.perf_counter() - t0
+        st["streamed"], st["copies"] = st["streamed"] + 1, st["copies"] + 1
+        st["bytes_moved"] += self.expert_bytes
         return self.stage_gu, self.stage_dn
 
     def end_layer(self, moe_layer: int) -> None:
@@ -297,8 +297,8 @@ class OffloadExpertStore(ExpertStore):
         self.cache.end_step()
         self.clock += 1
 
-    def nbytes(self) -> int:
-        return self.slot_gu.numel() * self.slot_gu.element_size() + self.slot_dn.numel() * self.slot_dn.element_size()
+    def nbytes(self) -> int:  # the slots, and the staging buffer (one expert) when there is one
+        return (self.capacity + (self.admit == "reuse")) * self.expert_bytes
 
     def close(self) -> None:
         self.copier.close()

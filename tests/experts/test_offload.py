@@ -315,7 +315,7 @@ def test_admission_streams_experts_not_used_lately():
     m = store.metrics()
     assert m["streamed"] == 2 and m["copies"] == 4 and m["misses"] == 4 and m["hits"] == 2
     assert m["bytes_moved"] == 4 * store.expert_bytes
-    with pytest.raises(ValueError, match="admit must be"):
+    with pytest.raises(ValueError, match="admit must be auto, always or reuse"):
         OffloadExpertStore(src, torch.float32, "cpu", capacity=3, policy=LRUPolicy(), top_k=2, admit="sometimes")
     store.close()
 
