@@ -15,12 +15,14 @@ calls `begin_layer` (the experts this step needs), `get`/`compute_expert` per ex
   first, so pending copies have time to land.
 - Admission (`admit`; auto = "reuse" on a CPU device, "always" elsewhere): with "reuse" a demand
   miss takes a slot only if its expert was used within the last `admit_window` tokens (default 1:
-  the previous token; 1, 2 and 4 measured on the e2e bench, 1 best by a few %); the others
-  are copied into one staging buffer and computed there, as the on-demand baseline does. Why, on
-  CPU: the staging buffer stays in the CPU cache, while a copy into an evicted slot writes memory
-  that left the cache long ago (measured, 4.3 MB expert, 128 slots: 0.77 ms vs 0.50 ms, and the
-  forward after it 0.34 ms vs 0.20 ms), so caching an expert that is not used again costs more than
-  streaming it, and one-off experts no longer evict the ones that recur.
+  the previous token; 1, 2 and 4 measured on the e2e bench, 1 best by a few %); the others stream
+  through a ring of two staging buffers (`StagingRing`): copied (by the copy thread, one buffer
+  ahead of the compute), computed, dropped. Why, on CPU: the staging buffers stay in the CPU cache,
+  while a copy into an evicted slot writes memory that left the cache long ago (measured, 4.3 MB
+  expert, 128 slots: 0.77 ms vs 0.50 ms, and the forward after it 0.34 ms vs 0.20 ms), so caching
+  an expert that is not used again costs more than streaming it; one-off experts no longer evict
+  the ones that recur; and a copy into a cached buffer overlaps the forward of the previous one
+  (a copy into cold memory and a forward from cold memory only share the memory bus).
 - Misses: copied in on demand, or (cold experts on the CPU, Fiddler-style) computed where the
   weights lie when the start-up cost model (`cost.py`) says that is cheaper. When the compute device
   is the CPU itself and cpu_experts is not off, every miss runs in place and nothing is copied or
@@ -39,10 +41,13 @@ import numpy as np
 import torch
 
 from moe_serve.experts.cache import CacheFull, SlotCache
-from moe_serve.experts.copier import CopyError, make_copier
+from moe_serve.experts.copier import CopyError, StagingRing, make_copier
 from moe_serve.experts.cost import ExpertCosts, measure_costs
 from moe_serve.experts.prefetch import RoutingHook
 from moe_serve.experts.store import ExpertStore, expert_forward
+
+
+STAGING_BUFFERS = 2  # the ring streamed misses go through: one computed from while the next is filled
 
 
 class OffloadExpertStore(ExpertStore):
@@ -76,7 +81,15 @@ class OffloadExpertStore(ExpertStore):
         self.slot_gu = torch.zeros((capacity, *gu0.shape), dtype=dtype, device=self.device)
         self.slot_dn = torch.zeros((capacity, *dn0.shape), dtype=dtype, device=self.device)
         self.expert_bytes = (self.slot_gu[0].numel() + self.slot_dn[0].numel()) * self.slot_gu.element_size()
-        self.copier = make_copier(self.device, capacity)
+        # admission (see module doc): on a CPU device a demand miss is copied into a slot only when its
+        # expert was used within the last `admit_window` tokens; the others stream through `ring`
+        self.admit = ("reuse" if self.device.type == "cpu" else "always") if admit == "auto" else admit
+        if self.admit == "reuse" and self.device.type != "cpu":
+            raise ValueError("OffloadExpertStore: admit=reuse needs a CPU device (its staging buffers are "
+                             "refilled as soon as a forward returns, which only synchronous compute allows)")
+        stage = STAGING_BUFFERS if self.admit == "reuse" else 0
+        self.copier = make_copier(self.device, capacity + stage)  # copier slots >= capacity: staging buffers
+        self.ring = StagingRing(self.copier, capacity, stage, self.slot_gu[0], self.slot_dn[0]) if stage else None
         self.ticket = np.zeros(capacity, dtype=np.int64)  # copy each slot waits on
         self.prefetched = np.zeros(L * E, dtype=bool)  # prefetched, not used yet
         self.costs: ExpertCosts | None = None
@@ -92,15 +105,9 @@ class OffloadExpertStore(ExpertStore):
         if cpu_experts != "off":
             self.costs = measure_costs(*self.host_expert(0, 0), self.slot_gu[0], self.slot_dn[0])
         self.clock, self.layer, self.max_queued = 0, 0, max_queued
-        # admission (see module doc): on a CPU device a demand miss is copied into a slot only when its
-        # expert was used within the last `admit_window` tokens; the others stream through `stage_*`
-        self.admit = ("reuse" if self.device.type == "cpu" else "always") if admit == "auto" else admit
-        if self.admit == "reuse":
-            self.stage_gu = torch.zeros(gu0.shape, dtype=dtype, device=self.device)  # [2I, H]
-            self.stage_dn = torch.zeros(dn0.shape, dtype=dtype, device=self.device)  # [H, I]
         self._window = admit_window * L  # in clock ticks (layer steps)
         self._last_use = np.full(L * E, -(2**40), dtype=np.int64)  # [L*E] clock of each expert's last use
-        self._streamed: set[int] = set()  # experts of the current layer streamed through the staging buffer
+        self._streamed: dict[int, int] = {}  # expert of the current layer streamed -> its place in the ring's line
         self._on_host: set[int] = set()  # experts of the current layer computed in place
         self._used_slots: list[int] = []
         self.reset_metrics()
@@ -186,13 +193,19 @@ class OffloadExpertStore(ExpertStore):
                 self._on_host.add(g)
                 continue
             if self.admit == "reuse" and self.clock - self._last_use[g] > self._window:
-                self._streamed.add(g)  # not used lately: copied and computed, not kept
+                self._streamed[g] = len(self._streamed)  # not used lately: copied and computed, not kept
                 continue
             try:
                 self._copy_in(g)
             except CacheFull:  # more experts in this step than slots: the rest run from the host
                 self._on_host.add(g)
         self._last_use[gids] = self.clock
+        if self._streamed:
+            self.ring.start([self.host_expert(g // E, g % E) for g in self._streamed])
+            n = len(self._streamed)
+            self.stats["streamed"] += n
+            self.stats["copies"] += n
+            self.stats["bytes_moved"] += n * self.expert_bytes
         self._used_slots = [int(self.cache.slot_of[g]) for g in gids.tolist()
                             if g not in self._on_host and g not in self._streamed]
         if self.in_place_only:
@@ -204,8 +217,8 @@ class OffloadExpertStore(ExpertStore):
     def run(self, moe_layer: int, x_sorted: torch.Tensor, counts) -> torch.Tensor:
         """`ExpertStore.run`, computing the experts whose weights are in place first, then those whose
         slot copy is pending (in the order they were queued: the copier works on them meanwhile), then
-        the streamed and host-computed ones; outputs stay in expert order (each expert's rows are
-        computed alone, so the order changes no bits)."""
+        the streamed ones (in the staging ring's order), then the host-computed ones; outputs stay in
+        expert order (each expert's rows are computed alone, so the order changes no bits)."""
         counts = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
         active = [e for e, c in enumerate(counts) if c]
         self.begin_layer(moe_layer, active, [counts[e] for e in active])
@@ -214,12 +227,13 @@ class OffloadExpertStore(ExpertStore):
             starts.append(start)
             start += counts[e]
         base = moe_layer * self.num_experts
-        late = self._on_host | self._streamed
 
         def rank(i: int) -> tuple[int, int]:
             g = base + active[i]
-            if g in late:
-                return 2, i
+            if g in self._streamed:
+                return 2, self._streamed[g]  # in the ring's order
+            if g in self._on_host:
+                return 3, i
             slot = int(self.cache.slot_of[g])
             ticket = int(self.ticket[slot])
             return (0, i) if self.copier.ready(ticket, slot) else (1, ticket)
@@ -262,7 +276,7 @@ class OffloadExpertStore(ExpertStore):
         try:
             self.copier.wait(ticket, slot)
         except CopyError as exc:  # the failed slot holds no valid weights: forget its expert
-            if int(self.ticket[exc.slot]) == exc.ticket and self.cache.gid_of[exc.slot] >= 0:
+            if exc.slot < self.capacity and int(self.ticket[exc.slot]) == exc.ticket and self.cache.gid_of[exc.slot] >= 0:
                 g = int(self.cache.gid_of[exc.slot])
                 self.prefetched[g] = False
                 self.cache.remove(g)
@@ -273,32 +287,24 @@ class OffloadExpertStore(ExpertStore):
             self.stats["cpu_computed"] += 1
             gu, dn = self.host_expert(moe_layer, e)
             return expert_forward(x.to("cpu", gu.dtype), gu, dn).to(x.device, x.dtype)
-        if moe_layer * self.num_experts + e in self._streamed:
-            return expert_forward(x, *self._stage(moe_layer, e))
+        j = self._streamed.get(moe_layer * self.num_experts + e)
+        if j is not None:  # through the staging ring: a real copy, as on-demand offloading makes
+            t0 = time.perf_counter()
+            gu, dn = self.ring.get(j)
+            self.stats["stall_s"] += time.perf_counter() - t0
+            y = expert_forward(x, gu, dn)
+            self.ring.done(j)  # the buffer is free (CPU compute is synchronous): refill it
+            return y
         gu, dn = self.get(moe_layer, e)
         return expert_forward(x, gu, dn)
-
-    def _stage(self, moe_layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copy one expert into the staging buffer (CPU compute is synchronous: the previous user
-        of the buffer is done) and hand it out: a real copy, as on-demand offloading makes."""
-        t0 = time.perf_counter()
-        gu, dn = self.host_expert(moe_layer, e)
-        with torch.no_grad():
-            self.stage_gu.copy_(gu)
-            self.stage_dn.copy_(dn)
-        st = self.stats
-        st["stall_s"] += time.perf_counter() - t0
-        st["streamed"], st["copies"] = st["streamed"] + 1, st["copies"] + 1
-        st["bytes_moved"] += self.expert_bytes
-        return self.stage_gu, self.stage_dn
 
     def end_layer(self, moe_layer: int) -> None:
         self.copier.release(self._used_slots)
         self.cache.end_step()
         self.clock += 1
 
-    def nbytes(self) -> int:  # the slots, and the staging buffer (one expert) when there is one
-        return (self.capacity + (self.admit == "reuse")) * self.expert_bytes
+    def nbytes(self) -> int:  # the slots, and the staging buffers when there are any
+        return (self.capacity + (self.ring.n if self.ring is not None else 0)) * self.expert_bytes
 
     def close(self) -> None:
         self.copier.close()

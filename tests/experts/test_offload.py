@@ -340,3 +340,22 @@ def test_failed_copy_forgets_the_expert_and_the_store_keeps_serving():
     assert torch.equal(store.get(0, 1)[0], src.w[0, 1][0])
     store.end_layer(0)
     store.close()
+
+
+def test_staging_ring_fills_ahead_in_any_order():
+    """Each streamed expert's buffers hold its own weights when `get` returns, in the ring's order
+    (the worker fills the next buffer while one is read) and out of it (a buffer is taken back
+    from an expert that runs later, which is then copied again)."""
+    from moe_serve.experts.copier import StagingRing, ThreadCopier
+
+    srcs = [(torch.full((4, 3), float(j)), torch.full((3, 2), -float(j))) for j in range(5)]
+    for order in ([0, 1, 2, 3, 4], [3, 0, 4, 2, 1]):
+        c = ThreadCopier(3)
+        ring = StagingRing(c, 1, 2, torch.zeros(4, 3), torch.zeros(3, 2))  # copier slots 1 and 2
+        ring.start(srcs)
+        for j in order:
+            gu, dn = ring.get(j)
+            assert torch.equal(gu, srcs[j][0]) and torch.equal(dn, srcs[j][1]), (order, j)
+            ring.done(j)
+        assert ring.owner == [-1, -1] and not ring.where
+        c.close()
