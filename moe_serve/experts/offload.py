@@ -41,9 +41,10 @@ import numpy as np
 import torch
 
 from moe_serve.experts.cache import CacheFull, SlotCache
-from moe_serve.experts.copier import CopyError, StagingRing, make_copier
+from moe_serve.experts.copier import CopyError, make_copier
 from moe_serve.experts.cost import ExpertCosts, measure_costs
 from moe_serve.experts.prefetch import RoutingHook
+from moe_serve.experts.staging import StagingRing
 from moe_serve.experts.store import ExpertStore, expert_forward
 
 

@@ -346,7 +346,8 @@ def test_staging_ring_fills_ahead_in_any_order():
     """Each streamed expert's buffers hold its own weights when `get` returns, in the ring's order
     (the worker fills the next buffer while one is read) and out of it (a buffer is taken back
     from an expert that runs later, which is then copied again)."""
-    from moe_serve.experts.copier import StagingRing, ThreadCopier
+    from moe_serve.experts.copier import ThreadCopier
+    from moe_serve.experts.staging import StagingRing
 
     srcs = [(torch.full((4, 3), float(j)), torch.full((3, 2), -float(j))) for j in range(5)]
     for order in ([0, 1, 2, 3, 4], [3, 0, 4, 2, 1]):

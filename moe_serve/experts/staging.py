@@ -1,0 +1,71 @@
+"""A ring of expert buffers for misses that are copied, computed once and dropped (CPU only).
+
+The offloading store streams a miss it does not cache (see `admit` in offload.py) through these
+buffers instead of a cache slot: they are rewritten every few experts, so they stay in the CPU
+cache, and the copy thread fills the next one while the compute thread reads this one.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class StagingRing:
+    """`n` expert buffers outside the cache, for misses that are copied, computed once and dropped
+    (the store's streamed experts; CPU only: a buffer is refilled as soon as the forward that read
+    it returns). Their copies are demand copies through the store's copier, into copier slots
+    `first_slot + b`, so the worker fills the next buffer while the compute thread reads this one,
+    and a copy it has not started runs in the waiting thread. Works for any compute order: an
+    expert whose copy was not started ahead takes a free buffer (or one whose expert is not
+    computed yet, which is then copied again when its turn comes)."""
+
+    def __init__(self, copier, first_slot: int, n: int, gu: torch.Tensor, dn: torch.Tensor):
+        self.copier, self.first, self.n = copier, first_slot, n
+        self.gu = torch.zeros((n, *gu.shape), dtype=gu.dtype, device=gu.device)  # [n, 2I, H]
+        self.dn = torch.zeros((n, *dn.shape), dtype=dn.dtype, device=dn.device)  # [n, H, I]
+        self.ticket = [0] * n
+        self.owner = [-1] * n  # queue position each buffer holds (or is filling), -1 free
+        self.queue: list[tuple] = []  # this layer's (gu, dn) host weights, in the order they will run
+        self.where: dict[int, int] = {}  # queue position -> buffer holding (or filling) it
+        self.computed: set[int] = set()  # queue positions done this layer
+        self.next = 0  # scan start for the next position in line
+
+    def start(self, sources: list[tuple]) -> None:
+        """A new layer: `sources` [(host gu, host dn)] of its streamed experts; fill what fits."""
+        self.queue, self.where, self.next, self.owner, self.computed = sources, {}, 0, [-1] * self.n, set()
+        for b in range(self.n):
+            j = self._next_waiting()
+            if j is None:
+                break
+            self._fill(b, j)
+
+    def _next_waiting(self) -> int | None:
+        while self.next < len(self.queue) and (self.next in self.where or self.next in self.computed):
+            self.next += 1
+        return self.next if self.next < len(self.queue) else None
+
+    def _fill(self, b: int, j: int) -> None:
+        old = self.owner[b]
+        if old >= 0:  # not computed yet: copied again when it runs
+            self.copier.cancel(self.ticket[b], self.first + b)
+            del self.where[old]
+        self.owner[b], self.where[j] = j, b
+        self.ticket[b] = self.copier.submit([(self.gu[b], self.queue[j][0]), (self.dn[b], self.queue[j][1])],
+                                            self.first + b)
+
+    def get(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buffers of queue position `j`, once its copy has landed (may run the copy here)."""
+        if j not in self.where:  # out of line: a free buffer, else the one whose expert runs last
+            b = min(range(self.n), key=lambda b: (self.owner[b] >= 0, -self.owner[b]))
+            self._fill(b, j)
+        b = self.where[j]
+        self.copier.wait(self.ticket[b], self.first + b)
+        return self.gu[b], self.dn[b]
+
+    def done(self, j: int) -> None:
+        """Position `j` is computed: its buffer takes the next expert in line, if any."""
+        self.computed.add(j)
+        b = self.where.pop(j)
+        self.owner[b] = -1
+        nxt = self._next_waiting()
+        if nxt is not None:
+            self._fill(b, nxt)
