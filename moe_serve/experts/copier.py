@@ -4,7 +4,9 @@
 
 - `StreamCopier` (CUDA): copies run on a side stream, ordered after the compute stream has released
   the slot (an event recorded when the layer that last read it ended), and each copy records an
-  event; `wait` makes the compute stream wait on it, so nothing blocks the host.
+  event; `wait` makes the compute stream wait on it, so nothing blocks the host. Demand copies are
+  issued at once, prefetches from a host queue by need clock, at most `depth` ahead (the same
+  `CopyQueue` as on CPU), so a demand copy never queues behind every prefetch.
 - `ThreadCopier` (CPU, or any device without streams): one worker thread runs copies one at a time,
   demand copies first, then prefetches by the clock they are needed at (the replay's
   `copy_order="demand-first"`); a copy the worker has not started when someone waits for it runs
@@ -29,6 +31,71 @@ class CopyError(RuntimeError):
         self.__cause__ = exc
 
 
+class CopyQueue:
+    """Copies not started yet, in the order a copy engine should run them: demand copies first (in
+    submission order), then prefetches by the clock they are needed at. At most one queued copy per
+    slot (a new one supersedes it). A queued copy can be cancelled (its expert was evicted), a
+    queued prefetch promoted to demand (needed before it started), or taken out by whoever must
+    run it now. Shared by both copiers; not thread-safe (the owner locks)."""
+
+    def __init__(self):
+        self.heap: list = []  # (need or -1 for demand, seq, slot); entries whose seq is not queued are stale
+        self.queued: dict[int, tuple] = {}  # slot -> (ticket, seq, is prefetch, pairs)
+        self.deferred: dict[int, tuple] = {}  # slot -> heap entry popped while the slot was busy
+        self.seq = 0
+
+    def push(self, ticket: int, slot: int, pairs, need: int | None, scheduled: bool = True) -> None:
+        """Queue a copy (`scheduled` False: not for `pop`, only for `take`)."""
+        self.seq += 1
+        self.queued[slot] = (ticket, self.seq, need is not None, pairs)
+        self.deferred.pop(slot, None)
+        if scheduled:
+            heapq.heappush(self.heap, (-1 if need is None else need, self.seq, slot))
+
+    def has(self, ticket: int, slot: int) -> bool:
+        return self.queued.get(slot, (0,))[0] == ticket
+
+    def take(self, ticket: int, slot: int):
+        """Remove queued copy `ticket` into `slot` and return its pairs (None: not queued)."""
+        if not self.has(ticket, slot):
+            return None
+        return self.queued.pop(slot)[3]
+
+    def drop(self, slot: int) -> None:
+        """Forget whatever is queued for `slot` (a newer copy was issued past the queue)."""
+        self.queued.pop(slot, None)
+
+    def promote(self, ticket: int, slot: int, scheduled: bool = True) -> bool:
+        q = self.queued.get(slot)
+        if q is None or q[0] != ticket or not q[2]:
+            return False
+        self.push(ticket, slot, q[3], None, scheduled)
+        return True
+
+    def pop(self, busy=()):
+        """The next copy to run, (slot, ticket, pairs), or None; one whose slot is in `busy` waits
+        (`resume(slot)` puts it back)."""
+        while self.heap:
+            key, seq, slot = heapq.heappop(self.heap)
+            q = self.queued.get(slot)
+            if q is None or q[1] != seq:
+                continue  # stale: cancelled, superseded, promoted or taken
+            if slot in busy:
+                self.deferred[slot] = (key, seq, slot)
+                continue
+            del self.queued[slot]
+            return slot, q[0], q[3]
+        return None
+
+    def resume(self, slot: int) -> None:
+        entry = self.deferred.pop(slot, None)
+        if entry is not None:
+            heapq.heappush(self.heap, entry)
+
+    def prefetches(self) -> int:
+        return sum(q[2] for q in self.queued.values())
+
+
 class ThreadCopier:
     """One worker thread, one copy at a time: demand copies first (in submission order), then
     prefetches by the clock they are needed at (`need`). `wait` on a copy the worker has not
@@ -46,11 +113,10 @@ class ThreadCopier:
     def __init__(self, num_slots: int, worker_demand: bool = True):
         self.worker_demand = worker_demand  # the worker also runs demand copies (first) unless a waiter took them
         self._cv = threading.Condition()
-        self._heap: list = []  # (need or -1 for demand, seq, slot) for the worker (stale entries skipped)
-        self._queued: dict[int, tuple] = {}  # slot -> (ticket, seq, is prefetch, pairs) not started
+        self._q = CopyQueue()  # not started yet (under _cv)
         self._slot_done = [0] * num_slots  # last ticket finished per slot (a slot's copies finish in order)
         self._running: dict[int, int] = {}  # slot -> ticket being copied (by the worker or a waiter)
-        self._issued = self._seq = 0
+        self._issued = 0
         self._errors: list[CopyError] = []  # the worker's failures, not reported yet
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="expert-copier", daemon=True)
@@ -60,24 +126,25 @@ class ThreadCopier:
         while True:
             with self._cv:
                 while True:
-                    while not self._heap and not self._closed:
-                        self._cv.wait()
-                    if not self._heap:
-                        return
-                    _, seq, slot = heapq.heappop(self._heap)
-                    q = self._queued.get(slot)
-                    if q is not None and q[1] == seq and slot not in self._running:  # else stale
-                        del self._queued[slot]
-                        ticket, pairs = q[0], q[3]
+                    job = self._q.pop(self._running)
+                    if job is not None:
+                        slot, ticket, pairs = job
                         self._running[slot] = ticket
                         break
+                    if self._closed:
+                        return
+                    self._cv.wait()
             err = _copy(pairs, BaseException)  # a dying worker would leave its waiters hanging
             with self._cv:
                 if err is not None:  # surfaced to the next waiter, never lost
                     self._errors.append(CopyError(slot, ticket, err))
-                self._slot_done[slot] = ticket
-                del self._running[slot]
-                self._cv.notify_all()
+                self._finished(slot, ticket)
+
+    def _finished(self, slot: int, ticket: int) -> None:  # under _cv
+        self._slot_done[slot] = ticket
+        del self._running[slot]
+        self._q.resume(slot)  # a copy into the slot that had to wait for this one
+        self._cv.notify_all()
 
     def submit(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], slot: int, need: int | None = None) -> int:
         """Queue copies (dst, src) into `slot`: a demand copy (`need` None: runs when waited for) or
@@ -87,37 +154,26 @@ class ThreadCopier:
             if self._closed:
                 raise RuntimeError("expert copier is closed")
             self._issued += 1
-            self._seq += 1
-            self._queued[slot] = (self._issued, self._seq, need is not None, pairs)
-            if need is not None or self.worker_demand:
-                heapq.heappush(self._heap, (-1 if need is None else need, self._seq, slot))
-                self._cv.notify()
+            self._q.push(self._issued, slot, pairs, need, need is not None or self.worker_demand)
+            self._cv.notify()
             return self._issued
 
     def cancel(self, ticket: int, slot: int) -> bool:
         """Drop a copy that has not started (True), e.g. its expert was evicted before it ran."""
         with self._cv:
-            if self._queued.get(slot, (0,))[0] != ticket:
-                return False
-            del self._queued[slot]
-            return True
+            return self._q.take(ticket, slot) is not None
 
     def promote(self, ticket: int, slot: int) -> bool:
-        """A queued prefetch is needed now: the worker leaves it to the waiter. False if it already
-        started (or is not a queued prefetch)."""
+        """A queued prefetch is needed now: it becomes a demand copy. False if it already started
+        (or is not a queued prefetch)."""
         with self._cv:
-            q = self._queued.get(slot)
-            if q is None or q[0] != ticket or not q[2]:
+            if not self._q.promote(ticket, slot, self.worker_demand):
                 return False
-            self._seq += 1
-            self._queued[slot] = (ticket, self._seq, False, q[3])  # its heap entry is stale now
-            if self.worker_demand:
-                heapq.heappush(self._heap, (-1, self._seq, slot))
-                self._cv.notify()
+            self._cv.notify()
             return True
 
     def queued_prefetches(self) -> int:
-        return sum(q[2] for q in self._queued.values())
+        return self._q.prefetches()
 
     def ready(self, ticket: int, slot: int) -> bool:
         return self._slot_done[slot] >= ticket
@@ -127,12 +183,10 @@ class ThreadCopier:
         pairs = None
         with self._cv:
             while self._slot_done[slot] < ticket:
-                q = self._queued.get(slot)
-                if q is not None and q[0] == ticket:
+                if self._q.has(ticket, slot):
                     if slot not in self._running:  # ours to run now
-                        del self._queued[slot]
+                        pairs = self._q.take(ticket, slot)
                         self._running[slot] = ticket
-                        pairs = q[3]
                         break
                 elif self._running.get(slot) != ticket:
                     raise RuntimeError(f"expert copy {ticket} into slot {slot} was cancelled: nothing to wait for")
@@ -143,9 +197,7 @@ class ThreadCopier:
                 err = _copy(pairs)
             finally:  # even when interrupted: nobody may wait for this slot forever
                 with self._cv:
-                    self._slot_done[slot] = ticket
-                    del self._running[slot]
-                    self._cv.notify_all()
+                    self._finished(slot, ticket)
             if err is not None:
                 raise CopyError(slot, ticket, err) from err
         if self._errors:  # this copy's failure first, else the oldest unreported one
@@ -179,15 +231,23 @@ def _copy(pairs, catch=Exception) -> BaseException | None:
 
 
 class StreamCopier:
-    def __init__(self, device: torch.device, num_slots: int):
-        self.device = device
+    """CUDA: copies run on one side stream. Demand copies are issued at once; prefetches wait in a
+    host-side `CopyQueue` (by need clock) and are issued at most `depth` ahead of their completion,
+    so a demand copy queues on the stream behind at most `depth` prefetches, and a prefetch still on
+    the host can be cancelled or promoted (issued at once) like on CPU. Each copy waits (on the side
+    stream) for the compute that last read its slot (`release`), and records an event that `wait`
+    makes the compute stream wait on: the host never blocks."""
+
+    def __init__(self, device: torch.device, num_slots: int, depth: int = 2):
+        self.device, self.depth = device, depth
         self.stream = torch.cuda.Stream(device=device)
         self._released: list[torch.cuda.Event | None] = [None] * num_slots  # last reader's end, per slot
-        self._landed: list[torch.cuda.Event | None] = [None] * num_slots  # latest copy into each slot
+        self._landed: list[torch.cuda.Event | None] = [None] * num_slots  # latest issued copy into each slot
+        self._in_flight: list[torch.cuda.Event] = []  # issued prefetches not known to be done
+        self._q = CopyQueue()  # prefetches not issued yet
         self._issued = 0
 
-    def submit(self, pairs, slot: int, need: int | None = None) -> int:
-        """FIFO on the side stream (`need` is not used: no demand-first order on CUDA yet)."""
+    def _issue(self, pairs, slot: int) -> torch.cuda.Event:
         with torch.cuda.stream(self.stream):
             if self._released[slot] is not None:
                 self.stream.wait_event(self._released[slot])  # never overwrite weights still being read
@@ -196,23 +256,52 @@ class StreamCopier:
             ev = torch.cuda.Event()
             ev.record(self.stream)
         self._landed[slot] = ev
+        return ev
+
+    def _pump(self) -> None:
+        """Issue queued prefetches, nearest need first, while fewer than `depth` are unfinished."""
+        self._in_flight = [ev for ev in self._in_flight if not ev.query()]
+        while len(self._in_flight) < self.depth:
+            job = self._q.pop()
+            if job is None:
+                return
+            slot, _, pairs = job
+            self._in_flight.append(self._issue(pairs, slot))
+
+    def submit(self, pairs, slot: int, need: int | None = None) -> int:
+        """A demand copy (`need` None) goes on the stream now; a prefetch joins the host queue."""
         self._issued += 1
+        if need is None:
+            self._q.drop(slot)  # a queued prefetch into the slot is superseded
+            self._issue(pairs, slot)
+        else:
+            self._q.push(self._issued, slot, pairs, need)
+        self._pump()
         return self._issued
 
     def cancel(self, ticket: int, slot: int) -> bool:
-        return False  # already on the stream
+        return self._q.take(ticket, slot) is not None  # False: already on the stream
 
     def promote(self, ticket: int, slot: int) -> bool:
-        return False
+        pairs = self._q.take(ticket, slot)
+        if pairs is None:
+            return False
+        self._issue(pairs, slot)
+        return True
 
     def queued_prefetches(self) -> int:
-        return 0
+        return self._q.prefetches()
 
     def ready(self, ticket: int, slot: int) -> bool:
+        if self._q.has(ticket, slot):
+            return False
         ev = self._landed[slot]
         return ev is None or ev.query()
 
     def wait(self, ticket: int, slot: int) -> None:
+        pairs = self._q.take(ticket, slot)
+        if pairs is not None:  # still on the host: needed now
+            self._issue(pairs, slot)
         ev = self._landed[slot]
         if ev is not None:  # the compute stream waits; the host does not
             torch.cuda.current_stream(self.device).wait_event(ev)
@@ -222,6 +311,7 @@ class StreamCopier:
         ev.record(torch.cuda.current_stream(self.device))
         for s in slots:
             self._released[s] = ev
+        self._pump()
 
     def close(self) -> None:
         self.stream.synchronize()

@@ -29,7 +29,7 @@ calls `begin_layer` (the experts this step needs), `get`/`compute_expert` per ex
   prefetched: there a copy is pure overhead (measured: benches/results/expert_cache_e2e.txt).
 - Prefetch: after each router, the policy may name experts of later layers (and of the next token)
   from the predictor; they are copied in behind the demand copies, by the clock they are needed at
-  (on CPU; on CUDA in FIFO order on the side stream), at most `max_queued` waiting. A queued
+  (on CUDA too: issued from a host queue at most 2 ahead), at most `max_queued` waiting. A queued
   prefetch whose expert is evicted is cancelled; one needed before its copy started is a miss and
   becomes a demand copy (the same rules as `replay.py`'s demand-first copy order).
 """

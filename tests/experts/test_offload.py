@@ -360,3 +360,53 @@ def test_staging_ring_fills_ahead_in_any_order():
             ring.done(j)
         assert ring.owner == [-1, -1] and not ring.where
         c.close()
+
+
+def test_copy_queue_order_supersede_cancel_promote_and_busy_slots():
+    """The queue both copiers share: demand first in submission order, then prefetches by need;
+    one queued copy per slot; a copy whose slot is busy waits until `resume`."""
+    from moe_serve.experts.copier import CopyQueue
+
+    q = CopyQueue()
+    q.push(1, 0, "p9", need=9)
+    q.push(2, 1, "p3", need=3)
+    q.push(3, 2, "p5", need=5)
+    q.push(4, 3, "d", need=None)
+    q.push(5, 4, "p4", need=4)
+    q.push(6, 5, "p7", need=7)
+    q.push(7, 5, "p8", need=8)  # supersedes p7 in slot 5
+    assert q.take(5, 4) == "p4" and q.take(5, 4) is None  # cancelled
+    assert q.promote(3, 2) and not q.promote(4, 3)  # a demand copy is not a prefetch to promote
+    assert q.prefetches() == 3 and q.has(7, 5) and not q.has(6, 5)
+    q.drop(0)  # a newer copy into slot 0 went past the queue
+    out = []
+    while (job := q.pop(busy={1})) is not None:
+        out.append(job)
+    assert out == [(3, 4, "d"), (2, 3, "p5"), (5, 7, "p8")]  # slot 1 busy: p3 waits
+    q.resume(1)
+    assert q.pop() == (1, 2, "p3") and q.pop() is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (StreamCopier)")
+def test_stream_copier_lands_cancels_and_promotes_on_cuda():
+    """Prefetches wait on the host beyond `depth` (64 MB copies, so the queue fills); whatever
+    cancel and promote report, every copy that was not cancelled lands, the cancelled one never."""
+    from moe_serve.experts.copier import StreamCopier
+
+    dev = torch.device("cuda")
+    n = 1 << 24
+    c = StreamCopier(dev, 6, depth=1)
+    dst = torch.zeros(6, n, device=dev)
+    src = [torch.full((n,), float(i)).pin_memory() for i in range(6)]
+    t = [c.submit([(dst[i], src[i])], i, need=10 + i) for i in range(5)]
+    cancelled = c.cancel(t[4], 4)  # True while still on the host
+    c.promote(t[3], 3)  # issued now if still on the host
+    d = c.submit([(dst[5], src[5])], 5)  # demand: on the stream at once
+    for i in (0, 1, 2, 3):
+        c.wait(t[i], i)
+    c.wait(d, 5)
+    c.release(range(6))
+    torch.cuda.synchronize()
+    assert dst[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 0.0 if cancelled else 4.0, 5.0]
+    assert torch.equal(dst[3], src[3].to(dev)) and c.queued_prefetches() == 0
+    c.close()
