@@ -160,6 +160,10 @@ class OffloadExpertStore(ExpertStore):
         self.stats["bytes_moved"] += self.expert_bytes
         return True
 
+    def _admits(self, g: int) -> bool:
+        """admit="reuse": does demand miss `g` take a slot? Only if it was used within the window."""
+        return self.clock - self._last_use[g] <= self._window
+
     def _computes_in_place(self, rows: int) -> bool:
         if self.cpu_mode == "on" or self.in_place_only:
             return True
@@ -193,7 +197,7 @@ class OffloadExpertStore(ExpertStore):
             if self._computes_in_place(1 if rows is None else rows[i]):
                 self._on_host.add(g)
                 continue
-            if self.admit == "reuse" and self.clock - self._last_use[g] > self._window:
+            if self.admit == "reuse" and not self._admits(g):
                 self._streamed[g] = len(self._streamed)  # not used lately: copied and computed, not kept
                 continue
             try:
