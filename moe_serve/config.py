@@ -177,6 +177,9 @@ class ExpertCacheConfig:
     cache_per_layer: bool = doc("split the expert slots evenly per layer instead of sharing them", default=False)
     host_memory: str = doc("host copy of the experts: copy (in RAM, pinned on GPU), mmap (read from the "
                            "checkpoint on demand) or auto (copy when RAM allows)", default="auto")
+    cache_admission: str = doc("which demand misses take a slot: always, reuse (only experts used in the last "
+                               "token; the others stream through a staging buffer: CPU devices only) or auto "
+                               "(reuse on CPU, always elsewhere)", default="auto")
 
     def __post_init__(self):
         require(self.expert_cache_gb is None or self.expert_cache_gb > 0, "expert_cache", "expert_cache_gb", "> 0",
@@ -194,6 +197,8 @@ class ExpertCacheConfig:
                 self.cpu_experts)
         require(self.host_memory in ("auto", "copy", "mmap"), "expert_cache", "host_memory", "one of auto, copy, mmap",
                 self.host_memory)
+        require(self.cache_admission in ("auto", "always", "reuse"), "expert_cache", "cache_admission",
+                "one of auto, always, reuse", self.cache_admission)
 
     @property
     def enabled(self) -> bool:

@@ -31,8 +31,10 @@ def slots_for(cfg: ExpertCacheConfig, expert_bytes: int, total_experts: int) -> 
     return min(slots, total_experts)
 
 
-def expert_store_factory(cfg: ExpertCacheConfig, admit: str = "auto"):
-    """`admit`: the store's admission rule (auto: on a CPU device only experts used lately take a slot)."""
+def expert_store_factory(cfg: ExpertCacheConfig, admit: str | None = None):
+    """`admit` overrides `cfg.cache_admission` (the store's admission rule; auto: on a CPU device only
+    experts used lately take a slot)."""
+    admit = admit or cfg.cache_admission
     if not cfg.enabled:
         return None
 

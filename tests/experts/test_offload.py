@@ -410,3 +410,13 @@ def test_stream_copier_lands_cancels_and_promotes_on_cuda():
     assert dst[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 0.0 if cancelled else 4.0, 5.0]
     assert torch.equal(dst[3], src[3].to(dev)) and c.queued_prefetches() == 0
     c.close()
+
+
+@pytest.mark.parametrize("admission", ["always", "reuse", "auto"])
+def test_cache_admission_comes_from_the_config(admission, tiny_checkpoint):
+    """`expert_cache.cache_admission` (the --cache-admission flag) reaches the store; auto is reuse on CPU."""
+    cfg = ExpertCacheConfig(expert_cache_slots=3, cache_policy="lru", cpu_experts="off", cache_admission=admission)
+    (toks, _), store = run(tiny_checkpoint("mixtral"), expert_store_factory(cfg))
+    assert store.admit == ("reuse" if admission == "auto" else admission)
+    assert toks == run(tiny_checkpoint("mixtral"))[0][0]
+    store.close()
