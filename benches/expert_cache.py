@@ -141,17 +141,10 @@ def decode(model_dir: Path, trace: Path, new_tokens: int, repeat: int = 1, swap=
     from moe_serve import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    if admit is not None:  # the store's admission rule, which no config field sets (auto otherwise)
-        import moe_serve.experts.factory as factory_mod
-
-        make = factory_mod.expert_store_factory
-        factory_mod.expert_store_factory = lambda cfg: make(cfg, admit=admit)
-    try:
-        llm = LLM(model=str(model_dir), replay_trace=str(trace), dtype="float32", kv_cache_gb=0.05, max_num_seqs=1,
-                  **options)
-    finally:
-        if admit is not None:
-            factory_mod.expert_store_factory = make
+    if admit is not None:  # the store's admission rule (expert_cache.cache_admission; auto otherwise)
+        options["cache_admission"] = admit
+    llm = LLM(model=str(model_dir), replay_trace=str(trace), dtype="float32", kv_cache_gb=0.05, max_num_seqs=1,
+              **options)
     if swap is not None:
         llm.engine.model.store = swap(llm.engine.model.store)
     load_s = time.perf_counter() - t0
