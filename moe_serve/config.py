@@ -23,6 +23,9 @@ def require(cond: bool, section: str, name: str, limit: str, value) -> None:
         raise ValueError(f"{section}.{name} must be {limit}, got {value!r}")
 
 
+MLA_DECODE_MODES = ("absorbed", "expanded")  # DeepSeek decode attention: in the latent space, or expanded K/V
+
+
 @dataclass
 class ModelConfig:
     model: str = doc("Hugging Face checkpoint directory (config.json + *.safetensors)", default=DEFAULT_MODEL)
@@ -42,7 +45,7 @@ class ModelConfig:
                 "one of auto, float32, bfloat16, float16", self.dtype)
         require(self.max_model_len is None or self.max_model_len > 0, "model", "max_model_len", "> 0", self.max_model_len)
         require(self.cpu_threads is None or self.cpu_threads >= 1, "model", "cpu_threads", ">= 1", self.cpu_threads)
-        require(self.mla_decode in ("absorbed", "expanded"), "model", "mla_decode", "absorbed or expanded",
+        require(self.mla_decode in MLA_DECODE_MODES, "model", "mla_decode", " or ".join(MLA_DECODE_MODES),
                 self.mla_decode)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from moe_serve.config import MLA_DECODE_MODES
 from moe_serve.experts.store import resident_store_factory
 from moe_serve.models.checkpoint import CheckpointError, SafetensorsCheckpoint, read_config
 from moe_serve.models.families import parse_spec
@@ -67,9 +68,6 @@ class CheckpointExperts:
         g_key, u_key, d_key = self.family.expert_keys(layer, e)
         gate, up, down = self.ckpt.get(g_key, (i, h)), self.ckpt.get(u_key, (i, h)), self.ckpt.get(d_key, (h, i))
         return torch.cat((gate, up), dim=0), down
-
-
-MLA_DECODE_MODES = ("absorbed", "expanded")
 
 
 def load_model(model_dir: str | Path, dtype="auto", device="cpu", hooks: RouterHooks = NO_HOOKS,

@@ -14,7 +14,6 @@ V2-Lite), and no per-head K/V: every head reads the one latent row per token.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moe_serve.models.attention import StepMeta, attend
