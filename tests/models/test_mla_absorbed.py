@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from moe_serve.models import ForwardBatch, load_model
-from moe_serve.models.batch import ForwardBatch as FB
 from tests.models.helpers import hf_greedy, our_greedy, rel_err
 from tests.models.tiny_checkpoints import make_tiny_checkpoint
 
@@ -64,7 +63,7 @@ def test_absorbed_mixed_batch_masks_each_sequence(family, tmp_path):
         for slot, p in enumerate(prompts):
             m(ForwardBatch.single(p, slot=slot))
     chunk = torch.randint(3, 128, (6,), generator=g).tolist()
-    batch = FB(token_ids=torch.tensor([9, 10, 11, *chunk]),
+    batch = ForwardBatch(token_ids=torch.tensor([9, 10, 11, *chunk]),
                positions=torch.tensor([5, 17, 30, *range(6)]), slot_ids=[0, 1, 2, 3],
                query_lens=[1, 1, 1, 6], context_lens=[5, 17, 30, 0], seq_ids=[0, 1, 2, 3])
     a, e = absorbed(batch), expanded(batch)
