@@ -173,7 +173,8 @@ class ThreadCopier:
             return True
 
     def queued_prefetches(self) -> int:
-        return self._q.prefetches()
+        with self._cv:  # the worker pops from the queue meanwhile
+            return self._q.prefetches()
 
     def ready(self, ticket: int, slot: int) -> bool:
         return self._slot_done[slot] >= ticket

@@ -229,6 +229,27 @@ def test_thread_copier_runs_demand_first_then_by_need_and_waiters_take_queued_co
         c.close()
 
 
+def test_thread_copier_counts_queued_prefetches_while_the_worker_pops():
+    """`queued_prefetches` (the store asks it per prefetch) reads the queue the worker changes: it
+    must hold the lock, or the count can see the dict change size mid-iteration (RuntimeError)."""
+    import sys
+
+    from moe_serve.experts.copier import ThreadCopier
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # hand the GIL over as often as possible
+    c = ThreadCopier(32)
+    dst, src = torch.zeros(32, 4), torch.ones(4)
+    try:
+        for _ in range(1000):
+            for s in range(32):
+                c.submit([(dst[s], src)], s, need=s)
+                assert 0 <= c.queued_prefetches() <= 32
+    finally:
+        sys.setswitchinterval(old)
+        c.close()
+
+
 def test_thread_copier_waits_for_an_earlier_copy_into_the_slot():
     """A demand copy into a slot whose prefetch is still running in the worker starts only after
     it: the later copy's bytes win."""
