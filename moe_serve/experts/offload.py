@@ -12,7 +12,7 @@ calls `begin_layer` (the experts this step needs), `get`/`compute_expert` per ex
 - Copies go through a copier (`copier.py`): a side CUDA stream with events; on CPU real buffer
   copies by a worker thread (demand first), and `get` runs a copy the worker has not started
   itself. `get` waits only for that expert's copy; `run` computes the experts already in place
-  first, so pending copies have time to land.
+  first (`compute_order`), so pending copies have time to land.
 - Admission (`admit`; auto = "reuse" on a CPU device, "always" elsewhere): with "reuse" a demand
   miss takes a slot only if its expert was used within the last `admit_window` tokens (default 1:
   the previous token; 1, 2 and 4 measured on the e2e bench, 1 best by a few %); the others stream
@@ -219,18 +219,10 @@ class OffloadExpertStore(ExpertStore):
         for g in self.policy.on_route(moe_layer, state, self.clock).tolist():
             self._prefetch_one(g)
 
-    def run(self, moe_layer: int, x_sorted: torch.Tensor, counts) -> torch.Tensor:
-        """`ExpertStore.run`, computing the experts whose weights are in place first, then those whose
-        slot copy is pending (in the order they were queued: the copier works on them meanwhile), then
-        the streamed ones (in the staging ring's order), then the host-computed ones; outputs stay in
-        expert order (each expert's rows are computed alone, so the order changes no bits)."""
-        counts = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
-        active = [e for e, c in enumerate(counts) if c]
-        self.begin_layer(moe_layer, active, [counts[e] for e in active])
-        starts, start = [], 0
-        for e in active:
-            starts.append(start)
-            start += counts[e]
+    def compute_order(self, moe_layer: int, active: list[int]) -> list[int]:
+        """The experts whose weights are in place first, then those whose slot copy is pending (in
+        the order they were queued: the copier works on them meanwhile), then the streamed ones (in
+        the staging ring's order), then the host-computed ones."""
         base = moe_layer * self.num_experts
 
         def rank(i: int) -> tuple[int, int]:
@@ -243,14 +235,7 @@ class OffloadExpertStore(ExpertStore):
             ticket = int(self.ticket[slot])
             return (0, i) if self.copier.ready(ticket, slot) else (1, ticket)
 
-        outs: list[torch.Tensor | None] = [None] * len(active)
-        for i in sorted(range(len(active)), key=rank):
-            e = active[i]
-            outs[i] = self.compute_expert(moe_layer, e, x_sorted[starts[i]:starts[i] + counts[e]])
-        self.end_layer(moe_layer)
-        if not outs:
-            return x_sorted.new_empty(x_sorted.shape)
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        return sorted(range(len(active)), key=rank)
 
     def _prefetch_one(self, g: int) -> None:
         if self.in_place_only or self.cache.resident(g) or self.copier.queued_prefetches() >= self.max_queued:

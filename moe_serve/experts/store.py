@@ -7,13 +7,15 @@ Contract (what the MoE block's experts stage calls, per MoE layer and step):
         counts: long tensor [E], rows of x_sorted per expert (sum = M);
         y_sorted [M, H]: each row's expert output (unweighted: combine applies the gate weights).
 
-`ExpertStore.run` is written once in terms of three overridable methods, so another store changes
+`ExpertStore.run` is written once in terms of overridable methods, so another store changes
 where weights live without touching model code:
 
     begin_layer(moe_layer, ids, rows)    the experts this step needs; an offloading store pins the
                                          resident ones and starts fetching the missing ones
     get(moe_layer, e) -> (gate_up, down) weights on the compute device, gate_up [2I, H] (gate rows
                                          first), down [H, I]; may block until a fetch lands
+    compute_order(moe_layer, active)     the order `run` computes the step's experts in (expert
+                                         order here; outputs stay in expert order)
     end_layer(moe_layer)                 unpin
     prefetch(moe_layer, expert_ids)      a hint from the predictor for a later layer (no-op here)
 
@@ -76,17 +78,25 @@ class ExpertStore(ABC):
         gate_up, down = self.get(moe_layer, e)
         return expert_forward(x, gate_up, down)
 
+    def compute_order(self, moe_layer: int, active: list[int]):
+        """Positions in `active` in the order `run` computes them (after `begin_layer`): expert order
+        here; a store whose weights land at different times may compute the ready ones first. The
+        outputs stay in expert order whatever this is (each expert's rows are computed alone)."""
+        return range(len(active))
+
     def run(self, moe_layer: int, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Experts stage: y_sorted [M, H] for x_sorted [M, H] grouped by expert per `counts` [E]."""
         # one host read per layer (a store may avoid it, as the resident one does)
         counts = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
         active = [e for e, c in enumerate(counts) if c]
         self.begin_layer(moe_layer, active, [counts[e] for e in active])
-        outs, start = [], 0
+        xs, start = [], 0
         for e in active:
-            c = counts[e]
-            outs.append(self.compute_expert(moe_layer, e, x_sorted[start:start + c]))
-            start += c
+            xs.append(x_sorted[start:start + counts[e]])
+            start += counts[e]
+        outs: list[torch.Tensor | None] = [None] * len(active)
+        for i in self.compute_order(moe_layer, active):
+            outs[i] = self.compute_expert(moe_layer, active[i], xs[i])
         self.end_layer(moe_layer)
         if not outs:
             return x_sorted.new_empty(x_sorted.shape)
