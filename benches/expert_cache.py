@@ -20,7 +20,7 @@ synchronously, then computes: accelerate / vLLM cpu_offload behaviour, restricte
 experts); the previous baseline (a 6-slot LRU offloading store); the offloading store with 25% of
 experts resident (LRU, predicted, predicted-prefetch) with cpu-experts off (real copies: on CPU a
 demand copy runs in the compute thread, prefetches in the copy thread; misses whose expert was not
-used in the last 2 tokens stream through a staging buffer, see moe_serve/experts/offload.py; LRU
+used in the last token stream through a staging buffer, see moe_serve/experts/offload.py; LRU
 also with every miss taking a slot, the store without that admission rule), and predicted with
 cpu-experts auto (on a CPU-only machine: every miss computed where it lies, nothing copied). Each
 configuration: a warm-up request, then `--repeat` timed requests of `--new-tokens` (the same trace
@@ -135,14 +135,12 @@ def on_demand(resident):
     return OnDemandExpertStore(resident.gate_up, resident.down, resident.device)
 
 
-def decode(model_dir: Path, trace: Path, new_tokens: int, repeat: int = 1, swap=None, admit=None, **options) -> dict:
+def decode(model_dir: Path, trace: Path, new_tokens: int, repeat: int = 1, swap=None, **options) -> dict:
     """Warm-up on trace sequence 0, then `repeat` timed requests (trace sequences 1..repeat, the same
     for every configuration; the cache stays warm between them). tok/s = all timed tokens / their time."""
     from moe_serve import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    if admit is not None:  # the store's admission rule (expert_cache.cache_admission; auto otherwise)
-        options["cache_admission"] = admit
     llm = LLM(model=str(model_dir), replay_trace=str(trace), dtype="float32", kv_cache_gb=0.05, max_num_seqs=1,
               **options)
     if swap is not None:
@@ -190,7 +188,7 @@ def part_e2e(new_tokens: int, small: bool = False, repeat: int = 3) -> dict:
         "6-slot LRU store": dict(expert_cache_slots=E2E["num_experts_per_tok"], cache_policy="lru",
                                               cpu_experts="off"),
         "offload 25% LRU, every miss takes a slot": dict(expert_cache_slots=quarter, cache_policy="lru",
-                                                         cpu_experts="off", admit="always"),
+                                                         cpu_experts="off", cache_admission="always"),
         "offload 25% LRU": dict(expert_cache_slots=quarter, cache_policy="lru", cpu_experts="off"),
         "offload 25% predicted": dict(expert_cache_slots=quarter, cache_policy="predicted", predictor=str(pred),
                                       cpu_experts="off"),

@@ -31,10 +31,7 @@ def slots_for(cfg: ExpertCacheConfig, expert_bytes: int, total_experts: int) -> 
     return min(slots, total_experts)
 
 
-def expert_store_factory(cfg: ExpertCacheConfig, admit: str | None = None):
-    """`admit` overrides `cfg.cache_admission` (the store's admission rule; auto: on a CPU device only
-    experts used lately take a slot)."""
-    admit = admit or cfg.cache_admission
+def expert_store_factory(cfg: ExpertCacheConfig):
     if not cfg.enabled:
         return None
 
@@ -66,6 +63,6 @@ def expert_store_factory(cfg: ExpertCacheConfig, admit: str | None = None):
             host = "copy" if avail is None or avail > 1.25 * expert_bytes * L * E else "mmap"
         return OffloadExpertStore(source, dtype, device, capacity, policy, top_k=spec.top_k,
                                   per_layer=cfg.cache_per_layer, host=host, cpu_experts=cfg.cpu_experts,
-                                  learn_every=cfg.predictor_learn_every, admit=admit)
+                                  learn_every=cfg.predictor_learn_every, admit=cfg.cache_admission)
 
     return factory

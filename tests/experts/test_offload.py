@@ -44,10 +44,10 @@ def run(path, factory=None, n=6):
 def test_every_family_matches_resident(family, tiny_checkpoint):
     path = tiny_checkpoint(family)
     (ref_toks, ref_logits), _ = run(path)
-    off = ExpertCacheConfig(expert_cache_slots=3, cache_policy="lru", cpu_experts="off")
-    for cfg, admit in ((off, "always"), (off, "reuse"),
-                       (ExpertCacheConfig(expert_cache_slots=5, cache_policy="predicted", cpu_experts="on"), "auto")):
-        (toks, logits), store = run(path, expert_store_factory(cfg, admit=admit))
+    off = dict(expert_cache_slots=3, cache_policy="lru", cpu_experts="off")
+    for cfg in (ExpertCacheConfig(**off, cache_admission="always"), ExpertCacheConfig(**off, cache_admission="reuse"),
+                ExpertCacheConfig(expert_cache_slots=5, cache_policy="predicted", cpu_experts="on")):
+        (toks, logits), store = run(path, expert_store_factory(cfg))
         assert isinstance(store, OffloadExpertStore)
         m = store.metrics()
         assert toks == ref_toks, (family, cfg.cache_policy)
@@ -69,10 +69,11 @@ def test_every_family_matches_resident(family, tiny_checkpoint):
 def test_any_policy_any_budget(policy, slots, admit, tiny_checkpoint):
     path = tiny_checkpoint("mixtral")
     (ref_toks, ref_logits), _ = run(path, n=8)
-    cfg = ExpertCacheConfig(expert_cache_slots=slots, cache_policy=policy, cpu_experts="off", cache_per_layer=False)
-    (toks, logits), store = run(path, expert_store_factory(cfg, admit=admit), n=8)
+    cfg = ExpertCacheConfig(expert_cache_slots=slots, cache_policy=policy, cpu_experts="off", cache_per_layer=False,
+                            cache_admission=admit)
+    (toks, logits), store = run(path, expert_store_factory(cfg), n=8)
     assert store.admit == admit
-    if admit == "reuse":  # experts not used in the last 2 tokens ran from the staging buffer
+    if admit == "reuse":  # experts not used in the last token (admit_window=1) ran from the staging buffer
         assert store.metrics()["streamed"] > 0
     assert toks == ref_toks
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
