@@ -387,7 +387,7 @@ def test_staging_ring_fills_ahead_in_any_order():
 def test_copy_queue_order_supersede_cancel_promote_and_busy_slots():
     """The queue both copiers share: demand first in submission order, then prefetches by need;
     one queued copy per slot; a copy whose slot is busy waits until `resume`."""
-    from moe_serve.experts.copier import CopyQueue
+    from moe_serve.experts.copy_queue import CopyQueue
 
     q = CopyQueue()
     q.push(1, 0, "p9", need=9)
