@@ -37,7 +37,6 @@ class RoutingHook(RouterHooks):
         self.experts = torch.full((0, num_layers, top_k), -1, dtype=torch.long)
         self.weights = torch.zeros((0, num_layers, top_k))
         self.prev_e, self.prev_w = self.experts, self.weights
-        self.seq_of: list[int] = []
         self._inner: torch.Tensor | None = None  # rows after the first of a prefill chunk (None: no such row)
         self._routed = -1  # last layer `route` filled this step
 
@@ -48,15 +47,12 @@ class RoutingHook(RouterHooks):
         self.prev_e = torch.full((N, L, K), -1, dtype=torch.long)
         self.prev_w = torch.zeros((N, L, K))
         seq_ids = batch.seq_ids or batch.slot_ids
-        self.seq_of, self.first_row = [], []
-        row = 0
+        inner, row = [], 0
         for sid, n in zip(seq_ids, batch.query_lens):
             if sid in self.last:
                 self.prev_e[row], self.prev_w[row] = self.last[sid]
-            self.seq_of += [sid] * n
-            self.first_row += [row] + [-1] * (n - 1)
+            inner += range(row + 1, row + n)  # rows after the first of a chunk
             row += n
-        inner = [r for r, first in enumerate(self.first_row) if first < 0]
         self._inner = torch.tensor(inner, dtype=torch.long) if inner else None  # once per step, not per layer
         self._routed = -1
 
