@@ -265,12 +265,17 @@ class OffloadExpertStore(ExpertStore):
     def _wait(self, ticket: int, slot: int) -> None:
         try:
             self.copier.wait(ticket, slot)
-        except CopyError as exc:  # the failed slot holds no valid weights: forget its expert
-            if exc.slot < self.capacity and int(self.ticket[exc.slot]) == exc.ticket and self.cache.gid_of[exc.slot] >= 0:
-                g = int(self.cache.gid_of[exc.slot])
-                self.prefetched[g] = False
-                self.cache.remove(g)
+        except CopyError as exc:
+            self._forget_failed(exc)
             raise
+
+    def _forget_failed(self, exc: CopyError) -> None:
+        """A copy failed (reported to whichever waiter came next, here or in the staging ring): if it
+        was the latest copy into a cache slot, that slot holds no valid weights: forget its expert."""
+        if exc.slot < self.capacity and int(self.ticket[exc.slot]) == exc.ticket and self.cache.gid_of[exc.slot] >= 0:
+            g = int(self.cache.gid_of[exc.slot])
+            self.prefetched[g] = False
+            self.cache.remove(g)
 
     def compute_expert(self, moe_layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
         if moe_layer * self.num_experts + e in self._on_host:
@@ -280,7 +285,11 @@ class OffloadExpertStore(ExpertStore):
         j = self._streamed.get(moe_layer * self.num_experts + e)
         if j is not None:  # through the staging ring: a real copy, as on-demand offloading makes
             t0 = time.perf_counter()
-            gu, dn = self.ring.get(j)
+            try:
+                gu, dn = self.ring.get(j)
+            except CopyError as exc:
+                self._forget_failed(exc)
+                raise
             self.stats["stall_s"] += time.perf_counter() - t0
             y = expert_forward(x, gu, dn)
             self.ring.done(j)  # the buffer is free (CPU compute is synchronous): refill it

@@ -364,6 +364,39 @@ def test_failed_copy_forgets_the_expert_and_the_store_keeps_serving():
     store.close()
 
 
+def test_failed_prefetch_reported_to_a_streamed_expert_forgets_its_expert():
+    """The worker's failure is reported to the next waiter, whichever copy it waits on: when that
+    is a streamed expert's staging buffer, the failed slot's expert must still be forgotten (else
+    its next use is a hit on weights that never landed)."""
+    from moe_serve.experts.copier import CopyError
+    from moe_serve.experts.store import expert_forward
+
+    class Broken(_Source):
+        def get(self, l, e):
+            gu, dn = super().get(l, e)
+            return (gu[:-1], dn) if (l, e) == (1, 2) else (gu, dn)  # a short gate_up: the copy fails
+
+    src = Broken()
+    store = OffloadExpertStore(src, torch.float32, "cpu", capacity=3, policy=LRUPolicy(), top_k=2, cpu_experts="off",
+                               host="mmap", admit="reuse")
+    store.prefetch(1, [2])  # fails in the worker
+    slot = int(store.cache.slot_of[1 * 4 + 2])
+    for _ in range(5000):
+        if store.copier.ready(int(store.ticket[slot]), slot):
+            break
+        time.sleep(0.001)
+    x = torch.randn(2, 8)
+    store.begin_layer(0, [0])
+    assert 0 * 4 + 0 in store._streamed  # never used: through the staging ring
+    with pytest.raises(CopyError, match="expert copy failed") as info:
+        store.compute_expert(0, 0, x)
+    assert info.value.slot == slot and not store.cache.resident(1 * 4 + 2)
+    store.begin_layer(0, [0])  # and the store keeps serving
+    torch.testing.assert_close(store.compute_expert(0, 0, x), expert_forward(x, *src.w[0, 0]))
+    store.end_layer(0)
+    store.close()
+
+
 def test_staging_ring_fills_ahead_in_any_order():
     """Each streamed expert's buffers hold its own weights when `get` returns, in the ring's order
     (the worker fills the next buffer while one is read) and out of it (a buffer is taken back
