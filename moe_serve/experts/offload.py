@@ -180,7 +180,8 @@ class OffloadExpertStore(ExpertStore):
         self.layer = moe_layer
         self._on_host.clear()
         self._streamed.clear()
-        for i, g in enumerate(gids.tolist()):
+        glist = gids.tolist()
+        for i, g in enumerate(glist):
             if self.cache.resident(g):
                 slot = int(self.cache.slot_of[g])
                 if self.prefetched[g] and self.copier.promote(int(self.ticket[slot]), slot):
@@ -211,7 +212,7 @@ class OffloadExpertStore(ExpertStore):
             self.stats["streamed"] += n
             self.stats["copies"] += n
             self.stats["bytes_moved"] += n * self.expert_bytes
-        self._used_slots = [int(self.cache.slot_of[g]) for g in gids.tolist()
+        self._used_slots = [int(self.cache.slot_of[g]) for g in glist
                             if g not in self._on_host and g not in self._streamed]
         if self.in_place_only:
             return
