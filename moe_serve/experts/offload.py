@@ -45,7 +45,7 @@ from moe_serve.experts.copier import CopyError, make_copier
 from moe_serve.experts.cost import ExpertCosts, measure_costs
 from moe_serve.experts.prefetch import RoutingHook
 from moe_serve.experts.staging import StagingRing
-from moe_serve.experts.store import ExpertStore, expert_forward
+from moe_serve.experts.store import ExpertStore, expert_forward, stack_experts
 
 
 STAGING_BUFFERS = 2  # the ring streamed misses go through: one computed from while the next is filled
@@ -67,14 +67,7 @@ class OffloadExpertStore(ExpertStore):
         gu0, dn0 = source.get(0, 0)
         self.host = host
         if host == "copy":  # one stacked host copy per layer; pinned only where a GPU copies from it
-            pin = self.device.type == "cuda"
-            self.host_gu = [torch.empty((E, *gu0.shape), dtype=dtype, pin_memory=pin) for _ in range(L)]
-            self.host_dn = [torch.empty((E, *dn0.shape), dtype=dtype, pin_memory=pin) for _ in range(L)]
-            for l in range(L):
-                for e in range(E):
-                    g, d = source.get(l, e)
-                    self.host_gu[l][e].copy_(g)
-                    self.host_dn[l][e].copy_(d)
+            self.host_gu, self.host_dn = stack_experts(source, dtype, pin_memory=self.device.type == "cuda")
         self.cache = SlotCache(policy, L, E, capacity, per_layer=per_layer)
         self.policy, self.capacity = policy, capacity
         # zeros, not empty: on a CPU device the pages are faulted in here, at start-up, rather than by

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from moe_serve.experts.store import ExpertStore, expert_forward
+from moe_serve.experts.store import ExpertStore, expert_forward, stack_experts
 
 
 class OnDemandExpertStore(ExpertStore):
@@ -36,20 +36,7 @@ class OnDemandExpertStore(ExpertStore):
 
     @classmethod
     def from_source(cls, source, dtype: torch.dtype, device) -> "OnDemandExpertStore":
-        pin = torch.device(device).type == "cuda"
-        gu0, dn0 = source.get(0, 0)
-        E = source.num_experts
-        host_gu, host_dn = [], []
-        for l in range(source.num_moe_layers):
-            gu = torch.empty((E, *gu0.shape), dtype=dtype, pin_memory=pin)
-            dn = torch.empty((E, *dn0.shape), dtype=dtype, pin_memory=pin)
-            for e in range(E):
-                g, d = source.get(l, e)
-                gu[e].copy_(g)
-                dn[e].copy_(d)
-            host_gu.append(gu)
-            host_dn.append(dn)
-        return cls(host_gu, host_dn, device)
+        return cls(*stack_experts(source, dtype, pin_memory=torch.device(device).type == "cuda"), device)
 
     def reset_metrics(self) -> None:
         self.stats = dict(copies=0, bytes_moved=0, copy_s=0.0)

@@ -56,6 +56,24 @@ def expert_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -
     return F.linear(F.silu(gate) * up, down)
 
 
+def stack_experts(source: ExpertSource, dtype: torch.dtype, device: torch.device | str = "cpu",
+                  pin_memory: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every expert of `source` stacked per MoE layer: gate_up [E, 2I, H] and down [E, H, I] per layer
+    (the resident store's weights, or a host copy that an offloading store copies from)."""
+    gate_up, down = [], []
+    for l in range(source.num_moe_layers):
+        gu0, d0 = source.get(l, 0)
+        gu = torch.empty((source.num_experts, *gu0.shape), dtype=dtype, device=device, pin_memory=pin_memory)
+        dn = torch.empty((source.num_experts, *d0.shape), dtype=dtype, device=device, pin_memory=pin_memory)
+        for e in range(source.num_experts):
+            g, d = (gu0, d0) if e == 0 else source.get(l, e)
+            gu[e].copy_(g)
+            dn[e].copy_(d)
+        gate_up.append(gu)
+        down.append(dn)
+    return gate_up, down
+
+
 class ExpertStore(ABC):
     num_moe_layers: int
     num_experts: int
@@ -122,18 +140,7 @@ class ResidentExpertStore(ExpertStore):
 
     @classmethod
     def from_source(cls, source: ExpertSource, dtype: torch.dtype, device: torch.device | str) -> "ResidentExpertStore":
-        gate_up, down = [], []
-        for l in range(source.num_moe_layers):
-            gu0, d0 = source.get(l, 0)
-            gu = torch.empty((source.num_experts, *gu0.shape), dtype=dtype, device=device)
-            dn = torch.empty((source.num_experts, *d0.shape), dtype=dtype, device=device)
-            for e in range(source.num_experts):
-                g, d = (gu0, d0) if e == 0 else source.get(l, e)
-                gu[e].copy_(g)
-                dn[e].copy_(d)
-            gate_up.append(gu)
-            down.append(dn)
-        return cls(gate_up, down)
+        return cls(*stack_experts(source, dtype, device))
 
     def get(self, moe_layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._views[moe_layer][e]
