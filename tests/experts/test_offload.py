@@ -110,6 +110,14 @@ class _Source:
         return self.w[l, e]
 
 
+def settle(copier, *tickets_slots):
+    """Until these copies have landed at the worker's own pace (waiting would run a queued copy here)."""
+    for _ in range(5000):
+        if all(copier.ready(t, s) for t, s in tickets_slots):
+            return
+        time.sleep(0.001)
+
+
 def test_in_use_expert_never_evicted_and_prefetch_counts():
     src = _Source()
     store = OffloadExpertStore(src, torch.float32, "cpu", capacity=3, policy=LRUPolicy(), top_k=2, cpu_experts="off",
@@ -160,10 +168,7 @@ def test_thread_copier_copies_in_order_and_reports_errors():
     assert info.value.slot == 0 and info.value.ticket == bad
     bad = c.submit([(torch.zeros(3), torch.zeros(4))], 1, need=1)  # fails in the worker: reported to
     good = c.submit([(dst[2], torch.ones(1000))], 2, need=2)  # the next waiter, whichever copy it waits on
-    for _ in range(5000):
-        if c.ready(bad, 1):
-            break
-        time.sleep(0.001)
+    settle(c, (bad, 1))
     with pytest.raises(CopyError, match="expert copy failed") as info:
         c.wait(good, 2)
     assert info.value.slot == 1 and info.value.ticket == bad and c.ready(bad, 1)
@@ -188,12 +193,6 @@ def test_thread_copier_runs_demand_first_then_by_need_and_waiters_take_queued_co
 
         def copy_(self, src):
             order.append((self.name, threading.current_thread().name))
-
-    def settle(c, *tickets_slots):  # the worker's own pace (waiting would run a queued copy here)
-        for _ in range(5000):
-            if all(c.ready(t, s) for t, s in tickets_slots):
-                return
-            time.sleep(0.001)
 
     me = threading.current_thread().name
     for worker_demand in (True, False):
@@ -381,10 +380,7 @@ def test_failed_prefetch_reported_to_a_streamed_expert_forgets_its_expert():
                                host="mmap", admit="reuse")
     store.prefetch(1, [2])  # fails in the worker
     slot = int(store.cache.slot_of[1 * 4 + 2])
-    for _ in range(5000):
-        if store.copier.ready(int(store.ticket[slot]), slot):
-            break
-        time.sleep(0.001)
+    settle(store.copier, (int(store.ticket[slot]), slot))
     x = torch.randn(2, 8)
     store.begin_layer(0, [0])
     assert 0 * 4 + 0 in store._streamed  # never used: through the staging ring
