@@ -341,15 +341,16 @@ def test_admission_streams_experts_not_used_lately():
     store.close()
 
 
+class _BrokenSource(_Source):
+    def get(self, l, e):
+        gu, dn = super().get(l, e)
+        return (gu[:-1], dn) if (l, e) == (1, 2) else (gu, dn)  # a short gate_up: the copy fails
+
+
 def test_failed_copy_forgets_the_expert_and_the_store_keeps_serving():
     from moe_serve.experts.copier import CopyError
 
-    class Broken(_Source):
-        def get(self, l, e):
-            gu, dn = super().get(l, e)
-            return (gu[:-1], dn) if (l, e) == (1, 2) else (gu, dn)  # a short gate_up: the copy fails
-
-    src = Broken()
+    src = _BrokenSource()
     store = OffloadExpertStore(src, torch.float32, "cpu", capacity=3, policy=LRUPolicy(), top_k=2, cpu_experts="off",
                                host="mmap", admit="always")
     store.begin_layer(1, [2])
@@ -370,12 +371,7 @@ def test_failed_prefetch_reported_to_a_streamed_expert_forgets_its_expert():
     from moe_serve.experts.copier import CopyError
     from moe_serve.experts.store import expert_forward
 
-    class Broken(_Source):
-        def get(self, l, e):
-            gu, dn = super().get(l, e)
-            return (gu[:-1], dn) if (l, e) == (1, 2) else (gu, dn)  # a short gate_up: the copy fails
-
-    src = Broken()
+    src = _BrokenSource()
     store = OffloadExpertStore(src, torch.float32, "cpu", capacity=3, policy=LRUPolicy(), top_k=2, cpu_experts="off",
                                host="mmap", admit="reuse")
     store.prefetch(1, [2])  # fails in the worker
