@@ -4,7 +4,8 @@ Contract (what the MoE block's experts stage calls, per MoE layer and step):
 
     store.run(moe_layer, x_sorted, counts) -> y_sorted
         x_sorted [M, H]: the step's token copies sorted by logical expert id (dispatch's output);
-        counts: long tensor [E], rows of x_sorted per expert (sum = M);
+        counts: long tensor [E], rows of x_sorted per expert (sum = M); or a list of ints when the
+                dispatcher counted on the host (its one-token path on CPU);
         y_sorted [M, H]: each row's expert output (unweighted: combine applies the gate weights).
 
 `ExpertStore.run` is written once in terms of overridable methods, so another store changes
