@@ -176,21 +176,24 @@ class StreamCopier:
     makes the compute stream wait on: the host never blocks."""
 
     def __init__(self, device: torch.device, num_slots: int, depth: int = 2):
-        self.device, self.depth = device, depth
-        self.stream = torch.cuda.Stream(device=device)
-        self._released: list[torch.cuda.Event | None] = [None] * num_slots  # last reader's end, per slot
-        self._landed: list[torch.cuda.Event | None] = [None] * num_slots  # latest issued copy into each slot
-        self._in_flight: list[torch.cuda.Event] = []  # issued prefetches not known to be done
+        self.device, self.depth = torch.device(device), depth
+        # torch.cuda on a GPU; on a CPU, torch.cpu's stand-ins for device-agnostic code (copies run at
+        # once, events are always done): the same host-side logic then runs, and is tested, without a GPU
+        self._rt = torch.get_device_module(self.device)
+        self.stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else self._rt.Stream()
+        self._released: list = [None] * num_slots  # per slot: event at the end of its last reader, or None
+        self._landed: list = [None] * num_slots  # per slot: event after the latest copy issued into it
+        self._in_flight: list = []  # events of issued prefetches not known to be done
         self._q = CopyQueue()  # prefetches not issued yet
         self._issued = 0
 
-    def _issue(self, pairs, slot: int) -> torch.cuda.Event:
-        with torch.cuda.stream(self.stream):
+    def _issue(self, pairs, slot: int):
+        with self._rt.stream(self.stream):
             if self._released[slot] is not None:
                 self.stream.wait_event(self._released[slot])  # never overwrite weights still being read
             for dst, src in pairs:
                 dst.copy_(src, non_blocking=True)
-            ev = torch.cuda.Event()
+            ev = self._rt.Event()
             ev.record(self.stream)
         self._landed[slot] = ev
         return ev
@@ -241,17 +244,19 @@ class StreamCopier:
             self._issue(pairs, slot)
         ev = self._landed[slot]
         if ev is not None:  # the compute stream waits; the host does not
-            torch.cuda.current_stream(self.device).wait_event(ev)
+            self._rt.current_stream(self.device).wait_event(ev)
 
     def release(self, slots) -> None:
-        ev = torch.cuda.Event()
-        ev.record(torch.cuda.current_stream(self.device))
+        ev = self._rt.Event()
+        ev.record(self._rt.current_stream(self.device))
         for s in slots:
             self._released[s] = ev
         self._pump()
 
-    def close(self) -> None:
-        self.stream.synchronize()
+    def close(self) -> None:  # every issued copy has landed (as stream.synchronize(), which torch.cpu lacks)
+        ev = self._rt.Event()
+        ev.record(self.stream)
+        ev.synchronize()
 
 
 def make_copier(device: torch.device, num_slots: int, **options):
