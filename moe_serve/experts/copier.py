@@ -12,7 +12,9 @@
   `copy_order="demand-first"`); a copy the worker has not started when someone waits for it runs
   in the waiting thread instead (no hand-off latency on the critical path).
 
-Both copy into preallocated slot buffers (`dst.copy_(src)`), never allocate on the hot path.
+Both copy into preallocated slot buffers (`dst.copy_(src)`), never allocate on the hot path, and
+report a failed copy the same way (`FailedCopies`): a `CopyError` naming the slot, raised by the
+next `wait`, never by the call that started the copy.
 """
 from __future__ import annotations
 
@@ -30,6 +32,45 @@ class CopyError(RuntimeError):
         super().__init__(f"expert copy failed (slot {slot}, copy {ticket}): {type(exc).__name__}: {exc}")
         self.slot, self.ticket = slot, ticket
         self.__cause__ = exc
+
+
+def _copy(pairs, catch=Exception, **copy_kw) -> BaseException | None:
+    """Run one expert's copies (dst, src); the error instead of raising it (the caller decides who sees it)."""
+    try:
+        with torch.no_grad():
+            for dst, src in pairs:
+                dst.copy_(src, **copy_kw)
+    except catch as exc:
+        return exc
+    return None
+
+
+class FailedCopies:
+    """The failure contract both copiers keep: a copy that fails never raises where it was started
+    (`submit`, `promote`, `release`, the CPU worker); it becomes a `CopyError` (slot, ticket) that
+    the next `wait` raises, once: the waiter's own copy's failure first, else the oldest one not
+    reported yet (a failed prefetch nobody waits for is never lost). The store then forgets the
+    slot's expert (offload.py)."""
+
+    def __init__(self, lock=None):
+        self._lock = lock if lock is not None else threading.Lock()  # a worker thread may add meanwhile
+        self._errors: list[CopyError] = []
+
+    def add(self, slot: int, ticket: int, exc: BaseException) -> None:
+        with self._lock:
+            self._errors.append(CopyError(slot, ticket, exc))
+
+    def report(self, ticket: int, slot: int) -> None:
+        """Raise the failure the waiter of copy `ticket` into `slot` should see, if any."""
+        if not self._errors:
+            return
+        with self._lock:
+            mine = [e for e in self._errors if (e.slot, e.ticket) == (slot, ticket)]
+            err = (mine or self._errors)[0] if self._errors else None
+            if err is not None:
+                self._errors.remove(err)
+        if err is not None:
+            raise err
 
 
 class ThreadCopier:
@@ -53,7 +94,7 @@ class ThreadCopier:
         self._slot_done = [0] * num_slots  # last ticket finished per slot (a slot's copies finish in order)
         self._running: dict[int, int] = {}  # slot -> ticket being copied (by the worker or a waiter)
         self._issued = 0
-        self._errors: list[CopyError] = []  # the worker's failures, not reported yet
+        self._failed = FailedCopies(self._cv)
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="expert-copier", daemon=True)
         self._thread.start()
@@ -72,11 +113,11 @@ class ThreadCopier:
                     self._cv.wait()
             err = _copy(pairs, BaseException)  # a dying worker would leave its waiters hanging
             with self._cv:
-                if err is not None:  # surfaced to the next waiter, never lost
-                    self._errors.append(CopyError(slot, ticket, err))
-                self._finished(slot, ticket)
+                self._finished(slot, ticket, err)
 
-    def _finished(self, slot: int, ticket: int) -> None:  # under _cv
+    def _finished(self, slot: int, ticket: int, err: BaseException | None) -> None:  # under _cv
+        if err is not None:  # before the waiters wake
+            self._failed.add(slot, ticket, err)
         self._slot_done[slot] = ticket
         del self._running[slot]
         self._q.resume(slot)  # a copy into the slot that had to wait for this one
@@ -134,17 +175,8 @@ class ThreadCopier:
                 err = _copy(pairs)
             finally:  # even when interrupted: nobody may wait for this slot forever
                 with self._cv:
-                    self._finished(slot, ticket)
-            if err is not None:
-                raise CopyError(slot, ticket, err) from err
-        if self._errors:  # this copy's failure first, else the oldest unreported one
-            with self._cv:
-                mine = [e for e in self._errors if (e.slot, e.ticket) == (slot, ticket)]
-                err = (mine or self._errors)[0] if self._errors else None
-                if err is not None:
-                    self._errors.remove(err)
-            if err is not None:
-                raise err
+                    self._finished(slot, ticket, err)
+        self._failed.report(ticket, slot)
 
     def release(self, slots) -> None:
         """The compute that read `slots` is done (CPU compute is synchronous: nothing to record)."""
@@ -154,17 +186,6 @@ class ThreadCopier:
             self._closed = True
             self._cv.notify_all()
         self._thread.join(timeout=5)
-
-
-def _copy(pairs, catch=Exception) -> BaseException | None:
-    """Run one expert's copies (dst, src); the error instead of raising it (the caller decides who sees it)."""
-    try:
-        with torch.no_grad():
-            for dst, src in pairs:
-                dst.copy_(src)
-    except catch as exc:
-        return exc
-    return None
 
 
 class StreamCopier:
@@ -186,16 +207,20 @@ class StreamCopier:
         self._in_flight: list = []  # events of issued prefetches not known to be done
         self._q = CopyQueue()  # prefetches not issued yet
         self._issued = 0
+        self._failed = FailedCopies()
 
-    def _issue(self, pairs, slot: int):
+    def _issue(self, pairs, slot: int, ticket: int):
+        """Put copy `ticket` on the side stream. One that fails to issue is kept for the next `wait`
+        (as a worker's failure on CPU); the event still marks whatever of it did reach the stream."""
         with self._rt.stream(self.stream):
             if self._released[slot] is not None:
                 self.stream.wait_event(self._released[slot])  # never overwrite weights still being read
-            for dst, src in pairs:
-                dst.copy_(src, non_blocking=True)
+            err = _copy(pairs, non_blocking=True)
             ev = self._rt.Event()
             ev.record(self.stream)
         self._landed[slot] = ev
+        if err is not None:
+            self._failed.add(slot, ticket, err)
         return ev
 
     def _pump(self) -> None:
@@ -205,15 +230,15 @@ class StreamCopier:
             job = self._q.pop()
             if job is None:
                 return
-            slot, _, pairs = job
-            self._in_flight.append(self._issue(pairs, slot))
+            slot, ticket, pairs = job
+            self._in_flight.append(self._issue(pairs, slot, ticket))
 
     def submit(self, pairs, slot: int, need: int | None = None) -> int:
         """A demand copy (`need` None) goes on the stream now; a prefetch joins the host queue."""
         self._issued += 1
         if need is None:
             self._q.drop(slot)  # a queued prefetch into the slot is superseded
-            self._issue(pairs, slot)
+            self._issue(pairs, slot, self._issued)
         else:
             self._q.push(self._issued, slot, pairs, need)
         self._pump()
@@ -226,7 +251,7 @@ class StreamCopier:
         pairs = self._q.take(ticket, slot)
         if pairs is None:
             return False
-        self._issue(pairs, slot)
+        self._issue(pairs, slot, ticket)
         return True
 
     def queued_prefetches(self) -> int:
@@ -241,10 +266,11 @@ class StreamCopier:
     def wait(self, ticket: int, slot: int) -> None:
         pairs = self._q.take(ticket, slot)
         if pairs is not None:  # still on the host: needed now
-            self._issue(pairs, slot)
+            self._issue(pairs, slot, ticket)
         ev = self._landed[slot]
         if ev is not None:  # the compute stream waits; the host does not
             self._rt.current_stream(self.device).wait_event(ev)
+        self._failed.report(ticket, slot)
 
     def release(self, slots) -> None:
         ev = self._rt.Event()

@@ -17,9 +17,16 @@ from moe_serve.experts.staging import StagingRing
 from tests.experts.sources import settle
 
 
-def test_thread_copier_copies_in_order_and_reports_errors():
+COPIERS = {"thread": lambda n: ThreadCopier(n), "stream": lambda n: StreamCopier(torch.device("cpu"), n)}
 
-    c = ThreadCopier(4)
+
+@pytest.mark.parametrize("kind", sorted(COPIERS))
+def test_copier_copies_in_order_and_reports_errors(kind):
+    """Both copiers' contract: the last copy into a slot wins; a failed copy never raises from
+    `submit`, it is a `CopyError` (slot, ticket) raised by `wait`: to its own waiter, and a failure
+    nobody waits for (a prefetch, in the worker or issued from the CUDA copier's host queue) to the
+    next waiter, whichever copy it waits on, once."""
+    c = COPIERS[kind](4)
     dst = torch.zeros(4, 1000)
     tickets = [c.submit([(dst[i % 4], torch.full((1000,), float(i)))], i % 4, need=None if i % 3 else i)
                for i in range(12)]
@@ -27,17 +34,19 @@ def test_thread_copier_copies_in_order_and_reports_errors():
         c.wait(tickets[i], i % 4)
     assert all(c.ready(t, i % 4) for i, t in enumerate(tickets[8:], 8))
     assert dst[:, 0].tolist() == [8.0, 9.0, 10.0, 11.0]  # the last copy into each slot wins
-    bad = c.submit([(torch.zeros(3), torch.zeros(4))], 0)  # shape mismatch: fails in the waiting thread
+    bad = c.submit([(torch.zeros(3), torch.zeros(4))], 0)  # shape mismatch: a demand copy that fails
     with pytest.raises(CopyError, match="expert copy failed") as info:
         c.wait(bad, 0)
     assert info.value.slot == 0 and info.value.ticket == bad
-    bad = c.submit([(torch.zeros(3), torch.zeros(4))], 1, need=1)  # fails in the worker: reported to
+    c.wait(bad, 0)  # reported once
+    bad = c.submit([(torch.zeros(3), torch.zeros(4))], 1, need=1)  # a prefetch that fails: reported to
     good = c.submit([(dst[2], torch.ones(1000))], 2, need=2)  # the next waiter, whichever copy it waits on
     settle(c, (bad, 1))
     with pytest.raises(CopyError, match="expert copy failed") as info:
         c.wait(good, 2)
     assert info.value.slot == 1 and info.value.ticket == bad and c.ready(bad, 1)
     c.wait(good, 2)  # reported once
+    assert dst[2, 0] == 1.0
     c.close()
 
 

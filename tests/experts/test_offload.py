@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from moe_serve.config import ExpertCacheConfig
+from moe_serve.experts.copier import CopyError, StreamCopier
 from moe_serve.experts.factory import expert_store_factory
 from moe_serve.experts.offload import OffloadExpertStore
 from moe_serve.experts.policies import LRUPolicy, PredictedPolicy
@@ -193,19 +194,39 @@ def test_admission_streams_experts_not_used_lately():
     store.close()
 
 
-def test_failed_copy_forgets_the_expert_and_the_store_keeps_serving():
-    from moe_serve.experts.copier import CopyError
-
-    src = BrokenSource()
+def _store_with(copier: str, src, **kw) -> OffloadExpertStore:
+    """A CPU store with the thread copier it picks, or with the CUDA one (run on torch.cpu's stand-ins)."""
     store = OffloadExpertStore(src, torch.float32, "cpu", capacity=3, policy=LRUPolicy(), top_k=2, cpu_experts="off",
-                               host="mmap", admit="always")
+                               host="mmap", admit="always", **kw)
+    if copier == "stream":
+        store.copier.close()
+        store.copier = StreamCopier(store.device, store.capacity)
+    return store
+
+
+@pytest.mark.parametrize("copier", ["thread", "stream"])
+def test_failed_copy_forgets_the_expert_and_the_store_keeps_serving(copier):
+    """Either copier: a failed demand copy is a CopyError from `get`, and a failed prefetch one from
+    the next `get` whichever expert it fetches; either way the failed slot's expert is forgotten
+    (no slot claims weights it does not hold) and the store keeps serving."""
+    src = BrokenSource()
+    store = _store_with(copier, src)
     store.begin_layer(1, [2])
     with pytest.raises(CopyError, match="expert copy failed"):
         store.get(1, 2)
-    assert not store.cache.resident(1 * 4 + 2)  # no slot claims weights it does not hold
+    assert not store.cache.resident(1 * 4 + 2)
     store.end_layer(1)
     store.begin_layer(0, [0, 1])
     assert torch.equal(store.get(0, 1)[0], src.w[0, 1][0])
+    store.end_layer(0)
+    store.prefetch(1, [2])  # fails in the worker, or when issued from the CUDA copier's host queue
+    slot = int(store.cache.slot_of[1 * 4 + 2])
+    settle(store.copier, (int(store.ticket[slot]), slot))
+    store.begin_layer(0, [3])
+    with pytest.raises(CopyError, match="expert copy failed") as info:
+        store.get(0, 3)
+    assert info.value.slot == slot and not store.cache.resident(1 * 4 + 2)
+    assert torch.equal(store.get(0, 3)[1], src.w[0, 3][1])  # reported once; (0, 3) itself landed
     store.end_layer(0)
     store.close()
 
@@ -214,7 +235,6 @@ def test_failed_prefetch_reported_to_a_streamed_expert_forgets_its_expert():
     """The worker's failure is reported to the next waiter, whichever copy it waits on: when that
     is a streamed expert's staging buffer, the failed slot's expert must still be forgotten (else
     its next use is a hit on weights that never landed)."""
-    from moe_serve.experts.copier import CopyError
     from moe_serve.experts.store import expert_forward
 
     src = BrokenSource()
