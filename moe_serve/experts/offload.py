@@ -247,21 +247,22 @@ class OffloadExpertStore(ExpertStore):
         slot = int(self.cache.slot_of[moe_layer * self.num_experts + e])
         if slot < 0:
             raise KeyError(f"expert ({moe_layer}, {e}) is not resident: begin_layer must name it first")
-        ticket = int(self.ticket[slot])
-        if not self.copier.ready(ticket, slot):  # on CPU the demand copy runs here, in this thread
-            t0 = time.perf_counter()
-            self._wait(ticket, slot)
-            self.stats["stall_s"] += time.perf_counter() - t0
-        else:
-            self._wait(ticket, slot)
+        self._wait(int(self.ticket[slot]), slot)
         return self.slot_gu[slot], self.slot_dn[slot]
 
     def _wait(self, ticket: int, slot: int) -> None:
+        """Wait for copy `ticket` into copier slot `slot` (a cache slot or a staging buffer). Only
+        a copy that has not landed is a stall (on CPU it may run here, in this thread); the time is
+        the wait alone, whatever it raises."""
+        t0 = None if self.copier.ready(ticket, slot) else time.perf_counter()
         try:
-            self.copier.wait(ticket, slot)
+            self.copier.wait(ticket, slot)  # a landed copy: only its failure to report, if any
         except CopyError as exc:
             self._forget_failed(exc)
             raise
+        finally:
+            if t0 is not None:
+                self.stats["stall_s"] += time.perf_counter() - t0
 
     def _forget_failed(self, exc: CopyError) -> None:
         """A copy failed (reported to whichever waiter came next, here or in the staging ring): if it
@@ -278,13 +279,7 @@ class OffloadExpertStore(ExpertStore):
             return expert_forward(x.to("cpu", gu.dtype), gu, dn).to(x.device, x.dtype)
         j = self._streamed.get(moe_layer * self.num_experts + e)
         if j is not None:  # through the staging ring: a real copy, as on-demand offloading makes
-            t0 = time.perf_counter()
-            try:
-                gu, dn = self.ring.get(j)
-            except CopyError as exc:
-                self._forget_failed(exc)
-                raise
-            self.stats["stall_s"] += time.perf_counter() - t0
+            gu, dn = self.ring.get(j, self._wait)
             y = expert_forward(x, gu, dn)
             self.ring.done(j)  # the buffer is free (CPU compute is synchronous): refill it
             return y

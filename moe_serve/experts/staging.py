@@ -52,13 +52,14 @@ class StagingRing:
         self.ticket[b] = self.copier.submit([(self.gu[b], self.queue[j][0]), (self.dn[b], self.queue[j][1])],
                                             self.first + b)
 
-    def get(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Buffers of queue position `j`, once its copy has landed (may run the copy here)."""
+    def get(self, j: int, wait=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buffers of queue position `j`, once its copy has landed (may run the copy here), waited
+        for by `wait(ticket, copier slot)` (the copier's own by default; the store's times it)."""
         if j not in self.where:  # out of line: a free buffer, else the one whose expert runs last
             b = min(range(self.n), key=lambda b: (self.owner[b] >= 0, -self.owner[b]))
             self._fill(b, j)
         b = self.where[j]
-        self.copier.wait(self.ticket[b], self.first + b)
+        (wait or self.copier.wait)(self.ticket[b], self.first + b)
         return self.gu[b], self.dn[b]
 
     def done(self, j: int) -> None:

@@ -32,3 +32,34 @@ def settle(copier, *tickets_slots):
         if all(copier.ready(t, s) for t, s in tickets_slots):
             return
         time.sleep(0.001)
+
+
+class SlowTensor(torch.Tensor):
+    """A host tensor whose copy out (`dst.copy_(self)`) takes at least `delay` seconds longer, and
+    records the time each such copy took in `copy_s`: a copy source slowed down deterministically."""
+
+    delay: float = 0.0
+    copy_s: list[float] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            if func is not torch.Tensor.copy_:
+                return func(*args, **(kwargs or {}))
+            t0 = time.perf_counter()
+            time.sleep(cls.delay)
+            out = func(*args, **(kwargs or {}))
+            cls.copy_s.append(time.perf_counter() - t0)
+            return out
+
+
+class SlowSource(TinySource):
+    """TinySource whose experts copy out slowly (`SlowTensor`); `copy_s` lists each copy's time."""
+
+    def __init__(self, delay: float):
+        super().__init__()
+        self.slow = type("Slow", (SlowTensor,), dict(delay=delay, copy_s=[]))
+        self.copy_s = self.slow.copy_s
+
+    def get(self, l, e):
+        return tuple(t.as_subclass(self.slow) for t in super().get(l, e))
