@@ -96,6 +96,7 @@ class ThreadCopier:
         self._issued = 0
         self._failed = FailedCopies(self._cv)
         self._closed = False
+        self.wakeups = 0  # times the idle worker was woken (a submit, promote, finished copy or close; no timeout)
         self._thread = threading.Thread(target=self._loop, name="expert-copier", daemon=True)
         self._thread.start()
 
@@ -110,7 +111,8 @@ class ThreadCopier:
                         break
                     if self._closed:
                         return
-                    self._cv.wait()
+                    self._cv.wait()  # no timeout: an idle worker sleeps until submit, promote or close
+                    self.wakeups += 1
             err = _copy(pairs, BaseException)  # a dying worker would leave its waiters hanging
             with self._cv:
                 self._finished(slot, ticket, err)
@@ -182,10 +184,13 @@ class ThreadCopier:
         """The compute that read `slots` is done (CPU compute is synchronous: nothing to record)."""
 
     def close(self) -> None:
+        """Stop the worker (after the copies already queued) and join it. Idempotent; safe from a
+        finalizer, even one the garbage collector happens to run in the worker itself."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()
-        self._thread.join(timeout=5)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
 
 
 class StreamCopier:

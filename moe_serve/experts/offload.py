@@ -36,6 +36,7 @@ calls `begin_layer` (the experts this step needs), `get`/`compute_expert` per ex
 from __future__ import annotations
 
 import time
+import weakref
 
 import numpy as np
 import torch
@@ -83,6 +84,9 @@ class OffloadExpertStore(ExpertStore):
                              "refilled as soon as a forward returns, which only synchronous compute allows)")
         stage = STAGING_BUFFERS if self.admit == "reuse" else 0
         self.copier = make_copier(self.device, capacity + stage)  # copier slots >= capacity: staging buffers
+        # the copier's worker thread stops with the store: at close(), or when a store nobody closed
+        # (the engine drops its model) is collected; the copier never refers back to the store
+        self._close_copier = weakref.finalize(self, self.copier.close)
         self.ring = StagingRing(self.copier, capacity, stage, self.slot_gu[0], self.slot_dn[0]) if stage else None
         self.ticket = np.zeros(capacity, dtype=np.int64)  # copy each slot waits on
         self.prefetched = np.zeros(L * E, dtype=bool)  # prefetched, not used yet
@@ -295,4 +299,4 @@ class OffloadExpertStore(ExpertStore):
         return (self.capacity + (self.ring.n if self.ring is not None else 0)) * self.expert_bytes
 
     def close(self) -> None:
-        self.copier.close()
+        self._close_copier()  # once: a finalizer runs its callback at most once

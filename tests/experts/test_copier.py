@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -225,3 +226,28 @@ def test_stream_copier_host_side_on_cpu():
     t = c.submit([(dst[0], src[5])], 0, need=1)
     assert c.queued_prefetches() == 0 and c.ready(t, 0) and dst[0, 0] == 5.0
     c.close()
+
+
+def _cpu_s(thread) -> float:
+    """CPU time `thread` has used so far (Linux: its own clock)."""
+    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+
+
+def test_idle_worker_sleeps_until_there_is_a_copy_and_close_joins_it():
+    """With nothing to copy the worker blocks on its condition without a timeout: over an idle
+    period it is never woken and uses no CPU (a poll or spin would do one or the other); a new
+    copy wakes it; close stops and joins it."""
+    c = ThreadCopier(2)
+    dst = torch.zeros(2, 4)
+    t = c.submit([(dst[0], torch.ones(4))], 0, need=1)  # the worker runs it, then goes idle
+    settle(c, (t, 0))
+    woken, cpu = c.wakeups, _cpu_s(c._thread)
+    time.sleep(0.3)
+    assert c.wakeups == woken and _cpu_s(c._thread) - cpu < 0.005
+    t = c.submit([(dst[1], torch.ones(4))], 1, need=2)
+    settle(c, (t, 1))
+    assert c.ready(t, 1) and dst[1, 0] == 1.0 and c.wakeups == woken + 1
+    c.close()
+    assert not c._thread.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        c.submit([(dst[0], torch.ones(4))], 0)

@@ -126,7 +126,8 @@ def test_bad_budget_names_the_field():
     with pytest.raises(ValueError, match="expert_cache.cache_policy"):
         ExpertCacheConfig(cache_policy="belady")
     with pytest.raises(ValueError, match="capacity must lie in"):
-        OffloadExpertStore(TinySource(), torch.float32, "cpu", capacity=0, policy=LRUPolicy(), top_k=2, cpu_experts="off")
+        OffloadExpertStore(TinySource(), torch.float32, "cpu", capacity=0, policy=LRUPolicy(), top_k=2,
+                           cpu_experts="off")
 
 
 def test_prefetch_not_started_when_needed_is_a_late_miss():
@@ -263,3 +264,24 @@ def test_cache_admission_comes_from_the_config(admission, tiny_checkpoint):
     assert store.admit == ("reuse" if admission == "auto" else admission)
     assert toks == run(tiny_checkpoint("mixtral"))[0][0]
     store.close()
+
+
+def test_closing_or_dropping_the_store_stops_its_copy_thread():
+    """close() stops and joins the store's copy worker; a store dropped without close() (the
+    engine drops its model so) stops it too, once collected: the thread never outlives the store."""
+    import gc
+
+    for drop in (False, True):
+        store = OffloadExpertStore(TinySource(), torch.float32, "cpu", capacity=3, policy=LRUPolicy(), top_k=2,
+                                   cpu_experts="off", admit="always")
+        store.begin_layer(0, [0, 1])
+        store.get(0, 0), store.get(0, 1)
+        store.end_layer(0)
+        worker = store.copier._thread
+        assert worker.is_alive()
+        if drop:
+            del store
+            gc.collect()
+        else:
+            store.close()
+        assert not worker.is_alive()
