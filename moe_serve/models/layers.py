@@ -24,14 +24,20 @@ def fp32_constant(value: float, device: torch.device) -> torch.Tensor:
         return torch.tensor(value, dtype=torch.float32, device=device)
 
 
+def scalar_operand(value: float, device: torch.device) -> torch.Tensor | float:
+    """`fp32_constant` in eager mode; the plain float inside a torch.compile trace (it folds into the
+    kernel, and dynamo would only trace through the cache)."""
+    return value if torch.compiler.is_compiling() else fp32_constant(value, device)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """As transformers: normalize in fp32, cast back, then scale in the activation dtype.
     `weight` broadcasts over x's trailing dims ([D], or [heads, D] for several norms at once).
     Same ops and bits as `h * rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)` (mean is sum then a
     divide; pow(2) is h*h), with the scalars as tensors and the temporaries reused."""
     h = x if x.dtype == torch.float32 else x.float()
-    mean_sq = (h * h).sum(-1, keepdim=True).div_(fp32_constant(float(h.shape[-1]), h.device))
-    normed = torch.mul(h, torch.rsqrt(mean_sq.add_(fp32_constant(eps, h.device))))
+    mean_sq = (h * h).sum(-1, keepdim=True).div_(scalar_operand(float(h.shape[-1]), h.device))
+    normed = torch.mul(h, torch.rsqrt(mean_sq.add_(scalar_operand(eps, h.device))))
     if x.dtype == torch.float32:  # the casts are no-ops: skip their dispatch (decode is op-bound)
         return normed.mul_(weight) if weight.dim() <= normed.dim() and weight.dtype == normed.dtype else weight * normed
     return weight * normed.to(x.dtype)
@@ -128,8 +134,15 @@ class GQAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: StepMeta,
                 cache: tuple[torch.Tensor, ...]) -> torch.Tensor:  # x [N, H]
+        q, k, v = self.project(x, cos, sin)
+        o = attend(q, (k, v), cache, lambda rows: rows, meta, self.scale, self.window, self.hd)  # [N, Hq, D]
+        return self.o_proj(o.reshape(x.shape[0], self.nh * self.hd))
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused=None) -> tuple[torch.Tensor, ...]:
+        """x [N, H] -> q [N, Hq, D], k [N, Hkv, D] (normed as the family says, rotated), v [N, Hkv, D].
+        `fused`: `fused_weights()` when the caller already has it (a compiled step takes it as input)."""
         n, nh, nkv, hd = x.shape[0], self.nh, self.nkv, self.hd
-        weight, bias, qk_norm_weight = self.fused_weights()
+        weight, bias, qk_norm_weight = fused if fused is not None else self.fused_weights()
         qkv = F.linear(x, weight, bias)  # [N, (Hq + 2 Hkv) * D]
         nq, nk = nh * hd, nkv * hd
         if self.qk_norm == "full":  # norms over the whole projections, before the clip (OLMoE)
@@ -146,6 +159,4 @@ class GQAttention(nn.Module):
                 qk = rms_norm(qk, qk_norm_weight, self.q_norm.eps)
             qk = apply_rope(qk, cos, sin, self.rope_mode)
             q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nq + nk:]
-        v = v.view(n, nkv, hd)
-        o = attend(q, (k, v), cache, lambda rows: rows, meta, self.scale, self.window, self.hd)  # [N, Hq, D]
-        return self.o_proj(o.reshape(n, nh * hd))
+        return q, k, v.view(n, nkv, hd)
