@@ -17,6 +17,9 @@ class RouterHooks:
     """Base class and the no-op: subclasses override what they need."""
 
     active: bool = False  # False: the model skips calling the hooks at all
+    # True: route() reads only expert_ids (hidden may be None) and never replaces the routing, so a
+    # compiled step may report a step's routing after the fact (models/compiled.py)
+    reads_ids_only: bool = False
 
     def begin_step(self, batch: ForwardBatch) -> None:
         """Called once before the forward of a step."""
@@ -24,7 +27,7 @@ class RouterHooks:
     def route(
         self,
         moe_layer: int,  # index among the MoE layers (0 .. L-1), not the model layer
-        hidden: torch.Tensor,  # [N, H] the hidden state entering the router
+        hidden: torch.Tensor | None,  # [N, H] the hidden state entering the router (None: see reads_ids_only)
         expert_ids: torch.Tensor,  # long [N, K] the router's choice
         weights: torch.Tensor,  # [N, K] their combine weights
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -44,6 +47,10 @@ class HookChain(RouterHooks):
     def __init__(self, hooks: list[RouterHooks]):
         self.hooks = [h for h in hooks if h.active]
         self.active = bool(self.hooks)
+
+    @property
+    def reads_ids_only(self) -> bool:
+        return all(h.reads_ids_only for h in self.hooks)
 
     def begin_step(self, batch):
         for h in self.hooks:

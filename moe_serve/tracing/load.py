@@ -15,6 +15,7 @@ from moe_serve.models.hooks import RouterHooks
 
 class ExpertLoadCounter(RouterHooks):
     active = True
+    reads_ids_only = True
 
     def __init__(self, num_layers: int, num_experts: int, device: torch.device | str = "cpu"):
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.long, device=device)  # [L, E]
