@@ -17,6 +17,7 @@ from torch import nn
 
 from moe_serve.models.attention import StepMeta
 from moe_serve.models.batch import ForwardBatch
+from moe_serve.models.compiled import CompiledDecode, unsupported_reason
 from moe_serve.models.hooks import NO_HOOKS, RouterHooks
 from moe_serve.models.layers import MLP, GQAttention, RMSNorm, linear
 from moe_serve.models.mla import MLAttention
@@ -57,6 +58,7 @@ class MoEModel(nn.Module):
         self.rotary: Rotary | None = None
         self.kv_cache: list[tuple[torch.Tensor, ...]] = []
         self.max_len = 0
+        self.compiled: CompiledDecode | None = None  # see enable_compiled_decode
 
     # --- the engine's handles ---------------------------------------------------------------
     @property
@@ -91,6 +93,13 @@ class MoEModel(nn.Module):
                 layer.self_attn.fuse_projections()
         return self
 
+    def enable_compiled_decode(self, max_batch: int) -> str | None:
+        """Run decode-only steps of up to `max_batch` sequences through one torch.compile graph
+        (models/compiled.py). Returns why it cannot (and stays eager), or None."""
+        reason = unsupported_reason(self)
+        self.compiled = None if reason else CompiledDecode(self, max_batch)
+        return reason
+
     def kv_bytes_per_token(self) -> int:
         return self.spec.kv_bytes_per_token(torch.finfo(self.dtype).bits // 8)
 
@@ -119,6 +128,10 @@ class MoEModel(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         self._check(batch)
+        if self.compiled is not None and self.compiled.accepts(batch):
+            logits = self.compiled.forward(batch)
+            if logits is not None:
+                return logits
         meta = StepMeta.build(batch, self.device, self.max_len)
         hooks = self.runtime.hooks
         if hooks.active:

@@ -1,0 +1,117 @@
+"""The compiled decode step (models/compiled.py) against the eager model it stands in for: the same
+logits (float rounding apart) and expert choices, for every GQA family, at batch 1 and for a batch of
+decodes of different lengths in scattered slots; past a sliding window; and what stays eager."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from moe_serve import LLM, SamplingParams
+from moe_serve.models import ForwardBatch, load_model
+from moe_serve.tracing.load import ExpertLoadCounter
+from tests.models.helpers import RecordRoutes
+
+GEN = torch.Generator().manual_seed(5)
+PROMPTS = [torch.randint(3, 128, (n,), generator=GEN).tolist() for n in (6, 13, 9)]
+SLOTS = (3, 0, 2)
+
+
+class RecordIds(RecordRoutes):
+    reads_ids_only = True  # it keeps expert ids only: the compiled step may report them after the fact
+
+
+def decodes(tokens: list[int], slots, lens) -> ForwardBatch:
+    return ForwardBatch(token_ids=torch.tensor(tokens), positions=torch.tensor(lens), slot_ids=list(slots),
+                        query_lens=[1] * len(tokens), context_lens=list(lens), seq_ids=list(slots))
+
+
+def run(model, steps: int) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    """Prefill the three prompts, then `steps` greedy steps of all three together and `steps` of the
+    first alone: (logits per decode step, expert ids per step and MoE layer)."""
+    routes = RecordIds()
+    model.hooks = routes
+    lens = [len(p) for p in PROMPTS]
+    toks = []
+    for p, slot in zip(PROMPTS, SLOTS):
+        toks.append(int(model(ForwardBatch.single(p, slot=slot)).argmax()))
+    logits = []
+    for _ in range(steps):
+        out = model(decodes(toks, SLOTS, lens))
+        logits.append(out)
+        toks, lens = out.argmax(-1).tolist(), [n + 1 for n in lens]
+    for _ in range(steps):
+        out = model(decodes(toks[:1], SLOTS[:1], lens[:1]))
+        logits.append(out)
+        toks, lens = out.argmax(-1).tolist(), [n + 1 for n in lens]
+    steps_ids = [[ids[i] for ids in routes.ids.values()] for i in range(2 * steps + 3)][3:]
+    return logits, steps_ids
+
+
+@pytest.mark.parametrize("family", ["mixtral_window", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_compiled_decode_matches_eager(tiny_checkpoint, family):
+    path = tiny_checkpoint(family)
+    eager, compiled = load_model(path), load_model(path)
+    for m in (eager, compiled):
+        m.allocate_kv_cache(4, 64)
+    assert compiled.enable_compiled_decode(max_batch=4) is None
+    steps = 5  # mixtral_window's window is 8: the batch-1 steps run past it
+    want_logits, want_ids = run(eager, steps)
+    got_logits, got_ids = run(compiled, steps)
+    assert compiled.compiled.failed is None and compiled.compiled.steps == 2 * steps
+    for want, got in zip(want_logits, got_logits):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+    for want, got in zip(want_ids, got_ids):
+        assert all(torch.equal(w, g) for w, g in zip(want, got))
+
+
+def test_what_stays_eager(tiny_checkpoint):
+    assert "latent" in load_model(tiny_checkpoint("deepseek_v2")).enable_compiled_decode(4)
+    model = load_model(tiny_checkpoint("qwen3_moe"))
+    model.allocate_kv_cache(4, 64)
+    model.enable_compiled_decode(max_batch=2)
+    model(ForwardBatch.single(PROMPTS[0], slot=0))
+    model(ForwardBatch.single(PROMPTS[1], slot=1))
+    model(ForwardBatch.single(PROMPTS[2], slot=2))
+    model(decodes([5, 6, 7], (0, 1, 2), (6, 13, 9)))  # more than max_batch
+    model(ForwardBatch.single([5, 6], slot=3))  # a prefill
+    model.hooks = RecordRoutes()  # not declared ids-only (it could read hidden states): eager
+    model(decodes([8], (0,), (7,)))
+    assert model.compiled.steps == 0
+    model.hooks = ExpertLoadCounter(model.spec.num_moe_layers, model.spec.num_experts)  # ids only: compiled
+    model(decodes([9], (0,), (8,)))
+    assert model.compiled.steps == 1 and int(model.hooks.counts.sum()) == model.spec.num_moe_layers * model.spec.top_k
+
+
+def test_compile_failure_falls_back_to_eager(tiny_checkpoint, caplog):
+    path = tiny_checkpoint("qwen3_moe")
+    eager, model = load_model(path), load_model(path)
+    for m in (eager, model):
+        m.allocate_kv_cache(2, 32)
+        m(ForwardBatch.single(PROMPTS[0], slot=0))
+    model.enable_compiled_decode(max_batch=2)
+
+    def no_compiler(*args):  # what torch.compile raises on a machine without a C++ compiler
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    model.compiled._step = no_compiler
+    with caplog.at_level(logging.WARNING, logger="moe_serve.models.compiled"):
+        got = model(decodes([5], (0,), (6,)))
+    torch.testing.assert_close(got, eager(decodes([5], (0,), (6,))), rtol=0, atol=0)
+    assert "C++ compiler" in model.compiled.failed and "compiled decode disabled" in caplog.text
+    assert not model.compiled.accepts(decodes([6], (0,), (7,)))
+
+
+def test_llm_generate_compiled_equals_eager(tiny_qwen_dir):
+    """End to end through the engine: greedy continuations of requests decoded together are the eager ones."""
+    prompts = ["The quick brown fox", "Mixture-of-experts models route", "def add(a, b):"]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    with LLM(model=str(tiny_qwen_dir), max_model_len=64) as llm:
+        want = [o.token_ids for o in llm.generate(prompts, params)]
+    with LLM(model=str(tiny_qwen_dir), max_model_len=64, compile_decode=True, compile_max_batch=4) as llm:
+        got = [o.token_ids for o in llm.generate(prompts, params)]
+        assert llm.engine.model.compiled.steps > 0 and llm.engine.model.compiled.failed is None
+        assert int(llm.expert_load().sum()) > 0
+    assert got == want
