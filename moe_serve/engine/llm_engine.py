@@ -13,6 +13,7 @@ finish_reason "error" and the others go on (rewriting a KV position is idempoten
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import threading
 import time
@@ -31,6 +32,7 @@ from moe_serve.engine.tokenizer import load_tokenizer
 from moe_serve.models.batch import ForwardBatch
 
 Prompt = str | list[int]
+log = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -49,6 +51,11 @@ class LLMEngine:
         self.num_slots = kv_cache_slots(config.kv_cache.kv_cache_gb, kv_bytes, self.max_model_len,
                                         config.kv_cache.max_num_seqs)
         self.model.allocate_kv_cache(self.num_slots, self.max_model_len)
+        if mc.compile_decode:
+            enable = getattr(self.model, "enable_compiled_decode", None)
+            reason = enable(mc.compile_max_batch) if enable else "tensor/expert-parallel ranks run eagerly"
+            if reason:
+                log.warning("model.compile_decode: running eagerly (%s)", reason)
         self.hooks.attach(self.spec, self.device, meta={"model": str(mc.model), "family": self.spec.family})
         self.tokenizer = load_tokenizer(mc.model)
         self.eos_token_ids = set(self.spec.eos_token_ids or self.tokenizer.eos_token_ids)
