@@ -140,7 +140,9 @@ def workloads(vocab: int, tokenizer, quick: bool) -> dict[str, list[tuple[list[i
 
 def run_moe_serve(llm: LLM, work):
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in work]
-    llm.generate([p for p, _ in work][:1], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))  # warm-up
+    warm = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)  # warm-up: one request, then all
+    llm.generate([p for p, _ in work][:1], warm)                         # (with --compile: both graphs)
+    llm.generate([p for p, _ in work], warm)
     t = time.perf_counter()
     outs = llm.generate([p for p, _ in work], params)
     return time.perf_counter() - t, [o.token_ids for o in outs]
@@ -183,12 +185,13 @@ def run_hf_batched(hf, work, pad_id: int):
     return elapsed, [y[i, longest:longest + n].tolist() for i, (_, n) in enumerate(work)]
 
 
-def bench_model(name: str, model_dir: Path, quick: bool, bw: float, dtype: str, repeats: int = 2) -> list[dict]:
+def bench_model(name: str, model_dir: Path, quick: bool, bw: float, dtype: str, repeats: int = 2,
+                compile_max_batch: int = 0) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     rows = []
     llm = LLM(model=str(model_dir), dtype=dtype, max_num_seqs=16, max_model_len=256, kv_cache_gb=1.0,
-              expert_load_stats=False)
+              expert_load_stats=False, compile_decode=compile_max_batch > 0, compile_max_batch=max(1, compile_max_batch))
     model = llm.engine.model
     counter = StepBytes(model.spec.num_experts)
     dense, expert, row = weight_bytes(model)
@@ -197,6 +200,7 @@ def bench_model(name: str, model_dir: Path, quick: bool, bw: float, dtype: str, 
     hf.generation_config.pad_token_id = 0
     for wname, work in workloads(model.spec.vocab_size, llm.tokenizer, quick).items():
         n_out = sum(n for _, n in work)
+        compiled_before = model.compiled.steps if model.compiled is not None else 0
         # moe-serve and transformers-batched alternate, best of `repeats` each (the CPU is shared: this
         # keeps a burst of someone else's load from deciding the ratio); sequential runs once
         t_ms, t_bat = float("inf"), float("inf") if len(work) > 1 else None
@@ -220,6 +224,8 @@ def bench_model(name: str, model_dir: Path, quick: bool, bw: float, dtype: str, 
         mismatches = [i for i, (a, b) in enumerate(zip(ours, ref)) if a != b]
         hf_best = min(t for t in (t_seq, t_bat) if t is not None)
         r = dict(model=name, dtype=str(model.dtype).replace("torch.", ""), workload=wname, requests=len(work),
+                 compiled_decode_max_batch=compile_max_batch,
+                 compiled_steps=(model.compiled.steps if model.compiled is not None else 0) - compiled_before,
                  output_tokens=n_out,
                  prompt_tokens=sum(len(p) for p, _ in work), moe_serve_s=t_ms, hf_sequential_s=t_seq,
                  hf_batched_s=t_bat, moe_serve_tok_s=n_out / t_ms, hf_sequential_tok_s=n_out / t_seq,
@@ -252,6 +258,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benches" / "results" / "engine_vs_hf.json"))
     ap.add_argument("--work-dir", default=None, help="keep the built 1 GB checkpoint here (default: a temp dir)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of moe-serve and hf-batched (best counts)")
+    ap.add_argument("--compile-max-batch", type=int, default=0,
+                    help="> 0: moe-serve runs decode steps of up to this many requests compiled "
+                         "(model.compile_decode); 0 (default): eager")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads for both engines (process-wide); default: torch's choice")
     args = ap.parse_args(argv)
@@ -270,12 +279,14 @@ def main(argv=None) -> int:
                 if not (Path(DEFAULT_MODEL) / "config.json").exists():
                     print(f"  default model not present at {DEFAULT_MODEL}: skipped")
                     continue
-                rows += bench_model("default", Path(DEFAULT_MODEL), args.quick, bw, args.dtype, args.repeats)
+                rows += bench_model("default", Path(DEFAULT_MODEL), args.quick, bw, args.dtype, args.repeats,
+                                     args.compile_max_batch)
             elif m == "mixtral1g":
                 rows += bench_model("mixtral1g", build_mixtral_1g(Path(tmp) / "mixtral1g"), args.quick, bw, args.dtype,
-                                    args.repeats)
+                                    args.repeats, args.compile_max_batch)
             else:
-                rows += bench_model(Path(m).name, Path(m), args.quick, bw, args.dtype, args.repeats)
+                rows += bench_model(Path(m).name, Path(m), args.quick, bw, args.dtype, args.repeats,
+                                     args.compile_max_batch)
     bw_end = copy_bandwidth()
     if bw_end > bw:  # the bound only gets stricter: recompute the fractions with the higher bandwidth
         for r in rows:

@@ -114,6 +114,7 @@ class CompiledDecode:
         if max_batch < 1:
             raise ValueError(f"model.compile_max_batch must be >= 1, got {max_batch}")
         self.model, self.max_batch = model, max_batch
+        self._store_type = type(model.store)
         self.failed: str | None = None
         self.steps = 0  # steps run compiled (the rest of the model's steps ran eagerly)
         # Only the step's sizes are symbolic (marked per call): all-dynamic would also make every
@@ -125,7 +126,7 @@ class CompiledDecode:
         hooks = self.model.hooks
         return (self.failed is None and batch.num_seqs <= self.max_batch and not batch.all_logits
                 and batch.is_decode_only and (not hooks.active or hooks.reads_ids_only)
-                and unsupported_reason(self.model) is None)
+                and type(self.model.store) is self._store_type)  # a store swapped in later runs eagerly
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor | None:
         """Logits fp32 [B, V], or None when compiling failed (the caller runs the eager step)."""
