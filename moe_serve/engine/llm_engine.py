@@ -262,5 +262,5 @@ class LLMEngine:
             self._retire(seq)
         if self.config.trace.record_trace:
             self.save_trace()
-        getattr(self.model, "close", lambda: None)()  # a DistributedModel stops its worker ranks
+        getattr(self.model, "close", lambda: None)()  # worker ranks (DistributedModel), copy threads (stores)
         self.model = None

@@ -100,6 +100,10 @@ class MoEModel(nn.Module):
         self.compiled = None if reason else CompiledDecode(self, max_batch)
         return reason
 
+    def close(self) -> None:
+        """Release what the expert store holds beyond memory (an offloading store's copy thread)."""
+        getattr(self.store, "close", lambda: None)()
+
     def kv_bytes_per_token(self) -> int:
         return self.spec.kv_bytes_per_token(torch.finfo(self.dtype).bits // 8)
 

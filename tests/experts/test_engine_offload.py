@@ -33,6 +33,10 @@ def test_llm_with_expert_cache_matches_resident(tiny_checkpoint, tmp_path):
     assert tokens(llm) == ref
     m = store.metrics()
     assert m["prefetch_issued"] > 0 and m["misses"] > 0 and m["capacity"] == 5
+    worker = store.copier._thread
+    assert worker.is_alive()
+    llm.close()  # closing the engine closes its store: the copy thread is joined, not left to the collector
+    assert not worker.is_alive()
 
 
 def test_bad_expert_cache_options_name_the_field(tiny_checkpoint):
