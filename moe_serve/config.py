@@ -45,7 +45,7 @@ class ModelConfig:
                                "Single-rank, resident experts, GQA families; otherwise, or if compiling "
                                "fails, the eager step runs and a warning says why", default=False)
     compile_max_batch: int = doc("largest decode batch that runs compiled: the compiled step reads each token's "
-                                 "experts separately, so big batches of big models are faster eager", default=8)
+                                 "experts separately, so big batches of big models are faster eager", default=4)
 
     def __post_init__(self):
         require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "model", "dtype",
