@@ -53,7 +53,7 @@ class LLMEngine:
         self.model.allocate_kv_cache(self.num_slots, self.max_model_len)
         if mc.compile_decode:
             enable = getattr(self.model, "enable_compiled_decode", None)
-            reason = enable(mc.compile_max_batch) if enable else "tensor/expert-parallel ranks run eagerly"
+            reason = enable(mc.compile_max_batch, warm_up=True) if enable else "tensor/expert-parallel ranks run eagerly"
             if reason:
                 log.warning("model.compile_decode: running eagerly (%s)", reason)
         self.hooks.attach(self.spec, self.device, meta={"model": str(mc.model), "family": self.spec.family})

@@ -128,8 +128,35 @@ class CompiledDecode:
                 and batch.is_decode_only and (not hooks.active or hooks.reads_ids_only)
                 and type(self.model.store) is self._store_type)  # a store swapped in later runs eagerly
 
+    def warm_up(self) -> str | None:
+        """Compile both graphs now (batch 1, and batch 2 standing for 2..max_batch), so the first
+        requests do not wait for the compiler. The throwaway decodes write cache rows at position 1
+        of the first slots, which a sequence's prefill rewrites before anything reads them; no hook
+        sees them. Returns why compiling failed, or None."""
+        for b in sorted({1, min(2, self.max_batch, self.model.num_slots)}):
+            if self._run(ForwardBatch(token_ids=torch.zeros(b, dtype=torch.long), positions=torch.ones(b, dtype=torch.long),
+                                      slot_ids=list(range(b)), query_lens=[1] * b, context_lens=[1] * b)) is None:
+                break
+        return self.failed
+
     def forward(self, batch: ForwardBatch) -> torch.Tensor | None:
         """Logits fp32 [B, V], or None when compiling failed (the caller runs the eager step)."""
+        out = self._run(batch)
+        if out is None:
+            return None
+        logits, ids, weights = out
+        self.steps += 1
+        hooks = self.model.hooks
+        if hooks.active:  # id-only observers (accepts() checked): the step's routing, layer by layer
+            hooks.begin_step(batch)
+            for i in range(ids.shape[0]):
+                hooks.route(i, None, ids[i], weights[i])
+            hooks.end_step(batch)
+        return logits
+
+    def _run(self, batch: ForwardBatch):
+        """(logits fp32 [B, V], ids [L, B, K], weights [L, B, K]) from the compiled step, or None
+        when compiling failed."""
         m, dev = self.model, self.model.device
         fused = [layer.self_attn.fused_weights() for layer in m.layers]
         store, experts = m.store, []
@@ -146,16 +173,8 @@ class CompiledDecode:
             for t in (tokens, positions, slots):
                 torch._dynamo.mark_dynamic(t, 0)
         try:
-            logits, ids, weights = self._step(m, tokens, positions, slots, key, fused, experts, m.kv_cache)
+            return self._step(m, tokens, positions, slots, key, fused, experts, m.kv_cache)
         except Exception as exc:  # noqa: BLE001 - compiling is an optimisation: fall back, say why once
             self.failed = f"{type(exc).__name__}: {exc}"
             log.warning("compiled decode disabled, running eagerly: %s", self.failed.splitlines()[0])
             return None
-        self.steps += 1
-        hooks = m.hooks
-        if hooks.active:  # id-only observers (accepts() checked): the step's routing, layer by layer
-            hooks.begin_step(batch)
-            for i in range(ids.shape[0]):
-                hooks.route(i, None, ids[i], weights[i])
-            hooks.end_step(batch)
-        return logits

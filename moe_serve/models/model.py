@@ -93,11 +93,14 @@ class MoEModel(nn.Module):
                 layer.self_attn.fuse_projections()
         return self
 
-    def enable_compiled_decode(self, max_batch: int) -> str | None:
+    def enable_compiled_decode(self, max_batch: int, warm_up: bool = False) -> str | None:
         """Run decode-only steps of up to `max_batch` sequences through one torch.compile graph
-        (models/compiled.py). Returns why it cannot (and stays eager), or None."""
+        (models/compiled.py); `warm_up`: compile now (after allocate_kv_cache), not at the first
+        decodes. Returns why it cannot (and stays eager), or None."""
         reason = unsupported_reason(self)
         self.compiled = None if reason else CompiledDecode(self, max_batch)
+        if self.compiled is not None and warm_up:
+            reason = self.compiled.warm_up()
         return reason
 
     def close(self) -> None:

@@ -67,6 +67,24 @@ def test_compiled_decode_matches_eager(tiny_checkpoint, family):
         assert all(torch.equal(w, g) for w, g in zip(want, got))
 
 
+def test_warm_up_compiles_unseen_and_changes_nothing(tiny_checkpoint):
+    """warm_up compiles both graphs before any request: no hook sees its throwaway decodes, and the
+    cache rows they wrote do not change what the model computes afterwards."""
+    path = tiny_checkpoint("qwen3_moe")
+    eager, model = load_model(path), load_model(path)
+    for m in (eager, model):
+        m.allocate_kv_cache(4, 64)
+    counter = ExpertLoadCounter(model.spec.num_moe_layers, model.spec.num_experts)
+    model.hooks = counter
+    assert model.enable_compiled_decode(max_batch=4, warm_up=True) is None
+    assert model.compiled.steps == 0 and int(counter.counts.sum()) == 0
+    want_logits, _ = run(eager, 2)
+    got_logits, _ = run(model, 2)
+    assert model.compiled.steps == 4
+    for want, got in zip(want_logits, got_logits):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_what_stays_eager(tiny_checkpoint):
     assert "latent" in load_model(tiny_checkpoint("deepseek_v2")).enable_compiled_decode(4)
     model = load_model(tiny_checkpoint("qwen3_moe"))
