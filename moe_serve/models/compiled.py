@@ -44,14 +44,24 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
+def narrow_copy(weight: torch.Tensor) -> torch.Tensor | None:
+    """A bf16 copy of an fp32 weight whose every value is a bf16 value (a bf16 checkpoint computed in
+    fp32), else None. The compiled step reads that copy and widens each value as it loads it: the same
+    products, half the bytes (eager matmuls cannot mix dtypes, so they keep the fp32 weight)."""
+    if weight.dtype != torch.float32:
+        return None
+    narrow = weight.to(torch.bfloat16)
+    return narrow if torch.equal(narrow.float(), weight) else None
+
+
 def gathered_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                      down: torch.Tensor) -> torch.Tensor:
     """Routed experts of B tokens, weights gathered by id: x [B, H], ids/weights [B, K],
-    gate_up [E, 2I, H] (gate rows first), down [E, H, I] -> [B, H] in x's dtype.
+    gate_up [E, 2I, H] (gate rows first), down [E, H, I], in x's dtype or a narrow copy -> [B, H].
     Same math as dispatch -> store.run -> combine: silu(gate) * up, down, weight, sum over k."""
-    gu = (gate_up[ids] * x[:, None, None, :]).sum(-1)  # [B, K, 2I]
+    gu = (gate_up[ids].to(x.dtype) * x[:, None, None, :]).sum(-1)  # [B, K, 2I]
     gate, up = gu.chunk(2, dim=-1)
-    y = (down[ids] * (F.silu(gate) * up)[:, :, None, :]).sum(-1)  # [B, K, H]
+    y = (down[ids].to(x.dtype) * (F.silu(gate) * up)[:, :, None, :]).sum(-1)  # [B, K, H]
     return (y * weights[..., None]).sum(1).to(x.dtype)
 
 
@@ -115,6 +125,9 @@ class CompiledDecode:
             raise ValueError(f"model.compile_max_batch must be >= 1, got {max_batch}")
         self.model, self.max_batch = model, max_batch
         self._store_type = type(model.store)
+        store = model.store  # per MoE layer: (fp32 sources, their bf16 copies) when exact, else None
+        self._narrow = [None if (gu := narrow_copy(g)) is None or (dn := narrow_copy(d)) is None else ((g, d), (gu, dn))
+                        for g, d in zip(store.gate_up, store.down)]
         self.failed: str | None = None
         self.steps = 0  # steps run compiled (the rest of the model's steps ran eagerly)
         # Only the step's sizes are symbolic (marked per call): all-dynamic would also make every
@@ -162,7 +175,12 @@ class CompiledDecode:
         store, experts = m.store, []
         for layer in m.layers:
             mi = getattr(layer.mlp, "moe_index", None)
-            experts.append(None if mi is None else (store.gate_up[mi], store.down[mi]))
+            if mi is None:
+                experts.append(None)
+                continue
+            pair, narrow = (store.gate_up[mi], store.down[mi]), self._narrow[mi]
+            # the bf16 copies stand in only while the store still holds the weights they were made from
+            experts.append(narrow[1] if narrow is not None and narrow[0][0] is pair[0] and narrow[0][1] is pair[1] else pair)
         tokens, positions = batch.token_ids.to(dev), batch.positions.to(dev)
         slots = torch.tensor(batch.slot_ids, dtype=torch.long, device=dev)
         if self._keys.shape[0] != m.max_len:

@@ -67,6 +67,31 @@ def test_compiled_decode_matches_eager(tiny_checkpoint, family):
         assert all(torch.equal(w, g) for w, g in zip(want, got))
 
 
+def test_bf16_checkpoint_in_fp32_reads_narrow_expert_copies(tiny_checkpoint):
+    """A bf16 checkpoint computed in fp32: the compiled step reads bf16 copies of the expert weights
+    (every fp32 value is a bf16 value, so the products are the eager ones) and still matches eager."""
+    path = tiny_checkpoint("mixtral", dtype=torch.bfloat16)
+    eager, compiled = load_model(path, dtype="float32"), load_model(path, dtype="float32")
+    for m in (eager, compiled):
+        m.allocate_kv_cache(4, 64)
+    compiled.enable_compiled_decode(max_batch=4)
+    narrow = compiled.compiled._narrow
+    assert all(n is not None and n[1][0].dtype == torch.bfloat16 for n in narrow)
+    assert all(torch.equal(n[1][0].float(), n[0][0]) and torch.equal(n[1][1].float(), n[0][1]) for n in narrow)
+    want_logits, want_ids = run(eager, 3)
+    got_logits, got_ids = run(compiled, 3)
+    assert compiled.compiled.steps == 6
+    for want, got in zip(want_logits, got_logits):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for want, got in zip(want_ids, got_ids):
+        assert all(torch.equal(w, g) for w, g in zip(want, got))
+    # an fp32 checkpoint has no exact bf16 copy: the compiled step reads the fp32 weights
+    fp32 = load_model(tiny_checkpoint("mixtral"))
+    fp32.allocate_kv_cache(2, 16)
+    fp32.enable_compiled_decode(max_batch=2)
+    assert all(n is None for n in fp32.compiled._narrow)
+
+
 def test_warm_up_compiles_unseen_and_changes_nothing(tiny_checkpoint):
     """warm_up compiles both graphs before any request: no hook sees its throwaway decodes, and the
     cache rows they wrote do not change what the model computes afterwards."""
