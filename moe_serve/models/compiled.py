@@ -2,14 +2,17 @@
 
 The eager step pays PyTorch's per-op cost (~1-3 us an op on a CPU, ~900 ops a step on the default
 model) and Python's bookkeeping for mixed batches; inductor fuses the elementwise work into a few C++
-(or Triton) kernels and drops the interpreter from the loop, so a small model's batch-1 step is about
-2x faster. What makes one graph possible (as gpt-fast does it):
-  - shapes are symbolic (`dynamic=True`): B decodes and T visible cache rows need no recompiles
-    (B = 1 is specialised, so expect two compiles of ~5-15 s each, at the first steps that need them);
+(or Triton) loops around the matmuls and drops the interpreter from the loop: the default model's
+batch-1 step is ~1.7x faster, below the leanest eager step we could write (docs/engine.md). As
+gpt-fast does it:
+  - the batch size B and the visible cache rows T are symbolic (marked per call), so there are two
+    graphs (B = 1, and B >= 2), compiled by `warm_up` when the engine starts;
   - attention reads each slot's first T cache rows and masks the keys past each sequence's position;
   - experts are reached by gathering their weights by id (no host sync, no data-dependent shapes):
     `w[ids]` [B, K, out, in] reduced against the token. It reads K experts per token (the eager
-    grouped path reads each distinct expert once), so it is used up to `max_batch` decodes only.
+    grouped path reads each distinct expert once), so it is used up to `max_batch` decodes only;
+  - a bf16 checkpoint computed in fp32 gathers bf16 copies of its experts (`narrow_copy`; they cost
+    half the experts' fp32 memory again).
 Everything else (prefill chunks, mixed batches, bigger batches, offloading stores, hooks that replace
 routing or read hidden states, MLA) runs the eager model; outputs match it within float rounding
 (tests/models/test_compiled_decode.py). Routing is returned, so id-only hooks (the expert-load
