@@ -144,6 +144,7 @@ class CompiledDecode:
                 and batch.is_decode_only and (not hooks.active or hooks.reads_ids_only)
                 and type(self.model.store) is self._store_type)  # a store swapped in later runs eagerly
 
+    @torch.inference_mode()  # as model.forward: grad mode is part of what a compiled graph is for
     def warm_up(self) -> str | None:
         """Compile both graphs now (batch 1, and batch 2 standing for 2..max_batch), so the first
         requests do not wait for the compiler. The throwaway decodes write cache rows at position 1
@@ -184,7 +185,9 @@ class CompiledDecode:
             pair, narrow = (store.gate_up[mi], store.down[mi]), self._narrow[mi]
             # the bf16 copies stand in only while the store still holds the weights they were made from
             experts.append(narrow[1] if narrow is not None and narrow[0][0] is pair[0] and narrow[0][1] is pair[1] else pair)
-        tokens, positions = batch.token_ids.to(dev), batch.positions.to(dev)
+        # copies made here, in inference mode, whoever made the batch's tensors: whether an input is an
+        # inference tensor is part of what a graph was compiled for (a mismatch recompiles)
+        tokens, positions = batch.token_ids.to(dev, copy=True), batch.positions.to(dev, copy=True)
         slots = torch.tensor(batch.slot_ids, dtype=torch.long, device=dev)
         if self._keys.shape[0] != m.max_len:
             self._keys = torch.arange(m.max_len, device=dev)

@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from moe_serve import LLM, SamplingParams
 from moe_serve.models import ForwardBatch, load_model
@@ -103,9 +104,11 @@ def test_warm_up_compiles_unseen_and_changes_nothing(tiny_checkpoint):
     model.hooks = counter
     assert model.enable_compiled_decode(max_batch=4, warm_up=True) is None
     assert model.compiled.steps == 0 and int(counter.counts.sum()) == 0
+    graphs = counters["stats"]["unique_graphs"]
     want_logits, _ = run(eager, 2)
     got_logits, _ = run(model, 2)
     assert model.compiled.steps == 4
+    assert counters["stats"]["unique_graphs"] == graphs  # the requests compiled nothing more
     for want, got in zip(want_logits, got_logits):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
