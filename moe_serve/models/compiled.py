@@ -150,6 +150,8 @@ class CompiledDecode:
         requests do not wait for the compiler. The throwaway decodes write cache rows at position 1
         of the first slots, which a sequence's prefill rewrites before anything reads them; no hook
         sees them. Returns why compiling failed, or None."""
+        if not self.model.kv_cache:
+            raise RuntimeError("compiled decode warm-up: call model.allocate_kv_cache(num_slots, max_len) first")
         for b in sorted({1, min(2, self.max_batch, self.model.num_slots)}):
             if self._run(ForwardBatch(token_ids=torch.zeros(b, dtype=torch.long), positions=torch.ones(b, dtype=torch.long),
                                       slot_ids=list(range(b)), query_lens=[1] * b, context_lens=[1] * b)) is None:

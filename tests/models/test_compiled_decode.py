@@ -115,6 +115,10 @@ def test_warm_up_compiles_unseen_and_changes_nothing(tiny_checkpoint):
 
 def test_what_stays_eager(tiny_checkpoint):
     assert "latent" in load_model(tiny_checkpoint("deepseek_v2")).enable_compiled_decode(4)
+    with pytest.raises(RuntimeError, match="allocate_kv_cache"):  # warm-up needs the cache it writes to
+        load_model(tiny_checkpoint("qwen3_moe")).enable_compiled_decode(4, warm_up=True)
+    with pytest.raises(ValueError, match="compile_max_batch must be >= 1"):
+        load_model(tiny_checkpoint("qwen3_moe")).enable_compiled_decode(0)
     model = load_model(tiny_checkpoint("qwen3_moe"))
     model.allocate_kv_cache(4, 64)
     model.enable_compiled_decode(max_batch=2)
