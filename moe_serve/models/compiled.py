@@ -70,8 +70,9 @@ def gathered_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, 
 
 def decode_step(model, tokens, positions, slots, key, fused, experts, caches):
     """One step of B decodes. tokens/positions/slots long [B]; key long [T]: 0..T-1, the cache rows
-    to attend over (T = max position + 1; a tensor so that T is a symbolic size); fused: each layer's `fused_weights()`; experts: (gate_up, down) per MoE
-    layer, None for dense ones; caches: each layer's (K, V) [slots, max_len, Hkv, D].
+    to attend over (T = max position + 1; a tensor so that T is a symbolic size); fused: each layer's
+    `fused_weights()`; experts: (gate_up, down) per MoE layer, None for dense ones; caches: each
+    layer's (K, V) [slots, max_len, Hkv, D].
     -> (logits fp32 [B, V], expert ids long [L, B, K], weights [L, B, K])."""
     b = tokens.shape[0]
     h = F.embedding(tokens, model.embed_tokens.weight)  # [B, H]
@@ -121,7 +122,7 @@ class CompiledDecode:
     """Runs decode-only batches of at most `max_batch` sequences through the compiled step.
 
     `model.forward` asks `accepts(batch)` first; a compile failure (no C++ compiler, an unsupported
-    op) is logged once and the model goes on eagerly, so `--compile` never stops a server."""
+    op) is logged once and the model goes on eagerly, so `--compile-decode` never stops a server."""
 
     def __init__(self, model, max_batch: int):
         if max_batch < 1:
