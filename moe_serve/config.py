@@ -40,8 +40,8 @@ class ModelConfig:
                           "expansion of the cache: the fast one) or expanded (transformers' op order: bit-exact "
                           "in bf16, cost grows with context x heads)", default="absorbed")
     compile_decode: bool = doc("run decode-only steps of up to compile_max_batch sequences as one torch.compile "
-                               "(inductor) graph: about 2x faster decode on small models, after 10-20 s of "
-                               "compiling at the first decode steps (on a CPU inductor needs a C++ compiler). "
+                               "(inductor) graph: ~1.8x faster decode on small models, after ~25 s of "
+                               "compiling when the engine starts (on a CPU inductor needs a C++ compiler). "
                                "Single-rank, resident experts, GQA families; otherwise, or if compiling "
                                "fails, the eager step runs and a warning says why", default=False)
     compile_max_batch: int = doc("largest decode batch that runs compiled: the compiled step reads each token's "
