@@ -78,12 +78,26 @@ class StepMeta:
         if window is None and self.dec_uniform:
             return None
         if window not in self._masks:
-            t = torch.arange(self.dec_max, device=self.dec_lens.device)
-            m = t[None, :] < self.dec_lens[:, None]
-            if window is not None:
-                m &= t[None, :] > (self.dec_lens[:, None] - 1 - window)
-            self._masks[window] = m[:, None, None, :]
+            key = torch.arange(self.dec_max, device=self.dec_lens.device)
+            self._masks[window] = visible_keys(key, self.dec_lens, window)[:, None, None, :]
         return self._masks[window]
+
+
+def visible_keys(key: torch.Tensor, lens: torch.Tensor, window: int | None) -> torch.Tensor:
+    """bool [B, T]: cache row key[t] (key long [T]) is visible to decode b, whose sequence holds
+    lens[b] tokens with this one: t < lens[b], and inside the sliding window when there is one."""
+    visible = key[None, :] < lens[:, None]
+    if window is not None:
+        visible &= key[None, :] > (lens[:, None] - 1 - window)
+    return visible
+
+
+def write_cache_rows(caches: tuple[torch.Tensor, ...], new_rows: tuple[torch.Tensor, ...],
+                     flat_rows: torch.Tensor) -> None:
+    """Write a step's new rows (each [N, ...]) into their caches (each [slots, max_len, ...]) at
+    `flat_rows` long [N] (slot * max_len + position): one index_copy_ per cache, into its rows view."""
+    for cache, rows in zip(caches, new_rows):
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, flat_rows, rows if rows.dtype == cache.dtype else rows.to(cache.dtype))
 
 
 def _contiguous(slots: list[int]) -> tuple[int, int] | None:
@@ -127,8 +141,7 @@ def attend(
     v_dim: int,
     decode: Callable | None = None,  # (qd [B,Hq,Dqk], rows, mask [B,1,1,T] | None) -> [B,Hq,Dv]; default gqa_decode
 ) -> torch.Tensor:  # [N, Hq, Dv]
-    for cache, rows in zip(caches, new_rows):  # one index_copy_ per cache into its [slots * max_len] rows view
-        cache.view(-1, *cache.shape[2:]).index_copy_(0, meta.cache_rows, rows if rows.dtype == cache.dtype else rows.to(cache.dtype))
+    write_cache_rows(caches, new_rows, meta.cache_rows)
     n_tok, hq = q.shape[0], q.shape[1]
     out = q.new_empty(n_tok, hq, v_dim) if meta.prefills else None
     if meta.dec_idx is not None:

@@ -26,7 +26,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from moe_serve.models.attention import gqa_decode
+from moe_serve.models.attention import gqa_decode, visible_keys, write_cache_rows
 from moe_serve.models.batch import ForwardBatch
 from moe_serve.models.layers import GQAttention
 from moe_serve.models.moe import MoEBlock
@@ -78,16 +78,13 @@ def decode_step(model, tokens, positions, slots, key, fused, experts, caches):
     h = F.embedding(tokens, model.embed_tokens.weight)  # [B, H]
     cos, sin = model.rotary.cos_sin(positions, h.dtype)
     rows = slots * model.max_len + positions  # each new token's row in a cache viewed as [slots * max_len]
-    num_rows, key = key.shape[0], key[None, :]  # [1, T]
+    num_rows = key.shape[0]
     all_ids, all_weights = [], []
     for layer, fw, ex, cache in zip(model.layers, fused, experts, caches):
         attn = layer.self_attn
         q, k, v = attn.project(layer.input_layernorm.forward(h), cos, sin, fw)
-        for c, new in zip(cache, (k, v)):
-            c.view(-1, *c.shape[2:]).index_copy_(0, rows, new.to(c.dtype))
-        visible = key <= positions[:, None]  # [B, T]
-        if attn.window is not None:
-            visible = visible & (key > positions[:, None] - attn.window)
+        write_cache_rows(cache, (k, v), rows)
+        visible = visible_keys(key, positions + 1, attn.window)  # [B, T]
         kv = tuple(c[:, :num_rows].index_select(0, slots) for c in cache)  # each [B, T, Hkv, D]
         o = gqa_decode(q, kv, lambda r: r, visible[:, None, None, :], attn.scale)  # [B, Hq, D]
         h = h + attn.o_proj.forward(o.reshape(b, -1))
@@ -162,7 +159,8 @@ class CompiledDecode:
     def forward(self, batch: ForwardBatch) -> torch.Tensor | None:
         """Logits fp32 [B, V], or None when compiling failed (the caller runs the eager step)."""
         out = self._run(batch)
-        if out is None:
+        if out is None:  # once: accepts() refuses every later step
+            log.warning("compiled decode disabled, running eagerly: %s", self.failed.splitlines()[0])
             return None
         logits, ids, weights = out
         self.steps += 1
@@ -203,5 +201,4 @@ class CompiledDecode:
             return self._step(m, tokens, positions, slots, key, fused, experts, m.kv_cache)
         except Exception as exc:  # noqa: BLE001 - compiling is an optimisation: fall back, say why once
             self.failed = f"{type(exc).__name__}: {exc}"
-            log.warning("compiled decode disabled, running eagerly: %s", self.failed.splitlines()[0])
             return None
