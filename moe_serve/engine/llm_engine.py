@@ -55,7 +55,7 @@ class LLMEngine:
             enable = getattr(self.model, "enable_compiled_decode", None)
             reason = enable(mc.compile_max_batch, warm_up=True) if enable else "tensor/expert-parallel ranks run eagerly"
             if reason:
-                log.warning("model.compile_decode: running eagerly (%s)", reason)
+                log.warning("model.compile_decode: running eagerly (%s)", reason.splitlines()[0])
         self.hooks.attach(self.spec, self.device, meta={"model": str(mc.model), "family": self.spec.family})
         self.tokenizer = load_tokenizer(mc.model)
         self.eos_token_ids = set(self.spec.eos_token_ids or self.tokenizer.eos_token_ids)
