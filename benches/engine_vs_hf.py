@@ -142,9 +142,7 @@ def workloads(vocab: int, tokenizer, quick: bool) -> dict[str, list[tuple[list[i
 
 def run_moe_serve(llm: LLM, work):
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in work]
-    warm = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)  # warm-up: one request, then all
-    llm.generate([p for p, _ in work][:1], warm)                         # (with --compile: both graphs)
-    llm.generate([p for p, _ in work], warm)
+    llm.generate([p for p, _ in work][:1], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))  # warm-up
     t = time.perf_counter()
     outs = llm.generate([p for p, _ in work], params)
     return time.perf_counter() - t, [o.token_ids for o in outs]
