@@ -67,12 +67,8 @@ def load_engine_model(mc: ModelConfig, hooks: EngineHooks, expert_cache=None, pa
         from moe_serve.experts.factory import expert_store_factory
 
         factory = expert_store_factory(expert_cache)
-    model = load_model(mc.model, dtype=mc.dtype, device=mc.device, hooks=hooks.for_model(),
-                       expert_store_factory=factory, mla_decode=mc.mla_decode)
-    routing_hook = getattr(model.store, "routing_hook", None)
-    if routing_hook is not None:  # after replay in the chain: the predictor sees the routing used
-        model.hooks = HookChain([model.hooks, routing_hook])
-    return model
+    return load_model(mc.model, dtype=mc.dtype, device=mc.device, hooks=hooks.for_model(),
+                      expert_store_factory=factory, mla_decode=mc.mla_decode)
 
 
 def resolve_max_model_len(requested: int | None, context: int, kv_cache_gb: float, kv_bytes_per_token: int) -> int:

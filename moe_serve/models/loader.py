@@ -21,7 +21,7 @@ from moe_serve.experts.store import resident_store_factory
 from moe_serve.models.checkpoint import CheckpointError, SafetensorsCheckpoint, read_config
 from moe_serve.models.families import parse_spec
 from moe_serve.models.families.common import Family
-from moe_serve.models.hooks import NO_HOOKS, RouterHooks
+from moe_serve.models.hooks import NO_HOOKS, HookChain, RouterHooks
 from moe_serve.models.model import MoEModel
 from moe_serve.models.spec import ModelSpec, UnsupportedModelError
 
@@ -96,6 +96,9 @@ def load_model(model_dir: str | Path, dtype="auto", device="cpu", hooks: RouterH
     model.load_state_dict(state, assign=True, strict=True)
     source = CheckpointExperts(ckpt, family, spec)
     model.store = (expert_store_factory or resident_store_factory)(spec, source, dt, device)
+    routing_hook = getattr(model.store, "routing_hook", None)
+    if routing_hook is not None:  # the store's predictor reads each router's choice, after any replay in `hooks`
+        model.hooks = HookChain([hooks, routing_hook])
     model.family, model.config, model.model_dir = family.name, cfg, str(model_dir)
     for layer in model.layers:
         if hasattr(layer.self_attn, "absorb_decode"):  # MLA

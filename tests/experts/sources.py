@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
+
+from predictors.baselines import TransitionPredictor
+from predictors.traces import RoutingTrace
 
 
 class TinySource:
@@ -63,3 +67,13 @@ class SlowSource(TinySource):
 
     def get(self, l, e):
         return tuple(t.as_subclass(self.slow) for t in super().get(l, e))
+
+
+def fitted_predictor(path, layers: int, experts: int, top_k: int):
+    """A transition predictor fitted on random routing of the model's shape, saved to `path`."""
+    rng = np.random.default_rng(0)
+    ex = np.stack([rng.permutation(experts)[:top_k] for _ in range(200 * layers)]).reshape(200, layers, top_k)
+    trace = RoutingTrace(experts=ex.astype(np.int16), weights=np.ones(ex.shape, dtype=np.float16),
+                         seq_offsets=np.array([0, 200]), num_experts=experts)
+    TransitionPredictor(layers, experts, top_k, lookahead=1).fit([trace]).save(path)
+    return str(path)

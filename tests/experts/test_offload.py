@@ -285,3 +285,48 @@ def test_closing_or_dropping_the_store_stops_its_copy_thread():
         else:
             store.close()
         assert not worker.is_alive()
+
+
+def test_stacked_source_is_shared_with_the_store_not_copied():
+    from moe_serve.experts.store import StackedExperts, expert_forward, stack_experts
+
+    src = TinySource()
+    gu, dn = stack_experts(src, torch.float32)  # a source read expert by expert is copied
+    stacked = StackedExperts(gu, dn)
+    gu2, dn2 = stack_experts(stacked, torch.float32)
+    assert [t.data_ptr() for t in gu + dn] == [t.data_ptr() for t in gu2 + dn2]
+    gu3, _ = stack_experts(stacked, torch.float64)  # another dtype: a real copy
+    assert gu3[0].dtype == torch.float64 and gu3[0].data_ptr() != gu[0].data_ptr()
+    torch.testing.assert_close(gu3[0].float(), gu[0])
+    # an offloading store over it copies from those tensors and computes what the experts compute
+    store = OffloadExpertStore(stacked, torch.float32, "cpu", 3, LRUPolicy(), top_k=2, cpu_experts="off")
+    assert store.host_gu[1].data_ptr() == gu[1].data_ptr()
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    for layer, e in ((0, 1), (1, 3), (1, 0)):
+        counts = torch.zeros(4, dtype=torch.long)
+        counts[e] = 3
+        torch.testing.assert_close(store.run(layer, x, counts), expert_forward(x, *src.get(layer, e)))
+    store.close()
+
+
+def test_stacked_source_rejects_mismatched_layers():
+    from moe_serve.experts.store import StackedExperts
+
+    with pytest.raises(ValueError, match=r"layer 1 has gate_up \(4, 16, 8\) and down \(4, 8, 7\)"):
+        StackedExperts([torch.zeros(4, 16, 8)] * 2, [torch.zeros(4, 8, 8), torch.zeros(4, 8, 7)])
+
+
+def test_load_model_wires_the_stores_predictor_to_the_routers(tiny_checkpoint, tmp_path):
+    """Loaded without the engine, a store that prefetches from a predictor still sees every router's
+    choice (load_model chains its routing hook after the model's own hooks) and changes no token."""
+    from tests.experts.sources import fitted_predictor
+
+    path = tiny_checkpoint("mixtral")  # 3 MoE layers x 8 experts, top-2
+    (ref_toks, ref_logits), _ = run(path)
+    pred = fitted_predictor(tmp_path / "pred.safetensors", 3, 8, 2)
+    cfg = ExpertCacheConfig(expert_cache_slots=3, cache_policy="predicted-prefetch", predictor=pred, cpu_experts="off")
+    (toks, logits), store = run(path, expert_store_factory(cfg))
+    assert toks == ref_toks
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert store.routing_hook is not None and store.metrics()["prefetch_issued"] > 0
+    store.close()
