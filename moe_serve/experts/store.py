@@ -57,10 +57,40 @@ def expert_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -
     return F.linear(F.silu(gate) * up, down)
 
 
+class StackedExperts:
+    """ExpertSource over experts already stacked per MoE layer: gate_up[l] [E, 2I, H], down[l] [E, H, I].
+
+    For weights made or kept in memory rather than read from a checkpoint (a benchmark's random
+    experts, larger than the disk). `stack_experts` hands a store these very tensors when they are
+    already what it asks for (dtype, device, pinning): no second copy of the host tier."""
+
+    def __init__(self, gate_up: list[torch.Tensor], down: list[torch.Tensor]):
+        if len(gate_up) != len(down) or not gate_up:
+            raise ValueError("StackedExperts needs one gate_up and one down tensor per MoE layer")
+        E, I2, H = gate_up[0].shape
+        for l, (gu, dn) in enumerate(zip(gate_up, down)):
+            if tuple(gu.shape) != (E, I2, H) or tuple(dn.shape) != (E, H, I2 // 2):
+                raise ValueError(f"StackedExperts: layer {l} has gate_up {tuple(gu.shape)} and down "
+                                 f"{tuple(dn.shape)}, expected {(E, I2, H)} and {(E, H, I2 // 2)}")
+        self.gate_up, self.down = list(gate_up), list(down)
+        self.num_moe_layers, self.num_experts = len(gate_up), E
+
+    def get(self, moe_layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate_up[moe_layer][e], self.down[moe_layer][e]
+
+    def stacked_as(self, dtype: torch.dtype, device: torch.device | str, pin_memory: bool) -> bool:
+        device = torch.device(device)
+        return all(t.dtype == dtype and t.device == device and (not pin_memory or t.is_pinned())
+                   for t in (*self.gate_up, *self.down))
+
+
 def stack_experts(source: ExpertSource, dtype: torch.dtype, device: torch.device | str = "cpu",
                   pin_memory: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Every expert of `source` stacked per MoE layer: gate_up [E, 2I, H] and down [E, H, I] per layer
-    (the resident store's weights, or a host copy that an offloading store copies from)."""
+    (the resident store's weights, or a host copy that an offloading store copies from). A
+    `StackedExperts` source already stacked that way is returned as it is, not copied."""
+    if isinstance(source, StackedExperts) and source.stacked_as(dtype, device, pin_memory):
+        return list(source.gate_up), list(source.down)
     gate_up, down = [], []
     for l in range(source.num_moe_layers):
         gu0, d0 = source.get(l, 0)
