@@ -181,6 +181,9 @@ class ExpertCacheConfig:
                             "predicted-prefetch (also fetch the predictor's top-k of the next layers)",
                             default="predicted")
     prefetch_lookahead: int = doc("MoE layers ahead the predictor prefetches experts for (0: none)", default=1)
+    prefetch_when: str = doc("when a prefetch may start: always, or idle (only while no copy is in flight or "
+                             "queued, so it never delays a demand copy: for a link slower than the compute)",
+                             default="always")
     predictor: str | None = doc("fitted predictor file (predictors' safetensors) for the predicted policy", default=None)
     predictor_learn_every: int = doc("an adaptive predictor (mlp_online) learns from the served routing every this "
                                      "many tokens; 0: never (it stays as fitted)", default=64)
@@ -202,6 +205,8 @@ class ExpertCacheConfig:
         require(self.cache_policy in ("lru", "lfu", "static", "predicted", "predicted-prefetch"), "expert_cache",
                 "cache_policy", "one of lru, lfu, static, predicted, predicted-prefetch", self.cache_policy)
         require(self.prefetch_lookahead >= 0, "expert_cache", "prefetch_lookahead", ">= 0", self.prefetch_lookahead)
+        require(self.prefetch_when in ("always", "idle"), "expert_cache", "prefetch_when", "one of always, idle",
+                self.prefetch_when)
         require(self.predictor_learn_every >= 0, "expert_cache", "predictor_learn_every", ">= 0",
                 self.predictor_learn_every)
         require(self.cpu_experts in ("auto", "on", "off"), "expert_cache", "cpu_experts", "one of auto, on, off",

@@ -34,6 +34,9 @@ def register(subparsers) -> None:
     p.add_argument("--copy-order", choices=("fifo", "demand-first"), default="fifo",
                    help="copy engine order: fifo (the CUDA side stream) or demand-first (demand copies, then "
                         "prefetches by need time: the CPU copy thread); default: fifo")
+    p.add_argument("--prefetch-when", choices=("always", "idle"), default="always",
+                   help="idle: a prefetch starts only while the copy engine has nothing to do, as the store's "
+                        "--prefetch-when idle; default: always")
     p.add_argument("--json", default=None, help="write the results here")
     p.set_defaults(func=main)
 
@@ -43,7 +46,7 @@ def main(args) -> int:
 
     policies = list(POLICY_NAMES) if args.policy == ["all"] else args.policy
     cost = CostModel(expert_bytes=args.expert_bytes, bandwidth_gbps=args.bandwidth_gbps, layer_ms=args.layer_ms,
-                     copy_order=args.copy_order)
+                     copy_order=args.copy_order, prefetch_when=args.prefetch_when)
     for c in args.capacity:
         if not 0.0 < c <= 1.0:
             raise ValueError(f"--capacity must be a fraction in (0, 1], got {c}")

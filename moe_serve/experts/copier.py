@@ -155,6 +155,11 @@ class ThreadCopier:
         with self._cv:  # the worker pops from the queue meanwhile
             return self._q.prefetches()
 
+    def busy(self) -> bool:
+        """A copy is running or waiting to run."""
+        with self._cv:
+            return bool(self._running or self._q.queued)
+
     def ready(self, ticket: int, slot: int) -> bool:
         return self._slot_done[slot] >= ticket
 
@@ -210,6 +215,7 @@ class StreamCopier:
         self._released: list = [None] * num_slots  # per slot: event at the end of its last reader, or None
         self._landed: list = [None] * num_slots  # per slot: event after the latest copy issued into it
         self._in_flight: list = []  # events of issued prefetches not known to be done
+        self._last = None  # event of the copy issued last
         self._q = CopyQueue()  # prefetches not issued yet
         self._issued = 0
         self._failed = FailedCopies()
@@ -223,7 +229,7 @@ class StreamCopier:
             err = _copy(pairs, non_blocking=True)
             ev = self._rt.Event()
             ev.record(self.stream)
-        self._landed[slot] = ev
+        self._landed[slot] = self._last = ev
         if err is not None:
             self._failed.add(slot, ticket, err)
         return ev
@@ -261,6 +267,11 @@ class StreamCopier:
 
     def queued_prefetches(self) -> int:
         return self._q.prefetches()
+
+    def busy(self) -> bool:
+        """A copy is on the stream and not landed, or waits on the host (the stream runs in order:
+        the last copy issued lands last)."""
+        return bool(self._q.queued) or (self._last is not None and not self._last.query())
 
     def ready(self, ticket: int, slot: int) -> bool:
         if self._q.has(ticket, slot):

@@ -32,6 +32,9 @@ calls `begin_layer` (the experts this step needs), `get`/`compute_expert` per ex
   (on CUDA too: issued from a host queue at most 2 ahead), at most `max_queued` waiting. A queued
   prefetch whose expert is evicted is cancelled; one needed before its copy started is a miss and
   becomes a demand copy (the same rules as `replay.py`'s demand-first copy order).
+  With `prefetch_when="idle"` a hint is copied only while the copier has nothing running or queued:
+  where the link is slower than the compute (a GPU fed over PCIe), a prefetch in flight delays the
+  next demand copies by a whole expert, and a wrong one is pure loss.
 """
 from __future__ import annotations
 
@@ -55,11 +58,13 @@ STAGING_BUFFERS = 2  # the ring streamed misses go through: one computed from wh
 class OffloadExpertStore(ExpertStore):
     def __init__(self, source, dtype: torch.dtype, device, capacity: int, policy, *, top_k: int,
                  per_layer: bool = False, host: str = "copy", cpu_experts: str = "auto", max_queued: int = 12,
-                 learn_every: int = 64, admit: str = "auto", admit_window: int = 1):
+                 learn_every: int = 64, admit: str = "auto", admit_window: int = 1, prefetch_when: str = "always"):
         if host not in ("copy", "mmap"):
             raise ValueError(f"expert_cache.host_memory must be copy or mmap, got {host!r}")
         if cpu_experts not in ("auto", "on", "off"):
             raise ValueError(f"expert_cache.cpu_experts must be auto, on or off, got {cpu_experts!r}")
+        if prefetch_when not in ("always", "idle"):
+            raise ValueError(f"expert_cache.prefetch_when must be always or idle, got {prefetch_when!r}")
         if admit not in ("auto", "always", "reuse") or admit_window < 1:
             raise ValueError(f"OffloadExpertStore: admit must be auto, always or reuse (got {admit!r}) and "
                              f"admit_window >= 1 token (got {admit_window})")
@@ -103,6 +108,7 @@ class OffloadExpertStore(ExpertStore):
         if cpu_experts != "off":
             self.costs = measure_costs(*self.host_expert(0, 0), self.slot_gu[0], self.slot_dn[0])
         self.clock, self.layer, self.max_queued = 0, 0, max_queued
+        self.prefetch_when = prefetch_when
         self._window = admit_window * L  # in clock ticks (layer steps)
         self._last_use = np.full(L * E, -(2**40), dtype=np.int64)  # [L*E] clock of each expert's last use
         self._streamed: dict[int, int] = {}  # expert of the current layer streamed -> its place in the ring's line
@@ -117,7 +123,8 @@ class OffloadExpertStore(ExpertStore):
     # -- metrics -------------------------------------------------------------------------------
     def reset_metrics(self) -> None:
         self.stats = dict(hits=0, misses=0, cpu_computed=0, streamed=0, prefetch_issued=0, prefetch_used=0,
-                          prefetch_wasted=0, prefetch_cancelled=0, prefetch_late=0, copies=0, bytes_moved=0,
+                          prefetch_wasted=0, prefetch_cancelled=0, prefetch_late=0, prefetch_deferred=0,
+                          copies=0, bytes_moved=0,
                           stall_s=0.0)
 
     def metrics(self) -> dict:
@@ -237,6 +244,9 @@ class OffloadExpertStore(ExpertStore):
 
     def _prefetch_one(self, g: int) -> None:
         if self.in_place_only or self.cache.resident(g) or self.copier.queued_prefetches() >= self.max_queued:
+            return
+        if self.prefetch_when == "idle" and self.copier.busy():  # it would delay the demand copies behind it
+            self.stats["prefetch_deferred"] += 1
             return
         need = self.clock + (g // self.num_experts - self.layer - 1) % self.num_moe_layers + 1
         if self._copy_in(g, need):

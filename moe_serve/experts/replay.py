@@ -38,6 +38,7 @@ class CostModel:
     layer_ms: float = 0.25  # compute of one MoE layer at batch 1 (attention + experts), H100-class
     max_queued: int = 12  # most prefetches waiting on the copy engine at once
     copy_order: str = "fifo"  # or "demand-first" (see the module doc)
+    prefetch_when: str = "always"  # or "idle": a hint is copied only while the copy engine has nothing to do
 
     def __post_init__(self):
         for name in ("expert_bytes", "bandwidth_gbps", "layer_ms"):
@@ -45,6 +46,8 @@ class CostModel:
                 raise ValueError(f"cost model: {name} must be > 0, got {getattr(self, name)}")
         if self.copy_order not in ("fifo", "demand-first"):
             raise ValueError(f"cost model: copy_order must be 'fifo' or 'demand-first', got {self.copy_order!r}")
+        if self.prefetch_when not in ("always", "idle"):
+            raise ValueError(f"cost model: prefetch_when must be 'always' or 'idle', got {self.prefetch_when!r}")
 
     @property
     def copy_ms(self) -> float:
@@ -77,6 +80,7 @@ def replay(experts: np.ndarray, num_experts: int, policy: CachePolicy, capacity:
     ready_at = np.zeros(L * num_experts)  # ms at which each expert's latest copy completes
     prefetched = np.zeros(L * num_experts, dtype=bool)  # prefetched, not yet used
     demand_first = cost.copy_order == "demand-first"
+    idle_only = cost.prefetch_when == "idle"
     pending: list[tuple[int, int, int]] = []  # demand-first: heap of (need clock, seq, gid) not started
     is_pending = np.zeros(L * num_experts, dtype=bool)
     pend_seq = np.zeros(L * num_experts, dtype=np.int64)  # heap entries with another seq are stale
@@ -135,6 +139,8 @@ def replay(experts: np.ndarray, num_experts: int, policy: CachePolicy, capacity:
             if cache.resident(g):
                 continue
             if n_pending >= cost.max_queued if demand_first else copy_free - now >= cost.max_queued * copy_ms:
+                break
+            if idle_only and (copy_free > now or n_pending):  # the link is busy: hints would delay demand copies
                 break
             placed = cache.insert(g, prefetch=True)
             if placed is None:

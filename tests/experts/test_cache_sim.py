@@ -189,3 +189,29 @@ def test_trace_predictions_replay_an_adapting_predictor_prequentially():
     want = (np.arange(240) // 64 * 64).astype(np.float32)
     assert np.array_equal(scores[:, 0, 0, 0], want) and np.array_equal(scores[:, 1, 0, 3], want)
     assert pred.seen == 240
+
+
+def test_idle_only_prefetch_waits_for_a_free_copy_engine():
+    """prefetch_when="idle": a hint is copied only while the copy engine has nothing to do, one per
+    layer step (the copy it starts makes the engine busy). Two tokens of layer 0 -> 1, expert 0 each
+    (1 ms copies, 0.1 ms layers); layer 0 hints layer 1's experts 1, 2, 3. Token 0: the hints come
+    while expert 0's demand copy runs: none is copied. Token 1: layer 0 hits, the engine is idle:
+    expert 1 of layer 1 is copied (2.2 - 3.2 ms, never used), the other two are not."""
+    from moe_serve.experts.policies import LRUPolicy
+
+    class ThreeHints(LRUPolicy):
+        def on_route(self, layer, state, clock):
+            return np.array([5, 6, 7]) if layer == 0 else np.zeros(0, dtype=np.int64)
+
+    x = np.zeros((2, 2, 1), dtype=np.int64)  # T=2, L=2, K=1: expert 0 in both layers (gids 0 and 4)
+    for order in ("fifo", "demand-first"):
+        cost = CostModel(expert_bytes=10**6, bandwidth_gbps=1.0, layer_ms=0.1, copy_order=order, prefetch_when="idle")
+        r = replay(x, 4, ThreeHints(), 5, cost)
+        assert r["copies_per_token"] == 1.5, order  # the two demand copies and one prefetch
+        assert r["prefetch_precision"] == 0.0 and r["hit_rate"] == 0.5
+        assert r["stall_ms_per_token"] == pytest.approx((1.0 + 1.0) / 2)  # token 0's two misses, nothing more
+        always = replay(x, 4, ThreeHints(), 5, CostModel(expert_bytes=10**6, bandwidth_gbps=1.0, layer_ms=0.1,
+                                                         copy_order=order))
+        assert always["copies_per_token"] == 2.5 and always["stall_ms_per_token"] > r["stall_ms_per_token"]
+    with pytest.raises(ValueError, match="prefetch_when"):
+        CostModel(prefetch_when="sometimes")

@@ -5,6 +5,8 @@ and evictions happen with budgets below the expert count), and an expert in use 
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -330,3 +332,33 @@ def test_load_model_wires_the_stores_predictor_to_the_routers(tiny_checkpoint, t
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     assert store.routing_hook is not None and store.metrics()["prefetch_issued"] > 0
     store.close()
+
+
+@pytest.mark.parametrize("when", ["idle", "always"])
+def test_idle_only_prefetch_is_deferred_while_a_copy_runs(when):
+    """prefetch_when="idle": a hint that comes while a copy is running (or queued) is not copied
+    (counted in prefetch_deferred); once the copier is idle the same hint is. "always" copies it."""
+    from tests.experts.sources import SlowSource
+
+    store = OffloadExpertStore(SlowSource(0.05), torch.float32, "cpu", 4, LRUPolicy(), top_k=2, cpu_experts="off",
+                               admit="always", prefetch_when=when)
+    store.begin_layer(0, [0])  # a demand miss: the worker copies it (two 50 ms copies)
+    assert store.copier.busy()
+    store.prefetch(1, [1])
+    m = store.metrics()
+    assert (m["prefetch_issued"], m["prefetch_deferred"]) == ((0, 1) if when == "idle" else (1, 0))
+    settle(store.copier, (int(store.ticket[int(store.cache.slot_of[0])]), int(store.cache.slot_of[0])))
+    store.end_layer(0)
+    while store.copier.busy():  # "always": its prefetch is still copying
+        time.sleep(0.01)
+    store.prefetch(1, [1, 2])  # idle now: the first hint is copied; then the copier is busy again
+    m = store.metrics()
+    assert m["prefetch_issued"] == (1 if when == "idle" else 2)
+    store.close()
+
+
+def test_prefetch_when_is_checked():
+    with pytest.raises(ValueError, match="expert_cache.prefetch_when must be always or idle"):
+        OffloadExpertStore(TinySource(), torch.float32, "cpu", 4, LRUPolicy(), top_k=2, prefetch_when="early")
+    with pytest.raises(ValueError, match="prefetch_when"):
+        ExpertCacheConfig(expert_cache_slots=4, prefetch_when="early")
