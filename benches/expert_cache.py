@@ -194,6 +194,11 @@ def part_e2e(new_tokens: int, small: bool = False, repeat: int = 3) -> dict:
                                       cpu_experts="off"),
         "offload 25% predicted-prefetch": dict(expert_cache_slots=quarter, cache_policy="predicted-prefetch",
                                                predictor=str(pred), cpu_experts="off"),
+        "offload 25% predicted, prefetch when idle": dict(expert_cache_slots=quarter, cache_policy="predicted",
+                                                          predictor=str(pred), cpu_experts="off", prefetch_when="idle"),
+        "offload 25% predicted-prefetch, when idle": dict(expert_cache_slots=quarter,
+                                                          cache_policy="predicted-prefetch", predictor=str(pred),
+                                                          cpu_experts="off", prefetch_when="idle"),
         "offload 25% predicted, cpu-experts auto": dict(expert_cache_slots=quarter, cache_policy="predicted",
                                                         predictor=str(pred), cpu_experts="auto"),
     }
@@ -201,9 +206,9 @@ def part_e2e(new_tokens: int, small: bool = False, repeat: int = 3) -> dict:
     for name, opts in runs.items():
         results[name] = decode(model_dir, trace, new_tokens, repeat, **opts)
         r = results[name]
-        print(f"{name:42s} {r['tokens_per_s']:7.2f} tok/s  hit {r['hit_rate'] if r['hit_rate'] is None else round(r['hit_rate'], 3)}"
+        print(f"{name:44s} {r['tokens_per_s']:7.2f} tok/s  hit {r['hit_rate'] if r['hit_rate'] is None else round(r['hit_rate'], 3)}"
               f"  copies {r['copies']}  stall {r['stall_s'] if r['stall_s'] is None else round(r['stall_s'], 2)} s", flush=True)
-    lines = [f"{'configuration':42s} {'tok/s':>7s} {'x on-demand':>11s} {'hit':>6s} {'copies':>7s} {'streamed':>8s} "
+    lines = [f"{'configuration':44s} {'tok/s':>7s} {'x on-demand':>11s} {'hit':>6s} {'copies':>7s} {'streamed':>8s} "
              f"{'stall s':>8s} {'same tokens':>11s} {'load avg (1 min)':>16s}"]
     ref = results["resident (all experts in RAM)"]["token_ids"]
     base = results["on-demand copy, no cache"]["tokens_per_s"]
@@ -213,7 +218,7 @@ def part_e2e(new_tokens: int, small: bool = False, repeat: int = 3) -> dict:
     for name, r in results.items():
         hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.3f}"
         stall = "-" if r["stall_s"] is None else f"{r['stall_s']:.2f}"
-        lines.append(f"{name:42s} {r['tokens_per_s']:7.2f} {r['speedup_vs_on_demand']:11.2f} {hit:>6s} "
+        lines.append(f"{name:44s} {r['tokens_per_s']:7.2f} {r['speedup_vs_on_demand']:11.2f} {hit:>6s} "
                      f"{str(r['copies'] if r['copies'] is not None else '-'):>7s} "
                      f"{str(r['streamed'] if r['streamed'] is not None else '-'):>8s} {stall:>8s} "
                      f"{str(r['same_tokens_as_resident']):>11s} "
