@@ -45,6 +45,11 @@ def _copy(pairs, catch=Exception, **copy_kw) -> BaseException | None:
     return None
 
 
+def cancelled(ticket: int, slot: int) -> RuntimeError:
+    """What waiting on a copy that was cancelled before it started raises (both copiers)."""
+    return RuntimeError(f"expert copy {ticket} into slot {slot} was cancelled: nothing to wait for")
+
+
 class FailedCopies:
     """The failure contract both copiers keep: a copy that fails never raises where it was started
     (`submit`, `promote`, `release`, the CPU worker); it becomes a `CopyError` (slot, ticket) that
@@ -174,7 +179,7 @@ class ThreadCopier:
                         self._running[slot] = ticket
                         break
                 elif self._running.get(slot) != ticket:
-                    raise RuntimeError(f"expert copy {ticket} into slot {slot} was cancelled: nothing to wait for")
+                    raise cancelled(ticket, slot)
                 self._cv.wait()  # running in the worker, or an earlier copy into the slot still is
         if pairs is not None:
             err = None
@@ -216,6 +221,7 @@ class StreamCopier:
         self._landed: list = [None] * num_slots  # per slot: event after the latest copy issued into it
         self._in_flight: list = []  # events of issued prefetches not known to be done
         self._last = None  # event of the copy issued last
+        self._issued_to = [0] * num_slots  # per slot: ticket of the latest copy issued into it
         self._q = CopyQueue()  # prefetches not issued yet
         self._issued = 0
         self._failed = FailedCopies()
@@ -230,6 +236,7 @@ class StreamCopier:
             ev = self._rt.Event()
             ev.record(self.stream)
         self._landed[slot] = self._last = ev
+        self._issued_to[slot] = max(self._issued_to[slot], ticket)
         if err is not None:
             self._failed.add(slot, ticket, err)
         return ev
@@ -283,6 +290,8 @@ class StreamCopier:
         pairs = self._q.take(ticket, slot)
         if pairs is not None:  # still on the host: needed now
             self._issue(pairs, slot, ticket)
+        elif self._issued_to[slot] < ticket:  # neither queued nor issued (a later copy supersedes: fine)
+            raise cancelled(ticket, slot)
         ev = self._landed[slot]
         if ev is not None:  # the compute stream waits; the host does not
             self._rt.current_stream(self.device).wait_event(ev)

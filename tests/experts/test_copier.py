@@ -213,12 +213,15 @@ def test_stream_copier_host_side_on_cpu():
     t = [c.submit([(dst[i], src[i])], i, need=10 + i) for i in range(3)]
     assert c.queued_prefetches() == 3 and not any(c.ready(t[i], i) for i in range(3))
     assert c.cancel(t[2], 2) and not c.cancel(t[2], 2)  # only while still on the host
+    with pytest.raises(RuntimeError, match="copy 3 into slot 2 was cancelled"):  # as ThreadCopier does
+        c.wait(t[2], 2)
     assert c.promote(t[1], 1) and not c.promote(t[1], 1) and c.ready(t[1], 1)
     c.wait(t[0], 0)  # still on the host when needed: the wait issues it
     stale = c.submit([(dst[3], src[4])], 3, need=30)
     d = c.submit([(dst[3], src[3])], 3)  # a demand copy into slot 3: the queued prefetch is dropped
     c.wait(d, 3)
     assert not c.cancel(stale, 3) and c.queued_prefetches() == 0
+    c.wait(stale, 3)  # superseded by a later copy into its slot: nothing to raise
     c.release(range(4))
     assert dst[:, 0].tolist() == [0.0, 1.0, 0.0, 3.0]  # the cancelled copy and the superseded one never ran
     c.close()
