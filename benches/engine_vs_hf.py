@@ -186,13 +186,17 @@ def run_hf_batched(hf, work, pad_id: int):
 
 
 def bench_model(name: str, model_dir: Path, quick: bool, bw: float, dtype: str, repeats: int = 2,
-                compile_max_batch: int = 0) -> list[dict]:
+                compile_decode: bool = False, compile_max_batch: int | None = None) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     rows = []
     llm = LLM(model=str(model_dir), dtype=dtype, max_num_seqs=16, max_model_len=256, kv_cache_gb=1.0,
-              expert_load_stats=False, compile_decode=compile_max_batch > 0, compile_max_batch=max(1, compile_max_batch))
+              expert_load_stats=False, compile_decode=compile_decode, compile_max_batch=compile_max_batch)
     model = llm.engine.model
+    max_batch = model.compiled.max_batch if model.compiled is not None else 0
+    tuned = model.compiled.tuned if model.compiled is not None else {}
+    if compile_decode:
+        print(f"  {name}: compiled decode up to batch {max_batch}" + (f" (timed: {tuned})" if tuned else ""), flush=True)
     counter = StepBytes(model.spec.num_experts)
     dense, expert, row = weight_bytes(model)
     # A bf16 checkpoint computed in fp32 could be read at half the bytes (the compiled step gathers its
@@ -228,7 +232,7 @@ def bench_model(name: str, model_dir: Path, quick: bool, bw: float, dtype: str, 
         mismatches = [i for i, (a, b) in enumerate(zip(ours, ref)) if a != b]
         hf_best = min(t for t in (t_seq, t_bat) if t is not None)
         r = dict(model=name, dtype=str(model.dtype).replace("torch.", ""), workload=wname, requests=len(work),
-                 compiled_decode_max_batch=compile_max_batch,
+                 compiled_decode_max_batch=max_batch, compiled_decode_tuned=tuned,
                  compiled_steps=(model.compiled.steps if model.compiled is not None else 0) - compiled_before,
                  output_tokens=n_out,
                  prompt_tokens=sum(len(p) for p, _ in work), moe_serve_s=t_ms, hf_sequential_s=t_seq,
@@ -263,12 +267,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benches" / "results" / "engine_vs_hf.json"))
     ap.add_argument("--work-dir", default=None, help="keep the built 1 GB checkpoint here (default: a temp dir)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of moe-serve and hf-batched (best counts)")
-    ap.add_argument("--compile-max-batch", type=int, default=0,
-                    help="> 0: moe-serve runs decode steps of up to this many requests compiled "
-                         "(model.compile_decode); 0 (default): eager")
+    ap.add_argument("--compile-decode", action="store_true",
+                    help="moe-serve runs decode steps compiled (model.compile_decode); default: eager")
+    ap.add_argument("--compile-max-batch", type=int, default=None,
+                    help="with --compile-decode: the largest batch that runs compiled (default: timed when "
+                         "the engine starts)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads for both engines (process-wide); default: torch's choice")
     args = ap.parse_args(argv)
+    compile_decode = args.compile_decode or args.compile_max_batch is not None
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
@@ -285,13 +292,13 @@ def main(argv=None) -> int:
                     print(f"  default model not present at {DEFAULT_MODEL}: skipped")
                     continue
                 rows += bench_model("default", Path(DEFAULT_MODEL), args.quick, bw, args.dtype, args.repeats,
-                                     args.compile_max_batch)
+                                     compile_decode, args.compile_max_batch)
             elif m == "mixtral1g":
                 rows += bench_model("mixtral1g", build_mixtral_1g(Path(tmp) / "mixtral1g"), args.quick, bw, args.dtype,
-                                    args.repeats, args.compile_max_batch)
+                                    args.repeats, compile_decode, args.compile_max_batch)
             else:
                 rows += bench_model(Path(m).name, Path(m), args.quick, bw, args.dtype, args.repeats,
-                                     args.compile_max_batch)
+                                     compile_decode, args.compile_max_batch)
     bw_end = copy_bandwidth()
     if bw_end > bw:  # the bound only gets stricter: recompute the fractions with the higher bandwidth
         for r in rows:

@@ -44,15 +44,17 @@ class ModelConfig:
                                "compiling when the engine starts (on a CPU inductor needs a C++ compiler). "
                                "Single-rank, resident experts, GQA families; otherwise, or if compiling "
                                "fails, the eager step runs and a warning says why", default=False)
-    compile_max_batch: int = doc("largest decode batch that runs compiled: the compiled step reads each token's "
-                                 "experts separately, so big batches of big models are faster eager", default=4)
+    compile_max_batch: int | None = doc("largest decode batch that runs compiled; default: timed when the engine "
+                                        "starts (the compiled step reads each token's experts separately, so big "
+                                        "batches of big models are faster eager)", default=None)
 
     def __post_init__(self):
         require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "model", "dtype",
                 "one of auto, float32, bfloat16, float16", self.dtype)
         require(self.max_model_len is None or self.max_model_len > 0, "model", "max_model_len", "> 0", self.max_model_len)
         require(self.cpu_threads is None or self.cpu_threads >= 1, "model", "cpu_threads", ">= 1", self.cpu_threads)
-        require(self.compile_max_batch >= 1, "model", "compile_max_batch", ">= 1", self.compile_max_batch)
+        require(self.compile_max_batch is None or self.compile_max_batch >= 1, "model", "compile_max_batch", ">= 1",
+                self.compile_max_batch)
         require(self.mla_decode in MLA_DECODE_MODES, "model", "mla_decode", " or ".join(MLA_DECODE_MODES),
                 self.mla_decode)
 

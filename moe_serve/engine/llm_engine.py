@@ -56,6 +56,9 @@ class LLMEngine:
             reason = enable(mc.compile_max_batch, warm_up=True) if enable else "tensor/expert-parallel ranks run eagerly"
             if reason:
                 log.warning("model.compile_decode: running eagerly (%s)", reason.splitlines()[0])
+            elif mc.compile_max_batch is None:
+                log.info("model.compile_decode: decode batches of up to %d run compiled (timed: %s)",
+                         self.model.compiled.max_batch, self.model.compiled.tuned)
         self.hooks.attach(self.spec, self.device, meta={"model": str(mc.model), "family": self.spec.family})
         self.tokenizer = load_tokenizer(mc.model)
         self.eos_token_ids = set(self.spec.eos_token_ids or self.tokenizer.eos_token_ids)

@@ -21,6 +21,7 @@ counter) still see every layer's choice.
 from __future__ import annotations
 
 import logging
+import time
 import types
 
 import torch
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 from moe_serve.models.attention import gqa_decode, visible_keys, write_cache_rows
 from moe_serve.models.batch import ForwardBatch
+from moe_serve.models.hooks import NO_HOOKS
 from moe_serve.models.layers import GQAttention
 from moe_serve.models.moe import MoEBlock
 
@@ -108,11 +110,46 @@ def decode_step(model, tokens, positions, slots, key, fused, experts, caches):
     return logits, torch.stack(all_ids), torch.stack(all_weights)
 
 
+TUNED_SIZES = (2, 4, 8, 16)  # decode batch sizes `tune_max_batch` times
+
+
+def pick_max_batch(seconds: dict[int, tuple[float, float]]) -> int:
+    """{batch size: (compiled step s, eager step s)} -> the largest size up to which the compiled
+    step is faster at every timed size (1 when it loses at the first): the compiled step's cost grows
+    with the tokens (it reads each token's experts), the eager one's with the distinct experts, so
+    once eager wins it keeps winning at bigger sizes."""
+    best = 1
+    for b in sorted(seconds):
+        compiled, eager = seconds[b]
+        if compiled > eager:
+            break
+        best = b
+    return best
+
+
 def _own_copy(fn):
     """`fn` with a code object of its own. Dynamo keeps compiled graphs per code object, at most 8
     (`recompile_limit`), and each model's graphs guard on that model: models sharing one function
     (several LLMs in a process, tests) would exhaust that budget and fall back to eager."""
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def _throwaway_decodes(b: int) -> ForwardBatch:
+    """b one-token decodes at position 1 of slots 0..b-1 (rows a sequence's prefill rewrites before
+    anything reads them)."""
+    return ForwardBatch(token_ids=torch.zeros(b, dtype=torch.long), positions=torch.ones(b, dtype=torch.long),
+                        slot_ids=list(range(b)), query_lens=[1] * b, context_lens=[1] * b)
+
+
+def _best_time(step, repeats: int, device: torch.device) -> float:
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first call warms up
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 class CompiledDecode:
@@ -130,6 +167,7 @@ class CompiledDecode:
         self._narrow = [None if (gu := narrow_copy(g)) is None or (dn := narrow_copy(d)) is None else ((g, d), (gu, dn))
                         for g, d in zip(store.gate_up, store.down)]
         self.failed: str | None = None
+        self.tuned: dict[int, dict[str, float]] = {}  # tune_max_batch's timings, by batch size
         self.steps = 0  # steps run compiled (the rest of the model's steps ran eagerly)
         # Only the step's sizes are symbolic (marked per call): all-dynamic would also make every
         # weight's shape symbolic, and checking those guards costs ~0.1 ms a step.
@@ -151,10 +189,34 @@ class CompiledDecode:
         if not self.model.kv_cache:
             raise RuntimeError("compiled decode warm-up: call model.allocate_kv_cache(num_slots, max_len) first")
         for b in sorted({1, min(2, self.max_batch, self.model.num_slots)}):
-            if self._run(ForwardBatch(token_ids=torch.zeros(b, dtype=torch.long), positions=torch.ones(b, dtype=torch.long),
-                                      slot_ids=list(range(b)), query_lens=[1] * b, context_lens=[1] * b)) is None:
+            if self._run(_throwaway_decodes(b)) is None:
                 break
         return self.failed
+
+    @torch.inference_mode()
+    def tune_max_batch(self, repeats: int = 3) -> int:
+        """Time the compiled and the eager step on throwaway decode batches of each of TUNED_SIZES (up
+        to the cache's slots; written as `warm_up` writes them, and no hook sees them) and run compiled
+        up to the size `pick_max_batch` chooses. Sets and returns `max_batch`."""
+        m = self.model
+        seconds: dict[int, tuple[float, float]] = {}
+        hooks, m.hooks = m.hooks, NO_HOOKS
+        try:
+            for b in TUNED_SIZES:
+                if b > m.num_slots:
+                    break
+                batch = _throwaway_decodes(b)
+                compiled = _best_time(lambda: self._run(batch), repeats, m.device)
+                if self.failed is not None:
+                    break
+                seconds[b] = (compiled, _best_time(lambda: m.forward_eager(batch), repeats, m.device))
+                if seconds[b][0] > seconds[b][1]:
+                    break  # eager wins from here on (pick_max_batch)
+        finally:
+            m.hooks = hooks
+        self.max_batch = pick_max_batch(seconds)
+        self.tuned = {b: dict(compiled_s=c, eager_s=e) for b, (c, e) in seconds.items()}
+        return self.max_batch
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor | None:
         """Logits fp32 [B, V], or None when compiling failed (the caller runs the eager step)."""

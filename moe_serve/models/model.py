@@ -17,7 +17,7 @@ from torch import nn
 
 from moe_serve.models.attention import StepMeta
 from moe_serve.models.batch import ForwardBatch
-from moe_serve.models.compiled import CompiledDecode, unsupported_reason
+from moe_serve.models.compiled import TUNED_SIZES, CompiledDecode, unsupported_reason
 from moe_serve.models.hooks import NO_HOOKS, RouterHooks
 from moe_serve.models.layers import MLP, GQAttention, RMSNorm, linear
 from moe_serve.models.mla import MLAttention
@@ -93,14 +93,20 @@ class MoEModel(nn.Module):
                 layer.self_attn.fuse_projections()
         return self
 
-    def enable_compiled_decode(self, max_batch: int, warm_up: bool = False) -> str | None:
+    def enable_compiled_decode(self, max_batch: int | None, warm_up: bool = False) -> str | None:
         """Run decode-only steps of up to `max_batch` sequences through one torch.compile graph
         (models/compiled.py); `warm_up`: compile now (after allocate_kv_cache), not at the first
-        decodes. Returns why it cannot (and stays eager), or None."""
+        decodes. `max_batch` None: timed after the warm-up (`CompiledDecode.tune_max_batch`), which it
+        needs. Returns why it cannot (and stays eager), or None."""
+        if max_batch is None and not warm_up:
+            raise ValueError("model.compile_max_batch: unset (timed at start-up) needs the warm-up")
         reason = unsupported_reason(self)
-        self.compiled = None if reason else CompiledDecode(self, max_batch)
+        # to be tuned: the largest size tried until then (so the warm-up compiles the batch >= 2 graph)
+        self.compiled = None if reason else CompiledDecode(self, max(TUNED_SIZES) if max_batch is None else max_batch)
         if self.compiled is not None and warm_up:
             reason = self.compiled.warm_up()
+            if reason is None and max_batch is None:
+                self.compiled.tune_max_batch()
         return reason
 
     def close(self) -> None:
@@ -139,6 +145,11 @@ class MoEModel(nn.Module):
             logits = self.compiled.forward(batch)
             if logits is not None:
                 return logits
+        return self.forward_eager(batch)
+
+    @torch.inference_mode()
+    def forward_eager(self, batch: ForwardBatch) -> torch.Tensor:
+        """The eager step (any batch; `forward` checks the batch and may take the compiled one)."""
         meta = StepMeta.build(batch, self.device, self.max_len)
         hooks = self.runtime.hooks
         if hooks.active:

@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 
 from moe_serve import LLM, SamplingParams
 from moe_serve.models import ForwardBatch, load_model
+from moe_serve.models.compiled import TUNED_SIZES, pick_max_batch
 from moe_serve.tracing.load import ExpertLoadCounter
 from tests.models.helpers import RecordRoutes
 
@@ -154,17 +155,52 @@ def test_compile_failure_falls_back_to_eager(tiny_checkpoint, caplog):
     assert not model.compiled.accepts(decodes([6], (0,), (7,)))
 
 
-def test_llm_generate_compiled_equals_eager(tiny_qwen_dir):
-    """End to end through the engine: greedy continuations of requests decoded together are the eager ones."""
+@pytest.mark.parametrize("max_batch", [4, None])
+def test_llm_generate_compiled_equals_eager(tiny_qwen_dir, max_batch):
+    """End to end through the engine: greedy continuations of requests decoded together are the eager
+    ones, and the expert-load counter counts the same routing (the warm-up and, with no max batch set,
+    the start-up timing of compiled against eager steps are not counted)."""
     prompts = ["The quick brown fox", "Mixture-of-experts models route", "def add(a, b):"]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     with LLM(model=str(tiny_qwen_dir), max_model_len=64) as llm:
         want = [o.token_ids for o in llm.generate(prompts, params)]
-    with LLM(model=str(tiny_qwen_dir), max_model_len=64, compile_decode=True, compile_max_batch=4) as llm:
+        want_load = llm.expert_load()
+    with LLM(model=str(tiny_qwen_dir), max_model_len=64, compile_decode=True, compile_max_batch=max_batch) as llm:
         got = [o.token_ids for o in llm.generate(prompts, params)]
-        assert llm.engine.model.compiled.steps > 0 and llm.engine.model.compiled.failed is None
-        assert int(llm.expert_load().sum()) > 0
+        compiled = llm.engine.model.compiled
+        assert compiled.steps > 0 and compiled.failed is None
+        assert (compiled.max_batch == 4) if max_batch else (set(compiled.tuned) <= set(TUNED_SIZES))
+        assert (llm.expert_load() == want_load).all()
     assert got == want
+
+
+def test_pick_max_batch_keeps_the_compiled_step_up_to_where_eager_wins():
+    assert pick_max_batch({2: (1.0, 2.0), 4: (1.5, 2.0), 8: (3.0, 2.5), 16: (1.0, 9.0)}) == 4
+    assert pick_max_batch({2: (2.0, 1.0), 4: (1.0, 2.0)}) == 1
+    assert pick_max_batch({b: (1.0, 2.0) for b in TUNED_SIZES}) == 16
+    assert pick_max_batch({}) == 1
+
+
+def test_max_batch_is_timed_after_the_warm_up(tiny_checkpoint):
+    """No max batch: the warm-up times both steps at each size (no hook sees those steps) and keeps
+    the size pick_max_batch chooses from them; outputs still match the eager model."""
+    path = tiny_checkpoint("qwen3_moe")
+    eager, model = load_model(path), load_model(path)
+    for m in (eager, model):
+        m.allocate_kv_cache(4, 64)
+    routes = RecordIds()
+    model.hooks = routes
+    assert model.enable_compiled_decode(None, warm_up=True) is None
+    c = model.compiled
+    assert set(c.tuned) <= {2, 4}  # only sizes the 4 cache slots can hold
+    assert c.max_batch == pick_max_batch({b: (t["compiled_s"], t["eager_s"]) for b, t in c.tuned.items()})
+    assert not routes.ids and model.hooks is routes
+    want_logits, _ = run(eager, 3)
+    got_logits, _ = run(model, 3)
+    for want, got in zip(want_logits, got_logits):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="compile_max_batch: unset"):
+        load_model(path).enable_compiled_decode(None)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (inductor's Triton kernels)")
