@@ -142,13 +142,15 @@ def _throwaway_decodes(b: int) -> ForwardBatch:
 
 
 def _best_time(step, repeats: int, device: torch.device) -> float:
+    """Seconds of the fastest of `repeats` calls of `step`, after one untimed call."""
     best = float("inf")
-    for _ in range(repeats + 1):  # the first call warms up
+    for i in range(repeats + 1):
         t0 = time.perf_counter()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
+        if i:
+            best = min(best, time.perf_counter() - t0)
     return best
 
 
