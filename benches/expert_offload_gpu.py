@@ -15,8 +15,8 @@ Side by side in this process:
   * accelerate: transformers' MixtralForCausalLM over the same weights (its fused expert tensors are
     the very host tensors), dispatched with a device_map that puts every `mlp.experts` on "cpu":
     accelerate's offload, which copies a layer's experts module to the GPU in each forward (what
-    `device_map="auto"` falls back to when a model does not fit). Its router is not replayed: what it
-    copies does not depend on routing (the whole module, every step).
+    `device_map="auto"` falls back to when a model does not fit). Its routers replay the same trace
+    (`HFReplay`), though what it copies does not depend on routing (the whole module, every step).
   * on-demand: moe-serve's model with `OnDemandExpertStore`: each step copies only the experts it
     routes to, synchronously, keeps nothing (the no-cache baseline of benches/expert_cache.py).
   * the offloading store (`OffloadExpertStore`, StreamCopier) with 25%, 50% and as many experts
@@ -25,8 +25,8 @@ Side by side in this process:
   * the PCIe bound of each: bytes it copied per token / the measured pinned host-to-device bandwidth.
 moe-serve's configurations must all produce the on-demand run's tokens (the offloading store may not
 change what the model computes). Before timing, transformers and moe-serve run one prefill on the same
-weights with their own (not replayed) routers and must agree on the next token: the two engines hold
-the same model.
+weights, routed from the same trace, and their logits must agree within bf16 rounding: the two engines
+hold the same model. (The committed H100 results predate two fixes: see `notes` in the JSON.)
 
 Results: a table on stdout, JSON in benches/results/expert_offload_gpu.json. `--small` runs a tiny
 shape (on the CPU when there is no GPU) to check the script.
