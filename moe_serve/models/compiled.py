@@ -180,6 +180,9 @@ class CompiledDecode:
         hooks = self.model.hooks
         return (self.failed is None and batch.num_seqs <= self.max_batch and not batch.all_logits
                 and batch.is_decode_only and (not hooks.active or hooks.reads_ids_only)
+                # the last cache row stays eager: attending over all max_len rows would make dynamo
+                # specialise the symbolic length to max_len, which it refuses (compiled decode off for good)
+                and max(batch.context_lens) + 1 < self.model.max_len
                 and type(self.model.store) is self._store_type)  # a store swapped in later runs eagerly
 
     @torch.inference_mode()  # as model.forward: grad mode is part of what a compiled graph is for

@@ -221,3 +221,29 @@ def test_compiled_decode_on_cuda_matches_eager(tiny_checkpoint, family):
         assert torch.equal(got.argmax(-1), want.argmax(-1))
     for want, got in zip(want_ids, got_ids):
         assert all(torch.equal(w, g) for w, g in zip(want, got))
+
+
+def test_decoding_into_the_last_cache_row_keeps_the_compiled_step(tiny_checkpoint):
+    """A decode that attends over every cache row (context max_len - 1) runs eagerly: compiled, the
+    symbolic key length would have to become max_len, which dynamo refuses, and that failure used to
+    switch the compiled step off for good. Later decodes, at batch 1 and 2, still run compiled."""
+    path = tiny_checkpoint("qwen3_moe")
+    eager, model = load_model(path), load_model(path)
+    for m in (eager, model):
+        m.allocate_kv_cache(2, 12)
+    assert model.enable_compiled_decode(2, warm_up=True) is None
+    toks = [int(model(ForwardBatch.single([5, 6, 7], slot=s)).argmax()) for s in (0, 1)]
+    for s in (0, 1):
+        eager(ForwardBatch.single([5, 6, 7], slot=s))
+    for pos in range(3, 12):  # both sequences together up to the last row (position 11 of 12)
+        batch = decodes(toks, (0, 1), (pos, pos))
+        got, want = model(batch), eager(batch)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        toks = got.argmax(-1).tolist()
+    assert model.compiled.failed is None and model.compiled.steps == 8  # positions 3..10; 11 ran eagerly
+    for m in (model, eager):
+        m(ForwardBatch.single([9, 9], slot=0))
+    for slots in ((0,), (0, 1)):
+        batch = decodes([4] * len(slots), slots, (2,) * len(slots))
+        torch.testing.assert_close(model(batch), eager(batch), rtol=1e-4, atol=1e-4)
+    assert model.compiled.failed is None and model.compiled.steps == 10
