@@ -50,6 +50,8 @@ sys.path.insert(0, str(ROOT))
 SHARED = (ROOT / ".." / "shared").resolve()
 RESULTS = ROOT / "benches" / "results"
 
+from moe_serve.timing import synchronize  # noqa: E402
+
 MIXTRAL_8X7B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_local_experts=8,
                     num_experts_per_tok=2, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
                     max_position_embeddings=4096, rope_theta=1e6)
@@ -57,11 +59,6 @@ SMALL = dict(MIXTRAL_8X7B, hidden_size=256, intermediate_size=512, num_hidden_la
              num_key_value_heads=2, vocab_size=1024)
 STD = 0.02  # transformers' initializer_range
 PROMPT = [1, 415, 330, 302, 272, 926, 349, 556]  # ids below the small shape's vocab too
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---- the weights ------------------------------------------------------------------------------
@@ -201,15 +198,15 @@ def hf_decode(model, device: torch.device, n: int) -> dict:
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=False)
     model.replay.start(0)
     model.generate(ids, max_new_tokens=1, **kw)  # warm-up
-    sync(device)
+    synchronize(device)
     model.replay.start(1)
     t0 = time.perf_counter()
     model.generate(ids, max_new_tokens=1, **kw)
-    sync(device)
+    synchronize(device)
     model.replay.start(1)
     t1 = time.perf_counter()
     out = model.generate(ids, max_new_tokens=n + 1, **kw)
-    sync(device)
+    synchronize(device)
     t2 = time.perf_counter()
     per_token = (t2 - t1 - (t1 - t0)) / n  # the n decode steps: the run of n+1 tokens minus the prefill run
     return dict(s_per_token=per_token, tokens_per_s=1 / per_token, prefill_s=t1 - t0,
@@ -251,13 +248,13 @@ def greedy(model, seq_id: int, n: int, device: torch.device, store=None) -> tupl
     first, ctx, toks = logits[0].float().cpu(), len(PROMPT), []
     if store is not None and hasattr(store, "reset_metrics"):
         store.reset_metrics()
-    sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(n):
         toks.append(int(logits[0].argmax()))  # a host sync per step, as an engine's sampler has
         logits = model(batch([toks[-1]], ctx))
         ctx += 1
-    sync(device)
+    synchronize(device)
     return toks, time.perf_counter() - t0, first
 
 
@@ -289,11 +286,11 @@ def measure_h2d(host: torch.Tensor, device: torch.device, reps: int = 5) -> floa
     """Bytes/s of host-to-device copies of `host` (one expert's gate_up)."""
     dst = torch.empty(host.shape, dtype=host.dtype, device=device)
     dst.copy_(host)
-    sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         dst.copy_(host, non_blocking=True)
-    sync(device)
+    synchronize(device)
     return host.numel() * host.element_size() * reps / (time.perf_counter() - t0)
 
 

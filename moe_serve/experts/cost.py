@@ -12,12 +12,12 @@ memory, same cores, plus a copy), so `auto` there computes cold experts in place
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 from moe_serve.experts.store import expert_forward
+from moe_serve.timing import best_time
 
 
 @dataclass
@@ -37,21 +37,6 @@ class ExpertCosts:
         return self.cpu_seconds(rows) < self.copy_seconds(rows)
 
 
-def _timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _line(t1: float, t8: float) -> tuple[float, float]:
     per_row = max((t8 - t1) / 7.0, 0.0)
     return max(t1 - per_row, 0.0), per_row
@@ -67,16 +52,15 @@ def measure_costs(host_gu: torch.Tensor, host_dn: torch.Tensor, slot_gu: torch.T
     def copy():
         slot_gu.copy_(host_gu, non_blocking=True)
         slot_dn.copy_(host_dn, non_blocking=True)
-        _sync(device)
 
     H = slot_gu.shape[1]
     times = {}
     with torch.no_grad():
-        t_copy = _timed(copy, repeats)
+        t_copy = best_time(copy, repeats, device)
         for where, (gu, dn) in (("device", (slot_gu, slot_dn)), ("cpu", (host_gu, host_dn))):
             for rows in (1, 8):
                 x = torch.randn(rows, H, dtype=gu.dtype, device=gu.device)
-                times[where, rows] = _timed(lambda: (expert_forward(x, gu, dn), _sync(gu.device)), repeats)
+                times[where, rows] = best_time(lambda: expert_forward(x, gu, dn), repeats, gu.device)
     return ExpertCosts(
         bytes_per_expert=nbytes,
         bandwidth=nbytes / max(t_copy, 1e-9),

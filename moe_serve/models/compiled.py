@@ -21,7 +21,6 @@ counter) still see every layer's choice.
 from __future__ import annotations
 
 import logging
-import time
 import types
 
 import torch
@@ -32,6 +31,7 @@ from moe_serve.models.batch import ForwardBatch
 from moe_serve.models.hooks import NO_HOOKS
 from moe_serve.models.layers import GQAttention
 from moe_serve.models.moe import MoEBlock
+from moe_serve.timing import best_time
 
 log = logging.getLogger(__name__)
 
@@ -141,19 +141,6 @@ def _throwaway_decodes(b: int) -> ForwardBatch:
                         slot_ids=list(range(b)), query_lens=[1] * b, context_lens=[1] * b)
 
 
-def _best_time(step, repeats: int, device: torch.device) -> float:
-    """Seconds of the fastest of `repeats` calls of `step`, after one untimed call."""
-    best = float("inf")
-    for i in range(repeats + 1):
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i:
-            best = min(best, time.perf_counter() - t0)
-    return best
-
-
 class CompiledDecode:
     """Runs decode-only batches of at most `max_batch` sequences through the compiled step.
 
@@ -211,10 +198,10 @@ class CompiledDecode:
                 if b > m.num_slots:
                     break
                 batch = _throwaway_decodes(b)
-                compiled = _best_time(lambda: self._run(batch), repeats, m.device)
+                compiled = best_time(lambda: self._run(batch), repeats, m.device)
                 if self.failed is not None:
                     break
-                seconds[b] = (compiled, _best_time(lambda: m.forward_eager(batch), repeats, m.device))
+                seconds[b] = (compiled, best_time(lambda: m.forward_eager(batch), repeats, m.device))
                 if seconds[b][0] > seconds[b][1]:
                     break  # eager wins from here on (pick_max_batch)
         finally:
