@@ -51,6 +51,7 @@ SHARED = (ROOT / ".." / "shared").resolve()
 RESULTS = ROOT / "benches" / "results"
 
 from moe_serve.timing import synchronize  # noqa: E402
+from moe_serve.tracing.replay import TraceReplay  # noqa: E402
 
 MIXTRAL_8X7B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_local_experts=8,
                     num_experts_per_tok=2, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
@@ -131,17 +132,16 @@ class HFReplay:
     experts for the same tokens, and their outputs differ by float rounding alone."""
 
     def __init__(self, model, trace):
-        self.ids = torch.from_numpy(trace.experts.astype(np.int64))  # [T, L, K]
-        self.weights = torch.from_numpy(trace.weights.astype(np.float32))
-        lens = np.diff(trace.seq_offsets)
-        self.seqs = [(int(trace.seq_offsets[s]), int(lens[s])) for s in range(len(lens)) if lens[s] > 0]
+        cfg = model.config
+        # moe-serve's replay itself: its per-layer ids/weights [T, K] and its non-empty sequences
+        self.trace = TraceReplay(trace, cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok)
         self.start(0)
         for layer, block in enumerate(model.model.layers):
             block.mlp.gate.forward = self._routed(layer, block.mlp.gate.forward)
 
     def start(self, seq: int) -> None:
-        self.offset, self.length = self.seqs[seq % len(self.seqs)]
-        self.pos = [0] * self.ids.shape[1]
+        self.offset, self.length = self.trace.seqs[seq % len(self.trace.seqs)]
+        self.pos = [0] * len(self.trace.experts)
 
     def _routed(self, layer: int, router_forward):
         def forward(hidden):
@@ -149,8 +149,8 @@ class HFReplay:
             n = logits.shape[0]
             rows = self.offset + (self.pos[layer] + torch.arange(n)) % self.length
             self.pos[layer] += n
-            return (logits, self.weights[rows, layer].to(scores.device, scores.dtype),
-                    self.ids[rows, layer].to(index.device, index.dtype))
+            return (logits, self.trace.weights[layer][rows].to(scores.device, scores.dtype),
+                    self.trace.experts[layer][rows].to(index.device, index.dtype))
         return forward
 
 
@@ -216,8 +216,7 @@ def hf_decode(model, device: torch.device, n: int) -> dict:
 # ---- moe-serve --------------------------------------------------------------------------------
 def load_ours(ckpt: Path, factory, device: torch.device, trace=None):
     from moe_serve.models import load_model
-    from moe_serve.models.hooks import HookChain, NO_HOOKS
-    from moe_serve.tracing.replay import TraceReplay
+    from moe_serve.models.hooks import NO_HOOKS
 
     hooks = NO_HOOKS
     if trace is not None:
@@ -226,10 +225,8 @@ def load_ours(ckpt: Path, factory, device: torch.device, trace=None):
 
         _, spec = parse_spec(read_config(ckpt))
         hooks = TraceReplay(trace, spec.num_moe_layers, spec.num_experts, spec.top_k)
+    # load_model chains a predicting store's routing hook after the replay
     model = load_model(ckpt, dtype="bfloat16", device=device, hooks=hooks, expert_store_factory=factory)
-    routing_hook = getattr(model.store, "routing_hook", None)
-    if routing_hook is not None:  # as the engine does (model_setup.py): the predictor sees the replayed routing
-        model.hooks = HookChain([model.hooks, routing_hook])
     model.allocate_kv_cache(1, 512)
     return model
 
