@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from moe_serve import LLM, SamplingParams
@@ -73,3 +74,32 @@ def test_trace_format_is_the_shared_one(tmp_path):
     with np.load(tmp_path / "t.npz", allow_pickle=False) as z:
         assert {"experts", "weights", "seq_offsets", "meta", "token_ids"} <= set(z.files)
         assert z["experts"].dtype == np.int16 and z["weights"].dtype == np.float16
+
+
+def test_expert_load_counter_counts_every_step_whenever_read():
+    """Steps are set aside and counted every `fold_every` steps or when read: whenever the counts are
+    read they equal a plain count of every routed (layer, expert) so far; reset drops the pending."""
+    from moe_serve.tracing.load import ExpertLoadCounter
+
+    rng = np.random.default_rng(0)
+    L, E, K = 3, 5, 2
+    counter = ExpertLoadCounter(L, E, fold_every=3)
+    want = np.zeros((L, E), dtype=np.int64)
+    for step in range(8):
+        counter.begin_step(None)
+        n = int(rng.integers(1, 5))  # tokens this step
+        for layer in (0, 2):  # layer 1 dense: never routed
+            ids = torch.from_numpy(rng.integers(0, E, size=(n, K)))
+            counter.route(layer, None, ids, None)
+            np.add.at(want[layer], ids.numpy().ravel(), 1)
+        counter.end_step(None)
+        if step in (1, 5, 7):  # read mid-fold and on a fold boundary
+            assert counter.snapshot().tolist() == want.tolist()
+    assert counter.counts[1].sum() == 0 and int(counter.counts.sum()) == int(want.sum())
+    counter.begin_step(None)
+    counter.route(0, None, torch.tensor([[1, 2]]), None)
+    counter.end_step(None)
+    counter.reset()
+    assert counter.snapshot().sum() == 0
+    with pytest.raises(ValueError, match="fold_every must be >= 1"):
+        ExpertLoadCounter(L, E, fold_every=0)
