@@ -12,7 +12,8 @@ gpt-fast does it:
     `w[ids]` [B, K, out, in] reduced against the token. It reads K experts per token (the eager
     grouped path reads each distinct expert once), so it is used up to `max_batch` decodes only;
   - a bf16 checkpoint computed in fp32 gathers bf16 copies of its experts (`narrow_copy`; they cost
-    half the experts' fp32 memory again).
+    half the experts' fp32 memory again), and at B = 1 also reads bf16 copies of the attention
+    projections and the output head, each as one reduction per output row (`widened_linear`).
 Everything else (prefill chunks, mixed batches, bigger batches, offloading stores, hooks that replace
 routing or read hidden states, MLA) runs the eager model; outputs match it within float rounding
 (tests/models/test_compiled_decode.py). Routing is returned, so id-only hooks (the expert-load
@@ -59,6 +60,32 @@ def narrow_copy(weight: torch.Tensor) -> torch.Tensor | None:
     return narrow if torch.equal(narrow.float(), weight) else None
 
 
+class NarrowCopies:
+    """`narrow_copy` of each weight the step reads, made once per source tensor (a projection
+    replaced later gets a copy of its own; the copy stands in only for the tensor it was made from)."""
+
+    def __init__(self):
+        self._copies: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # id(source) -> (source, copy)
+
+    def get(self, weight: torch.Tensor) -> torch.Tensor:
+        """The bf16 copy of `weight`, or `weight` itself when it has none (not fp32, or not all bf16 values)."""
+        hit = self._copies.get(id(weight))
+        if hit is None or hit[0] is not weight:
+            hit = self._copies[id(weight)] = (weight, narrow_copy(weight))
+        return weight if hit[1] is None else hit[1]
+
+
+def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for x [N, in] and weight [out, in] in x's dtype or a narrow copy; a narrow one is
+    widened as each value loads, one reduction per output row (F.linear cannot mix dtypes, and a
+    widened copy would cost more bytes than the fp32 weight). Inside a compiled step only: eager,
+    the reduction would materialise the products. For N = 1: it reads the weight once per row."""
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    y = (weight.to(x.dtype) * x[:, None, :]).sum(-1)  # [N, out]
+    return y if bias is None else y + bias
+
+
 def gathered_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                      down: torch.Tensor) -> torch.Tensor:
     """Routed experts of B tokens, weights gathered by id: x [B, H], ids/weights [B, K],
@@ -70,11 +97,12 @@ def gathered_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, 
     return (y * weights[..., None]).sum(1).to(x.dtype)
 
 
-def decode_step(model, tokens, positions, slots, key, fused, experts, caches):
+def decode_step(model, tokens, positions, slots, key, fused, out_proj, experts, caches, head):
     """One step of B decodes. tokens/positions/slots long [B]; key long [T]: 0..T-1, the cache rows
     to attend over (T = max position + 1; a tensor so that T is a symbolic size); fused: each layer's
-    `fused_weights()`; experts: (gate_up, down) per MoE layer, None for dense ones; caches: each
-    layer's (K, V) [slots, max_len, Hkv, D].
+    `fused_weights()`; out_proj: each layer's o_proj weight; experts: (gate_up, down) per MoE layer,
+    None for dense ones; caches: each layer's (K, V) [slots, max_len, Hkv, D]; head: the output
+    projection [V, H]. At B = 1 the qkv, o_proj and head weights may be narrow copies.
     -> (logits fp32 [B, V], expert ids long [L, B, K], weights [L, B, K])."""
     b = tokens.shape[0]
     h = F.embedding(tokens, model.embed_tokens.weight)  # [B, H]
@@ -82,14 +110,14 @@ def decode_step(model, tokens, positions, slots, key, fused, experts, caches):
     rows = slots * model.max_len + positions  # each new token's row in a cache viewed as [slots * max_len]
     num_rows = key.shape[0]
     all_ids, all_weights = [], []
-    for layer, fw, ex, cache in zip(model.layers, fused, experts, caches):
+    for layer, fw, ow, ex, cache in zip(model.layers, fused, out_proj, experts, caches):
         attn = layer.self_attn
-        q, k, v = attn.project(layer.input_layernorm.forward(h), cos, sin, fw)
+        q, k, v = attn.project(layer.input_layernorm.forward(h), cos, sin, fw, linear=widened_linear)
         write_cache_rows(cache, (k, v), rows)
         visible = visible_keys(key, positions + 1, attn.window)  # [B, T]
         kv = tuple(c[:, :num_rows].index_select(0, slots) for c in cache)  # each [B, T, Hkv, D]
         o = gqa_decode(q, kv, lambda r: r, visible[:, None, None, :], attn.scale)  # [B, Hq, D]
-        h = h + attn.o_proj.forward(o.reshape(b, -1))
+        h = h + widened_linear(o.reshape(b, -1), ow, attn.o_proj.bias)
         x = layer.post_attention_layernorm.forward(h)
         mlp = layer.mlp
         if isinstance(mlp, MoEBlock):
@@ -105,8 +133,7 @@ def decode_step(model, tokens, positions, slots, key, fused, experts, caches):
         else:
             out = mlp.forward(x)
         h = h + out
-    head = model.embed_tokens.weight if model.spec.tie_word_embeddings else model.lm_head.weight
-    logits = F.linear(model.norm.forward(h), head).float()
+    logits = widened_linear(model.norm.forward(h), head).float()
     return logits, torch.stack(all_ids), torch.stack(all_weights)
 
 
@@ -152,9 +179,13 @@ class CompiledDecode:
             raise ValueError(f"model.compile_max_batch must be >= 1, got {max_batch}")
         self.model, self.max_batch = model, max_batch
         self._store_type = type(model.store)
-        store = model.store  # per MoE layer: (fp32 sources, their bf16 copies) when exact, else None
-        self._narrow = [None if (gu := narrow_copy(g)) is None or (dn := narrow_copy(d)) is None else ((g, d), (gu, dn))
-                        for g, d in zip(store.gate_up, store.down)]
+        self.narrow = NarrowCopies()  # bf16 copies of a bf16 checkpoint's weights computed in fp32
+        # the modules the step reads, looked up once (nn.Module attribute lookups cost ~1 us each); their
+        # parameter dicts are read every step, so a replaced weight is still seen
+        self._attn = [layer.self_attn for layer in model.layers]
+        self._o_proj = [attn.o_proj._parameters for attn in self._attn]
+        self._head = (model.embed_tokens if model.spec.tie_word_embeddings else model.lm_head)._parameters
+        self._moe_index = [getattr(layer.mlp, "moe_index", None) for layer in model.layers]
         self.failed: str | None = None
         self.tuned: dict[int, dict[str, float]] = {}  # tune_max_batch's timings, by batch size
         self.steps = 0  # steps run compiled (the rest of the model's steps ran eagerly)
@@ -221,8 +252,8 @@ class CompiledDecode:
         hooks = self.model.hooks
         if hooks.active:  # id-only observers (accepts() checked): the step's routing, layer by layer
             hooks.begin_step(batch)
-            for i in range(ids.shape[0]):
-                hooks.route(i, None, ids[i], weights[i])
+            for i, (layer_ids, layer_weights) in enumerate(zip(ids.unbind(0), weights.unbind(0))):  # 2 ops, not 2 L
+                hooks.route(i, None, layer_ids, layer_weights)
             hooks.end_step(batch)
         return logits
 
@@ -230,16 +261,15 @@ class CompiledDecode:
         """(logits fp32 [B, V], ids [L, B, K], weights [L, B, K]) from the compiled step, or None
         when compiling failed."""
         m, dev = self.model, self.model.device
-        fused = [layer.self_attn.fused_weights() for layer in m.layers]
-        store, experts = m.store, []
-        for layer in m.layers:
-            mi = getattr(layer.mlp, "moe_index", None)
-            if mi is None:
-                experts.append(None)
-                continue
-            pair, narrow = (store.gate_up[mi], store.down[mi]), self._narrow[mi]
-            # the bf16 copies stand in only while the store still holds the weights they were made from
-            experts.append(narrow[1] if narrow is not None and narrow[0][0] is pair[0] and narrow[0][1] is pair[1] else pair)
+        narrow, one = self.narrow.get, batch.num_seqs == 1
+        fused = [attn.fused_weights() for attn in self._attn]
+        out_proj = [params["weight"] for params in self._o_proj]
+        head = self._head["weight"]
+        if one:  # B >= 2 keeps F.linear: it reads a weight once for all rows, the reduction once per row
+            fused = [(narrow(w), *rest) for w, *rest in fused]
+            out_proj, head = [narrow(w) for w in out_proj], narrow(head)
+        gate_up, down = m.store.gate_up, m.store.down
+        experts = [None if mi is None else (narrow(gate_up[mi]), narrow(down[mi])) for mi in self._moe_index]
         # copies made here, in inference mode, whoever made the batch's tensors: whether an input is an
         # inference tensor is part of what a graph was compiled for (a mismatch recompiles)
         tokens, positions = batch.token_ids.to(dev, copy=True), batch.positions.to(dev, copy=True)
@@ -252,7 +282,7 @@ class CompiledDecode:
             for t in (tokens, positions, slots):
                 torch._dynamo.mark_dynamic(t, 0)
         try:
-            return self._step(m, tokens, positions, slots, key, fused, experts, m.kv_cache)
+            return self._step(m, tokens, positions, slots, key, fused, out_proj, experts, m.kv_cache, head)
         except Exception as exc:  # noqa: BLE001 - compiling is an optimisation: fall back, say why once
             self.failed = f"{type(exc).__name__}: {exc}"
             return None

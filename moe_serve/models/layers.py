@@ -138,12 +138,14 @@ class GQAttention(nn.Module):
         o = attend(q, (k, v), cache, lambda rows: rows, meta, self.scale, self.window, self.hd)  # [N, Hq, D]
         return self.o_proj(o.reshape(x.shape[0], self.nh * self.hd))
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused=None) -> tuple[torch.Tensor, ...]:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused=None,
+                linear=F.linear) -> tuple[torch.Tensor, ...]:
         """x [N, H] -> q [N, Hq, D], k [N, Hkv, D] (normed as the family says, rotated), v [N, Hkv, D].
-        `fused`: `fused_weights()` when the caller already has it (a compiled step takes it as input)."""
+        `fused`: `fused_weights()` when the caller already has it (a compiled step takes it as input,
+        with its `linear` that also reads a narrow copy of the weight)."""
         n, nh, nkv, hd = x.shape[0], self.nh, self.nkv, self.hd
         weight, bias, qk_norm_weight = fused if fused is not None else self.fused_weights()
-        qkv = F.linear(x, weight, bias)  # [N, (Hq + 2 Hkv) * D]
+        qkv = linear(x, weight, bias)  # [N, (Hq + 2 Hkv) * D]
         nq, nk = nh * hd, nkv * hd
         if self.qk_norm == "full":  # norms over the whole projections, before the clip (OLMoE)
             q, k, v = self.q_norm(qkv[:, :nq]), self.k_norm(qkv[:, nq:nq + nk]), qkv[:, nq + nk:]

@@ -71,15 +71,16 @@ def test_compiled_decode_matches_eager(tiny_checkpoint, family):
 
 def test_bf16_checkpoint_in_fp32_reads_narrow_expert_copies(tiny_checkpoint):
     """A bf16 checkpoint computed in fp32: the compiled step reads bf16 copies of the expert weights
-    (every fp32 value is a bf16 value, so the products are the eager ones) and still matches eager."""
+    (and at batch 1 of the attention projections and the head; every fp32 value is a bf16 value,
+    so the products are the eager ones) and still matches eager."""
     path = tiny_checkpoint("mixtral", dtype=torch.bfloat16)
     eager, compiled = load_model(path, dtype="float32"), load_model(path, dtype="float32")
     for m in (eager, compiled):
         m.allocate_kv_cache(4, 64)
     compiled.enable_compiled_decode(max_batch=4)
-    narrow = compiled.compiled._narrow
-    assert all(n is not None and n[1][0].dtype == torch.bfloat16 for n in narrow)
-    assert all(torch.equal(n[1][0].float(), n[0][0]) and torch.equal(n[1][1].float(), n[0][1]) for n in narrow)
+    store, narrow = compiled.store, compiled.compiled.narrow.get
+    for w in (*store.gate_up, *store.down, compiled.layers[0].self_attn.o_proj.weight, compiled.lm_head.weight):
+        assert w.dtype == torch.float32 and narrow(w).dtype == torch.bfloat16 and torch.equal(narrow(w).float(), w)
     want_logits, want_ids = run(eager, 3)
     got_logits, got_ids = run(compiled, 3)
     assert compiled.compiled.steps == 6
@@ -91,7 +92,7 @@ def test_bf16_checkpoint_in_fp32_reads_narrow_expert_copies(tiny_checkpoint):
     fp32 = load_model(tiny_checkpoint("mixtral"))
     fp32.allocate_kv_cache(2, 16)
     fp32.enable_compiled_decode(max_batch=2)
-    assert all(n is None for n in fp32.compiled._narrow)
+    assert all(fp32.compiled.narrow.get(w) is w for w in (*fp32.store.gate_up, fp32.lm_head.weight))
 
 
 def test_warm_up_compiles_unseen_and_changes_nothing(tiny_checkpoint):
