@@ -35,11 +35,15 @@ def greedy(model, prompt, n):
     return toks, torch.stack(all_logits)
 
 
-def run(path, factory=None, n=6):
-    model = load_model(path, expert_store_factory=factory)
+def run(path, factory=None, n=6, device="cpu", dtype="float32"):
+    """((greedy tokens, their logits [n, V] on the host), the model's expert store)."""
+    model = load_model(path, dtype=dtype, device=device, expert_store_factory=factory)
     model.allocate_kv_cache(2, 64)
     with torch.no_grad():
-        return greedy(model, PROMPT, n), model.store
+        toks, logits = greedy(model, PROMPT, n)
+    if model.store.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (toks, logits.cpu()), model.store
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

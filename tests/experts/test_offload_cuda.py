@@ -13,19 +13,16 @@ from moe_serve.experts.factory import expert_store_factory
 from moe_serve.experts.offload import OffloadExpertStore
 from moe_serve.models import load_model
 from tests.experts.sources import fitted_predictor
-from tests.experts.test_offload import PROMPT, greedy
+from tests.experts.test_offload import run
 from tests.models.tiny_checkpoints import FAMILIES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def cuda_run(path, factory=None, dtype="float32", n=8):
-    model = load_model(path, dtype=dtype, device="cuda", expert_store_factory=factory)
-    model.allocate_kv_cache(2, 64)
-    with torch.no_grad():
-        toks, logits = greedy(model, PROMPT, n)
-    torch.cuda.synchronize()
-    return toks, logits.cpu(), model.store
+def cuda_run(path, factory=None, dtype="float32"):
+    """(greedy tokens, their logits on the host, the store) of 8 steps on the GPU."""
+    (toks, logits), store = run(path, factory, n=8, device="cuda", dtype=dtype)
+    return toks, logits, store
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
