@@ -67,6 +67,11 @@ class NarrowCopies:
     def __init__(self):
         self._copies: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # id(source) -> (source, copy)
 
+    def __contains__(self, weight: torch.Tensor) -> bool:
+        """Whether a copy of `weight` (or the finding that it has none) was already made."""
+        hit = self._copies.get(id(weight))
+        return hit is not None and hit[0] is weight
+
     def get(self, weight: torch.Tensor) -> torch.Tensor:
         """The bf16 copy of `weight`, or `weight` itself when it has none (not fp32, or not all bf16 values)."""
         hit = self._copies.get(id(weight))

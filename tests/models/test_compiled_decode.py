@@ -69,30 +69,37 @@ def test_compiled_decode_matches_eager(tiny_checkpoint, family):
         assert all(torch.equal(w, g) for w, g in zip(want, got))
 
 
-def test_bf16_checkpoint_in_fp32_reads_narrow_expert_copies(tiny_checkpoint):
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])  # qwen2_moe: a qkv bias, a shared expert, tied head
+def test_bf16_checkpoint_in_fp32_reads_narrow_expert_copies(tiny_checkpoint, family):
     """A bf16 checkpoint computed in fp32: the compiled step reads bf16 copies of the expert weights
     (and at batch 1 of the attention projections and the head; every fp32 value is a bf16 value,
     so the products are the eager ones) and still matches eager."""
-    path = tiny_checkpoint("mixtral", dtype=torch.bfloat16)
+    path = tiny_checkpoint(family, dtype=torch.bfloat16)
     eager, compiled = load_model(path, dtype="float32"), load_model(path, dtype="float32")
     for m in (eager, compiled):
         m.allocate_kv_cache(4, 64)
     compiled.enable_compiled_decode(max_batch=4)
-    store, narrow = compiled.store, compiled.compiled.narrow.get
-    for w in (*store.gate_up, *store.down, compiled.layers[0].self_attn.o_proj.weight, compiled.lm_head.weight):
-        assert w.dtype == torch.float32 and narrow(w).dtype == torch.bfloat16 and torch.equal(narrow(w).float(), w)
     want_logits, want_ids = run(eager, 3)
     got_logits, got_ids = run(compiled, 3)
+    store, copies = compiled.store, compiled.compiled.narrow
+    head = compiled.embed_tokens if compiled.spec.tie_word_embeddings else compiled.lm_head
+    for w in (*store.gate_up, *store.down, compiled.layers[0].self_attn.o_proj.weight, head.weight,
+              compiled.layers[0].self_attn.fused_weights()[0]):  # made by the steps, as they read them
+        assert w in copies and w.dtype == torch.float32
+        assert copies.get(w).dtype == torch.bfloat16 and torch.equal(copies.get(w).float(), w)
     assert compiled.compiled.steps == 6
     for want, got in zip(want_logits, got_logits):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     for want, got in zip(want_ids, got_ids):
         assert all(torch.equal(w, g) for w, g in zip(want, got))
+    if family != "mixtral":
+        return
     # an fp32 checkpoint has no exact bf16 copy: the compiled step reads the fp32 weights
     fp32 = load_model(tiny_checkpoint("mixtral"))
     fp32.allocate_kv_cache(2, 16)
     fp32.enable_compiled_decode(max_batch=2)
-    assert all(fp32.compiled.narrow.get(w) is w for w in (*fp32.store.gate_up, fp32.lm_head.weight))
+    assert fp32.compiled.warm_up() is None  # a batch-1 and a batch-2 step
+    assert all(w in fp32.compiled.narrow and fp32.compiled.narrow.get(w) is w for w in (*fp32.store.gate_up, fp32.lm_head.weight))
 
 
 def test_warm_up_compiles_unseen_and_changes_nothing(tiny_checkpoint):
