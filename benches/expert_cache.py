@@ -27,6 +27,10 @@ configuration: a warm-up request, then `--repeat` timed requests of `--new-token
 sequences for all). Greedy outputs must be identical in all configurations; the 1-minute load
 average is recorded before and after each configuration.
 
+`--lookahead N` reruns (a) with the predictor fitted and the policies predicting N MoE layers ahead
+(default 2; `--capacities` picks the budgets); its table and JSON key (`results_lookahead<N>`) are
+appended.
+
 `--copy-order demand-first --policies lru,predicted-prefetch,belady` reruns (a) with prefetches
 queued on the host so demand fetches overtake them, by need time (see moe_serve/experts/replay.py),
 and appends that table: what the store's copy thread does on CPU; FIFO is what it does on CUDA.
@@ -57,7 +61,7 @@ LOOKAHEAD = 2  # MoE layers ahead the predicted policies prefetch for
 
 
 def sim_direction(replayed: str, fitted: str, tokens: int | None, policies=None, copy_order: str = "fifo",
-                  predictor_name: str = "mlp_online") -> dict:
+                  predictor_name: str = "mlp_online", lookahead: int = LOOKAHEAD, capacities=CAPACITIES) -> dict:
     from predictors.registry import make_predictor
     from predictors.traces import load_trace
     from moe_serve.experts.policies import POLICY_NAMES
@@ -70,28 +74,31 @@ def sim_direction(replayed: str, fitted: str, tokens: int | None, policies=None,
         trace = trace.select_sequences(range(int(np.searchsorted(trace.seq_offsets, tokens, side="right"))))
     torch.set_num_threads(1)
     # mlp_online adapts to the replayed trace as it goes (prequentially, see TracePredictions)
-    predictor = make_predictor(predictor_name, fit.num_layers, fit.num_experts, fit.top_k, lookahead=LOOKAHEAD)
+    predictor = make_predictor(predictor_name, fit.num_layers, fit.num_experts, fit.top_k, lookahead=lookahead)
     predictor.fit([fit])
-    return simulate(trace, list(policies or POLICY_NAMES), CAPACITIES, CostModel(copy_order=copy_order),
+    return simulate(trace, list(policies or POLICY_NAMES), capacities, CostModel(copy_order=copy_order),
                     predictor=predictor, fit_traces=[fit],
-                    lookahead=LOOKAHEAD, log=lambda s: print(f"{replayed}<-{fitted}: {s}", flush=True))
+                    lookahead=lookahead, log=lambda s: print(f"{replayed}<-{fitted}: {s}", flush=True))
 
 
 def part_sim(tokens: int | None, jobs: int, policies=None, copy_order: str = "fifo",
-             predictor_name: str = "mlp_online") -> dict:
-    """Both directions; the FIFO copy engine writes the table, another copy order appends its own."""
+             predictor_name: str = "mlp_online", lookahead: int = LOOKAHEAD, capacities=CAPACITIES) -> dict:
+    """Both directions; the default run (FIFO copy engine, lookahead LOOKAHEAD) writes the table, any
+    other variant appends its own."""
     from moe_serve.experts.simulate import format_table
 
     pairs = [(DOMAINS[0], DOMAINS[1]), (DOMAINS[1], DOMAINS[0])]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         outs = list(pool.map(sim_direction, [a for a, _ in pairs], [b for _, b in pairs], [tokens] * 2,
-                             [policies] * 2, [copy_order] * 2, [predictor_name] * 2))
+                             [policies] * 2, [copy_order] * 2, [predictor_name] * 2, [lookahead] * 2,
+                             [tuple(capacities)] * 2))
     results = {f"{a} (fit on {b})": o for (a, b), o in zip(pairs, outs)}
     table = format_table(results)
     print(table)
     txt = RESULTS / "expert_cache_sim.txt"
-    head = f"copy order: {copy_order}, predictor: {predictor_name} (fitted on the other domain)\n"
-    if copy_order == "fifo":
+    head = (f"copy order: {copy_order}, predictor: {predictor_name} (fitted on the other domain), "
+            f"lookahead {lookahead} MoE layers\n")
+    if copy_order == "fifo" and lookahead == LOOKAHEAD:
         txt.write_text(head + table + "\n")
     else:
         txt.write_text(txt.read_text() + "\n" + head + table + "\n")
@@ -244,6 +251,11 @@ def main() -> int:
     ap.add_argument("--policies", default=None, help="comma-separated sim policies (default: all)")
     ap.add_argument("--sim-predictor", default="mlp_online",
                     help="predictors registry name for the predicted policies (default: mlp_online; was transition)")
+    ap.add_argument("--lookahead", type=int, default=LOOKAHEAD,
+                    help=f"MoE layers ahead the sim's predicted policies predict and prefetch (default {LOOKAHEAD}); "
+                         "another value adds results_lookahead<N> to the sim JSON")
+    ap.add_argument("--capacities", default=",".join(map(str, CAPACITIES)),
+                    help="comma-separated fractions of experts resident for the sim")
     args = ap.parse_args()
     if not (SHARED / "traces").is_dir():
         print(f"needs the shared traces in {SHARED / 'traces'}", file=sys.stderr)
@@ -254,13 +266,17 @@ def main() -> int:
     out = {"machine": machine}
     if args.part in ("sim", "all"):
         policies = args.policies.split(",") if args.policies else None
-        out["sim"] = part_sim(args.tokens, args.jobs, policies, args.copy_order, args.sim_predictor)
+        capacities = tuple(float(c) for c in args.capacities.split(","))
+        out["sim"] = part_sim(args.tokens, args.jobs, policies, args.copy_order, args.sim_predictor, args.lookahead,
+                              capacities)
         path = RESULTS / "expert_cache_sim.json"
-        if args.copy_order == "fifo":
+        variant = "_".join(v for v in (args.copy_order if args.copy_order != "fifo" else "",
+                                       f"lookahead{args.lookahead}" if args.lookahead != LOOKAHEAD else "") if v)
+        if not variant:
             data = dict(machine=machine, tokens=args.tokens, predictor=args.sim_predictor, results=out["sim"])
         else:
             data = json.loads(path.read_text())
-            data[f"results_{args.copy_order}"] = out["sim"]
+            data[f"results_{variant}"] = out["sim"]
         path.write_text(json.dumps(data, indent=1, default=float))
     if args.part in ("e2e", "all"):
         out["e2e"] = part_e2e(args.new_tokens, args.small, args.repeat)
