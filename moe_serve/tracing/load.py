@@ -5,9 +5,12 @@
 `bincount` over (layer, expert) pairs into a device tensor. No host sync in the step, and no op
 either: a handful of small ops after every step cost ~50-80 us on a CPU (their thread pool wakes
 after the step's kernels), 5-8% of the default model's compiled decode step. The CLI's load table
-and the server's /metrics read `counts` or a `snapshot`, which count what is pending first.
+and the server's /metrics read `counts` or a `snapshot`, which count what is pending first; they
+may do so from another thread than the engine's (a lock hands the pending steps over).
 """
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import torch
@@ -27,12 +30,14 @@ class ExpertLoadCounter(RouterHooks):
         self._step: list[tuple[int, torch.Tensor]] = []  # (moe layer, expert ids [N, K]) seen this step
         self._pending: list[tuple[int, torch.Tensor]] = []  # the same, for the steps not counted yet
         self._pending_steps = 0
+        self._lock = threading.Lock()  # the engine thread sets steps aside; a reader may fold them meanwhile
 
     @property
     def counts(self) -> torch.Tensor:
         """int64 [L, E] cumulative token counts (the counter's own tensor: writes to it stay)."""
-        self._fold()
-        return self._counts
+        with self._lock:
+            self._fold()
+            return self._counts
 
     def begin_step(self, batch) -> None:
         self._step = []
@@ -44,17 +49,18 @@ class ExpertLoadCounter(RouterHooks):
     def end_step(self, batch) -> None:
         if not self._step:
             return
-        self._pending += self._step
+        with self._lock:
+            self._pending += self._step
+            self._pending_steps += 1
+            if self._pending_steps >= self.fold_every:
+                self._fold()
         self._step = []
-        self._pending_steps += 1
-        if self._pending_steps >= self.fold_every:
-            self._fold()
 
     def _fold(self) -> None:
-        """Count the pending steps: one bincount over bins layer * E + expert."""
-        if not self._pending:
-            return
+        """Count the pending steps (the caller holds the lock): one bincount over bins layer * E + expert."""
         pending, self._pending, self._pending_steps = self._pending, [], 0
+        if not pending:
+            return
         ids = torch.cat([e.reshape(-1) for _, e in pending]).to(self._counts.device)
         offsets = torch.tensor([layer * self.num_experts for layer, _ in pending], device=self._counts.device)
         sizes = torch.tensor([e.numel() for _, e in pending], device=self._counts.device)
@@ -62,9 +68,12 @@ class ExpertLoadCounter(RouterHooks):
         self._counts += torch.bincount(bins, minlength=self._counts.numel()).view_as(self._counts)
 
     def snapshot(self) -> np.ndarray:
-        """int64 [L, E] cumulative token counts."""
-        return self.counts.cpu().numpy().copy()
+        """int64 [L, E] cumulative token counts, a copy taken while no step is counted."""
+        with self._lock:
+            self._fold()
+            return self._counts.cpu().numpy().copy()
 
     def reset(self) -> None:
-        self._pending, self._pending_steps = [], 0
-        self._counts.zero_()
+        with self._lock:
+            self._pending, self._pending_steps = [], 0
+            self._counts.zero_()

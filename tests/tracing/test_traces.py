@@ -103,3 +103,33 @@ def test_expert_load_counter_counts_every_step_whenever_read():
     assert counter.snapshot().sum() == 0
     with pytest.raises(ValueError, match="fold_every must be >= 1"):
         ExpertLoadCounter(L, E, fold_every=0)
+
+
+def test_expert_load_counter_loses_nothing_to_a_reader_thread():
+    """The server's /metrics reads the counts from another thread while the engine steps: every routed
+    token is still counted exactly once (a smoke test: the interleavings the lock guards against are
+    rare under the GIL, so this does not prove their absence)."""
+    import threading
+
+    from moe_serve.tracing.load import ExpertLoadCounter
+
+    counter = ExpertLoadCounter(2, 4, fold_every=2)
+    ids = torch.tensor([[0, 1], [2, 3], [1, 2]])  # 3 tokens, top-2: each step adds 6 per layer
+    steps, done = 3000, threading.Event()
+
+    def read():
+        while not done.is_set():
+            counter.snapshot()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for _ in range(steps):
+            counter.begin_step(None)
+            counter.route(0, None, ids, None)
+            counter.route(1, None, ids, None)
+            counter.end_step(None)
+    finally:
+        done.set()
+        reader.join()
+    assert counter.snapshot().tolist() == [[steps, 2 * steps, 2 * steps, steps]] * 2
