@@ -83,8 +83,8 @@ class NarrowCopies:
 def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for x [N, in] and weight [out, in] in x's dtype or a narrow copy; a narrow one is
     widened as each value loads, one reduction per output row (F.linear cannot mix dtypes, and a
-    widened copy would cost more bytes than the fp32 weight). Inside a compiled step only: eager,
-    the reduction would materialise the products. For N = 1: it reads the weight once per row."""
+    widened copy would cost more bytes than the fp32 weight). Inside a compiled step only (eager, the
+    reduction would materialise the products), and at N = 1: it reads the weight once per row of x."""
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
     y = (weight.to(x.dtype) * x[:, None, :]).sum(-1)  # [N, out]
