@@ -3,7 +3,7 @@
 The eager step pays PyTorch's per-op cost (~1-3 us an op on a CPU, ~900 ops a step on the default
 model) and Python's bookkeeping for mixed batches; inductor fuses the elementwise work into a few C++
 (or Triton) loops around the matmuls and drops the interpreter from the loop: the default model's
-batch-1 step is ~1.7x faster, below the leanest eager step we could write (docs/engine.md). As
+batch-1 step is ~2.4x faster, below the leanest eager step we could write (docs/engine.md). As
 gpt-fast does it:
   - the batch size B and the visible cache rows T are symbolic (marked per call), so there are two
     graphs (B = 1, and B >= 2), compiled by `warm_up` when the engine starts;
@@ -14,7 +14,8 @@ gpt-fast does it:
     grouped path reads each distinct expert once), so it is used up to `max_batch` decodes only;
   - a bf16 checkpoint computed in fp32 gathers bf16 copies of its experts (`narrow_copy`; they cost
     half the experts' fp32 memory again), and at B = 1 also reads bf16 copies of the attention
-    projections and the output head, each as one reduction per output row (`widened_linear`).
+    projections and the output head, each as one reduction per output row (`widened_linear`; both
+    in models/narrow.py).
 Everything else (prefill chunks, mixed batches, bigger batches, offloading stores, hooks that replace
 routing or read hidden states, MLA) runs the eager model; outputs match it within float rounding
 (tests/models/test_compiled_decode.py). Routing is returned, so id-only hooks (the expert-load
@@ -33,6 +34,7 @@ from moe_serve.models.batch import ForwardBatch
 from moe_serve.models.hooks import NO_HOOKS
 from moe_serve.models.layers import GQAttention
 from moe_serve.models.moe import MoEBlock
+from moe_serve.models.narrow import NarrowCopies, widened_linear
 from moe_serve.timing import best_time
 
 log = logging.getLogger(__name__)
@@ -49,47 +51,6 @@ def unsupported_reason(model) -> str | None:
     if model.rotary is not None and model.rotary.mode == "complex":
         return "complex rotary mode"
     return None
-
-
-def narrow_copy(weight: torch.Tensor) -> torch.Tensor | None:
-    """A bf16 copy of an fp32 weight whose every value is a bf16 value (a bf16 checkpoint computed in
-    fp32), else None. The compiled step reads that copy and widens each value as it loads it: the same
-    products, half the bytes (eager matmuls cannot mix dtypes, so they keep the fp32 weight)."""
-    if weight.dtype != torch.float32:
-        return None
-    narrow = weight.to(torch.bfloat16)
-    return narrow if torch.equal(narrow.float(), weight) else None
-
-
-class NarrowCopies:
-    """`narrow_copy` of each weight the step reads, made once per source tensor (a projection
-    replaced later gets a copy of its own; the copy stands in only for the tensor it was made from)."""
-
-    def __init__(self):
-        self._copies: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # id(source) -> (source, copy)
-
-    def __contains__(self, weight: torch.Tensor) -> bool:
-        """Whether a copy of `weight` (or the finding that it has none) was already made."""
-        hit = self._copies.get(id(weight))
-        return hit is not None and hit[0] is weight
-
-    def get(self, weight: torch.Tensor) -> torch.Tensor:
-        """The bf16 copy of `weight`, or `weight` itself when it has none (not fp32, or not all bf16 values)."""
-        hit = self._copies.get(id(weight))
-        if hit is None or hit[0] is not weight:
-            hit = self._copies[id(weight)] = (weight, narrow_copy(weight))
-        return weight if hit[1] is None else hit[1]
-
-
-def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for x [N, in] and weight [out, in] in x's dtype or a narrow copy; a narrow one is
-    widened as each value loads, one reduction per output row (F.linear cannot mix dtypes, and a
-    widened copy would cost more bytes than the fp32 weight). Inside a compiled step only (eager, the
-    reduction would materialise the products), and at N = 1: it reads the weight once per row of x."""
-    if weight.dtype == x.dtype:
-        return F.linear(x, weight, bias)
-    y = (weight.to(x.dtype) * x[:, None, :]).sum(-1)  # [N, out]
-    return y if bias is None else y + bias
 
 
 def cached_attention(q: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor,
