@@ -109,6 +109,7 @@ class ExpertStore(ABC):
     num_moe_layers: int
     num_experts: int
     device: torch.device
+    counts_on_host = True  # `run` reads the per-expert counts on the host (the dispatcher may order there)
 
     @abstractmethod
     def get(self, moe_layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,6 +176,10 @@ class ResidentExpertStore(ExpertStore):
 
     def get(self, moe_layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._views[moe_layer][e]
+
+    @property
+    def counts_on_host(self) -> bool:  # the grouped GPU path below takes them as a device tensor
+        return not (HAS_GROUPED_MM and self.device.type != "cpu" and self.gate_up[0].dtype == torch.bfloat16)
 
     def run(self, moe_layer: int, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """On GPU in bf16: all experts of the layer in two grouped matmuls, no host sync. Otherwise a

@@ -48,7 +48,8 @@ class MoEModel(nn.Module):
     def __init__(self, spec: ModelSpec, store=None, hooks: RouterHooks = NO_HOOKS):
         super().__init__()
         self.spec = spec
-        self.runtime = MoERuntime(store=store, hooks=hooks, dispatcher=LocalDispatcher())
+        self.runtime = MoERuntime(store=store, hooks=hooks)
+        self.runtime.dispatcher = LocalDispatcher(self.runtime)
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.embed_tokens.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(spec, i, self.runtime) for i in range(spec.num_layers))
