@@ -217,7 +217,7 @@ def hf_decode(model, device: torch.device, n: int) -> dict:
 
 
 # ---- moe-serve --------------------------------------------------------------------------------
-def load_ours(ckpt: Path, factory, device: torch.device, trace=None):
+def load_ours(ckpt: Path, factory, device: torch.device, trace=None, compiled: bool = False):
     from moe_serve.models import load_model
     from moe_serve.models.hooks import NO_HOOKS
 
@@ -231,6 +231,10 @@ def load_ours(ckpt: Path, factory, device: torch.device, trace=None):
     # load_model chains a predicting store's routing hook after the replay
     model = load_model(ckpt, dtype="bfloat16", device=device, hooks=hooks, expert_store_factory=factory)
     model.allocate_kv_cache(1, 512)
+    if compiled:  # --compile-decode: batch-1 decodes through the per-layer graphs (models/compiled_layers.py)
+        reason = model.enable_compiled_decode(1, warm_up=True)
+        if reason:
+            raise RuntimeError(f"compiled decode: {reason}")
     return model
 
 
@@ -258,8 +262,8 @@ def greedy(model, seq_id: int, n: int, device: torch.device, store=None) -> tupl
     return toks, time.perf_counter() - t0, first
 
 
-def run_ours(name, ckpt, factory, device, trace, n_warm, n, bandwidth) -> dict:
-    model = load_ours(ckpt, factory, device, trace)
+def run_ours(name, ckpt, factory, device, trace, n_warm, n, bandwidth, compiled=False) -> dict:
+    model = load_ours(ckpt, factory, device, trace, compiled)
     store = model.store
     greedy(model, 0, n_warm, device)  # warm-up: trace sequence 0 fills the cache
     toks, secs, _ = greedy(model, 1, n, device, store)
@@ -269,7 +273,7 @@ def run_ours(name, ckpt, factory, device, trace, n_warm, n, bandwidth) -> dict:
              pcie_bound_s_per_token=moved / bandwidth, hit_rate=m["hit_rate"], copies=m["copies"],
              capacity=m.get("capacity"), stall_s=m.get("stall_s"), cpu_computed=m.get("cpu_computed"),
              prefetch_precision=m.get("prefetch_precision"), prefetch_recall=m.get("prefetch_recall"),
-             device_bytes=store.nbytes())
+             device_bytes=store.nbytes(), compiled_steps=model.compiled.steps if compiled else 0)
     r["fraction_of_pcie_bound"] = r["pcie_bound_s_per_token"] / r["s_per_token"]
     print(f"{name:56s} {r['tokens_per_s']:7.2f} tok/s  hit {r['hit_rate']:.3f}  {moved / 1e9:6.2f} GB/token  "
           f"{r['fraction_of_pcie_bound']:.2f} of the PCIe bound", flush=True)
@@ -280,6 +284,30 @@ def run_ours(name, ckpt, factory, device, trace, n_warm, n, bandwidth) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return r
+
+
+def transformers_side(ckpt, gate_up, down, device, replayed, hf_tokens: int) -> tuple[dict, dict]:
+    """The same model in both engines (one prefill routed from the same trace: logits within bf16
+    rounding, the engines' kernels differ), then transformers + accelerate's timed decode."""
+    from moe_serve.experts.ondemand import OnDemandExpertStore
+
+    hf = hf_model(ckpt, gate_up, down, device, replayed)
+    with torch.inference_mode():
+        hf_logits = hf(torch.tensor([PROMPT], device=device)).logits[0, -1].float().cpu()
+    ours = load_ours(ckpt, lambda spec, source, dtype, dev: OnDemandExpertStore(gate_up, down, dev), device, replayed)
+    _, _, our_logits = greedy(ours, 0, 0, device)
+    del ours
+    scale = float(hf_logits.abs().max())
+    diff = float((hf_logits - our_logits).abs().max())
+    same_model = dict(same_next_token=int(hf_logits.argmax()) == int(our_logits.argmax()), max_abs_logit_diff=diff,
+                      logit_scale=scale, within_rounding=diff <= 0.05 * scale)
+    print(f"same weights in both engines: {same_model}", flush=True)
+    row = hf_decode(hf, device, hf_tokens)
+    del hf
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return same_model, row
 
 
 def measure_h2d(host: torch.Tensor, device: torch.device, reps: int = 5) -> float:
@@ -302,6 +330,9 @@ def main() -> int:
     ap.add_argument("--small", action="store_true", help="a tiny shape, to check the script (CPU without a GPU)")
     ap.add_argument("--layers", type=int, default=None,
                     help="fewer layers of the full widths (e.g. 2: checks the full shape on a CPU in ~7 GB)")
+    ap.add_argument("--compile-decode", choices=("off", "on", "both"), default="off",
+                    help="moe-serve's decode steps through the per-layer compiled graphs (both: each row twice)")
+    ap.add_argument("--only", default="", help="comma-separated substrings: run only the moe-serve rows naming one")
     ap.add_argument("--workdir", default=os.environ.get("MOE_BENCH_DIR", "/tmp/moe_serve_offload_gpu"))
     ap.add_argument("--out", default=str(RESULTS / "expert_offload_gpu.json"))
     args = ap.parse_args()
@@ -343,33 +374,17 @@ def main() -> int:
           f"{total_experts * expert_bytes / 1e9:.1f} GB in host memory, the rest {dense_bytes / 1e9:.2f} GB; "
           f"pinned host-to-device {bandwidth / 1e9:.1f} GB/s; setup {setup_s:.0f} s", flush=True)
 
-    # the same model in both engines: one prefill, both routed from trace sequence 0, the same logits
-    # (bf16 rounding apart: the engines' kernels differ)
     replayed = fitted_trace("summary", L, E, K)
-    hf = hf_model(ckpt, gate_up, down, device, replayed)
-    with torch.inference_mode():
-        hf_logits = hf(torch.tensor([PROMPT], device=device)).logits[0, -1].float().cpu()
-    ours = load_ours(ckpt, lambda spec, source, dtype, dev: OnDemandExpertStore(gate_up, down, dev), device, replayed)
-    _, _, our_logits = greedy(ours, 0, 0, device)
-    del ours
-    scale = float(hf_logits.abs().max())
-    diff = float((hf_logits - our_logits).abs().max())
-    same_model = dict(same_next_token=int(hf_logits.argmax()) == int(our_logits.argmax()), max_abs_logit_diff=diff,
-                      logit_scale=scale, within_rounding=diff <= 0.05 * scale)
-    print(f"same weights in both engines: {same_model}", flush=True)
-
-    results = {}
-    r = hf_decode(hf, device, args.hf_tokens)
-    r["bytes_per_token"] = total_experts * expert_bytes  # every experts module, every step
-    r["pcie_bound_s_per_token"] = r["bytes_per_token"] / bandwidth
-    r["fraction_of_pcie_bound"] = r["pcie_bound_s_per_token"] / r["s_per_token"]
-    results["transformers + accelerate offload"] = r
-    print(f"{'transformers + accelerate offload':56s} {r['tokens_per_s']:7.2f} tok/s  "
-          f"{r['bytes_per_token'] / 1e9:6.2f} GB/token  {r['fraction_of_pcie_bound']:.2f} of the PCIe bound", flush=True)
-    del hf
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    results, same_model = {}, None
+    if args.hf_tokens > 0:  # 0: no transformers at all (a run of some moe-serve rows, against on-demand only)
+        same_model, row = transformers_side(ckpt, gate_up, down, device, replayed, args.hf_tokens)
+        row["bytes_per_token"] = total_experts * expert_bytes  # every experts module, every step
+        row["pcie_bound_s_per_token"] = row["bytes_per_token"] / bandwidth
+        row["fraction_of_pcie_bound"] = row["pcie_bound_s_per_token"] / row["s_per_token"]
+        results["transformers + accelerate offload"] = row
+        print(f"{'transformers + accelerate offload':56s} {row['tokens_per_s']:7.2f} tok/s  "
+              f"{row['bytes_per_token'] / 1e9:6.2f} GB/token  {row['fraction_of_pcie_bound']:.2f} of the PCIe bound",
+              flush=True)
 
     pred_path = work / "transition_intent.safetensors"
     TransitionPredictor(L, E, K, lookahead=1).fit([fitted_trace("intent", L, E, K)]).save(pred_path)
@@ -393,37 +408,47 @@ def main() -> int:
             host_memory="copy", prefetch_when="idle")
     runs["offload 25% predicted, cpu-experts auto"] = ExpertCacheConfig(
         expert_cache_slots=total_experts // 4, cache_policy="predicted", predictor=str(pred_path), cpu_experts="auto")
+    only = [o for o in args.only.split(",") if o]
+    modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile_decode]
     for name, what in runs.items():
+        if only and name != "on-demand copy, no cache" and not any(o in name for o in only):
+            continue  # the on-demand row always runs: the others are measured against it
         if isinstance(what, ExpertCacheConfig):
             inner = expert_store_factory(what)
             factory = lambda spec, source, dtype, dev, inner=inner: inner(spec, host, dtype, dev)  # noqa: E731
         else:
             factory = what
-        results[name] = run_ours(name, ckpt, factory, device, replayed, args.warm_tokens, args.tokens, bandwidth)
+        for compiled in modes:
+            label = f"{name}, compiled" if compiled else name
+            results[label] = run_ours(label, ckpt, factory, device, replayed, args.warm_tokens, args.tokens, bandwidth,
+                                      compiled)
+            if not args.small:  # the rows so far, in case the run is cut short
+                Path(args.out).with_suffix(".partial.json").write_text(json.dumps(results, default=float))
 
-    ref = results["on-demand copy, no cache"]
-    base = ref["tokens_per_s"]
     lines = [f"{'configuration':56s} {'tok/s':>7s} {'x accel.':>8s} {'x on-dem.':>9s} {'hit':>6s} {'GB/token':>8s} "
              f"{'PCIe-bound tok/s':>16s} {'of bound':>8s} {'same tokens':>11s}"]
-    acc = results["transformers + accelerate offload"]["tokens_per_s"]
+    acc = results.get("transformers + accelerate offload", {}).get("tokens_per_s")
     for name, r in results.items():
+        # each row against the on-demand run of its own step (compiled and eager round bf16 differently)
+        ref = results["on-demand copy, no cache" + (", compiled" if name.endswith(", compiled") else "")]
         n = min(len(r["token_ids"]), len(ref["token_ids"]))
         r["same_tokens_as_on_demand"] = r["token_ids"][:n] == ref["token_ids"][:n]
         hit = "-" if r.get("hit_rate") is None else f"{r['hit_rate']:.3f}"
         bound = 1 / r["pcie_bound_s_per_token"] if r["pcie_bound_s_per_token"] else float("inf")
-        lines.append(f"{name:56s} {r['tokens_per_s']:7.2f} {r['tokens_per_s'] / acc:8.1f} {r['tokens_per_s'] / base:9.2f} "
+        x_acc = f"{r['tokens_per_s'] / acc:8.1f}" if acc else f"{'-':>8s}"
+        lines.append(f"{name:56s} {r['tokens_per_s']:7.2f} {x_acc} {r['tokens_per_s'] / ref['tokens_per_s']:9.2f} "
                      f"{hit:>6s} {r['bytes_per_token'] / 1e9:8.2f} {bound:16.2f} {r['fraction_of_pcie_bound']:8.2f} "
                      f"{str(r['same_tokens_as_on_demand']):>11s}")
     print("\n".join(lines))
     out = dict(machine=machine, shape=shape, expert_bytes=expert_bytes, dense_bytes=dense_bytes,
                h2d_bandwidth_bytes_per_s=bandwidth, setup_s=setup_s, tokens=args.tokens, warm_tokens=args.warm_tokens,
-               hf_tokens=args.hf_tokens, same_model_check=same_model, table=lines, results=results)
+               hf_tokens=args.hf_tokens, compile_decode=args.compile_decode, same_model_check=same_model, table=lines, results=results)
     if not args.small:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1, default=float))
         (Path(args.out).with_suffix(".txt")).write_text("\n".join(lines) + "\n")
     # moe-serve's stores must agree exactly; transformers' tokens are reported (bf16 rounding may flip a near tie)
-    ok = same_model["within_rounding"] and all(r["same_tokens_as_on_demand"] for name, r in results.items()
+    ok = (same_model is None or same_model["within_rounding"]) and all(r["same_tokens_as_on_demand"] for name, r in results.items()
                                                if not name.startswith("transformers") and "cpu-experts" not in name)
     return 0 if ok else 1
 
