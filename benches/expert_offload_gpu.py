@@ -1,6 +1,6 @@
 """Expert offload on one GPU: a Mixtral-8x7B-shaped bf16 model that does not fit, routing replayed.
 
-    python benches/expert_offload_gpu.py [--tokens 32] [--hf-tokens 4] [--small]
+    python benches/expert_offload_gpu.py [--tokens 32] [--hf-tokens 4] [--small] [--only lru,idle]
 
 The model: Mixtral-8x7B's shape (32 layers, 8 experts top-2, hidden 4096, expert width 14336, 32 query
 and 8 KV heads, vocab 32000) in bf16 with random weights: 256 experts of 352 MB (90.2 GB) and 3.3 GB
@@ -30,7 +30,10 @@ weights, routed from the same trace, and their logits must agree within bf16 rou
 hold the same model. (`expert_offload_gpu_session5.*` is the first H100 run, before the fixes its
 `notes` list and before the host-overhead and attention changes of docs/expert_cache.md.)
 
-Results: a table on stdout, JSON in benches/results/expert_offload_gpu.json. `--small` runs a tiny
+`--only` runs the moe-serve rows whose names contain one of its comma-separated strings (and the
+on-demand row, which the others are measured against); `--hf-tokens 0` leaves transformers out.
+Results: a table on stdout, JSON in benches/results/expert_offload_gpu.json (the rows so far in
+`.partial.json` after each row, in case a run is cut short). `--small` runs a tiny
 shape (on the CPU when there is no GPU) to check the script.
 """
 from __future__ import annotations
@@ -217,7 +220,7 @@ def hf_decode(model, device: torch.device, n: int) -> dict:
 
 
 # ---- moe-serve --------------------------------------------------------------------------------
-def load_ours(ckpt: Path, factory, device: torch.device, trace=None, compiled: bool = False):
+def load_ours(ckpt: Path, factory, device: torch.device, trace=None):
     from moe_serve.models import load_model
     from moe_serve.models.hooks import NO_HOOKS
 
@@ -231,10 +234,6 @@ def load_ours(ckpt: Path, factory, device: torch.device, trace=None, compiled: b
     # load_model chains a predicting store's routing hook after the replay
     model = load_model(ckpt, dtype="bfloat16", device=device, hooks=hooks, expert_store_factory=factory)
     model.allocate_kv_cache(1, 512)
-    if compiled:  # --compile-decode: batch-1 decodes through the per-layer graphs (models/compiled_layers.py)
-        reason = model.enable_compiled_decode(1, warm_up=True)
-        if reason:
-            raise RuntimeError(f"compiled decode: {reason}")
     return model
 
 
@@ -262,8 +261,8 @@ def greedy(model, seq_id: int, n: int, device: torch.device, store=None) -> tupl
     return toks, time.perf_counter() - t0, first
 
 
-def run_ours(name, ckpt, factory, device, trace, n_warm, n, bandwidth, compiled=False) -> dict:
-    model = load_ours(ckpt, factory, device, trace, compiled)
+def run_ours(name, ckpt, factory, device, trace, n_warm, n, bandwidth) -> dict:
+    model = load_ours(ckpt, factory, device, trace)
     store = model.store
     greedy(model, 0, n_warm, device)  # warm-up: trace sequence 0 fills the cache
     toks, secs, _ = greedy(model, 1, n, device, store)
@@ -273,7 +272,7 @@ def run_ours(name, ckpt, factory, device, trace, n_warm, n, bandwidth, compiled=
              pcie_bound_s_per_token=moved / bandwidth, hit_rate=m["hit_rate"], copies=m["copies"],
              capacity=m.get("capacity"), stall_s=m.get("stall_s"), cpu_computed=m.get("cpu_computed"),
              prefetch_precision=m.get("prefetch_precision"), prefetch_recall=m.get("prefetch_recall"),
-             device_bytes=store.nbytes(), compiled_steps=model.compiled.steps if compiled else 0)
+             device_bytes=store.nbytes())
     r["fraction_of_pcie_bound"] = r["pcie_bound_s_per_token"] / r["s_per_token"]
     print(f"{name:56s} {r['tokens_per_s']:7.2f} tok/s  hit {r['hit_rate']:.3f}  {moved / 1e9:6.2f} GB/token  "
           f"{r['fraction_of_pcie_bound']:.2f} of the PCIe bound", flush=True)
@@ -330,8 +329,6 @@ def main() -> int:
     ap.add_argument("--small", action="store_true", help="a tiny shape, to check the script (CPU without a GPU)")
     ap.add_argument("--layers", type=int, default=None,
                     help="fewer layers of the full widths (e.g. 2: checks the full shape on a CPU in ~7 GB)")
-    ap.add_argument("--compile-decode", choices=("off", "on", "both"), default="off",
-                    help="moe-serve's decode steps through the per-layer compiled graphs (both: each row twice)")
     ap.add_argument("--only", default="", help="comma-separated substrings: run only the moe-serve rows naming one")
     ap.add_argument("--workdir", default=os.environ.get("MOE_BENCH_DIR", "/tmp/moe_serve_offload_gpu"))
     ap.add_argument("--out", default=str(RESULTS / "expert_offload_gpu.json"))
@@ -409,7 +406,6 @@ def main() -> int:
     runs["offload 25% predicted, cpu-experts auto"] = ExpertCacheConfig(
         expert_cache_slots=total_experts // 4, cache_policy="predicted", predictor=str(pred_path), cpu_experts="auto")
     only = [o for o in args.only.split(",") if o]
-    modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile_decode]
     for name, what in runs.items():
         if only and name != "on-demand copy, no cache" and not any(o in name for o in only):
             continue  # the on-demand row always runs: the others are measured against it
@@ -418,19 +414,15 @@ def main() -> int:
             factory = lambda spec, source, dtype, dev, inner=inner: inner(spec, host, dtype, dev)  # noqa: E731
         else:
             factory = what
-        for compiled in modes:
-            label = f"{name}, compiled" if compiled else name
-            results[label] = run_ours(label, ckpt, factory, device, replayed, args.warm_tokens, args.tokens, bandwidth,
-                                      compiled)
-            if not args.small:  # the rows so far, in case the run is cut short
-                Path(args.out).with_suffix(".partial.json").write_text(json.dumps(results, default=float))
+        results[name] = run_ours(name, ckpt, factory, device, replayed, args.warm_tokens, args.tokens, bandwidth)
+        if not args.small:  # the rows so far, in case the run is cut short
+            Path(args.out).with_suffix(".partial.json").write_text(json.dumps(results, default=float))
 
     lines = [f"{'configuration':56s} {'tok/s':>7s} {'x accel.':>8s} {'x on-dem.':>9s} {'hit':>6s} {'GB/token':>8s} "
              f"{'PCIe-bound tok/s':>16s} {'of bound':>8s} {'same tokens':>11s}"]
     acc = results.get("transformers + accelerate offload", {}).get("tokens_per_s")
     for name, r in results.items():
-        # each row against the on-demand run of its own step (compiled and eager round bf16 differently)
-        ref = results["on-demand copy, no cache" + (", compiled" if name.endswith(", compiled") else "")]
+        ref = results["on-demand copy, no cache"]
         n = min(len(r["token_ids"]), len(ref["token_ids"]))
         r["same_tokens_as_on_demand"] = r["token_ids"][:n] == ref["token_ids"][:n]
         hit = "-" if r.get("hit_rate") is None else f"{r['hit_rate']:.3f}"
@@ -442,7 +434,7 @@ def main() -> int:
     print("\n".join(lines))
     out = dict(machine=machine, shape=shape, expert_bytes=expert_bytes, dense_bytes=dense_bytes,
                h2d_bandwidth_bytes_per_s=bandwidth, setup_s=setup_s, tokens=args.tokens, warm_tokens=args.warm_tokens,
-               hf_tokens=args.hf_tokens, compile_decode=args.compile_decode, same_model_check=same_model, table=lines, results=results)
+               hf_tokens=args.hf_tokens, same_model_check=same_model, table=lines, results=results)
     if not args.small:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1, default=float))

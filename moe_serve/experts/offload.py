@@ -221,8 +221,6 @@ class OffloadExpertStore(ExpertStore):
         if self.in_place_only:
             return
         state = self.routing_hook.state(moe_layer) if self.routing_hook is not None else None
-        if state is not None and state.experts.shape[0] == 0:
-            return  # the hook has seen no step yet (a compiled step's warm-up runs without hooks): no hint
         for g in self.policy.on_route(moe_layer, state, self.clock).tolist():
             self._prefetch_one(g)
 

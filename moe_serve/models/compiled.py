@@ -16,9 +16,8 @@ gpt-fast does it:
     half the experts' fp32 memory again), and at B = 1 also reads bf16 copies of the attention
     projections and the output head, each as one reduction per output row (`widened_linear`; both
     in models/narrow.py).
-Everything else (prefill chunks, mixed batches, bigger batches, hooks that replace routing or read
-hidden states, MLA) runs the eager model; other expert stores (offloading) get compiled_layers.py's
-per-layer graphs; outputs match it within float rounding
+Everything else (prefill chunks, mixed batches, bigger batches, offloading stores, hooks that replace
+routing or read hidden states, MLA) runs the eager model; outputs match it within float rounding
 (tests/models/test_compiled_decode.py). Routing is returned, so id-only hooks (the expert-load
 counter) still see every layer's choice.
 """
@@ -42,10 +41,13 @@ log = logging.getLogger(__name__)
 
 
 def unsupported_reason(model) -> str | None:
-    """Why `model` cannot use a compiled decode step (this one, or compiled_layers.py's for stores
-    other than the resident one), or None when it can."""
+    """Why `model` cannot use the compiled decode step, or None when it can."""
+    from moe_serve.experts.store import ResidentExpertStore
+
     if any(not isinstance(layer.self_attn, GQAttention) for layer in model.layers):
         return "multi-head latent attention (DeepSeek) runs eagerly"
+    if type(model.store) is not ResidentExpertStore:
+        return f"expert store {type(model.store).__name__} is not the resident store"
     if model.rotary is not None and model.rotary.mode == "complex":
         return "complex rotary mode"
     return None

@@ -18,7 +18,6 @@ from torch import nn
 from moe_serve.models.attention import StepMeta
 from moe_serve.models.batch import ForwardBatch
 from moe_serve.models.compiled import TUNED_SIZES, CompiledDecode, unsupported_reason
-from moe_serve.models.compiled_layers import make_compiled_decode
 from moe_serve.models.hooks import NO_HOOKS, RouterHooks
 from moe_serve.models.layers import MLP, GQAttention, RMSNorm, linear
 from moe_serve.models.mla import MLAttention
@@ -97,15 +96,14 @@ class MoEModel(nn.Module):
 
     def enable_compiled_decode(self, max_batch: int | None, warm_up: bool = False) -> str | None:
         """Run decode-only steps of up to `max_batch` sequences through one torch.compile graph
-        (models/compiled.py; with a store other than the resident one, a graph per layer up to its
-        router, models/compiled_layers.py); `warm_up`: compile now (after allocate_kv_cache), not at the first
+        (models/compiled.py); `warm_up`: compile now (after allocate_kv_cache), not at the first
         decodes. `max_batch` None: timed after the warm-up (`CompiledDecode.tune_max_batch`), which it
         needs. Returns why it cannot (and stays eager), or None."""
         if max_batch is None and not warm_up:
             raise ValueError("model.compile_max_batch: unset (timed at start-up) needs the warm-up")
         reason = unsupported_reason(self)
         # to be tuned: the largest size tried until then (so the warm-up compiles the batch >= 2 graph)
-        self.compiled = None if reason else make_compiled_decode(self, max(TUNED_SIZES) if max_batch is None else max_batch)
+        self.compiled = None if reason else CompiledDecode(self, max(TUNED_SIZES) if max_batch is None else max_batch)
         if self.compiled is not None and warm_up:
             reason = self.compiled.warm_up()
             if reason is None and max_batch is None:

@@ -144,13 +144,8 @@ class MoEBlock(nn.Module):
             self.shared_expert_gate = linear(spec.hidden_size, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, H]
-        ids, weights = self.gate.forward(x)  # [N, K], [N, K]
-        return self.routed(x, ids, weights)
-
-    def routed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Everything after the router: hooks, dispatch, experts, combine, shared expert. [N, H] -> [N, H]
-        (the per-layer compiled step runs the router in its graph and this eagerly)."""
         rt = self.rt
+        ids, weights = self.gate.forward(x)  # [N, K], [N, K]
         if rt.hooks.active:
             replaced = rt.hooks.route(self.moe_index, x, ids, weights)
             if replaced is not None:
