@@ -344,8 +344,10 @@ def test_idle_only_prefetch_is_deferred_while_a_copy_runs(when):
     (counted in prefetch_deferred); once the copier is idle the same hint is. "always" copies it."""
     from tests.experts.sources import SlowSource
 
+    # host="mmap": copies read the slow source itself (a host copy would be stacked, fast, at construction,
+    # and the copy could finish before the hint comes: the test then raced the copier)
     store = OffloadExpertStore(SlowSource(0.05), torch.float32, "cpu", 4, LRUPolicy(), top_k=2, cpu_experts="off",
-                               admit="always", prefetch_when=when)
+                               admit="always", prefetch_when=when, host="mmap")
     store.begin_layer(0, [0])  # a demand miss: the worker copies it (two 50 ms copies)
     assert store.copier.busy()
     store.prefetch(1, [1])
