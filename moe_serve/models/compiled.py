@@ -29,12 +29,14 @@ import types
 import torch
 import torch.nn.functional as F
 
+from moe_serve.models import bf16_gemv
+from moe_serve.models.bf16_gemv import rows_gemv
 from moe_serve.models.attention import visible_keys, write_cache_rows
 from moe_serve.models.batch import ForwardBatch
 from moe_serve.models.hooks import NO_HOOKS
 from moe_serve.models.layers import GQAttention
 from moe_serve.models.moe import MoEBlock
-from moe_serve.models.narrow import NarrowCopies, widened_linear
+from moe_serve.models.narrow import NarrowCopies, kernel_linear, widened_linear, worth_the_kernel
 from moe_serve.timing import best_time
 
 log = logging.getLogger(__name__)
@@ -71,40 +73,50 @@ def cached_attention(q: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], 
 
 
 def gathered_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                     down: torch.Tensor) -> torch.Tensor:
+                     down: torch.Tensor, kernel: bool = False) -> torch.Tensor:
     """Routed experts of B tokens, weights gathered by id: x [B, H], ids/weights [B, K],
     gate_up [E, 2I, H] (gate rows first), down [E, H, I], in x's dtype or a narrow copy -> [B, H].
-    Same math as dispatch -> store.run -> combine: silu(gate) * up, down, weight, sum over k."""
-    gu = (gate_up[ids].to(x.dtype) * x[:, None, None, :]).sum(-1)  # [B, K, 2I]
-    gate, up = gu.chunk(2, dim=-1)
-    y = (down[ids].to(x.dtype) * (F.silu(gate) * up)[:, :, None, :]).sum(-1)  # [B, K, H]
+    Same math as dispatch -> store.run -> combine: silu(gate) * up, down, weight, sum over k. Narrow
+    copies with `kernel`: each (token, k) row through the AVX-512 kernel (bf16_gemv.py)."""
+    b, k = ids.shape
+    if kernel and gate_up.dtype != x.dtype and worth_the_kernel(gate_up[0]):
+        flat = ids.reshape(-1)  # [B*K]
+        gu = rows_gemv(gate_up, flat, x[:, None, :].expand(b, k, x.shape[1]).reshape(b * k, -1)).view(b, k, -1)
+        gate, up = gu.chunk(2, dim=-1)
+        y = rows_gemv(down, flat, (F.silu(gate) * up).reshape(b * k, -1)).view(b, k, -1)  # [B, K, H]
+    else:
+        gu = (gate_up[ids].to(x.dtype) * x[:, None, None, :]).sum(-1)  # [B, K, 2I]
+        gate, up = gu.chunk(2, dim=-1)
+        y = (down[ids].to(x.dtype) * (F.silu(gate) * up)[:, :, None, :]).sum(-1)  # [B, K, H]
     return (y * weights[..., None]).sum(1).to(x.dtype)
 
 
-def decode_step(model, tokens, positions, slots, key, fused, out_proj, experts, caches, head):
+def decode_step(model, tokens, positions, slots, key, fused, out_proj, experts, caches, head, kernel=False):
     """One step of B decodes. tokens/positions/slots long [B]; key long [T]: 0..T-1, the cache rows
     to attend over (T = max position + 1; a tensor so that T is a symbolic size); fused: each layer's
     `fused_weights()`; out_proj: each layer's o_proj weight; experts: (gate_up, down) per MoE layer,
     None for dense ones; caches: each layer's (K, V) [slots, max_len, Hkv, D]; head: the output
-    projection [V, H]. At B = 1 the qkv, o_proj and head weights may be narrow copies.
+    projection [V, H]. At B = 1 the qkv, o_proj and head weights may be narrow copies. kernel: narrow
+    copies go through the AVX-512 kernel (bf16_gemv.py).
     -> (logits fp32 [B, V], expert ids long [L, B, K], weights [L, B, K])."""
     b = tokens.shape[0]
     h = F.embedding(tokens, model.embed_tokens.weight)  # [B, H]
     cos, sin = model.rotary.cos_sin(positions, h.dtype)
     rows = slots * model.max_len + positions  # each new token's row in a cache viewed as [slots * max_len]
     all_ids, all_weights = [], []
+    linear = kernel_linear if kernel else widened_linear
     for layer, fw, ow, ex, cache in zip(model.layers, fused, out_proj, experts, caches):
         attn = layer.self_attn
-        q, k, v = attn.project(layer.input_layernorm.forward(h), cos, sin, fw, linear=widened_linear)
+        q, k, v = attn.project(layer.input_layernorm.forward(h), cos, sin, fw, linear=linear)
         write_cache_rows(cache, (k, v), rows)
         visible = visible_keys(key, positions + 1, attn.window)  # [B, T]
         o = cached_attention(q, cache, slots, visible, attn.scale)  # [B, Hq, D]
-        h = h + widened_linear(o.reshape(b, -1), ow, attn.o_proj.bias)
+        h = h + linear(o.reshape(b, -1), ow, attn.o_proj.bias)
         x = layer.post_attention_layernorm.forward(h)
         mlp = layer.mlp
         if isinstance(mlp, MoEBlock):
             ids, weights = mlp.gate.forward(x)  # [B, K]
-            out = gathered_experts(x, ids, weights, *ex)
+            out = gathered_experts(x, ids, weights, *ex, kernel=kernel)
             if hasattr(mlp, "shared_expert"):
                 shared = mlp.shared_expert.forward(x)
                 if hasattr(mlp, "shared_expert_gate"):
@@ -115,7 +127,7 @@ def decode_step(model, tokens, positions, slots, key, fused, out_proj, experts, 
         else:
             out = mlp.forward(x)
         h = h + out
-    logits = widened_linear(model.norm.forward(h), head).float()
+    logits = linear(model.norm.forward(h), head).float()
     return logits, torch.stack(all_ids), torch.stack(all_weights)
 
 
@@ -162,6 +174,7 @@ class CompiledDecode:
         self.model, self.max_batch = model, max_batch
         self._store_type = type(model.store)
         self.narrow = NarrowCopies()  # bf16 copies of a bf16 checkpoint's weights computed in fp32
+        self.kernel: bool | None = None  # narrow copies through bf16_gemv's kernel (decided at the first step)
         # the modules the step reads, looked up once (nn.Module attribute lookups cost ~1 us each); their
         # parameter dicts are read every step, so a replaced weight is still seen
         self._attn = [layer.self_attn for layer in model.layers]
@@ -264,7 +277,10 @@ class CompiledDecode:
             for t in (tokens, positions, slots):
                 torch._dynamo.mark_dynamic(t, 0)
         try:
-            return self._step(m, tokens, positions, slots, key, fused, out_proj, experts, m.kv_cache, head)
+            if self.kernel is None:  # built (~30 s, then cached) only when there are narrow copies to read
+                self.kernel = (dev.type == "cpu" and any(ex is not None and ex[0].dtype != m.dtype for ex in experts)
+                               and bf16_gemv.available())
+            return self._step(m, tokens, positions, slots, key, fused, out_proj, experts, m.kv_cache, head, self.kernel)
         except Exception as exc:  # noqa: BLE001 - compiling is an optimisation: fall back, say why once
             self.failed = f"{type(exc).__name__}: {exc}"
             return None
