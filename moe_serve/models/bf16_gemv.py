@@ -85,8 +85,85 @@ torch::Tensor rows_gemv(const torch::Tensor& w, const torch::Tensor& ids, const 
   return y;
 }
 
-TORCH_LIBRARY(moe_serve, m) { m.def("bf16_rows_gemv(Tensor w, Tensor ids, Tensor x) -> Tensor"); }
-TORCH_LIBRARY_IMPL(moe_serve, CPU, m) { m.impl("bf16_rows_gemv", &rows_gemv); }
+// One tile: NR weight rows (stride I) x NT rows of x (stride I) -> y (stride O); accumulators in registers.
+template <int NR, int NT>
+static inline void tile(const uint16_t* w, const float* x, float* y, int64_t I, int64_t O) {
+  const int64_t I16 = I / 16 * 16;
+  __m512 acc[NR][NT];
+  for (int j = 0; j < NR; ++j)
+    for (int t = 0; t < NT; ++t) acc[j][t] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < I16; i += 16) {
+    __m512 xv[NT];
+    for (int t = 0; t < NT; ++t) xv[t] = _mm512_loadu_ps(x + t * I + i);
+    for (int j = 0; j < NR; ++j) {
+      const __m512 wv = widen16(w + j * I + i);
+      for (int t = 0; t < NT; ++t) acc[j][t] = _mm512_fmadd_ps(wv, xv[t], acc[j][t]);
+    }
+  }
+  for (int j = 0; j < NR; ++j)
+    for (int t = 0; t < NT; ++t) {
+      float s = _mm512_reduce_add_ps(acc[j][t]);
+      for (int64_t i = I16; i < I; ++i) s += widen1(w[j * I + i]) * x[t * I + i];
+      y[t * O + j] = s;
+    }
+}
+
+template <int NR>
+static inline void tile_rows(int64_t nt, const uint16_t* w, const float* x, float* y, int64_t I, int64_t O) {
+  switch (nt) {
+    case 4: tile<NR, 4>(w, x, y, I, O); break;
+    case 3: tile<NR, 3>(w, x, y, I, O); break;
+    case 2: tile<NR, 2>(w, x, y, I, O); break;
+    default: tile<NR, 1>(w, x, y, I, O); break;
+  }
+}
+
+// y[s:t] = x[s:t] @ w[e].T for each expert e's rows s = offsets[e], t = offsets[e + 1]: each weight row is
+// read from memory once for all of its expert's rows (tiles of 4 weight rows x 4 rows of x, in registers).
+torch::Tensor grouped_gemm(const torch::Tensor& w, const torch::Tensor& x_in, const torch::Tensor& offsets) {
+  const torch::Tensor x = x_in.contiguous();
+  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous(), "w: contiguous bf16 [E, O, I]");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.size(1) == w.size(2), "x: fp32 [M, I]");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == torch::kLong && offsets.size(0) == w.size(0) + 1,
+              "offsets: long [E + 1]");
+  const int64_t E = w.size(0), O = w.size(1), I = w.size(2), M = x.size(0);
+  const torch::Tensor off = offsets.contiguous();
+  const int64_t* op = off.data_ptr<int64_t>();
+  TORCH_CHECK(op[0] == 0 && op[E] == M, "offsets: from 0 to the rows of x");
+  for (int64_t e = 0; e < E; ++e) TORCH_CHECK(op[e] <= op[e + 1], "offsets: not ascending at expert ", e);
+  auto y = torch::empty({M, O}, x.options());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t blocks = (O + 3) / 4;
+  at::parallel_for(0, E * blocks, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t e = job / blocks, o0 = job % blocks * 4, n = std::min<int64_t>(4, O - o0);
+      const uint16_t* we = wp + (e * O + o0) * I;
+      for (int64_t t0 = op[e]; t0 < op[e + 1]; t0 += 4) {
+        const int64_t m = std::min<int64_t>(4, op[e + 1] - t0);
+        const float* xt = xp + t0 * I;
+        float* yt = yp + t0 * O + o0;
+        switch (n) {
+          case 4: tile_rows<4>(m, we, xt, yt, I, O); break;
+          case 3: tile_rows<3>(m, we, xt, yt, I, O); break;
+          case 2: tile_rows<2>(m, we, xt, yt, I, O); break;
+          default: tile_rows<1>(m, we, xt, yt, I, O); break;
+        }
+      }
+    }
+  });
+  return y;
+}
+
+TORCH_LIBRARY(moe_serve, m) {
+  m.def("bf16_rows_gemv(Tensor w, Tensor ids, Tensor x) -> Tensor");
+  m.def("bf16_grouped_gemm(Tensor w, Tensor x, Tensor offsets) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(moe_serve, CPU, m) {
+  m.impl("bf16_rows_gemv", &rows_gemv);
+  m.impl("bf16_grouped_gemm", &grouped_gemm);
+}
 """
 
 _state: dict[str, object] = {}  # "module" once built, or "error": why it is not available
@@ -107,6 +184,7 @@ def available() -> bool:
             load_inline("moe_serve_bf16_gemv", cpp_sources=_SOURCE, is_python_module=False,
                         extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-fopenmp"], extra_ldflags=["-fopenmp"])
             torch.library.register_fake("moe_serve::bf16_rows_gemv")(_fake)
+            torch.library.register_fake("moe_serve::bf16_grouped_gemm")(_fake_grouped)
             _state["module"] = torch.ops.moe_serve.bf16_rows_gemv
         except Exception as exc:  # noqa: BLE001 - no compiler, no ninja: the compiled step keeps inductor's loop
             _state["error"] = f"{type(exc).__name__}: {exc}"
@@ -123,3 +201,14 @@ def rows_gemv(w: torch.Tensor, ids: torch.Tensor, x: torch.Tensor) -> torch.Tens
 
 def _fake(w: torch.Tensor, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # shapes for tracing
     return x.new_empty((ids.shape[0], w.shape[1]))
+
+
+def grouped_gemm(w: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows grouped by expert: y[s:t] = x[s:t] @ w[e].T for s, t = offsets[e], offsets[e + 1]; w bf16
+    [E, O, I], x fp32 [M, I], offsets long [E + 1] -> fp32 [M, O]. Each weight row is read once for
+    all of its expert's rows (needs `available()`)."""
+    return torch.ops.moe_serve.bf16_grouped_gemm(w, x, offsets)
+
+
+def _fake_grouped(w: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], w.shape[1]))

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_serve.models import bf16_gemv
-from moe_serve.models.bf16_gemv import rows_gemv
+from moe_serve.models.bf16_gemv import grouped_gemm, rows_gemv
 from moe_serve.models.attention import visible_keys, write_cache_rows
 from moe_serve.models.batch import ForwardBatch
 from moe_serve.models.hooks import NO_HOOKS
@@ -81,9 +81,18 @@ def gathered_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, 
     b, k = ids.shape
     if kernel and gate_up.dtype != x.dtype and worth_the_kernel(gate_up[0]):
         flat = ids.reshape(-1)  # [B*K]
-        gu = rows_gemv(gate_up, flat, x[:, None, :].expand(b, k, x.shape[1]).reshape(b * k, -1)).view(b, k, -1)
-        gate, up = gu.chunk(2, dim=-1)
-        y = rows_gemv(down, flat, (F.silu(gate) * up).reshape(b * k, -1)).view(b, k, -1)  # [B, K, H]
+        if b == 1:  # K distinct experts, one row each
+            gu = rows_gemv(gate_up, flat, x.expand(k, x.shape[1]))
+            gate, up = gu.chunk(2, dim=-1)
+            y = rows_gemv(down, flat, F.silu(gate) * up).view(b, k, -1)  # [1, K, H]
+        else:  # rows grouped by expert: each expert's weights read once for all its rows
+            order = torch.argsort(flat, stable=True)  # [B*K]
+            counts = (flat[:, None] == torch.arange(gate_up.shape[0], device=flat.device)).sum(0)  # [E], no sync
+            offsets = F.pad(counts.cumsum(0), (1, 0))  # [E + 1]
+            xs = x.index_select(0, torch.div(order, k, rounding_mode="floor"))  # [B*K, H] sorted by expert
+            gate, up = grouped_gemm(gate_up, xs, offsets).chunk(2, dim=-1)
+            ys = grouped_gemm(down, F.silu(gate) * up, offsets)  # [B*K, H], sorted
+            y = torch.empty_like(ys).index_copy_(0, order, ys).view(b, k, -1)  # [B, K, H]
     else:
         gu = (gate_up[ids].to(x.dtype) * x[:, None, None, :]).sum(-1)  # [B, K, 2I]
         gate, up = gu.chunk(2, dim=-1)

@@ -22,6 +22,22 @@ def test_rows_gemv_matches_a_float64_reference(experts, rows_out, width, rows):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("counts,rows_out,width", [([4, 3, 5, 0, 2], 10, 40), ([1], 7, 16), ([0, 9], 4, 33)])
+def test_grouped_gemm_matches_a_float64_reference(counts, rows_out, width):
+    """Rows grouped by expert, some experts with none; groups that are not a multiple of the 4 rows of
+    x a tile takes, output rows not a multiple of 4, widths not a multiple of 16."""
+    g = torch.Generator().manual_seed(len(counts) * width)
+    w = torch.randn(len(counts), rows_out, width, generator=g).bfloat16()
+    x = torch.randn(sum(counts), width, generator=g)
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()])
+    ids = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    want = torch.einsum("moi,mi->mo", w[ids].double(), x.double())
+    got = bf16_gemv.grouped_gemm(w, x, offsets)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    with pytest.raises(RuntimeError, match="offsets"):
+        bf16_gemv.grouped_gemm(w, x, offsets.flip(0))
+
+
 def test_rows_gemv_refuses_what_it_cannot_read():
     w = torch.zeros(2, 4, 16, dtype=torch.bfloat16)
     x = torch.zeros(1, 16)

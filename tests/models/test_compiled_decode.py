@@ -10,7 +10,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from moe_serve import LLM, SamplingParams
-from moe_serve.models import ForwardBatch, bf16_gemv, load_model
+from moe_serve.models import ForwardBatch, bf16_gemv, load_model, narrow
 from moe_serve.models.compiled import TUNED_SIZES, pick_max_batch
 from moe_serve.tracing.load import ExpertLoadCounter
 from tests.models.helpers import RecordRoutes
@@ -70,7 +70,7 @@ def test_compiled_decode_matches_eager(tiny_checkpoint, family):
 
 
 @pytest.mark.parametrize("family,kernel", [("mixtral", True), ("mixtral", False), ("qwen2_moe", True)])
-def test_bf16_checkpoint_in_fp32_reads_narrow_expert_copies(tiny_checkpoint, family, kernel):
+def test_bf16_checkpoint_in_fp32_reads_narrow_expert_copies(tiny_checkpoint, family, kernel, monkeypatch):
     """A bf16 checkpoint computed in fp32: the compiled step reads bf16 copies of the expert weights
     (and at batch 1 of the attention projections and the head; every fp32 value is a bf16 value,
     so the products are the eager ones) and still matches eager; through the AVX-512 kernel
@@ -78,6 +78,7 @@ def test_bf16_checkpoint_in_fp32_reads_narrow_expert_copies(tiny_checkpoint, fam
     a tied head."""
     if kernel and not bf16_gemv.available():
         pytest.skip(f"bf16 GEMV kernel unavailable here: {bf16_gemv._state['error']}")
+    monkeypatch.setattr(narrow, "KERNEL_MIN_BYTES", 0)  # the tiny weights through the kernels too
     path = tiny_checkpoint(family, dtype=torch.bfloat16)
     eager, compiled = load_model(path, dtype="float32"), load_model(path, dtype="float32")
     for m in (eager, compiled):
