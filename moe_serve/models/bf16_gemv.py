@@ -1,18 +1,22 @@
-"""A CPU kernel for the compiled decode step: fp32 rows times bf16 weights, widened as they load.
+"""CPU kernels for the compiled decode step: fp32 rows times bf16 weights, widened as they load.
 
-    y[r] = w[ids[r]] @ x[r]      w bf16 [E, O, I], ids long [R], x fp32 [R, I] -> y fp32 [R, O]
+    rows_gemv:    y[r] = w[ids[r]] @ x[r]          w bf16 [E, O, I], ids long [R], x fp32 [R, I] -> fp32 [R, O]
+    grouped_gemm: y[s:t] = x[s:t] @ w[e].T         rows sorted by expert, s, t = offsets[e], offsets[e + 1]
 
 A bf16 checkpoint computed in fp32 has fp32 weights whose every value is a bf16 value (narrow.py):
 the products of x with the bf16 copies are the fp32 products, from half the bytes. Inductor's fused
-widen-and-reduce loop for this runs at ~14.6 GB/s of bf16 on this repository's 2-core AVX-512 CPU,
-compute-bound; this AVX-512 loop (zero-extend each bf16 to 32 bits, shift it into an fp32's high
-half, FMA into four rows' accumulators, x loaded once for four rows) reads 21.9 GB/s from DRAM, 0.92
-of the copy bandwidth. Sums run in another order than the reduction's: equal within fp32 rounding.
+widen-and-reduce loop for this is compute-bound on this repository's 2-core AVX-512 CPU; this loop
+(zero-extend each bf16 to 32 bits, shift it into an fp32's high half, FMA into four rows'
+accumulators, x loaded once for four rows) reads a 512 MB matrix at 22.3 GB/s against inductor's
+17.1, the machine reading 24.7 (benches/bf16_gemv.py). Sums run in another order than the
+reduction's: equal within fp32 rounding.
 
-Built on first use with torch's C++ extension loader (g++, ninja; ~30 s, then cached in
+Built on first use with torch's C++ extension loader (g++, ninja; ~25 s, then cached in
 TORCH_EXTENSIONS_DIR) and only on a CPU with AVX-512 (`available()`; else the compiled step keeps
-inductor's loop). It is registered as the operator `moe_serve::bf16_rows_gemv` (C++, no Python in
-between), which the compiled graph calls as an extern kernel.
+inductor's loop). They are registered as the operators `moe_serve::bf16_rows_gemv` and
+`moe_serve::bf16_grouped_gemm` (C++, no Python in between), which the compiled graph calls as extern
+kernels. grouped_gemm reads each weight row once for all its expert's rows (register tiles of 4 weight
+rows x 4 rows): at 32 rows over 8 experts it is compute-bound, 2-2.6x the fp32 matmuls per expert.
 """
 from __future__ import annotations
 

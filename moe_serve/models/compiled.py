@@ -15,7 +15,7 @@ gpt-fast does it:
   - a bf16 checkpoint computed in fp32 gathers bf16 copies of its experts (`narrow_copy`; they cost
     half the experts' fp32 memory again), and at B = 1 also reads bf16 copies of the attention
     projections and the output head, each as one reduction per output row (`widened_linear`; both
-    in models/narrow.py).
+    in models/narrow.py); narrow weights of 4 MB and more go through AVX-512 kernels (models/bf16_gemv.py).
 Everything else (prefill chunks, mixed batches, bigger batches, offloading stores, hooks that replace
 routing or read hidden states, MLA) runs the eager model; outputs match it within float rounding
 (tests/models/test_compiled_decode.py). Routing is returned, so id-only hooks (the expert-load
@@ -77,7 +77,8 @@ def gathered_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, 
     """Routed experts of B tokens, weights gathered by id: x [B, H], ids/weights [B, K],
     gate_up [E, 2I, H] (gate rows first), down [E, H, I], in x's dtype or a narrow copy -> [B, H].
     Same math as dispatch -> store.run -> combine: silu(gate) * up, down, weight, sum over k. Narrow
-    copies with `kernel`: each (token, k) row through the AVX-512 kernel (bf16_gemv.py)."""
+    copies with `kernel` (from KERNEL_MIN_BYTES): the AVX-512 kernels (bf16_gemv.py), at B = 1 one row
+    per expert, from B = 2 the rows sorted by expert so that each expert's weights are read once."""
     b, k = ids.shape
     if kernel and gate_up.dtype != x.dtype and worth_the_kernel(gate_up[0]):
         flat = ids.reshape(-1)  # [B*K]
