@@ -1,4 +1,4 @@
-"""The AVX-512 bf16 GEMV kernel (moe_serve/models/bf16_gemv.py) against inductor's fused widen-and-reduce
+"""The AVX-512 bf16 kernel (moe_serve/models/bf16_gemv.py) against inductor's fused widen-and-reduce
 loop, which the compiled decode step uses without it, side by side in one process.
 
     python benches/bf16_gemv.py [--steps 100] [--rounds 3]
@@ -45,11 +45,12 @@ def alone() -> dict:
                                "experts down [1024, 3584] x2": (8, 1024, 3584, 2),
                                "head [32000, 1024]": (1, 32000, 1024, 1),
                                "512 MB [131072, 2048]": (1, 131072, 2048, 1)}.items():
-        w, ids, x = torch.randn(e, o, i).bfloat16(), torch.arange(r) % e, torch.randn(r, i)
-        torch.testing.assert_close(bf16_gemv.rows_gemv(w, ids, x), loop(w, ids, x), rtol=1e-4, atol=1e-4)
+        w, ids, x = torch.randn(e, o, i).bfloat16(), torch.arange(r) % e, torch.randn(r, i)  # ids ascending
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(ids, minlength=e).cumsum(0)])
+        torch.testing.assert_close(bf16_gemv.grouped_gemm(w, x, offsets), loop(w, ids, x), rtol=1e-4, atol=1e-4)
         gb = r * o * i * 2 / 1e9
         n = 5 if o * i > 2**26 else 50
-        k, c = seconds(lambda: bf16_gemv.rows_gemv(w, ids, x), n), seconds(lambda: loop(w, ids, x), n)
+        k, c = seconds(lambda: bf16_gemv.grouped_gemm(w, x, offsets), n), seconds(lambda: loop(w, ids, x), n)
         out[name] = dict(kernel_ms=k * 1e3, inductor_ms=c * 1e3, kernel_gb_per_s=gb / k, inductor_gb_per_s=gb / c)
     # batch 16, top-2 of 8 experts: 32 rows grouped by expert (each expert's weights read once), against
     # what the eager step does there (fp32 F.linear per expert, MKL's small-row kernels)

@@ -1,22 +1,23 @@
-"""CPU kernels for the compiled decode step: fp32 rows times bf16 weights, widened as they load.
+"""A CPU kernel for the compiled decode step: fp32 rows times bf16 weights, widened as they load.
 
-    rows_gemv:    y[r] = w[ids[r]] @ x[r]          w bf16 [E, O, I], ids long [R], x fp32 [R, I] -> fp32 [R, O]
-    grouped_gemm: y[s:t] = x[s:t] @ w[e].T         rows sorted by expert, s, t = offsets[e], offsets[e + 1]
+    grouped_gemm: y[s:t] = x[s:t] @ w[e].T   w bf16 [E, O, I], x fp32 [M, I] sorted by expert,
+                  for s, t = offsets[e], offsets[e + 1] (long [E + 1])       -> fp32 [M, O]
 
 A bf16 checkpoint computed in fp32 has fp32 weights whose every value is a bf16 value (narrow.py):
 the products of x with the bf16 copies are the fp32 products, from half the bytes. Inductor's fused
 widen-and-reduce loop for this is compute-bound on this repository's 2-core AVX-512 CPU; this loop
 (zero-extend each bf16 to 32 bits, shift it into an fp32's high half, FMA into four rows'
-accumulators, x loaded once for four rows) reads a 512 MB matrix at 22.3 GB/s against inductor's
+accumulators, each load of a weight row used for up to four rows of x) reads a 512 MB matrix at 22.3 GB/s against inductor's
 17.1, the machine reading 24.7 (benches/bf16_gemv.py). Sums run in another order than the
 reduction's: equal within fp32 rounding.
 
 Built on first use with torch's C++ extension loader (g++, ninja; ~25 s, then cached in
 TORCH_EXTENSIONS_DIR) and only on a CPU with AVX-512 (`available()`; else the compiled step keeps
-inductor's loop). They are registered as the operators `moe_serve::bf16_rows_gemv` and
-`moe_serve::bf16_grouped_gemm` (C++, no Python in between), which the compiled graph calls as extern
-kernels. grouped_gemm reads each weight row once for all its expert's rows (register tiles of 4 weight
-rows x 4 rows): at 32 rows over 8 experts it is compute-bound, 2-2.6x the fp32 matmuls per expert.
+inductor's loop). It is registered as the operator `moe_serve::bf16_grouped_gemm` (C++, no Python in
+between), which the compiled graph calls as an extern kernel. Each weight row is read once for all its
+expert's rows (register tiles of 4 weight rows x up to 4 rows): one row (batch 1, or a dense weight
+as one expert) is bandwidth-bound; 32 rows over 8 experts are compute-bound, 2-2.6x the fp32 matmuls
+per expert.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cstring>
+#include <vector>
 
 static inline __m512 widen16(const uint16_t* p) {  // 16 bf16 -> 16 fp32 (bf16 is an fp32's high half)
   __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -43,50 +45,6 @@ static inline float widen1(uint16_t v) {
   float f;
   std::memcpy(&f, &bits, 4);
   return f;
-}
-
-torch::Tensor rows_gemv(const torch::Tensor& w, const torch::Tensor& ids, const torch::Tensor& x_in) {
-  const torch::Tensor x = x_in.contiguous();
-  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous(), "w: contiguous bf16 [E, O, I]");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.size(1) == w.size(2),
-              "x: contiguous fp32 [R, I]");
-  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == torch::kLong && ids.size(0) == x.size(0), "ids: long [R]");
-  const int64_t E = w.size(0), O = w.size(1), I = w.size(2), R = ids.size(0), I16 = I / 16 * 16;
-  auto y = torch::empty({R, O}, x.options());
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  const float* xp = x.data_ptr<float>();
-  const int64_t* ip = ids.data_ptr<int64_t>();
-  float* yp = y.data_ptr<float>();
-  for (int64_t r = 0; r < R; ++r) TORCH_CHECK(ip[r] >= 0 && ip[r] < E, "ids: expert ", ip[r], " not in [0, ", E, ")");
-  const int64_t blocks = (O + 3) / 4;  // four output rows share each load of x
-  at::parallel_for(0, R * blocks, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t job = begin; job < end; ++job) {
-      const int64_t r = job / blocks, o0 = job % blocks * 4, n = std::min<int64_t>(4, O - o0);
-      const uint16_t* wr = wp + (ip[r] * O + o0) * I;
-      const float* xr = xp + r * I;
-      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-      if (n == 4) {
-        for (int64_t i = 0; i < I16; i += 16) {
-          const __m512 xv = _mm512_loadu_ps(xr + i);
-          acc[0] = _mm512_fmadd_ps(widen16(wr + i), xv, acc[0]);
-          acc[1] = _mm512_fmadd_ps(widen16(wr + I + i), xv, acc[1]);
-          acc[2] = _mm512_fmadd_ps(widen16(wr + 2 * I + i), xv, acc[2]);
-          acc[3] = _mm512_fmadd_ps(widen16(wr + 3 * I + i), xv, acc[3]);
-        }
-      } else {
-        for (int64_t i = 0; i < I16; i += 16) {
-          const __m512 xv = _mm512_loadu_ps(xr + i);
-          for (int64_t j = 0; j < n; ++j) acc[j] = _mm512_fmadd_ps(widen16(wr + j * I + i), xv, acc[j]);
-        }
-      }
-      for (int64_t j = 0; j < n; ++j) {
-        float s = _mm512_reduce_add_ps(acc[j]);
-        for (int64_t i = I16; i < I; ++i) s += widen1(wr[j * I + i]) * xr[i];
-        yp[r * O + o0 + j] = s;
-      }
-    }
-  });
-  return y;
 }
 
 // One tile: NR weight rows (stride I) x NT rows of x (stride I) -> y (stride O); accumulators in registers.
@@ -139,10 +97,13 @@ torch::Tensor grouped_gemm(const torch::Tensor& w, const torch::Tensor& x_in, co
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  std::vector<int64_t> active;  // experts with rows: the threads split their work evenly, whichever they are
+  for (int64_t e = 0; e < E; ++e)
+    if (op[e] < op[e + 1]) active.push_back(e);
   const int64_t blocks = (O + 3) / 4;
-  at::parallel_for(0, E * blocks, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, int64_t(active.size()) * blocks, 16, [&](int64_t begin, int64_t end) {
     for (int64_t job = begin; job < end; ++job) {
-      const int64_t e = job / blocks, o0 = job % blocks * 4, n = std::min<int64_t>(4, O - o0);
+      const int64_t e = active[job / blocks], o0 = job % blocks * 4, n = std::min<int64_t>(4, O - o0);
       const uint16_t* we = wp + (e * O + o0) * I;
       for (int64_t t0 = op[e]; t0 < op[e + 1]; t0 += 4) {
         const int64_t m = std::min<int64_t>(4, op[e + 1] - t0);
@@ -160,14 +121,8 @@ torch::Tensor grouped_gemm(const torch::Tensor& w, const torch::Tensor& x_in, co
   return y;
 }
 
-TORCH_LIBRARY(moe_serve, m) {
-  m.def("bf16_rows_gemv(Tensor w, Tensor ids, Tensor x) -> Tensor");
-  m.def("bf16_grouped_gemm(Tensor w, Tensor x, Tensor offsets) -> Tensor");
-}
-TORCH_LIBRARY_IMPL(moe_serve, CPU, m) {
-  m.impl("bf16_rows_gemv", &rows_gemv);
-  m.impl("bf16_grouped_gemm", &grouped_gemm);
-}
+TORCH_LIBRARY(moe_serve, m) { m.def("bf16_grouped_gemm(Tensor w, Tensor x, Tensor offsets) -> Tensor"); }
+TORCH_LIBRARY_IMPL(moe_serve, CPU, m) { m.impl("bf16_grouped_gemm", &grouped_gemm); }
 """
 
 _state: dict[str, object] = {}  # "module" once built, or "error": why it is not available
@@ -187,24 +142,14 @@ def available() -> bool:
             # compiled graph calls the C++ function without a Python frame in between
             load_inline("moe_serve_bf16_gemv", cpp_sources=_SOURCE, is_python_module=False,
                         extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-fopenmp"], extra_ldflags=["-fopenmp"])
-            torch.library.register_fake("moe_serve::bf16_rows_gemv")(_fake)
-            torch.library.register_fake("moe_serve::bf16_grouped_gemm")(_fake_grouped)
-            _state["module"] = torch.ops.moe_serve.bf16_rows_gemv
+            torch.library.register_fake("moe_serve::bf16_grouped_gemm")(_fake)
+            _state["module"] = torch.ops.moe_serve.bf16_grouped_gemm
         except Exception as exc:  # noqa: BLE001 - no compiler, no ninja: the compiled step keeps inductor's loop
             _state["error"] = f"{type(exc).__name__}: {exc}"
     if "error" in _state:
         log.info("bf16 GEMV kernel unavailable, compiled decode widens in inductor's loop: %s",
                  str(_state["error"]).splitlines()[0])
     return "module" in _state
-
-
-def rows_gemv(w: torch.Tensor, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """y[r] = w[ids[r]] @ x[r]: w bf16 [E, O, I], ids long [R], x fp32 [R, I] -> fp32 [R, O] (needs `available()`)."""
-    return torch.ops.moe_serve.bf16_rows_gemv(w, ids, x)
-
-
-def _fake(w: torch.Tensor, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # shapes for tracing
-    return x.new_empty((ids.shape[0], w.shape[1]))
 
 
 def grouped_gemm(w: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -214,5 +159,5 @@ def grouped_gemm(w: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> tor
     return torch.ops.moe_serve.bf16_grouped_gemm(w, x, offsets)
 
 
-def _fake_grouped(w: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def _fake(w: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:  # shapes for tracing
     return x.new_empty((x.shape[0], w.shape[1]))

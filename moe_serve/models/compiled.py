@@ -15,7 +15,7 @@ gpt-fast does it:
   - a bf16 checkpoint computed in fp32 gathers bf16 copies of its experts (`narrow_copy`; they cost
     half the experts' fp32 memory again), and at B = 1 also reads bf16 copies of the attention
     projections and the output head, each as one reduction per output row (`widened_linear`; both
-    in models/narrow.py); narrow weights of 4 MB and more go through AVX-512 kernels (models/bf16_gemv.py).
+    in models/narrow.py); narrow weights of 4 MB and more go through an AVX-512 kernel (models/bf16_gemv.py).
 Everything else (prefill chunks, mixed batches, bigger batches, offloading stores, hooks that replace
 routing or read hidden states, MLA) runs the eager model; outputs match it within float rounding
 (tests/models/test_compiled_decode.py). Routing is returned, so id-only hooks (the expert-load
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_serve.models import bf16_gemv
-from moe_serve.models.bf16_gemv import grouped_gemm, rows_gemv
+from moe_serve.models.bf16_gemv import grouped_gemm
 from moe_serve.models.attention import visible_keys, write_cache_rows
 from moe_serve.models.batch import ForwardBatch
 from moe_serve.models.hooks import NO_HOOKS
@@ -77,23 +77,19 @@ def gathered_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, 
     """Routed experts of B tokens, weights gathered by id: x [B, H], ids/weights [B, K],
     gate_up [E, 2I, H] (gate rows first), down [E, H, I], in x's dtype or a narrow copy -> [B, H].
     Same math as dispatch -> store.run -> combine: silu(gate) * up, down, weight, sum over k. Narrow
-    copies with `kernel` (from KERNEL_MIN_BYTES): the AVX-512 kernels (bf16_gemv.py), at B = 1 one row
-    per expert, from B = 2 the rows sorted by expert so that each expert's weights are read once."""
+    copies with `kernel` (from KERNEL_MIN_BYTES): the AVX-512 kernel (bf16_gemv.py), the rows sorted by
+    expert so that each expert's weights are read once."""
     b, k = ids.shape
     if kernel and gate_up.dtype != x.dtype and worth_the_kernel(gate_up[0]):
+        # the (token, k) rows sorted by expert: each expert's weights are read once for all its rows
         flat = ids.reshape(-1)  # [B*K]
-        if b == 1:  # K distinct experts, one row each
-            gu = rows_gemv(gate_up, flat, x.expand(k, x.shape[1]))
-            gate, up = gu.chunk(2, dim=-1)
-            y = rows_gemv(down, flat, F.silu(gate) * up).view(b, k, -1)  # [1, K, H]
-        else:  # rows grouped by expert: each expert's weights read once for all its rows
-            order = torch.argsort(flat, stable=True)  # [B*K]
-            counts = (flat[:, None] == torch.arange(gate_up.shape[0], device=flat.device)).sum(0)  # [E], no sync
-            offsets = F.pad(counts.cumsum(0), (1, 0))  # [E + 1]
-            xs = x.index_select(0, torch.div(order, k, rounding_mode="floor"))  # [B*K, H] sorted by expert
-            gate, up = grouped_gemm(gate_up, xs, offsets).chunk(2, dim=-1)
-            ys = grouped_gemm(down, F.silu(gate) * up, offsets)  # [B*K, H], sorted
-            y = torch.empty_like(ys).index_copy_(0, order, ys).view(b, k, -1)  # [B, K, H]
+        order = torch.argsort(flat, stable=True)  # [B*K]
+        counts = (flat[:, None] == torch.arange(gate_up.shape[0], device=flat.device)).sum(0)  # [E], no sync
+        offsets = F.pad(counts.cumsum(0), (1, 0))  # [E + 1]
+        xs = x.index_select(0, torch.div(order, k, rounding_mode="floor"))  # [B*K, H] sorted by expert
+        gate, up = grouped_gemm(gate_up, xs, offsets).chunk(2, dim=-1)
+        ys = grouped_gemm(down, F.silu(gate) * up, offsets)  # [B*K, H], sorted
+        y = torch.empty_like(ys).index_copy_(0, order, ys).view(b, k, -1)  # [B, K, H]
     else:
         gu = (gate_up[ids].to(x.dtype) * x[:, None, None, :]).sum(-1)  # [B, K, 2I]
         gate, up = gu.chunk(2, dim=-1)
@@ -107,7 +103,7 @@ def decode_step(model, tokens, positions, slots, key, fused, out_proj, experts, 
     `fused_weights()`; out_proj: each layer's o_proj weight; experts: (gate_up, down) per MoE layer,
     None for dense ones; caches: each layer's (K, V) [slots, max_len, Hkv, D]; head: the output
     projection [V, H]. At B = 1 the qkv, o_proj and head weights may be narrow copies. kernel: narrow
-    copies go through the AVX-512 kernel (bf16_gemv.py).
+    copies of 4 MB and more go through the AVX-512 kernel (bf16_gemv.py).
     -> (logits fp32 [B, V], expert ids long [L, B, K], weights [L, B, K])."""
     b = tokens.shape[0]
     h = F.embedding(tokens, model.embed_tokens.weight)  # [B, H]
