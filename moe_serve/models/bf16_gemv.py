@@ -7,9 +7,9 @@ A bf16 checkpoint computed in fp32 has fp32 weights whose every value is a bf16 
 the products of x with the bf16 copies are the fp32 products, from half the bytes. Inductor's fused
 widen-and-reduce loop for this is compute-bound on this repository's 2-core AVX-512 CPU; this loop
 (zero-extend each bf16 to 32 bits, shift it into an fp32's high half, FMA into four rows'
-accumulators, each load of a weight row used for up to four rows of x) reads a 512 MB matrix at 22-23 GB/s against inductor's
-17, the machine reading 21-25 (benches/bf16_gemv.py). Sums run in another order than the
-reduction's: equal within fp32 rounding.
+accumulators, each load of a weight row used for up to four rows of x) reads a 512 MB matrix at
+22-23 GB/s against inductor's 17, the machine reading 21-25 (benches/bf16_gemv.py). Sums run in
+another order than the reduction's: equal within fp32 rounding.
 
 Built on first use with torch's C++ extension loader (g++, ninja; ~25 s, then cached in
 TORCH_EXTENSIONS_DIR) and only on a CPU with AVX-512 (`available()`; else the compiled step keeps
