@@ -72,8 +72,8 @@ def main() -> int:
                              first_pass_median_ms=1e3 * sorted(first)[len(first) // 2],
                              first_pass_max_ms=1e3 * max(first))
     ref = results["torch default SDPA"]["first_pass_s"]
-    lines = [f"{'variant':28s} {'new lengths ms/step':>20s} {'median ms':>10s} {'worst ms':>9s} {'cached ms/step':>15s} "
-             f"{'x faster':>9s}"]
+    lines = [f"{'variant':28s} {'new lengths ms/step':>20s} {'median ms':>10s} {'worst ms':>9s} "
+             f"{'cached ms/step':>15s} {'x faster':>9s}"]
     for name, r in results.items():
         lines.append(f"{name:28s} {r['first_pass_ms_per_step']:20.3f} {r['first_pass_median_ms']:10.3f} "
                      f"{r['first_pass_max_ms']:9.2f} {r['cached_ms_per_step']:15.3f} {ref / r['first_pass_s']:9.1f}")

@@ -16,7 +16,8 @@ def test_sdpa_on_cpu_is_torchs_call():
     q, k, v = (torch.randn(1, 2, 3, 16, generator=g), torch.randn(1, 2, 9, 16, generator=g),
                torch.randn(1, 2, 9, 16, generator=g))
     mask = (torch.arange(9) < 7)[None]  # [1, S]: broadcast over query rows
-    assert torch.equal(sdpa(q, k, v, attn_mask=mask, scale=0.3), F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3))
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    assert torch.equal(sdpa(q, k, v, attn_mask=mask, scale=0.3), want)
 
 
 @cuda
