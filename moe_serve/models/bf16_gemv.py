@@ -125,13 +125,13 @@ TORCH_LIBRARY(moe_serve, m) { m.def("bf16_grouped_gemm(Tensor w, Tensor x, Tenso
 TORCH_LIBRARY_IMPL(moe_serve, CPU, m) { m.impl("bf16_grouped_gemm", &grouped_gemm); }
 """
 
-_state: dict[str, object] = {}  # "module" once built, or "error": why it is not available
+_state: dict[str, object] = {}  # "built": True once the operator is registered, or "error": why it is not
 
 
 def available() -> bool:
     """Whether the kernel runs here: an AVX-512 CPU and a build that succeeded (built now if need be)."""
-    if "module" in _state or "error" in _state:
-        return "module" in _state
+    if "built" in _state or "error" in _state:
+        return "built" in _state
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         _state["error"] = f"CPU capability {torch.backends.cpu.get_cpu_capability()}, not AVX512"
     else:
@@ -143,13 +143,13 @@ def available() -> bool:
             load_inline("moe_serve_bf16_gemv", cpp_sources=_SOURCE, is_python_module=False,
                         extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-fopenmp"], extra_ldflags=["-fopenmp"])
             torch.library.register_fake("moe_serve::bf16_grouped_gemm")(_fake)
-            _state["module"] = torch.ops.moe_serve.bf16_grouped_gemm
+            _state["built"] = True
         except Exception as exc:  # noqa: BLE001 - no compiler, no ninja: the compiled step keeps inductor's loop
             _state["error"] = f"{type(exc).__name__}: {exc}"
     if "error" in _state:
         log.info("bf16 GEMV kernel unavailable, compiled decode widens in inductor's loop: %s",
                  str(_state["error"]).splitlines()[0])
-    return "module" in _state
+    return "built" in _state
 
 
 def grouped_gemm(w: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

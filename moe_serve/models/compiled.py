@@ -283,7 +283,7 @@ class CompiledDecode:
             for t in (tokens, positions, slots):
                 torch._dynamo.mark_dynamic(t, 0)
         try:
-            if self.kernel is None:  # built (~30 s, then cached) only when there are narrow copies to read
+            if self.kernel is None:  # built (~25 s, then cached) only when there are narrow copies to read
                 self.kernel = (dev.type == "cpu" and any(ex is not None and ex[0].dtype != m.dtype for ex in experts)
                                and bf16_gemv.available())
             return self._step(m, tokens, positions, slots, key, fused, out_proj, experts, m.kv_cache, head, self.kernel)
