@@ -60,8 +60,9 @@ CAPACITIES = (0.125, 0.25, 0.5)
 LOOKAHEAD = 2  # MoE layers ahead the predicted policies prefetch for
 
 
-def sim_direction(replayed: str, fitted: str, tokens: int | None, policies=None, copy_order: str = "fifo",
+def sim_direction(replayed: str, fitted: str, tokens: int | None, policies=None, cost=None,
                   predictor_name: str = "mlp_online", lookahead: int = LOOKAHEAD, capacities=CAPACITIES) -> dict:
+    """`cost`: CostModel fields other than their defaults (copy_order, bandwidth_gbps, prefetch_when)."""
     from predictors.registry import make_predictor
     from predictors.traces import load_trace
     from moe_serve.experts.policies import POLICY_NAMES
@@ -76,29 +77,35 @@ def sim_direction(replayed: str, fitted: str, tokens: int | None, policies=None,
     # mlp_online adapts to the replayed trace as it goes (prequentially, see TracePredictions)
     predictor = make_predictor(predictor_name, fit.num_layers, fit.num_experts, fit.top_k, lookahead=lookahead)
     predictor.fit([fit])
-    return simulate(trace, list(policies or POLICY_NAMES), capacities, CostModel(copy_order=copy_order),
+    return simulate(trace, list(policies or POLICY_NAMES), capacities, CostModel(**(cost or {})),
                     predictor=predictor, fit_traces=[fit],
                     lookahead=lookahead, log=lambda s: print(f"{replayed}<-{fitted}: {s}", flush=True))
 
 
-def part_sim(tokens: int | None, jobs: int, policies=None, copy_order: str = "fifo",
+def part_sim(tokens: int | None, jobs: int, policies=None, cost=None,
              predictor_name: str = "mlp_online", lookahead: int = LOOKAHEAD, capacities=CAPACITIES) -> dict:
-    """Both directions; the default run (FIFO copy engine, lookahead LOOKAHEAD) writes the table, any
-    other variant appends its own."""
+    """Both directions; the default run (the default cost model, lookahead LOOKAHEAD) writes the table,
+    any other variant appends its own."""
     from moe_serve.experts.simulate import format_table
 
     pairs = [(DOMAINS[0], DOMAINS[1]), (DOMAINS[1], DOMAINS[0])]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         outs = list(pool.map(sim_direction, [a for a, _ in pairs], [b for _, b in pairs], [tokens] * 2,
-                             [policies] * 2, [copy_order] * 2, [predictor_name] * 2, [lookahead] * 2,
+                             [policies] * 2, [cost] * 2, [predictor_name] * 2, [lookahead] * 2,
                              [tuple(capacities)] * 2))
     results = {f"{a} (fit on {b})": o for (a, b), o in zip(pairs, outs)}
     table = format_table(results)
     print(table)
     txt = RESULTS / "expert_cache_sim.txt"
-    head = (f"copy order: {copy_order}, predictor: {predictor_name} (fitted on the other domain), "
-            f"lookahead {lookahead} MoE layers\n")
-    if copy_order == "fifo" and lookahead == LOOKAHEAD:
+    from moe_serve.experts.replay import CostModel
+
+    model = CostModel(**(cost or {}))
+    head = (f"copy order: {model.copy_order}, predictor: {predictor_name} (fitted on the other domain), "
+            f"lookahead {lookahead} MoE layers")
+    if model.bandwidth_gbps != CostModel.bandwidth_gbps or model.prefetch_when != CostModel.prefetch_when:
+        head += f", {model.bandwidth_gbps:g} GB/s host-to-device, prefetch when {model.prefetch_when}"
+    head += "\n"
+    if not cost and lookahead == LOOKAHEAD:
         txt.write_text(head + table + "\n")
     else:
         txt.write_text(txt.read_text() + "\n" + head + table + "\n")
@@ -254,6 +261,11 @@ def main() -> int:
     ap.add_argument("--lookahead", type=int, default=LOOKAHEAD,
                     help=f"MoE layers ahead the sim's predicted policies predict and prefetch (default {LOOKAHEAD}); "
                          "another value adds results_lookahead<N> to the sim JSON")
+    ap.add_argument("--bandwidth-gbps", type=float, default=25.0,
+                    help="sim host-to-device GB/s (default 25: PCIe 4.0 x16 in practice; the H100 machine of "
+                         "benches/expert_offload_gpu.py measured 54.8); another value adds results_bw<GB/s>")
+    ap.add_argument("--prefetch-when", choices=("always", "idle"), default="always",
+                    help="sim prefetches always, or only while the copy engine is idle (adds results_idle)")
     ap.add_argument("--capacities", default=",".join(map(str, CAPACITIES)),
                     help="comma-separated fractions of experts resident for the sim")
     args = ap.parse_args()
@@ -267,11 +279,15 @@ def main() -> int:
     if args.part in ("sim", "all"):
         policies = args.policies.split(",") if args.policies else None
         capacities = tuple(float(c) for c in args.capacities.split(","))
-        out["sim"] = part_sim(args.tokens, args.jobs, policies, args.copy_order, args.sim_predictor, args.lookahead,
-                              capacities)
+        cost = {k: v for k, v, default in (("copy_order", args.copy_order, "fifo"),
+                                           ("bandwidth_gbps", args.bandwidth_gbps, 25.0),
+                                           ("prefetch_when", args.prefetch_when, "always")) if v != default}
+        out["sim"] = part_sim(args.tokens, args.jobs, policies, cost, args.sim_predictor, args.lookahead, capacities)
         path = RESULTS / "expert_cache_sim.json"
         variant = "_".join(v for v in (args.copy_order if args.copy_order != "fifo" else "",
-                                       f"lookahead{args.lookahead}" if args.lookahead != LOOKAHEAD else "") if v)
+                                       f"lookahead{args.lookahead}" if args.lookahead != LOOKAHEAD else "",
+                                       f"bw{args.bandwidth_gbps:g}" if args.bandwidth_gbps != 25.0 else "",
+                                       "idle" if args.prefetch_when != "always" else "") if v)
         if not variant:
             data = dict(machine=machine, tokens=args.tokens, predictor=args.sim_predictor, results=out["sim"])
         else:
