@@ -6,7 +6,8 @@ model) and Python's bookkeeping for mixed batches; inductor fuses the elementwis
 batch-1 step is ~2.4x faster, below the leanest eager step we could write (docs/engine.md). As
 gpt-fast does it:
   - the batch size B and the visible cache rows T are symbolic (marked per call), so there are two
-    graphs (B = 1, and B >= 2), compiled by `warm_up` when the engine starts;
+    graphs (B = 1, and B >= 2; a third from `grouped_from` with the kernel below), compiled by
+    `warm_up` when the engine starts;
   - attention reads each slot's first T cache rows and masks the keys past each sequence's position,
     written out (`cached_attention`) so that the rows are read inside inductor's fused loops;
   - experts are reached by gathering their weights by id (no host sync, no data-dependent shapes):
@@ -15,7 +16,8 @@ gpt-fast does it:
   - a bf16 checkpoint computed in fp32 gathers bf16 copies of its experts (`narrow_copy`; they cost
     half the experts' fp32 memory again), and at B = 1 also reads bf16 copies of the attention
     projections and the output head, each as one reduction per output row (`widened_linear`; both
-    in models/narrow.py); narrow weights of 4 MB and more go through an AVX-512 kernel (models/bf16_gemv.py).
+    in models/narrow.py); narrow weights of 4 MB and more go through an AVX-512 kernel (models/bf16_gemv.py),
+    and so do narrow experts of any size from 2 rows per expert on (`GROUPED_ROWS_PER_EXPERT`).
 Everything else (prefill chunks, mixed batches, bigger batches, offloading stores, hooks that replace
 routing or read hidden states, MLA) runs the eager model; outputs match it within float rounding
 (tests/models/test_compiled_decode.py). Routing is returned, so id-only hooks (the expert-load
@@ -73,14 +75,14 @@ def cached_attention(q: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], 
 
 
 def gathered_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                     down: torch.Tensor, kernel: bool = False) -> torch.Tensor:
+                     down: torch.Tensor, kernel: bool = False, grouped: bool = False) -> torch.Tensor:
     """Routed experts of B tokens, weights gathered by id: x [B, H], ids/weights [B, K],
     gate_up [E, 2I, H] (gate rows first), down [E, H, I], in x's dtype or a narrow copy -> [B, H].
     Same math as dispatch -> store.run -> combine: silu(gate) * up, down, weight, sum over k. Narrow
-    copies with `kernel` (from KERNEL_MIN_BYTES): the AVX-512 kernel (bf16_gemv.py), the rows sorted by
-    expert so that each expert's weights are read once."""
+    copies with `kernel` (from KERNEL_MIN_BYTES, or any size when `grouped`): the AVX-512 kernel
+    (bf16_gemv.py), the rows sorted by expert so that each expert's weights are read once."""
     b, k = ids.shape
-    if kernel and gate_up.dtype != x.dtype and worth_the_kernel(gate_up[0]):
+    if kernel and gate_up.dtype != x.dtype and (grouped or worth_the_kernel(gate_up[0])):
         # the (token, k) rows sorted by expert: each expert's weights are read once for all its rows
         flat = ids.reshape(-1)  # [B*K]
         order = torch.argsort(flat, stable=True)  # [B*K]
@@ -97,13 +99,15 @@ def gathered_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, 
     return (y * weights[..., None]).sum(1).to(x.dtype)
 
 
-def decode_step(model, tokens, positions, slots, key, fused, out_proj, experts, caches, head, kernel=False):
+def decode_step(model, tokens, positions, slots, key, fused, out_proj, experts, caches, head, kernel=False,
+                grouped=False):
     """One step of B decodes. tokens/positions/slots long [B]; key long [T]: 0..T-1, the cache rows
     to attend over (T = max position + 1; a tensor so that T is a symbolic size); fused: each layer's
     `fused_weights()`; out_proj: each layer's o_proj weight; experts: (gate_up, down) per MoE layer,
     None for dense ones; caches: each layer's (K, V) [slots, max_len, Hkv, D]; head: the output
     projection [V, H]. At B = 1 the qkv, o_proj and head weights may be narrow copies. kernel: narrow
-    copies of 4 MB and more go through the AVX-512 kernel (bf16_gemv.py).
+    copies of 4 MB and more go through the AVX-512 kernel (bf16_gemv.py); grouped: narrow experts of
+    any size do (`CompiledDecode.grouped`).
     -> (logits fp32 [B, V], expert ids long [L, B, K], weights [L, B, K])."""
     b = tokens.shape[0]
     h = F.embedding(tokens, model.embed_tokens.weight)  # [B, H]
@@ -122,7 +126,7 @@ def decode_step(model, tokens, positions, slots, key, fused, out_proj, experts, 
         mlp = layer.mlp
         if isinstance(mlp, MoEBlock):
             ids, weights = mlp.gate.forward(x)  # [B, K]
-            out = gathered_experts(x, ids, weights, *ex, kernel=kernel)
+            out = gathered_experts(x, ids, weights, *ex, kernel=kernel, grouped=grouped)
             if hasattr(mlp, "shared_expert"):
                 shared = mlp.shared_expert.forward(x)
                 if hasattr(mlp, "shared_expert_gate"):
@@ -138,6 +142,12 @@ def decode_step(model, tokens, positions, slots, key, fused, out_proj, experts, 
 
 
 TUNED_SIZES = (2, 4, 8, 16)  # decode batch sizes `tune_max_batch` times
+# Rows per expert (B * K / E) from which even small narrow experts go through the kernel, grouped by
+# expert: gathering weights by id reads an expert once per row, the kernel once per step. Small
+# experts sit in cache, so re-reading them is cheap, but not free: the default model's step (256 KB
+# experts, K = 2 of E = 8) took 1.69 against 2.29 ms at B = 16 through the kernel, 1.30 against 1.45 at
+# B = 8, the same at B = 4 (1 row per expert) and 0.98 against 0.87 ms at B = 2.
+GROUPED_ROWS_PER_EXPERT = 2
 
 
 def pick_max_batch(seconds: dict[int, tuple[float, float]]) -> int:
@@ -181,6 +191,8 @@ class CompiledDecode:
         self._store_type = type(model.store)
         self.narrow = NarrowCopies()  # bf16 copies of a bf16 checkpoint's weights computed in fp32
         self.kernel: bool | None = None  # narrow copies through bf16_gemv's kernel (decided at the first step)
+        spec = model.spec  # from this batch size on, every narrow expert goes through the kernel (a third graph)
+        self.grouped_from = max(2, -(-GROUPED_ROWS_PER_EXPERT * spec.num_experts // spec.top_k))
         # the modules the step reads, looked up once (nn.Module attribute lookups cost ~1 us each); their
         # parameter dicts are read every step, so a replaced weight is still seen
         self._attn = [layer.self_attn for layer in model.layers]
@@ -206,15 +218,18 @@ class CompiledDecode:
 
     @torch.inference_mode()  # as model.forward: grad mode is part of what a compiled graph is for
     def warm_up(self) -> str | None:
-        """Compile both graphs now (batch 1, and batch 2 standing for 2..max_batch), so the first
-        requests do not wait for the compiler. The throwaway decodes write cache rows at position 1
-        of the first slots, which a sequence's prefill rewrites before anything reads them; no hook
-        sees them. Returns why compiling failed, or None."""
+        """Compile the graphs now (batch 1; batch 2 standing for 2..max_batch; with the kernel, the
+        batches from `grouped_from` on), so the first requests do not wait for the compiler. The
+        throwaway decodes write cache rows at position 1 of the first slots, which a sequence's
+        prefill rewrites before anything reads them; no hook sees them. Returns why compiling
+        failed, or None."""
         if not self.model.kv_cache:
             raise RuntimeError("compiled decode warm-up: call model.allocate_kv_cache(num_slots, max_len) first")
         for b in sorted({1, min(2, self.max_batch, self.model.num_slots)}):
             if self._run(_throwaway_decodes(b)) is None:
-                break
+                return self.failed
+        if self.kernel and self.grouped_from <= min(self.max_batch, self.model.num_slots):
+            self._run(_throwaway_decodes(self.grouped_from))
         return self.failed
 
     @torch.inference_mode()
@@ -286,7 +301,9 @@ class CompiledDecode:
             if self.kernel is None:  # built (~25 s, then cached) only when there are narrow copies to read
                 self.kernel = (dev.type == "cpu" and any(ex is not None and ex[0].dtype != m.dtype for ex in experts)
                                and bf16_gemv.available())
-            return self._step(m, tokens, positions, slots, key, fused, out_proj, experts, m.kv_cache, head, self.kernel)
+            grouped = self.kernel and batch.num_seqs >= self.grouped_from
+            return self._step(m, tokens, positions, slots, key, fused, out_proj, experts, m.kv_cache, head, self.kernel,
+                              grouped)
         except Exception as exc:  # noqa: BLE001 - compiling is an optimisation: fall back, say why once
             self.failed = f"{type(exc).__name__}: {exc}"
             return None

@@ -108,6 +108,34 @@ def test_bf16_checkpoint_in_fp32_reads_narrow_expert_copies(tiny_checkpoint, fam
     assert all(w in fp32.compiled.narrow and fp32.compiled.narrow.get(w) is w for w in (*fp32.store.gate_up, fp32.lm_head.weight))
 
 
+def test_bigger_batches_group_small_narrow_experts_through_the_kernel(tiny_checkpoint):
+    """From `grouped_from` decodes on, narrow experts under KERNEL_MIN_BYTES go through the AVX-512
+    kernel too, grouped by expert (each expert's weights read once a step, not once per row): the same
+    logits and expert choices as eager. Smaller batches keep inductor's loop; the warm-up compiles both."""
+    if not bf16_gemv.available():
+        pytest.skip(f"bf16 GEMV kernel unavailable here: {bf16_gemv._state['error']}")
+    path = tiny_checkpoint("mixtral", dtype=torch.bfloat16)
+    eager, compiled = load_model(path, dtype="float32"), load_model(path, dtype="float32")
+    for m in (eager, compiled):
+        m.allocate_kv_cache(4, 64)
+    assert all(not narrow.worth_the_kernel(w[0]) for w in (*compiled.store.gate_up, *compiled.store.down))
+    compiled.enable_compiled_decode(max_batch=4)
+    compiled.compiled.grouped_from = 3  # run()'s three-decode steps group their experts, its one-decode steps not
+    assert compiled.compiled.warm_up() is None
+    graphs = counters["stats"]["unique_graphs"]
+    want_logits, want_ids = run(eager, 3)
+    with torch.profiler.profile() as prof:
+        got_logits, got_ids = run(compiled, 3)
+    assert counters["stats"]["unique_graphs"] == graphs  # the warm-up compiled the grouped graph
+    calls = sum(e.count for e in prof.key_averages() if e.key == "moe_serve::bf16_grouped_gemm")
+    assert compiled.compiled.steps == 6
+    assert calls == 3 * 2 * compiled.spec.num_moe_layers  # gate_up and down, three-decode steps only
+    for want, got in zip(want_logits, got_logits):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for want, got in zip(want_ids, got_ids):
+        assert all(torch.equal(w, g) for w, g in zip(want, got))
+
+
 def test_warm_up_compiles_unseen_and_changes_nothing(tiny_checkpoint):
     """warm_up compiles both graphs before any request: no hook sees its throwaway decodes, and the
     cache rows they wrote do not change what the model computes afterwards."""
