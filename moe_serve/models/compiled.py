@@ -6,7 +6,7 @@ model) and Python's bookkeeping for mixed batches; inductor fuses the elementwis
 batch-1 step is ~2.4x faster, below the leanest eager step we could write (docs/engine.md). As
 gpt-fast does it:
   - the batch size B and the visible cache rows T are symbolic (marked per call), so there are two
-    graphs (B = 1, and B >= 2; a third from `grouped_from` with the kernel below), compiled by
+    graphs (B = 1, and B >= 2; on a CPU a third, "wide", from `WIDE_BATCH` on), compiled by
     `warm_up` when the engine starts;
   - attention reads each slot's first T cache rows and masks the keys past each sequence's position,
     written out (`cached_attention`) so that the rows are read inside inductor's fused loops;
@@ -17,7 +17,7 @@ gpt-fast does it:
     half the experts' fp32 memory again), and at B = 1 also reads bf16 copies of the attention
     projections and the output head, each as one reduction per output row (`widened_linear`; both
     in models/narrow.py); narrow weights of 4 MB and more go through an AVX-512 kernel (models/bf16_gemv.py),
-    and so do narrow experts of any size from 2 rows per expert on (`GROUPED_ROWS_PER_EXPERT`).
+    and in wide batches narrow experts of any size do.
 Everything else (prefill chunks, mixed batches, bigger batches, offloading stores, hooks that replace
 routing or read hidden states, MLA) runs the eager model; outputs match it within float rounding
 (tests/models/test_compiled_decode.py). Routing is returned, so id-only hooks (the expert-load
@@ -74,6 +74,19 @@ def cached_attention(q: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], 
     return out.reshape(b, hq, d).to(q.dtype)
 
 
+def sdpa_attention(q: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor,
+                   visible: torch.Tensor, scale: float) -> torch.Tensor:
+    """`cached_attention` through SDPA, for wide batches on a CPU: the rows are gathered ([B, T, Hkv, D]
+    copies) and the G query heads of a KV head attend as G query rows, as in `gqa_decode`."""
+    b, hq, d = q.shape
+    keys, values = cache
+    t, hkv = visible.shape[1], keys.shape[2]
+    k, v = keys[slots, :t], values[slots, :t]  # [B, T, Hkv, D]
+    o = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, d), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=visible[:, None, None, :], scale=scale)  # [B, Hkv, G, D]
+    return o.reshape(b, hq, d)
+
+
 def gathered_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                      down: torch.Tensor, kernel: bool = False, grouped: bool = False) -> torch.Tensor:
     """Routed experts of B tokens, weights gathered by id: x [B, H], ids/weights [B, K],
@@ -100,14 +113,14 @@ def gathered_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, 
 
 
 def decode_step(model, tokens, positions, slots, key, fused, out_proj, experts, caches, head, kernel=False,
-                grouped=False):
+                wide=False):
     """One step of B decodes. tokens/positions/slots long [B]; key long [T]: 0..T-1, the cache rows
     to attend over (T = max position + 1; a tensor so that T is a symbolic size); fused: each layer's
     `fused_weights()`; out_proj: each layer's o_proj weight; experts: (gate_up, down) per MoE layer,
     None for dense ones; caches: each layer's (K, V) [slots, max_len, Hkv, D]; head: the output
     projection [V, H]. At B = 1 the qkv, o_proj and head weights may be narrow copies. kernel: narrow
-    copies of 4 MB and more go through the AVX-512 kernel (bf16_gemv.py); grouped: narrow experts of
-    any size do (`CompiledDecode.grouped`).
+    copies of 4 MB and more go through the AVX-512 kernel (bf16_gemv.py). wide (`WIDE_BATCH`): attention
+    through SDPA, and narrow experts of any size through the kernel.
     -> (logits fp32 [B, V], expert ids long [L, B, K], weights [L, B, K])."""
     b = tokens.shape[0]
     h = F.embedding(tokens, model.embed_tokens.weight)  # [B, H]
@@ -120,13 +133,13 @@ def decode_step(model, tokens, positions, slots, key, fused, out_proj, experts, 
         q, k, v = attn.project(layer.input_layernorm.forward(h), cos, sin, fw, linear=linear)
         write_cache_rows(cache, (k, v), rows)
         visible = visible_keys(key, positions + 1, attn.window)  # [B, T]
-        o = cached_attention(q, cache, slots, visible, attn.scale)  # [B, Hq, D]
+        o = (sdpa_attention if wide else cached_attention)(q, cache, slots, visible, attn.scale)  # [B, Hq, D]
         h = h + linear(o.reshape(b, -1), ow, attn.o_proj.bias)
         x = layer.post_attention_layernorm.forward(h)
         mlp = layer.mlp
         if isinstance(mlp, MoEBlock):
             ids, weights = mlp.gate.forward(x)  # [B, K]
-            out = gathered_experts(x, ids, weights, *ex, kernel=kernel, grouped=grouped)
+            out = gathered_experts(x, ids, weights, *ex, kernel=kernel, grouped=wide)
             if hasattr(mlp, "shared_expert"):
                 shared = mlp.shared_expert.forward(x)
                 if hasattr(mlp, "shared_expert_gate"):
@@ -142,12 +155,14 @@ def decode_step(model, tokens, positions, slots, key, fused, out_proj, experts, 
 
 
 TUNED_SIZES = (2, 4, 8, 16)  # decode batch sizes `tune_max_batch` times
-# Rows per expert (B * K / E) from which even small narrow experts go through the kernel, grouped by
-# expert: gathering weights by id reads an expert once per row, the kernel once per step. Small
-# experts sit in cache, so re-reading them is cheap, but not free: the default model's step (256 KB
-# experts, K = 2 of E = 8) took 1.69 against 2.29 ms at B = 16 through the kernel, 1.30 against 1.45 at
-# B = 8, the same at B = 4 (1 row per expert) and 0.98 against 0.87 ms at B = 2.
-GROUPED_ROWS_PER_EXPERT = 2
+# From this many decodes on, a CPU step runs a third graph, "wide": attention through SDPA's flash
+# kernel, and narrow experts of any size through the widening kernel, grouped by expert (gathering
+# weights by id reads an expert once per token, the kernel once per step; the weights of small
+# experts sit in cache, so below this the kernel's sorting and calls cost more than they save).
+# Measured on the default model (256 KB experts, K = 2 of E = 8): experts through the kernel 1.69
+# against 2.29 ms a step at B = 16 and 1.30 against 1.45 at B = 8 (context 2), the same at B = 4 and
+# 0.98 against 0.87 ms at B = 2; with SDPA as well 2.07 against 2.30 ms at B = 16 and context 128.
+WIDE_BATCH = 8
 
 
 def pick_max_batch(seconds: dict[int, tuple[float, float]]) -> int:
@@ -191,8 +206,7 @@ class CompiledDecode:
         self._store_type = type(model.store)
         self.narrow = NarrowCopies()  # bf16 copies of a bf16 checkpoint's weights computed in fp32
         self.kernel: bool | None = None  # narrow copies through bf16_gemv's kernel (decided at the first step)
-        spec = model.spec  # from this batch size on, every narrow expert goes through the kernel (a third graph)
-        self.grouped_from = max(2, -(-GROUPED_ROWS_PER_EXPERT * spec.num_experts // spec.top_k))
+        self.wide_from = WIDE_BATCH  # the smallest batch that runs the wide graph (on a CPU)
         # the modules the step reads, looked up once (nn.Module attribute lookups cost ~1 us each); their
         # parameter dicts are read every step, so a replaced weight is still seen
         self._attn = [layer.self_attn for layer in model.layers]
@@ -218,8 +232,8 @@ class CompiledDecode:
 
     @torch.inference_mode()  # as model.forward: grad mode is part of what a compiled graph is for
     def warm_up(self) -> str | None:
-        """Compile the graphs now (batch 1; batch 2 standing for 2..max_batch; with the kernel, the
-        batches from `grouped_from` on), so the first requests do not wait for the compiler. The
+        """Compile the graphs now (batch 1; batch 2 standing for the batches below `wide_from`; on a
+        CPU, `wide_from` for those from there on), so the first requests do not wait for the compiler. The
         throwaway decodes write cache rows at position 1 of the first slots, which a sequence's
         prefill rewrites before anything reads them; no hook sees them. Returns why compiling
         failed, or None."""
@@ -228,8 +242,8 @@ class CompiledDecode:
         for b in sorted({1, min(2, self.max_batch, self.model.num_slots)}):
             if self._run(_throwaway_decodes(b)) is None:
                 return self.failed
-        if self.kernel and self.grouped_from <= min(self.max_batch, self.model.num_slots):
-            self._run(_throwaway_decodes(self.grouped_from))
+        if self.model.device.type == "cpu" and 2 < self.wide_from <= min(self.max_batch, self.model.num_slots):
+            self._run(_throwaway_decodes(self.wide_from))
         return self.failed
 
     @torch.inference_mode()
@@ -301,9 +315,9 @@ class CompiledDecode:
             if self.kernel is None:  # built (~25 s, then cached) only when there are narrow copies to read
                 self.kernel = (dev.type == "cpu" and any(ex is not None and ex[0].dtype != m.dtype for ex in experts)
                                and bf16_gemv.available())
-            grouped = self.kernel and batch.num_seqs >= self.grouped_from
+            wide = dev.type == "cpu" and batch.num_seqs >= self.wide_from
             return self._step(m, tokens, positions, slots, key, fused, out_proj, experts, m.kv_cache, head, self.kernel,
-                              grouped)
+                              wide)
         except Exception as exc:  # noqa: BLE001 - compiling is an optimisation: fall back, say why once
             self.failed = f"{type(exc).__name__}: {exc}"
             return None

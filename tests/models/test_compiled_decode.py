@@ -108,28 +108,36 @@ def test_bf16_checkpoint_in_fp32_reads_narrow_expert_copies(tiny_checkpoint, fam
     assert all(w in fp32.compiled.narrow and fp32.compiled.narrow.get(w) is w for w in (*fp32.store.gate_up, fp32.lm_head.weight))
 
 
-def test_bigger_batches_group_small_narrow_experts_through_the_kernel(tiny_checkpoint):
-    """From `grouped_from` decodes on, narrow experts under KERNEL_MIN_BYTES go through the AVX-512
-    kernel too, grouped by expert (each expert's weights read once a step, not once per row): the same
-    logits and expert choices as eager. Smaller batches keep inductor's loop; the warm-up compiles both."""
-    if not bf16_gemv.available():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_wide_batches_attend_through_sdpa_and_group_narrow_experts(tiny_checkpoint, dtype):
+    """From `wide_from` decodes on (a CPU's third graph), attention goes through SDPA, and a bf16
+    checkpoint's narrow experts under KERNEL_MIN_BYTES go through the AVX-512 kernel, grouped by
+    expert: the same logits and expert choices as eager. Smaller batches keep the written-out
+    attention and inductor's loop; the warm-up compiles every graph."""
+    if dtype == torch.bfloat16 and not bf16_gemv.available():
         pytest.skip(f"bf16 GEMV kernel unavailable here: {bf16_gemv._state['error']}")
-    path = tiny_checkpoint("mixtral", dtype=torch.bfloat16)
+    path = tiny_checkpoint("mixtral", dtype=dtype)
     eager, compiled = load_model(path, dtype="float32"), load_model(path, dtype="float32")
     for m in (eager, compiled):
         m.allocate_kv_cache(4, 64)
     assert all(not narrow.worth_the_kernel(w[0]) for w in (*compiled.store.gate_up, *compiled.store.down))
     compiled.enable_compiled_decode(max_batch=4)
-    compiled.compiled.grouped_from = 3  # run()'s three-decode steps group their experts, its one-decode steps not
+    compiled.compiled.wide_from = 3  # run()'s three-decode steps are wide, its one-decode steps not
     assert compiled.compiled.warm_up() is None
     graphs = counters["stats"]["unique_graphs"]
     want_logits, want_ids = run(eager, 3)
     with torch.profiler.profile() as prof:
         got_logits, got_ids = run(compiled, 3)
-    assert counters["stats"]["unique_graphs"] == graphs  # the warm-up compiled the grouped graph
-    calls = sum(e.count for e in prof.key_averages() if e.key == "moe_serve::bf16_grouped_gemm")
+    assert counters["stats"]["unique_graphs"] == graphs  # the warm-up compiled the wide graph
+    calls = {e.key: e.count for e in prof.key_averages()}
+    layers = compiled.spec.num_moe_layers
     assert compiled.compiled.steps == 6
-    assert calls == 3 * 2 * compiled.spec.num_moe_layers  # gate_up and down, three-decode steps only
+    # per wide step and layer: one SDPA kernel call (the graph calls the CPU kernel itself; the eager
+    # prefills call it through F.scaled_dot_product_attention), and with narrow experts, gate_up and
+    # down through the widening kernel
+    flash = calls.get("aten::_scaled_dot_product_flash_attention_for_cpu", 0)
+    assert flash - calls.get("aten::scaled_dot_product_attention", 0) == 3 * layers
+    assert calls.get("moe_serve::bf16_grouped_gemm", 0) == (3 * 2 * layers if dtype == torch.bfloat16 else 0)
     for want, got in zip(want_logits, got_logits):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     for want, got in zip(want_ids, got_ids):
