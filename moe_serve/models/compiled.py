@@ -9,7 +9,8 @@ gpt-fast does it:
     graphs (B = 1, and B >= 2; on a CPU a third, "wide", from `WIDE_BATCH` on), compiled by
     `warm_up` when the engine starts;
   - attention reads each slot's first T cache rows and masks the keys past each sequence's position,
-    written out (`cached_attention`) so that the rows are read inside inductor's fused loops;
+    written out (`cached_attention`) so that the rows are read inside inductor's fused loops (in
+    wide batches SDPA's kernel does it, over gathered rows: `sdpa_attention`);
   - experts are reached by gathering their weights by id (no host sync, no data-dependent shapes):
     `w[ids]` [B, K, out, in] reduced against the token. It reads K experts per token (the eager
     grouped path reads each distinct expert once), so it is used up to `max_batch` decodes only;
