@@ -40,7 +40,7 @@ class ModelConfig:
                           "expansion of the cache: the fast one) or expanded (transformers' op order: bit-exact "
                           "in bf16, cost grows with context x heads)", default="absorbed")
     compile_decode: bool = doc("run decode-only steps of up to compile_max_batch sequences as one torch.compile "
-                               "(inductor) graph: ~2x faster decode on small models, after ~30 s of "
+                               "(inductor) graph: ~2x faster decode on small models, after ~45 s of "
                                "compiling when the engine starts (on a CPU inductor needs a C++ compiler). "
                                "Single-rank, resident experts, GQA families; otherwise, or if compiling "
                                "fails, the eager step runs and a warning says why", default=False)
