@@ -102,7 +102,7 @@ def part_sim(tokens: int | None, jobs: int, policies=None, cost=None,
     model = CostModel(**(cost or {}))
     head = (f"copy order: {model.copy_order}, predictor: {predictor_name} (fitted on the other domain), "
             f"lookahead {lookahead} MoE layers")
-    if model.bandwidth_gbps != CostModel.bandwidth_gbps or model.prefetch_when != CostModel.prefetch_when:
+    if {"bandwidth_gbps", "prefetch_when"} & set(cost or {}):
         head += f", {model.bandwidth_gbps:g} GB/s host-to-device, prefetch when {model.prefetch_when}"
     head += "\n"
     if not cost and lookahead == LOOKAHEAD:
@@ -246,6 +246,9 @@ def part_e2e(new_tokens: int, small: bool = False, repeat: int = 3) -> dict:
 
 
 def main() -> int:
+    from moe_serve.experts.replay import CostModel
+
+    base = CostModel()  # the sim's default cost model: other values name a variant of the results
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=("sim", "e2e", "all"), default="all")
     ap.add_argument("--tokens", type=int, default=None, help="replay only the first N tokens of each trace")
@@ -253,7 +256,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="timed requests per end-to-end configuration")
     ap.add_argument("--small", action="store_true", help="a tiny e2e model (smoke test of the script)")
     ap.add_argument("--jobs", type=int, default=2, help="processes for the two sim directions")
-    ap.add_argument("--copy-order", choices=("fifo", "demand-first"), default="fifo",
+    ap.add_argument("--copy-order", choices=("fifo", "demand-first"), default=base.copy_order,
                     help="sim copy engine order; demand-first adds results_demand-first to the sim JSON")
     ap.add_argument("--policies", default=None, help="comma-separated sim policies (default: all)")
     ap.add_argument("--sim-predictor", default="mlp_online",
@@ -261,10 +264,10 @@ def main() -> int:
     ap.add_argument("--lookahead", type=int, default=LOOKAHEAD,
                     help=f"MoE layers ahead the sim's predicted policies predict and prefetch (default {LOOKAHEAD}); "
                          "another value adds results_lookahead<N> to the sim JSON")
-    ap.add_argument("--bandwidth-gbps", type=float, default=25.0,
-                    help="sim host-to-device GB/s (default 25: PCIe 4.0 x16 in practice; the H100 machine of "
-                         "benches/expert_offload_gpu.py measured 54.8); another value adds results_bw<GB/s>")
-    ap.add_argument("--prefetch-when", choices=("always", "idle"), default="always",
+    ap.add_argument("--bandwidth-gbps", type=float, default=base.bandwidth_gbps,
+                    help=f"sim host-to-device GB/s (default {base.bandwidth_gbps:g}: PCIe 4.0 x16 in practice; the "
+                         "H100 of benches/expert_offload_gpu.py measured 54.8); another value adds results_bw<GB/s>")
+    ap.add_argument("--prefetch-when", choices=("always", "idle"), default=base.prefetch_when,
                     help="sim prefetches always, or only while the copy engine is idle (adds results_idle)")
     ap.add_argument("--capacities", default=",".join(map(str, CAPACITIES)),
                     help="comma-separated fractions of experts resident for the sim")
@@ -279,15 +282,14 @@ def main() -> int:
     if args.part in ("sim", "all"):
         policies = args.policies.split(",") if args.policies else None
         capacities = tuple(float(c) for c in args.capacities.split(","))
-        cost = {k: v for k, v, default in (("copy_order", args.copy_order, "fifo"),
-                                           ("bandwidth_gbps", args.bandwidth_gbps, 25.0),
-                                           ("prefetch_when", args.prefetch_when, "always")) if v != default}
+        cost = {k: getattr(args, k) for k in ("copy_order", "bandwidth_gbps", "prefetch_when")
+                if getattr(args, k) != getattr(base, k)}
         out["sim"] = part_sim(args.tokens, args.jobs, policies, cost, args.sim_predictor, args.lookahead, capacities)
         path = RESULTS / "expert_cache_sim.json"
-        variant = "_".join(v for v in (args.copy_order if args.copy_order != "fifo" else "",
+        variant = "_".join(v for v in (cost.get("copy_order", ""),
                                        f"lookahead{args.lookahead}" if args.lookahead != LOOKAHEAD else "",
-                                       f"bw{args.bandwidth_gbps:g}" if args.bandwidth_gbps != 25.0 else "",
-                                       "idle" if args.prefetch_when != "always" else "") if v)
+                                       f"bw{args.bandwidth_gbps:g}" if "bandwidth_gbps" in cost else "",
+                                       "idle" if "prefetch_when" in cost else "") if v)
         if not variant:
             data = dict(machine=machine, tokens=args.tokens, predictor=args.sim_predictor, results=out["sim"])
         else:
