@@ -152,7 +152,8 @@ class CompiledDecode:
         self._store_type = type(model.store)
         self.narrow = NarrowCopies()  # bf16 copies of a bf16 checkpoint's weights computed in fp32
         self.kernel: bool | None = None  # narrow copies through bf16_gemv's kernel (decided at the first step)
-        self.wide_from = WIDE_BATCH  # the smallest batch that runs the wide graph (on a CPU)
+        # the smallest batch that runs the wide graph: on a CPU (SDPA's CPU kernel, the widening kernel)
+        self.wide_from: float = WIDE_BATCH if model.device.type == "cpu" else float("inf")
         # the modules the step reads, looked up once (nn.Module attribute lookups cost ~1 us each); their
         # parameter dicts are read every step, so a replaced weight is still seen
         self._attn = [layer.self_attn for layer in model.layers]
@@ -188,7 +189,7 @@ class CompiledDecode:
         for b in sorted({1, min(2, self.max_batch, self.model.num_slots)}):
             if self._run(_throwaway_decodes(b)) is None:
                 return self.failed
-        if self.model.device.type == "cpu" and 2 < self.wide_from <= min(self.max_batch, self.model.num_slots):
+        if 2 < self.wide_from <= min(self.max_batch, self.model.num_slots):
             self._run(_throwaway_decodes(self.wide_from))
         return self.failed
 
@@ -261,7 +262,7 @@ class CompiledDecode:
             if self.kernel is None:  # built (~25 s, then cached) only when there are narrow copies to read
                 self.kernel = (dev.type == "cpu" and any(ex is not None and ex[0].dtype != m.dtype for ex in experts)
                                and bf16_gemv.available())
-            wide = dev.type == "cpu" and batch.num_seqs >= self.wide_from
+            wide = batch.num_seqs >= self.wide_from
             return self._step(m, tokens, positions, slots, key, fused, out_proj, experts, m.kv_cache, head, self.kernel,
                               wide)
         except Exception as exc:  # noqa: BLE001 - compiling is an optimisation: fall back, say why once
