@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moe_serve.models.attention import gqa_decode
 from moe_serve.models.bf16_gemv import grouped_gemm
 from moe_serve.models.narrow import worth_the_kernel
 
@@ -28,15 +29,12 @@ def cached_attention(q: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], 
 
 def sdpa_attention(q: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor,
                    visible: torch.Tensor, scale: float) -> torch.Tensor:
-    """`cached_attention` through SDPA, for wide batches on a CPU: the rows are gathered ([B, T, Hkv, D]
-    copies) and the G query heads of a KV head attend as G query rows, as in `gqa_decode`."""
-    b, hq, d = q.shape
+    """`cached_attention` through the eager step's SDPA path (`gqa_decode`), for wide batches on a CPU:
+    the rows are gathered ([B, T, Hkv, D] copies) and handed to it as they are."""
     keys, values = cache
-    t, hkv = visible.shape[1], keys.shape[2]
-    k, v = keys[slots, :t], values[slots, :t]  # [B, T, Hkv, D]
-    o = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, d), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=visible[:, None, None, :], scale=scale)  # [B, Hkv, G, D]
-    return o.reshape(b, hq, d)
+    t = visible.shape[1]
+    rows = (keys[slots, :t], values[slots, :t])  # [B, T, Hkv, D] each
+    return gqa_decode(q, rows, lambda kv: kv, visible[:, None, None, :], scale)
 
 
 def gathered_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
