@@ -32,7 +32,8 @@ def sample(
     temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev)
     x = x / temps[:, None]
     sorted_x, sorted_idx = x.sort(dim=-1, descending=True)  # [S, V]
-    ks = torch.tensor([p.effective_top_k or V for p in params], device=dev)
+    # a top_k over the vocabulary is no cut; clamping also keeps huge values (2**63) out of int64
+    ks = torch.tensor([min(p.effective_top_k or V, V) for p in params], device=dev)
     rank = torch.arange(V, device=dev)
     sorted_x = sorted_x.masked_fill(rank[None, :] >= ks[:, None], float("-inf"))
     probs = sorted_x.softmax(dim=-1)  # [S, V]

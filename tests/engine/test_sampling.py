@@ -63,3 +63,14 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     g = make_generator(1)
     draws = {sample(x, [SamplingParams(temperature=1.0, top_p=0.75)], [g])[0] for _ in range(500)}
     assert draws == {0, 1}
+
+
+def test_top_k_beyond_the_vocabulary_keeps_every_token():
+    """A top_k larger than the vocabulary means no cut, even past int64 (it used to overflow the
+    sampler's tensor, and the exception stopped the server's engine for every request)."""
+    x = _logits(S=2)
+    for k in (51, 2**63 - 1, 2**63, 10**30):
+        p = SamplingParams(temperature=1.0, top_k=k, seed=5)
+        no_cut = SamplingParams(temperature=1.0, top_k=-1, seed=5)
+        assert sample(x, [p, p], [make_generator(5), make_generator(6)]) == \
+            sample(x, [no_cut, no_cut], [make_generator(5), make_generator(6)])

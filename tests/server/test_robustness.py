@@ -155,3 +155,14 @@ def test_disconnect_while_queued_leaves_the_queue(server):
 
     assert asyncio.run(asyncio.wait_for(scenario(), 60))
     assert wait_for(lambda: gauge(server, "num_requests_in_flight") == 0 and gauge(server, "num_requests_running") == 0)
+
+
+def test_top_k_past_int64_is_served_and_the_engine_lives(server):
+    """top_k has no upper bound in the API (vLLM's meaning: over the vocabulary = no cut); 2**63 once
+    overflowed the sampler inside the engine's step, which stopped the engine: 503 for everyone."""
+    body = {"prompt": "hi", "max_tokens": 2, "top_k": 2**63, "seed": 1}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+    assert r.status_code == 200, r.text
