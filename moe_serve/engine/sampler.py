@@ -39,7 +39,8 @@ def sample(
     probs = sorted_x.softmax(dim=-1)  # [S, V]
     top_ps = torch.tensor([p.top_p for p in params], device=dev)
     before = probs.cumsum(dim=-1) - probs  # probability mass strictly above each token
-    probs = probs.masked_fill(before >= top_ps[:, None], 0.0)  # the first token always survives
+    # the first token always survives, also when top_p underflows to 0 in float32 (1e-300)
+    probs = probs.masked_fill((before >= top_ps[:, None]) & (rank[None, :] > 0), 0.0)
     cdf = probs.cumsum(dim=-1)  # [S, V] unnormalized
     u = torch.stack([
         torch.rand((), generator=g, device=dev) if g is not None else torch.zeros((), device=dev)

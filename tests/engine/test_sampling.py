@@ -74,3 +74,12 @@ def test_top_k_beyond_the_vocabulary_keeps_every_token():
         no_cut = SamplingParams(temperature=1.0, top_k=-1, seed=5)
         assert sample(x, [p, p], [make_generator(5), make_generator(6)]) == \
             sample(x, [no_cut, no_cut], [make_generator(5), make_generator(6)])
+
+
+def test_top_p_below_float32_range_is_greedy():
+    """top_p=1e-300 is valid (in (0, 1]) but is 0 in float32: every token was then cut, the empty
+    distribution's search fell to its end, and the request sampled the *least* likely token."""
+    x = _logits()
+    gens = [make_generator(i) for i in range(4)]
+    for top_p in (1e-300, 5e-324):
+        assert sample(x, [SamplingParams(temperature=1.0, top_p=top_p)] * 4, gens) == x.argmax(-1).tolist()
