@@ -18,6 +18,16 @@ from moe_serve.server.errors import APIError
 from moe_serve.tracing.recorder import TraceRecorder
 
 
+_NAME_MAX = 255  # bytes in one file name on Linux file systems
+
+
+def _plain_npz_name(name: str) -> bool:
+    """A file name open() accepts under trace_dir: no directory part, not hidden, no NUL, not too long
+    (those last two would fail inside open() as a 500 instead of a 400)."""
+    return (Path(name).name == name and not name.startswith(".") and name.endswith(".npz") and "\x00" not in name
+            and len(name.encode("utf-8", "surrogatepass")) <= _NAME_MAX)
+
+
 class LiveTraceHook(RouterHooks):
     active = True
 
@@ -110,9 +120,9 @@ class TraceControl:
     def dump(self, name: str | None) -> dict:
         """Write what was recorded to `trace_dir/name` (.npz); name is a plain file name."""
         self._check()
-        if name is not None and (Path(name).name != name or name.startswith(".") or not name.endswith(".npz")):
-            raise APIError(400, f"path: must be a plain file name ending in .npz (written under the server's "
-                                f"trace_dir), got {name!r}", param="path")  # a bad request whatever the state
+        if name is not None and not _plain_npz_name(name):
+            raise APIError(400, f"path: must be a plain file name ending in .npz, at most {_NAME_MAX} bytes (written "
+                                f"under the server's trace_dir), got {name!r}", param="path")  # whatever the state
         trace = self.hook.snapshot()
         if trace is None:
             raise APIError(409, "no routing trace: POST /v1/traces/start first", code="not_recording")
