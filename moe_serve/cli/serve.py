@@ -34,13 +34,19 @@ def run(args) -> int:
 
     cfg = EngineConfig.from_flat(**config_kwargs(args, *section_classes()))
     engine = AsyncEngine.from_config(cfg)
+    sc = cfg.server
     try:
-        app = create_app(engine, cfg.server, cfg.model.model, own_engine=True)
+        app = create_app(engine, sc, cfg.model.model, own_engine=True)
+        config = uvicorn.Config(app, host=sc.host, port=sc.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+        sock = config.bind_socket()  # bound here so that --port 0 can print the port the OS chose
     except BaseException:
         engine.shutdown()
         raise
-    sc = cfg.server
+    host, port = sock.getsockname()[:2]
     print(f"moe-serve: serving {app.state.info.name} (max_model_len {app.state.info.max_model_len}) "
-          f"on http://{sc.host}:{sc.port}", flush=True)
-    uvicorn.run(app, host=sc.host, port=sc.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+          f"on http://{f'[{host}]' if ':' in host else host}:{port}", flush=True)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled once it has shut down
+        pass
     return 0

@@ -26,3 +26,35 @@ def test_every_config_section_has_flags():
     for cls in section_classes():
         for name in cls.__dataclass_fields__:
             assert name in dests, f"{cls.__name__}.{name} has no serve flag"
+
+
+def test_port_0_prints_the_port_it_listens_on(tiny_model, tmp_path):
+    """`--port 0` (any free port) must say which port the OS chose: it used to print port 0, so the
+    server was unreachable for anyone who did not go and read the socket table."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from tests.server.conftest import REPO, wait_healthy
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "moe_serve.server", "--model", str(tiny_model), "--port", "0",
+                                 "--cpu-threads", "1", "--trace-dir", str(tmp_path)], env=env, cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while "serving" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        m = re.search(r"on (http://127\.0\.0\.1:(\d+))", log.read_text())
+        assert m and int(m.group(2)) != 0, log.read_text()
+        wait_healthy(proc, m.group(1), log)
+        assert httpx.get(m.group(1) + "/v1/models", timeout=10).json()["data"][0]["id"] == tiny_model.name
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
