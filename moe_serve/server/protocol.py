@@ -11,7 +11,8 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationInfo, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationInfo,
+                      field_validator)
 
 TokenId = Annotated[StrictInt, Field(ge=0)]
 Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None
@@ -28,8 +29,9 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: StrictStr | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    # StrictFloat: a JSON number (an integer is fine), never "0.5" or true, as the int/str/bool fields are strict
+    temperature: Annotated[StrictFloat, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[StrictFloat, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[StrictInt, Field(ge=-1)] | None = None  # vLLM: -1 or 0 mean all tokens
     n: Annotated[StrictInt, Field(ge=1)] = 1  # one choice per request: n > 1 is refused
     seed: Annotated[StrictInt, Field(ge=0, lt=2**63)] | None = None
@@ -38,8 +40,8 @@ class SamplingFields(BaseModel):
     ignore_eos: StrictBool = False
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None  # only 0 (no penalty) is supported
-    frequency_penalty: float | None = None  # only 0 (no penalty) is supported
+    presence_penalty: StrictFloat | None = None  # only 0 (no penalty) is supported
+    frequency_penalty: StrictFloat | None = None  # only 0 (no penalty) is supported
     user: StrictStr | None = None
 
     @field_validator("n")

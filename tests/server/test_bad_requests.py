@@ -23,6 +23,9 @@ CASES = [
     ("completions", {"prompt": "hello", "max_tokens": 2.5}, "max_tokens"),
     ("completions", {"prompt": "hello", "temperature": -0.1}, "temperature"),
     ("completions", {"prompt": "hello", "temperature": "hot"}, "temperature"),
+    ("completions", {"prompt": "hello", "temperature": "0.5"}, "temperature"),  # numbers are not strings
+    ("completions", {"prompt": "hello", "top_p": True}, "top_p"),  # nor booleans
+    ("chat/completions", dict(OK_CHAT, frequency_penalty="0"), "frequency_penalty"),
     ("completions", {"prompt": "hello", "top_p": 0}, "top_p"),
     ("completions", {"prompt": "hello", "top_p": 1.5}, "top_p"),
     ("completions", {"prompt": "hello", "top_k": -2}, "top_k"),
