@@ -28,22 +28,29 @@ class SamplingParams:
         def fail(name: str, limit: str, value) -> None:
             raise ValueError(f"SamplingParams.{name} must be {limit}, got {value!r}")
 
-        if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 100.0:
+        def number(value, kinds=(int, float)) -> bool:  # bool is an int to Python, but True is no temperature
+            return isinstance(value, kinds) and not isinstance(value, bool)
+
+        if not number(self.temperature) or not 0.0 <= self.temperature <= 100.0:
             fail("temperature", "a number in [0, 100]", self.temperature)
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+        if not number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             fail("top_p", "in (0, 1]", self.top_p)
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
             fail("top_k", "-1 (all), 0 (all) or a positive integer", self.top_k)
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if self.max_tokens is not None and (not number(self.max_tokens, int) or self.max_tokens < 1):
             fail("max_tokens", ">= 1 (or None)", self.max_tokens)
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+        if self.seed is not None and (not number(self.seed, int) or not 0 <= self.seed < 2**63):
             fail("seed", "an integer in [0, 2**63)", self.seed)
         if self.n != 1:
             fail("n", "1 (one completion per prompt is supported)", self.n)
+        if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
+            fail("stop", "a non-empty string or a list of non-empty strings", self.stop)  # not list(5)'s TypeError
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not isinstance(s, str) or s == "" for s in stop):
             fail("stop", "a non-empty string or a list of non-empty strings", self.stop)
         self.stop_list = stop
+        if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, (list, tuple)):
+            fail("stop_token_ids", "a list of non-negative integers", self.stop_token_ids)
         ids = list(self.stop_token_ids or [])
         if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in ids):
             fail("stop_token_ids", "a list of non-negative integers", self.stop_token_ids)

@@ -9,6 +9,10 @@ from moe_serve.engine.sampling_params import SamplingParams
     (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(top_k=-2), "top_k"), (dict(max_tokens=0), "max_tokens"), (dict(seed=-1), "seed"),
     (dict(n=2), "n"), (dict(stop=[""]), "stop"), (dict(stop_token_ids=[-3]), "stop_token_ids"),
+    # not a list at all: these raised TypeError from list(), naming nothing
+    (dict(stop=5), "stop"), (dict(stop_token_ids=12), "stop_token_ids"),
+    # booleans are ints to Python, but True is no temperature, token count or seed
+    (dict(temperature=True), "temperature"), (dict(max_tokens=True), "max_tokens"), (dict(seed=False), "seed"),
 ])
 def test_impossible_params_name_the_field(kw, field):
     with pytest.raises(ValueError, match=f"SamplingParams.{field} must be"):
