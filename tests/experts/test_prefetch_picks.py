@@ -54,3 +54,63 @@ def test_predicted_prefetch_cross_domain_beats_demand(shared_dir):
         pol = make_policy(name, predictor=pred, lookahead=2, prior=prior)
         hit[name] = replay(x, tr.num_experts, pol, cap, CostModel(), state_fn=lambda t, layer: t)["hit_rate"]
     assert hit["lru"] < hit["predicted"] < hit["predicted-prefetch"]
+
+
+def reference_on_route(pol: PredictedPolicy, layer: int, state) -> tuple[np.ndarray, set, np.ndarray]:
+    """The predicted policy's routing step written layer by layer, the plain way: (hints, forced,
+    expected tokens until use [L, E]). `on_route` does the same for all predicted layers at once."""
+    from moe_serve.experts.policies.predicted import MAX_GAP, _gap, as_probabilities
+
+    L, E = pol.num_layers, pol.num_experts
+    tokens, forced, hints = pol.tokens.copy(), set(), []
+    scores = as_probabilities(np.asarray(pol.predictor.predict(state, layer), dtype=np.float64), pol.predictor.top_k)[0]
+    z_layer = np.log(np.clip(scores, 1e-4, 1 - 1e-4)) - np.log1p(-np.clip(scores, 1e-4, 1 - 1e-4)) - pol._z_base
+    for j in range(min(pol.lookahead, scores.shape[0])):
+        nl = layer + 1 + j
+        if nl >= L:
+            break
+        gap = _gap(pol.token - pol.last_tok[nl])
+        p = 1.0 / (1.0 + np.exp(-(z_layer[j] + pol.logit_h[nl, np.arange(E), gap])))
+        order = np.argsort(-p)
+        top = np.concatenate([np.argsort(-scores[j])[: pol.prefetch_top], order[: pol.combined_top]])
+        forced.update((nl * E + top).tolist())
+        later = pol._tab[max(pol.horizon - 1, 1)][nl, np.arange(E), np.minimum(gap + 1, MAX_GAP)]
+        tokens[nl] = 1.0 + (1.0 - p) * later
+        want = scores[j] >= pol.threshold
+        want[top] = True
+        hints.append(nl * E + order[want[order]])
+    p_next = pol.h[layer, np.arange(E), _gap(pol.token + 1 - pol.last_tok[layer])]
+    keep = np.flatnonzero(p_next >= pol.threshold)
+    hints.append(layer * E + keep[np.argsort(-p_next[keep])])
+    return np.concatenate(hints), forced, tokens
+
+
+def test_on_route_matches_the_per_layer_reference():
+    """80 tokens of a random 6-layer trace (16 experts, top 3), a transition predictor fitted on
+    another random trace, lookahead 3 (so the last layers predict fewer layers than asked): after
+    every router, the hints (in order), the forced picks and the expected next uses equal the
+    plain per-layer computation."""
+    rng = np.random.default_rng(0)
+    L, E, K, T = 6, 16, 3, 80
+
+    def random_trace(skew: float) -> RoutingTrace:
+        p = rng.dirichlet(np.full(E, skew), size=L)  # skewed per-layer popularity: some hints pass 0.5
+        x = np.stack([np.stack([rng.choice(E, K, replace=False, p=p[l]) for l in range(L)]) for _ in range(T)])
+        return RoutingTrace(experts=x.astype(np.int16), weights=np.ones(x.shape, dtype=np.float16),
+                            seq_offsets=np.array([0, T]), num_experts=E)
+
+    fit, replayed = random_trace(0.3), random_trace(0.3)
+    pred = TracePredictions(TransitionPredictor(L, E, K, lookahead=3).fit([fit]), replayed)
+    pol = make_policy("predicted-prefetch", predictor=pred, lookahead=3)
+    pol.bind(L, E, capacity=L * E // 2)
+    n_hints = 0
+    for t in range(T):
+        for layer in range(L):
+            pol.on_access(layer, replayed.experts[t, layer].astype(np.int64), t * L + layer)
+            want_hints, want_forced, want_tokens = reference_on_route(pol, layer, t)
+            hints = pol.on_route(layer, t, t * L + layer)
+            np.testing.assert_array_equal(hints, want_hints)
+            assert pol._forced == want_forced
+            np.testing.assert_array_equal(pol.tokens, want_tokens)
+            n_hints += hints.size
+    assert n_hints > T * L  # the comparison saw real hint lists, not empty ones

@@ -187,7 +187,9 @@ class PredictedPolicy(CachePolicy):
         return bool(ks[1] > ks[0])
 
     def on_route(self, layer, state, clock):
-        L, E = self.num_layers, self.num_experts
+        """Every predicted layer at once, as arrays [J, E] (J = the predicted layers that exist after
+        `layer`): this runs after every router of every step, on the host, while the device waits."""
+        E = self.num_experts
         hints = []
         self._forced.clear()
         if self.predictor is not None and self.lookahead > 0 and state is not None:
@@ -195,26 +197,31 @@ class PredictedPolicy(CachePolicy):
                                       self.predictor.top_k)  # [B, D, E]
             # P(any token of the batch uses the expert): [D, E]
             scores = scores[0] if scores.shape[0] == 1 else 1.0 - np.prod(1.0 - scores, axis=0)
-            z_layer = _logit(scores) - self._z_base  # [D, E]
-            for j in range(min(self.lookahead, scores.shape[0])):
-                nl = layer + 1 + j
-                if nl >= L:
-                    break
-                gap = _gap(self.token - self.last_tok[nl])  # layer nl, this token
+            nls = np.arange(layer + 1, min(layer + 1 + min(self.lookahead, scores.shape[0]), self.num_layers))
+            J = nls.size
+            if J:
+                scores = scores[:J]
+                rows, cols = nls[:, None], self._e[None, :]
+                gap = _gap(self.token - self.last_tok[nls])  # [J, E]: layers nls, this token
                 # `combine` with the hazard's log-odds from the refresh-time table
-                p = 1.0 / (1.0 + np.exp(-(z_layer[j] + self.logit_h[nl, self._e, gap])))
-                order = np.argsort(-p)  # most likely first
+                z = _logit(scores) - self._z_base + self.logit_h[rows, cols, gap]
+                p = 1.0 / (1.0 + np.exp(-z))  # [J, E]
+                order = np.argsort(-p, axis=1)  # most likely first
                 # forced picks: the predictor's own top, plus the top by the combined estimate, which adds
                 # the previous tokens' use of the expert at layer nl (the strongest single signal)
-                top = np.argsort(-scores[j])[: self.prefetch_top]
-                if self.combined_top:
-                    top = np.concatenate([top, order[: self.combined_top]])  # duplicates are harmless
-                self._forced.update((nl * E + top).tolist())
-                later = self._until(nl, np.minimum(gap + 1, MAX_GAP), max(self.horizon - 1, 1))
-                self.tokens[nl] = 1.0 + (1.0 - p) * later
-                want = scores[j] >= self.threshold  # the predictor's own confidence (the combined
-                want[top] = True  # estimate is overconfident: it counts shared evidence twice)
-                hints.append(nl * E + order[want[order]])
+                top = np.argsort(-scores, axis=1)[:, : self.prefetch_top]  # [J, prefetch_top]
+                if self.combined_top:  # duplicates are harmless
+                    top = np.concatenate([top, order[:, : self.combined_top]], axis=1)
+                self._forced.update((rows * E + top).ravel().tolist())
+                later = self._tab[max(self.horizon - 1, 1)][rows, cols, np.minimum(gap + 1, MAX_GAP)]
+                self.tokens[nls] = 1.0 + (1.0 - p) * later
+                # hinted: the forced picks, and the rest on the predictor's own confidence (not the combined
+                # estimate, which is overconfident: it counts shared evidence twice)
+                want = scores >= self.threshold
+                row_of = np.arange(J)[:, None]
+                want[row_of, top] = True
+                # row by row, most likely first: boolean indexing walks the rows in order
+                hints.append((rows * E + order)[want[row_of, order]])
             self._scores = None
         # the next token's experts of this layer, by the next-token model
         p_next = self.h[layer, self._e, _gap(self.token + 1 - self.last_tok[layer])]
