@@ -54,8 +54,9 @@ def create_app(engine, cfg: ServerConfig, model_dir: str | None = None, own_engi
     async def check_key(request: Request) -> None:
         if cfg.api_key is None:
             return
-        auth = request.headers.get("authorization", "")
-        if not hmac.compare_digest(auth.encode(), f"Bearer {cfg.api_key}".encode()):
+        # the header's raw bytes (Starlette decodes them as latin-1): a non-ASCII key arrives UTF-8 encoded
+        auth = request.headers.get("authorization", "").encode("latin-1")
+        if not hmac.compare_digest(auth, f"Bearer {cfg.api_key}".encode()):
             raise APIError(401, "missing or wrong API key (Authorization: Bearer <key>)",
                            type="authentication_error", code="invalid_api_key")
 

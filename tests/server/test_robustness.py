@@ -166,3 +166,21 @@ def test_top_k_past_int64_is_served_and_the_engine_lives(server):
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
     assert r.status_code == 200, r.text
+
+
+def test_non_ascii_api_key_is_accepted(tiny_model, tmp_path):
+    """A key with non-ASCII characters arrives as its UTF-8 bytes (what curl sends), which Starlette
+    decodes as latin-1; compared as that text, the right key was refused with 401 for every client."""
+    from tests.server.conftest import Server, launch, stop_server, wait_healthy
+
+    key = "sëcret-ключ"
+    proc, url = launch(tiny_model, tmp_path, "--api-key", key, "--max-num-seqs", "1", "--cpu-threads", "1")
+    server = Server(url, proc, tiny_model.name, tmp_path, {})
+    try:
+        wait_healthy(proc, url, tmp_path / "server.log")
+        right = {"Authorization": b"Bearer " + key.encode()}
+        assert httpx.get(url + "/v1/models", headers=right, timeout=30).status_code == 200
+        wrong = {"Authorization": b"Bearer " + "sëcret-ключ!".encode()}
+        assert httpx.get(url + "/v1/models", headers=wrong, timeout=30).status_code == 401
+    finally:
+        stop_server(server)
