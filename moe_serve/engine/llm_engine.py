@@ -154,7 +154,7 @@ class LLMEngine:
         if to_sample:
             if len(rows) < logits.shape[0]:  # some sequences are mid-prefill: no token for them yet
                 logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
-            tokens = sample(logits, [s.params for s in to_sample], [s.generator for s in to_sample])
+            to_sample, tokens = self._sample(logits, to_sample, outputs)
             for seq, tok in zip(to_sample, tokens):
                 seq.append_token(tok, now)
                 try:
@@ -222,6 +222,25 @@ class LLMEngine:
                 raise batch_exc
             logits = torch.cat(rows) if rows else torch.zeros(0, self.spec.vocab_size, device=self.device)
             return kept, logits
+
+    def _sample(self, logits, seqs, outputs):
+        """(the sequences that got a token, their tokens); a failing batch is retried one sequence at a
+        time, as `_forward` does. The retry draws again from each row's generator: the same draw as in
+        the batch unless the batch failed after drawing (every plausible failure, e.g. a parameter that
+        slipped past validation, comes before)."""
+        try:
+            return seqs, sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        except Exception:  # noqa: BLE001 - isolate the culprit below
+            kept, tokens = [], []
+            for i, seq in enumerate(seqs):
+                try:
+                    tokens += sample(logits[i:i + 1], [seq.params], [seq.generator])
+                    kept.append(seq)
+                except Exception as exc:  # noqa: BLE001 - this request fails alone
+                    seq.finish("error", f"{type(exc).__name__}: {exc}")
+                    self._retire(seq)
+                    outputs.append(seq.make_output())
+            return kept, tokens
 
     def _check_stop(self, seq: Sequence, tok: int) -> None:
         p = seq.params

@@ -1,8 +1,10 @@
 """Batched sampling: greedy, temperature, top-k and top-p, one seeded generator per request.
 
 Every row is processed with tensor ops over the whole batch; the only Python loop is one uniform
-draw per sampled sequence, taken from that request's own generator, so a seeded request gives the
-same tokens whatever else shares its batch.
+draw per sampled sequence, taken from that request's own generator, so a seeded request draws the
+same numbers whatever else shares its batch. Its tokens are the same too where the logits are: in
+fp32 they are; in bf16 a matmul's rounding can depend on the batch's shape (other kernels, other
+summation orders), enough to flip a near-tie now and then, as in every engine that batches.
 """
 from __future__ import annotations
 

@@ -164,6 +164,24 @@ def test_a_failing_request_fails_alone(tiny_dir, references):
     assert done["good2"].token_ids == references[PROMPTS[2]]
 
 
+def test_a_request_whose_sampling_fails_fails_alone(tiny_dir):
+    """A sampled batch where one request's parameters slipped past validation: that request ends
+    with an error, the seeded requests beside it give what they give alone, the engine goes on."""
+    seeded = [SamplingParams(temperature=0.9, top_p=0.9, max_tokens=8, seed=s, ignore_eos=True) for s in (1, 2)]
+    want = [alone(tiny_dir, PROMPTS[i], p).token_ids for i, p in enumerate(seeded)]
+    eng = engine(tiny_dir)
+    eng.add_request(PROMPTS[0], seeded[0], "a")
+    bad = eng.make_sequence(PROMPTS[2], SamplingParams(temperature=0.9, max_tokens=8, seed=3), "bad")
+    bad.params.temperature = "hot"  # slipped past validation: the sampler fails on it
+    eng.submit(bad)
+    eng.add_request(PROMPTS[1], seeded[1], "b")
+    done = run(eng)
+    assert done["bad"].finish_reason == "error" and done["bad"].error.startswith("TypeError")
+    assert [done["a"].token_ids, done["b"].token_ids] == want
+    eng.add_request(PROMPTS[0], seeded[0], "again")  # still serving
+    assert run(eng)["again"].token_ids == want[0]
+
+
 def test_expert_load_counts_every_routed_token(tiny_dir):
     eng = engine(tiny_dir)
     ids = eng.tokenizer.encode(PROMPTS[0])
