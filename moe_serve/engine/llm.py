@@ -12,7 +12,7 @@ engine as its queue has room, and outputs come back in prompt order.
 from __future__ import annotations
 
 from moe_serve.config import DEFAULT_MODEL, EngineConfig
-from moe_serve.engine.llm_engine import LLMEngine, Prompt
+from moe_serve.engine.llm_engine import LLMEngine, Prompt, as_token_ids
 from moe_serve.engine.sampling_params import SamplingParams
 from moe_serve.engine.sequence import RequestOutput
 
@@ -20,9 +20,14 @@ from moe_serve.engine.sequence import RequestOutput
 def _as_prompt_list(prompts) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
+    ndim = getattr(prompts, "ndim", None)  # numpy arrays and torch tensors
+    if ndim == 2:  # one prompt per row
+        return list(prompts)
+    if ndim == 1 or (isinstance(prompts, (list, tuple)) and prompts):
+        ids = as_token_ids(prompts)
+        if ids is not None:
+            return [ids]  # one prompt of token ids
     if isinstance(prompts, (list, tuple)):
-        if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
-            return [list(prompts)]  # one prompt of token ids
         return list(prompts)
     raise ValueError(f"prompts must be a string, a list of strings or a list of token-id lists, got {type(prompts).__name__}")
 

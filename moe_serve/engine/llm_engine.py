@@ -13,6 +13,7 @@ finish_reason "error" and the others go on (rewriting a KV position is idempoten
 from __future__ import annotations
 
 import itertools
+import numbers
 import logging
 import random
 import threading
@@ -33,6 +34,18 @@ from moe_serve.models.batch import ForwardBatch
 
 Prompt = str | list[int]
 log = logging.getLogger(__name__)
+
+
+def as_token_ids(prompt) -> list[int] | None:
+    """A prompt given as token ids as a list of ints: a list or tuple of integers (numpy's too), or a
+    1-D integer numpy array or torch tensor. None for anything else (bools are not token ids)."""
+    if hasattr(prompt, "tolist") and getattr(prompt, "ndim", None) == 1:  # an array or a tensor
+        prompt = prompt.tolist()  # integer dtypes give ints, float ones floats (refused below)
+    if not isinstance(prompt, (list, tuple)):
+        return None
+    if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
+        return None
+    return [int(t) for t in prompt]
 
 
 class LLMEngine:
@@ -81,14 +94,15 @@ class LLMEngine:
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            text, ids = None, list(prompt)
+        elif (ids := as_token_ids(prompt)) is not None:
+            text = None
             vocab = self.spec.vocab_size
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"prompt_token_ids must lie in [0, vocab_size={vocab}), got {bad[:5]}")
         else:
-            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+            raise ValueError("prompt must be a string or token ids (a list of ints, or a 1-D integer array or tensor), "
+                             f"got {type(prompt).__name__}")
         if not ids:
             raise ValueError("prompt must contain at least one token, got an empty prompt")
         if len(ids) >= self.max_model_len:

@@ -31,6 +31,24 @@ def test_llm_prompt_forms_and_context_manager(tiny_dir):
         llm.generate("x", GREEDY)
 
 
+def test_token_ids_from_numpy_and_torch(tiny_dir):
+    """Token ids as numpy or torch integers (what a tokenizer or a dataset hands over) are prompts like
+    a list of ints: one 1-D array is one prompt, a 2-D one a prompt per row; float ids are refused."""
+    import numpy as np
+
+    with LLM(model=str(tiny_dir), max_num_seqs=2) as llm:
+        ids = llm.tokenizer.encode("The quick brown fox")
+        want = llm.generate(ids, GREEDY)[0].token_ids
+        forms = [np.array(ids), torch.tensor(ids), [np.int64(t) for t in ids], torch.tensor(ids, dtype=torch.int32)]
+        assert [o.token_ids for o in llm.generate(forms, GREEDY)] == [want] * 4
+        assert [o.token_ids for o in llm.generate(np.array([ids, ids]), GREEDY)] == [want] * 2
+        assert llm.generate(torch.tensor(ids), GREEDY)[0].token_ids == want
+        with pytest.raises(ValueError, match=r"prompts\[0\]: prompt must be a string or token ids.*got ndarray"):
+            llm.generate([np.array(ids, dtype=np.float32)], GREEDY)
+        with pytest.raises(ValueError, match=r"prompts\[0\]: prompt must be a string or token ids.*got list"):
+            llm.generate([[True, False]], GREEDY)  # bools are not token ids
+
+
 def test_greedy_matches_transformers(tiny_qwen_dir):
     from transformers import AutoModelForCausalLM
 
