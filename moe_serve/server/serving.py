@@ -176,7 +176,7 @@ class Handlers:
 
     async def _stream(self, it, first, rid, state, chunks, include_usage: bool) -> AsyncIterator[str]:
         """SSE body from a started run; an error after the headers went out is sent as an event."""
-        runner, final = self.runner, None
+        runner, final, ended = self.runner, None, False
         try:
             out, is_first = first, True
             while out is not None:
@@ -192,9 +192,13 @@ class Handlers:
                 yield sse({"id": rid, "object": kind, "created": int(time.time()), "model": self.info.name,
                            "choices": [], "usage": usage(final).model_dump()})
             yield "data: [DONE]\n\n"
+            ended = True
         except APIError as err:
             yield sse(error_body(err.message, err.type, err.param, err.code))
             yield "data: [DONE]\n\n"
+            ended = True
         finally:
+            if not ended:  # closed by Starlette: the client went away
+                runner.stream_closed_early(state)
             await it.aclose()  # aborts the engine request if it is still live (client gone)
             runner.release()

@@ -45,6 +45,30 @@ def test_disconnect_mid_stream_aborts_and_frees_the_slot(server):
     assert r.status_code == 200
 
 
+def disconnects(server) -> float:
+    return server.metrics().get('moe_serve:request_errors_total{model_name="%s",status="499"}' % server.model, 0.0)
+
+
+def test_every_disconnect_is_counted_once(server):
+    """Three streaming clients and two waiting for a whole answer hang up mid-generation: five 499s in
+    the error metric, whichever of the server's watcher and Starlette notices first."""
+    before = disconnects(server)
+    with httpx.Client(timeout=30) as c:
+        for _ in range(3):
+            with c.stream("POST", server.url + "/v1/completions", json=dict(LONG, stream=True)) as r:
+                lines = r.iter_lines()
+                assert next(line for line in lines if line.startswith("data: "))
+            assert wait_for(lambda: gauge(server, "num_requests_in_flight") == 0)
+    for _ in range(2):
+        with httpx.Client(timeout=0.3) as c:
+            try:
+                c.post(server.url + "/v1/completions", json=LONG)
+            except httpx.TimeoutException:
+                pass
+        assert wait_for(lambda: gauge(server, "num_requests_in_flight") == 0)
+    assert wait_for(lambda: disconnects(server) - before == 5, timeout=5.0), disconnects(server) - before
+
+
 def test_disconnect_of_non_streaming_request_aborts_it(server):
     before = successes(server)
     with httpx.Client(timeout=0.3) as c:  # gives up (closes the socket) long before 4000 tokens
