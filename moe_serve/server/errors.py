@@ -59,12 +59,21 @@ def _describe(err: dict) -> str:
     return msg
 
 
+def _relevance(err: dict) -> tuple:
+    """Sort key, most telling error first. A union yields one error per branch, and most say only that
+    the input is not the branch's type ("Input should be a valid string" for prompt=[]): prefer errors
+    about a named field, then a branch whose type the input had (a broken limit: too_short, too_long,
+    less_than ...), then the one that got deepest into the input (prompt.0 of [1.5])."""
+    path = _field_path(tuple(err.get("loc", ())))
+    wrong_type = str(err.get("type", "")).endswith("_type")
+    return (path is None, wrong_type, -len(path.split(".")) if path else 0)
+
+
 def validation_error_response(exc: RequestValidationError) -> JSONResponse:
     errors = list(exc.errors())
     if not errors:
         return error_response(400, "invalid request")
-    # Prefer errors about a named field over whole-body ones (a union yields one error per branch).
-    err = min(errors, key=lambda e: 0 if _field_path(tuple(e.get("loc", ()))) else 1)
+    err = min(errors, key=_relevance)
     loc = tuple(err.get("loc", ()))
     param = _field_path(loc)
     if err.get("type") == "json_invalid":

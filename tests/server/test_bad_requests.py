@@ -14,7 +14,7 @@ CASES = [
     ("completions", {"prompt": 123, "max_tokens": 2}, "prompt"),  # wrong type
     ("completions", {"prompt": "", "max_tokens": 2}, "prompt"),
     ("completions", {"prompt": ["a", "b"], "max_tokens": 2}, "prompt"),  # batches are not supported
-    ("completions", {"prompt": [1, -3], "max_tokens": 2}, "prompt"),
+    ("completions", {"prompt": [1, -3], "max_tokens": 2}, "prompt.1"),
     ("completions", {"prompt": [1, 10**6], "max_tokens": 2}, "prompt"),  # token id outside the vocabulary
     ("completions", {"prompt": LONG_PROMPT, "max_tokens": 2}, "prompt"),  # over the context
     ("completions", {"prompt": "hello", "max_tokens": 4096}, "max_tokens"),  # prompt + output over the context
@@ -83,6 +83,19 @@ def test_malformed_body_is_400(server, raw):
 def test_unknown_model_is_404_naming_model(server):
     r = httpx.post(f"{server.url}/v1/completions", json=dict(OK_COMPLETION, model="gpt-17"), timeout=30)
     check_error(r, 404, "model")
+
+
+@pytest.mark.parametrize("body, param, says", [
+    ({"prompt": []}, "prompt", "at least 1 item"),  # not "Input should be a valid string"
+    ({"prompt": ["a", "b"]}, "prompt", "at most 1 item"),
+    ({"prompt": [1.5]}, "prompt.0", "valid integer"),
+    ({"prompt": [[]]}, "prompt.0", "at least 1 item"),
+])
+def test_a_union_field_error_names_the_limit_the_input_broke(server, body, param, says):
+    """`prompt` is a string or token ids (or a list of one of either): of the errors pydantic gives,
+    one per form, the message is the one about the form the input has."""
+    err = check_error(httpx.post(f"{server.url}/v1/completions", json=body, timeout=30), 400, param)
+    assert says in err["message"], err
 
 
 def test_server_keeps_serving_after_bad_requests(server):
