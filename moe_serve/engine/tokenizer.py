@@ -24,7 +24,9 @@ class Tokenizer:
         if self.backend is None:
             raise ValueError("prompt: this checkpoint has no tokenizer; pass the prompt as a list of token ids")
         if self.kind == "tokenizers":
-            return self.backend.encode(text, add_special_tokens=True).ids
+            # the batch call releases the GIL while it works (the single one holds it: 2.5 s for a 1 MB
+            # prompt), so a server thread tokenizes while the event loop goes on streaming; same ids
+            return self.backend.encode_batch([text], add_special_tokens=True)[0].ids
         return list(self.backend.encode(text))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

@@ -14,6 +14,7 @@ from typing import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from moe_serve.engine.sampling_params import SamplingParams
 from moe_serve.server import protocol as P
@@ -92,7 +93,7 @@ class Handlers:
         return list(prompt), None
 
     async def completions(self, req: P.CompletionRequest, request: Request):
-        ids, text = self.completion_prompt(req)
+        ids, text = await run_in_threadpool(self.completion_prompt, req)  # a long prompt takes seconds
         limit = check_prompt(ids, req.max_tokens, self.info, "prompt")
         params = sampling_params(req, limit)
         echo = (text if text is not None else self.info.tokenizer.decode(ids)) if req.echo else ""
@@ -114,9 +115,9 @@ class Handlers:
     # -- chat ---------------------------------------------------------------------------------
     async def chat(self, req: P.ChatCompletionRequest, request: Request):
         messages = [m.model_dump() for m in req.messages]
-        try:
+        try:  # in a worker thread, as for completions: the event loop keeps streaming meanwhile
             text = render_chat(messages, self.info.chat_template, self.info.template_vars, req.add_generation_prompt)
-            ids = self.info.tokenizer.encode(text)
+            ids = await run_in_threadpool(self.info.tokenizer.encode, text)
         except ValueError as exc:
             raise APIError(400, f"messages: {exc}", param="messages") from exc
         field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"

@@ -69,6 +69,26 @@ def test_every_disconnect_is_counted_once(server):
     assert wait_for(lambda: disconnects(server) - before == 5, timeout=5.0), disconnects(server) - before
 
 
+def test_a_huge_prompt_does_not_stall_the_server(server):
+    """A 4 MB prompt takes seconds to tokenize (and is then refused: far over the context). The server
+    tokenizes it off the event loop, so a request sent meanwhile is answered first."""
+    import threading
+
+    huge = "The quick brown fox jumps over the lazy dog. " * 90_000
+    order = []
+
+    def send_huge():
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": huge, "max_tokens": 2}, timeout=120)
+        order.append(("huge", r.status_code))
+
+    sender = threading.Thread(target=send_huge)
+    sender.start()
+    time.sleep(0.5)  # the body is in (milliseconds over loopback) and its tokenization under way
+    order.append(("health", httpx.get(server.url + "/health", timeout=120).status_code))
+    sender.join()
+    assert order == [("health", 200), ("huge", 400)]
+
+
 def test_disconnect_of_non_streaming_request_aborts_it(server):
     before = successes(server)
     with httpx.Client(timeout=0.3) as c:  # gives up (closes the socket) long before 4000 tokens
