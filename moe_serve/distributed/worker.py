@@ -191,6 +191,9 @@ def external_spec(timeout_s: float = 600.0) -> WorkerSpec:
 def main() -> int:
     if SPEC_ENV in os.environ:
         _die_with_parent()
+        # a terminal's Ctrl-C goes to the whole process group: the frontend handles it and stops the ranks
+        # (Shutdown after the requests in flight, PDEATHSIG if it dies); a rank dying at once would fail them
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         return run_worker(WorkerSpec.from_json(os.environ[SPEC_ENV]))
     return run_worker(external_spec())
 

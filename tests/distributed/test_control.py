@@ -104,3 +104,21 @@ def test_rank_dying_mid_run_fails_the_step(how="exit_at_step"):  # SIGKILL: test
     finally:
         group.shutdown()
     assert all(p.returncode is not None for p in group.procs)
+
+
+def test_ctrl_c_is_the_frontends_to_handle_not_the_ranks():
+    # a terminal's Ctrl-C reaches every process of the foreground group: the ranks must keep serving
+    # (the frontend stops them with Shutdown, e.g. after uvicorn's graceful shutdown), not die at once
+    group = WorkerGroup(_spec(1, 2), world_size=2, startup_timeout_s=60, heartbeat_timeout_s=20)
+    try:
+        for pid in group.pids():
+            os.kill(pid, signal.SIGINT)
+        time.sleep(0.5)
+        layout = ParallelLayout(1, 2)
+        for step in range(2):
+            group.broadcast(_plan(step, [[3], [4]]))
+            assert len(group.collect(step, len(layout.output_ranks()), timeout_s=30)) == 2
+        assert all(p.poll() is None for p in group.procs)
+    finally:
+        group.shutdown()
+    assert all(p.returncode == 0 for p in group.procs)
