@@ -46,9 +46,17 @@ def load_predictor(path: str | Path) -> Predictor:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"predictor file {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if "predictor" not in meta:
-            raise ValueError(f"predictor file {path}: no 'predictor' JSON in the safetensors header")
-        arrays = {k: f.get_tensor(k) for k in f.keys()}
-    return from_config(json.loads(meta["predictor"]), arrays)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors' own errors name neither the file nor what was expected
+        raise ValueError(f"predictor file {path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+    if "predictor" not in meta:
+        raise ValueError(f"predictor file {path}: no 'predictor' JSON in the safetensors header")
+    try:
+        config = json.loads(meta["predictor"])
+        return from_config(config, arrays)
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"predictor file {path}: its 'predictor' header is not a predictor's config "
+                         f"({type(exc).__name__}: {exc})") from exc

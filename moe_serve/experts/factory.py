@@ -44,7 +44,10 @@ def expert_store_factory(cfg: ExpertCacheConfig):
         if cfg.predictor is not None:
             from predictors.registry import load_predictor
 
-            predictor = load_predictor(cfg.predictor)
+            try:
+                predictor = load_predictor(cfg.predictor)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"expert_cache.predictor: {exc}") from exc
             if (predictor.num_layers, predictor.num_experts) != (L, E):
                 raise ValueError(f"expert_cache.predictor: fitted for {predictor.num_layers} layers x "
                                  f"{predictor.num_experts} experts, the model has {L} x {E}")

@@ -49,6 +49,26 @@ def test_bad_expert_cache_options_name_the_field(tiny_checkpoint):
         LLM(model=path, dtype="float32", kv_cache_gb=0.01, expert_cache_gb=1e-9)
 
 
+def test_a_predictor_path_that_is_no_predictor_names_the_field(tiny_checkpoint, tmp_path):
+    """A missing file, a text file, a truncated one: a ValueError naming the option and the file,
+    not safetensors' bare 'header too large'."""
+    path = str(tiny_checkpoint("mixtral"))
+    text = tmp_path / "notes.txt"
+    text.write_text("not a predictor\n" * 100)
+    ex = np.tile(np.array([[[0, 1], [2, 3], [4, 5]]], dtype=np.int16), (20, 1, 1))  # [20 tokens, 3 layers, 2]
+    trace = RoutingTrace(experts=ex, weights=np.ones_like(ex, dtype=np.float16), seq_offsets=np.array([0, 20]),
+                         num_experts=8)
+    cut = tmp_path / "cut.safetensors"
+    TransitionPredictor(3, 8, 2, lookahead=1).fit([trace]).save(cut)
+    cut.write_bytes(cut.read_bytes()[:-20])
+    for bad, says in ((tmp_path / "missing.safetensors", "does not exist"), (text, "not a readable safetensors"),
+                      (cut, "not a readable safetensors")):
+        with pytest.raises(ValueError, match=f"expert_cache.predictor: predictor file {bad}: .*{says}|"
+                                             f"expert_cache.predictor: predictor file {bad} {says}"):
+            LLM(model=path, dtype="float32", kv_cache_gb=0.01, expert_cache_slots=4, cpu_experts="off",
+                predictor=str(bad))
+
+
 def test_adaptive_predictor_learns_from_served_routing(tiny_checkpoint, tmp_path):
     """mlp_online keeps learning from the routing the engine serves (every `predictor_learn_every`
     tokens), and that never changes the tokens; with predictor_learn_every=0 it stays as fitted."""
