@@ -143,3 +143,39 @@ def test_quantized_checkpoint_refused(mixtral_dir, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match="quant_method='fp8'"):
         load_model(d)
+
+
+def edit_config(src, tmp_path, **changes):
+    """A copy of checkpoint `src` whose config.json has `changes` applied."""
+    d = copy(src, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize("family, field, value", [
+    ("mixtral", "hidden_size", -64), ("mixtral", "num_hidden_layers", "3"), ("qwen3_moe", "vocab_size", 0),
+    ("qwen2_moe", "num_experts", True), ("olmoe", "intermediate_size", 32.0), ("qwen3_moe", "head_dim", -24),
+    ("deepseek_v3", "num_hidden_layers", 0), ("deepseek_v2", "kv_lora_rank", -32), ("deepseek_v3", "q_lora_rank", "48"),
+])
+def test_config_sizes_must_be_positive_integers(tiny_checkpoint, tmp_path, capsys, family, field, value):
+    """A bad size names its field: before, -64 and "3" failed deep in torch (RuntimeError, TypeError)
+    and `moe-serve info` printed a traceback, or the fine-looking model loaded until its first forward."""
+    from moe_serve.cli.main import main
+
+    d = edit_config(tiny_checkpoint(family), tmp_path, **{field: value})
+    with pytest.raises(ValueError, match=f"'{field}' must be a positive integer, got {value!r}"):
+        load_model(d)
+    assert main(["info", str(d)]) == 2
+    assert f"'{field}' must be a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(num_attention_heads=4, num_key_value_heads=3), r"'num_attention_heads' \(4\) must be a multiple of "
+                                                         r"'num_key_value_heads' \(3\)"),
+    (dict(num_attention_heads=128, hidden_size=64), r"hidden_size \(64\) / num_attention_heads \(128\) gives head_dim 0"),
+])
+def test_config_head_counts_must_fit(mixtral_dir, tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        load_model(edit_config(mixtral_dir, tmp_path, **changes))

@@ -26,9 +26,20 @@ def need_any(cfg: dict, names: tuple[str, ...], where: str):
 
 
 def positive(value: int, name: str) -> int:
-    if not isinstance(value, int) or value <= 0:
+    # bool is an int to Python, but `true` is no size
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"config.json field '{name}' must be a positive integer, got {value!r}")
     return value
+
+
+def need_size(cfg: dict, name: str, where: str) -> int:
+    """A required size field: a positive integer (a string, a float or -64 would only fail later, deep in torch)."""
+    return positive(need(cfg, name, where), name)
+
+
+def optional_size(cfg: dict, name: str) -> int | None:
+    """An optional size field: absent/null, or a positive integer."""
+    return None if cfg.get(name) is None else positive(cfg[name], name)
 
 
 def eos_ids(cfg: dict) -> tuple[int, ...]:
@@ -121,11 +132,19 @@ class Family:
 
 def decoder_fields(cfg: dict, where: str) -> dict:
     """The ModelSpec fields the GQA families (Mixtral, Qwen-MoE, OLMoE) read the same way."""
-    hidden, heads = need(cfg, "hidden_size", where), need(cfg, "num_attention_heads", where)
-    head_dim = cfg.get("head_dim") or hidden // heads
+    hidden, heads = need_size(cfg, "hidden_size", where), need_size(cfg, "num_attention_heads", where)
+    head_dim = optional_size(cfg, "head_dim") or hidden // heads
+    if head_dim == 0:
+        raise ValueError(f"config.json: hidden_size ({hidden}) / num_attention_heads ({heads}) gives head_dim 0; "
+                         "num_attention_heads must be <= hidden_size (or set head_dim)")
+    kv_heads = optional_size(cfg, "num_key_value_heads") or heads
+    if heads % kv_heads:
+        raise ValueError(f"config.json field 'num_attention_heads' ({heads}) must be a multiple of "
+                         f"'num_key_value_heads' ({kv_heads}): each KV head serves a whole group of query heads")
     return dict(
-        num_layers=need(cfg, "num_hidden_layers", where), hidden_size=hidden, vocab_size=need(cfg, "vocab_size", where),
-        num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim, v_head_dim=head_dim,
+        num_layers=need_size(cfg, "num_hidden_layers", where), hidden_size=hidden,
+        vocab_size=need_size(cfg, "vocab_size", where),
+        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, v_head_dim=head_dim,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids(cfg), torch_dtype=torch_dtype(cfg), hidden_act=check_act(cfg),
         attn_scale=head_dim ** -0.5,

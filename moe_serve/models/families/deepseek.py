@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 
-from moe_serve.models.families.common import Family, check_act, eos_ids, need, need_any, positive, rope_spec, torch_dtype
+from moe_serve.models.families.common import (Family, check_act, eos_ids, need, need_any, need_size, optional_size, positive,
+                                             rope_spec, torch_dtype)
 from moe_serve.models.spec import MLASpec, ModelSpec, RoutingSpec, UnsupportedModelError
 
 
@@ -22,12 +23,13 @@ def _mscale(scale: float, mscale: float) -> float:
 
 def _parse(cfg: dict, family: str) -> ModelSpec:
     w = "DeepSeek-V2" if family == "deepseek_v2" else "DeepSeek-V3"
-    hidden, heads, layers = need(cfg, "hidden_size", w), need(cfg, "num_attention_heads", w), need(cfg, "num_hidden_layers", w)
+    hidden, heads = need_size(cfg, "hidden_size", w), need_size(cfg, "num_attention_heads", w)
+    layers = need_size(cfg, "num_hidden_layers", w)
     num_experts = positive(need_any(cfg, ("n_routed_experts", "num_local_experts", "num_experts"), w), "n_routed_experts")
     top_k = positive(need(cfg, "num_experts_per_tok", w), "num_experts_per_tok")
-    mla = MLASpec(q_lora_rank=cfg.get("q_lora_rank"), kv_lora_rank=need(cfg, "kv_lora_rank", w),
-                  qk_nope_head_dim=need(cfg, "qk_nope_head_dim", w), qk_rope_head_dim=need(cfg, "qk_rope_head_dim", w),
-                  v_head_dim=need(cfg, "v_head_dim", w))
+    mla = MLASpec(q_lora_rank=optional_size(cfg, "q_lora_rank"), kv_lora_rank=need_size(cfg, "kv_lora_rank", w),
+                  qk_nope_head_dim=need_size(cfg, "qk_nope_head_dim", w),
+                  qk_rope_head_dim=need_size(cfg, "qk_rope_head_dim", w), v_head_dim=need_size(cfg, "v_head_dim", w))
     first_dense = cfg.get("first_k_dense_replace") or 0
     freq = cfg.get("moe_layer_freq", 1) or 1
     moe_layers = tuple(i for i in range(layers) if i >= first_dense and i % freq == 0)
@@ -60,10 +62,10 @@ def _parse(cfg: dict, family: str) -> ModelSpec:
         scale *= _mscale(rope.factor, rope.mscale_all_dim) ** 2
     return ModelSpec(
         family=family, architecture="DeepseekV2ForCausalLM" if family == "deepseek_v2" else "DeepseekV3ForCausalLM",
-        num_layers=layers, hidden_size=hidden, vocab_size=need(cfg, "vocab_size", w), num_heads=heads,
+        num_layers=layers, hidden_size=hidden, vocab_size=need_size(cfg, "vocab_size", w), num_heads=heads,
         num_kv_heads=heads, head_dim=mla.qk_head_dim, v_head_dim=mla.v_head_dim, num_experts=num_experts,
-        top_k=top_k, moe_layers=moe_layers, moe_intermediate_size=need(cfg, "moe_intermediate_size", w),
-        intermediate_size=need(cfg, "intermediate_size", w), routing=routing, rope=rope,
+        top_k=top_k, moe_layers=moe_layers, moe_intermediate_size=need_size(cfg, "moe_intermediate_size", w),
+        intermediate_size=need_size(cfg, "intermediate_size", w), routing=routing, rope=rope,
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids(cfg), torch_dtype=torch_dtype(cfg), hidden_act=check_act(cfg), attention="mla",

@@ -5,7 +5,7 @@ cast to the hidden dtype. Dense layers: `mlp_only_layers` or those failing `(i +
 """
 from __future__ import annotations
 
-from moe_serve.models.families.common import Family, decoder_fields, need, need_any, positive, rope_spec
+from moe_serve.models.families.common import Family, decoder_fields, need, need_any, need_size, positive, rope_spec
 from moe_serve.models.spec import ModelSpec, RoutingSpec
 
 
@@ -34,7 +34,7 @@ def _parse(cfg: dict, family: str) -> ModelSpec:
         **base, family=family,
         architecture="Qwen2MoeForCausalLM" if family == "qwen2_moe" else "Qwen3MoeForCausalLM",
         num_experts=num_experts, top_k=top_k, moe_layers=moe_layers,
-        moe_intermediate_size=need(cfg, "moe_intermediate_size", w), intermediate_size=need(cfg, "intermediate_size", w),
+        moe_intermediate_size=need_size(cfg, "moe_intermediate_size", w), intermediate_size=need_size(cfg, "intermediate_size", w),
         routing=RoutingSpec(top_k=top_k, scoring="softmax", norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
                             weights_fp32=False),
         rope=rope_spec(cfg, head_dim, default_theta=10000.0), rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
