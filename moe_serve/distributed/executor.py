@@ -57,8 +57,13 @@ class DistributedModel:
         from moe_serve.models.families import parse_spec
         from moe_serve.models.loader import resolve_dtype
 
+        from moe_serve.distributed.runner import default_plan
+
         self.mc, self.pc, self.faults, self.engine_hooks = mc, pc, faults, engine_hooks
         _, self.spec = parse_spec(read_config(mc.model))
+        # the ranks build the same plan: a bad placement file or redundant_experts fails here, before they start
+        self.plan = default_plan(self.spec.num_moe_layers, self.spec.num_experts, pc.ep, pc.redundant_experts,
+                                 pc.placement)
         self.dtype = resolve_dtype(mc.dtype, self.spec)
         self.device = torch.device("cpu")  # logits arrive on the host
         self.layout = ParallelLayout(pc.tp, pc.ep)

@@ -34,3 +34,26 @@ def test_layout_groups():
     lay = ParallelLayout(tp=4, ep=2, rank=3)  # experts shared by rank pairs that split their intermediate dim
     assert lay.ep_groups() == [[0, 2], [1, 3]] and lay.moe_tp_groups() == [[0, 1], [2, 3]]
     assert (lay.moe_tp, lay.ep_rank, lay.moe_tp_rank) == (2, 1, 1)
+
+
+def test_plan_errors_are_refused_before_any_rank_starts(tmp_path, capsys):
+    # what only the checkpoint can tell (8 experts, 3 MoE layers) is checked by the frontend: a plain CLI
+    # error naming the flag, not a rank's traceback inside a WorkerFailure after starting the ranks
+    import numpy as np
+
+    from moe_serve.cli.main import main
+    from placement.plan import PlacementPlan
+    from tests.models.tiny_checkpoints import make_tiny_checkpoint
+
+    ckpt = str(make_tiny_checkpoint("mixtral", tmp_path / "mixtral"))
+    four_ranks = tmp_path / "plan4.json"
+    PlacementPlan.from_phy2log(np.arange(8)[None].repeat(3, 0), 8, 4).save(four_ranks)
+    cases = [(["--redundant-experts", "1"], r"parallel.redundant_experts=1: experts (8) + redundant experts must be "
+                                            r"divisible by parallel.ep=2"),
+             (["--placement", str(four_ranks)], "parallel.placement: plan has 3 layers x 8 experts on 4 ranks"),
+             (["--placement", str(tmp_path / "none.json")], "does not exist")]
+    for flags, message in cases:
+        rc = main(["generate", "--model", ckpt, "--prompt", "hi", "--max-tokens", "1", "--ep", "2",
+                   "--threads-per-rank", "1", *flags])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and "Traceback" not in err, (flags, err)
