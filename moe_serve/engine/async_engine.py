@@ -52,7 +52,10 @@ class AsyncEngine:
         if self.dead is not None:
             raise EngineDeadError(f"engine is not running: {self.dead}")
         rid = request_id if request_id is not None else uuid.uuid4().hex
-        seq = self.engine.make_sequence(prompt, params, rid)
+        if isinstance(prompt, str):  # tokenizing a long text takes seconds: off the event loop (it releases the GIL)
+            seq = await asyncio.to_thread(self.engine.make_sequence, prompt, params, rid)
+        else:
+            seq = self.engine.make_sequence(prompt, params, rid)
         queue: asyncio.Queue = asyncio.Queue()
         with self._streams_lock:
             if rid in self._streams:

@@ -101,6 +101,34 @@ def test_async_stream_with_a_matching_stop_string(tiny_dir):
     assert "".join(deltas) == out.text == full[: full.index(stop)]
 
 
+def test_async_generate_tokenizes_off_the_event_loop(tiny_dir):
+    """A text prompt of megabytes takes seconds to tokenize (then it is refused: over the context);
+    meanwhile other coroutines on the loop keep running."""
+    eng = AsyncEngine.from_config(EngineConfig.from_flat(model=str(tiny_dir)))
+    try:
+        async def main():
+            ticks = 0
+
+            async def ticker():
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.02)
+                    ticks += 1
+
+            tick = asyncio.create_task(ticker())
+            await asyncio.sleep(0.1)
+            before = ticks
+            with pytest.raises(ValueError, match="max_model_len"):
+                async for _ in eng.generate("The quick brown fox jumps over the lazy dog. " * 60_000, GREEDY):
+                    pass
+            during = ticks - before
+            tick.cancel()
+            return during
+        assert asyncio.run(main()) >= 10  # a blocked loop ticks at most once
+    finally:
+        eng.shutdown()
+
+
 def test_async_bad_request_fails_alone_and_abort_frees(tiny_dir):
     eng = AsyncEngine.from_config(EngineConfig.from_flat(model=str(tiny_dir), max_num_seqs=2))
     try:
