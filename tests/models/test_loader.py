@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -179,3 +180,16 @@ def test_config_sizes_must_be_positive_integers(tiny_checkpoint, tmp_path, capsy
 def test_config_head_counts_must_fit(mixtral_dir, tmp_path, changes, message):
     with pytest.raises(ValueError, match=message):
         load_model(edit_config(mixtral_dir, tmp_path, **changes))
+
+
+@pytest.mark.parametrize("family, experts_field", [("mixtral", "num_local_experts"), ("qwen2_moe", "num_experts"),
+                                                   ("olmoe", "num_experts"), ("deepseek_v3", "n_routed_experts")])
+def test_top_k_above_expert_count_is_refused(tiny_checkpoint, tmp_path, capsys, family, experts_field):
+    """Before, this loaded (and `moe-serve info` described it) and failed at the first forward in torch.topk."""
+    from moe_serve.cli.main import main
+
+    d = edit_config(tiny_checkpoint(family), tmp_path, num_experts_per_tok=99)
+    message = f"'num_experts_per_tok' (99) must be <= '{experts_field}'"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_model(d)
+    assert main(["info", str(d)]) == 2 and message in capsys.readouterr().err

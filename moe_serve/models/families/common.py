@@ -42,6 +42,16 @@ def optional_size(cfg: dict, name: str) -> int | None:
     return None if cfg.get(name) is None else positive(cfg[name], name)
 
 
+def experts_and_top_k(cfg: dict, names: tuple[str, ...], where: str) -> tuple[int, int]:
+    """(experts per layer, num_experts_per_tok); `names`: the family's names for the expert count.
+    A token cannot pick more experts than a layer has (torch.topk would only fail at the first forward)."""
+    num_experts = positive(need_any(cfg, names, where), names[0])
+    top_k = positive(need(cfg, "num_experts_per_tok", where), "num_experts_per_tok")
+    if top_k > num_experts:
+        raise ValueError(f"config.json field 'num_experts_per_tok' ({top_k}) must be <= '{names[0]}' ({num_experts})")
+    return num_experts, top_k
+
+
 def eos_ids(cfg: dict) -> tuple[int, ...]:
     eos = cfg.get("eos_token_id")
     if eos is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from moe_serve.models.families.common import (Family, check_act, eos_ids, need, need_any, need_size, optional_size, positive,
+from moe_serve.models.families.common import (Family, check_act, eos_ids, experts_and_top_k, need, need_size, optional_size,
                                              rope_spec, torch_dtype)
 from moe_serve.models.spec import MLASpec, ModelSpec, RoutingSpec, UnsupportedModelError
 
@@ -25,8 +25,7 @@ def _parse(cfg: dict, family: str) -> ModelSpec:
     w = "DeepSeek-V2" if family == "deepseek_v2" else "DeepSeek-V3"
     hidden, heads = need_size(cfg, "hidden_size", w), need_size(cfg, "num_attention_heads", w)
     layers = need_size(cfg, "num_hidden_layers", w)
-    num_experts = positive(need_any(cfg, ("n_routed_experts", "num_local_experts", "num_experts"), w), "n_routed_experts")
-    top_k = positive(need(cfg, "num_experts_per_tok", w), "num_experts_per_tok")
+    num_experts, top_k = experts_and_top_k(cfg, ("n_routed_experts", "num_local_experts", "num_experts"), w)
     mla = MLASpec(q_lora_rank=optional_size(cfg, "q_lora_rank"), kv_lora_rank=need_size(cfg, "kv_lora_rank", w),
                   qk_nope_head_dim=need_size(cfg, "qk_nope_head_dim", w),
                   qk_rope_head_dim=need_size(cfg, "qk_rope_head_dim", w), v_head_dim=need_size(cfg, "v_head_dim", w))

@@ -1,7 +1,7 @@
 """Mixtral: softmax over all experts, top-k, renormalize; GQA with default rope; optional sliding window."""
 from __future__ import annotations
 
-from moe_serve.models.families.common import Family, decoder_fields, need, need_any, need_size, positive, rope_spec
+from moe_serve.models.families.common import Family, decoder_fields, experts_and_top_k, need_size, rope_spec
 from moe_serve.models.spec import ModelSpec, RoutingSpec
 
 
@@ -9,8 +9,7 @@ def parse(cfg: dict) -> ModelSpec:
     w = "Mixtral"
     base = decoder_fields(cfg, w)
     layers, head_dim = base["num_layers"], base["head_dim"]
-    num_experts = positive(need_any(cfg, ("num_local_experts", "num_experts"), w), "num_local_experts")
-    top_k = positive(need(cfg, "num_experts_per_tok", w), "num_experts_per_tok")
+    num_experts, top_k = experts_and_top_k(cfg, ("num_local_experts", "num_experts"), w)
     window = cfg.get("sliding_window")
     return ModelSpec(
         **base, family="mixtral", architecture="MixtralForCausalLM",

@@ -2,7 +2,7 @@
 projection (not per head), optional clip_qkv."""
 from __future__ import annotations
 
-from moe_serve.models.families.common import Family, decoder_fields, need, need_any, need_size, positive, rope_spec
+from moe_serve.models.families.common import Family, decoder_fields, experts_and_top_k, need_size, rope_spec
 from moe_serve.models.spec import ModelSpec, RoutingSpec
 
 
@@ -10,8 +10,7 @@ def parse(cfg: dict) -> ModelSpec:
     w = "OLMoE"
     base = decoder_fields(cfg, w)
     layers, head_dim = base["num_layers"], base["head_dim"]
-    num_experts = positive(need_any(cfg, ("num_experts", "num_local_experts"), w), "num_experts")
-    top_k = positive(need(cfg, "num_experts_per_tok", w), "num_experts_per_tok")
+    num_experts, top_k = experts_and_top_k(cfg, ("num_experts", "num_local_experts"), w)
     return ModelSpec(
         **base, family="olmoe", architecture="OlmoeForCausalLM",
         num_experts=num_experts, top_k=top_k, moe_layers=tuple(range(layers)),

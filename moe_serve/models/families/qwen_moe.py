@@ -5,7 +5,7 @@ cast to the hidden dtype. Dense layers: `mlp_only_layers` or those failing `(i +
 """
 from __future__ import annotations
 
-from moe_serve.models.families.common import Family, decoder_fields, need, need_any, need_size, positive, rope_spec
+from moe_serve.models.families.common import Family, decoder_fields, experts_and_top_k, need_size, rope_spec
 from moe_serve.models.spec import ModelSpec, RoutingSpec
 
 
@@ -13,8 +13,7 @@ def _parse(cfg: dict, family: str) -> ModelSpec:
     w = "Qwen2-MoE" if family == "qwen2_moe" else "Qwen3-MoE"
     base = decoder_fields(cfg, w)
     layers, head_dim = base["num_layers"], base["head_dim"]
-    num_experts = positive(need_any(cfg, ("num_experts", "num_local_experts"), w), "num_experts")
-    top_k = positive(need(cfg, "num_experts_per_tok", w), "num_experts_per_tok")
+    num_experts, top_k = experts_and_top_k(cfg, ("num_experts", "num_local_experts"), w)
     step = cfg.get("decoder_sparse_step", 1) or 1
     dense_only = set(cfg.get("mlp_only_layers") or [])
     moe_layers = tuple(i for i in range(layers) if i not in dense_only and (i + 1) % step == 0)
