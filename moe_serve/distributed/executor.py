@@ -150,6 +150,12 @@ class DistributedModel:
         if self.group is None:
             raise RuntimeError("the worker ranks are not running")
         at = self.step_id if at_step is None else at_step
+        if at < self.step_id:  # the ranks switch before that step: one already run would never come
+            raise ValueError(f"switch_placement: at_step must be >= the next step {self.step_id}, got {at}")
+        shape = lambda p: (p.num_layers, p.num_experts, p.num_ranks, p.slots_per_rank)  # noqa: E731
+        if shape(plan) != shape(self.plan):  # a rank would fail on it, and every rank with it
+            raise ValueError("switch_placement: plan has {} layers x {} experts on {} ranks x {} slots; the running "
+                             "one {} x {} on {} x {}".format(*shape(plan), *shape(self.plan)))
         doc = dict(num_ranks=plan.num_ranks, phy2log=plan.phy2log.tolist(), meta=plan.meta)
         self.group.broadcast(m.PlacementCommand(at_step=at, plan_json=json.dumps(doc)))
         return at

@@ -1,6 +1,7 @@
 """Online rebalancing and placement commands move experts between ranks mid-generation and change
 no output: greedy tokens equal the single-process ones, logits within tolerance."""
 import numpy as np
+import pytest
 import torch
 
 from moe_serve.config import ModelConfig, ParallelConfig
@@ -40,3 +41,27 @@ def test_rebalance_mid_generation_changes_no_output(tmp_path):
     switches = [s.get("rebalance_switches", 0) / 2 for s in seen]
     assert switches[-1] == 4, switches  # rebalanced after steps 2, 5, 8, plus the command before step 7
     assert switches[3] == 1 and seen[3]["rebalance_moved_experts"] > 0, seen[3]  # live loads moved weights
+
+
+def test_a_plan_the_ranks_cannot_use_is_refused_and_serving_goes_on(tmp_path):
+    ckpt = make_tiny_checkpoint("mixtral", tmp_path / "mixtral")  # 8 experts, 3 MoE layers
+    ref = load_model(ckpt)
+    ref.allocate_kv_cache(4, 64)
+    want_tokens, _ = greedy(ref, steps=2)
+    dm = DistributedModel(ModelConfig(model=str(ckpt)),
+                          ParallelConfig(tp=1, ep=2, allreduce="gloo", threads_per_rank=1))
+    try:
+        dm.allocate_kv_cache(4, 64)
+        greedy(dm, steps=2)
+        ident = np.arange(8)[None]
+        for bad, why in [(PlacementPlan.from_phy2log(ident.repeat(2, 0), 8, 2), "2 layers"),  # a layer short
+                         (PlacementPlan.from_phy2log(ident.repeat(3, 0), 8, 4), "4 ranks"),
+                         (PlacementPlan.from_phy2log(np.arange(10)[None].repeat(3, 0) % 8, 8, 2), "5 slots")]:
+            with pytest.raises(ValueError, match=why):
+                dm.switch_placement(bad)
+        with pytest.raises(ValueError, match="at_step"):  # a step already run would never switch
+            dm.switch_placement(PlacementPlan.from_phy2log(ident.repeat(3, 0), 8, 2), at_step=0)
+        got_tokens, _ = greedy(dm, steps=2)  # the ranks are still serving
+    finally:
+        dm.close()
+    assert got_tokens == want_tokens
