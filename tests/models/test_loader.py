@@ -193,3 +193,12 @@ def test_top_k_above_expert_count_is_refused(tiny_checkpoint, tmp_path, capsys, 
     with pytest.raises(ValueError, match=re.escape(message)):
         load_model(d)
     assert main(["info", str(d)]) == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family, changes", [("deepseek_v3", dict(first_k_dense_replace=3)),
+                                             ("qwen2_moe", dict(mlp_only_layers=[0, 1, 2])),
+                                             ("qwen3_moe", dict(decoder_sparse_step=4))])
+def test_config_without_moe_layers_is_refused(tiny_checkpoint, tmp_path, family, changes):
+    """Before, the resident store failed with 'needs one gate_up and one down tensor per MoE layer'."""
+    with pytest.raises(UnsupportedModelError, match="makes none of the 3 layers .* an MoE layer"):
+        load_model(edit_config(tiny_checkpoint(family), tmp_path, **changes))

@@ -30,4 +30,10 @@ def family_of(cfg: dict) -> Family:
 
 def parse_spec(cfg: dict) -> tuple[Family, ModelSpec]:
     fam = family_of(cfg)
-    return fam, fam.parse(cfg)
+    spec = fam.parse(cfg)
+    if not spec.moe_layers:  # nothing for the expert store to hold: it would fail without naming the config
+        raise UnsupportedModelError(
+            f"config.json makes none of the {spec.num_layers} layers of this {spec.architecture} an MoE layer "
+            "(see first_k_dense_replace, moe_layer_freq, mlp_only_layers, decoder_sparse_step); a dense model "
+            "is not supported")
+    return fam, spec
