@@ -62,6 +62,10 @@ class SafetensorsCheckpoint:
         self.key_file: dict[str, str] = {}
         for name, h in self.handles.items():
             for k in h.keys():
+                # without an index nothing says which copy is meant: the last file read would win silently
+                if weight_map is None and k in self.key_file:
+                    raise CheckpointError(f"tensor {k!r} is in both {self.key_file[k]} and {name} in {d} (and no "
+                                          "model.safetensors.index.json says which to use); remove the stray file")
                 self.key_file[k] = name
         if weight_map is not None:
             for k, f in weight_map.items():

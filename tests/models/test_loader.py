@@ -202,3 +202,12 @@ def test_config_without_moe_layers_is_refused(tiny_checkpoint, tmp_path, family,
     """Before, the resident store failed with 'needs one gate_up and one down tensor per MoE layer'."""
     with pytest.raises(UnsupportedModelError, match="makes none of the 3 layers .* an MoE layer"):
         load_model(edit_config(tiny_checkpoint(family), tmp_path, **changes))
+
+
+def test_unindexed_files_holding_one_key_twice_are_refused(mixtral_dir, tmp_path):
+    """Without an index every *.safetensors file is read; a stray file repeating a key used to replace
+    the tensor silently (the last file in name order won): here a zero final norm."""
+    d = copy(mixtral_dir, tmp_path)
+    save_file({"model.norm.weight": torch.zeros(64)}, d / "zz-stray.safetensors")
+    with pytest.raises(CheckpointError, match="'model.norm.weight' is in both model.safetensors and zz-stray.safetensors"):
+        load_model(d)
