@@ -41,8 +41,10 @@ class SafetensorsCheckpoint:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON or bad UTF-8
                 raise CheckpointError(f"{index} is malformed (needs a 'weight_map' object): {e}") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointError(f"{index} is malformed: 'weight_map' must map tensor names to file names")
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in d.glob("*.safetensors"))

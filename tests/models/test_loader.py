@@ -211,3 +211,14 @@ def test_unindexed_files_holding_one_key_twice_are_refused(mixtral_dir, tmp_path
     save_file({"model.norm.weight": torch.zeros(64)}, d / "zz-stray.safetensors")
     with pytest.raises(CheckpointError, match="'model.norm.weight' is in both model.safetensors and zz-stray.safetensors"):
         load_model(d)
+
+
+@pytest.mark.parametrize("weight_map", [[], {"model.norm.weight": 5}])
+def test_malformed_index_weight_map_names_the_index(tmp_path, weight_map):
+    """A list or a non-string file name raised a bare AttributeError / TypeError (a traceback from `info`)."""
+    d = tmp_path / "sharded"
+    build_hf_model("mixtral").save_pretrained(d, max_shard_size="100KB")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json is malformed"):
+        load_model(d)
+
