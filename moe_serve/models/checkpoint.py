@@ -25,7 +25,7 @@ def read_config(model_dir: str | Path) -> dict:
         raise CheckpointError(f"{cfg_path} is missing: a checkpoint directory needs config.json")
     try:
         cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError (which would not name the file)
         raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{cfg_path} must hold a JSON object")

@@ -222,3 +222,9 @@ def test_malformed_index_weight_map_names_the_index(tmp_path, weight_map):
     with pytest.raises(CheckpointError, match="model.safetensors.index.json is malformed"):
         load_model(d)
 
+
+def test_config_not_utf8_names_the_file(mixtral_dir, tmp_path):
+    d = copy(mixtral_dir, tmp_path)
+    (d / "config.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+        load_model(d)
