@@ -32,10 +32,14 @@ FP32_PARAMS = ("e_score_correction_bias",)  # transformers keeps these in fp32 w
 def resolve_dtype(dtype, spec: ModelSpec) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    name = spec.torch_dtype if dtype == "auto" else dtype
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[name]
+    if dtype == "auto":  # the checkpoint's own dtype: a bad one is config.json's fault, not the caller's
+        if spec.torch_dtype not in DTYPES:
+            raise ValueError(f"config.json's dtype {spec.torch_dtype!r} is not supported (dtype=auto loads the "
+                             f"checkpoint's dtype); pass dtype as one of {', '.join(DTYPES)}")
+        return DTYPES[spec.torch_dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
 
 
 class CheckpointExperts:

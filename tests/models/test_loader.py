@@ -228,3 +228,11 @@ def test_config_not_utf8_names_the_file(mixtral_dir, tmp_path):
     (d / "config.json").write_bytes(b"\xff\xfe{}")
     with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
         load_model(d)
+
+
+def test_unsupported_checkpoint_dtype_blames_config_json(mixtral_dir, tmp_path):
+    """dtype=auto with config.json's dtype float64 said 'dtype must be auto or one of ...', blaming the caller."""
+    d = edit_config(mixtral_dir, tmp_path, dtype="float64")
+    with pytest.raises(ValueError, match="config.json's dtype 'float64' is not supported"):
+        load_model(d)
+    assert load_model(d, dtype="float32").dtype == torch.float32
