@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from moe_serve.cli.flags import output_file
 from moe_serve.experts.policies import POLICY_NAMES
 from moe_serve.experts.replay import DSV2_LITE_EXPERT_BYTES, CostModel
 from moe_serve.experts.simulate import format_table, simulate
@@ -52,6 +53,7 @@ def main(args) -> int:
             raise ValueError(f"--capacity must be a fraction in (0, 1], got {c}")
     if args.lookahead < 0:
         raise ValueError(f"--lookahead must be >= 0, got {args.lookahead}")
+    output_file(args.json, "--json")
     predictor = None
     if args.predictor:
         from predictors.registry import load_predictor
@@ -70,6 +72,5 @@ def main(args) -> int:
                       fit_trace=args.fit_trace, lookahead=args.lookahead, expert_bytes=cost.expert_bytes,
                       bandwidth_gbps=cost.bandwidth_gbps, layer_ms=cost.layer_ms, copy_ms=cost.copy_ms,
                       copy_order=cost.copy_order)
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(dict(config=config, results=results), indent=1, default=float))
     return 0

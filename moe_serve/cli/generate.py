@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_serve.cli.flags import add_config_flags, config_kwargs
+from moe_serve.cli.flags import add_config_flags, config_kwargs, output_file
 from moe_serve.cli.info import format_info, model_info
 from moe_serve.config import DEFAULT_MODEL, EngineConfig
 
@@ -142,6 +142,7 @@ def run_info(args) -> int:
 def run_record_trace(args) -> int:
     from predictors.traces import load_trace
 
+    output_file(args.out, "--out")
     llm, outs, elapsed = _generate(args, record_trace=str(args.out))
     llm.close()  # writes the trace
     trace = load_trace(args.out)

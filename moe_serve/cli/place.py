@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from moe_serve.cli.flags import key_value_params as _params
+from moe_serve.cli.flags import key_value_params as _params, output_file
 
 
 def _experts(paths: list[str]):
@@ -38,6 +38,7 @@ def run_fit(args) -> int:
         raise ValueError("--out is required (the plan file to write)")
     if args.ep < 1:
         raise ValueError(f"--ep must be >= 1, got {args.ep}")
+    output_file(args.out, "--out")
     experts, E = _experts(args.trace)
     if args.redundant < 0 or (E + args.redundant) % args.ep:
         raise ValueError(f"--redundant={args.redundant}: experts ({E}) + redundant must be >= {E} and divisible "
@@ -61,6 +62,7 @@ def run_eval(args) -> int:
 
     if not args.plan:
         raise ValueError("--plan is required (the plan file to score)")
+    output_file(args.json, "--json")
     plan = PlacementPlan.load(args.plan)
     experts, E = _experts(args.trace)
     if E != plan.num_experts:
@@ -78,7 +80,6 @@ def run_eval(args) -> int:
         if key in scores:
             print(f"{key:>26}: {scores[key]:.4g}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(scores, indent=2))
     return 0
 

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from moe_serve.cli.flags import key_value_params as _params
+from moe_serve.cli.flags import key_value_params as _params, output_file
 
 
 def run_fit(args) -> int:
@@ -25,6 +25,7 @@ def run_fit(args) -> int:
     from predictors.router import RouterPredictor, router_weights_from_checkpoint
     from predictors.traces import load_trace
 
+    output_file(args.out, "--out")
     traces = [load_trace(p) for p in args.trace]
     ref = traces[0]
     t0 = time.perf_counter()
@@ -45,6 +46,7 @@ def run_eval(args) -> int:
     from predictors.compare import compare, format_table
     from predictors.traces import load_trace
 
+    output_file(args.json, "--json")
     train = [load_trace(p) for p in args.train]
     test = [load_trace(p) for p in args.test]
     names = args.predictors.split(",") if args.predictors else None
@@ -54,7 +56,6 @@ def run_eval(args) -> int:
     result.update(train=[str(p) for p in args.train], test=[str(p) for p in args.test])
     print(format_table(result))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))
         print(f"wrote {args.json}")
     return 0

@@ -38,3 +38,38 @@ def test_generate_with_the_offloading_store_from_flags(tiny_dir, capsys):
     assert rc == 0 and "(length, 4 tokens)" in capsys.readouterr().out
     assert main(["generate", "--model", str(tiny_dir), "--prompt", "x", "--cache-policy", "nope"]) == 2
     assert "cache_policy" in capsys.readouterr().err
+
+
+def _small_trace(path):
+    from tests.predictors.synth import layer_map_trace
+
+    layer_map_trace(tokens=60, L=3, E=8, K=2, seqs=3).save(path)
+    return str(path)
+
+
+def test_output_flags_naming_a_directory_fail_before_the_work(tiny_dir, tmp_path, capsys):
+    """An output path that is a directory ended each tool in a traceback from open() (IsADirectoryError),
+    after the replay / fit / generation had run; now exit 2 with one line naming the flag, up front."""
+    trace = _small_trace(tmp_path / "t.npz")
+    plan = tmp_path / "plan.json"
+    assert main(["place", "--trace", trace, "--ep", "2", "--algorithm", "contiguous", "--out", str(plan)]) == 0
+    capsys.readouterr()
+    d = str(tmp_path)
+    for argv, flag in [
+        (["cache-sim", "--trace", trace, "--policy", "lru", "--json", d], "--json"),
+        (["predict", "fit", "--trace", trace, "--predictor", "popularity", "--out", d], "--out"),
+        (["predict", "eval", "--train", trace, "--test", trace, "--predictors", "popularity", "--json", d], "--json"),
+        (["place", "--trace", trace, "--ep", "2", "--out", d], "--out"),
+        (["place", "eval", "--plan", str(plan), "--trace", trace, "--json", d], "--json"),
+        (["record-trace", "--model", str(tiny_dir), "--prompt", "hi", "--max-tokens", "1", "--out", d], "--out"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"{flag} {d}: is a directory" in err and "Traceback" not in err, argv
+
+
+def test_output_flags_create_missing_directories(tmp_path):
+    trace = _small_trace(tmp_path / "t.npz")
+    plan = tmp_path / "new" / "dir" / "plan.json"
+    assert main(["place", "--trace", trace, "--ep", "2", "--algorithm", "contiguous", "--out", str(plan)]) == 0
+    assert plan.is_file()
