@@ -5,8 +5,9 @@ Decode all-reduces a few KB per layer, where latency rules. DeepSpeed's CPU shm 
 `benches/allreduce.py` measures both. It only spans the whole world of ranks on one machine and
 only float32/bf16/fp16, so `AllReduce` falls back to torch.distributed for anything else.
 
-Its shm files are named from MASTER_ADDR/MASTER_PORT and the rank; `shm_files()` lists this
-group's files so that the frontend can remove them after the ranks exit (DeepSpeed leaves them).
+Its shm files are named from MASTER_ADDR/MASTER_PORT and the rank; DeepSpeed leaves them, so each rank
+removes its own once every rank has mapped them, and `shm_files()` lists what a group failing at
+start-up may have left, for the frontend to remove.
 """
 from __future__ import annotations
 
@@ -37,6 +38,14 @@ def load_deepspeed_shm(world_size: int, rank: int) -> int:
 
     mod = ShareMemCommBuilder().load(verbose=False)
     mod.initialize(world_size, rank)
+    # every rank has mapped every rank's buffer once all are past initialize: the names are no longer
+    # needed, so remove this rank's now (nothing is left in /dev/shm however the processes end)
+    dist.barrier()
+    addr, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+    try:
+        os.remove(f"/dev/shm/{SHM_PREFIX}_{os.getuid()}_{addr}_{port}_{rank}")
+    except OSError:
+        pass
     return int(mod.vector_kernel_level())
 
 

@@ -96,8 +96,12 @@ class DistributedModel:
         if self.allreduce == "deepspeed":  # names of DeepSpeed's /dev/shm files; LOCAL_SIZE must be the world
             self._shm_port = str(free_tcp_port())
             env = dict(LOCAL_SIZE=str(w), MASTER_ADDR="127.0.0.1", MASTER_PORT=self._shm_port, DS_ACCELERATOR="cpu")
-        self.group = WorkerGroup(base, w, pc.startup_timeout_s, pc.heartbeat_timeout_s, pc.control_transport,
-                                 self.faults, env, external=pc.worker_endpoint)
+        try:
+            self.group = WorkerGroup(base, w, pc.startup_timeout_s, pc.heartbeat_timeout_s, pc.control_transport,
+                                     self.faults, env, external=pc.worker_endpoint)
+        except BaseException:
+            self.close()  # the shm files of ranks that failed at start-up
+            raise
         self.num_slots, self.max_len = num_slots, max_len
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

@@ -61,10 +61,62 @@ def test_tp_with_deepspeed_shm_allreduce(tmp_path):
     try:
         dm.allocate_kv_cache(4, 64)
         port = dm._shm_port
-        assert len(shm_files("127.0.0.1", port)) == 2  # one shm buffer per rank while serving
+        for pid in dm.group.pids():  # every rank maps both ranks' shm buffers while serving, whose names are
+            maps = open(f"/proc/{pid}/maps").read()  # already removed: nothing is left if a process is killed
+            assert len({ln.split()[-2] for ln in maps.splitlines() if f"_{port}_" in ln}) == 2, maps
+        assert shm_files("127.0.0.1", port) == []
         got_tokens, got_logits = greedy(dm, steps=4)
     finally:
         dm.close()
     assert got_tokens == want_tokens
     torch.testing.assert_close(got_logits, want_logits, atol=1e-4, rtol=1e-4)
     assert shm_files("127.0.0.1", port) == []  # DeepSpeed's /dev/shm files are removed on close
+
+
+@pytest.mark.skipif(not __import__("moe_serve.distributed.executor", fromlist=["x"]).shm_allreduce_built(),
+                    reason="DeepSpeed's CPU shm all-reduce is not installed and built")
+def test_deepspeed_shm_files_outlive_no_failure(tmp_path):
+    # DeepSpeed's two /dev/shm buffers (66 MB each) must not be left behind by a rank failing at start-up
+    # (a truncated checkpoint) nor by a frontend killed with SIGKILL (its ranks die with it, nobody cleans up)
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from moe_serve.distributed.comm import shm_files
+    from moe_serve.distributed.launcher import WorkerFailure
+
+    ckpt = make_tiny_checkpoint("mixtral", tmp_path / "mixtral")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in ckpt.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes()[:100] if f.suffix == ".safetensors" else f.read_bytes())
+    pc = ParallelConfig(tp=2, ep=1, allreduce="deepspeed", threads_per_rank=1)
+    dm = DistributedModel(ModelConfig(model=str(bad)), pc)
+    with pytest.raises(WorkerFailure, match="not a readable safetensors file"):
+        dm.allocate_kv_cache(4, 64)
+    port = dm._shm_port
+    left = shm_files("127.0.0.1", port)
+    dm.close()
+    assert left == []
+
+    script = ("import time\nfrom moe_serve.config import ModelConfig, ParallelConfig\n"
+              "from moe_serve.distributed.executor import DistributedModel\n"
+              f"dm = DistributedModel(ModelConfig(model={str(ckpt)!r}), ParallelConfig(tp=2, ep=1, "
+              "allreduce='deepspeed', threads_per_rank=1))\n"
+              "dm.allocate_kv_cache(4, 64)\nprint(dm._shm_port, *dm.group.pids(), flush=True)\ntime.sleep(120)\n")
+    front = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    port, *pids = front.stdout.readline().split()
+    try:
+        front.send_signal(signal.SIGKILL)
+        front.wait()
+        deadline = time.monotonic() + 20
+        while any(os.path.exists(f"/proc/{p}") for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(os.path.exists(f"/proc/{p}") for p in pids), "the ranks outlived their frontend"
+        assert shm_files("127.0.0.1", port) == []
+    finally:
+        for f in shm_files("127.0.0.1", port):
+            os.remove(f)
