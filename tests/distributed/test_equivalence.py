@@ -79,6 +79,7 @@ def test_deepspeed_shm_files_outlive_no_failure(tmp_path):
     # DeepSpeed's two /dev/shm buffers (66 MB each) must not be left behind by a rank failing at start-up
     # (a truncated checkpoint) nor by a frontend killed with SIGKILL (its ranks die with it, nobody cleans up)
     import os
+    import shutil
     import signal
     import subprocess
     import sys
@@ -105,10 +106,10 @@ def test_deepspeed_shm_files_outlive_no_failure(tmp_path):
               "from moe_serve.distributed.executor import DistributedModel\n"
               f"dm = DistributedModel(ModelConfig(model={str(ckpt)!r}), ParallelConfig(tp=2, ep=1, "
               "allreduce='deepspeed', threads_per_rank=1))\n"
-              "dm.allocate_kv_cache(4, 64)\nprint(dm._shm_port, *dm.group.pids(), flush=True)\ntime.sleep(120)\n")
+              "dm.allocate_kv_cache(4, 64)\nprint(dm.group.endpoints.tmpdir, dm._shm_port, *dm.group.pids(), flush=True)\ntime.sleep(120)\n")
     front = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    port, *pids = front.stdout.readline().split()
+    tmpdir, port, *pids = front.stdout.readline().split()
     try:
         front.send_signal(signal.SIGKILL)
         front.wait()
@@ -120,3 +121,4 @@ def test_deepspeed_shm_files_outlive_no_failure(tmp_path):
     finally:
         for f in shm_files("127.0.0.1", port):
             os.remove(f)
+        shutil.rmtree(tmpdir, ignore_errors=True)  # the killed frontend's control sockets
