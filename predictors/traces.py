@@ -22,6 +22,7 @@ H hidden size.
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,8 +40,8 @@ class RoutingTrace:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.experts.ndim != 3:
-            raise ValueError(f"trace: experts must be [T, L, K], got shape {tuple(self.experts.shape)}")
+        if self.experts.ndim != 3 or 0 in self.experts.shape[1:]:
+            raise ValueError(f"trace: experts must be [T, L, K] with L, K >= 1, got shape {tuple(self.experts.shape)}")
         if self.weights.shape != self.experts.shape:
             raise ValueError(
                 f"trace: weights shape {tuple(self.weights.shape)} != experts shape {tuple(self.experts.shape)}"
@@ -116,21 +117,43 @@ class RoutingTrace:
 
 
 def load_trace(path: str | Path) -> RoutingTrace:
-    """Read a trace file (the shared traces or the runtime's own); no pickle is ever executed."""
+    """Read a trace file (the shared traces or the runtime's own); no pickle is ever executed.
+
+    Every failure is a ValueError naming the file (FileNotFoundError when it is absent)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"trace file {path} does not exist")
+    try:
+        return _read_trace(path)
+    except ValueError as e:
+        raise ValueError(f"trace {path}: {e}") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as e:  # a directory, or not a numpy archive
+        raise ValueError(f"trace {path}: not a readable .npz routing trace ({e})") from None
+
+
+def _read_trace(path: Path) -> RoutingTrace:
+    # np.load takes anything else for a pickle (and says so) or a bare .npy array
+    if not zipfile.is_zipfile(path):
+        raise ValueError("not an .npz archive (a routing trace is one: experts, weights, seq_offsets, meta)")
     with np.load(path, allow_pickle=False) as z:
         for key in ("experts", "weights", "seq_offsets"):
             if key not in z.files:
-                raise ValueError(f"trace {path}: missing key {key!r} (has {sorted(z.files)})")
+                raise ValueError(f"missing key {key!r} (has {sorted(z.files)})")
         meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
-        experts = z["experts"]
-        num_experts = int(meta.get("num_experts", int(experts.max()) + 1 if experts.size else 1))
+        if not isinstance(meta, dict):
+            raise ValueError(f"'meta' must be a JSON object, got {type(meta).__name__}")
+        experts, offsets = z["experts"], z["seq_offsets"]
+        # a float id or offset would be truncated silently by the int casts downstream
+        for key, arr in (("experts", experts), ("seq_offsets", offsets)):
+            if not np.issubdtype(arr.dtype, np.integer):
+                raise ValueError(f"{key!r} must hold integers, got dtype {arr.dtype}")
+        num_experts = meta.get("num_experts", int(experts.max()) + 1 if experts.size else 1)
+        if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
+            raise ValueError(f"meta num_experts must be a positive integer, got {num_experts!r}")
         return RoutingTrace(
             experts=experts,
             weights=z["weights"],
-            seq_offsets=z["seq_offsets"].astype(np.int64),
+            seq_offsets=offsets.astype(np.int64),
             num_experts=num_experts,
             token_ids=z["token_ids"] if "token_ids" in z.files else None,
             hidden=z["hidden"] if "hidden" in z.files else None,

@@ -1,4 +1,6 @@
 """Each predictor recovers a known structure; scores survive save/load bit for bit."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -136,3 +138,40 @@ def test_fused_predict_matches_training_forward_with_hidden():
         for j, t in enumerate(pred.target_layers(layer)):
             if t < L:
                 assert torch.allclose(online[:, j], full[j][:, layer], atol=1e-4)
+
+
+def _bad_trace_files(tmp_path):
+    """name -> (path, expected message) of broken trace files."""
+    import json
+
+    good = layer_map_trace(tokens=20, seqs=2)
+    arrays = dict(experts=good.experts.astype(np.int16), weights=good.weights, seq_offsets=good.seq_offsets)
+    cases = {}
+    (tmp_path / "text.npz").write_text("hello")
+    cases["text"] = (tmp_path / "text.npz", "not an .npz archive")
+    np.save(tmp_path / "bare.npy", good.experts)
+    cases["bare"] = (tmp_path / "bare.npy", "not an .npz archive")
+    cases["dir"] = (tmp_path, "not an .npz archive")
+    for name, extra, message in [
+        ("meta_list", dict(meta=np.array("[1]")), "'meta' must be a JSON object"),
+        ("meta_e", dict(meta=np.array(json.dumps({"num_experts": "16"}))), "num_experts must be a positive integer"),
+        ("float_ids", dict(experts=good.experts.astype(np.float32) + 0.5), "'experts' must hold integers"),
+        ("float_offsets", dict(seq_offsets=good.seq_offsets + 0.5), "'seq_offsets' must hold integers"),
+        ("no_layers", dict(experts=np.zeros((20, 0, K), np.int16), weights=np.zeros((20, 0, K), np.float16)),
+         "L, K >= 1"),
+    ]:
+        np.savez(tmp_path / f"{name}.npz", **{**arrays, **extra})
+        cases[name] = (tmp_path / f"{name}.npz", message)
+    return cases
+
+
+def test_load_trace_refuses_bad_files_naming_them(tmp_path):
+    """Before: a text file gave numpy's 'contains pickled data' advice, a directory IsADirectoryError,
+    a list meta AttributeError (tracebacks from every CLI), and float expert ids or offsets were
+    truncated to integers silently."""
+    from predictors.traces import load_trace
+
+    for name, (path, message) in _bad_trace_files(tmp_path).items():
+        with pytest.raises(ValueError, match=f"trace {re.escape(str(path))}: .*{message}") as info:
+            load_trace(path)
+        assert info.type is ValueError, name
