@@ -42,6 +42,21 @@ def register(subparsers) -> None:
     p.set_defaults(func=main)
 
 
+def check_matches(trace, path, fit, predictor, args) -> None:
+    """What is fitted elsewhere must describe the replayed model: a predictor over other expert counts
+    failed inside torch (a traceback), mismatched fit traces with a message naming no flag."""
+    if trace.num_tokens == 0:
+        raise ValueError(f"--trace {path} holds no tokens")
+    shape = (trace.num_layers, trace.num_experts)
+    for fpath, f in zip(args.fit_trace, fit):
+        if (f.num_layers, f.num_experts) != shape:
+            raise ValueError(f"--fit-trace {fpath} has (MoE layers, experts) = {(f.num_layers, f.num_experts)}, "
+                             f"--trace {path} {shape}")
+    if predictor is not None and (predictor.num_layers, predictor.num_experts) != shape:
+        raise ValueError(f"--predictor {args.predictor} was fitted for (MoE layers, experts) = "
+                         f"{(predictor.num_layers, predictor.num_experts)}, --trace {path} has {shape}")
+
+
 def main(args) -> int:
     from predictors.traces import load_trace
 
@@ -63,6 +78,7 @@ def main(args) -> int:
     results = {}
     for path in args.trace:
         trace = load_trace(path)
+        check_matches(trace, path, fit, predictor, args)
         name = Path(path).stem
         results[name] = simulate(trace, policies, args.capacity, cost, predictor=predictor, fit_traces=fit,
                                  lookahead=args.lookahead, log=lambda s: print(f"{name}: {s}", file=sys.stderr))

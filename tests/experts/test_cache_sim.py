@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -215,3 +216,30 @@ def test_idle_only_prefetch_waits_for_a_free_copy_engine():
         assert always["copies_per_token"] == 2.5 and always["stall_ms_per_token"] > r["stall_ms_per_token"]
     with pytest.raises(ValueError, match="prefetch_when"):
         CostModel(prefetch_when="sometimes")
+
+
+def test_cli_refuses_fit_traces_and_predictors_of_another_shape(tmp_path, capsys):
+    """A predictor fitted for other expert counts failed inside torch (a traceback), a fit trace of
+    other experts ran silently for predicted-prefetch, and an empty trace divided by zero."""
+    from predictors.registry import make_predictor
+    from tests.predictors.synth import layer_map_trace
+
+    paths = {}
+    for name, E in (("e16", 16), ("e8", 8)):
+        paths[name] = str(tmp_path / f"{name}.npz")
+        layer_map_trace(tokens=60, L=3, E=E, K=2, seqs=3).save(paths[name])
+    pred = make_predictor("popularity", 3, 8, 2, 1)
+    pred.fit([layer_map_trace(tokens=60, L=3, E=8, K=2, seqs=3)])
+    pred.save(tmp_path / "p8.safetensors")
+    empty = tmp_path / "empty.npz"
+    RoutingTrace(experts=np.zeros((0, 3, 2), np.int16), weights=np.zeros((0, 3, 2), np.float16),
+                 seq_offsets=np.array([0]), num_experts=16).save(empty)
+    for argv, message in [
+        (["--policy", "predicted", "--predictor", str(tmp_path / "p8.safetensors")], "--predictor .* was fitted for"),
+        (["--policy", "predicted-prefetch", "--fit-trace", paths["e8"]], "--fit-trace .*e8.npz has"),
+    ]:
+        assert cli_main(["cache-sim", "--trace", paths["e16"], *argv]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err, argv
+    assert cli_main(["cache-sim", "--trace", str(empty), "--policy", "lru"]) == 2
+    assert "holds no tokens" in capsys.readouterr().err
