@@ -46,15 +46,24 @@ class WorkerGroup:
         self.ctx = zmq.Context()
         self.up = self.ctx.socket(zmq.PULL)
         self.up.setsockopt(zmq.LINGER, 0)
-        self.up.bind(self.endpoints.up)
-        up_addr = self.up.getsockopt_string(zmq.LAST_ENDPOINT)
         self.down = []
-        for addr in self.endpoints.down:
-            s = self.ctx.socket(zmq.PUSH)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.SNDTIMEO, int(startup_timeout_s * 1000))
-            s.bind(addr)
-            self.down.append(s)
+        addr = self.endpoints.up
+        try:
+            self.up.bind(addr)
+            up_addr = self.up.getsockopt_string(zmq.LAST_ENDPOINT)
+            for addr in self.endpoints.down:
+                s = self.ctx.socket(zmq.PUSH)
+                s.setsockopt(zmq.LINGER, 0)
+                s.setsockopt(zmq.SNDTIMEO, int(startup_timeout_s * 1000))
+                self.down.append(s)
+                s.bind(addr)
+        except zmq.ZMQError as exc:  # e.g. a port of parallel.worker_endpoint (PORT, PORT+1+r) is taken
+            for s in [self.up, *self.down]:
+                s.close()
+            self.ctx.term()
+            self.endpoints.cleanup()
+            field = "parallel.worker_endpoint" if external is not None else "parallel.control_transport"
+            raise ValueError(f"{field}: cannot bind {addr} ({zmq.strerror(exc.errno)})") from exc
         self.outputs: queue.Queue = queue.Queue()
         self.error: WorkerFailure | None = None
         self.last_seen = [time.monotonic()] * world_size

@@ -122,3 +122,18 @@ def test_ctrl_c_is_the_frontends_to_handle_not_the_ranks():
     finally:
         group.shutdown()
     assert all(p.returncode == 0 for p in group.procs)
+
+
+def test_worker_endpoint_in_use_is_named():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ValueError, match=rf"parallel.worker_endpoint: cannot bind tcp://127.0.0.1:{port} "
+                                             r"\(Address already in use\)"):
+            WorkerGroup(_spec(1, 2), world_size=2, startup_timeout_s=5, external=f"tcp://127.0.0.1:{port}")
+        # PORT + 1 + r are the ranks' sockets: one of them taken is named too
+        with pytest.raises(ValueError, match=r"parallel.worker_endpoint: cannot bind tcp://127.0.0.1:\d+ \(Address already in use\)"):
+            WorkerGroup(_spec(1, 2), world_size=2, startup_timeout_s=5, external=f"tcp://127.0.0.1:{port - 1}")
