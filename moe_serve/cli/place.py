@@ -38,6 +38,8 @@ def run_fit(args) -> int:
         raise ValueError("--out is required (the plan file to write)")
     if args.ep < 1:
         raise ValueError(f"--ep must be >= 1, got {args.ep}")
+    if args.num_nodes < 1:  # 0 divided by zero inside eplb, -1 reached a numpy reshape
+        raise ValueError(f"--num-nodes must be >= 1, got {args.num_nodes}")
     output_file(args.out, "--out")
     experts, E = _experts(args.trace)
     if args.redundant < 0 or (E + args.redundant) % args.ep:

@@ -153,3 +153,19 @@ def test_rebalance_layer_sub_window_balances_each_chunk():
     assert moved == 2
     ranks = {e: i // 2 for i, e in enumerate(new)}
     assert ranks[0] != ranks[1] and ranks[2] != ranks[3]  # each chunk now spans both ranks
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--algorithm", "eplb", "--num-nodes", "0"], "--num-nodes must be >= 1, got 0"),
+    (["--algorithm", "eplb", "--num-nodes", "-1"], "--num-nodes must be >= 1, got -1"),
+])
+def test_cli_refuses_bad_num_nodes(tmp_path, argv, message):
+    """--num-nodes 0 raised ZeroDivisionError inside eplb (a traceback), -1 a numpy reshape error."""
+    from tests.predictors.synth import layer_map_trace
+
+    trace = tmp_path / "t.npz"
+    layer_map_trace(tokens=60, L=3, E=8, K=2, seqs=3).save(trace)
+    args = _parser().parse_args(["place", "--trace", str(trace), "--ep", "2", "--out", str(tmp_path / "p.json"), *argv])
+    with pytest.raises(ValueError, match=message):
+        args.func(args)
+
