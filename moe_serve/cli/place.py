@@ -65,6 +65,11 @@ def run_eval(args) -> int:
     if not args.plan:
         raise ValueError("--plan is required (the plan file to score)")
     output_file(args.json, "--json")
+    # a negative budget was taken as "online" (it is truthy); a window of 0 failed in np.concatenate
+    if args.online_budget < 0:
+        raise ValueError(f"--online-budget must be >= 0 (0: static), got {args.online_budget}")
+    if args.online_window < 1:
+        raise ValueError(f"--online-window must be >= 1 token, got {args.online_window}")
     plan = PlacementPlan.load(args.plan)
     experts, E = _experts(args.trace)
     if E != plan.num_experts:

@@ -169,3 +169,22 @@ def test_cli_refuses_bad_num_nodes(tmp_path, argv, message):
     with pytest.raises(ValueError, match=message):
         args.func(args)
 
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--online-budget", "-1"], "--online-budget must be >= 0"),
+    (["--online-budget", "2", "--online-window", "0"], "--online-window must be >= 1"),
+])
+def test_cli_eval_refuses_bad_online_flags(tmp_path, argv, message):
+    """A negative --online-budget ran an online replay with it; --online-window 0 failed in np.concatenate."""
+    from tests.predictors.synth import layer_map_trace
+
+    trace = tmp_path / "t.npz"
+    layer_map_trace(tokens=60, L=3, E=8, K=2, seqs=3).save(trace)
+    plan = tmp_path / "p.json"
+    args = _parser().parse_args(["place", "--trace", str(trace), "--ep", "2", "--algorithm", "contiguous",
+                                 "--out", str(plan)])
+    assert args.func(args) == 0
+    args = _parser().parse_args(["place", "eval", "--plan", str(plan), "--trace", str(trace), *argv])
+    with pytest.raises(ValueError, match=message):
+        args.func(args)
