@@ -20,6 +20,7 @@ import zmq
 
 from moe_serve.distributed import messages as m
 from moe_serve.distributed.endpoints import ControlEndpoints
+from moe_serve.distributed.spawner import Spawner
 from moe_serve.distributed.worker import SPEC_ENV, WorkerSpec
 
 
@@ -68,6 +69,7 @@ class WorkerGroup:
         self.error: WorkerFailure | None = None
         self.last_seen = [time.monotonic()] * world_size
         self.procs: list[subprocess.Popen] = []
+        self._spawner = Spawner() if external is None else None  # PDEATHSIG follows the forking thread
         self.ready: dict[int, m.Ready] = {}
         self.phase: dict[int, str] = {}  # startup phase each rank last reported in a heartbeat
         self._stop = threading.Event()
@@ -82,7 +84,7 @@ class WorkerGroup:
                     continue
                 env = dict(os.environ, **(extra_env or {}),
                            **{SPEC_ENV: spec.to_json(), "OMP_NUM_THREADS": str(spec.threads)})
-                self.procs.append(subprocess.Popen([sys.executable, "-m", "moe_serve.distributed.worker"], env=env))
+                self.procs.append(self._spawner.popen([sys.executable, "-m", "moe_serve.distributed.worker"], env=env))
             self._wait_ready(startup_timeout_s)
         except BaseException:
             self.shutdown()
@@ -220,6 +222,8 @@ class WorkerGroup:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(timeout=2)
+        if getattr(self, "_spawner", None) is not None:  # the ranks are gone (a failed bind never made one)
+            self._spawner.stop()
         self._stop.set()
         if self._monitor is not None and self._monitor is not threading.current_thread():
             self._monitor.join(timeout=2)

@@ -124,6 +124,29 @@ def test_ctrl_c_is_the_frontends_to_handle_not_the_ranks():
     assert all(p.returncode == 0 for p in group.procs)
 
 
+def test_ranks_outlive_the_thread_that_started_them():
+    # Linux ties a rank's die-with-parent signal to the thread that forked it: a group built in a
+    # short-lived thread (an LLM made in asyncio.to_thread) must keep serving once that thread is gone
+    import threading
+
+    made = []
+    starter = threading.Thread(target=lambda: made.append(
+        WorkerGroup(_spec(1, 2), world_size=2, startup_timeout_s=60, heartbeat_timeout_s=20)))
+    starter.start()
+    starter.join()
+    group = made[0]
+    try:
+        time.sleep(0.5)  # a rank signalled at the thread's exit would be gone by now
+        layout = ParallelLayout(1, 2)
+        for step in range(2):
+            group.broadcast(_plan(step, [[3], [4]]))
+            assert len(group.collect(step, len(layout.output_ranks()), timeout_s=30)) == 2
+        assert all(p.poll() is None for p in group.procs)
+    finally:
+        group.shutdown()
+    assert all(p.returncode == 0 for p in group.procs)
+
+
 def test_worker_endpoint_in_use_is_named():
     import socket
 
