@@ -42,6 +42,29 @@ def run_fit(args) -> int:
     return 0
 
 
+def same_shape(paths, traces, flags: str) -> None:
+    """Every trace must have the first one's (MoE layers, experts, top_k): a predictor fitted on one
+    shape scores another's experts as nonsense, without an error."""
+    want = (traces[0].num_layers, traces[0].num_experts, traces[0].top_k)
+    for path, t in zip(paths, traces):
+        got = (t.num_layers, t.num_experts, t.top_k)
+        if got != want:
+            raise ValueError(f"{flags}: {path} has (MoE layers, experts, top_k)={got}, {paths[0]} has {want}")
+
+
+def predictor_params(text: str | None) -> dict | None:
+    """--params: a JSON object {predictor name: {parameter: value}}."""
+    if not text:
+        return None
+    try:
+        params = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--params must be JSON ({exc}), got {text!r}") from exc
+    if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+        raise ValueError(f'--params must be a JSON object of objects, e.g. {{"mlp": {{"epochs": 4}}}}, got {text!r}')
+    return params
+
+
 def run_eval(args) -> int:
     from predictors.compare import compare, format_table
     from predictors.traces import load_trace
@@ -49,8 +72,9 @@ def run_eval(args) -> int:
     output_file(args.json, "--json")
     train = [load_trace(p) for p in args.train]
     test = [load_trace(p) for p in args.test]
+    same_shape(args.train + args.test, train + test, "--train/--test")
     names = args.predictors.split(",") if args.predictors else None
-    params = json.loads(args.params) if args.params else None
+    params = predictor_params(args.params)
     result = compare(train, test, names, args.lookahead, args.budget, not args.no_next_token, params,
                      log=lambda s: print(s, file=sys.stderr, flush=True))
     result.update(train=[str(p) for p in args.train], test=[str(p) for p in args.test])

@@ -1,5 +1,6 @@
 """`moe-serve predict fit` and `predict eval` end to end on the shared DeepSeek-V2-Lite traces."""
 import json
+import re
 
 import numpy as np
 import torch
@@ -52,6 +53,26 @@ def test_predict_cli_errors_name_the_field(shared_dir, tmp_path, capsys):
     train_path, _ = _small(shared_dir, "intent", tmp_path, [0, 1])
     rc = main(["predict", "eval", "--train", str(train_path), "--test", str(train_path), "--budget", "65", "--predictors", "popularity"])
     assert rc == 2 and "budget" in capsys.readouterr().err
+
+
+def test_predict_eval_refuses_traces_of_another_shape_and_bad_params(tmp_path, capsys):
+    from predictors.traces import RoutingTrace
+
+    def trace(path, E, K):
+        ex = np.stack([np.arange(K) + (t % 2) for t in range(40)])[:, None, :].repeat(3, 1).astype(np.int16)
+        RoutingTrace(experts=ex, weights=np.ones(ex.shape, dtype=np.float16), seq_offsets=np.array([0, 40]),
+                     num_experts=E).save(path)
+        return str(path)
+
+    a, b, c = trace(tmp_path / "a.npz", 8, 2), trace(tmp_path / "b.npz", 16, 2), trace(tmp_path / "c.npz", 8, 3)
+    for other, shape in ((b, r"\(3, 16, 2\)"), (c, r"\(3, 8, 3\)")):
+        rc = main(["predict", "eval", "--train", a, "--test", other, "--predictors", "popularity"])
+        err = capsys.readouterr().err
+        assert rc == 2 and re.search(rf"--train/--test: {re.escape(other)} has \(MoE layers, experts, top_k\)={shape}", err), err
+    for bad in ("[1]", "{not json", '{"mlp": 4}'):
+        rc = main(["predict", "eval", "--train", a, "--test", a, "--predictors", "popularity", "--params", bad])
+        err = capsys.readouterr().err
+        assert rc == 2 and "--params must be" in err, err
 
 
 def test_predict_eval_runs_mlp_online_prequentially(shared_dir, tmp_path, capsys):
