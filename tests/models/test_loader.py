@@ -172,6 +172,25 @@ def test_config_sizes_must_be_positive_integers(tiny_checkpoint, tmp_path, capsy
     assert f"'{field}' must be a positive integer" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"])
+def test_rms_norm_eps_must_be_a_positive_number_and_null_means_the_default(tiny_checkpoint, tmp_path, family):
+    """Before, null failed in RMSNorm with a TypeError and a string at the first forward."""
+    for value in ("1e-6", -1.0, True):
+        with pytest.raises(ValueError, match=re.escape(f"'rms_norm_eps' must be a positive number, got {value!r}")):
+            load_model(edit_config(tiny_checkpoint(family), tmp_path / str(value), rms_norm_eps=value))
+    default = load_model(edit_config(tiny_checkpoint(family), tmp_path / "null", rms_norm_eps=None))
+    assert default.spec.rms_norm_eps > 0
+
+
+def test_architectures_as_one_string_is_that_architecture(mixtral_dir, tmp_path):
+    """Before, a string was read letter by letter (no letter is an architecture) and, with model_type
+    removed too, the error listed the letters."""
+    d = edit_config(mixtral_dir, tmp_path, architectures="MixtralForCausalLM", model_type=None)
+    assert load_model(d).spec.family == "mixtral"
+    with pytest.raises(ValueError, match="'architectures' must be a list of class names, got 5"):
+        load_model(edit_config(mixtral_dir, tmp_path / "int", architectures=5))
+
+
 @pytest.mark.parametrize("changes, message", [
     (dict(num_attention_heads=4, num_key_value_heads=3), r"'num_attention_heads' \(4\) must be a multiple of "
                                                          r"'num_key_value_heads' \(3\)"),

@@ -16,6 +16,10 @@ def supported() -> list[str]:
 def family_of(cfg: dict) -> Family:
     """The family of a parsed config.json; an unknown one raises naming what is supported."""
     archs = cfg.get("architectures") or []
+    if isinstance(archs, str):  # one name where transformers writes a list of them: not its letters
+        archs = [archs]
+    if not isinstance(archs, list):
+        raise ValueError(f"config.json field 'architectures' must be a list of class names, got {archs!r}")
     for fam in FAMILIES:
         if any(a in fam.architectures for a in archs):
             return fam

@@ -32,6 +32,16 @@ def positive(value: int, name: str) -> int:
     return value
 
 
+def norm_eps(cfg: dict, default: float) -> float:
+    """rms_norm_eps: absent/null means the family's default; else a positive number (not a bool)."""
+    eps = cfg.get("rms_norm_eps")
+    if eps is None:
+        return default
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
+        raise ValueError(f"config.json field 'rms_norm_eps' must be a positive number, got {eps!r}")
+    return float(eps)
+
+
 def need_size(cfg: dict, name: str, where: str) -> int:
     """A required size field: a positive integer (a string, a float or -64 would only fail later, deep in torch)."""
     return positive(need(cfg, name, where), name)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 
-from moe_serve.models.families.common import (Family, check_act, eos_ids, experts_and_top_k, need, need_size, optional_size,
-                                             rope_spec, torch_dtype)
+from moe_serve.models.families.common import (Family, check_act, eos_ids, experts_and_top_k, need, need_size, norm_eps,
+                                             optional_size, rope_spec, torch_dtype)
 from moe_serve.models.spec import MLASpec, ModelSpec, RoutingSpec, UnsupportedModelError
 
 
@@ -65,7 +65,7 @@ def _parse(cfg: dict, family: str) -> ModelSpec:
         num_kv_heads=heads, head_dim=mla.qk_head_dim, v_head_dim=mla.v_head_dim, num_experts=num_experts,
         top_k=top_k, moe_layers=moe_layers, moe_intermediate_size=need_size(cfg, "moe_intermediate_size", w),
         intermediate_size=need_size(cfg, "intermediate_size", w), routing=routing, rope=rope,
-        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        rms_norm_eps=norm_eps(cfg, 1e-6), max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids(cfg), torch_dtype=torch_dtype(cfg), hidden_act=check_act(cfg), attention="mla",
         mla=mla, qkv_bias=bool(cfg.get("attention_bias", False)), o_bias=bool(cfg.get("attention_bias", False)),

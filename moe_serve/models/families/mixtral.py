@@ -1,7 +1,7 @@
 """Mixtral: softmax over all experts, top-k, renormalize; GQA with default rope; optional sliding window."""
 from __future__ import annotations
 
-from moe_serve.models.families.common import Family, decoder_fields, experts_and_top_k, need_size, rope_spec
+from moe_serve.models.families.common import Family, decoder_fields, experts_and_top_k, need_size, norm_eps, rope_spec
 from moe_serve.models.spec import ModelSpec, RoutingSpec
 
 
@@ -16,7 +16,7 @@ def parse(cfg: dict) -> ModelSpec:
         num_experts=num_experts, top_k=top_k, moe_layers=tuple(range(layers)),
         moe_intermediate_size=need_size(cfg, "intermediate_size", w), intermediate_size=need_size(cfg, "intermediate_size", w),
         routing=RoutingSpec(top_k=top_k, scoring="softmax", norm_topk_prob=True, weights_fp32=True),
-        rope=rope_spec(cfg, head_dim, default_theta=1e6), rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        rope=rope_spec(cfg, head_dim, default_theta=1e6), rms_norm_eps=norm_eps(cfg, 1e-5),
         max_position_embeddings=cfg.get("max_position_embeddings", 4096 * 32),
         sliding_windows=tuple([window] * layers),
     )

@@ -2,7 +2,7 @@
 projection (not per head), optional clip_qkv."""
 from __future__ import annotations
 
-from moe_serve.models.families.common import Family, decoder_fields, experts_and_top_k, need_size, rope_spec
+from moe_serve.models.families.common import Family, decoder_fields, experts_and_top_k, need_size, norm_eps, rope_spec
 from moe_serve.models.spec import ModelSpec, RoutingSpec
 
 
@@ -17,7 +17,7 @@ def parse(cfg: dict) -> ModelSpec:
         moe_intermediate_size=need_size(cfg, "intermediate_size", w), intermediate_size=need_size(cfg, "intermediate_size", w),
         routing=RoutingSpec(top_k=top_k, scoring="softmax", norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
                             weights_fp32=False),
-        rope=rope_spec(cfg, head_dim, default_theta=10000.0), rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        rope=rope_spec(cfg, head_dim, default_theta=10000.0), rms_norm_eps=norm_eps(cfg, 1e-5),
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         qkv_bias=bool(cfg.get("attention_bias", False)), o_bias=bool(cfg.get("attention_bias", False)),
         qk_norm="full", clip_qkv=cfg.get("clip_qkv"), sliding_windows=tuple([None] * layers),

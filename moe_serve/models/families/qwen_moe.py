@@ -5,7 +5,7 @@ cast to the hidden dtype. Dense layers: `mlp_only_layers` or those failing `(i +
 """
 from __future__ import annotations
 
-from moe_serve.models.families.common import Family, decoder_fields, experts_and_top_k, need_size, rope_spec
+from moe_serve.models.families.common import Family, decoder_fields, experts_and_top_k, need_size, norm_eps, rope_spec
 from moe_serve.models.spec import ModelSpec, RoutingSpec
 
 
@@ -36,7 +36,7 @@ def _parse(cfg: dict, family: str) -> ModelSpec:
         moe_intermediate_size=need_size(cfg, "moe_intermediate_size", w), intermediate_size=need_size(cfg, "intermediate_size", w),
         routing=RoutingSpec(top_k=top_k, scoring="softmax", norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
                             weights_fp32=False),
-        rope=rope_spec(cfg, head_dim, default_theta=10000.0), rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope=rope_spec(cfg, head_dim, default_theta=10000.0), rms_norm_eps=norm_eps(cfg, 1e-6),
         max_position_embeddings=cfg.get("max_position_embeddings", 32768),
         qkv_bias=bool(cfg.get("qkv_bias", True)) if family == "qwen2_moe" else bool(cfg.get("attention_bias", False)),
         o_bias=False if family == "qwen2_moe" else bool(cfg.get("attention_bias", False)),
