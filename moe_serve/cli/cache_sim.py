@@ -27,7 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--predictor", default=None, help="fitted predictor file for the predicted policy's prefetch")
     p.add_argument("--fit-trace", nargs="*", default=[],
                    help="traces (another domain) the static load and the predicted prior are fitted on")
-    p.add_argument("--lookahead", type=int, default=1, help="MoE layers ahead to prefetch (default: 1)")
+    p.add_argument("--lookahead", type=int, default=1, help="MoE layers ahead the predicted policies prefetch, at most the predictor's own lookahead "
+                        "(default: 1; belady-prefetch's oracle always looks 4 layer steps ahead, recorded in its "
+                        "results as oracle_lookahead)")
     p.add_argument("--expert-bytes", type=int, default=DSV2_LITE_EXPERT_BYTES,
                    help=f"bytes of one expert (default: {DSV2_LITE_EXPERT_BYTES}, DeepSeek-V2-Lite bf16)")
     p.add_argument("--bandwidth-gbps", type=float, default=25.0, help="host-to-device GB/s (default: 25)")

@@ -56,6 +56,8 @@ def simulate(trace, policies, capacities, cost: CostModel, predictor=None, fit_t
                                  lookahead=min(lookahead, preds.lookahead) if use_pred else 0, prior=prior)
             m = replay(experts, E, policy, slots, cost, state_fn=(lambda t, layer: t) if use_pred else None)
             m["seconds"] = time.perf_counter() - t0
+            if name == "belady-prefetch":
+                m["oracle_lookahead"] = policy.lookahead  # its own, whatever `lookahead` the predicted policies use
             if name == "static":
                 m["profiled_on"] = "fit traces" if fit_traces else "the replayed trace (in-domain)"
             row[name] = m

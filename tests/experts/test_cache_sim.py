@@ -76,6 +76,7 @@ def test_cli_cache_sim_json(tmp_path, capsys):
         assert m["ready_in_time"] <= row["belady-prefetch"]["ready_in_time"], name
     assert row["lru"]["hit_rate"] == 0.0 and row["belady"]["hit_rate"] == 0.5
     assert row["belady"]["vs_belady"] == 1.0
+    assert row["belady-prefetch"]["oracle_lookahead"] == 4  # its own horizon, not --lookahead's
     assert "belady" in capsys.readouterr().out
 
 
