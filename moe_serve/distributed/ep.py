@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moe_serve.distributed.sizes import split_error
 from moe_serve.experts.store import ExpertStore, expert_forward
 from placement.replica import choose_replica
 
@@ -48,8 +49,8 @@ class EPExpertStore(ExpertStore):
     def _shard(self, gate_up: torch.Tensor, down: torch.Tensor):
         i = down.shape[1]
         if i % self.moe_tp:
-            raise ValueError(f"expert parallelism: moe_intermediate_size={i} must be divisible by the "
-                             f"{self.moe_tp} ranks sharing each expert")
+            raise ValueError("expert parallelism: " + split_error("moe_intermediate_size", i,
+                                                                  f"the {self.moe_tp} ranks sharing each expert"))
         k, r = i // self.moe_tp, self.moe_tp_rank
         part = slice(r * k, (r + 1) * k)
         return torch.cat((gate_up[:i][part], gate_up[i:][part])), down[:, part]

@@ -20,6 +20,7 @@ from moe_serve.distributed.comm import shm_files
 from moe_serve.distributed.endpoints import free_tcp_port
 from moe_serve.distributed.groups import ParallelLayout
 from moe_serve.distributed.launcher import WorkerFailure, WorkerGroup
+from moe_serve.distributed.sizes import check_shardable
 from moe_serve.distributed.worker import WorkerSpec
 from moe_serve.models.batch import ForwardBatch
 
@@ -61,12 +62,14 @@ class DistributedModel:
 
         self.mc, self.pc, self.faults, self.engine_hooks = mc, pc, faults, engine_hooks
         _, self.spec = parse_spec(read_config(mc.model))
-        # the ranks build the same plan: a bad placement file or redundant_experts fails here, before they start
+        self.layout = ParallelLayout(pc.tp, pc.ep)
+        # the ranks run the same checks: sizes the layout cannot split (heads, KV heads, intermediate sizes),
+        # a bad placement file or redundant_experts fail here, before any rank starts
+        check_shardable(self.spec, self.layout)
         self.plan = default_plan(self.spec.num_moe_layers, self.spec.num_experts, pc.ep, pc.redundant_experts,
                                  pc.placement)
         self.dtype = resolve_dtype(mc.dtype, self.spec)
         self.device = torch.device("cpu")  # logits arrive on the host
-        self.layout = ParallelLayout(pc.tp, pc.ep)
         self.group: WorkerGroup | None = None
         self.error: WorkerFailure | None = None
         self.step_id = 0

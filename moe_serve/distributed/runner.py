@@ -23,6 +23,7 @@ from moe_serve.distributed.comm import AllReduce, load_deepspeed_shm
 from moe_serve.distributed.ep import DISPATCHERS, DispatchStats, EPExpertStore
 from moe_serve.distributed.groups import Groups
 from moe_serve.distributed.rebalance import Rebalancer
+from moe_serve.distributed.sizes import check_shardable
 from moe_serve.distributed.tp import apply_tp
 from moe_serve.models.batch import ForwardBatch
 from moe_serve.models.hooks import NO_HOOKS
@@ -92,6 +93,7 @@ class ModelRunner:
         a, lay = spec.runner_args, groups.layout
         self.layout, self.groups, self.args = lay, groups, a
         _, mspec = parse_spec(read_config(a["model"]))
+        check_shardable(mspec, lay)  # what the frontend checked: the same error if a rank gets here on its own
         self.plan = default_plan(mspec.num_moe_layers, mspec.num_experts, lay.ep, a.get("redundant_experts", 0),
                                  a.get("placement"))
         backend, level = a.get("allreduce_backend", "gloo"), 0

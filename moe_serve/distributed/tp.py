@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_serve.distributed.sizes import kv_heads_split, tp_error
 from moe_serve.models.layers import MLP, GQAttention, RMSNorm
 from moe_serve.models.mla import MLAttention
 from moe_serve.models.moe import MoEBlock
@@ -20,7 +21,7 @@ from moe_serve.models.moe import MoEBlock
 
 def _part(n: int, tp: int, rank: int, what: str) -> slice:
     if n % tp:
-        raise ValueError(f"tensor parallelism: {what}={n} must be divisible by parallel.tp={tp}")
+        raise ValueError(tp_error(what, n, tp))
     k = n // tp
     return slice(rank * k, (rank + 1) * k)
 
@@ -81,15 +82,12 @@ def _head_rows(n_heads: int, head_dim: int, heads: slice) -> slice:
 
 def shard_gqa(a: GQAttention, tp: int, r: int, reduce) -> None:
     heads = _part(a.nh, tp, r, "num_attention_heads")
-    if a.nkv % tp == 0:
+    if kv_heads_split(a.nh, a.nkv, tp, a.qk_norm):  # the frontend's check (sizes.check_shardable) decides alike
         kv = _part(a.nkv, tp, r, "num_key_value_heads")
-    elif tp % a.nkv == 0 and a.qk_norm != "full":  # fewer KV heads than ranks: each rank keeps the one it reads
+    else:  # fewer KV heads than ranks: each rank keeps the one it reads
         group = a.nh // a.nkv
         first = heads.start // group
         kv = slice(first, first + 1)
-    else:
-        raise ValueError(f"tensor parallelism: num_key_value_heads={a.nkv} and parallel.tp={tp} "
-                         "must divide one another")
     full_q, full_k = a.nh * a.hd, a.nkv * a.hd
     _rows(a.q_proj, _head_rows(a.nh, a.hd, heads))
     _rows(a.k_proj, _head_rows(a.nkv, a.hd, kv))

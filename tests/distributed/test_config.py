@@ -57,3 +57,104 @@ def test_plan_errors_are_refused_before_any_rank_starts(tmp_path, capsys):
                    "--threads-per-rank", "1", *flags])
         err = capsys.readouterr().err
         assert rc == 2 and message in err and "Traceback" not in err, (flags, err)
+
+
+def _config_dir(path, family: str, **edits):
+    """A checkpoint directory holding only a tiny `family` config.json with `edits` applied: all the frontend
+    reads before it would start the ranks (no weights to write, so each case costs milliseconds)."""
+    import json
+
+    from tests.models.tiny_checkpoints import hf_config
+
+    hf_config(family).save_pretrained(path)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, **edits}))
+    return str(path)
+
+
+# (id, family, config.json edits, parallel options, text the error names)
+UNSPLITTABLE = [
+    ("gqa-heads", "mixtral", dict(num_attention_heads=3, num_key_value_heads=1), dict(tp=2),
+     "num_attention_heads=3 must be divisible by parallel.tp=2"),
+    ("kv-heads", "qwen3_moe", dict(num_attention_heads=6, num_key_value_heads=3), dict(tp=2),
+     "num_key_value_heads=3 and parallel.tp=2 must divide one another"),
+    ("olmoe-full-qk-norm-kv", "olmoe", dict(num_key_value_heads=1), dict(tp=2),
+     "num_key_value_heads=1 must be divisible by parallel.tp=2 (the q/k norm over the whole projection"),
+    ("dense-mlp", "qwen2_moe", dict(intermediate_size=97), dict(tp=2, ep=2),  # layer 1 is a dense MLP
+     "intermediate_size=97 must be divisible by parallel.tp=2"),
+    ("shared-expert", "qwen2_moe", dict(shared_expert_intermediate_size=81), dict(tp=2, ep=2),
+     "shared_expert_intermediate_size=81 must be divisible by parallel.tp=2"),
+    # tp=2, ep=1: both ranks share every expert
+    ("mixtral-expert", "mixtral", dict(intermediate_size=47), dict(tp=2),
+     "intermediate_size=47 must be divisible by the 2 ranks sharing each expert (parallel.tp=2, parallel.ep=1)"),
+    ("qwen3-expert", "qwen3_moe", dict(moe_intermediate_size=33), dict(tp=2),
+     "moe_intermediate_size=33 must be divisible by the 2 ranks sharing each expert"),
+    ("mla-heads", "deepseek_v2", dict(num_attention_heads=3, num_key_value_heads=3), dict(tp=2, ep=2),  # MLA
+     "num_attention_heads=3 must be divisible by parallel.tp=2"),
+    # tp=2, ep=2: routed experts stay whole, the one shared expert (1 x moe_intermediate_size) is split
+    ("deepseek-shared-expert", "deepseek_v3", dict(moe_intermediate_size=33), dict(tp=2, ep=2),
+     "n_shared_experts x moe_intermediate_size=33 must be divisible by parallel.tp=2"),
+]
+
+
+def _no_ranks(monkeypatch):
+    import moe_serve.distributed.executor as executor
+
+    def started(*a, **k):
+        raise AssertionError("worker ranks were started for a checkpoint the layout cannot split")
+
+    monkeypatch.setattr(executor, "WorkerGroup", started)
+
+
+@pytest.mark.parametrize("family,edits,opts,message", [c[1:] for c in UNSPLITTABLE], ids=[c[0] for c in UNSPLITTABLE])
+def test_unsplittable_sizes_are_refused_before_any_rank_starts(tmp_path, monkeypatch, family, edits, opts, message):
+    # the ranks refuse these sizes when they shard; the frontend checks the same spec first, so the user gets
+    # a ValueError naming the config.json field and the parallel option instead of a WorkerFailure
+    import time
+
+    from moe_serve.engine import LLM
+
+    ckpt = _config_dir(tmp_path, family, **edits)
+    _no_ranks(monkeypatch)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError) as err:
+        LLM(model=ckpt, threads_per_rank=1, **opts)
+    assert message in str(err.value) and time.perf_counter() - t0 < 1.0, str(err.value)
+
+
+def test_unsplittable_sizes_cli_one_line(tmp_path, monkeypatch, capsys):
+    from moe_serve.cli.main import main
+
+    _no_ranks(monkeypatch)
+    for family, edits, flags, message in [
+            ("mixtral", dict(num_attention_heads=3, num_key_value_heads=1), ["--tp", "2"], "num_attention_heads=3"),
+            ("olmoe", dict(num_key_value_heads=1), ["--tp", "2"], "num_key_value_heads=1"),
+            ("deepseek_v2", dict(intermediate_size=97), ["--tp", "2", "--ep", "2"], "intermediate_size=97")]:
+        ckpt = _config_dir(tmp_path / family, family, **edits)
+        rc = main(["generate", "--model", ckpt, "--prompt", "hi", "--max-tokens", "1", "--threads-per-rank", "1",
+                   *flags])
+        err = capsys.readouterr().err
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and message in err and "parallel.tp=2" in err, err
+
+
+def test_check_shardable_agrees_with_the_shard_code():
+    # one pure function decides for the frontend and the ranks: every stock tiny checkpoint (the equivalence
+    # tests run them under these layouts) passes; sizes only the dense layers use are checked only when there are some
+    from moe_serve.distributed.sizes import check_shardable, kv_heads_split
+    from moe_serve.models.families import parse_spec
+    from tests.models.tiny_checkpoints import FAMILIES, hf_config
+
+    for family in FAMILIES:
+        _, spec = parse_spec(hf_config(family).to_dict())
+        for tp, ep in ((2, 1), (2, 2), (1, 2)):
+            check_shardable(spec, ParallelLayout(tp, ep))
+    _, spec = parse_spec(hf_config("qwen2_moe", intermediate_size=97, mlp_only_layers=[]).to_dict())
+    check_shardable(spec, ParallelLayout(2, 1))  # no dense layer: intermediate_size is never split
+    _, spec = parse_spec(hf_config("qwen3_moe", num_key_value_heads=1).to_dict())
+    check_shardable(spec, ParallelLayout(2, 2))  # fewer KV heads than ranks: each rank keeps its one
+    assert kv_heads_split(4, 2, 2, "head") and not kv_heads_split(4, 1, 2, "head")
+    every = r"num_key_value_heads=3 .*; expert parallelism: moe_intermediate_size=33"  # every problem, one line
+    with pytest.raises(ValueError, match=every):
+        _, spec = parse_spec(hf_config("qwen3_moe", moe_intermediate_size=33, num_attention_heads=6,
+                                       num_key_value_heads=3).to_dict())
+        check_shardable(spec, ParallelLayout(2, 1))
