@@ -2,6 +2,8 @@
 
 No weight is loaded: parameter counts come from the tensor shapes in the headers, sizes from the
 stored dtypes. "active per token" counts the non-expert parameters plus top_k of the routed experts.
+A checkpoint that `load_model` would refuse (a config.json field, a quantization_config, a missing
+tensor, one of the wrong shape or dtype) is refused the same way, by the loader's own header checks.
 """
 from __future__ import annotations
 
@@ -22,19 +24,16 @@ def _kind(key: str) -> str:
 
 
 def model_info(model_dir: str | Path) -> dict:
-    from moe_serve.models.checkpoint import SafetensorsCheckpoint, read_config
-    from moe_serve.models.families import parse_spec
+    from moe_serve.models.loader import check_tensors, read_spec
 
-    cfg = read_config(model_dir)
-    family, spec = parse_spec(cfg)
-    ckpt = SafetensorsCheckpoint(model_dir)
+    _, family, spec = read_spec(model_dir)
+    ckpt, _, _ = check_tensors(model_dir, family, spec)  # what load_model refuses, from the headers only
     params, size, dtypes = Counter(), Counter(), Counter()
-    for key, fname in ckpt.key_file.items():
-        sl = ckpt.handles[fname].get_slice(key)
+    for key in ckpt.key_file:
         n = 1
-        for d in sl.get_shape():
+        for d in ckpt.shape(key):
             n *= d
-        kind, dt = _kind(key), sl.get_dtype()
+        kind, dt = _kind(key), ckpt.dtype(key)
         params[kind] += n
         size[kind] += n * _BYTES.get(dt, 0)
         dtypes[dt] += n

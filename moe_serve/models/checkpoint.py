@@ -1,7 +1,8 @@
 """Reading a Hugging Face checkpoint directory: config.json and (sharded) safetensors, memory-mapped.
 
 Every failure names the file or tensor and what was expected: a missing directory or config.json,
-a missing, truncated or corrupt safetensors file, a missing tensor key, a tensor of the wrong shape.
+a missing, truncated or corrupt safetensors file, a missing tensor key, a tensor of the wrong shape or
+dtype. `check` judges a tensor from the file's header alone (name, shape, dtype), reading no data.
 """
 from __future__ import annotations
 
@@ -10,6 +11,14 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+# safetensors' header dtype names -> torch dtypes (those this torch has); only floating types of >= 2 bytes load
+_TORCH_DTYPES = {name: getattr(torch, attr) for name, attr in (
+    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
+    ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U64", "uint64"), ("U32", "uint32"), ("U16", "uint16"),
+    ("U8", "uint8"), ("BOOL", "bool"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+    ("F8_E5M2", "float8_e5m2"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("F8_E8M0", "float8_e8m0fnu"),
+    ("C64", "complex64")) if hasattr(torch, attr)}
 
 
 class CheckpointError(ValueError):
@@ -81,22 +90,32 @@ class SafetensorsCheckpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._handle(key).get_slice(key).get_shape())
 
+    def dtype(self, key: str) -> str:
+        """The stored dtype as the header names it ("F32", "BF16", "I8", "F8_E4M3", ...)."""
+        return self._handle(key).get_slice(key).get_dtype()
+
     def _handle(self, key: str):
         if key not in self.key_file:
             raise CheckpointError(f"tensor {key!r} is missing from the checkpoint in {self.dir}")
         return self.handles[self.key_file[key]]
 
-    def get(self, key: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """The tensor (checked against `shape` when given), as stored (mmap-backed, checkpoint dtype)."""
-        h = self._handle(key)
+    def check(self, key: str, shape: tuple[int, ...] | None = None) -> None:
+        """Raise what `get` would about `key` (missing, not `shape`, not a float32/bfloat16/float16-like
+        dtype) from the header alone: no tensor data is read."""
+        self._handle(key)
         if shape is not None and self.shape(key) != tuple(shape):
             raise CheckpointError(f"tensor {key!r} has shape {list(self.shape(key))}, expected {list(shape)}")
+        name = self.dtype(key)
+        dt = _TORCH_DTYPES.get(name)
+        if dt is None or not dt.is_floating_point or dt.itemsize < 2:
+            raise CheckpointError(f"tensor {key!r} has dtype {dt or name}; only float32/bfloat16/float16 "
+                                  "weights are supported (quantized checkpoints are not)")
+
+    def get(self, key: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The tensor (checked against `shape` when given), as stored (mmap-backed, checkpoint dtype)."""
+        self.check(key, shape)
         try:
-            t = h.get_tensor(key)
+            return self._handle(key).get_tensor(key)
         except Exception as e:
             raise CheckpointError(f"cannot read tensor {key!r} from {self.dir / self.key_file[key]} "
                                   f"(truncated or corrupt?): {e}") from None
-        if not t.is_floating_point() or t.element_size() < 2:
-            raise CheckpointError(f"tensor {key!r} has dtype {t.dtype}; only float32/bfloat16/float16 "
-                                  "weights are supported (quantized checkpoints are not)")
-        return t

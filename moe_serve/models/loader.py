@@ -8,11 +8,17 @@ meta device; expert weights go through `expert_store_factory(spec, source, dtype
 `source.get(moe_layer, e) -> (gate_up [2I, H], down [H, I])` reads one expert from the checkpoint
 (per-expert keys as published, or transformers 5's fused `experts.gate_up_proj` / `down_proj`).
 The default factory builds a ResidentExpertStore.
+
+What loading accepts is decided before any weight is read, from config.json and the safetensors
+headers, by `read_spec` (config.json: family, sizes, no quantization_config) and `check_tensors`
+(every tensor the model and its experts read: present, of the expected shape and a float dtype);
+`moe-serve info` calls the same two, so it refuses what loading refuses, with the same messages.
 """
 from __future__ import annotations
 
 from itertools import chain
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -57,48 +63,97 @@ class CheckpointExperts:
                                        if g in self.ckpt and d in self.ckpt), None)
         return self._fused[layer]
 
+    def _fused_tensors(self, layer: int) -> list[tuple[str, tuple[int, ...]]] | None:
+        """(key, shape) of the layer's fused gate_up [E, 2I, H] and down [E, H, I], or None: per-expert keys."""
+        fused, s = self._fused_keys(layer), self.spec
+        if fused is None:
+            return None
+        h, i = s.hidden_size, s.moe_intermediate_size
+        return [(fused[0], (s.num_experts, 2 * i, h)), (fused[1], (s.num_experts, h, i))]
+
+    def _expert_tensors(self, layer: int, e: int) -> list[tuple[str, tuple[int, ...]]]:
+        """(key, shape) of one expert's gate [I, H], up [I, H] and down [H, I]."""
+        h, i = self.spec.hidden_size, self.spec.moe_intermediate_size
+        return list(zip(self.family.expert_keys(layer, e), ((i, h), (i, h), (h, i))))
+
+    def tensors(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """(key, shape) of every expert tensor `get` reads, over all MoE layers."""
+        for layer in self.spec.moe_layers:
+            fused = self._fused_tensors(layer)
+            if fused is not None:
+                yield from fused
+            else:
+                for e in range(self.num_experts):
+                    yield from self._expert_tensors(layer, e)
+
     def get(self, moe_layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= moe_layer < self.num_moe_layers or not 0 <= e < self.num_experts:
             raise IndexError(f"expert ({moe_layer}, {e}) out of range ({self.num_moe_layers} MoE layers, "
                              f"{self.num_experts} experts)")
-        s, layer = self.spec, self.spec.moe_layers[moe_layer]
-        h, i = s.hidden_size, s.moe_intermediate_size
-        fused = self._fused_keys(layer)
+        layer = self.spec.moe_layers[moe_layer]
+        fused = self._fused_tensors(layer)
         if fused is not None:  # read the layer's [E, ...] tensors once, not once per expert
             if self._fused_layer is None or self._fused_layer[0] != layer:
-                self._fused_layer = (layer, self.ckpt.get(fused[0], (s.num_experts, 2 * i, h)),
-                                     self.ckpt.get(fused[1], (s.num_experts, h, i)))
+                self._fused_layer = (layer, *(self.ckpt.get(key, shape) for key, shape in fused))
             return self._fused_layer[1][e], self._fused_layer[2][e]
-        g_key, u_key, d_key = self.family.expert_keys(layer, e)
-        gate, up, down = self.ckpt.get(g_key, (i, h)), self.ckpt.get(u_key, (i, h)), self.ckpt.get(d_key, (h, i))
+        gate, up, down = (self.ckpt.get(key, shape) for key, shape in self._expert_tensors(layer, e))
         return torch.cat((gate, up), dim=0), down
+
+
+def refuse_quantized(cfg: dict) -> None:
+    quant = cfg.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        raise UnsupportedModelError(f"quantized checkpoints are not supported (config.json quantization_config."
+                                    f"quant_method={method!r}); use a float32/bfloat16/float16 checkpoint")
+
+
+def read_spec(model_dir: str | Path) -> tuple[dict, Family, ModelSpec]:
+    """config.json -> (config, family, spec), refusing what load_model cannot load (the field named)."""
+    cfg = read_config(model_dir)
+    family, spec = parse_spec(cfg)
+    refuse_quantized(cfg)
+    return cfg, family, spec
+
+
+def dense_tensors(model: MoEModel, family: Family) -> Iterator[tuple[str, str, tuple[int, ...]]]:
+    """(runtime name, checkpoint key, shape) of every non-expert parameter and buffer of `model`."""
+    for name, t in chain(model.named_parameters(), model.named_buffers()):
+        yield name, family.checkpoint_key(name), tuple(t.shape)
+
+
+def check_tensors(model_dir: str | Path, family: Family,
+                  spec: ModelSpec) -> tuple[SafetensorsCheckpoint, MoEModel, CheckpointExperts]:
+    """Open the checkpoint and check every tensor load_model reads (present, expected shape, a float dtype
+    of >= 2 bytes) from the safetensors headers alone; raises CheckpointError naming the first bad one.
+    Returns the checkpoint, the model built on the meta device and the experts' source."""
+    ckpt = SafetensorsCheckpoint(model_dir)
+    with torch.device("meta"):
+        model = MoEModel(spec)
+    for name, key, shape in dense_tensors(model, family):
+        if name == "lm_head.weight" and key not in ckpt:
+            raise CheckpointError(f"tensor 'lm_head.weight' is missing and tie_word_embeddings is false "
+                                  f"in {Path(model_dir) / 'config.json'}")
+        ckpt.check(key, shape)
+    experts = CheckpointExperts(ckpt, family, spec)
+    for key, shape in experts.tensors():
+        ckpt.check(key, shape)
+    return ckpt, model, experts
 
 
 def load_model(model_dir: str | Path, dtype="auto", device="cpu", hooks: RouterHooks = NO_HOOKS,
                expert_store_factory=None, mla_decode: str = "absorbed") -> MoEModel:
     if mla_decode not in MLA_DECODE_MODES:
         raise ValueError(f"model.mla_decode must be one of {', '.join(MLA_DECODE_MODES)}, got {mla_decode!r}")
-    cfg = read_config(model_dir)
-    family, spec = parse_spec(cfg)
-    quant = cfg.get("quantization_config")
-    if quant:
-        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
-        raise UnsupportedModelError(f"quantized checkpoints are not supported (config.json quantization_config."
-                                    f"quant_method={method!r}); use a float32/bfloat16/float16 checkpoint")
+    cfg, family, spec = read_spec(model_dir)
     dt, device = resolve_dtype(dtype, spec), torch.device(device)
-    ckpt = SafetensorsCheckpoint(model_dir)
-    with torch.device("meta"):
-        model = MoEModel(spec, hooks=hooks)
+    ckpt, model, source = check_tensors(model_dir, family, spec)  # before any weight is read
+    model.hooks = hooks
     state = {}
-    for name, t in chain(model.named_parameters(), model.named_buffers()):
-        key = family.checkpoint_key(name)
-        if name == "lm_head.weight" and key not in ckpt:
-            raise CheckpointError(f"tensor 'lm_head.weight' is missing and tie_word_embeddings is false "
-                                  f"in {Path(model_dir) / 'config.json'}")
+    for name, key, shape in dense_tensors(model, family):
         target = torch.float32 if name.endswith(FP32_PARAMS) else dt
-        state[name] = ckpt.get(key, tuple(t.shape)).to(device=device, dtype=target).contiguous()
+        state[name] = ckpt.get(key, shape).to(device=device, dtype=target).contiguous()
     model.load_state_dict(state, assign=True, strict=True)
-    source = CheckpointExperts(ckpt, family, spec)
     model.store = (expert_store_factory or resident_store_factory)(spec, source, dt, device)
     routing_hook = getattr(model.store, "routing_hook", None)
     if routing_hook is not None:  # the store's predictor reads each router's choice, after any replay in `hooks`
