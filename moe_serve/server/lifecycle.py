@@ -169,38 +169,3 @@ class RequestRunner:
             state.failure_counted = True
             self.metrics.observe_error(err.status)
         return err
-
-    def stream_closed_early(self, state: RunState) -> None:
-        """A streaming body closed before its end: Starlette cancels it when the client goes away,
-        which may come before this runner's own disconnect watcher (and `failure`) sees it."""
-        if not state.failure_counted:
-            state.failure_counted = True
-            self.metrics.observe_error(499)
-
-    def _record(self, out, state: RunState) -> None:
-        m = out.metrics
-        ttft = m.time_to_first_token if m.time_to_first_token is not None else (
-            None if state.first_token is None else state.first_token - state.arrival)
-        self.metrics.observe_request(
-            prompt_tokens=len(out.prompt_token_ids), output_tokens=len(out.token_ids),
-            e2e_s=time.monotonic() - state.arrival, ttft_s=ttft, tpot_s=m.time_per_output_token,
-            finish_reason=out.finish_reason)
-
-    def failure(self, out, state: RunState) -> APIError | None:
-        """The error a finished-early output means (None for a normal finish)."""
-        if out is None or out.finish_reason not in ("abort", "error"):
-            return None
-        state.failure_counted = True
-        if state.timed_out:
-            self.metrics.observe_error(504)
-            return APIError(504, f"request exceeded request_timeout_s={self.timeout_s}", type="timeout_error",
-                            code="timeout", counted=True)
-        if state.disconnected:
-            self.metrics.observe_error(499)
-            return APIError(499, "client disconnected", code="client_closed", counted=True)
-        if out.finish_reason == "error":
-            self.metrics.observe_error(500)
-            return APIError(500, f"engine error: {out.error}", type="internal_server_error", counted=True)
-        self.metrics.observe_error(503)
-        return APIError(503, "request aborted by the engine (shutting down?)", type="service_unavailable",
-                        counted=True)

@@ -157,6 +157,33 @@ def test_timeout_aborts_the_request_and_frees_its_slot(strict_server):
     assert '"timeout_error"' in lines[-2] and lines[-1] == "data: [DONE]"  # the error arrives as an event
 
 
+def test_a_failed_request_is_counted_once_however_often_it_is_asked():
+    """The handlers ask `failure` about a request's first output (to choose streaming) and again about
+    its final one: a request aborted before its first token (e.g. timed out in the queue) was counted
+    twice. Also a stream closed early after `failure` counted it adds nothing."""
+    from types import SimpleNamespace
+
+    from moe_serve.server.lifecycle import RequestRunner, RunState
+    from moe_serve.server.metrics import ServerMetrics
+
+    metrics = ServerMetrics("m")
+    runner = RequestRunner(engine=None, metrics=metrics, max_pending_requests=4, request_timeout_s=0.3)
+
+    def count(status):
+        return metrics.registry.get_sample_value("moe_serve:request_errors_total", {"model_name": "m", "status": status})
+
+    aborted, done = SimpleNamespace(finish_reason="abort", error=None), SimpleNamespace(finish_reason="length")
+    timed_out = RunState(timed_out=True)
+    assert [runner.failure(aborted, timed_out).status for _ in range(3)] == [504] * 3
+    runner.stream_closed_early(timed_out)
+    assert count("504") == 1 and count("499") is None
+    assert runner.failure(done, RunState()) is None
+    gone = RunState()
+    runner.stream_closed_early(gone)  # Starlette closed the body first
+    gone.disconnected = True
+    assert runner.failure(aborted, gone).status == 499 and count("499") == 1
+
+
 def test_api_key_is_required_when_set(strict_server):
     s = strict_server
     body = {"prompt": "hi", "max_tokens": 1}
