@@ -29,6 +29,8 @@ from moe_serve.models.batch import ForwardBatch
 # benches/allreduce.py on the 2-core CPU: shm 7-18 us vs gloo 190-400 us for 4-64 KB when both ranks
 # are scheduled, but slower at 1 MB (decode: hidden 2048 x 16 tokens x bf16 = 64 KB).
 SHM_MAX_BYTES = 64 << 10
+# Seconds the surviving ranks get to stop on their own after one failed (then SIGTERM, then SIGKILL).
+FAILED_GROUP_GRACE_S = 0.5
 
 
 def shm_allreduce_built() -> bool:
@@ -123,7 +125,9 @@ class DistributedModel:
             outs = self.group.collect(step, len(self.layout.output_ranks()), self.pc.step_timeout_s)
         except WorkerFailure as exc:
             self.error = exc
-            self.close()
+            # the other ranks are most likely stuck in a collective with the failed one: they would not
+            # act on a graceful Shutdown, and its 5 s grace would only delay the requests' error replies
+            self.close(grace_s=FAILED_GROUP_GRACE_S)
             raise
         self.last_stats = [o.stats for o in outs]
         loads = [o.expert_load.to_tensor() for o in outs if o.expert_load is not None]
@@ -175,10 +179,11 @@ class DistributedModel:
                 out[k] = out.get(k, 0.0) + v
         return out
 
-    def close(self) -> None:
+    def close(self, grace_s: float = 5.0) -> None:
+        """Stop the ranks (`grace_s` to finish on their own before SIGTERM) and remove shm files."""
         if self.group is not None:
             g, self.group = self.group, None
-            g.shutdown()
+            g.shutdown(grace_s)
         if self._shm_port is not None:
             for f in shm_files("127.0.0.1", self._shm_port):
                 try:
