@@ -43,6 +43,8 @@ def as_token_ids(prompt) -> list[int] | None:
         prompt = prompt.tolist()  # integer dtypes give ints, float ones floats (refused below)
     if not isinstance(prompt, (list, tuple)):
         return None
+    if all(type(t) is int for t in prompt):  # the common case, ~10x quicker than the ABC check below
+        return list(prompt)
     if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
         return None
     return [int(t) for t in prompt]
