@@ -80,7 +80,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.num_slots, sc.max_num_batched_tokens, sc.prefill_chunk, sc.max_queue)
         self._lock = threading.Lock()
         self._inbox: deque[Sequence] = deque()
-        self._aborts: deque[str] = deque()
+        self._aborts: deque[Sequence] = deque()  # the live requests asked to stop
         self._live: dict[str, Sequence] = {}  # request id -> sequence, until finished
         self._seq_ids = itertools.count()
         self._seed_rng = random.Random(mc.seed)
@@ -140,9 +140,12 @@ class LLMEngine:
         return self.submit(self.make_sequence(prompt, params, request_id, arrival_time))
 
     def abort(self, request_id: str) -> None:
-        """Stop a request (its slot is freed at the next step); unknown or finished ids are ignored."""
+        """Stop a request (its slot is freed at the next step); unknown or finished ids are ignored.
+        The id is resolved now, so a request that reuses it later is not the one stopped."""
         with self._lock:
-            self._aborts.append(request_id)
+            seq = self._live.get(request_id)
+            if seq is not None:
+                self._aborts.append(seq)
 
     def has_unfinished(self) -> bool:
         with self._lock:
@@ -192,9 +195,8 @@ class LLMEngine:
         for seq in new:
             self.scheduler.waiting.append(seq)  # room was checked in submit
         outputs = []
-        for rid in aborts:
-            seq = self._live.get(rid)
-            if seq is not None and not seq.finished:
+        for seq in aborts:
+            if not seq.finished:
                 seq.finish("abort")
                 self._retire(seq)
                 outputs.append(seq.make_output())

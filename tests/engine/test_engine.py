@@ -121,6 +121,21 @@ def test_abort_frees_the_slot(tiny_dir):
     assert eng.scheduler.free_slots == [0]
 
 
+def test_abort_of_a_finished_request_spares_a_new_one_with_its_id(tiny_dir, references):
+    """Aborting a finished id is ignored, also when the id is reused before the next step: the abort
+    names the request that was live when it was asked for, not whichever holds the id later."""
+    eng = engine(tiny_dir)
+    eng.add_request(PROMPTS[0], GREEDY, "a")
+    assert run(eng)["a"].finish_reason == "length"
+    eng.abort("a")  # too late: "a" has finished
+    eng.abort("never-seen")
+    eng.add_request(PROMPTS[0], GREEDY, "a")  # the id is free again
+    eng.add_request(PROMPTS[1], GREEDY, "never-seen")
+    done = run(eng)
+    assert done["a"].finish_reason == "length" and done["a"].token_ids == references[PROMPTS[0]]
+    assert done["never-seen"].finish_reason == "length"
+
+
 def test_queue_full_is_refused_clearly(tiny_dir):
     eng = engine(tiny_dir, max_num_seqs=1, max_queue=2)
     for i in range(3):
