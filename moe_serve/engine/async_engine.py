@@ -60,6 +60,8 @@ class AsyncEngine:
         with self._streams_lock:
             if rid in self._streams:
                 raise ValueError(f"request_id {rid!r} is already in use by a running request")
+            if self.dead is not None:  # it stopped while the prompt was tokenized: nobody would end this stream
+                raise EngineDeadError(f"engine is not running: {self.dead}")
             self._streams[rid] = (asyncio.get_running_loop(), queue)
         finished = False
         try:

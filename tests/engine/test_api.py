@@ -1,5 +1,6 @@
 """The public API: LLM (prompt forms, context manager, identical to transformers) and AsyncEngine streaming."""
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -160,3 +161,35 @@ def test_async_bad_request_fails_alone_and_abort_frees(tiny_dir):
             pass
     with pytest.raises(EngineDeadError):
         asyncio.run(after_shutdown())
+
+
+def test_async_generate_tokenizing_through_a_shutdown_ends(tiny_dir):
+    """A text prompt still being tokenized (off the loop) when the engine shuts down: its generate
+    raises EngineDeadError instead of waiting forever on a step loop that is gone."""
+    eng = AsyncEngine.from_config(EngineConfig.from_flat(model=str(tiny_dir)))
+    tokenizing, release = threading.Event(), threading.Event()
+    make = eng.engine.make_sequence
+
+    def slow_make(*args, **kw):  # a long text: tokenizing takes a while
+        tokenizing.set()
+        release.wait(10)
+        return make(*args, **kw)
+
+    eng.engine.make_sequence = slow_make
+
+    async def main():
+        async def consume():
+            async for _ in eng.generate("The quick brown fox", GREEDY, "late"):
+                pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.to_thread(tokenizing.wait, 10)
+        eng.shutdown()
+        release.set()
+        with pytest.raises(EngineDeadError):
+            await asyncio.wait_for(task, 5)
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
+        eng.shutdown()
