@@ -231,8 +231,10 @@ def load_ours(ckpt: Path, factory, device: torch.device, trace=None):
 
         _, spec = parse_spec(read_config(ckpt))
         hooks = TraceReplay(trace, spec.num_moe_layers, spec.num_experts, spec.top_k)
-    # load_model chains a predicting store's routing hook after the replay
-    model = load_model(ckpt, dtype="bfloat16", device=device, hooks=hooks, expert_store_factory=factory)
+    # load_model chains a predicting store's routing hook after the replay; the experts come from host
+    # memory (the factory), not from the checkpoint, which holds the other weights only
+    model = load_model(ckpt, dtype="bfloat16", device=device, hooks=hooks, expert_store_factory=factory,
+                       check_experts=False)
     model.allocate_kv_cache(1, 512)
     return model
 

@@ -1,13 +1,15 @@
 """load_model: a Hugging Face MoE checkpoint directory -> a ready MoEModel.
 
-    load_model(model_dir, dtype="auto", device="cpu", hooks=NO_HOOKS, expert_store_factory=None, mla_decode="absorbed")
+    load_model(model_dir, dtype="auto", device="cpu", hooks=NO_HOOKS, expert_store_factory=None, mla_decode="absorbed",
+               check_experts=True)
 
 `dtype`: "auto" (the checkpoint's `dtype`/`torch_dtype`, float32 when absent), "float32", "bfloat16",
 "float16" or a torch.dtype. Non-expert weights are read (memory-mapped) into the model built on the
 meta device; expert weights go through `expert_store_factory(spec, source, dtype, device)`, where
 `source.get(moe_layer, e) -> (gate_up [2I, H], down [H, I])` reads one expert from the checkpoint
 (per-expert keys as published, or transformers 5's fused `experts.gate_up_proj` / `down_proj`).
-The default factory builds a ResidentExpertStore.
+The default factory builds a ResidentExpertStore. A factory that takes its experts from elsewhere
+(not from `source`) passes `check_experts=False`: the checkpoint then need not hold any expert tensor.
 
 What loading accepts is decided before any weight is read, from config.json and the safetensors
 headers, by `read_spec` (config.json: family, sizes, no quantization_config) and `check_tensors`
@@ -122,10 +124,11 @@ def dense_tensors(model: MoEModel, family: Family) -> Iterator[tuple[str, str, t
         yield name, family.checkpoint_key(name), tuple(t.shape)
 
 
-def check_tensors(model_dir: str | Path, family: Family,
-                  spec: ModelSpec) -> tuple[SafetensorsCheckpoint, MoEModel, CheckpointExperts]:
+def check_tensors(model_dir: str | Path, family: Family, spec: ModelSpec,
+                  experts: bool = True) -> tuple[SafetensorsCheckpoint, MoEModel, CheckpointExperts]:
     """Open the checkpoint and check every tensor load_model reads (present, expected shape, a float dtype
     of >= 2 bytes) from the safetensors headers alone; raises CheckpointError naming the first bad one.
+    `experts=False` leaves the expert tensors unchecked (a store that does not read them from the checkpoint).
     Returns the checkpoint, the model built on the meta device and the experts' source."""
     ckpt = SafetensorsCheckpoint(model_dir)
     with torch.device("meta"):
@@ -135,19 +138,20 @@ def check_tensors(model_dir: str | Path, family: Family,
             raise CheckpointError(f"tensor 'lm_head.weight' is missing and tie_word_embeddings is false "
                                   f"in {Path(model_dir) / 'config.json'}")
         ckpt.check(key, shape)
-    experts = CheckpointExperts(ckpt, family, spec)
-    for key, shape in experts.tensors():
-        ckpt.check(key, shape)
-    return ckpt, model, experts
+    source = CheckpointExperts(ckpt, family, spec)
+    if experts:
+        for key, shape in source.tensors():
+            ckpt.check(key, shape)
+    return ckpt, model, source
 
 
 def load_model(model_dir: str | Path, dtype="auto", device="cpu", hooks: RouterHooks = NO_HOOKS,
-               expert_store_factory=None, mla_decode: str = "absorbed") -> MoEModel:
+               expert_store_factory=None, mla_decode: str = "absorbed", check_experts: bool = True) -> MoEModel:
     if mla_decode not in MLA_DECODE_MODES:
         raise ValueError(f"model.mla_decode must be one of {', '.join(MLA_DECODE_MODES)}, got {mla_decode!r}")
     cfg, family, spec = read_spec(model_dir)
     dt, device = resolve_dtype(dtype, spec), torch.device(device)
-    ckpt, model, source = check_tensors(model_dir, family, spec)  # before any weight is read
+    ckpt, model, source = check_tensors(model_dir, family, spec, experts=check_experts)  # before any weight is read
     model.hooks = hooks
     state = {}
     for name, key, shape in dense_tensors(model, family):

@@ -122,6 +122,20 @@ def test_missing_expert_key(mixtral_dir, tmp_path):
         load_model(d)
 
 
+def test_store_with_its_own_experts_loads_a_checkpoint_without_experts(mixtral_dir, tmp_path):
+    # benches/expert_offload_gpu.py: the experts live in host memory, the checkpoint holds the rest only
+    full = load_model(mixtral_dir)
+    d = rewrite_tensors(mixtral_dir, tmp_path, lambda sd: [sd.pop(k) for k in list(sd) if ".experts." in k])
+    with pytest.raises(CheckpointError, match="experts.0.w1.weight.*missing"):
+        load_model(d)  # the default store reads the checkpoint's experts: still refused up front
+    from moe_serve.experts.store import ResidentExpertStore
+
+    own = load_model(d, check_experts=False,
+                     expert_store_factory=lambda spec, source, dtype, device: ResidentExpertStore(full.store.gate_up,
+                                                                                                  full.store.down))
+    torch.testing.assert_close(logits(own), logits(full), rtol=0, atol=0)
+
+
 def test_bad_dtype(mixtral_dir):
     with pytest.raises(ValueError, match="dtype"):
         load_model(mixtral_dir, dtype="int8")
