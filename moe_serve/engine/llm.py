@@ -58,12 +58,18 @@ class LLM:
                 raise ValueError(f"prompts[{i}]: {exc}") from exc
         results: dict[str, RequestOutput] = {}
         todo = list(seqs)
-        while todo or len(results) < len(seqs):
-            while todo and self.engine.queue_has_room():
-                self.engine.submit(todo.pop(0))
-            for out in self.engine.step():
-                if out.finished:
-                    results[out.request_id] = out
+        wanted = {s.request_id for s in seqs}
+        try:
+            while todo or len(results) < len(seqs):
+                while todo and self.engine.queue_has_room():
+                    self.engine.submit(todo.pop(0))
+                for out in self.engine.step():
+                    if out.finished and out.request_id in wanted:  # not a request of an interrupted call
+                        results[out.request_id] = out
+        except BaseException:  # e.g. Ctrl-C: nobody will read these requests, a later call must not run them
+            for s in seqs:
+                self.engine.abort(s.request_id)
+            raise
         return [results[s.request_id] for s in seqs]
 
     def expert_load(self):

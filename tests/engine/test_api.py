@@ -32,6 +32,28 @@ def test_llm_prompt_forms_and_context_manager(tiny_dir):
         llm.generate("x", GREEDY)
 
 
+def test_an_interrupted_generate_leaves_nothing_behind(tiny_dir):
+    """Ctrl-C inside generate: its requests are aborted, so the next call neither runs them nor takes
+    their outputs for its own (it counted them and failed with a KeyError), and the slots come back."""
+    with LLM(model=str(tiny_dir), max_num_seqs=2) as llm:
+        want = llm.generate("Once upon a time", GREEDY)[0].token_ids
+        step, calls = llm.engine.step, 0
+
+        def interrupted_step():
+            nonlocal calls
+            calls += 1
+            if calls == 5:
+                raise KeyboardInterrupt
+            return step()
+
+        llm.engine.step = interrupted_step
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(["The quick brown fox"] * 4, GREEDY)  # two run, two wait in the queue
+        llm.engine.step = step
+        assert llm.generate("Once upon a time", GREEDY)[0].token_ids == want
+        assert not llm.engine.has_unfinished() and sorted(llm.engine.scheduler.free_slots) == [0, 1]
+
+
 def test_token_ids_from_numpy_and_torch(tiny_dir):
     """Token ids as numpy or torch integers (what a tokenizer or a dataset hands over) are prompts like
     a list of ints: one 1-D array is one prompt, a 2-D one a prompt per row; float ids are refused."""
