@@ -36,6 +36,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT / ".." / "shared" / "traces"
+WARMUP_STEPS = 2  # timed, not counted: the first steps build plans and warm caches
 PLANS = ("contiguous", "eplb", "affinity")
 MODES = ("replicated", "alltoall", "preplan", "preplan_predictor")
 
@@ -117,16 +118,17 @@ def run_ours(rank, world, args, plan, mode, experts, weights, batches, pred=None
                 dist.all_reduce(y)
             x = torch.nn.functional.normalize(x + y, dim=-1)
         times.append(time.perf_counter() - t)
-        if i >= 2:  # warm-up steps are timed but not counted
+        if i >= WARMUP_STEPS:  # warm-up steps are timed but not counted
             tokens += len(rows)
         copies += ctx.stats.copies
         tl += ctx.stats.tokens
         remote += ctx.stats.remote_rows
-    out = torch.tensor([float(sum(times[2:])), float(tokens), float(copies), float(tl), float(remote)], dtype=torch.float64)
+    out = torch.tensor([float(sum(times[WARMUP_STEPS:])), float(tokens), float(copies), float(tl), float(remote)],
+                       dtype=torch.float64)
     t_max = out[:1].clone()
     dist.all_reduce(t_max, op=dist.ReduceOp.MAX)
     dist.all_reduce(out)
-    return dict(step_s_median=float(np.median(times[2:])), tokens_per_s=float(out[1] / t_max[0]),
+    return dict(step_s_median=float(np.median(times[WARMUP_STEPS:])), tokens_per_s=float(out[1] / t_max[0]),
                 copies_per_token_layer=float(out[2] / out[3]), remote_rows_per_step=float(out[4] / len(batches)),
                 remote_bytes_per_step=float(out[4] / len(batches) * args.hidden * 4),
                 remote_bytes_per_step_dsv2lite_bf16=float(out[4] / len(batches) * 2048 * 2),
@@ -161,13 +163,13 @@ def run_deepspeed(rank, world, args, E, K, batches):
                 for layer in layers:
                     x = layer(x)[0]
                 times.append(time.perf_counter() - t)
-                if i >= 2:
+                if i >= WARMUP_STEPS:
                     tokens += x.shape[1]
-        t = torch.tensor([sum(times[2:])], dtype=torch.float64)
+        t = torch.tensor([sum(times[WARMUP_STEPS:])], dtype=torch.float64)
         n = torch.tensor([float(tokens)], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         dist.all_reduce(n)
-        return dict(k=K, layers=args.ds_layers, step_s_median=float(np.median(times[2:])) * 26 / args.ds_layers,
+        return dict(k=K, layers=args.ds_layers, step_s_median=float(np.median(times[WARMUP_STEPS:])) * 26 / args.ds_layers,
                     tokens_per_s=float(n[0] / t[0]) * args.ds_layers / 26, note="scaled to 26 layers")
     except Exception as exc:
         return dict(error=f"{type(exc).__name__}: {exc}"[:2000])
@@ -272,6 +274,8 @@ def main() -> int:
     ap.add_argument("--plans", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.steps <= WARMUP_STEPS:  # else every tok/s is a mean of nothing (nan)
+        ap.error(f"--steps must be > {WARMUP_STEPS} (the first {WARMUP_STEPS} are warm-up), got {args.steps}")
     if args.worker is not None:
         worker(args.worker, args)
         return 0
