@@ -227,8 +227,9 @@ class CompiledDecode:
     def forward(self, batch: ForwardBatch) -> torch.Tensor | None:
         """Logits fp32 [B, V], or None when compiling failed (the caller runs the eager step)."""
         out = self._run(batch)
-        if out is None:  # once: accepts() refuses every later step
-            log.warning("compiled decode disabled, running eagerly: %s", self.failed.splitlines()[0])
+        if out is None:
+            if self.failed is not None:  # once: accepts() refuses every later step
+                log.warning("compiled decode disabled, running eagerly: %s", self.failed.splitlines()[0])
             return None
         logits, ids, weights = out
         self.steps += 1
@@ -242,7 +243,7 @@ class CompiledDecode:
 
     def _run(self, batch: ForwardBatch):
         """(logits fp32 [B, V], ids [L, B, K], weights [L, B, K]) from the compiled step, or None
-        when compiling failed."""
+        when compiling failed (`failed` says why) or the batch holds a token id past the vocabulary."""
         m, dev = self.model, self.model.device
         narrow, one = self.narrow.get, batch.num_seqs == 1
         fused = [attn.fused_weights() for attn in self._attn]
@@ -272,5 +273,7 @@ class CompiledDecode:
             return self._step(m, tokens, positions, slots, key, fused, out_proj, experts, m.kv_cache, head, self.kernel,
                               wide)
         except Exception as exc:  # noqa: BLE001 - compiling is an optimisation: fall back, say why once
+            if ((tokens < 0) | (tokens >= m.embed_tokens.weight.shape[0])).any():
+                return None  # the batch's fault, not the graph's: the eager step raises it, for this step only
             self.failed = f"{type(exc).__name__}: {exc}"
             return None

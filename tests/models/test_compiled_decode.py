@@ -211,6 +211,25 @@ def test_compile_failure_falls_back_to_eager(tiny_checkpoint, caplog):
     assert not model.compiled.accepts(decodes([6], (0,), (7,)))
 
 
+def test_a_bad_token_fails_its_step_not_the_compiled_step(tiny_checkpoint):
+    """A decode fed a token id past the vocabulary (a request that slipped past validation) raises
+    the eager step's IndexError, for the engine to pin on that request; the compiled step was not at
+    fault and keeps serving the next decodes (it used to switch itself off for good)."""
+    path = tiny_checkpoint("qwen3_moe")
+    eager, model = load_model(path), load_model(path)
+    for m in (eager, model):
+        m.allocate_kv_cache(2, 32)
+        m(ForwardBatch.single(PROMPTS[0], slot=0))
+    model.enable_compiled_decode(max_batch=2)
+    model(decodes([5], (0,), (6,)))
+    eager(decodes([5], (0,), (6,)))
+    with pytest.raises(IndexError):
+        model(decodes([model.spec.vocab_size + 3], (0,), (7,)))
+    assert model.compiled.failed is None
+    torch.testing.assert_close(model(decodes([6], (0,), (7,))), eager(decodes([6], (0,), (7,))), rtol=1e-4, atol=1e-4)
+    assert model.compiled.steps == 2
+
+
 @pytest.mark.parametrize("max_batch", [4, None])
 def test_llm_generate_compiled_equals_eager(tiny_qwen_dir, max_batch):
     """End to end through the engine: greedy continuations of requests decoded together are the eager
