@@ -192,13 +192,18 @@ def test_what_stays_eager(tiny_checkpoint):
     assert model.compiled.steps == 1 and int(model.hooks.counts.sum()) == model.spec.num_moe_layers * model.spec.top_k
 
 
-def test_compile_failure_falls_back_to_eager(tiny_checkpoint, caplog):
-    path = tiny_checkpoint("qwen3_moe")
+def eager_and_compiled(path):
+    """Two copies of a checkpoint, each after the same prefill in slot 0; the second may compile decodes."""
     eager, model = load_model(path), load_model(path)
     for m in (eager, model):
         m.allocate_kv_cache(2, 32)
         m(ForwardBatch.single(PROMPTS[0], slot=0))
     model.enable_compiled_decode(max_batch=2)
+    return eager, model
+
+
+def test_compile_failure_falls_back_to_eager(tiny_checkpoint, caplog):
+    eager, model = eager_and_compiled(tiny_checkpoint("qwen3_moe"))
 
     def no_compiler(*args):  # what torch.compile raises on a machine without a C++ compiler
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
@@ -215,12 +220,7 @@ def test_a_bad_token_fails_its_step_not_the_compiled_step(tiny_checkpoint):
     """A decode fed a token id past the vocabulary (a request that slipped past validation) raises
     the eager step's IndexError, for the engine to pin on that request; the compiled step was not at
     fault and keeps serving the next decodes (it used to switch itself off for good)."""
-    path = tiny_checkpoint("qwen3_moe")
-    eager, model = load_model(path), load_model(path)
-    for m in (eager, model):
-        m.allocate_kv_cache(2, 32)
-        m(ForwardBatch.single(PROMPTS[0], slot=0))
-    model.enable_compiled_decode(max_batch=2)
+    eager, model = eager_and_compiled(tiny_checkpoint("qwen3_moe"))
     model(decodes([5], (0,), (6,)))
     eager(decodes([5], (0,), (6,)))
     with pytest.raises(IndexError):
