@@ -71,7 +71,8 @@ class KVCacheConfig:
 
 @dataclass
 class SchedulerConfig:
-    max_num_batched_tokens: int = doc("most tokens in one forward step (prefill chunks + decodes)", default=512)
+    max_num_batched_tokens: int = doc("most tokens in one forward step (prefill chunks + decodes); at least "
+                                      "kv_cache.max_num_seqs, one decode token per sequence", default=512)
     prefill_chunk: int = doc("longest prompt chunk prefilled in one step", default=256)
     max_queue: int = doc("most requests waiting; more are refused with a clear error", default=1024)
 
@@ -232,6 +233,13 @@ class EngineConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     expert_cache: ExpertCacheConfig = field(default_factory=ExpertCacheConfig)
+
+    def __post_init__(self):
+        # every running sequence decodes one token a step: a smaller token budget leaves the sequences in
+        # the higher KV slots, and the prompts behind them, waiting until the others finish (vLLM refuses it too)
+        require(self.scheduler.max_num_batched_tokens >= self.kv_cache.max_num_seqs, "scheduler",
+                "max_num_batched_tokens", f">= kv_cache.max_num_seqs ({self.kv_cache.max_num_seqs})",
+                self.scheduler.max_num_batched_tokens)
 
     @classmethod
     def sections(cls) -> dict[str, type]:

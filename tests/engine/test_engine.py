@@ -1,4 +1,6 @@
 """The engine core on a real tiny checkpoint: continuous batching, chunked prefill, stops, abort, queue."""
+import re
+
 import pytest
 
 from moe_serve.config import EngineConfig
@@ -164,6 +166,10 @@ def test_bad_input_names_field_and_limit(tiny_dir):
         engine(tiny_dir, max_model_len=100000)
     with pytest.raises(ValueError, match=r"kv_cache.kv_cache_gb"):
         engine(tiny_dir, kv_cache_gb=1e-6, max_model_len=256)
+    # a step that cannot hold one decode token per sequence would leave the high slots waiting
+    with pytest.raises(ValueError, match=re.escape("scheduler.max_num_batched_tokens must be >= "
+                                                   "kv_cache.max_num_seqs (8), got 4")):
+        engine(tiny_dir, max_num_seqs=8, max_num_batched_tokens=4, prefill_chunk=2)
 
 
 def test_a_failing_request_fails_alone(tiny_dir, references):
