@@ -19,6 +19,29 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def free_tcp_port_run(count: int, host: str = "127.0.0.1", tries: int = 200) -> int:
+    """A port P with P .. P+count-1 all free a moment ago (a worker endpoint binds PORT and PORT+1+r).
+    Drawn below Linux's ephemeral range (32768+), where outgoing connections take ports at random: a
+    run taken from port 0's neighbours can be gone by the time it is bound."""
+    import random
+
+    for _ in range(tries):
+        base = random.randrange(20000, 32768 - count)
+        held = []
+        try:
+            for p in range(base, base + count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                held.append(s)
+                s.bind((host, p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError(f"no run of {count} free TCP ports on {host} after {tries} tries")
+
+
 @dataclass
 class ControlEndpoints:
     """Addresses of one worker group's control sockets (frontend binds, ranks connect).

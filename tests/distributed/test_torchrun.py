@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moe_serve.config import ModelConfig, ParallelConfig
-from moe_serve.distributed.endpoints import free_tcp_port
+from moe_serve.distributed.endpoints import free_tcp_port, free_tcp_port_run
 from moe_serve.distributed.executor import DistributedModel
 from moe_serve.models import load_model
 from tests.distributed.helpers import greedy
@@ -27,7 +27,7 @@ def test_ranks_from_torchrun_attach_to_the_engine(tmp_path):
     ref = load_model(ckpt)
     ref.allocate_kv_cache(4, 64)
     want, want_logits = greedy(ref, steps=4)
-    port, master = free_tcp_port(), free_tcp_port()
+    port, master = free_tcp_port_run(3), free_tcp_port()  # the frontend binds port, port+1, port+2
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     env = dict(os.environ, OMP_NUM_THREADS="1", MOE_SERVE_FRONTEND=f"127.0.0.1:{port}",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
