@@ -221,6 +221,12 @@ class LLMEngine:
             seq_ids=[seq.seq_id for seq, _ in plan],
         )
 
+    def _fail_alone(self, seq: Sequence, exc: Exception, outputs: list[RequestOutput]) -> None:
+        """End one request with the error its own retry raised; the rest of the step goes on."""
+        seq.finish("error", f"{type(exc).__name__}: {exc}")
+        self._retire(seq)
+        outputs.append(seq.make_output())
+
     @torch.inference_mode()
     def _forward(self, plan, outputs):
         """(the sequences that ran, their logits [S, V]); a failing batch is retried one sequence at a time."""
@@ -233,9 +239,7 @@ class LLMEngine:
                     rows.append(self.model.forward(self._batch([(seq, n)])))
                     kept.append((seq, n))
                 except Exception as exc:  # noqa: BLE001 - this request fails alone
-                    seq.finish("error", f"{type(exc).__name__}: {exc}")
-                    self._retire(seq)
-                    outputs.append(seq.make_output())
+                    self._fail_alone(seq, exc, outputs)
             if not kept and not outputs:
                 raise batch_exc
             logits = torch.cat(rows) if rows else torch.zeros(0, self.spec.vocab_size, device=self.device)
@@ -255,9 +259,7 @@ class LLMEngine:
                     tokens += sample(logits[i:i + 1], [seq.params], [seq.generator])
                     kept.append(seq)
                 except Exception as exc:  # noqa: BLE001 - this request fails alone
-                    seq.finish("error", f"{type(exc).__name__}: {exc}")
-                    self._retire(seq)
-                    outputs.append(seq.make_output())
+                    self._fail_alone(seq, exc, outputs)
             return kept, tokens
 
     def _check_stop(self, seq: Sequence, tok: int) -> None:
