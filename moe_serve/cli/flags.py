@@ -57,3 +57,13 @@ def output_file(path: str | None, flag: str) -> None:
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a parent that is a file, or no permission
         raise ValueError(f"{flag} {path}: cannot create its directory ({e.strerror})") from None
+
+
+def same_trace_shape(paths: list[str], traces: list, flags: str) -> None:
+    """Every routing trace must have the first one's (MoE layers, experts, top_k): a predictor or a plan
+    fitted on one shape scores another's experts as nonsense, without an error of its own."""
+    want = (traces[0].num_layers, traces[0].num_experts, traces[0].top_k)
+    for path, t in zip(paths, traces):
+        got = (t.num_layers, t.num_experts, t.top_k)
+        if got != want:
+            raise ValueError(f"{flags}: {path} has (MoE layers, experts, top_k)={got}, {paths[0]} has {want}")

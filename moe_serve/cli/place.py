@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from moe_serve.cli.flags import key_value_params as _params, output_file
+from moe_serve.cli.flags import key_value_params as _params, output_file, same_trace_shape
 
 
 def _experts(paths: list[str]):
@@ -24,9 +24,7 @@ def _experts(paths: list[str]):
     from predictors.traces import load_trace
 
     traces = [load_trace(p) for p in paths]
-    shapes = {(t.num_layers, t.top_k, t.num_experts) for t in traces}
-    if len(shapes) != 1:
-        raise ValueError(f"--trace files disagree in (layers, top_k, num_experts): {sorted(shapes)}")
+    same_trace_shape(paths, traces, "--trace")
     return np.concatenate([t.experts for t in traces]), traces[0].num_experts
 
 

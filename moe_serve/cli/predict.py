@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from moe_serve.cli.flags import key_value_params as _params, output_file
+from moe_serve.cli.flags import key_value_params as _params, output_file, same_trace_shape
 
 
 def run_fit(args) -> int:
@@ -42,16 +42,6 @@ def run_fit(args) -> int:
     return 0
 
 
-def same_shape(paths, traces, flags: str) -> None:
-    """Every trace must have the first one's (MoE layers, experts, top_k): a predictor fitted on one
-    shape scores another's experts as nonsense, without an error."""
-    want = (traces[0].num_layers, traces[0].num_experts, traces[0].top_k)
-    for path, t in zip(paths, traces):
-        got = (t.num_layers, t.num_experts, t.top_k)
-        if got != want:
-            raise ValueError(f"{flags}: {path} has (MoE layers, experts, top_k)={got}, {paths[0]} has {want}")
-
-
 def predictor_params(text: str | None) -> dict | None:
     """--params: a JSON object {predictor name: {parameter: value}}."""
     if not text:
@@ -72,7 +62,7 @@ def run_eval(args) -> int:
     output_file(args.json, "--json")
     train = [load_trace(p) for p in args.train]
     test = [load_trace(p) for p in args.test]
-    same_shape(args.train + args.test, train + test, "--train/--test")
+    same_trace_shape(args.train + args.test, train + test, "--train/--test")
     names = args.predictors.split(",") if args.predictors else None
     params = predictor_params(args.params)
     result = compare(train, test, names, args.lookahead, args.budget, not args.no_next_token, params,
