@@ -32,8 +32,8 @@ def kv_heads_split(num_heads: int, num_kv_heads: int, tp: int, qk_norm: str) -> 
     if tp % num_kv_heads == 0 and qk_norm != "full":
         return False
     if tp % num_kv_heads == 0:  # the norm spans all KV heads: a rank holding a copy would count it twice
-        raise ValueError(f"tensor parallelism: {split_error('num_key_value_heads', num_kv_heads, f'parallel.tp={tp}')}"
-                         " (the q/k norm over the whole projection cannot use replicated KV heads)")
+        raise ValueError(tp_error("num_key_value_heads", num_kv_heads, tp)
+                         + " (the q/k norm over the whole projection cannot use replicated KV heads)")
     raise ValueError(f"tensor parallelism: num_key_value_heads={num_kv_heads} and parallel.tp={tp} "
                      "must divide one another")
 
