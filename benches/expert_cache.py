@@ -61,8 +61,10 @@ LOOKAHEAD = 2  # MoE layers ahead the predicted policies prefetch for
 
 
 def sim_direction(replayed: str, fitted: str, tokens: int | None, policies=None, cost=None,
-                  predictor_name: str = "mlp_online", lookahead: int = LOOKAHEAD, capacities=CAPACITIES) -> dict:
-    """`cost`: CostModel fields other than their defaults (copy_order, bandwidth_gbps, prefetch_when)."""
+                  predictor_name: str = "mlp_online", lookahead: int = LOOKAHEAD, capacities=CAPACITIES,
+                  prefetch_from: str = "1") -> dict:
+    """`cost`: CostModel fields other than their defaults (copy_order, bandwidth_gbps, prefetch_when).
+    `prefetch_from`: a layer count, or auto (the cost model's `min_prefetch_distance`)."""
     from predictors.registry import make_predictor
     from predictors.traces import load_trace
     from moe_serve.experts.policies import POLICY_NAMES
@@ -77,13 +79,15 @@ def sim_direction(replayed: str, fitted: str, tokens: int | None, policies=None,
     # mlp_online adapts to the replayed trace as it goes (prequentially, see TracePredictions)
     predictor = make_predictor(predictor_name, fit.num_layers, fit.num_experts, fit.top_k, lookahead=lookahead)
     predictor.fit([fit])
-    return simulate(trace, list(policies or POLICY_NAMES), capacities, CostModel(**(cost or {})),
-                    predictor=predictor, fit_traces=[fit],
-                    lookahead=lookahead, log=lambda s: print(f"{replayed}<-{fitted}: {s}", flush=True))
+    model = CostModel(**(cost or {}))
+    return simulate(trace, list(policies or POLICY_NAMES), capacities, model,
+                    predictor=predictor, fit_traces=[fit], lookahead=lookahead,
+                    prefetch_from=model.min_prefetch_distance if prefetch_from == "auto" else int(prefetch_from), log=lambda s: print(f"{replayed}<-{fitted}: {s}", flush=True))
 
 
 def part_sim(tokens: int | None, jobs: int, policies=None, cost=None,
-             predictor_name: str = "mlp_online", lookahead: int = LOOKAHEAD, capacities=CAPACITIES) -> dict:
+             predictor_name: str = "mlp_online", lookahead: int = LOOKAHEAD, capacities=CAPACITIES,
+             prefetch_from: str = "1") -> dict:
     """Both directions; the default run (the default cost model, lookahead LOOKAHEAD) writes the table,
     any other variant appends its own."""
     from moe_serve.experts.simulate import format_table
@@ -92,7 +96,7 @@ def part_sim(tokens: int | None, jobs: int, policies=None, cost=None,
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         outs = list(pool.map(sim_direction, [a for a, _ in pairs], [b for _, b in pairs], [tokens] * 2,
                              [policies] * 2, [cost] * 2, [predictor_name] * 2, [lookahead] * 2,
-                             [tuple(capacities)] * 2))
+                             [tuple(capacities)] * 2, [prefetch_from] * 2))
     results = {f"{a} (fit on {b})": o for (a, b), o in zip(pairs, outs)}
     table = format_table(results)
     print(table)
@@ -104,8 +108,11 @@ def part_sim(tokens: int | None, jobs: int, policies=None, cost=None,
             f"lookahead {lookahead} MoE layers")
     if {"bandwidth_gbps", "prefetch_when"} & set(cost or {}):
         head += f", {model.bandwidth_gbps:g} GB/s host-to-device, prefetch when {model.prefetch_when}"
+    if prefetch_from != "1":
+        resolved = model.min_prefetch_distance if prefetch_from == "auto" else prefetch_from
+        head += f", prefetching from {resolved} layers ahead ({prefetch_from})"
     head += "\n"
-    if not cost and lookahead == LOOKAHEAD:
+    if not cost and lookahead == LOOKAHEAD and prefetch_from == "1":
         txt.write_text(head + table + "\n")
     else:
         txt.write_text(txt.read_text() + "\n" + head + table + "\n")
@@ -269,6 +276,9 @@ def main() -> int:
                          "H100 of benches/expert_offload_gpu.py measured 54.8); another value adds results_bw<GB/s>")
     ap.add_argument("--prefetch-when", choices=("always", "idle"), default=base.prefetch_when,
                     help="sim prefetches always, or only while the copy engine is idle (adds results_idle)")
+    ap.add_argument("--prefetch-from", default="1",
+                    help="the nearest layer ahead the sim's predicted policies prefetch for: N, or auto (copy time "
+                         "over layer time, rounded up); another value than 1 adds results_..._from<N|auto>")
     ap.add_argument("--capacities", default=",".join(map(str, CAPACITIES)),
                     help="comma-separated fractions of experts resident for the sim")
     args = ap.parse_args()
@@ -284,12 +294,16 @@ def main() -> int:
         capacities = tuple(float(c) for c in args.capacities.split(","))
         cost = {k: getattr(args, k) for k in ("copy_order", "bandwidth_gbps", "prefetch_when")
                 if getattr(args, k) != getattr(base, k)}
-        out["sim"] = part_sim(args.tokens, args.jobs, policies, cost, args.sim_predictor, args.lookahead, capacities)
+        if args.prefetch_from != "auto" and not (args.prefetch_from.isdigit() and int(args.prefetch_from) >= 1):
+            ap.error(f"--prefetch-from must be an integer >= 1 or auto, got {args.prefetch_from!r}")
+        out["sim"] = part_sim(args.tokens, args.jobs, policies, cost, args.sim_predictor, args.lookahead, capacities,
+                              args.prefetch_from)
         path = RESULTS / "expert_cache_sim.json"
         variant = "_".join(v for v in (cost.get("copy_order", ""),
                                        f"lookahead{args.lookahead}" if args.lookahead != LOOKAHEAD else "",
                                        f"bw{args.bandwidth_gbps:g}" if "bandwidth_gbps" in cost else "",
-                                       "idle" if "prefetch_when" in cost else "") if v)
+                                       "idle" if "prefetch_when" in cost else "",
+                                       f"from{args.prefetch_from}" if args.prefetch_from != "1" else "") if v)
         if not variant:
             data = dict(machine=machine, tokens=args.tokens, predictor=args.sim_predictor, results=out["sim"])
         else:

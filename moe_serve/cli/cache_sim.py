@@ -30,6 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("--lookahead", type=int, default=1, help="MoE layers ahead the predicted policies prefetch, at most the predictor's own lookahead "
                         "(default: 1; belady-prefetch's oracle always looks 4 layer steps ahead, recorded in its "
                         "results as oracle_lookahead)")
+    p.add_argument("--prefetch-from", default="1",
+                   help="the nearest MoE layer ahead the predicted policies prefetch for: N >= 1, or auto (copy time "
+                        "over layer time, rounded up: the nearest layer a copy can reach in time); default: 1")
     p.add_argument("--expert-bytes", type=int, default=DSV2_LITE_EXPERT_BYTES,
                    help=f"bytes of one expert (default: {DSV2_LITE_EXPERT_BYTES}, DeepSeek-V2-Lite bf16)")
     p.add_argument("--bandwidth-gbps", type=float, default=25.0, help="host-to-device GB/s (default: 25)")
@@ -59,6 +62,19 @@ def check_matches(trace, path, fit, predictor, args) -> None:
                          f"{(predictor.num_layers, predictor.num_experts)}, --trace {path} has {shape}")
 
 
+def prefetch_distance(value: str, cost: CostModel) -> int:
+    """--prefetch-from: a layer count >= 1, or auto (the cost model's `min_prefetch_distance`)."""
+    if value == "auto":
+        return cost.min_prefetch_distance
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"--prefetch-from must be an integer >= 1 or auto, got {value!r}")
+    return n
+
+
 def main(args) -> int:
     from predictors.traces import load_trace
 
@@ -70,6 +86,7 @@ def main(args) -> int:
             raise ValueError(f"--capacity must be a fraction in (0, 1], got {c}")
     if args.lookahead < 0:
         raise ValueError(f"--lookahead must be >= 0, got {args.lookahead}")
+    prefetch_from = prefetch_distance(args.prefetch_from, cost)
     output_file(args.json, "--json")
     predictor = None
     if args.predictor:
@@ -83,11 +100,13 @@ def main(args) -> int:
         check_matches(trace, path, fit, predictor, args)
         name = Path(path).stem
         results[name] = simulate(trace, policies, args.capacity, cost, predictor=predictor, fit_traces=fit,
-                                 lookahead=args.lookahead, log=lambda s: print(f"{name}: {s}", file=sys.stderr))
+                                 lookahead=args.lookahead, prefetch_from=prefetch_from,
+                                 log=lambda s: print(f"{name}: {s}", file=sys.stderr))
     print(format_table(results))
     if args.json:
         config = dict(trace=args.trace, capacity=args.capacity, policies=policies, predictor=args.predictor,
-                      fit_trace=args.fit_trace, lookahead=args.lookahead, expert_bytes=cost.expert_bytes,
+                      fit_trace=args.fit_trace, lookahead=args.lookahead, prefetch_from=prefetch_from,
+                      expert_bytes=cost.expert_bytes,
                       bandwidth_gbps=cost.bandwidth_gbps, layer_ms=cost.layer_ms, copy_ms=cost.copy_ms,
                       copy_order=cost.copy_order)
         Path(args.json).write_text(json.dumps(dict(config=config, results=results), indent=1, default=float))

@@ -59,7 +59,7 @@ def expert_store_factory(cfg: ExpertCacheConfig):
             load = predictor.freq.numpy()
         lookahead = min(cfg.prefetch_lookahead, predictor.lookahead) if predictor is not None else 0
         policy = make_policy(cfg.cache_policy, load=load, predictor=predictor if lookahead else None,
-                             lookahead=lookahead)
+                             lookahead=lookahead, prefetch_from=cfg.prefetch_from)
         host = cfg.host_memory
         if host == "auto":
             avail = _available_host_bytes()

@@ -20,6 +20,7 @@ issued); *ready in time* means resident with its copy complete when the layer ne
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +53,11 @@ class CostModel:
     @property
     def copy_ms(self) -> float:
         return self.expert_bytes / (self.bandwidth_gbps * 1e9) * 1e3
+
+    @property
+    def min_prefetch_distance(self) -> int:
+        """The nearest layer ahead a copy started after a router can land for: ceil(copy / layer time)."""
+        return max(1, math.ceil(self.copy_ms / self.layer_ms - 1e-9))
 
 
 def capacity_slots(fraction: float, num_layers: int, num_experts: int, top_k: int) -> int:

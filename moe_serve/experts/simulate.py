@@ -26,9 +26,10 @@ def expert_load(traces) -> np.ndarray:
 
 
 def simulate(trace, policies, capacities, cost: CostModel, predictor=None, fit_traces=(), lookahead: int = 1,
-             log=None) -> dict:
+             prefetch_from: int = 1, log=None) -> dict:
     """{capacity fraction (str): {policy: metrics}} for one trace; metrics also hold `vs_belady`
-    (hit rate over Belady's at that capacity) when Belady ran."""
+    (hit rate over Belady's at that capacity) when Belady ran. `prefetch_from`: see `PredictedPolicy`
+    (`cost.min_prefetch_distance` is the nearest layer a copy can reach in time)."""
     for name in policies:
         if name not in POLICY_NAMES:
             raise ValueError(f"policy must be one of {', '.join(POLICY_NAMES)} or all, got {name!r}")
@@ -53,7 +54,8 @@ def simulate(trace, policies, capacities, cost: CostModel, predictor=None, fit_t
             t0 = time.perf_counter()
             use_pred = name.startswith("predicted") and preds is not None
             policy = make_policy(name, load=load, future=future, predictor=preds if use_pred else None,
-                                 lookahead=min(lookahead, preds.lookahead) if use_pred else 0, prior=prior)
+                                 lookahead=min(lookahead, preds.lookahead) if use_pred else 0, prior=prior,
+                                 prefetch_from=prefetch_from)
             m = replay(experts, E, policy, slots, cost, state_fn=(lambda t, layer: t) if use_pred else None)
             m["seconds"] = time.perf_counter() - t0
             if name == "belady-prefetch":

@@ -69,11 +69,11 @@ class SlowSource(TinySource):
         return tuple(t.as_subclass(self.slow) for t in super().get(l, e))
 
 
-def fitted_predictor(path, layers: int, experts: int, top_k: int):
+def fitted_predictor(path, layers: int, experts: int, top_k: int, lookahead: int = 1):
     """A transition predictor fitted on random routing of the model's shape, saved to `path`."""
     rng = np.random.default_rng(0)
     ex = np.stack([rng.permutation(experts)[:top_k] for _ in range(200 * layers)]).reshape(200, layers, top_k)
     trace = RoutingTrace(experts=ex.astype(np.int16), weights=np.ones(ex.shape, dtype=np.float16),
                          seq_offsets=np.array([0, 200]), num_experts=experts)
-    TransitionPredictor(layers, experts, top_k, lookahead=1).fit([trace]).save(path)
+    TransitionPredictor(layers, experts, top_k, lookahead=lookahead).fit([trace]).save(path)
     return str(path)

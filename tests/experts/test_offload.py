@@ -338,6 +338,23 @@ def test_load_model_wires_the_stores_predictor_to_the_routers(tiny_checkpoint, t
     store.close()
 
 
+def test_prefetch_from_comes_from_the_config_and_changes_no_token(tiny_checkpoint, tmp_path):
+    """`expert_cache.prefetch_from` (--prefetch-from) reaches the policy; skipping the nearest layer's
+    hints only changes which copies run, never what the model computes."""
+    from tests.experts.sources import fitted_predictor
+
+    path = tiny_checkpoint("mixtral")  # 3 MoE layers x 8 experts, top-2
+    (ref_toks, ref_logits), _ = run(path)
+    pred = fitted_predictor(tmp_path / "pred.safetensors", 3, 8, 2, lookahead=2)
+    cfg = ExpertCacheConfig(expert_cache_slots=4, cache_policy="predicted-prefetch", predictor=pred, cpu_experts="off",
+                            prefetch_lookahead=2, prefetch_from=2)
+    (toks, logits), store = run(path, expert_store_factory(cfg))
+    assert store.policy.prefetch_from == 2 and store.policy.lookahead == 2
+    assert toks == ref_toks
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    store.close()
+
+
 @pytest.mark.parametrize("when", ["idle", "always"])
 def test_idle_only_prefetch_is_deferred_while_a_copy_runs(when):
     """prefetch_when="idle": a hint that comes while a copy is running (or queued) is not copied

@@ -74,15 +74,27 @@ def as_probabilities(scores: np.ndarray, top_k: int) -> np.ndarray:
     return np.minimum(share * top_k, 1.0)
 
 
+def auto_horizon(resident_fraction: float) -> int:
+    """H in tokens for a cache holding `resident_fraction` of all experts: 16 x the fraction, within
+    [4, 8] (4 up to 25% resident, 8 from 50%; both measured best there, see `PredictedPolicy`)."""
+    return int(min(max(round(16 * resident_fraction), 4), 8))
+
+
 class PredictedPolicy(CachePolicy):
     """`predictor`: object with `top_k` and `predict(state, layer) -> scores [B, lookahead, E]` (any
     scale, see `as_probabilities`), or None. `prior`: (trials, uses) from `gap_counts`
-    on a profiling trace, weighted by `prior_weight`. `horizon`: H in tokens.
-    Defaults measured on the DeepSeek-V2-Lite traces (replay of the first 2255 summary / 1520 intent
-    rows at 25%, demand-first, the other domain's predictor, no forced prefetch): H = 4 beats 8
-    (hit/Belady summary .715 -> .755 with prior weight .05, intent .757 -> .801), and the other
+    on a profiling trace, weighted by `prior_weight`. `horizon`: H in tokens, or None for
+    `auto_horizon` of the cache's size: the longer an expert stays resident, the further ahead its
+    next use matters. Measured on the DeepSeek-V2-Lite traces (replay of the first 2255 summary / 1520
+    intent rows at 25%, demand-first, the other domain's predictor, no forced prefetch): H = 4 beats 8
+    (hit/Belady summary .715 -> .755 with prior weight .05, intent .757 -> .801); at 50% resident
+    H = 8 beats 4 (first 2,000 rows, lookahead 6, 54.8 GB/s: ready-in-time .871 -> .874 intent with
+    H 8 alone, and with `prefetch_from` 2 .889 -> .899 intent, .857 -> .868 summary). The other
     domain's hazard prior costs more than it helps (weight 0: .768 / .819), so it is off unless asked
     for: the hazards are learned online from the first token.
+    `prefetch_from`: the nearest predicted layer (1 = the next) whose experts are prefetched. A copy
+    that takes longer than d layers of compute cannot land before layer l + d starts: such hints
+    only hold up the link for copies that could. Their predictions still steer eviction.
     `prefetch_threshold`: least predicted probability of use for a prefetch hint (admitted only if it
     outranks its victim). `prefetch_top`: the predictor's N likeliest experts of each predicted layer
     are fetched whatever they displace (more hits for more bytes); `combined_top`: so are the N
@@ -95,24 +107,28 @@ class PredictedPolicy(CachePolicy):
     name = "predicted"
 
     def __init__(self, predictor=None, lookahead: int = 1, prior=None, prior_weight: float = 0.0,
-                 prefetch_threshold: float = 0.5, horizon: int = 4, shrink: float = 4.0, refresh_every: int = 16,
-                 prefetch_top: int = 0, combined_top: int = 0):
+                 prefetch_threshold: float = 0.5, horizon: int | None = None, shrink: float = 4.0,
+                 refresh_every: int = 16, prefetch_top: int = 0, combined_top: int = 0, prefetch_from: int = 1):
         if lookahead < 0:
             raise ValueError(f"predicted policy: lookahead must be >= 0, got {lookahead}")
         if not 0.0 <= prefetch_threshold <= 1.0:
             raise ValueError(f"predicted policy: prefetch_threshold must lie in [0, 1], got {prefetch_threshold}")
-        if horizon < 1:
+        if horizon is not None and horizon < 1:
             raise ValueError(f"predicted policy: horizon must be >= 1 token, got {horizon}")
+        if prefetch_from < 1:
+            raise ValueError(f"predicted policy: prefetch_from must be >= 1 layer, got {prefetch_from}")
         self.predictor, self.lookahead, self.prior, self.prior_weight = predictor, lookahead, prior, prior_weight
         self.threshold, self.horizon, self.shrink, self.refresh_every = prefetch_threshold, horizon, shrink, refresh_every
         if prefetch_top < 0:
             raise ValueError(f"predicted policy: prefetch_top must be >= 0, got {prefetch_top}")
-        self.prefetch_top, self.combined_top = prefetch_top, combined_top
+        self.prefetch_top, self.combined_top, self.prefetch_from = prefetch_top, combined_top, prefetch_from
+        self._horizon_arg = horizon
         self._forced: set[int] = set()
 
     def bind(self, num_layers, num_experts, capacity):
         super().bind(num_layers, num_experts, capacity)
         L, E = num_layers, num_experts
+        self.horizon = self._horizon_arg or auto_horizon(capacity / (L * E))
         shape = (L, E, MAX_GAP + 1)
         self.trials, self.uses = np.zeros(shape), np.zeros(shape)
         if self.prior is not None:
@@ -212,7 +228,8 @@ class PredictedPolicy(CachePolicy):
                 top = np.argsort(-scores, axis=1)[:, : self.prefetch_top]  # [J, prefetch_top]
                 if self.combined_top:  # duplicates are harmless
                     top = np.concatenate([top, order[:, : self.combined_top]], axis=1)
-                self._forced.update((rows * E + top).ravel().tolist())
+                near = max(self.prefetch_from - 1, 0)  # the first `near` rows are too close to prefetch for
+                self._forced.update((rows[near:] * E + top[near:]).ravel().tolist())
                 later = self._tab[max(self.horizon - 1, 1)][rows, cols, np.minimum(gap + 1, MAX_GAP)]
                 self.tokens[nls] = 1.0 + (1.0 - p) * later
                 # hinted: the forced picks, and the rest on the predictor's own confidence (not the combined
@@ -220,6 +237,7 @@ class PredictedPolicy(CachePolicy):
                 want = scores >= self.threshold
                 row_of = np.arange(J)[:, None]
                 want[row_of, top] = True
+                want[:near] = False
                 # row by row, most likely first: boolean indexing walks the rows in order
                 hints.append((rows * E + order)[want[row_of, order]])
             self._scores = None
