@@ -62,9 +62,10 @@ LOOKAHEAD = 2  # MoE layers ahead the predicted policies prefetch for
 
 def sim_direction(replayed: str, fitted: str, tokens: int | None, policies=None, cost=None,
                   predictor_name: str = "mlp_online", lookahead: int = LOOKAHEAD, capacities=CAPACITIES,
-                  prefetch_from: str = "1") -> dict:
+                  prefetch_from: str = "1", predictor_params=None) -> dict:
     """`cost`: CostModel fields other than their defaults (copy_order, bandwidth_gbps, prefetch_when).
-    `prefetch_from`: a layer count, or auto (the cost model's `min_prefetch_distance`)."""
+    `prefetch_from`: a layer count, or auto (the cost model's `min_prefetch_distance`).
+    `predictor_params`: the predictor's own parameters (as `moe-serve predict fit --param`)."""
     from predictors.registry import make_predictor
     from predictors.traces import load_trace
     from moe_serve.experts.policies import POLICY_NAMES
@@ -77,7 +78,8 @@ def sim_direction(replayed: str, fitted: str, tokens: int | None, policies=None,
         trace = trace.select_sequences(range(int(np.searchsorted(trace.seq_offsets, tokens, side="right"))))
     torch.set_num_threads(1)
     # mlp_online adapts to the replayed trace as it goes (prequentially, see TracePredictions)
-    predictor = make_predictor(predictor_name, fit.num_layers, fit.num_experts, fit.top_k, lookahead=lookahead)
+    predictor = make_predictor(predictor_name, fit.num_layers, fit.num_experts, fit.top_k, lookahead=lookahead,
+                               **(predictor_params or {}))
     predictor.fit([fit])
     model = CostModel(**(cost or {}))
     return simulate(trace, list(policies or POLICY_NAMES), capacities, model,
@@ -87,20 +89,14 @@ def sim_direction(replayed: str, fitted: str, tokens: int | None, policies=None,
 
 def part_sim(tokens: int | None, jobs: int, policies=None, cost=None,
              predictor_name: str = "mlp_online", lookahead: int = LOOKAHEAD, capacities=CAPACITIES,
-             prefetch_from: str = "1") -> dict:
-    """Both directions; the default run (the default cost model, lookahead LOOKAHEAD) writes the table,
-    any other variant appends its own."""
-    from moe_serve.experts.simulate import format_table
-
+             prefetch_from: str = "1", predictor_params=None) -> tuple[dict, str]:
+    """Both directions: (results {trace: {capacity: {policy: metrics}}}, the header naming the variant)."""
     pairs = [(DOMAINS[0], DOMAINS[1]), (DOMAINS[1], DOMAINS[0])]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         outs = list(pool.map(sim_direction, [a for a, _ in pairs], [b for _, b in pairs], [tokens] * 2,
                              [policies] * 2, [cost] * 2, [predictor_name] * 2, [lookahead] * 2,
-                             [tuple(capacities)] * 2, [prefetch_from] * 2))
+                             [tuple(capacities)] * 2, [prefetch_from] * 2, [predictor_params] * 2))
     results = {f"{a} (fit on {b})": o for (a, b), o in zip(pairs, outs)}
-    table = format_table(results)
-    print(table)
-    txt = RESULTS / "expert_cache_sim.txt"
     from moe_serve.experts.replay import CostModel
 
     model = CostModel(**(cost or {}))
@@ -111,12 +107,30 @@ def part_sim(tokens: int | None, jobs: int, policies=None, cost=None,
     if prefetch_from != "1":
         resolved = model.min_prefetch_distance if prefetch_from == "auto" else prefetch_from
         head += f", prefetching from {resolved} layers ahead ({prefetch_from})"
-    head += "\n"
-    if not cost and lookahead == LOOKAHEAD and prefetch_from == "1":
-        txt.write_text(head + table + "\n")
+    if predictor_params:
+        head += ", predictor " + ", ".join(f"{k}={v}" for k, v in predictor_params.items())
+    return results, head
+
+
+def merge_capacities(old: dict | None, new: dict) -> dict:
+    """A rerun of some budgets replaces those and keeps the others: {trace: {capacity: {policy: m}}}."""
+    merged = {t: dict(caps) for t, caps in (old or {}).items()}
+    for t, caps in new.items():
+        merged.setdefault(t, {}).update(caps)
+    return {t: dict(sorted(caps.items(), key=lambda kv: float(kv[0]))) for t, caps in merged.items()}
+
+
+def write_section(txt: Path, head: str, table: str, first: bool) -> None:
+    """Put `table` under `head` in the text results: replacing the section with that head (the first
+    section for the default run), else appended."""
+    sections = [s for s in txt.read_text().strip("\n").split("\n\n") if s] if txt.exists() else []
+    new = head + "\n" + table
+    at = 0 if first and sections else next((i for i, s in enumerate(sections) if s.splitlines()[0] == head), None)
+    if at is None:
+        sections.append(new)
     else:
-        txt.write_text(txt.read_text() + "\n" + head + table + "\n")
-    return results
+        sections[at] = new
+    txt.write_text("\n\n".join(sections) + "\n")
 
 
 # ---- (b) end to end --------------------------------------------------------------------------
@@ -280,7 +294,11 @@ def main() -> int:
                     help="the nearest layer ahead the sim's predicted policies prefetch for: N, or auto (copy time "
                          "over layer time, rounded up); another value than 1 adds results_..._from<N|auto>")
     ap.add_argument("--capacities", default=",".join(map(str, CAPACITIES)),
-                    help="comma-separated fractions of experts resident for the sim")
+                    help="comma-separated fractions of experts resident for the sim (a rerun of some budgets "
+                         "replaces those in the results and keeps the others)")
+    ap.add_argument("--sim-param", action="append", default=[], metavar="KEY=VALUE",
+                    help="a parameter of the sim's predictor (as `moe-serve predict fit --param`), e.g. "
+                         "online_steps=4; adds _<key><value> to the variant")
     args = ap.parse_args()
     if not (SHARED / "traces").is_dir():
         print(f"needs the shared traces in {SHARED / 'traces'}", file=sys.stderr)
@@ -296,20 +314,32 @@ def main() -> int:
                 if getattr(args, k) != getattr(base, k)}
         if args.prefetch_from != "auto" and not (args.prefetch_from.isdigit() and int(args.prefetch_from) >= 1):
             ap.error(f"--prefetch-from must be an integer >= 1 or auto, got {args.prefetch_from!r}")
-        out["sim"] = part_sim(args.tokens, args.jobs, policies, cost, args.sim_predictor, args.lookahead, capacities,
-                              args.prefetch_from)
+        from moe_serve.cli.flags import key_value_params
+
+        try:
+            params = key_value_params(args.sim_param)
+        except ValueError as exc:
+            ap.error(str(exc).replace("--param", "--sim-param"))
+        results, head = part_sim(args.tokens, args.jobs, policies, cost, args.sim_predictor, args.lookahead,
+                                 capacities, args.prefetch_from, params)
         path = RESULTS / "expert_cache_sim.json"
         variant = "_".join(v for v in (cost.get("copy_order", ""),
                                        f"lookahead{args.lookahead}" if args.lookahead != LOOKAHEAD else "",
                                        f"bw{args.bandwidth_gbps:g}" if "bandwidth_gbps" in cost else "",
                                        "idle" if "prefetch_when" in cost else "",
-                                       f"from{args.prefetch_from}" if args.prefetch_from != "1" else "") if v)
+                                       f"from{args.prefetch_from}" if args.prefetch_from != "1" else "",
+                                       *(f"{k}{v}" for k, v in params.items())) if v)
+        key = f"results_{variant}" if variant else "results"
+        data = json.loads(path.read_text()) if path.exists() else {}
         if not variant:
-            data = dict(machine=machine, tokens=args.tokens, predictor=args.sim_predictor, results=out["sim"])
-        else:
-            data = json.loads(path.read_text())
-            data[f"results_{variant}"] = out["sim"]
+            data.update(machine=machine, tokens=args.tokens, predictor=args.sim_predictor)
+        data[key] = out["sim"] = merge_capacities(data.get(key), results)
         path.write_text(json.dumps(data, indent=1, default=float))
+        from moe_serve.experts.simulate import format_table
+
+        table = format_table(out["sim"])
+        print(table)
+        write_section(RESULTS / "expert_cache_sim.txt", head, table, first=not variant)
     if args.part in ("e2e", "all"):
         out["e2e"] = part_e2e(args.new_tokens, args.small, args.repeat)
         if args.small:
