@@ -113,10 +113,12 @@ def part_sim(tokens: int | None, jobs: int, policies=None, cost=None,
 
 
 def merge_capacities(old: dict | None, new: dict) -> dict:
-    """A rerun of some budgets replaces those and keeps the others: {trace: {capacity: {policy: m}}}."""
-    merged = {t: dict(caps) for t, caps in (old or {}).items()}
+    """A rerun of some budgets and policies replaces those and keeps the others:
+    {trace: {capacity: {policy: metrics}}}."""
+    merged = {t: {c: dict(row) for c, row in caps.items()} for t, caps in (old or {}).items()}
     for t, caps in new.items():
-        merged.setdefault(t, {}).update(caps)
+        for c, row in caps.items():
+            merged.setdefault(t, {}).setdefault(c, {}).update(row)
     return {t: dict(sorted(caps.items(), key=lambda kv: float(kv[0]))) for t, caps in merged.items()}
 
 
@@ -295,7 +297,7 @@ def main() -> int:
                          "over layer time, rounded up); another value than 1 adds results_..._from<N|auto>")
     ap.add_argument("--capacities", default=",".join(map(str, CAPACITIES)),
                     help="comma-separated fractions of experts resident for the sim (a rerun of some budgets "
-                         "replaces those in the results and keeps the others)")
+                         "or policies replaces those in the results and keeps the others)")
     ap.add_argument("--sim-param", action="append", default=[], metavar="KEY=VALUE",
                     help="a parameter of the sim's predictor (as `moe-serve predict fit --param`), e.g. "
                          "online_steps=4; adds _<key><value> to the variant")

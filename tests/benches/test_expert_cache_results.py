@@ -15,12 +15,12 @@ def load_bench():
     return mod
 
 
-def test_a_rerun_of_one_budget_keeps_the_others():
+def test_a_rerun_of_one_budget_and_policy_keeps_the_others():
     bench = load_bench()
     old = {"intent": {"0.125": {"lru": 1}, "0.5": {"lru": 2, "belady": 3}}, "summary": {"0.5": {"lru": 4}}}
     new = {"intent": {"0.5": {"lru": 5}}, "summary": {"0.25": {"lru": 6}}}
     merged = bench.merge_capacities(old, new)
-    assert merged == {"intent": {"0.125": {"lru": 1}, "0.5": {"lru": 5}},
+    assert merged == {"intent": {"0.125": {"lru": 1}, "0.5": {"lru": 5, "belady": 3}},
                       "summary": {"0.25": {"lru": 6}, "0.5": {"lru": 4}}}
     assert list(merged["summary"]) == ["0.25", "0.5"]  # budgets in order
     assert old["intent"]["0.5"] == {"lru": 2, "belady": 3}  # the input is not modified
