@@ -24,6 +24,7 @@ def require(cond: bool, section: str, name: str, limit: str, value) -> None:
 
 
 MLA_DECODE_MODES = ("absorbed", "expanded")  # DeepSeek decode attention: in the latent space, or expanded K/V
+GENERATION_CONFIG_MODES = ("auto", "none")  # the checkpoint's sampling defaults, or the built-in ones
 
 
 @dataclass
@@ -33,6 +34,10 @@ class ModelConfig:
     device: str = doc("compute device, e.g. cpu or cuda:0", default="cpu")
     max_model_len: int | None = doc("longest sequence (prompt + output); default: the model's context", default=None)
     seed: int = doc("seed for requests that give none", default=0)
+    generation_config: str = doc("sampling defaults for the fields a request (or LLM.generate without "
+                                 "SamplingParams) leaves unset: auto (the checkpoint's generation_config.json: "
+                                 "temperature, top_p, top_k, max_new_tokens as max_tokens, as vLLM's default) "
+                                 "or none (temperature 1, top_p 1, top_k -1)", default="auto")
     cpu_threads: int | None = doc("torch intra-op CPU threads (process-wide); default: torch's choice. "
                                   "On a CPU shared with other work, 1 avoids waiting on descheduled threads",
                                   default=None)
@@ -55,6 +60,8 @@ class ModelConfig:
         require(self.cpu_threads is None or self.cpu_threads >= 1, "model", "cpu_threads", ">= 1", self.cpu_threads)
         require(self.compile_max_batch is None or self.compile_max_batch >= 1, "model", "compile_max_batch", ">= 1",
                 self.compile_max_batch)
+        require(self.generation_config in GENERATION_CONFIG_MODES, "model", "generation_config",
+                " or ".join(GENERATION_CONFIG_MODES), self.generation_config)
         require(self.mla_decode in MLA_DECODE_MODES, "model", "mla_decode", " or ".join(MLA_DECODE_MODES),
                 self.mla_decode)
 

@@ -42,8 +42,11 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_engine_flags(p: argparse.ArgumentParser, skip=()) -> None:
+    # every sampling field is a flag here (seed included), so neither the engine's seed nor the
+    # checkpoint's sampling defaults (generation_config) would ever apply
     for cls in ENGINE_SECTIONS:
-        add_config_flags(p.add_argument_group(f"engine: {cls.__name__}"), cls, skip=skip + ("seed",))
+        add_config_flags(p.add_argument_group(f"engine: {cls.__name__}"), cls,
+                         skip=skip + ("seed", "generation_config"))
 
 
 def register(subparsers) -> None:
@@ -102,6 +105,7 @@ def _generate(args, **extra):
     prompts, params = read_prompts(args), sampling_params(args)
     options = config_kwargs(args, *ENGINE_SECTIONS)
     options.setdefault("model", DEFAULT_MODEL)
+    options["generation_config"] = "none"  # the sampling flags say it all: generation_config.json is not read
     options.update(extra)
     llm = LLM(**options)
     t0 = time.perf_counter()

@@ -42,8 +42,14 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The SamplingParams `generate` uses when given none, as vLLM's: the checkpoint's
+        generation_config.json sampling fields (model option generation_config="auto"), else the built-in ones."""
+        return self.engine.default_sampling_params()
+
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """One finished RequestOutput per prompt, in prompt order."""
+        """One finished RequestOutput per prompt, in prompt order. Without sampling_params (or for a None
+        in the list) the engine uses get_default_sampling_params()."""
         if self.engine.model is None:
             raise RuntimeError("LLM is closed")
         plist = _as_prompt_list(prompts)

@@ -24,6 +24,7 @@ import torch
 
 from moe_serve.config import EngineConfig
 from moe_serve.engine.detokenizer import IncrementalDetokenizer
+from moe_serve.engine.generation_defaults import read_generation_defaults
 from moe_serve.engine.model_setup import EngineHooks, load_engine_model, resolve_max_model_len
 from moe_serve.engine.sampler import make_generator, sample
 from moe_serve.engine.sampling_params import SamplingParams
@@ -54,6 +55,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         mc, sc = config.model, config.scheduler
+        # read before the model loads: a bad generation_config.json fails the start, not minutes later
+        self.generation_defaults = read_generation_defaults(mc.model) if mc.generation_config == "auto" else {}
         if mc.cpu_threads is not None:
             torch.set_num_threads(mc.cpu_threads)
         self.hooks = EngineHooks(config.trace)
@@ -88,10 +91,14 @@ class LLMEngine:
 
     # ---- requests in (any thread) ----
 
+    def default_sampling_params(self) -> SamplingParams:
+        """What a request without SamplingParams gets: the checkpoint's defaults (model.generation_config)."""
+        return SamplingParams(**self.generation_defaults)
+
     def make_sequence(self, prompt: Prompt, params: SamplingParams | None = None,
                       request_id: str | None = None, arrival_time: float | None = None) -> Sequence:
         """Validate and tokenize one request; raises ValueError naming the field and the limit."""
-        params = params if params is not None else SamplingParams()
+        params = params if params is not None else self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         if isinstance(prompt, str):

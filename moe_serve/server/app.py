@@ -31,7 +31,8 @@ def create_app(engine, cfg: ServerConfig, model_dir: str | None = None, own_engi
     name = cfg.served_model_name or (Path(model_dir).name if model_dir else "moe-serve")
     template, template_vars = load_chat_template(model_dir, bridge.tokenizer)
     info = ModelInfo(name=name, tokenizer=bridge.tokenizer, max_model_len=bridge.max_model_len,
-                     vocab_size=bridge.vocab_size, chat_template=template, template_vars=template_vars)
+                     vocab_size=bridge.vocab_size, chat_template=template, template_vars=template_vars,
+                     sampling_defaults=bridge.generation_defaults)
     runner_box: list[RequestRunner] = []
     metrics = ServerMetrics(name, bridge.stats, lambda: runner_box[0].in_flight if runner_box else 0)
     runner = RequestRunner(engine, metrics, cfg.max_pending_requests, cfg.request_timeout_s,

@@ -39,6 +39,11 @@ class EngineBridge:
         return int(self.core.spec.vocab_size)
 
     @property
+    def generation_defaults(self) -> dict:
+        """The checkpoint's sampling defaults, read (and checked) when the engine started."""
+        return dict(self.core.generation_defaults)
+
+    @property
     def spec(self):
         return self.core.spec
 

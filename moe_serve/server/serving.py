@@ -33,10 +33,12 @@ class ModelInfo:
     vocab_size: int
     chat_template: str
     template_vars: dict
+    sampling_defaults: dict  # SamplingParams fields from generation_config.json for what a request leaves unset
 
 
 def check_prompt(ids: list[int], max_tokens: int | None, info: ModelInfo, field: str) -> int:
-    """Validate prompt length against the context; return the output limit (max_tokens or what fits)."""
+    """Validate prompt length against the context; return the output limit: max_tokens, else the
+    checkpoint's max_new_tokens cut to what fits (as vLLM), else what fits."""
     n, ctx = len(ids), info.max_model_len
     if n == 0:
         raise APIError(400, f"{field}: the prompt is empty after tokenization", param=field)
@@ -51,17 +53,22 @@ def check_prompt(ids: list[int], max_tokens: int | None, info: ModelInfo, field:
         raise APIError(400, f"max_tokens: {max_tokens} output tokens + {n} prompt tokens exceed the model's "
                             f"context of {ctx} tokens (max_model_len)", param="max_tokens",
                        code="context_length_exceeded")
-    return max_tokens if max_tokens is not None else ctx - n
+    if max_tokens is not None:
+        return max_tokens
+    return min(ctx - n, info.sampling_defaults.get("max_tokens", ctx - n))
 
 
-def sampling_params(req: P.SamplingFields, max_tokens: int) -> SamplingParams:
+DEFAULTED_FIELDS = ("temperature", "top_p", "top_k")  # a request's null takes the model's default, then SamplingParams'
+
+
+def sampling_params(req: P.SamplingFields, max_tokens: int, defaults: dict) -> SamplingParams:
+    """The request's values win; a field it leaves unset takes `defaults` (the checkpoint's
+    generation_config.json, see ModelInfo.sampling_defaults), else SamplingParams' own default."""
+    chosen = {name: defaults[name] for name in DEFAULTED_FIELDS if name in defaults}
+    chosen.update({name: getattr(req, name) for name in DEFAULTED_FIELDS if getattr(req, name) is not None})
     try:
-        return SamplingParams(
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=-1 if req.top_k is None else req.top_k,
-            max_tokens=max_tokens, seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
-            ignore_eos=req.ignore_eos)
+        return SamplingParams(**chosen, max_tokens=max_tokens, seed=req.seed, stop=req.stop,
+                              stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos)
     except ValueError as exc:
         raise engine_error(exc) from exc
 
@@ -95,7 +102,7 @@ class Handlers:
     async def completions(self, req: P.CompletionRequest, request: Request):
         ids, text = await run_in_threadpool(self.completion_prompt, req)  # a long prompt takes seconds
         limit = check_prompt(ids, req.max_tokens, self.info, "prompt")
-        params = sampling_params(req, limit)
+        params = sampling_params(req, limit, self.info.sampling_defaults)
         echo = (text if text is not None else self.info.tokenizer.decode(ids)) if req.echo else ""
         rid = P.new_id("cmpl")
         return await self._respond(request, rid, ids, params, req, self._completion_chunks(rid, echo, req),
@@ -127,7 +134,7 @@ class Handlers:
             if exc.param == "max_tokens":
                 exc.param, exc.message = field, exc.message.replace("max_tokens", field, 1)
             raise
-        params = sampling_params(req, limit)
+        params = sampling_params(req, limit, self.info.sampling_defaults)
         rid = P.new_id("chatcmpl")
 
         def chunks(out, first: bool):

@@ -13,8 +13,10 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import pytest
@@ -85,6 +87,24 @@ def stop_server(server: Server) -> None:
         server.proc.wait()
 
 
+@contextmanager
+def started_servers(model_dir: Path, tmp_path_factory, specs: dict) -> Iterator[dict[str, Server]]:
+    """A server per spec (name -> (headers, flags)) on `model_dir`, started at once so that their
+    start-ups overlap; all stopped on exit."""
+    started = {}
+    try:
+        for name, (headers, flags) in specs.items():
+            trace_dir = tmp_path_factory.mktemp(f"{name}_traces")
+            proc, url = launch(model_dir, trace_dir, *flags)
+            started[name] = Server(url, proc, model_dir.name, trace_dir, dict(headers))
+        for s in started.values():
+            wait_healthy(s.proc, s.url, s.trace_dir / "server.log")
+        yield started
+    finally:
+        for s in started.values():
+            stop_server(s)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """The engine tests' tiny Mixtral, with a 4096-token context so that long requests outlast the
@@ -105,18 +125,8 @@ def servers(tiny_model, tmp_path_factory):
                    ("--max-num-seqs", "1", "--request-timeout-s", "0.3", "--expert-cache-slots", "4",
                     "--cache-policy", "lru", "--api-key", API_KEY)),
     }
-    started = {}
-    try:
-        for name, (headers, flags) in specs.items():
-            trace_dir = tmp_path_factory.mktemp(f"{name}_traces")
-            proc, url = launch(tiny_model, trace_dir, *flags)
-            started[name] = Server(url, proc, tiny_model.name, trace_dir, dict(headers))
-        for s in started.values():
-            wait_healthy(s.proc, s.url, s.trace_dir / "server.log")
+    with started_servers(tiny_model, tmp_path_factory, specs) as started:
         yield started
-    finally:
-        for s in started.values():
-            stop_server(s)
 
 
 @pytest.fixture(scope="session")
