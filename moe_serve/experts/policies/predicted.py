@@ -88,8 +88,9 @@ class PredictedPolicy(CachePolicy):
     next use matters. Measured on the DeepSeek-V2-Lite traces (replay of the first 2255 summary / 1520
     intent rows at 25%, demand-first, the other domain's predictor, no forced prefetch): H = 4 beats 8
     (hit/Belady summary .715 -> .755 with prior weight .05, intent .757 -> .801); at 50% resident
-    H = 8 beats 4 (first 2,000 rows, lookahead 6, 54.8 GB/s: ready-in-time .871 -> .874 intent with
-    H 8 alone, and with `prefetch_from` 2 .889 -> .899 intent, .857 -> .868 summary). The other
+    H = 8 beats 4 (first 2,000 rows, lookahead 6, 54.8 GB/s, predicted-prefetch: ready-in-time
+    .871 -> .884 intent, .850 -> .862 summary; .889 -> .899 / .857 -> .868 with `prefetch_from` 2),
+    while at 25% it stalls longer (31.1 -> 35.4 ms/token intent, 38.4 -> 42.7 summary). The other
     domain's hazard prior costs more than it helps (weight 0: .768 / .819), so it is off unless asked
     for: the hazards are learned online from the first token.
     `prefetch_from`: the nearest predicted layer (1 = the next) whose experts are prefetched. A copy
