@@ -1,13 +1,15 @@
 """Where the control sockets live: ipc paths in a private temp dir, or TCP ports chosen at runtime.
 
 Nothing here hard-codes a port: a TCP endpoint asks the kernel for a free one (bind to port 0),
-an ipc endpoint is a path in a fresh `tempfile.mkdtemp` directory that the frontend removes on exit.
+an ipc endpoint is a path in a fresh `tempfile.mkdtemp` directory that the frontend removes on exit;
+one left by a frontend that was killed is removed by the next one (`sweep_stale_dirs`).
 """
 from __future__ import annotations
 
 import os
 import shutil
 import socket
+import stat
 import tempfile
 from dataclasses import dataclass
 
@@ -42,6 +44,58 @@ def free_tcp_port_run(count: int, host: str = "127.0.0.1", tries: int = 200) -> 
     raise RuntimeError(f"no run of {count} free TCP ports on {host} after {tries} tries")
 
 
+PREFIX = "moe-serve-"
+OWNER_FILE = "owner"  # in each temp dir: "<pid> <start time> <pid namespace>" of the frontend that made it
+
+
+def _process_identity(pid: int | str = "self") -> str | None:
+    """"<pid> <start time in clock ticks> <pid namespace>" of a live process of this pid namespace;
+    None when there is no such process (or it is a zombie), or no /proc to ask (not Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # after "pid (comm)": the name may hold spaces
+    except FileNotFoundError:
+        return None
+    if fields[0] in (b"Z", b"X"):  # killed, not yet reaped: gone for our purpose
+        return None
+    real_pid = os.getpid() if pid == "self" else int(pid)
+    return f"{real_pid} {int(fields[19])} {os.readlink('/proc/self/ns/pid')}"
+
+
+def sweep_stale_dirs() -> None:
+    """Remove the temp dirs (ipc sockets, rendezvous file) of frontends that died without cleaning up.
+
+    A frontend removes its own dir on a clean shutdown, but a SIGKILLed one (OOM killer, `kill -9`, a
+    crashed container) cannot, and each crash would leave a `moe-serve-*` dir in the temp dir forever.
+    So each new frontend removes those whose owner is gone. Only a dir that is certainly stale goes:
+    a real directory (never a symlink) of this uid whose owner file names a process of this pid
+    namespace that no longer exists, or whose pid now belongs to a process started at another time.
+    A dir without an owner file (an older moe-serve, another tool, a frontend between mkdtemp and
+    writing it), with an unreadable one, or from another pid namespace (a container sharing /tmp) is
+    left alone. Races (another frontend sweeping, a dir vanishing) and permission errors are ignored.
+    """
+    try:
+        own_ns = os.readlink("/proc/self/ns/pid")
+        entries = list(os.scandir(tempfile.gettempdir()))
+    except OSError:  # no /proc (not Linux) or an unreadable temp dir: nothing to judge by
+        return
+    for entry in entries:
+        if not entry.name.startswith(PREFIX):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+                continue
+            fd = os.open(os.path.join(entry.path, OWNER_FILE), os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as f:
+                pid, start, ns = f.read(256).decode().split()
+            if ns != own_ns or _process_identity(int(pid)) == f"{int(pid)} {int(start)} {ns}":
+                continue  # not ours to judge, or the owner is alive
+        except (OSError, ValueError):  # gone, no owner file, not readable, half written
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)  # fd-based on Linux: never follows a symlink
+
+
 @dataclass
 class ControlEndpoints:
     """Addresses of one worker group's control sockets (frontend binds, ranks connect).
@@ -60,7 +114,14 @@ class ControlEndpoints:
     def create(world_size: int, transport: str = "ipc", host: str = "127.0.0.1") -> "ControlEndpoints":
         if transport not in ("ipc", "tcp"):
             raise ValueError(f"parallel.control_transport must be ipc or tcp, got {transport!r}")
-        tmpdir = tempfile.mkdtemp(prefix="moe-serve-")
+        sweep_stale_dirs()
+        tmpdir = tempfile.mkdtemp(prefix=PREFIX)
+        try:  # who owns the dir, for the sweep of a later frontend if this one is killed
+            if owner := _process_identity():  # not Linux: no owner file, the dir is never swept
+                with open(os.path.join(tmpdir, OWNER_FILE), "w") as f:
+                    f.write(owner)
+        except OSError:
+            pass
         store = f"file://{os.path.join(tmpdir, 'dist-store')}"
         if transport == "ipc":
             return ControlEndpoints(
