@@ -13,6 +13,7 @@ H hidden size, D slots (= max(lookahead, 1)).
 """
 from __future__ import annotations
 
+import difflib
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -113,8 +114,33 @@ class Predictor(ABC):
     name: str = "base"
     needs_hidden: bool = False  # True: predict() requires state.hidden
     adapts: bool = False  # True: observe() learns, so evaluation must replay in time order (prequential)
+    # The keys of **params that this class's own code reads or writes (self.params[...], .get(...)): a
+    # class lists its own next to that code, and takes its bases' too (accepted_params(), over the MRO).
+    # Any other key is refused: a misspelt one would otherwise be ignored and its default used.
+    PARAMS: frozenset[str] = frozenset()
+
+    @classmethod
+    def accepted_params(cls) -> frozenset[str]:
+        """Every parameter key this predictor takes: its PARAMS and those of the classes it extends."""
+        return frozenset().union(*(vars(c).get("PARAMS", ()) for c in cls.__mro__))
+
+    @classmethod
+    def check_params(cls, params) -> None:
+        """ValueError naming the keys of `params` this predictor does not read, and those it does."""
+        accepted = cls.accepted_params()
+        unknown = [k for k in params if k not in accepted]
+        if not unknown:
+            return
+        lower = {a.lower(): a for a in sorted(accepted)}  # did you mean: case-blind (c -> C)
+        close = [lower[m] for k in unknown for m in difflib.get_close_matches(str(k).lower(), lower, n=1)]
+        raise ValueError(
+            f"{cls.name} does not take parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            + (f"it takes: {', '.join(sorted(accepted))}" if accepted else "it takes no parameters")
+            + (f" (did you mean {', '.join(map(repr, close))}?)" if close else "")
+        )
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, lookahead: int = 1, **params):
+        type(self).check_params(params)
         for field, value, low in (("num_layers", num_layers, 1), ("num_experts", num_experts, 1), ("top_k", top_k, 1), ("lookahead", lookahead, 0)):
             if int(value) < low:
                 raise ValueError(f"{self.name}: {field} must be >= {low}, got {value}")

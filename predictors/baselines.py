@@ -64,6 +64,7 @@ class TransitionPredictor(CountPredictor):
     """
 
     name = "transition"
+    PARAMS = frozenset({"smoothing", "weighted"})  # fit: smoothing (towards popularity, 1.0); predict: weighted (True)
 
     def fit(self, traces):
         self._fit_frequency(traces)

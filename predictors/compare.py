@@ -37,10 +37,16 @@ def compare(
     out = dict(top_k=K, budget=budget, lookahead=lookahead, num_layers=L, num_experts=E,
                torch_threads=torch.get_num_threads(), results={}, skipped={})
     aliases = aliases or {}
+    # names and parameters checked before the first fit (minutes each), not when their turn comes
+    for name in names:
+        if aliases.get(name, name) not in REGISTRY:
+            raise ValueError(f"predictor must be one of {sorted(REGISTRY)}, got {aliases.get(name, name)!r}")
+    for name, kw in (params or {}).items():
+        if aliases.get(name, name) not in REGISTRY:
+            raise ValueError(f"params: {name!r} is not a predictor (one of {sorted(REGISTRY)})")
+        REGISTRY[aliases.get(name, name)].check_params(kw)
     for name in names:
         kind = aliases.get(name, name)
-        if kind not in REGISTRY:
-            raise ValueError(f"predictor must be one of {sorted(REGISTRY)}, got {kind!r}")
         if REGISTRY[kind].needs_hidden and not has_hidden:
             out["skipped"][name] = "needs hidden states; the traces have none"
             continue

@@ -37,6 +37,9 @@ def split_traces(traces: list[RoutingTrace], fraction: float) -> tuple[list[Rout
 
 class EnsemblePredictor(Predictor):
     name = "ensemble"
+    # fit: members (names, ["mlp", "prev_token", "transition"]), holdout (fraction of sequences, 0.2),
+    # member_params ({member name: its parameters}); member_configs: written by config(), read on load
+    PARAMS = frozenset({"members", "holdout", "member_params", "member_configs"})
 
     def member_names(self) -> list[str]:
         return list(self.params.get("members", ["mlp", "prev_token", "transition"]))
@@ -48,10 +51,17 @@ class EnsemblePredictor(Predictor):
         names = self.member_names()
         fit_on, held = split_traces(traces, float(self.params.get("holdout", 0.2)))
         member_params = self.params.get("member_params", {})
-        self.members = [
-            make_predictor(n, self.num_layers, self.num_experts, self.top_k, self.lookahead, **member_params.get(n, {})).fit(fit_on)
-            for n in names
-        ]
+        if set(member_params) - set(names):  # parameters for a member that is not there: a misspelt name
+            raise ValueError(f"{self.name}: member_params names {sorted(set(member_params) - set(names))}, "
+                             f"not among members {names}")
+        members = []  # every member made (its parameters checked) before the first one is fitted
+        for n in names:
+            try:
+                members.append(make_predictor(n, self.num_layers, self.num_experts, self.top_k, self.lookahead,
+                                              **member_params.get(n, {})))
+            except ValueError as exc:
+                raise ValueError(f"{self.name}: member {n!r}: {exc}") from exc
+        self.members = [m.fit(fit_on) for m in members]
         self.weight = torch.zeros(self.slots, len(names))
         self.weight[:, 0] = 1.0
         if held:

@@ -62,6 +62,12 @@ def window_sums(per_layer: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> 
 
 class MLPPredictor(Predictor):
     name = "mlp"
+    PARAMS = frozenset({
+        "dim", "hidden_direct", "seed",  # the net (256, False, 0)
+        "cur_window", "prev_before", "prev_after",  # its input windows in layers (6, 1, 1), see windows()
+        "use_hidden", "epochs", "batch", "lr", "weight_decay", "trunk_dropout",  # fit (True, 10, 256, 6e-3, 0.01, 0.3)
+        "hidden_size",  # written by fit (0: no hidden states), read by load_arrays
+    })
 
     def _net(self, hidden_size: int) -> HistoryNet:
         torch.manual_seed(int(self.params.get("seed", 0)))

@@ -39,6 +39,8 @@ class OnlineMLPPredictor(MLPPredictor):
 
     name = "mlp_online"
     adapts = True
+    # observe(); the MLP's PARAMS come with them (seed and weight_decay are read here too)
+    PARAMS = frozenset({"online_steps", "online_batch", "online_lr", "online_dropout", "online_buffer"})
 
     def __init__(self, num_layers, num_experts, top_k, lookahead=1, **params):
         # dim 128, not the offline MLP's 256: adapting online recovers most of what the width bought

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from safetensors import safe_open
@@ -24,6 +25,8 @@ REGISTRY: dict[str, type[Predictor]] = {
 
 
 def make_predictor(name: str, num_layers: int, num_experts: int, top_k: int, lookahead: int = 1, **params) -> Predictor:
+    """A new, unfitted predictor; `params` are its own (`REGISTRY[name].accepted_params()`), any other key
+    is a ValueError naming it and the accepted ones."""
     if name not in REGISTRY:
         raise ValueError(f"predictor must be one of {sorted(REGISTRY)}, got {name!r}")
     return REGISTRY[name](num_layers, num_experts, top_k, lookahead, **params)
@@ -33,9 +36,18 @@ def from_config(config: dict, arrays: dict) -> Predictor:
     """Rebuild a fitted predictor from its JSON config and arrays (used by load and by ensembles)."""
     if int(config.get("format_version", -1)) != FORMAT_VERSION:
         raise ValueError(f"predictor file: format_version must be {FORMAT_VERSION}, got {config.get('format_version')}")
+    params = dict(config.get("params", {}))
+    if config["predictor"] in REGISTRY:
+        # a file fitted before unknown parameters were refused may carry one: it was never read, so it
+        # is dropped (with a warning) rather than making the file unloadable
+        accepted = REGISTRY[config["predictor"]].accepted_params()
+        ignored = sorted(k for k in params if k not in accepted)
+        if ignored:
+            warnings.warn(f"predictor file: {config['predictor']} does not take parameter(s) {ignored}, saved with "
+                          f"it; they had no effect and are dropped", stacklevel=2)
+            params = {k: v for k, v in params.items() if k in accepted}
     pred = make_predictor(
-        config["predictor"], config["num_layers"], config["num_experts"], config["top_k"], config["lookahead"],
-        **config.get("params", {}),
+        config["predictor"], config["num_layers"], config["num_experts"], config["top_k"], config["lookahead"], **params,
     )
     pred.load_arrays(arrays)
     return pred

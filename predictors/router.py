@@ -47,6 +47,9 @@ def router_weights_from_checkpoint(model_dir: str | Path, num_experts: int) -> d
 class RouterPredictor(Predictor):
     name = "router"
     needs_hidden = True
+    # fit: steps (LBFGS iterations, 100), l2 (1e-4); source: "checkpoint" or "fitted", written by
+    # from_router_weights and fit (saved files carry it)
+    PARAMS = frozenset({"steps", "l2", "source"})
 
     @classmethod
     def from_router_weights(cls, weights: dict[int, torch.Tensor], top_k: int, lookahead: int = 1) -> "RouterPredictor":
@@ -117,6 +120,7 @@ class HiddenLinearPredictor(Predictor):
 
     name = "hidden_linear"
     needs_hidden = True
+    PARAMS = frozenset({"steps", "l2"})  # fit: LBFGS iterations (100), L2 pull towards the start (1e-4)
 
     @classmethod
     def from_router_weights(cls, weights: dict[int, torch.Tensor], top_k: int, lookahead: int = 1, **params):

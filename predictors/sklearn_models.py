@@ -30,6 +30,8 @@ def features(cur_ids, cur_w, prev_ids, E: int) -> torch.Tensor:
 class LinearPredictor(Predictor):
     """Shared plumbing: gather rows per (slot, layer), fit an sklearn model, keep coef [D, L, E, F]."""
 
+    PARAMS = frozenset({"max_tokens"})  # fit: tokens sampled to fit on (3000; 0: all)
+
     def _fit_one(self, X: sp.csr_matrix, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(coef [C, F], intercept [C], classes [C]) of one model fitted on rows X, labels y."""
         raise NotImplementedError(f"{type(self).__name__} must implement _fit_one")
@@ -91,6 +93,7 @@ class LogRegPredictor(LinearPredictor):
     """Multinomial logistic regression (lbfgs), one per (slot, source layer)."""
 
     name = "logreg"
+    PARAMS = frozenset({"C", "max_iter"})  # inverse regularization (1.0), lbfgs iterations (50)
 
     def _fit_one(self, X, y):
         from sklearn.linear_model import LogisticRegression
@@ -106,6 +109,7 @@ class SGDPredictor(LinearPredictor):
     """Logistic loss by SGD with partial_fit over chunks of rows: the model that can keep learning online."""
 
     name = "sgd"
+    PARAMS = frozenset({"alpha", "eta0", "chunk", "epochs"})  # 1e-4, learning rate 0.05, 4096 rows per partial_fit, 1
 
     def _fit_one(self, X, y):
         from sklearn.linear_model import SGDClassifier

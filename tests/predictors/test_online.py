@@ -24,7 +24,7 @@ def _other_domain(tokens, seed):
 
 def test_online_mlp_learns_a_new_domain():
     train, test = layer_map_trace(tokens=400, seed=0), _other_domain(1200, seed=1)
-    offline = make_predictor("mlp", L, E, K, 1, **FAST).fit([train])
+    offline = make_predictor("mlp", L, E, K, 1, **{k: v for k, v in FAST.items() if not k.startswith("online_")}).fit([train])
     online = make_predictor("mlp_online", L, E, K, 1, **FAST).fit([train])
     before = evaluate(offline, [test], budget=4)["lookahead_1"]["recall_at_k"]
     after = evaluate(online, [test], budget=4, chunk=32)["lookahead_1"]["recall_at_k"]
