@@ -26,13 +26,15 @@ def run_fit(args) -> int:
     from predictors.traces import load_trace
 
     output_file(args.out, "--out")
+    params = _params(args.param)
+    check_params(args.predictor, params, "--param")  # a misspelt key: refused before the traces load
     traces = [load_trace(p) for p in args.trace]
     ref = traces[0]
     t0 = time.perf_counter()
     if args.predictor == "router" and args.router_checkpoint:
         pred = RouterPredictor.from_router_weights(router_weights_from_checkpoint(args.router_checkpoint, ref.num_experts), ref.top_k, args.lookahead)
     else:
-        pred = make_predictor(args.predictor, ref.num_layers, ref.num_experts, ref.top_k, args.lookahead, **_params(args.param))
+        pred = make_predictor(args.predictor, ref.num_layers, ref.num_experts, ref.top_k, args.lookahead, **params)
         if args.router_checkpoint and hasattr(pred, "with_router_weights"):  # mlp, mlp_online: start from the routers
             pred.with_router_weights(router_weights_from_checkpoint(args.router_checkpoint, ref.num_experts))
         pred.fit(traces)
@@ -40,6 +42,19 @@ def run_fit(args) -> int:
     print(f"fitted {args.predictor} (lookahead {args.lookahead}) on {sum(t.num_tokens for t in traces)} tokens "
           f"in {time.perf_counter() - t0:.1f}s -> {args.out}")
     return 0
+
+
+def check_params(name: str, params: dict, flag: str) -> None:
+    """A key that predictor `name` does not take (a misspelt one would be ignored, its default used):
+    ValueError naming the flag, the key and the keys it takes."""
+    from predictors.registry import REGISTRY
+
+    if name not in REGISTRY:
+        raise ValueError(f"{flag}: {name!r} is not a predictor (one of {sorted(REGISTRY)})")
+    try:
+        REGISTRY[name].check_params(params)
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from None
 
 
 def predictor_params(text: str | None) -> dict | None:
@@ -52,6 +67,8 @@ def predictor_params(text: str | None) -> dict | None:
         raise ValueError(f"--params must be JSON ({exc}), got {text!r}") from exc
     if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
         raise ValueError(f'--params must be a JSON object of objects, e.g. {{"mlp": {{"epochs": 4}}}}, got {text!r}')
+    for name, kw in params.items():
+        check_params(name, kw, "--params")
     return params
 
 
@@ -60,11 +77,11 @@ def run_eval(args) -> int:
     from predictors.traces import load_trace
 
     output_file(args.json, "--json")
+    params = predictor_params(args.params)
     train = [load_trace(p) for p in args.train]
     test = [load_trace(p) for p in args.test]
     same_trace_shape(args.train + args.test, train + test, "--train/--test")
     names = args.predictors.split(",") if args.predictors else None
-    params = predictor_params(args.params)
     result = compare(train, test, names, args.lookahead, args.budget, not args.no_next_token, params,
                      log=lambda s: print(s, file=sys.stderr, flush=True))
     result.update(train=[str(p) for p in args.train], test=[str(p) for p in args.test])
@@ -86,7 +103,7 @@ def register(subparsers) -> None:
     f.add_argument("--predictor", required=True, choices=sorted(REGISTRY), help="which predictor")
     f.add_argument("--lookahead", type=int, default=1, help="MoE layers ahead to predict; 0 = next token, same layer (default: 1)")
     f.add_argument("--out", required=True, help="output file (.safetensors)")
-    f.add_argument("--param", action="append", help="predictor parameter KEY=VALUE (repeatable), e.g. epochs=8")
+    f.add_argument("--param", action="append", help="predictor parameter KEY=VALUE (repeatable), e.g. epochs=8; a key the predictor does not take is an error naming those it takes")
     f.add_argument("--router-checkpoint", default=None, help="router: take the router weights from this checkpoint directory; mlp, mlp_online: start their hidden-state map from them")
     f.set_defaults(func=run_fit)
 

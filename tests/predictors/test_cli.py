@@ -92,3 +92,37 @@ def test_predict_eval_runs_mlp_online_prequentially(shared_dir, tmp_path, capsys
     assert main(["predict", "fit", "--trace", str(train_path), "--predictor", "mlp_online", "--param", "epochs=1",
                  "--param", "dim=32", "--out", str(out)]) == 0
     assert load_predictor(out).name == "mlp_online"
+
+
+def test_predict_cli_refuses_a_parameter_the_predictor_does_not_take(tmp_path, capsys):
+    """`--param online_stpes=4` was ignored: the predictor trained with online_steps=1 and said nothing."""
+    from tests.predictors.synth import layer_map_trace
+
+    trace = tmp_path / "t.npz"
+    layer_map_trace(tokens=60, L=3, E=8, K=2, seqs=3).save(trace)
+    out = tmp_path / "p.safetensors"
+    for argv, message in (
+        (["--predictor", "mlp_online", "--param", "online_stpes=4"],
+         "--param: mlp_online does not take parameter 'online_stpes'; it takes: batch, cur_window, dim, epochs, "),
+        (["--predictor", "mlp", "--param", "epochs=1", "--param", "dimm=256"], "--param: mlp does not take parameter 'dimm'"),
+        (["--predictor", "popularity", "--param", "seed=1"], "--param: popularity does not take parameter 'seed'; it takes no parameters"),
+        (["--predictor", "sgd", "--param", "epoch=2"], "--param: sgd does not take parameter 'epoch'; it takes: alpha, chunk, epochs, eta0, max_tokens"),
+        (["--predictor", "ensemble", "--param", 'member_params={"mlp": {"dimm": 8}}'],
+         "ensemble: member 'mlp': mlp does not take parameter 'dimm'"),
+    ):
+        rc = main(["predict", "fit", "--trace", str(trace), "--out", str(out), *argv])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("moe-serve predict: error: ") and message in err, (argv, err)
+        assert not out.exists()
+    rc = main(["predict", "eval", "--train", str(trace), "--test", str(trace), "--predictors", "popularity,transition",
+               "--params", '{"transition": {"smoothin": 2}}'])
+    captured = capsys.readouterr()
+    assert rc == 2 and "--params: transition does not take parameter 'smoothin'; it takes: smoothing, weighted" in captured.err
+    assert "fit" not in captured.err  # refused before the first predictor was fitted
+    rc = main(["predict", "eval", "--train", str(trace), "--test", str(trace), "--predictors", "popularity",
+               "--params", '{"mlpp": {"dim": 8}}'])
+    assert rc == 2 and "--params: 'mlpp' is not a predictor" in capsys.readouterr().err
+    # every key accepted goes through (values parsed as before: JSON when it parses)
+    assert main(["predict", "fit", "--trace", str(trace), "--out", str(out), "--predictor", "transition",
+                 "--param", "smoothing=0.5", "--param", "weighted=false"]) == 0
+    assert load_predictor(out).params == {"smoothing": 0.5, "weighted": False}
