@@ -29,7 +29,7 @@ def _experts(paths: list[str]):
 
 
 def run_fit(args) -> int:
-    from placement.algorithms import get_algorithm
+    from placement.algorithms import check_options, get_algorithm
     from placement.stats import coactivation, expert_load
 
     if not args.out:
@@ -38,16 +38,21 @@ def run_fit(args) -> int:
         raise ValueError(f"--ep must be >= 1, got {args.ep}")
     if args.num_nodes < 1:  # 0 divided by zero inside eplb, -1 reached a numpy reshape
         raise ValueError(f"--num-nodes must be >= 1, got {args.num_nodes}")
+    algorithm = get_algorithm(args.algorithm)
+    options = _params(args.param)
+    try:  # a misspelt option was ignored, its default used; num_nodes twice was a TypeError
+        check_options(args.algorithm, options, set_by={"num_nodes": "--num-nodes"})
+    except ValueError as exc:
+        raise ValueError(f"--param: {exc}") from None
     output_file(args.out, "--out")
     experts, E = _experts(args.trace)
     if args.redundant < 0 or (E + args.redundant) % args.ep:
         raise ValueError(f"--redundant={args.redundant}: experts ({E}) + redundant must be >= {E} and divisible "
                          f"by --ep={args.ep}")
-    algorithm = get_algorithm(args.algorithm)
     t0 = time.perf_counter()
     plan = algorithm(expert_load(experts, E), args.ep, (E + args.redundant) // args.ep,
                      coact=coactivation(experts, E) if args.algorithm == "affinity" and args.no_tokens else None,
-                     tokens=None if args.no_tokens else experts, num_nodes=args.num_nodes, **_params(args.param))
+                     tokens=None if args.no_tokens else experts, num_nodes=args.num_nodes, **options)
     plan.meta["solver_seconds"] = time.perf_counter() - t0  # statistics included
     plan.meta["traces"] = [Path(p).name for p in args.trace]
     plan.validate().save(args.out)
@@ -108,7 +113,8 @@ def register(subparsers) -> None:
     p.add_argument("--num-nodes", type=int, default=1, help="nodes, for eplb's hierarchical policy (default: 1)")
     p.add_argument("--no-tokens", action="store_true",
                    help="affinity: fit from the co-activation matrix instead of the tokens themselves")
-    p.add_argument("--param", action="append", help="algorithm option KEY=VALUE (repeatable)")
+    p.add_argument("--param", action="append", help="algorithm option KEY=VALUE (repeatable), e.g. max_iters=100 for affinity; "
+                   "a key the algorithm does not take is an error naming those it takes")
     p.add_argument("--out", help="plan file to write (.json or .safetensors)")
     p.add_argument("--plan", help="eval: plan file to score")
     p.add_argument("--json", help="eval: write the scores here")

@@ -129,3 +129,17 @@ def test_swap_search_excess_tol_leaves_near_balanced_ranks_to_the_cost():
     ranks, swaps = swap_search(item_rank, item_expert, item_load, 2, flat, cap=10.0, balance_weight=1.0,
                                excess_tol=1.0)
     assert swaps == 0 and ranks.tolist() == [0, 0, 1, 1]
+
+
+def test_options_are_the_keyword_parameters_past_the_common_interface():
+    from placement.algorithms import check_options, options
+
+    assert options("contiguous") == options("round_robin") == []
+    assert options("eplb") == ["num_groups", "num_nodes"]
+    assert {"max_iters", "balance_tol", "window_tokens", "uniform_blend"} <= set(options("affinity"))
+    assert not set(options("affinity")) & {"load", "coact", "transitions", "tokens"}
+    check_options("affinity", {"max_iters": 3, "rounds": 1})
+    with pytest.raises(ValueError, match=r"affinity does not take parameter 'max_iter'; .*did you mean 'max_iters'"):
+        check_options("affinity", {"max_iter": 3})
+    with pytest.raises(ValueError, match="not one of"):
+        check_options("magic", {})

@@ -188,3 +188,33 @@ def test_cli_eval_refuses_bad_online_flags(tmp_path, argv, message):
     args = _parser().parse_args(["place", "eval", "--plan", str(plan), "--trace", str(trace), *argv])
     with pytest.raises(ValueError, match=message):
         args.func(args)
+
+
+def test_cli_refuses_a_parameter_the_algorithm_does_not_take(tmp_path, capsys):
+    """`--param max_iter=20` (affinity reads max_iters) was ignored: the plan used the default."""
+    from moe_serve.cli.main import main
+    from tests.predictors.synth import layer_map_trace
+
+    trace = tmp_path / "t.npz"
+    layer_map_trace(tokens=60, L=3, E=8, K=2, seqs=3).save(trace)
+    out = tmp_path / "p.json"
+    for argv, message in (
+        (["--algorithm", "affinity", "--param", "max_iter=20"],
+         "--param: placement algorithm affinity does not take parameter 'max_iter'; it takes: balance_tol, "
+         "balance_weight, contiguous_windows, cross_layer_weight, explore_tol, max_iters, max_tokens, rounds, "
+         "uniform_blend, window_tokens (did you mean 'max_iters'?)"),
+        (["--algorithm", "eplb", "--param", "num_group=2"],
+         "--param: placement algorithm eplb does not take parameter 'num_group'; it takes: num_groups"),
+        (["--algorithm", "eplb", "--param", "num_nodes=2"],  # passed twice, it was a TypeError traceback
+         "--param: placement algorithm eplb: num_nodes is set by --num-nodes, not as a parameter"),
+        (["--algorithm", "contiguous", "--param", "max_iters=5"],
+         "--param: placement algorithm contiguous does not take parameter 'max_iters'; it takes no parameters"),
+    ):
+        rc = main(["place", "--trace", str(trace), "--ep", "2", "--out", str(out), *argv])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("moe-serve place: error: ") and message in err, (argv, err)
+        assert not out.exists()
+    assert main(["place", "--trace", str(trace), "--ep", "2", "--out", str(out), "--algorithm", "eplb",
+                 "--num-nodes", "2", "--param", "num_groups=4"]) == 0
+    assert main(["place", "--trace", str(trace), "--ep", "2", "--out", str(out), "--algorithm", "affinity",
+                 "--param", "max_iters=5", "--param", "contiguous_windows=true", "--param", "window_tokens=20"]) == 0
