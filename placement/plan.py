@@ -116,6 +116,8 @@ class PlacementPlan:
             for e in range(E):
                 slots = self.log2phy[l, e]
                 real = slots[slots >= 0]
+                if np.any(real >= P):
+                    raise ValueError(f"plan: layer {l} expert {e}: log2phy {slots.tolist()} names a slot past P={P}")
                 if len(real) != actual[e] or np.any(self.phy2log[l, real] != e) or np.any(slots[len(real):] != -1):
                     raise ValueError(
                         f"plan: layer {l} expert {e}: log2phy {slots.tolist()} disagrees with phy2log "
@@ -143,29 +145,83 @@ class PlacementPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> "PlacementPlan":
+        """Read a plan file; anything malformed is a ValueError naming the file and the field."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"plan file {path} does not exist")
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
+        try:
+            return cls._load(path)
+        except ValueError as exc:
+            msg = str(exc)
+            raise ValueError(msg if msg.startswith(f"plan file {path}") else f"plan file {path}: {msg}") from None
 
-            with safe_open(str(path), framework="numpy") as f:
-                header = json.loads((f.metadata() or {}).get("placement", "{}"))
-                arrays = {k: f.get_tensor(k) for k in ("phy2log", "log2phy", "replica_count")}
+    @classmethod
+    def _load(cls, path: Path) -> "PlacementPlan":
+        keys = ("phy2log", "log2phy", "replica_count")
+        if path.suffix == ".safetensors":
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                with safe_open(str(path), framework="numpy") as f:
+                    header = json.loads((f.metadata() or {}).get("placement", "{}"))
+                    missing = [k for k in keys if k not in f.keys()]
+                    if missing:
+                        raise ValueError(f"missing tensors {missing}")
+                    arrays = {k: f.get_tensor(k) for k in keys}
+            except SafetensorError as exc:
+                raise ValueError(f"not a readable safetensors file ({exc})") from None
         else:
-            header = json.loads(path.read_text())
+            try:
+                header = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ValueError(f"not JSON ({exc})") from None
             arrays = None
+        if not isinstance(header, dict):
+            raise ValueError(f"must hold a JSON object, got {type(header).__name__}")
         if header.get("format") != FORMAT:
-            raise ValueError(f"plan file {path}: format {header.get('format')!r} is not {FORMAT!r}")
+            raise ValueError(f"format {header.get('format')!r} is not {FORMAT!r}")
         if arrays is None:
-            missing = [k for k in ("phy2log", "log2phy", "replica_count") if k not in header]
+            missing = [k for k in keys if k not in header]
             if missing:
-                raise ValueError(f"plan file {path}: missing {missing}")
-            arrays = {k: np.asarray(header[k], dtype=np.int64) for k in ("phy2log", "log2phy", "replica_count")}
-        plan = cls(arrays["phy2log"].astype(np.int64), arrays["log2phy"].astype(np.int64),
-                   arrays["replica_count"].astype(np.int64), int(header["num_ranks"]),
-                   int(header["slots_per_rank"]), dict(header.get("meta", {})))
-        return plan.validate()
+                raise ValueError(f"missing {missing}")
+            arrays = {k: header[k] for k in keys}
+        ndim = dict(phy2log=2, log2phy=3, replica_count=2)
+        arrays = {k: _int_array(k, arrays[k], ndim[k]) for k in keys}
+        sizes = {}
+        for k in ("num_ranks", "slots_per_rank"):
+            v = header.get(k)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{k} must be an integer, got {v!r}")
+            sizes[k] = v
+        meta = header.get("meta", {})
+        if not isinstance(meta, dict):
+            raise ValueError(f"meta must be a JSON object, got {type(meta).__name__}")
+        plan = cls(arrays["phy2log"], arrays["log2phy"], arrays["replica_count"], sizes["num_ranks"],
+                   sizes["slots_per_rank"], dict(meta))
+        plan.validate()
+        for k in ("num_layers", "num_experts"):  # optional in the header; when there, it must be the arrays'
+            if k in header and header[k] != getattr(plan, k):
+                raise ValueError(f"{k}={header[k]!r} in the header, but the arrays hold {getattr(plan, k)}")
+        return plan
+
+
+def _int_array(name: str, value, ndim: int) -> np.ndarray:
+    """int64 array of `ndim` dimensions from a file's field; fractional, non-numeric or ragged is an error."""
+    try:
+        arr = np.asarray(value)
+    except ValueError:  # ragged nested lists
+        raise ValueError(f"{name} is not a rectangular array") from None
+    if arr.dtype == object or arr.ndim != ndim:
+        raise ValueError(f"{name} must be a rectangular {ndim}-D array of integers, got "
+                         + (f"shape {arr.shape}" if arr.dtype != object else "non-numeric or oversized values"))
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+            raise ValueError(f"{name} holds non-integer values")
+    elif arr.dtype.kind not in "iu" and arr.size:
+        raise ValueError(f"{name} must hold integers, got {arr.dtype}")
+    if arr.size and arr.dtype.kind in "fu" and np.abs(arr).max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} holds values past int64")
+    return arr.astype(np.int64)
 
 
 def plan_from_rank_lists(ranks: list[list[list[int]]], num_experts: int, meta: dict | None = None) -> PlacementPlan:
