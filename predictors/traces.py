@@ -113,7 +113,14 @@ class RoutingTrace:
             arrays["token_ids"] = self.token_ids.astype(np.int64)
         if self.hidden is not None:
             arrays["hidden"] = self.hidden.astype(np.float16)
-        np.savez(path, **arrays)
+        if hasattr(path, "write"):  # a file object (the server's download)
+            np.savez(path, **arrays)
+            return
+        path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"trace {path}: is a directory, expected a file name")
+        with open(path, "wb") as f:  # the path as given: np.savez would add .npz to a name without it
+            np.savez(f, **arrays)
 
 
 def load_trace(path: str | Path) -> RoutingTrace:

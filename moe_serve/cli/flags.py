@@ -5,7 +5,8 @@ import argparse
 import json
 import dataclasses
 import typing
-from pathlib import Path
+
+from moe_serve.config import check_output_file
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip: tuple[str, ...] = ()) -> None:
@@ -46,17 +47,9 @@ def key_value_params(items: list[str] | None) -> dict:
 
 
 def output_file(path: str | None, flag: str) -> None:
-    """Check an output file flag before the work that fills it (minutes of replay or fitting would
-    otherwise end in a traceback from open()); creates its parent directories."""
-    if path is None:
-        return
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"{flag} {path}: is a directory, expected a file name")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a parent that is a file, or no permission
-        raise ValueError(f"{flag} {path}: cannot create its directory ({e.strerror})") from None
+    """Check an output file flag before the work that fills it; creates its parent directories."""
+    if path is not None:
+        check_output_file(path, flag)
 
 
 def same_trace_shape(paths: list[str], traces: list, flags: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moe_serve.config import ModelConfig, TraceConfig
+from moe_serve.config import ModelConfig, TraceConfig, check_output_file
 from moe_serve.models.hooks import NO_HOOKS, HookChain, RouterHooks
 from moe_serve.tracing.load import ExpertLoadCounter
 from moe_serve.tracing.recorder import TraceRecorder
@@ -26,6 +26,8 @@ class EngineHooks(HookChain):
         self.active = bool(trace.expert_load_stats or trace.record_trace or trace.replay_trace)
         self.counter: ExpertLoadCounter | None = None
         self.recorder: TraceRecorder | None = None
+        if trace.record_trace:
+            check_output_file(trace.record_trace, "trace.record_trace")  # it is written at close
 
     def attach(self, spec, device: torch.device, meta: dict) -> None:
         tc = self.trace_config
