@@ -36,14 +36,24 @@ def batch_ids(num_tokens: int, batch_size: int, seed: int | None = 0) -> np.ndar
     return out
 
 
-def assign_ranks(plan: PlacementPlan, experts: np.ndarray, batch: np.ndarray) -> np.ndarray:
-    """int64 [T, L, K]: rank serving each routing choice under the plan and the replica rule."""
-    experts = np.asarray(experts, dtype=np.int64)
+def check_trace(plan: PlacementPlan, experts: np.ndarray, empty_ok: bool = False) -> tuple[int, int, int]:
+    """(T, L, K) of `experts` int [T, L, K]; ValueError unless it fits `plan` (its layers, ids < its experts)."""
+    if experts.ndim != 3:
+        raise ValueError(f"score: trace experts must be [T, L, K], got shape {experts.shape}")
     T, L, K = experts.shape
+    if T == 0 and not empty_ok:
+        raise ValueError("score: trace has no tokens")
     if L != plan.num_layers:
         raise ValueError(f"score: trace has {L} MoE layers, plan has {plan.num_layers}")
     if experts.size and experts.max() >= plan.num_experts:
         raise ValueError(f"score: trace expert id {experts.max()} >= plan num_experts={plan.num_experts}")
+    return T, L, K
+
+
+def assign_ranks(plan: PlacementPlan, experts: np.ndarray, batch: np.ndarray) -> np.ndarray:
+    """int64 [T, L, K]: rank serving each routing choice under the plan and the replica rule."""
+    experts = np.asarray(experts, dtype=np.int64)
+    T, L, K = check_trace(plan, experts, empty_ok=True)
     ranks = np.empty_like(experts)
     for l in range(L):
         slots = choose_replica(experts[:, l], plan.log2phy[l], plan.replica_count[l],
@@ -67,8 +77,7 @@ def score_plan(plan: PlacementPlan, experts, batch_size: int = 512, hidden_size:
     """All scores of `plan` on `experts` (int [T, L, K] or a RoutingTrace), as a flat JSON-able dict.
     seed: batching order (None: consecutive rows form a batch)."""
     experts = np.asarray(getattr(experts, "experts", experts), dtype=np.int64)
-    if experts.shape[0] == 0:
-        raise ValueError("score: trace has no tokens")
+    check_trace(plan, experts)
     batch = batch_ids(experts.shape[0], batch_size, seed)
     ranks = assign_ranks(plan, experts, batch)
     out = score_ranks(ranks, batch, batch_size, plan.num_ranks, hidden_size, dtype_bytes)
