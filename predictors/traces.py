@@ -58,7 +58,7 @@ class RoutingTrace:
             )
         if self.token_ids is not None and self.token_ids.shape != (self.num_tokens,):
             raise ValueError(f"trace: token_ids must be [T={self.num_tokens}], got {self.token_ids.shape}")
-        if self.hidden is not None and self.hidden.shape[:2] != self.experts.shape[:2]:
+        if self.hidden is not None and (self.hidden.ndim != 3 or self.hidden.shape[:2] != self.experts.shape[:2]):
             raise ValueError(f"trace: hidden must be [T, L, H], got {self.hidden.shape}")
 
     @property
@@ -146,26 +146,46 @@ def _read_trace(path: Path) -> RoutingTrace:
         for key in ("experts", "weights", "seq_offsets"):
             if key not in z.files:
                 raise ValueError(f"missing key {key!r} (has {sorted(z.files)})")
-        meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
-        if not isinstance(meta, dict):
-            raise ValueError(f"'meta' must be a JSON object, got {type(meta).__name__}")
-        experts, offsets = z["experts"], z["seq_offsets"]
-        # a float id or offset would be truncated silently by the int casts downstream
-        for key, arr in (("experts", experts), ("seq_offsets", offsets)):
-            if not np.issubdtype(arr.dtype, np.integer):
-                raise ValueError(f"{key!r} must hold integers, got dtype {arr.dtype}")
-        num_experts = meta.get("num_experts", int(experts.max()) + 1 if experts.size else 1)
-        if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
-            raise ValueError(f"meta num_experts must be a positive integer, got {num_experts!r}")
-        return RoutingTrace(
-            experts=experts,
-            weights=z["weights"],
-            seq_offsets=offsets.astype(np.int64),
-            num_experts=num_experts,
-            token_ids=z["token_ids"] if "token_ids" in z.files else None,
-            hidden=z["hidden"] if "hidden" in z.files else None,
-            meta=meta,
-        )
+        arrays = {}
+        for key in ("experts", "weights", "seq_offsets", "meta", "token_ids", "hidden"):
+            if key in z.files:
+                try:
+                    arrays[key] = z[key]
+                except ValueError as e:  # a truncated or garbled .npy member
+                    raise ValueError(f"{key!r}: {e}") from None
+                if not isinstance(arrays[key], np.ndarray):  # np.load hands back the raw bytes of a non-.npy member
+                    raise ValueError(f"{key!r} is not a numpy array (.npy) in the archive")
+    meta = {}
+    if "meta" in arrays:
+        try:
+            meta = json.loads(str(arrays["meta"]))
+        except ValueError as e:
+            raise ValueError(f"'meta' is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"'meta' must be a JSON object, got {type(meta).__name__}")
+    experts, offsets = arrays["experts"], arrays["seq_offsets"]
+    # a float id, offset or token would be truncated silently by the int casts downstream
+    for key in ("experts", "seq_offsets", "token_ids"):
+        if key in arrays and not np.issubdtype(arrays[key].dtype, np.integer):
+            raise ValueError(f"{key!r} must hold integers, got dtype {arrays[key].dtype}")
+    for key in ("weights", "hidden"):
+        arr = arrays.get(key)
+        if arr is not None and not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError(f"{key!r} must hold numbers, got dtype {arr.dtype}")
+    if not np.all(np.isfinite(arrays["weights"])):  # a NaN weight would replay as NaN logits
+        raise ValueError(f"'weights' must be finite, got {int(np.sum(~np.isfinite(arrays['weights'])))} NaN/inf")
+    num_experts = meta.get("num_experts", int(experts.max()) + 1 if experts.size else 1)
+    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
+        raise ValueError(f"meta num_experts must be a positive integer, got {num_experts!r}")
+    return RoutingTrace(
+        experts=experts,
+        weights=arrays["weights"],
+        seq_offsets=offsets.astype(np.int64),
+        num_experts=num_experts,
+        token_ids=arrays.get("token_ids"),
+        hidden=arrays.get("hidden"),
+        meta=meta,
+    )
 
 
 def split_sequences(trace: RoutingTrace, test_fraction: float, seed: int = 0) -> tuple[RoutingTrace, RoutingTrace]:

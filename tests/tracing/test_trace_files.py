@@ -23,3 +23,57 @@ def test_record_trace_writes_the_path_given_and_checks_it_before_the_run(tiny_di
     blocker.write_text("x")
     with pytest.raises(ValueError, match=r"trace\.record_trace .*cannot create its directory"):
         LLM(model=str(tiny_dir), record_trace=str(blocker / "x.npz"))
+
+
+def _npy(array) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def _npz(path, **arrays):
+    base = dict(experts=np.zeros((3, 2, 2), np.int16), weights=np.full((3, 2, 2), 0.5, np.float16),
+                seq_offsets=np.array([0, 1, 3]), meta=np.array('{"num_experts": 4, "top_k": 2}'))
+    base.update(arrays)
+    with open(path, "wb") as f:
+        np.savez(f, **{k: v for k, v in base.items() if v is not None})
+    return path
+
+
+@pytest.mark.parametrize("key, value, message", [
+    # were loaded as they were: a str or bool weight failed later deep in numpy, a NaN replayed as NaN logits
+    ("weights", np.full((3, 2, 2), "a"), r"'weights' must hold numbers, got dtype <U1"),
+    ("weights", np.ones((3, 2, 2), bool), r"'weights' must hold numbers, got dtype bool"),
+    ("weights", np.full((3, 2, 2), np.nan, np.float16), r"'weights' must be finite"),
+    # a float token id was truncated by save's int cast; a hidden state without H was taken
+    ("token_ids", np.array([1.5, 2.0, 3.0]), r"'token_ids' must hold integers, got dtype float64"),
+    ("hidden", np.zeros((3, 2), np.float16), r"hidden must be \[T, L, H\]"),
+    ("hidden", np.full((3, 2, 4), "x"), r"'hidden' must hold numbers, got dtype <U1"),
+])
+def test_load_trace_refuses_arrays_of_the_wrong_kind(tmp_path, key, value, message):
+    path = _npz(tmp_path / "t.npz", **{key: value})
+    with pytest.raises(ValueError, match=rf"trace {path}: .*{message}"):
+        load_trace(path)
+
+
+def test_load_trace_names_a_member_that_is_not_a_numpy_array(tmp_path):
+    import zipfile
+
+    path = _npz(tmp_path / "t.npz")
+    with zipfile.ZipFile(path, "a") as z:  # a member that is no .npy: was a bare AttributeError
+        z.writestr("token_ids.npy", b"hello")
+    with pytest.raises(ValueError, match=rf"trace {path}: 'token_ids' is not a numpy array"):
+        load_trace(path)
+    cut = tmp_path / "cut.npz"  # a truncated member: numpy's EOF message did not say which
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(cut, "w") as z:
+        for name in ("weights.npy", "seq_offsets.npy", "meta.npy"):
+            z.writestr(name, src.read(name))
+        z.writestr("experts.npy", _npy(np.zeros((3, 2, 2), np.int16))[:-4])
+    with pytest.raises(ValueError, match=rf"trace {cut}: 'experts': EOF"):
+        load_trace(cut)
+    bad = tmp_path / "meta.npz"  # the JSON error alone did not say which key
+    _npz(bad, meta=np.array("{bad"))
+    with pytest.raises(ValueError, match=rf"trace {bad}: 'meta' is not valid JSON"):
+        load_trace(bad)
