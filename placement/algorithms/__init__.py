@@ -5,7 +5,8 @@
 `load` may be any non-negative per-expert weight (token counts, window counts, predicted loads).
 Algorithms ignore options they do not use, so callers can pass the same statistics to all of them.
 An algorithm's own options are the keyword parameters of its signature (`options(name)`); a user's
-options (`moe-serve place --param`) go through `check_options` first, so a misspelt one is an error.
+options (`moe-serve place --param`) go through `check_options` first, so a misspelt one, a value of another
+type than the default or one outside LIMITS is an error.
 """
 from __future__ import annotations
 
@@ -41,6 +42,39 @@ def options(name: str) -> list[str]:
                   if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in COMMON)
 
 
+# limits of the options that have them: (lowest, highest), None = unbounded
+LIMITS = {
+    "max_tokens": (1, None), "max_iters": (0, None), "rounds": (0, None), "window_tokens": (0, None),
+    "uniform_blend": (0, 1), "balance_tol": (0, None), "explore_tol": (0, None), "balance_weight": (0, None),
+    "cross_layer_weight": (0, None), "num_groups": (1, None),
+}
+
+
+def _check_value(name: str, key: str, value, default) -> None:
+    """ValueError unless `value` has the type of the option's default (a number where it is a float, an
+    integer where it is an int or None, a bool where it is a bool) and lies in LIMITS."""
+    def fail(what):
+        raise ValueError(f"placement algorithm {name}: {key}={value!r} must be {what}")
+
+    if default is None and value is None:
+        return
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            fail("true or false")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        fail("an integer" if default is None or isinstance(default, int) else "a number")
+    if (default is None or isinstance(default, int)) and not isinstance(value, int):
+        fail("an integer")
+    if value != value or value in (float("inf"), float("-inf")):
+        fail("finite")
+    lo, hi = LIMITS.get(key, (None, None))
+    if lo is not None and value < lo:
+        fail(f">= {lo}")
+    if hi is not None and value > hi:
+        fail(f"<= {hi}")
+
+
 def check_options(name: str, given, set_by: dict[str, str] | None = None) -> None:
     """ValueError naming the keys of `given` that algorithm `name` does not read, and those it does.
     `set_by`: options the caller sets itself (option -> how, e.g. {"num_nodes": "--num-nodes"})."""
@@ -51,6 +85,9 @@ def check_options(name: str, given, set_by: dict[str, str] | None = None) -> Non
     accepted = [k for k in options(name) if k not in set_by]
     unknown = [k for k in given if k not in accepted]
     if not unknown:
+        defaults = {p.name: p.default for p in inspect.signature(get_algorithm(name)).parameters.values()}
+        for key, value in given.items():
+            _check_value(name, key, value, defaults[key])
         return
     lower = {a.lower(): a for a in sorted(accepted)}  # did you mean: case-blind (c -> C)
     close = [lower[m] for k in unknown for m in difflib.get_close_matches(str(k).lower(), lower, n=1)]

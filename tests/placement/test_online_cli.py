@@ -218,3 +218,27 @@ def test_cli_refuses_a_parameter_the_algorithm_does_not_take(tmp_path, capsys):
                  "--num-nodes", "2", "--param", "num_groups=4"]) == 0
     assert main(["place", "--trace", str(trace), "--ep", "2", "--out", str(out), "--algorithm", "affinity",
                  "--param", "max_iters=5", "--param", "contiguous_windows=true", "--param", "window_tokens=20"]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--algorithm", "affinity", "--param", "balance_tol=abc"], "balance_tol='abc' must be a number"),
+    (["--algorithm", "affinity", "--param", "max_iters=2.5"], "max_iters=2.5 must be an integer"),
+    (["--algorithm", "affinity", "--param", "contiguous_windows=1"], "contiguous_windows=1 must be true or false"),
+    (["--algorithm", "affinity", "--param", "max_tokens=0"], "max_tokens=0 must be >= 1"),
+    (["--algorithm", "affinity", "--param", "uniform_blend=2"], "uniform_blend=2 must be <= 1"),
+    (["--algorithm", "affinity", "--param", "window_tokens=-3"], "window_tokens=-3 must be >= 0"),
+    (["--algorithm", "eplb", "--param", "num_groups=0"], "num_groups=0 must be >= 1"),
+])
+def test_cli_refuses_a_parameter_value_of_the_wrong_type_or_range(tmp_path, capsys, argv, message):
+    """balance_tol=abc was a TypeError traceback inside the swap search; max_tokens=0 fitted a plan from no
+    tokens, uniform_blend=2 from negative loads, num_groups=0 silently meant one group per node."""
+    from moe_serve.cli.main import main
+    from tests.predictors.synth import layer_map_trace
+
+    trace = tmp_path / "t.npz"
+    layer_map_trace(tokens=60, L=3, E=8, K=2, seqs=3).save(trace)
+    out = tmp_path / "p.json"
+    rc = main(["place", "--trace", str(trace), "--ep", "2", "--out", str(out), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--param: placement algorithm {argv[1]}: {message}" in err, err
+    assert not out.exists()
