@@ -88,6 +88,10 @@ class RoutingTrace:
 
     def select_sequences(self, seq_ids) -> "RoutingTrace":
         """A new trace holding whole sequences `seq_ids`, in that order."""
+        seq_ids = [int(s) for s in seq_ids]
+        bad = [s for s in seq_ids if not 0 <= s < self.num_sequences]
+        if bad:
+            raise ValueError(f"select_sequences: sequence ids must lie in [0, {self.num_sequences}), got {bad[:5]}")
         rows = [np.arange(self.seq_offsets[s], self.seq_offsets[s + 1]) for s in seq_ids]
         idx = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
         lens = [len(r) for r in rows]

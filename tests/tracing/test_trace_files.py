@@ -77,3 +77,15 @@ def test_load_trace_names_a_member_that_is_not_a_numpy_array(tmp_path):
     _npz(bad, meta=np.array("{bad"))
     with pytest.raises(ValueError, match=rf"trace {bad}: 'meta' is not valid JSON"):
         load_trace(bad)
+
+
+def test_select_sequences_refuses_ids_out_of_range():
+    from predictors.traces import RoutingTrace
+
+    t = RoutingTrace(experts=np.zeros((3, 1, 1), np.int16), weights=np.ones((3, 1, 1), np.float16),
+                     seq_offsets=np.array([0, 1, 3]), num_experts=2)
+    assert t.select_sequences([1, 0]).seq_offsets.tolist() == [0, 2, 3]
+    # -1 was an empty sequence, silently (seq_offsets[-1] .. seq_offsets[0]); 2 a bare IndexError
+    for bad in ([-1], [0, 2]):
+        with pytest.raises(ValueError, match=r"select_sequences: sequence ids must lie in \[0, 2\), got"):
+            t.select_sequences(bad)
