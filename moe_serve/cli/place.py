@@ -25,6 +25,9 @@ def _experts(paths: list[str]):
 
     traces = [load_trace(p) for p in paths]
     same_trace_shape(paths, traces, "--trace")
+    for path, t in zip(paths, traces):  # a plan fitted from nothing was written as if fitted
+        if t.num_tokens == 0:
+            raise ValueError(f"--trace: {path} has no tokens")
     return np.concatenate([t.experts for t in traces]), traces[0].num_experts
 
 
@@ -71,6 +74,8 @@ def run_eval(args) -> int:
     # a negative budget was taken as "online" (it is truthy); a window of 0 failed in np.concatenate
     if args.online_budget < 0:
         raise ValueError(f"--online-budget must be >= 0 (0: static), got {args.online_budget}")
+    if args.hidden_size < 1:  # dispatch_bytes_per_token came out negative
+        raise ValueError(f"--hidden-size must be >= 1, got {args.hidden_size}")
     if args.online_window < 1:
         raise ValueError(f"--online-window must be >= 1 token, got {args.online_window}")
     plan = PlacementPlan.load(args.plan)

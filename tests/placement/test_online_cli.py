@@ -242,3 +242,24 @@ def test_cli_refuses_a_parameter_value_of_the_wrong_type_or_range(tmp_path, caps
     err = capsys.readouterr().err
     assert rc == 2 and f"--param: placement algorithm {argv[1]}: {message}" in err, err
     assert not out.exists()
+
+
+def test_cli_refuses_an_empty_trace_and_a_bad_hidden_size(tmp_path, capsys):
+    """`place` on a trace without tokens wrote a plan fitted from nothing; `place eval --hidden-size -1`
+    printed a negative dispatch_bytes_per_token."""
+    from moe_serve.cli.main import main
+    from predictors.traces import RoutingTrace
+    from tests.predictors.synth import layer_map_trace
+
+    empty = tmp_path / "empty.npz"
+    RoutingTrace(np.zeros((0, 3, 2), np.int16), np.zeros((0, 3, 2), np.float16), np.array([0]), 8).save(empty)
+    out = tmp_path / "p.json"
+    assert main(["place", "--trace", str(empty), "--ep", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--trace: {empty} has no tokens" in err and not out.exists(), err
+    trace = tmp_path / "t.npz"
+    layer_map_trace(tokens=60, L=3, E=8, K=2, seqs=3).save(trace)
+    assert main(["place", "--trace", str(trace), "--ep", "2", "--out", str(out), "--algorithm", "contiguous"]) == 0
+    capsys.readouterr()
+    assert main(["place", "eval", "--plan", str(out), "--trace", str(trace), "--hidden-size", "-1"]) == 2
+    assert "--hidden-size must be >= 1, got -1" in capsys.readouterr().err
