@@ -36,6 +36,10 @@ def default_plan(num_layers: int, num_experts: int, ep: int, redundant: int, pla
 
     if placement:
         plan = PlacementPlan.load(placement)
+        extra = plan.num_slots - plan.num_experts
+        if redundant and redundant != extra:  # 0 (the default) takes the plan's; another number ran ignored
+            raise ValueError(f"parallel.redundant_experts={redundant}, but the placement file {placement} has "
+                             f"{extra} redundant slots ({plan.num_slots} slots for {plan.num_experts} experts)")
     else:
         from placement.algorithms.simple import contiguous
 

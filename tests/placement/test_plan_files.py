@@ -76,3 +76,18 @@ def test_malformed_safetensors_plans(tmp_path):
                "replica_count": plan.replica_count}, str(fractional), metadata=meta)
     with pytest.raises(ValueError, match="fractional.safetensors.*phy2log"):
         PlacementPlan.load(fractional)
+
+
+def test_engine_refuses_a_plan_file_whose_replicas_disagree_with_redundant_experts(tmp_path):
+    """parallel.redundant_experts=8 with a plan file of no replicas ran with none, silently."""
+    from moe_serve.distributed.runner import default_plan
+
+    path = tmp_path / "plan.json"
+    PlacementPlan.from_phy2log([list(range(8))] * 2, 8, 2).save(path)
+    assert default_plan(2, 8, 2, 0, str(path)).num_slots == 8
+    with pytest.raises(ValueError, match=r"parallel.redundant_experts=4.*plan.json.*0 redundant"):
+        default_plan(2, 8, 2, 4, str(path))
+    replicated = tmp_path / "replicated.json"
+    PlacementPlan.from_phy2log([list(range(8)) + [0, 1]] * 2, 8, 2).save(replicated)
+    assert default_plan(2, 8, 2, 2, str(replicated)).num_slots == 10
+    assert default_plan(2, 8, 2, 0, str(replicated)).num_slots == 10  # unset: the plan's own replicas
