@@ -167,6 +167,7 @@ class DistributedModel:
         if shape(plan) != shape(self.plan):  # a rank would fail on it, and every rank with it
             raise ValueError("switch_placement: plan has {} layers x {} experts on {} ranks x {} slots; the running "
                              "one {} x {} on {} x {}".format(*shape(plan), *shape(self.plan)))
+        plan.validate()  # an expert in no slot was routed to slot -1 on the ranks, failing them all
         doc = dict(num_ranks=plan.num_ranks, phy2log=plan.phy2log.tolist(), meta=plan.meta)
         self.group.broadcast(m.PlacementCommand(at_step=at, plan_json=json.dumps(doc)))
         return at

@@ -56,7 +56,10 @@ def test_a_plan_the_ranks_cannot_use_is_refused_and_serving_goes_on(tmp_path):
         ident = np.arange(8)[None]
         for bad, why in [(PlacementPlan.from_phy2log(ident.repeat(2, 0), 8, 2), "2 layers"),  # a layer short
                          (PlacementPlan.from_phy2log(ident.repeat(3, 0), 8, 4), "4 ranks"),
-                         (PlacementPlan.from_phy2log(np.arange(10)[None].repeat(3, 0) % 8, 8, 2), "5 slots")]:
+                         (PlacementPlan.from_phy2log(np.arange(10)[None].repeat(3, 0) % 8, 8, 2), "5 slots"),
+                         # expert 7 in no slot: a token routed to it went to slot -1 (rank -1), a rank failure
+                         (PlacementPlan.from_phy2log(np.r_[0, np.arange(7)][None].repeat(3, 0), 8, 2),
+                          "layer 0 expert 7 is not placed")]:
             with pytest.raises(ValueError, match=why):
                 dm.switch_placement(bad)
         with pytest.raises(ValueError, match="at_step"):  # a step already run would never switch
