@@ -35,6 +35,8 @@ from placement.score import score_load, score_plan  # noqa: E402
 from placement.stats import expert_load  # noqa: E402
 
 SHARED = (ROOT / ".." / "shared").resolve()
+RESULTS = ROOT / "benches" / "results" / "imbalance"
+SECTIONS = ("real", "sweep", "synth", "stats")
 KEYS = ("imbalance_mean", "imbalance_p50", "imbalance_p99", "imbalance_trace", "fanout_mean", "rank_changes_mean",
         "dispatch_bytes_per_token", "solver_seconds", "solver_cpu_seconds", "experts_moved_total",
         "experts_moved_per_layer_step_mean", "imbalance_series")
@@ -131,10 +133,21 @@ def section_stats(path, algos, log):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(ROOT / "benches" / "results" / "imbalance"))
+    ap.add_argument("--out", help=f"results folder (default: {RESULTS}, for the full suite only)")
     ap.add_argument("--smoke", action="store_true", help="tiny configuration (CI): few tokens and layers")
-    ap.add_argument("--sections", default="real,sweep,synth,stats")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     args = ap.parse_args(argv)
+    secs = args.sections.split(",")
+    unknown = [s for s in secs if s not in SECTIONS]
+    if unknown:  # ran nothing of it and wrote an empty report
+        ap.error(f"--sections: {unknown[0]!r} is not one of {', '.join(SECTIONS)}")
+    if args.out is None:  # the default is the committed full-suite results: a partial run must not replace them
+        if args.smoke or set(secs) != set(SECTIONS):
+            what = "--smoke" if args.smoke else f"--sections {args.sections}"
+            ap.error(f"{what} writes its results over the full suite's in {RESULTS}; pass --out")
+        args.out = str(RESULTS)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        ap.error(f"--out {args.out}: is a file, expected a folder")
     from predictors.traces import load_trace
     import report
     import workloads
@@ -150,7 +163,6 @@ def main(argv=None) -> int:
     log = lambda r: print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
                                       if k != "imbalance_series"}), flush=True)
     results = dict(machine="2-core shared CPU (numpy, 1 BLAS thread)", smoke=args.smoke, sections={})
-    secs = args.sections.split(",")
     have_traces = (SHARED / "traces" / "dsv2lite_intent.npz").exists()
     if have_traces and ("real" in secs or "sweep" in secs):
         traces = {d: load_trace(SHARED / "traces" / f"dsv2lite_{d}.npz") for d in ("intent", "summary")}
