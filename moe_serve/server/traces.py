@@ -38,6 +38,12 @@ class LiveTraceHook(RouterHooks):
         self.recording = False
         self._step: TraceRecorder | None = None  # the recorder of the step in progress, if recorded
 
+    @property
+    def reads_ids_only(self) -> bool:
+        """Idle, or recording ids and weights only: the compiled decode step may run (models/compiled.py)."""
+        recorder = self.recorder
+        return not self.recording or recorder is None or recorder.reads_ids_only
+
     def start(self, record_hidden: bool = False) -> None:
         with self.lock:
             self.recorder = TraceRecorder(*self.shape, record_hidden=record_hidden, meta=self.meta)
@@ -61,6 +67,11 @@ class LiveTraceHook(RouterHooks):
     def route(self, moe_layer, hidden, expert_ids, weights):
         step = self._step
         if step is not None:
+            if hidden is None and step.record_hidden:
+                # a compiled step chosen before a start with record_hidden: that fresh recording
+                # (no rows yet, so no gap in any sequence) begins at the next step
+                self._step = None
+                return None
             step.route(moe_layer, hidden, expert_ids, weights)
         return None
 

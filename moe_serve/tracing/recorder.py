@@ -26,6 +26,7 @@ class TraceRecorder(RouterHooks):
                  meta: dict | None = None):
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
         self.record_hidden = record_hidden
+        self.reads_ids_only = not record_hidden  # ids and weights only: the compiled decode step reports them
         self.meta = dict(meta or {})
         self.chunks: dict[int, list[tuple]] = {}  # seq id -> [(token_ids [n], experts [n,L,K], weights, hidden)]
         self._step: list[tuple | None] = []

@@ -1,0 +1,64 @@
+"""The server's live trace hook and the compiled decode step (models/compiled.py)."""
+from types import SimpleNamespace
+
+import torch
+
+from moe_serve.models import load_model
+from moe_serve.models.batch import ForwardBatch
+from moe_serve.server.traces import TraceControl
+from moe_serve.tracing.recorder import TraceRecorder
+
+
+def _decodes(n: int) -> ForwardBatch:
+    return ForwardBatch(token_ids=torch.arange(5, 5 + n), positions=torch.full((n,), 3), slot_ids=list(range(n)),
+                        query_lens=[1] * n, context_lens=[3] * n, seq_ids=list(range(n)))
+
+
+def test_idle_live_trace_hook_leaves_decodes_compiled(tiny_checkpoint, tmp_path):
+    """The server installs its trace hook for its lifetime: idle, it pushed every decode step of
+    `serve --compile-decode` onto the eager path (it was not an id-only hook)."""
+    model = load_model(tiny_checkpoint("mixtral"))
+    model.allocate_kv_cache(num_slots=2, max_len=16)
+    assert model.enable_compiled_decode(max_batch=2) is None  # compiles at the first compiled step only
+    batch = _decodes(2)
+    assert model.compiled.accepts(batch)
+    control = TraceControl(SimpleNamespace(spec=model.spec, model=model), str(tmp_path))
+    assert model.compiled.accepts(batch)  # idle: nothing is read
+    control.start(record_hidden=False)
+    assert model.compiled.accepts(batch)  # ids and weights come back from the compiled step too
+    model(batch)
+    assert model.compiled.failed is None and model.compiled.steps == 1
+    trace = control.hook.snapshot()
+    assert trace.num_sequences == 2 and trace.token_ids.tolist() == [5, 6]
+    eager = load_model(tiny_checkpoint("mixtral"))
+    eager.allocate_kv_cache(num_slots=2, max_len=16)
+    eager.hooks = TraceRecorder(model.spec.num_moe_layers, model.spec.num_experts, model.spec.top_k)
+    eager(batch)
+    assert (trace.experts == eager.hooks.to_trace().experts).all()  # the routing the eager step records
+    control.start(record_hidden=True)
+    assert not model.compiled.accepts(batch)  # hidden states exist in the eager step only
+    control.stop()
+    assert model.compiled.accepts(batch)
+
+
+def test_a_step_without_hidden_states_is_not_recorded_half(tmp_path):
+    """A start with record_hidden between the compiled path's accepts() and its begin_step: the step
+    brings no hidden states, so the fresh recording starts at the next step (not an AttributeError in
+    the engine thread, nor a step recorded without them)."""
+    from moe_serve.server.traces import LiveTraceHook
+
+    hook = LiveTraceHook(num_layers=2, num_experts=4, top_k=2, meta={})
+    hook.start(record_hidden=True)
+    batch = _decodes(1)
+    ids, w = torch.tensor([[0, 1]]), torch.tensor([[0.6, 0.4]])
+    hook.begin_step(batch)
+    for layer in range(2):
+        hook.route(layer, None, ids, w)
+    hook.end_step(batch)
+    assert hook.snapshot().num_tokens == 0
+    hook.begin_step(batch)
+    for layer in range(2):
+        hook.route(layer, torch.ones(1, 8), ids, w)
+    hook.end_step(batch)
+    trace = hook.snapshot()
+    assert trace.num_tokens == 1 and trace.hidden.shape == (1, 2, 8)
