@@ -140,6 +140,13 @@ class TraceControl:
         if name is None:
             name = time.strftime("trace-%Y%m%d-%H%M%S") + f"-{time.monotonic_ns() % 10**6:06d}.npz"
         path = (self.trace_dir / name).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        trace.save(str(path))
+        if path.is_dir():
+            raise APIError(409, f"path: {name!r} is a directory under the server's trace_dir, not a file",
+                           param="path", code="path_is_directory")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            trace.save(str(path))
+        except OSError as e:  # the server's trace_dir: a file, not writable, full
+            raise APIError(500, f"cannot write {name!r} under server.trace_dir {self.trace_dir}: {e.strerror or e}",
+                           type="server_error", code="trace_dir_unwritable") from None
         return dict(self.status(), path=str(path))

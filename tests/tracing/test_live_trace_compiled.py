@@ -62,3 +62,30 @@ def test_a_step_without_hidden_states_is_not_recorded_half(tmp_path):
     hook.end_step(batch)
     trace = hook.snapshot()
     assert trace.num_tokens == 1 and trace.hidden.shape == (1, 2, 8)
+
+
+def _control(trace_dir) -> TraceControl:
+    from moe_serve.models.hooks import NO_HOOKS
+
+    spec = SimpleNamespace(num_moe_layers=2, num_experts=4, top_k=2, family="tiny")
+    control = TraceControl(SimpleNamespace(spec=spec, model=SimpleNamespace(hooks=NO_HOOKS)), str(trace_dir))
+    control.start()
+    return control
+
+
+def test_dump_that_cannot_be_written_says_where_and_why(tmp_path):
+    """Were 500 'internal error: IsADirectoryError / FileExistsError ...' from open() or mkdir()."""
+    import pytest
+
+    from moe_serve.server.errors import APIError
+
+    (tmp_path / "taken.npz").mkdir()
+    with pytest.raises(APIError) as e:
+        _control(tmp_path).dump("taken.npz")
+    assert e.value.status == 409 and e.value.param == "path" and "is a directory" in e.value.message
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(APIError) as e:
+        _control(blocker / "traces").dump("t.npz")
+    assert e.value.status == 500 and "trace_dir" in e.value.message and str(blocker / "traces") in e.value.message
+    assert e.value.code == "trace_dir_unwritable"
