@@ -35,7 +35,11 @@ class EngineHooks(HookChain):
         if tc.replay_trace:
             from predictors.traces import load_trace
 
-            self.hooks.append(TraceReplay(load_trace(tc.replay_trace), L, E, K))
+            trace = load_trace(tc.replay_trace)  # its errors name the file
+            try:
+                self.hooks.append(TraceReplay(trace, L, E, K))
+            except ValueError as e:  # the replay's own checks do not
+                raise ValueError(f"trace.replay_trace {tc.replay_trace}: {str(e).removeprefix('replay: ')}") from None
         if tc.expert_load_stats:
             self.counter = ExpertLoadCounter(L, E, device)
             self.hooks.append(self.counter)

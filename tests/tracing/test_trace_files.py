@@ -89,3 +89,13 @@ def test_select_sequences_refuses_ids_out_of_range():
     for bad in ([-1], [0, 2]):
         with pytest.raises(ValueError, match=r"select_sequences: sequence ids must lie in \[0, 2\), got"):
             t.select_sequences(bad)
+
+
+def test_replay_of_an_empty_trace_names_the_file(tiny_dir, tmp_path):
+    from predictors.traces import RoutingTrace
+
+    path = tmp_path / "empty.npz"
+    RoutingTrace(experts=np.zeros((0, 2, 2), np.int16), weights=np.zeros((0, 2, 2), np.float16),
+                 seq_offsets=np.array([0]), num_experts=4).save(path)
+    with pytest.raises(ValueError, match=rf"trace\.replay_trace {path}: the trace has no tokens"):  # named no file
+        LLM(model=str(tiny_dir), replay_trace=str(path))
