@@ -106,7 +106,9 @@ class RoutingTrace:
         )
 
     def save(self, path: str | Path) -> None:
-        meta = dict(self.meta, num_experts=self.num_experts, top_k=self.top_k)
+        # the counts are this trace's (a selection of a shared trace carried the whole file's)
+        meta = dict(self.meta, num_experts=self.num_experts, top_k=self.top_k, tokens=self.num_tokens,
+                    sequences=self.num_sequences)
         arrays = dict(
             experts=self.experts.astype(np.int16),
             weights=self.weights.astype(np.float16),

@@ -99,3 +99,19 @@ def test_replay_of_an_empty_trace_names_the_file(tiny_dir, tmp_path):
                  seq_offsets=np.array([0]), num_experts=4).save(path)
     with pytest.raises(ValueError, match=rf"trace\.replay_trace {path}: the trace has no tokens"):  # named no file
         LLM(model=str(tiny_dir), replay_trace=str(path))
+
+
+def test_saved_meta_counts_are_the_saved_trace_s(tmp_path):
+    """The shared traces' meta carries tokens and sequences: a selection saved kept the whole file's
+    counts (8,222 tokens in a file of 64)."""
+    import json
+
+    from predictors.traces import RoutingTrace
+
+    t = RoutingTrace(experts=np.zeros((3, 1, 1), np.int16), weights=np.ones((3, 1, 1), np.float16),
+                     seq_offsets=np.array([0, 1, 3]), num_experts=2, meta={"tokens": 3, "sequences": 2, "model": "m"})
+    t.select_sequences([1]).save(tmp_path / "one.npz")
+    with np.load(tmp_path / "one.npz") as z:
+        meta = json.loads(str(z["meta"]))
+    assert meta == {"tokens": 2, "sequences": 1, "model": "m", "num_experts": 2, "top_k": 1}
+    assert load_trace(tmp_path / "one.npz").meta["tokens"] == 2
