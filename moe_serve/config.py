@@ -112,6 +112,11 @@ class TraceConfig:
     replay_trace: str | None = doc("drive every router from this recorded trace instead of its gate", default=None)
     expert_load_stats: bool = doc("count tokens per expert of each MoE layer (CLI load table, /metrics)", default=True)
 
+    def __post_init__(self):
+        # the server's live recording takes record_hidden in POST /v1/traces/start, not from here
+        require(not self.record_hidden or bool(self.record_trace), "trace", "record_hidden",
+                "set only with trace.record_trace (it records nothing alone)", self.record_hidden)
+
 
 @dataclass
 class ServerConfig:

@@ -115,3 +115,12 @@ def test_saved_meta_counts_are_the_saved_trace_s(tmp_path):
         meta = json.loads(str(z["meta"]))
     assert meta == {"tokens": 2, "sequences": 1, "model": "m", "num_experts": 2, "top_k": 1}
     assert load_trace(tmp_path / "one.npz").meta["tokens"] == 2
+
+
+def test_record_hidden_without_record_trace_is_refused():
+    """It recorded nothing, silently (`moe-serve generate --record-hidden` without --record-trace)."""
+    from moe_serve.config import TraceConfig
+
+    with pytest.raises(ValueError, match=r"trace\.record_hidden must be .*trace\.record_trace"):
+        TraceConfig(record_hidden=True)
+    assert TraceConfig(record_hidden=True, record_trace="t.npz").record_hidden
