@@ -78,7 +78,13 @@ class RoutingTrace:
         return len(self.seq_offsets) - 1
 
     def sequence(self, s: int) -> slice:
+        self._check_seq_ids("sequence", [s])
         return slice(int(self.seq_offsets[s]), int(self.seq_offsets[s + 1]))
+
+    def _check_seq_ids(self, what: str, seq_ids: list[int]) -> None:
+        bad = [s for s in seq_ids if not 0 <= s < self.num_sequences]
+        if bad:  # -1 would be rows seq_offsets[-1]..seq_offsets[0]: an empty sequence, silently
+            raise ValueError(f"{what}: sequence ids must lie in [0, {self.num_sequences}), got {bad[:5]}")
 
     def prev_index(self) -> np.ndarray:
         """int64 [T]: row of the previous token of the same sequence, -1 at a sequence start."""
@@ -89,9 +95,7 @@ class RoutingTrace:
     def select_sequences(self, seq_ids) -> "RoutingTrace":
         """A new trace holding whole sequences `seq_ids`, in that order."""
         seq_ids = [int(s) for s in seq_ids]
-        bad = [s for s in seq_ids if not 0 <= s < self.num_sequences]
-        if bad:
-            raise ValueError(f"select_sequences: sequence ids must lie in [0, {self.num_sequences}), got {bad[:5]}")
+        self._check_seq_ids("select_sequences", seq_ids)
         rows = [np.arange(self.seq_offsets[s], self.seq_offsets[s + 1]) for s in seq_ids]
         idx = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
         lens = [len(r) for r in rows]

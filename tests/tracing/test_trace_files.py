@@ -89,6 +89,9 @@ def test_select_sequences_refuses_ids_out_of_range():
     for bad in ([-1], [0, 2]):
         with pytest.raises(ValueError, match=r"select_sequences: sequence ids must lie in \[0, 2\), got"):
             t.select_sequences(bad)
+    assert t.sequence(1) == slice(1, 3)
+    with pytest.raises(ValueError, match=r"sequence: sequence ids must lie in \[0, 2\), got \[-1\]"):
+        t.sequence(-1)  # was slice(3, 0): no rows, silently
 
 
 def test_replay_of_an_empty_trace_names_the_file(tiny_dir, tmp_path):
