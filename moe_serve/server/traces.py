@@ -53,10 +53,16 @@ class LiveTraceHook(RouterHooks):
         with self.lock:
             self.recording = False
 
-    def snapshot(self):
-        """The RoutingTrace recorded so far (None if recording never started)."""
+    def counts(self) -> tuple[int, int]:
+        """(sequences, tokens) recorded so far; (0, 0) if recording never started."""
         with self.lock:
-            return None if self.recorder is None else self.recorder.to_trace()
+            return (0, 0) if self.recorder is None else self.recorder.counts()
+
+    def snapshot(self):
+        """The RoutingTrace recorded so far (None if recording never started), built outside the lock."""
+        with self.lock:
+            recorded = None if self.recorder is None else self.recorder.copy()
+        return None if recorded is None else recorded.to_trace()
 
     def begin_step(self, batch):
         with self.lock:
@@ -104,10 +110,8 @@ class TraceControl:
                            type="not_implemented", code="traces_unavailable")
 
     def status(self) -> dict:
-        trace = self.hook.snapshot()
-        return {"recording": self.hook.recording,
-                "sequences": 0 if trace is None else trace.num_sequences,
-                "tokens": 0 if trace is None else trace.num_tokens}
+        sequences, tokens = self.hook.counts()  # not the whole trace: its lock holds up the engine's steps
+        return {"recording": self.hook.recording, "sequences": sequences, "tokens": tokens}
 
     def start(self, record_hidden: bool = False) -> dict:
         self._check()

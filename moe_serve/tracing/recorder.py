@@ -59,6 +59,16 @@ class TraceRecorder(RouterHooks):
             start += n
         self._step = []
 
+    def copy(self) -> "TraceRecorder":
+        """What was recorded so far, apart (the rows are shared: they are never written again)."""
+        other = TraceRecorder(self.num_layers, self.num_experts, self.top_k, self.record_hidden, self.meta)
+        other.chunks = {sid: list(chunks) for sid, chunks in self.chunks.items()}
+        return other
+
+    def counts(self) -> tuple[int, int]:
+        """(sequences, tokens) recorded so far, without building the trace."""
+        return len(self.chunks), sum(len(c[0]) for chunks in self.chunks.values() for c in chunks)
+
     def to_trace(self) -> RoutingTrace:
         """Everything recorded so far, one trace sequence per engine sequence, in sequence-id order."""
         order = sorted(self.chunks)

@@ -89,3 +89,26 @@ def test_dump_that_cannot_be_written_says_where_and_why(tmp_path):
         _control(blocker / "traces").dump("t.npz")
     assert e.value.status == 500 and "trace_dir" in e.value.message and str(blocker / "traces") in e.value.message
     assert e.value.code == "trace_dir_unwritable"
+
+
+def test_status_counts_without_building_the_trace(tmp_path, monkeypatch):
+    """GET /v1/traces (and start/stop's answers) built the whole trace, hidden states included, under
+    the lock every engine step takes: a long recording stalled serving on each status call."""
+    from moe_serve.tracing.recorder import TraceRecorder
+
+    control = _control(tmp_path)
+    hook = control.hook
+    for n, sid in ((3, 0), (1, 0), (2, 1)):
+        batch = ForwardBatch(token_ids=torch.arange(n), positions=torch.arange(n), slot_ids=[sid], query_lens=[n],
+                             context_lens=[0], seq_ids=[sid])
+        hook.begin_step(batch)
+        for layer in range(2):
+            hook.route(layer, None, torch.zeros(n, 2, dtype=torch.long), torch.ones(n, 2))
+        hook.end_step(batch)
+
+    def no_build(self):
+        raise AssertionError("status built the trace")
+
+    monkeypatch.setattr(TraceRecorder, "to_trace", no_build)
+    assert control.status() == {"recording": True, "sequences": 2, "tokens": 6}
+    assert control.stop() == {"recording": False, "sequences": 2, "tokens": 6}
