@@ -49,6 +49,9 @@ class TraceRecorder(RouterHooks):
         experts = torch.stack([s[0] for s in self._step], dim=1).numpy()  # [N, L, K]
         weights = torch.stack([s[1] for s in self._step], dim=1).numpy()  # [N, L, K]
         hidden = torch.stack([s[2] for s in self._step], dim=1).numpy() if self.record_hidden else None
+        # highest weight first, as the format says: a biased router (noaux_tc) orders by score + bias
+        order = np.argsort(-weights.astype(np.float32), axis=-1, kind="stable")
+        experts, weights = np.take_along_axis(experts, order, -1), np.take_along_axis(weights, order, -1)
         tokens = batch.token_ids.detach().cpu().numpy()
         ids = batch.seq_ids or batch.slot_ids
         start = 0
