@@ -29,8 +29,10 @@ def fit_routing(experts: np.ndarray, weights: np.ndarray, num_experts: int, top_
     """[T, L, K] ids and weights -> [T, L, top_k] distinct ids in [0, num_experts) and rescaled weights."""
     if top_k > num_experts:
         raise ValueError(f"replay: top_k={top_k} must be <= num_experts={num_experts}")
-    ids = experts.astype(np.int64) % num_experts
     w = weights.astype(np.float32)
+    order = np.argsort(-w, axis=-1, kind="stable")  # highest weight first (other producers' rows may not be)
+    ids = np.take_along_axis(experts.astype(np.int64) % num_experts, order, -1)
+    w = np.take_along_axis(w, order, -1)
     total = w.sum(axis=-1, keepdims=True)  # [T, L, 1]
     K = ids.shape[-1]
     if K >= top_k:

@@ -127,3 +127,15 @@ def test_record_hidden_without_record_trace_is_refused():
     with pytest.raises(ValueError, match=r"trace\.record_hidden must be .*trace\.record_trace"):
         TraceConfig(record_hidden=True)
     assert TraceConfig(record_hidden=True, record_trace="t.npz").record_hidden
+
+
+def test_fit_routing_keeps_the_highest_weights_of_an_unsorted_row():
+    """The rule keeps the trace's highest-weight top_k; it kept the first ones, which are those only
+    when the row is sorted (the loader does not require it of other producers' files)."""
+    from moe_serve.tracing.replay import fit_routing
+
+    experts = np.array([[[3, 1, 2]]], dtype=np.int16)
+    weights = np.array([[[0.1, 0.6, 0.3]]], dtype=np.float16)
+    ids, w = fit_routing(experts, weights, num_experts=4, top_k=2)
+    assert ids.tolist() == [[[1, 2]]]
+    np.testing.assert_allclose(w[0, 0], np.array([0.6, 0.3]) / 0.9, rtol=1e-3)
