@@ -184,6 +184,13 @@ def _read_trace(path: Path) -> RoutingTrace:
             raise ValueError(f"{key!r} must hold numbers, got dtype {arr.dtype}")
     if not np.all(np.isfinite(arrays["weights"])):  # a NaN weight would replay as NaN logits
         raise ValueError(f"'weights' must be finite, got {int(np.sum(~np.isfinite(arrays['weights'])))} NaN/inf")
+    if experts.ndim == 3 and experts.shape[-1] > 1 and experts.size:  # a router's top-k are distinct experts
+        ordered = np.sort(experts, axis=-1)
+        same = ordered[..., 1:] == ordered[..., :-1]
+        if same.any():
+            t, layer, k = (int(i[0]) for i in np.nonzero(same))
+            raise ValueError(f"'experts' row {t}, MoE layer {layer} holds expert {ordered[t, layer, k]} twice "
+                             "(a row's top-k ids are distinct)")
     num_experts = meta.get("num_experts", int(experts.max()) + 1 if experts.size else 1)
     if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
         raise ValueError(f"meta num_experts must be a positive integer, got {num_experts!r}")

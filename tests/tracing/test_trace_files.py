@@ -34,7 +34,7 @@ def _npy(array) -> bytes:
 
 
 def _npz(path, **arrays):
-    base = dict(experts=np.zeros((3, 2, 2), np.int16), weights=np.full((3, 2, 2), 0.5, np.float16),
+    base = dict(experts=np.broadcast_to(np.arange(2, dtype=np.int16), (3, 2, 2)), weights=np.full((3, 2, 2), 0.5, np.float16),
                 seq_offsets=np.array([0, 1, 3]), meta=np.array('{"num_experts": 4, "top_k": 2}'))
     base.update(arrays)
     with open(path, "wb") as f:
@@ -139,3 +139,13 @@ def test_fit_routing_keeps_the_highest_weights_of_an_unsorted_row():
     ids, w = fit_routing(experts, weights, num_experts=4, top_k=2)
     assert ids.tolist() == [[[1, 2]]]
     np.testing.assert_allclose(w[0, 0], np.array([0.6, 0.3]) / 0.9, rtol=1e-3)
+
+
+def test_load_trace_refuses_a_row_that_repeats_an_expert(tmp_path):
+    """A router's top-k are distinct experts: a row with one twice was loaded and counted twice."""
+    experts = np.zeros((3, 2, 2), np.int16)
+    experts[..., 1] = 1
+    experts[2, 1] = [3, 3]
+    path = _npz(tmp_path / "dup.npz", experts=experts)
+    with pytest.raises(ValueError, match=rf"trace {path}: 'experts' row 2, MoE layer 1 holds expert 3 twice"):
+        load_trace(path)
