@@ -29,6 +29,9 @@ from pathlib import Path
 import numpy as np
 
 
+MAX_EXPERTS = 2**15  # expert ids are stored as int16
+
+
 @dataclass
 class RoutingTrace:
     experts: np.ndarray  # int16 [T, L, K]
@@ -46,6 +49,9 @@ class RoutingTrace:
             raise ValueError(
                 f"trace: weights shape {tuple(self.weights.shape)} != experts shape {tuple(self.experts.shape)}"
             )
+        if not 1 <= self.num_experts <= MAX_EXPERTS:
+            raise ValueError(f"trace: num_experts={self.num_experts} must be >= 1 and at most {MAX_EXPERTS} "
+                             "(expert ids are stored as int16)")
         offs = self.seq_offsets
         if offs.ndim != 1 or len(offs) < 1 or offs[0] != 0 or offs[-1] != self.num_tokens or np.any(np.diff(offs) < 0):
             raise ValueError(

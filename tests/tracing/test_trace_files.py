@@ -149,3 +149,16 @@ def test_load_trace_refuses_a_row_that_repeats_an_expert(tmp_path):
     path = _npz(tmp_path / "dup.npz", experts=experts)
     with pytest.raises(ValueError, match=rf"trace {path}: 'experts' row 2, MoE layer 1 holds expert 3 twice"):
         load_trace(path)
+
+
+def test_num_experts_beyond_the_int16_ids_is_refused(tmp_path):
+    """Ids are stored as int16: an id past 32767 was saved wrapped negative (a file that then failed to
+    load), and meta num_experts=10**12 loaded and made the predictors allocate [L, E] arrays of it."""
+    from predictors.traces import RoutingTrace
+
+    path = _npz(tmp_path / "huge.npz", meta=np.array('{"num_experts": 1000000000000}'))
+    with pytest.raises(ValueError, match=rf"trace {path}: .*num_experts=1000000000000 .*at most 32768"):
+        load_trace(path)
+    with pytest.raises(ValueError, match=r"num_experts=40000 .*at most 32768"):
+        RoutingTrace(experts=np.full((1, 1, 1), 39999), weights=np.ones((1, 1, 1)), seq_offsets=np.array([0, 1]),
+                     num_experts=40000)
