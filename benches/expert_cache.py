@@ -62,9 +62,9 @@ LOOKAHEAD = 2  # MoE layers ahead the predicted policies prefetch for
 
 def sim_direction(replayed: str, fitted: str, tokens: int | None, policies=None, cost=None,
                   predictor_name: str = "mlp_online", lookahead: int = LOOKAHEAD, capacities=CAPACITIES,
-                  prefetch_from: str = "1", predictor_params=None) -> dict:
+                  prefetch_from: int = 1, predictor_params=None) -> dict:
     """`cost`: CostModel fields other than their defaults (copy_order, bandwidth_gbps, prefetch_when).
-    `prefetch_from`: a layer count, or auto (the cost model's `min_prefetch_distance`).
+    `prefetch_from`: the nearest layer ahead the predicted policies prefetch for.
     `predictor_params`: the predictor's own parameters (as `moe-serve predict fit --param`)."""
     from predictors.registry import make_predictor
     from predictors.traces import load_trace
@@ -81,15 +81,14 @@ def sim_direction(replayed: str, fitted: str, tokens: int | None, policies=None,
     predictor = make_predictor(predictor_name, fit.num_layers, fit.num_experts, fit.top_k, lookahead=lookahead,
                                **(predictor_params or {}))
     predictor.fit([fit])
-    model = CostModel(**(cost or {}))
-    return simulate(trace, list(policies or POLICY_NAMES), capacities, model,
+    return simulate(trace, list(policies or POLICY_NAMES), capacities, CostModel(**(cost or {})),
                     predictor=predictor, fit_traces=[fit], lookahead=lookahead,
-                    prefetch_from=model.min_prefetch_distance if prefetch_from == "auto" else int(prefetch_from), log=lambda s: print(f"{replayed}<-{fitted}: {s}", flush=True))
+                    prefetch_from=prefetch_from, log=lambda s: print(f"{replayed}<-{fitted}: {s}", flush=True))
 
 
 def part_sim(tokens: int | None, jobs: int, policies=None, cost=None,
              predictor_name: str = "mlp_online", lookahead: int = LOOKAHEAD, capacities=CAPACITIES,
-             prefetch_from: str = "1", predictor_params=None) -> tuple[dict, str]:
+             prefetch_from: int = 1, prefetch_label: str = "1", predictor_params=None) -> tuple[dict, str]:
     """Both directions: (results {trace: {capacity: {policy: metrics}}}, the header naming the variant)."""
     pairs = [(DOMAINS[0], DOMAINS[1]), (DOMAINS[1], DOMAINS[0])]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
@@ -104,9 +103,8 @@ def part_sim(tokens: int | None, jobs: int, policies=None, cost=None,
             f"lookahead {lookahead} MoE layers")
     if {"bandwidth_gbps", "prefetch_when"} & set(cost or {}):
         head += f", {model.bandwidth_gbps:g} GB/s host-to-device, prefetch when {model.prefetch_when}"
-    if prefetch_from != "1":
-        resolved = model.min_prefetch_distance if prefetch_from == "auto" else prefetch_from
-        head += f", prefetching from {resolved} layers ahead ({prefetch_from})"
+    if prefetch_label != "1":
+        head += f", prefetching from {prefetch_from} layers ahead ({prefetch_label})"
     if predictor_params:
         head += ", predictor " + ", ".join(f"{k}={v}" for k, v in predictor_params.items())
     return results, head
@@ -314,8 +312,10 @@ def main() -> int:
         capacities = tuple(float(c) for c in args.capacities.split(","))
         cost = {k: getattr(args, k) for k in ("copy_order", "bandwidth_gbps", "prefetch_when")
                 if getattr(args, k) != getattr(base, k)}
-        if args.prefetch_from != "auto" and not (args.prefetch_from.isdigit() and int(args.prefetch_from) >= 1):
-            ap.error(f"--prefetch-from must be an integer >= 1 or auto, got {args.prefetch_from!r}")
+        try:
+            prefetch_from = CostModel(**cost).prefetch_from(args.prefetch_from)
+        except ValueError as exc:
+            ap.error(str(exc))
         from moe_serve.cli.flags import key_value_params
 
         try:
@@ -323,7 +323,7 @@ def main() -> int:
         except ValueError as exc:
             ap.error(str(exc).replace("--param", "--sim-param"))
         results, head = part_sim(args.tokens, args.jobs, policies, cost, args.sim_predictor, args.lookahead,
-                                 capacities, args.prefetch_from, params)
+                                 capacities, prefetch_from, args.prefetch_from, params)
         path = RESULTS / "expert_cache_sim.json"
         variant = "_".join(v for v in (cost.get("copy_order", ""),
                                        f"lookahead{args.lookahead}" if args.lookahead != LOOKAHEAD else "",

@@ -62,19 +62,6 @@ def check_matches(trace, path, fit, predictor, args) -> None:
                          f"{(predictor.num_layers, predictor.num_experts)}, --trace {path} has {shape}")
 
 
-def prefetch_distance(value: str, cost: CostModel) -> int:
-    """--prefetch-from: a layer count >= 1, or auto (the cost model's `min_prefetch_distance`)."""
-    if value == "auto":
-        return cost.min_prefetch_distance
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ValueError(f"--prefetch-from must be an integer >= 1 or auto, got {value!r}")
-    return n
-
-
 def main(args) -> int:
     from predictors.traces import load_trace
 
@@ -86,7 +73,7 @@ def main(args) -> int:
             raise ValueError(f"--capacity must be a fraction in (0, 1], got {c}")
     if args.lookahead < 0:
         raise ValueError(f"--lookahead must be >= 0, got {args.lookahead}")
-    prefetch_from = prefetch_distance(args.prefetch_from, cost)
+    prefetch_from = cost.prefetch_from(args.prefetch_from)
     output_file(args.json, "--json")
     predictor = None
     if args.predictor:

@@ -59,6 +59,15 @@ class CostModel:
         """The nearest layer ahead a copy started after a router can land for: ceil(copy / layer time)."""
         return max(1, math.ceil(self.copy_ms / self.layer_ms - 1e-9))
 
+    def prefetch_from(self, value: str) -> int:
+        """`--prefetch-from`: a layer count >= 1, or auto (`min_prefetch_distance`)."""
+        if value == "auto":
+            return self.min_prefetch_distance
+        n = int(value) if value.isdigit() else 0
+        if n < 1:
+            raise ValueError(f"--prefetch-from must be an integer >= 1 or auto, got {value!r}")
+        return n
+
 
 def capacity_slots(fraction: float, num_layers: int, num_experts: int, top_k: int) -> int:
     """Slots for `fraction` of all experts resident (at least one layer's top-k)."""
