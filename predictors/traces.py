@@ -13,6 +13,10 @@ and, when the runtime recorded them:
     token_ids    int64   [T]        the token id fed to the model at that row
     hidden       float16 [T, L, H]  the hidden state entering each MoE layer's router
 
+`weights` and `hidden` are written as float16 when every value fits (|x| <= 65504), and as float32
+otherwise (a member that float16 would turn to inf, e.g. a hidden state with large activations):
+readers take either dtype.
+
 Rows are in sequence order: row t+1 of a sequence is the token that followed row t, so replaying a
 sequence row by row is a batch-1 decode of it.
 
@@ -32,14 +36,23 @@ import numpy as np
 MAX_EXPERTS = 2**15  # expert ids are stored as int16
 
 
+def compact_floats(a: np.ndarray) -> np.ndarray:
+    """`a` as float16 if that loses no value to overflow (values past 65504 would become inf), else float32."""
+    a = np.asarray(a)
+    half = a.astype(np.float16)
+    if np.array_equal(np.isinf(half), np.isinf(a)):  # an inf already there stays what it was
+        return half
+    return a.astype(np.float32)
+
+
 @dataclass
 class RoutingTrace:
     experts: np.ndarray  # int16 [T, L, K]
-    weights: np.ndarray  # float16 [T, L, K]
+    weights: np.ndarray  # float16 [T, L, K] (float32 when a value does not fit float16)
     seq_offsets: np.ndarray  # int64 [S+1]
     num_experts: int
     token_ids: np.ndarray | None = None  # int64 [T]
-    hidden: np.ndarray | None = None  # float16 [T, L, H]
+    hidden: np.ndarray | None = None  # float16 [T, L, H] (float32 when a value does not fit float16)
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -121,14 +134,14 @@ class RoutingTrace:
                     sequences=self.num_sequences)
         arrays = dict(
             experts=self.experts.astype(np.int16),
-            weights=self.weights.astype(np.float16),
+            weights=compact_floats(self.weights),
             seq_offsets=self.seq_offsets.astype(np.int64),
             meta=np.array(json.dumps(meta)),
         )
         if self.token_ids is not None:
             arrays["token_ids"] = self.token_ids.astype(np.int64)
         if self.hidden is not None:
-            arrays["hidden"] = self.hidden.astype(np.float16)
+            arrays["hidden"] = compact_floats(self.hidden)
         if hasattr(path, "write"):  # a file object (the server's download)
             np.savez(path, **arrays)
             return

@@ -16,7 +16,7 @@ import torch
 
 from moe_serve.models.batch import ForwardBatch
 from moe_serve.models.hooks import RouterHooks
-from predictors.traces import RoutingTrace
+from predictors.traces import RoutingTrace, compact_floats
 
 
 class TraceRecorder(RouterHooks):
@@ -35,10 +35,12 @@ class TraceRecorder(RouterHooks):
         self._step = [None] * self.num_layers
 
     def route(self, moe_layer, hidden, expert_ids, weights):
-        h = hidden.detach().to("cpu", torch.float16, copy=True) if self.record_hidden else None
+        # copied in the model's dtype and made float16 at the end of the step only where it fits:
+        # a float16 copy turned activations past 65504 (a bf16/fp32 model has them) into inf
+        h = hidden.detach().to("cpu", copy=True) if self.record_hidden else None
         self._step[moe_layer] = (
             expert_ids.detach().to("cpu", torch.int16, copy=True),  # [N, K]
-            weights.detach().to("cpu", torch.float16, copy=True),  # [N, K]
+            weights.detach().to("cpu", torch.float32, copy=True),  # [N, K]
             h,  # [N, H] or None
         )
         return None
@@ -47,11 +49,14 @@ class TraceRecorder(RouterHooks):
         if any(s is None for s in self._step):
             return  # the forward did not reach every layer (it failed): nothing of it is kept
         experts = torch.stack([s[0] for s in self._step], dim=1).numpy()  # [N, L, K]
-        weights = torch.stack([s[1] for s in self._step], dim=1).numpy()  # [N, L, K]
-        hidden = torch.stack([s[2] for s in self._step], dim=1).numpy() if self.record_hidden else None
+        weights = torch.stack([s[1] for s in self._step], dim=1).numpy()  # float32 [N, L, K]
+        hidden = None
+        if self.record_hidden:  # float16 where it fits, float32 otherwise (the file format's rule)
+            hidden = compact_floats(torch.stack([s[2] for s in self._step], dim=1).float().numpy())
         # highest weight first, as the format says: a biased router (noaux_tc) orders by score + bias
-        order = np.argsort(-weights.astype(np.float32), axis=-1, kind="stable")
-        experts, weights = np.take_along_axis(experts, order, -1), np.take_along_axis(weights, order, -1)
+        order = np.argsort(-weights, axis=-1, kind="stable")
+        experts = np.take_along_axis(experts, order, -1)
+        weights = compact_floats(np.take_along_axis(weights, order, -1))
         tokens = batch.token_ids.detach().cpu().numpy()
         ids = batch.seq_ids or batch.slot_ids
         start = 0
