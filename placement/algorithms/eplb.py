@@ -13,6 +13,8 @@ onto all GPUs.
 
 Balanced packing is greedy: items in descending weight order, each to the lightest pack that still has
 room (ties -> lowest pack index); an item's position inside its pack is the order it arrived in.
+One departure from the reference, in step 3: a GPU never gets two copies of one expert when the node has
+a GPU for each copy (the reference sometimes doubles one up, a wasted slot; see `balanced_packing`).
 Descending sorts are stable (equal weights keep ascending index order).
 """
 from __future__ import annotations
@@ -25,8 +27,15 @@ from placement.algorithms.common import check_sizes
 from placement.plan import PlacementPlan
 
 
-def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
-    """weight [X, n] -> (pack [X, n], position in pack [X, n]); every pack gets n / num_packs items."""
+def balanced_packing(weight: np.ndarray, num_packs: int, label: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """weight [X, n] -> (pack [X, n], position in pack [X, n]); every pack gets n / num_packs items.
+
+    label int [X, n] (optional): the logical expert of each item. Two copies of one expert in one pack
+    waste a slot (the rank serves both copies' share; the replica rule cannot shift load between them),
+    so an item goes to the lightest open pack *that lacks its label*, and only when none has room to the
+    lightest open one; `_separate_copies` then swaps such leftovers apart. DeepSeek's reference has no
+    such rule; with no doubled copy to avoid, the result is the reference's exactly."""
     X, n = weight.shape
     if n % num_packs:
         raise ValueError(f"eplb: {n} items do not split evenly into num_packs={num_packs}")
@@ -36,13 +45,51 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     for x in range(X):
         pack_w = np.zeros(num_packs)
         pack_n = np.zeros(num_packs, dtype=np.int64)
+        held: list[set] = [set() for _ in range(num_packs)]
         for item in np.argsort(-weight[x], kind="stable"):
             open_w = np.where(pack_n < per_pack, pack_w, np.inf)
+            if label is not None:
+                fresh = np.where([label[x, item] not in h for h in held], open_w, np.inf)
+                open_w = fresh if np.isfinite(fresh).any() else open_w
             p = int(np.argmin(open_w))
             pack[x, item], pos[x, item] = p, pack_n[p]
             pack_w[p] += weight[x, item]
             pack_n[p] += 1
+            if label is not None:
+                held[p].add(label[x, item])
+        if label is not None:
+            _separate_copies(weight[x], label[x], pack[x], pos[x], num_packs)
     return pack, pos
+
+
+def _separate_copies(w: np.ndarray, label: np.ndarray, pack: np.ndarray, pos: np.ndarray, num_packs: int) -> None:
+    """In place, on one row (w, label, pack, pos [n]): while a pack holds two items of one label, swap one
+    of them with an item of a pack lacking that label, picking the swap with the lowest heavier pack after
+    it (ties -> closest weights, then lowest indices). Each swap removes a doubled copy and adds none
+    (the other item's label is absent from the first pack, or doubled in its own), so this ends; such a
+    swap exists whenever the label has at most num_packs items: the pack holding it twice has at most
+    per_pack - 2 other labels, fewer than the per_pack items of a pack lacking it."""
+    while True:
+        members = [np.flatnonzero(pack == p) for p in range(num_packs)]
+        labels = [label[m].tolist() for m in members]
+        load = np.bincount(pack, weights=w, minlength=num_packs)
+        best = None  # (key, a, b) over every doubled (pack, label)
+        for r in range(num_packs):
+            for lab in sorted({x for x in labels[r] if labels[r].count(x) > 1}):
+                a = members[r][label[members[r]] == lab][-1]  # the copy that arrived last
+                for s in range(num_packs):
+                    if lab in labels[s]:
+                        continue
+                    for b in members[s]:
+                        if label[b] in labels[r] and labels[s].count(label[b]) < 2:
+                            continue  # would double label[b] in pack r without undoing a double in s
+                        key = (max(load[r] - w[a] + w[b], load[s] + w[a] - w[b]), abs(w[a] - w[b]), r, s, b)
+                        best = (key, a, b) if best is None or key < best[0] else best
+        if best is None:  # no doubles left, or only labels with more items than packs
+            return
+        _, a, b = best
+        pack[a], pack[b] = pack[b], pack[a]
+        pos[a], pos[b] = pos[b], pos[a]
 
 
 def replicate(weight: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -85,7 +132,7 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
     phy2mlog, _, mcount = replicate(mlog_w, phy_per_node)
     # 3. physical experts -> GPUs of the node
     phy_w = np.take_along_axis(mlog_w / mcount, phy2mlog, axis=1)
-    ppack, ppos = balanced_packing(phy_w, gpus_per_node)
+    ppack, ppos = balanced_packing(phy_w, gpus_per_node, label=phy2mlog)  # copies of one expert apart
     phy2pphy = ppack * phy_per_gpu + ppos
     pphy2phy = np.argsort(phy2pphy, axis=1)
     pphy2mlog = np.take_along_axis(phy2mlog, pphy2phy, axis=1).reshape(L, num_nodes, phy_per_node)
