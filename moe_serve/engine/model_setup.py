@@ -16,7 +16,7 @@ from moe_serve.config import ModelConfig, TraceConfig, check_output_file
 from moe_serve.models.hooks import NO_HOOKS, HookChain, RouterHooks
 from moe_serve.tracing.load import ExpertLoadCounter
 from moe_serve.tracing.recorder import TraceRecorder
-from moe_serve.tracing.replay import TraceReplay
+from moe_serve.tracing.replay import TraceReplay, load_replay
 
 
 class EngineHooks(HookChain):
@@ -26,20 +26,23 @@ class EngineHooks(HookChain):
         self.active = bool(trace.expert_load_stats or trace.record_trace or trace.replay_trace)
         self.counter: ExpertLoadCounter | None = None
         self.recorder: TraceRecorder | None = None
+        self.replay: TraceReplay | None = None  # read by `prepare`, before the weights
         if trace.record_trace:
             check_output_file(trace.record_trace, "trace.record_trace")  # it is written at close
+
+    def prepare(self, spec) -> None:
+        """What can be checked from config.json's spec before any weight is read: the replay trace (a bad
+        file is refused in a second, not after a big model has loaded)."""
+        if self.trace_config.replay_trace and self.replay is None:
+            self.replay = load_replay(self.trace_config.replay_trace, spec.num_moe_layers, spec.num_experts,
+                                      spec.top_k)
 
     def attach(self, spec, device: torch.device, meta: dict) -> None:
         tc = self.trace_config
         L, E, K = spec.num_moe_layers, spec.num_experts, spec.top_k
         if tc.replay_trace:
-            from predictors.traces import load_trace
-
-            trace = load_trace(tc.replay_trace)  # its errors name the file
-            try:
-                self.hooks.append(TraceReplay(trace, L, E, K))
-            except ValueError as e:  # the replay's own checks do not
-                raise ValueError(f"trace.replay_trace {tc.replay_trace}: {str(e).removeprefix('replay: ')}") from None
+            self.prepare(spec)  # done already by load_engine_model
+            self.hooks.append(self.replay)
         if tc.expert_load_stats:
             self.counter = ExpertLoadCounter(L, E, device)
             self.hooks.append(self.counter)
@@ -68,6 +71,10 @@ def load_engine_model(mc: ModelConfig, hooks: EngineHooks, expert_cache=None, pa
         from moe_serve.distributed.executor import distributed_engine_model
 
         return distributed_engine_model(mc, parallel, hooks, expert_cache)
+    if hooks.trace_config.replay_trace:  # config.json only: no weight is read yet
+        from moe_serve.models.loader import read_spec
+
+        hooks.prepare(read_spec(mc.model)[2])
     factory = None
     if expert_cache is not None:  # the offloading expert store (experts/factory.py); None: all resident
         from moe_serve.experts.factory import expert_store_factory

@@ -17,12 +17,16 @@ Fitting a trace to a model of another shape (`fit_routing`), the rule:
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
 from moe_serve.models.batch import ForwardBatch
 from moe_serve.models.hooks import RouterHooks
 from predictors.traces import RoutingTrace
+
+log = logging.getLogger(__name__)
 
 
 def fit_routing(experts: np.ndarray, weights: np.ndarray, num_experts: int, top_k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,6 +54,28 @@ def fit_routing(experts: np.ndarray, weights: np.ndarray, num_experts: int, top_
     s = w.sum(axis=-1, keepdims=True)
     w = np.where(s > 0, w * total / np.where(s > 0, s, 1.0), w)
     return ids, w
+
+
+def load_replay(path, num_layers: int, num_experts: int, top_k: int) -> TraceReplay:
+    """`trace.replay_trace` read and fitted to a model of that shape (from its config.json: the engine
+    calls this before any weight is read); every error names the field and the file."""
+    from predictors.traces import load_trace
+
+    try:
+        trace = load_trace(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"trace.replay_trace: {e}") from None
+    except ValueError as e:  # "trace PATH: what is wrong"
+        raise ValueError(f"trace.replay_trace {path}: {str(e).removeprefix(f'trace {path}: ')}") from None
+    try:
+        replay = TraceReplay(trace, num_layers, num_experts, top_k)
+    except ValueError as e:  # the replay's own checks (a trace with no tokens)
+        raise ValueError(f"trace.replay_trace {path}: {str(e).removeprefix('replay: ')}") from None
+    if (trace.num_layers, trace.num_experts, trace.top_k) != (num_layers, num_experts, top_k):
+        log.info("trace.replay_trace %s: %d MoE layers, %d experts, top-%d, fitted to the model's %d, %d, top-%d "
+                 "(moe_serve/tracing/replay.py's rule)", path, trace.num_layers, trace.num_experts, trace.top_k,
+                 num_layers, num_experts, top_k)
+    return replay
 
 
 class TraceReplay(RouterHooks):
