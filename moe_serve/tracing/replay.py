@@ -4,7 +4,8 @@ Engine sequences are matched to trace sequences in the order the replay first se
 sequence served replays trace sequence 0, the next one sequence 1, ..., cycling), and a token at
 position p of its sequence takes row `p mod len(trace sequence)` of its trace sequence. So a
 recorded run, replayed with the same prompts, sees exactly the recorded routing, and any workload
-can be pushed through real routing.
+can be pushed through real routing. What the replay holds per sequence lives only while the sequence
+holds its KV slot (a server replays for its whole uptime).
 
 Fitting a trace to a model of another shape (`fit_routing`), the rule:
   * layers: model MoE layer l reads trace layer `l mod L_trace`;
@@ -90,7 +91,11 @@ class TraceReplay(RouterHooks):
         self.seqs = [(int(trace.seq_offsets[s]), int(lens[s])) for s in range(trace.num_sequences) if lens[s] > 0]
         if not self.seqs:
             raise ValueError("replay: the trace has no tokens")
-        self.assigned: dict[int, int] = {}  # engine seq id -> index into self.seqs
+        # KV slot -> (engine seq id, index into self.seqs) of the sequence in it: a sequence holds its
+        # slot from admission to its end, so a new id in a slot is a new sequence and what the slot held
+        # is dropped (keyed by seq id, one entry per request ever served stayed for the server's uptime)
+        self.assigned: dict[int, tuple[int, int]] = {}
+        self._next = 0  # sequences seen so far: the next one replays trace sequence _next mod S
         self.rows = torch.zeros(0, dtype=torch.long)
         self._step: dict = {}  # device -> this step's (ids [N, L, K], weights [N, L, K]) there
 
@@ -98,9 +103,12 @@ class TraceReplay(RouterHooks):
         ids = batch.seq_ids or batch.slot_ids
         pos = batch.positions.cpu()
         starts, lens = [], []
-        for sid, n in zip(ids, batch.query_lens):
-            s = self.assigned.setdefault(sid, len(self.assigned) % len(self.seqs))
-            off, length = self.seqs[s]
+        for slot, sid, n in zip(batch.slot_ids, ids, batch.query_lens):
+            held = self.assigned.get(slot)
+            if held is None or held[0] != sid:
+                held = self.assigned[slot] = (sid, self._next % len(self.seqs))
+                self._next += 1
+            off, length = self.seqs[held[1]]
             starts += [off] * n
             lens += [length] * n
         self.rows = torch.tensor(starts) + pos % torch.tensor(lens)  # [N] trace row of each token

@@ -39,3 +39,37 @@ def test_bad_replay_trace_is_refused_before_the_weights_load(weightless, tmp_pat
     with pytest.raises(Exception) as err:
         LLM(model=str(weightless), replay_trace=str(good))
     assert "trace.replay_trace" not in str(err.value) and "no *.safetensors file" in str(err.value)
+
+
+def test_replay_state_does_not_grow_with_requests_served(tiny_dir, tmp_path):
+    """serve --replay-trace kept one (sequence -> trace sequence) entry per request ever served: memory
+    grew with uptime. The state is per KV slot now; the cycling order (request i replays trace sequence
+    i mod S, whatever slot it lands in) is unchanged."""
+    from moe_serve import SamplingParams
+
+    rng = np.random.default_rng(0)
+    lens = [5, 9, 7]
+    T = sum(lens)
+    experts = np.stack([rng.permutation(4)[:2] for _ in range(T * 2)]).reshape(T, 2, 2).astype(np.int16)
+    weights = np.broadcast_to(np.array([0.7, 0.3], np.float16), (T, 2, 2)).copy()  # distinct: a fixed order
+    src = tmp_path / "src.npz"
+    RoutingTrace(experts=experts, weights=weights, seq_offsets=np.concatenate([[0], np.cumsum(lens)]),
+                 num_experts=4).save(src)
+    rec = tmp_path / "rec.npz"
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    with LLM(model=str(tiny_dir), replay_trace=str(src), record_trace=str(rec), max_num_seqs=2) as llm:
+        replay = llm.engine.hooks.replay
+        held = []
+        for n in (3, 10):  # more requests than slots, joining the running batch as others finish
+            llm.generate([[5 + i, 6, 7, 8] for i in range(n)], params)
+            held.append(len(replay.assigned))
+        assert held[0] == held[1] <= 2  # was 3, then 13
+    from predictors.traces import load_trace
+
+    got = load_trace(rec)
+    assert got.num_sequences == 13
+    for i in range(13):  # position p of request i took row p mod len of trace sequence i mod 3
+        s = i % 3
+        rows = got.experts[got.sequence(i)]
+        want = experts[[int(np.sum(lens[:s])) + p % lens[s] for p in range(len(rows))]]
+        assert np.array_equal(rows, want), i
