@@ -18,7 +18,9 @@ otherwise (a member that float16 would turn to inf, e.g. a hidden state with lar
 readers take either dtype.
 
 Rows are in sequence order: row t+1 of a sequence is the token that followed row t, so replaying a
-sequence row by row is a batch-1 decode of it.
+sequence row by row is a batch-1 decode of it. Every sequence starts at position 0 (the format stores
+no positions): the runtime's recorder leaves out a sequence that was already running when the
+recording started, rather than write it from the middle.
 
 Glossary: T tokens, L MoE layers, K experts per token (top-k), E experts per layer, S sequences,
 H hidden size.

@@ -4,7 +4,9 @@ Each forward step holds the tokens of many sequences, flattened (prefill chunks 
 The recorder copies each layer's choice to host memory during the step and, at the end of the step,
 splits the rows by sequence, so every sequence's rows come out in token order (prompt, then the
 generated tokens that were fed back) whatever batches they were computed in. A sequence's final
-sampled token never enters the model, so it has no row. When recording is off the engine does not
+sampled token never enters the model, so it has no row. Sequences are recorded whole, from position
+0: one already running when the recording starts (a live server's POST /v1/traces/start) is left out,
+since the format has no positions and every consumer takes a sequence's first row for position 0. When recording is off the engine does not
 create a recorder at all (the model gets NO_HOOKS or a chain without it): no cost.
 """
 from __future__ import annotations
@@ -60,11 +62,13 @@ class TraceRecorder(RouterHooks):
         tokens = batch.token_ids.detach().cpu().numpy()
         ids = batch.seq_ids or batch.slot_ids
         start = 0
-        for sid, n in zip(ids, batch.query_lens):
+        for sid, n, context in zip(ids, batch.query_lens, batch.context_lens):
             rows = slice(start, start + n)
+            start += n
+            if sid not in self.chunks and context > 0:
+                continue  # began before the recording: its rows would not start at position 0
             self.chunks.setdefault(sid, []).append(
                 (tokens[rows], experts[rows], weights[rows], None if hidden is None else hidden[rows]))
-            start += n
         self._step = []
 
     def copy(self) -> "TraceRecorder":

@@ -14,6 +14,12 @@ def _decodes(n: int) -> ForwardBatch:
                         query_lens=[1] * n, context_lens=[3] * n, seq_ids=list(range(n)))
 
 
+def _prompts(n: int) -> ForwardBatch:
+    """n three-token prompts [1, 2, 3] in slots 0..n-1: the positions before `_decodes`."""
+    return ForwardBatch(token_ids=torch.tensor([1, 2, 3] * n), positions=torch.arange(3).repeat(n),
+                        slot_ids=list(range(n)), query_lens=[3] * n, context_lens=[0] * n, seq_ids=list(range(n)))
+
+
 def test_idle_live_trace_hook_leaves_decodes_compiled(tiny_checkpoint, tmp_path):
     """The server installs its trace hook for its lifetime: idle, it pushed every decode step of
     `serve --compile-decode` onto the eager path (it was not an id-only hook)."""
@@ -26,13 +32,15 @@ def test_idle_live_trace_hook_leaves_decodes_compiled(tiny_checkpoint, tmp_path)
     assert model.compiled.accepts(batch)  # idle: nothing is read
     control.start(record_hidden=False)
     assert model.compiled.accepts(batch)  # ids and weights come back from the compiled step too
+    model(_prompts(2))  # eager; the sequences begin while recording (one that began before is left out)
     model(batch)
     assert model.compiled.failed is None and model.compiled.steps == 1
     trace = control.hook.snapshot()
-    assert trace.num_sequences == 2 and trace.token_ids.tolist() == [5, 6]
+    assert trace.num_sequences == 2 and trace.token_ids.tolist() == [1, 2, 3, 5, 1, 2, 3, 6]
     eager = load_model(tiny_checkpoint("mixtral"))
     eager.allocate_kv_cache(num_slots=2, max_len=16)
     eager.hooks = TraceRecorder(model.spec.num_moe_layers, model.spec.num_experts, model.spec.top_k)
+    eager(_prompts(2))
     eager(batch)
     assert (trace.experts == eager.hooks.to_trace().experts).all()  # the routing the eager step records
     control.start(record_hidden=True)
@@ -56,6 +64,7 @@ def test_a_step_without_hidden_states_is_not_recorded_half(tmp_path):
         hook.route(layer, None, ids, w)
     hook.end_step(batch)
     assert hook.snapshot().num_tokens == 0
+    batch = ForwardBatch.single([5], slot=1)  # a sequence that begins while recording (0 is left out)
     hook.begin_step(batch)
     for layer in range(2):
         hook.route(layer, torch.ones(1, 8), ids, w)
