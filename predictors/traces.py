@@ -114,7 +114,11 @@ class RoutingTrace:
         return prev
 
     def select_sequences(self, seq_ids) -> "RoutingTrace":
-        """A new trace holding whole sequences `seq_ids`, in that order."""
+        """A new trace holding whole sequences `seq_ids` (integers), in that order."""
+        bad = [s for s in seq_ids if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer))]
+        if bad:  # int() read a mask [False, True] as ids 0, 1 (every sequence) and 0.9 as 0, silently
+            raise ValueError(f"select_sequences: sequence ids must be integers, got {type(bad[0]).__name__} "
+                             f"{bad[0]!r} (for a boolean mask over sequences pass np.flatnonzero(mask))")
         seq_ids = [int(s) for s in seq_ids]
         self._check_seq_ids("select_sequences", seq_ids)
         rows = [np.arange(self.seq_offsets[s], self.seq_offsets[s + 1]) for s in seq_ids]
