@@ -289,7 +289,9 @@ class OffloadExpertStore(ExpertStore):
     def compute_expert(self, moe_layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
         if moe_layer * self.num_experts + e in self._on_host:
             self.stats["cpu_computed"] += 1
-            gu, dn = self.host_expert(moe_layer, e)
+            # in the compute dtype: host=mmap hands out the checkpoint's own dtype, and the resident
+            # store computes with weights converted to `dtype` (a no-op for the stacked host copy)
+            gu, dn = (t.to(self.dtype) for t in self.host_expert(moe_layer, e))
             return expert_forward(x.to("cpu", gu.dtype), gu, dn).to(x.device, x.dtype)
         j = self._streamed.get(moe_layer * self.num_experts + e)
         if j is not None:  # through the staging ring: a real copy, as on-demand offloading makes
