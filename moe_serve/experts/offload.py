@@ -158,8 +158,12 @@ class OffloadExpertStore(ExpertStore):
                 self.stats["bytes_moved"] -= self.expert_bytes
             else:
                 self.stats["prefetch_wasted"] += 1
-        gu, dn = self.host_expert(g // self.num_experts, g % self.num_experts)
-        self.ticket[slot] = self.copier.submit([(self.slot_gu[slot], gu), (self.slot_dn[slot], dn)], slot, need)
+        try:  # host=mmap reads the checkpoint here: a failed read must not leave `g` claiming the slot
+            gu, dn = self.host_expert(g // self.num_experts, g % self.num_experts)
+            self.ticket[slot] = self.copier.submit([(self.slot_gu[slot], gu), (self.slot_dn[slot], dn)], slot, need)
+        except BaseException:
+            self.cache.remove(g)
+            raise
         self.stats["copies"] += 1
         self.stats["bytes_moved"] += self.expert_bytes
         return True

@@ -7,6 +7,10 @@ import torch
 
 from moe_serve.config import ExpertCacheConfig
 from moe_serve.experts.factory import expert_store_factory
+from moe_serve.experts.offload import OffloadExpertStore
+from moe_serve.experts.policies import LRUPolicy
+from moe_serve.experts.store import expert_forward
+from tests.experts.sources import TinySource
 from tests.experts.test_offload import run
 
 
@@ -21,4 +25,40 @@ def test_mmap_experts_computed_in_place_use_the_compute_dtype(tiny_checkpoint):
     assert store.host == "mmap" and store.metrics()["cpu_computed"] > 0
     assert toks == ref_toks
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    store.close()
+
+
+class UnreadableOnce(TinySource):
+    """A checkpoint view whose read of one expert fails once (as a truncated file's would), then works."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.bad = set(bad)
+
+    def get(self, l, e):
+        if (l, e) in self.bad:
+            self.bad.discard((l, e))
+            raise OSError(f"cannot read expert ({l}, {e}) from model.safetensors")
+        return super().get(l, e)
+
+
+@pytest.mark.parametrize("evicts", [False, True])
+def test_failed_host_read_leaves_no_expert_claiming_a_slot(evicts):
+    """host=mmap reads an expert when it is copied in: when that read fails, the error reaches the
+    caller and the expert must not stay resident. It did (its slot taken before the read), so its
+    next use was a hit on whatever the slot held: zeros, or the evicted expert's weights."""
+    src = UnreadableOnce({(1, 2)})
+    store = OffloadExpertStore(src, torch.float32, "cpu", capacity=1, policy=LRUPolicy(), top_k=2, cpu_experts="off",
+                               host="mmap", admit="always")
+    x = torch.randn(2, 8)
+    if evicts:  # the slot already holds another expert, the victim of (1, 2)
+        store.begin_layer(0, [1])
+        store.compute_expert(0, 1, x)
+        store.end_layer(0)
+    with pytest.raises(OSError, match="model.safetensors"):
+        store.begin_layer(1, [2])
+    assert not store.cache.resident(1 * 4 + 2)
+    store.begin_layer(1, [2])  # the read works now: a miss, copied in
+    torch.testing.assert_close(store.compute_expert(1, 2, x), expert_forward(x, *src.w[1, 2]))
+    store.end_layer(1)
     store.close()
