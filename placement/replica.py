@@ -6,13 +6,16 @@ Rule, applied to one MoE layer over a batch of tokens whose routing is known tog
 
 1. A choice of an expert with one copy goes to that copy. These fix each rank's "load so far"
    (per batch) and the ranks each token already touches. Replicated experts not yet settled count in
-   the load so far as an even split of their choices over their copies (so the order in which they
-   are settled does not skew the balance).
+   the load so far as an even split of their choices over the ranks holding their copies (so the order
+   in which they are settled does not skew the balance).
 2. Replicated experts are then settled one at a time, in ascending logical id. For expert e with n_b
    choices in batch b:
    a. quotas, least-loaded-so-far: the n_b choices are split over e's copies as if handed out one at a
       time, each to the copy whose rank has the least load so far (ties -> lowest replica index). This
       greedy is computed in closed form (water-filling on integer loads), so nothing loops over tokens.
+      A rank holding two copies is one bin (its load rises with either), so its share goes to its
+      lowest-index copy and the other copy serves nothing: a doubled copy is a wasted slot, never a
+      second share of the expert's traffic for one rank.
    b. same-rank-first, within the quotas: a token that already touches a rank holding a copy of e
       prefers that copy (no extra dispatch; among several, the one whose rank had the least load before
       e was settled, ties -> lowest replica index) and gets it while the copy's quota lasts, in row order.
@@ -54,6 +57,13 @@ def _water_fill(loads: np.ndarray, count: np.ndarray) -> np.ndarray:
     return add + extra
 
 
+def _first_on_rank(rank: np.ndarray) -> np.ndarray:
+    """bool [R]: copy i is the lowest-index copy on its rank (rank int [R], the rank of each copy)."""
+    first = np.zeros(len(rank), dtype=bool)
+    first[np.unique(rank, return_index=True)[1]] = True
+    return first
+
+
 def _rank_within(key: np.ndarray) -> np.ndarray:
     """int64 [n]: how many earlier entries share each entry's key (position within its group)."""
     order = np.argsort(key, kind="stable")
@@ -92,7 +102,10 @@ def choose_replica(experts, log2phy, replica_count, slots_per_rank: int, num_ran
     for e in replicated:
         cnt = int(replica_count[e])
         n_b = np.bincount(batch[np.nonzero(experts == e)[0]], minlength=nb)
-        even[e] = n_b[:, None] // cnt + (np.arange(cnt)[None, :] < (n_b % cnt)[:, None])
+        first = _first_on_rank(log2phy[e, :cnt] // slots_per_rank)
+        d = int(first.sum())
+        even[e] = np.zeros((nb, cnt), dtype=np.int64)
+        even[e][:, first] = n_b[:, None] // d + (np.arange(d)[None, :] < (n_b % d)[:, None])
         np.add.at(load, (slice(None), log2phy[e, :cnt] // slots_per_rank), even[e])
     for e in replicated:
         cnt = int(replica_count[e])
@@ -102,7 +115,11 @@ def choose_replica(experts, log2phy, replica_count, slots_per_rank: int, num_ran
         tok, kk = np.nonzero(experts == e)  # each token picks e at most once, rows ascending
         tb = batch[tok]
         n_b = np.bincount(tb, minlength=nb)
-        quota = _water_fill(load[:, cand_rank], n_b)  # [nb, R] copies' shares: least-loaded-so-far
+        # [nb, R] copies' shares, least-loaded-so-far over the copies' *ranks*: a rank holding two copies
+        # is one bin (its load rises with either copy), its share going to its lowest-index copy
+        first = _first_on_rank(cand_rank)
+        quota = np.zeros((nb, cnt), dtype=np.int64)
+        quota[:, first] = _water_fill(load[:, cand_rank[first]], n_b)
         hit = touched[tok][:, cand_rank]  # [n, R] copies on ranks the token already touches
         lo = np.where(hit, load[tb][:, cand_rank], np.iinfo(np.int64).max)
         pref = np.where(hit.any(axis=1), np.argmin(lo, axis=1), cnt)  # cnt = no preference

@@ -120,7 +120,8 @@ def score_ranks(ranks: np.ndarray, batch: np.ndarray, batch_size: int, num_ranks
 def score_load(plan: PlacementPlan, load) -> dict:
     """Imbalance of `plan` under per-expert loads only (float [L, E], e.g. aggregate counts): single-copy
     experts load their rank; replicated experts are split as the replica rule does in expectation
-    (least-loaded water-filling, ascending expert id, unsettled ones counted as an even split)."""
+    (least-loaded water-filling over the ranks holding a copy, each rank once however many copies it
+    holds, ascending expert id, unsettled ones counted as an even split over those ranks)."""
     load = np.asarray(load, dtype=np.float64)
     if load.shape != (plan.num_layers, plan.num_experts):
         raise ValueError(f"score: load must be [L={plan.num_layers}, E={plan.num_experts}], got {load.shape}")
@@ -128,17 +129,21 @@ def score_load(plan: PlacementPlan, load) -> dict:
     rank_load = np.zeros((plan.num_layers, N))
     for l in range(plan.num_layers):
         cnt = plan.replica_count[l]
-        slot_rank = np.arange(plan.num_slots) // spr
-        rank_load[l] = np.bincount(slot_rank, weights=(load[l] / cnt)[plan.phy2log[l]], minlength=N)
-        for e in np.flatnonzero(cnt > 1):
-            ranks = plan.log2phy[l, e, :cnt[e]] // spr
-            np.subtract.at(rank_load[l], ranks, load[l, e] / cnt[e])
+        ranks_of = {e: np.unique(plan.log2phy[l, e, :cnt[e]] // spr) for e in np.flatnonzero(cnt > 1)}
+        single = cnt[plan.phy2log[l]] == 1
+        rank_load[l] = np.bincount(np.arange(plan.num_slots)[single] // spr, weights=load[l, plan.phy2log[l, single]],
+                                   minlength=N)
+        for e, ranks in ranks_of.items():  # unsettled: an even split over the ranks holding a copy
+            rank_load[l, ranks] += load[l, e] / len(ranks)
+        for e, ranks in ranks_of.items():
+            rank_load[l, ranks] -= load[l, e] / len(ranks)
             base = rank_load[l, ranks]
             lo, hi = base.min(), base.max() + load[l, e]
             for _ in range(60):  # bisection for the water level
                 mid = (lo + hi) / 2
                 lo, hi = (mid, hi) if np.maximum(mid - base, 0).sum() < load[l, e] else (lo, mid)
-            np.add.at(rank_load[l], ranks, np.maximum(hi - base, 0) * load[l, e] / max(np.maximum(hi - base, 0).sum(), 1e-12))
+            fill = np.maximum(hi - base, 0)
+            rank_load[l, ranks] += fill * load[l, e] / max(fill.sum(), 1e-12)
     imb = rank_load.max(1) / np.maximum(rank_load.mean(1), 1e-12)
     return dict(imbalance_trace=float(imb.mean()), imbalance_trace_max=float(imb.max()),
                 imbalance_per_layer=[float(x) for x in imb])

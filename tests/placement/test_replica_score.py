@@ -85,3 +85,36 @@ def test_score_rejects_mismatched_trace():
         score_plan(plan, np.zeros((4, 2, 2), dtype=int))
     with pytest.raises(ValueError, match="num_experts=4"):
         score_plan(plan, np.full((4, 1, 2), 7))
+
+
+def test_two_copies_on_one_rank_are_one_bin_of_the_least_loaded_greedy():
+    """The rule hands choices out one at a time to the copy whose *rank* is least loaded; a rank holding two
+    copies of the expert rises with either. The closed form filled each copy as its own bin, so such a rank
+    took a share per copy (here 10.67 vs 9.33 of 20 instead of 10 and 10)."""
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        N, spr = int(rng.integers(2, 5)), int(rng.integers(2, 4))
+        P = N * spr
+        copies = int(rng.integers(2, P))  # expert 0's copies, some ranks holding several
+        phy = np.concatenate([np.zeros(copies, dtype=int), 1 + np.arange(P - copies)])
+        phy = rng.permutation(phy)
+        plan = PlacementPlan.from_phy2log(phy[None], P - copies + 1, N)
+        tokens = np.stack([rng.choice(plan.num_experts, min(2, plan.num_experts), replace=False) for _ in range(30)])
+        slots = choose_replica(tokens, plan.log2phy[0], plan.replica_count[0], spr, N)
+        got = np.bincount((slots // spr).ravel(), minlength=N)
+        want = np.bincount((plan.log2phy[0, tokens[tokens != 0], 0] // spr), minlength=N)  # single copies
+        cand = plan.log2phy[0, 0, :copies] // spr
+        for _ in range(int((tokens == 0).sum())):  # one at a time, least-loaded rank, ties -> lowest copy
+            want[cand[int(np.argmin(want[cand]))]] += 1
+        assert got.tolist() == want.tolist(), (phy.tolist(), tokens.tolist())
+
+
+def test_score_load_counts_a_rank_once_however_many_copies_it_holds():
+    # rank 0: experts 0, 2, 2; rank 1: 1, 1, 2. Expert 2 (12) tops rank 0 (8) and rank 1 (0) up to 10 each.
+    plan = PlacementPlan.from_phy2log([[0, 2, 2, 1, 1, 2]], 3, 2).validate()
+    from placement.score import score_load
+
+    assert score_load(plan, np.array([[8.0, 0.0, 12.0]]))["imbalance_trace"] == pytest.approx(1.0)
+    tokens = np.array([[0]] * 8 + [[2]] * 12)
+    slots = choose_replica(tokens, plan.log2phy[0], plan.replica_count[0], 3, 2)
+    assert np.bincount((slots // 3).ravel(), minlength=2).tolist() == [10, 10]
