@@ -194,10 +194,14 @@ class ThreadCopier:
         """The compute that read `slots` is done (CPU compute is synchronous: nothing to record)."""
 
     def close(self) -> None:
-        """Stop the worker (after the copies already queued) and join it. Idempotent; safe from a
-        finalizer, even one the garbage collector happens to run in the worker itself."""
+        """Stop the worker after the copy it is running and join it. Copies not started are dropped:
+        nobody will read them (a store closes at shutdown), and running every queued prefetch kept
+        shutdown waiting on a slow host tier (past the join's timeout, the thread leaked); a waiter
+        of a dropped copy gets `cancelled`. Idempotent; safe from a finalizer, even one the garbage
+        collector happens to run in the worker itself."""
         with self._cv:
             self._closed = True
+            self._q = CopyQueue()
             self._cv.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
@@ -305,6 +309,7 @@ class StreamCopier:
         self._pump()
 
     def close(self) -> None:  # every issued copy has landed (as stream.synchronize(), which torch.cpu lacks)
+        self._q = CopyQueue()  # prefetches never issued: nobody will read them (as ThreadCopier.close)
         ev = self._rt.Event()
         ev.record(self.stream)
         ev.synchronize()

@@ -2,6 +2,8 @@
 copies queued, and budgets at their limits (the error names the field and the minimum)."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from moe_serve.experts.factory import expert_store_factory
 from moe_serve.experts.offload import OffloadExpertStore
 from moe_serve.experts.policies import LRUPolicy
 from moe_serve.experts.store import expert_forward
-from tests.experts.sources import TinySource
+from tests.experts.sources import SlowSource, TinySource
 from tests.experts.test_offload import run
 
 
@@ -62,3 +64,21 @@ def test_failed_host_read_leaves_no_expert_claiming_a_slot(evicts):
     torch.testing.assert_close(store.compute_expert(1, 2, x), expert_forward(x, *src.w[1, 2]))
     store.end_layer(1)
     store.close()
+
+
+def test_close_drops_queued_copies_instead_of_running_them():
+    """Engine shutdown closes the store with prefetches still queued: nobody will read them, so
+    close() stops the copy thread after the copy it is running, not after every queued one (it ran
+    them all, so a slow host tier kept shutdown waiting, and past the 5 s join the thread leaked)."""
+    src = SlowSource(0.1)  # each tensor copy out of the host tier takes 100 ms more: 1.6 s for all 8 experts
+    store = OffloadExpertStore(src, torch.float32, "cpu", capacity=8, policy=LRUPolicy(), top_k=2, cpu_experts="off",
+                               host="mmap", admit="always")
+    for layer in range(2):
+        store.prefetch(layer, [0, 1, 2, 3])
+    assert store.metrics()["prefetch_issued"] == 8
+    worker = store.copier._thread
+    done = len(src.copy_s)  # tensors copied so far (the worker started at the first hint)
+    store.close()
+    assert not worker.is_alive() and worker not in threading.enumerate()
+    # at most the expert being copied when close() came (2 tensors, or 4 if one more began meanwhile)
+    assert len(src.copy_s) <= done + 4 < 16
