@@ -115,6 +115,7 @@ class RoutingTrace:
 
     def select_sequences(self, seq_ids) -> "RoutingTrace":
         """A new trace holding whole sequences `seq_ids` (integers), in that order."""
+        seq_ids = list(seq_ids)  # read twice below: an iterator would be empty the second time
         bad = [s for s in seq_ids if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer))]
         if bad:  # int() read a mask [False, True] as ids 0, 1 (every sequence) and 0.9 as 0, silently
             raise ValueError(f"select_sequences: sequence ids must be integers, got {type(bad[0]).__name__} "

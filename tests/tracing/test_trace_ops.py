@@ -20,4 +20,4 @@ def test_select_sequences_refuses_a_mask_or_float_ids():
     with pytest.raises(ValueError, match=r"select_sequences: sequence ids must be integers, got float"):
         t.select_sequences([0.9])
     assert t.select_sequences(np.flatnonzero(lens > 1)).seq_offsets.tolist() == [0, 2]
-    assert t.select_sequences(range(2)).num_tokens == 3 and t.select_sequences(np.array([1], np.int64)).num_tokens == 2
+    assert t.select_sequences(range(2)).num_tokens == 3 and t.select_sequences(s for s in [1]).num_tokens == 2 and t.select_sequences(np.array([1], np.int64)).num_tokens == 2
