@@ -230,8 +230,9 @@ class ExpertCacheConfig:
                                "(reuse on CPU, always elsewhere)", default="auto")
 
     def __post_init__(self):
-        require(self.expert_cache_gb is None or self.expert_cache_gb > 0, "expert_cache", "expert_cache_gb", "> 0",
-                self.expert_cache_gb)
+        # finite: an infinite budget passed `> 0` and failed later, in the slot count, naming no option
+        require(self.expert_cache_gb is None or 0 < self.expert_cache_gb < float("inf"), "expert_cache",
+                "expert_cache_gb", "a finite number > 0", self.expert_cache_gb)
         require(self.expert_cache_slots is None or self.expert_cache_slots >= 1, "expert_cache", "expert_cache_slots",
                 ">= 1", self.expert_cache_slots)
         require(self.expert_cache_gb is None or self.expert_cache_slots is None, "expert_cache", "expert_cache_slots",

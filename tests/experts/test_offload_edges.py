@@ -82,3 +82,11 @@ def test_close_drops_queued_copies_instead_of_running_them():
     assert not worker.is_alive() and worker not in threading.enumerate()
     # at most the expert being copied when close() came (2 tensors, or 4 if one more began meanwhile)
     assert len(src.copy_s) <= done + 4 < 16
+
+
+@pytest.mark.parametrize("gb", [float("inf"), float("nan")])
+def test_a_budget_that_is_no_finite_number_names_the_field(gb):
+    """An infinite --expert-cache-gb passed `> 0` and failed later in the slot count with Python's
+    'cannot convert float NaN to integer', naming no option."""
+    with pytest.raises(ValueError, match="expert_cache.expert_cache_gb must be a finite number > 0"):
+        ExpertCacheConfig(expert_cache_gb=gb)
