@@ -12,7 +12,7 @@ import asyncio
 import inspect
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from fastapi import Request
@@ -24,14 +24,15 @@ _PARAM_IN_ERROR = re.compile(r"(?:SamplingParams|sampling|model|scheduler)\.(\w+
 
 @dataclass
 class RunState:
-    """Why a run ended early (both False for a normal finish), and its timings for the metrics."""
+    """One HTTP request's runs (one per choice): why they ended early (both False for a normal
+    finish), their engine request ids, and the arrival time for the metrics."""
 
     disconnected: bool = False
     timed_out: bool = False
     failure_counted: bool = False  # its error status is in the metrics already (count it once)
     arrival: float = 0.0
-    first_token: float | None = None
-    last_token: float | None = None
+    request_ids: list[str] = field(default_factory=list)  # the engine requests this HTTP request runs
+    watcher: asyncio.Task | None = None  # the disconnect watcher, from admission to the response's end
 
 
 def engine_error(exc: Exception, counted: bool = False) -> APIError:
@@ -75,44 +76,66 @@ class RequestRunner:
         except Exception:  # the request may already be gone; aborting twice is harmless
             pass
 
-    async def _watch_disconnect(self, request: Request, request_id: str, state: RunState) -> None:
-        """Wait for the client to go away (ASGI `http.disconnect`), then abort its engine request."""
+    async def _watch_disconnect(self, request: Request, state: RunState) -> None:
+        """Wait for the client to go away (ASGI `http.disconnect`), then abort its engine requests."""
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
                 state.disconnected = True
-                self._abort(request_id)
+                for rid in state.request_ids:
+                    self._abort(rid)
                 return
+
+    def watch(self, request: Request | None, state: RunState) -> None:
+        """Watch for the client's disconnect from now on (call it at admission, before the prompt is
+        tokenized): a client gone before its request reaches the engine is never submitted."""
+        if request is not None and state.watcher is None:
+            state.watcher = asyncio.create_task(self._watch_disconnect(request, state))
+
+    def unwatch(self, state: RunState) -> None:
+        if state.watcher is not None:
+            state.watcher.cancel()
+            state.watcher = None
+
+    def check_connected(self, state: RunState) -> None:
+        """Raise the 499 for a client already gone, counted once (before any engine work)."""
+        if state.disconnected:
+            if not state.failure_counted:
+                state.failure_counted = True
+                self.metrics.observe_error(499)
+            raise APIError(499, "client disconnected", code="client_closed", counted=True)
 
     async def _watch_timeout(self, request_id: str, state: RunState) -> None:
         await asyncio.sleep(self.timeout_s)
         state.timed_out = True
         self._abort(request_id)
 
-    async def run(self, request: Request | None, request_id: str, prompt, params, state: RunState,
-                  watch_disconnect: bool = True) -> AsyncIterator:
+    async def run(self, request: Request | None, request_id: str, prompt, params, state: RunState) -> AsyncIterator:
         """The engine's outputs for one request; raises APIError for a refused or failed request.
 
-        `watch_disconnect`: wait for the client's `http.disconnect` and abort at once, even while the
-        request waits in the queue (a streaming response is also cancelled by Starlette, which closes
-        this generator: the `finally` aborts then).
+        The client's `http.disconnect` (see `watch`, started by the handler at admission; started here
+        if it was not) aborts the request at once, even while it waits in the queue; a client already
+        gone is answered 499 and its request never submitted. A streaming response is also cancelled by
+        Starlette, which closes this generator: the `finally` aborts then.
         """
-        state.arrival = time.monotonic()
+        state.arrival = state.arrival or time.monotonic()
+        self.watch(request, state)
+        self.check_connected(state)
+        state.request_ids.append(request_id)
         watchers = [asyncio.create_task(self._watch_timeout(request_id, state))]
-        if watch_disconnect and request is not None:
-            watchers.append(asyncio.create_task(self._watch_disconnect(request, request_id, state)))
         finished, final, stream = False, None, None
+        first_token = last_token = None
         try:
             try:
                 stream = self.engine.generate(prompt, params, request_id)
                 async for out in stream:
                     now = time.monotonic()
                     if out.delta_token_ids:
-                        if state.first_token is None:
-                            state.first_token = now
-                        elif state.last_token is not None:
-                            self.metrics.observe_itl(now - state.last_token)
-                        state.last_token = now
+                        if first_token is None:
+                            first_token = now
+                        elif last_token is not None:
+                            self.metrics.observe_itl(now - last_token)
+                        last_token = now
                     final, finished = out, out.finished
                     yield out
             except self.queue_full_errors as exc:
@@ -132,7 +155,7 @@ class RequestRunner:
             if stream is not None:
                 await stream.aclose()  # the engine's own cleanup (its stream table) runs now, not at GC
             if final is not None and final.finished and final.finish_reason not in ("abort", "error"):
-                self._record(final, state)
+                self._record(final, state, first_token)
 
     def stream_closed_early(self, state: RunState) -> None:
         """A streaming body closed before its end: Starlette cancels it when the client goes away,
@@ -141,10 +164,10 @@ class RequestRunner:
             state.failure_counted = True
             self.metrics.observe_error(499)
 
-    def _record(self, out, state: RunState) -> None:
+    def _record(self, out, state: RunState, first_token: float | None) -> None:
         m = out.metrics
         ttft = m.time_to_first_token if m.time_to_first_token is not None else (
-            None if state.first_token is None else state.first_token - state.arrival)
+            None if first_token is None else first_token - state.arrival)
         self.metrics.observe_request(
             prompt_tokens=len(out.prompt_token_ids), output_tokens=len(out.token_ids),
             e2e_s=time.monotonic() - state.arrival, ttft_s=ttft, tpot_s=m.time_per_output_token,

@@ -100,16 +100,17 @@ class Handlers:
         return list(prompt), None
 
     async def completions(self, req: P.CompletionRequest, request: Request):
+        return await self._serve(request, req, self._prepare_completion)
+
+    async def _prepare_completion(self, req: P.CompletionRequest):
         ids, text = await run_in_threadpool(self.completion_prompt, req)  # a long prompt takes seconds
         limit = check_prompt(ids, req.max_tokens, self.info, "prompt")
         params = sampling_params(req, limit, self.info.sampling_defaults)
         echo = (text if text is not None else self.info.tokenizer.decode(ids)) if req.echo else ""
         rid = P.new_id("cmpl")
-        return await self._respond(request, rid, ids, params, req, self._completion_chunks(rid, echo, req),
-                                   lambda out: P.CompletionResponse(
-                                       id=rid, model=self.info.name, usage=usage(out),
-                                       choices=[P.CompletionChoice(text=echo + out.text,
-                                                                   finish_reason=out.finish_reason)]))
+        return rid, ids, params, self._completion_chunks(rid, echo, req), lambda out: P.CompletionResponse(
+            id=rid, model=self.info.name, usage=usage(out),
+            choices=[P.CompletionChoice(text=echo + out.text, finish_reason=out.finish_reason)])
 
     def _completion_chunks(self, rid: str, echo: str, req):
         def chunks(out, first: bool):
@@ -121,6 +122,9 @@ class Handlers:
 
     # -- chat ---------------------------------------------------------------------------------
     async def chat(self, req: P.ChatCompletionRequest, request: Request):
+        return await self._serve(request, req, self._prepare_chat)
+
+    async def _prepare_chat(self, req: P.ChatCompletionRequest):
         messages = [m.model_dump() for m in req.messages]
         try:  # in a worker thread, as for completions: the event loop keeps streaming meanwhile
             text = render_chat(messages, self.info.chat_template, self.info.template_vars, req.add_generation_prompt)
@@ -148,39 +152,50 @@ class Handlers:
                 yield P.ChatCompletionChunk(id=rid, model=self.info.name, choices=[
                     P.ChatChunkChoice(delta=P.DeltaMessage(), finish_reason=out.finish_reason)])
 
-        return await self._respond(request, rid, ids, params, req, chunks, lambda out: P.ChatCompletionResponse(
+        return rid, ids, params, chunks, lambda out: P.ChatCompletionResponse(
             id=rid, model=self.info.name, usage=usage(out),
-            choices=[P.ChatChoice(message=P.ResponseMessage(content=out.text), finish_reason=out.finish_reason)]))
+            choices=[P.ChatChoice(message=P.ResponseMessage(content=out.text), finish_reason=out.finish_reason)])
 
     # -- shared -------------------------------------------------------------------------------
-    async def _respond(self, request: Request, rid: str, ids: list[int], params, req, chunks, full):
-        runner, state = self.runner, RunState()
+    async def _serve(self, request: Request, req, prepare):
+        """Admit the request and watch for its client's disconnect from now on, prepare it (tokenize,
+        check), run it; a client gone before its request reaches the engine is never submitted."""
+        runner, state = self.runner, RunState(arrival=time.monotonic())
         runner.admit()
-        released = False
+        handed_over = False  # to a streaming body, which releases the admission when it ends
         try:
-            it = runner.run(request, rid, ids, params, state)
-            try:
-                first = await it.__anext__()  # engine refusals (queue full, bad value) become real 4xx here
-            except StopAsyncIteration:
-                first = None
-            if req.stream and first is not None and runner.failure(first, state) is None:
-                include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                released = True  # the stream body releases the admission when it ends
-                return StreamingResponse(self._stream(it, first, rid, state, chunks, include_usage),
-                                         media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            final = first
-            if final is not None:
-                async for out in it:
-                    final = out
-            err = runner.failure(final, state) if final is not None else APIError(
-                500, "engine ended the request without output", type="internal_server_error")
-            if err is not None:
-                raise err
-            return full(final)
+            runner.watch(request, state)
+            rid, ids, params, chunks, full = await prepare(req)
+            runner.check_connected(state)
+            response = await self._respond(request, state, rid, ids, params, req, chunks, full)
+            handed_over = isinstance(response, StreamingResponse)
+            return response
         finally:
-            if not released:
+            if not handed_over:
+                runner.unwatch(state)
                 runner.release()
+
+    async def _respond(self, request: Request, state: RunState, rid: str, ids: list[int], params, req, chunks, full):
+        runner = self.runner
+        it = runner.run(request, rid, ids, params, state)
+        try:
+            first = await it.__anext__()  # engine refusals (queue full, bad value) become real 4xx here
+        except StopAsyncIteration:
+            first = None
+        if req.stream and first is not None and runner.failure(first, state) is None:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(self._stream(it, first, rid, state, chunks, include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        final = first
+        if final is not None:
+            async for out in it:
+                final = out
+        err = runner.failure(final, state) if final is not None else APIError(
+            500, "engine ended the request without output", type="internal_server_error")
+        if err is not None:
+            raise err
+        return full(final)
 
     async def _stream(self, it, first, rid, state, chunks, include_usage: bool) -> AsyncIterator[str]:
         """SSE body from a started run; an error after the headers went out is sent as an event."""
@@ -209,4 +224,5 @@ class Handlers:
             if not ended:  # closed by Starlette: the client went away
                 runner.stream_closed_early(state)
             await it.aclose()  # aborts the engine request if it is still live (client gone)
+            runner.unwatch(state)
             runner.release()
