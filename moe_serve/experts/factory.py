@@ -20,14 +20,22 @@ def _available_host_bytes() -> int | None:
     return None
 
 
-def slots_for(cfg: ExpertCacheConfig, expert_bytes: int, total_experts: int) -> int:
+def slots_for(cfg: ExpertCacheConfig, expert_bytes: int, total_experts: int, num_layers: int = 1) -> int:
+    """The budget in slots (at most every expert); refused, naming the budget's field and the
+    minimum, when it holds no expert or, with cache_per_layer, fewer than one per MoE layer."""
     if cfg.expert_cache_slots is not None:
         slots = cfg.expert_cache_slots
+        budget = f"expert_cache.expert_cache_slots={slots}"
     else:
         slots = int(cfg.expert_cache_gb * 2**30 // expert_bytes)
+        budget = (f"expert_cache.expert_cache_gb={cfg.expert_cache_gb} holds {slots} experts "
+                  f"(one takes {expert_bytes / 2**30:.4g} GiB)")
         if slots < 1:
             raise ValueError(f"expert_cache.expert_cache_gb={cfg.expert_cache_gb} holds no expert "
                              f"(one takes {expert_bytes / 2**30:.4f} GiB)")
+    if cfg.cache_per_layer and slots < num_layers:  # every layer's pool needs a slot of its own
+        raise ValueError(f"{budget}: expert_cache.cache_per_layer needs a slot per MoE layer, >= {num_layers} "
+                         f"slots ({num_layers * expert_bytes / 2**30:.4g} GiB)")
     return min(slots, total_experts)
 
 
@@ -39,7 +47,7 @@ def expert_store_factory(cfg: ExpertCacheConfig):
         gu, dn = source.get(0, 0)
         expert_bytes = (gu.numel() + dn.numel()) * torch.finfo(dtype).bits // 8
         L, E = source.num_moe_layers, source.num_experts
-        capacity = slots_for(cfg, expert_bytes, L * E)
+        capacity = slots_for(cfg, expert_bytes, L * E, L)
         predictor = None
         if cfg.predictor is not None:
             from predictors.registry import load_predictor

@@ -84,6 +84,26 @@ def test_close_drops_queued_copies_instead_of_running_them():
     assert len(src.copy_s) <= done + 4 < 16
 
 
+def test_budgets_too_small_for_a_slot_per_layer_name_the_field_and_the_minimum(tiny_checkpoint):
+    """cache_per_layer gives each MoE layer slots of its own, so it needs one per layer (3 here): a
+    smaller budget is refused naming the budget's field and that minimum (it was SlotCache's
+    'capacity >= num_layers', naming no option)."""
+    from moe_serve.models import load_model
+
+    path = tiny_checkpoint("mixtral")  # 3 MoE layers x 8 experts of 36 KiB each (float32)
+    one = 3 * 48 * 64 * 4  # bytes of one expert: gate_up [96, 64] and down [64, 48]
+    for budget, says in ((dict(expert_cache_slots=2), r"expert_cache.expert_cache_slots=2: .* >= 3 slots"),
+                         (dict(expert_cache_gb=2.5 * one / 2**30),
+                          r"expert_cache.expert_cache_gb=.* holds 2 experts.* >= 3 slots")):
+        cfg = ExpertCacheConfig(**budget, cache_per_layer=True, cache_policy="lru", cpu_experts="off")
+        with pytest.raises(ValueError, match=says):
+            load_model(path, dtype="float32", expert_store_factory=expert_store_factory(cfg))
+    cfg = ExpertCacheConfig(expert_cache_slots=3, cache_per_layer=True, cache_policy="lru", cpu_experts="off")
+    store = load_model(path, dtype="float32", expert_store_factory=expert_store_factory(cfg)).store
+    assert store.capacity == 3 and store.cache.per_layer  # the minimum itself serves (one slot a layer)
+    store.close()
+
+
 @pytest.mark.parametrize("gb", [float("inf"), float("nan")])
 def test_a_budget_that_is_no_finite_number_names_the_field(gb):
     """An infinite --expert-cache-gb passed `> 0` and failed later in the slot count with Python's
