@@ -85,7 +85,10 @@ class TraceReplay(RouterHooks):
     def __init__(self, trace: RoutingTrace, num_layers: int, num_experts: int, top_k: int):
         ids, w = fit_routing(trace.experts, trace.weights, num_experts, top_k)  # [T, L_trace, K]
         layers = [l % trace.num_layers for l in range(num_layers)]
-        self.experts = torch.from_numpy(ids[:, layers].astype(np.int64))  # long [T, L, K]
+        # int16 as in the file: int64 held 4x the file for a server's uptime; the step's rows become
+        # the router's dtype as they move to the device in `route`
+        narrow = np.int16 if num_experts <= 2**15 else np.int32
+        self.experts = torch.from_numpy(ids[:, layers].astype(narrow))  # int16 [T, L, K]
         self.weights = torch.from_numpy(np.ascontiguousarray(w[:, layers]))  # [T, L, K]
         lens = np.diff(trace.seq_offsets)
         self.seqs = [(int(trace.seq_offsets[s]), int(lens[s])) for s in range(trace.num_sequences) if lens[s] > 0]

@@ -73,3 +73,24 @@ def test_replay_state_does_not_grow_with_requests_served(tiny_dir, tmp_path):
         rows = got.experts[got.sequence(i)]
         want = experts[[int(np.sum(lens[:s])) + p % lens[s] for p in range(len(rows))]]
         assert np.array_equal(rows, want), i
+
+
+def test_replay_holds_ids_in_the_file_s_width():
+    """The replay held every row's ids as int64: 4x the trace file's int16, for a server's whole uptime
+    (a million-token trace of a 60-layer top-8 model is ~1 GB as int16). The ids it routes are still
+    the router's long ones."""
+    import torch
+
+    from moe_serve.models.batch import ForwardBatch
+    from moe_serve.tracing.replay import TraceReplay
+
+    T = 6
+    experts = np.broadcast_to(np.array([2, 0], np.int16), (T, 2, 2)).copy()
+    trace = RoutingTrace(experts=experts, weights=np.full((T, 2, 2), 0.5, np.float16),
+                         seq_offsets=np.array([0, T]), num_experts=4)
+    replay = TraceReplay(trace, num_layers=2, num_experts=4, top_k=2)
+    assert replay.experts.element_size() == 2 and replay.experts.shape == (T, 2, 2)
+    batch = ForwardBatch.single([3, 4, 5])
+    replay.begin_step(batch)
+    ids, w = replay.route(1, None, torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 2))
+    assert ids.dtype == torch.long and ids.tolist() == [[2, 0]] * 3 and w.tolist() == [[0.5, 0.5]] * 3
