@@ -5,9 +5,10 @@ The recorder copies each layer's choice to host memory during the step and, at t
 splits the rows by sequence, so every sequence's rows come out in token order (prompt, then the
 generated tokens that were fed back) whatever batches they were computed in. A sequence's final
 sampled token never enters the model, so it has no row. Sequences are recorded whole, from position
-0: one already running when the recording starts (a live server's POST /v1/traces/start) is left out,
-since the format has no positions and every consumer takes a sequence's first row for position 0. When recording is off the engine does not
-create a recorder at all (the model gets NO_HOOKS or a chain without it): no cost.
+0: one already running when the recording starts (a live server's POST /v1/traces/start) is left
+out, since the format has no positions and every consumer takes a sequence's first row for position
+0. When recording is off the engine does not create a recorder at all (the model gets NO_HOOKS or a
+chain without it): no cost.
 """
 from __future__ import annotations
 
