@@ -182,13 +182,29 @@ class ThreadCopier:
                     raise cancelled(ticket, slot)
                 self._cv.wait()  # running in the worker, or an earlier copy into the slot still is
         if pairs is not None:
-            err = None
+            err, landed = None, False
             try:
                 err = _copy(pairs)
+                landed = True
             finally:  # even when interrupted: nobody may wait for this slot forever
                 with self._cv:
-                    self._finished(slot, ticket, err)
+                    if landed:
+                        self._finished(slot, ticket, err)
+                    else:
+                        self._interrupted(slot, ticket, pairs)
         self._failed.report(ticket, slot)
+
+    def _interrupted(self, slot: int, ticket: int, pairs) -> None:  # under _cv
+        """A copy run in the waiting thread was interrupted midway (Ctrl-C): the slot holds part of
+        the weights, so the copy is queued again (as a demand copy), not marked done; unless a newer
+        copy into the slot is queued already, which overwrites it before anyone reads the slot."""
+        del self._running[slot]
+        if slot in self._q.queued:
+            self._slot_done[slot] = ticket
+            self._q.resume(slot)
+        else:
+            self._q.push(ticket, slot, pairs, None, self.worker_demand)
+        self._cv.notify_all()
 
     def release(self, slots) -> None:
         """The compute that read `slots` is done (CPU compute is synchronous: nothing to record)."""

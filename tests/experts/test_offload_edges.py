@@ -110,3 +110,46 @@ def test_a_budget_that_is_no_finite_number_names_the_field(gb):
     'cannot convert float NaN to integer', naming no option."""
     with pytest.raises(ValueError, match="expert_cache.expert_cache_gb must be a finite number > 0"):
         ExpertCacheConfig(expert_cache_gb=gb)
+
+
+class InterruptedTensor(torch.Tensor):
+    """A host tensor whose first copy out raises KeyboardInterrupt (Ctrl-C landing mid-copy)."""
+
+    armed = True
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            if func is torch.Tensor.copy_ and InterruptedTensor.armed:
+                InterruptedTensor.armed = False
+                raise KeyboardInterrupt
+            return func(*args, **(kwargs or {}))
+
+
+def test_copy_interrupted_in_the_waiting_thread_is_copied_again():
+    """Ctrl-C in LLM.generate aborts the requests and the engine serves on. When it lands while the
+    compute thread runs a copy itself (the worker was busy), the slot holds half an expert: the copy
+    was marked done all the same, so the expert's next use was a hit on gate_up without its down."""
+    slow = SlowSource(0.3)  # the worker is busy with a slow prefetch: the waiter runs the demand copy
+
+    class Source(TinySource):
+        def get(self, l, e):
+            if (l, e) == (1, 3):
+                return slow.get(l, e)
+            gu, dn = super().get(l, e)
+            return (gu, dn.as_subclass(InterruptedTensor)) if (l, e) == (0, 1) else (gu, dn)
+
+    src = Source()
+    InterruptedTensor.armed = True
+    store = OffloadExpertStore(src, torch.float32, "cpu", capacity=3, policy=LRUPolicy(), top_k=2, cpu_experts="off",
+                               host="mmap", admit="always")
+    store.prefetch(1, [3])
+    x = torch.randn(2, 8)
+    store.begin_layer(0, [1])
+    with pytest.raises(KeyboardInterrupt):  # gate_up copied, then the interrupt
+        store.compute_expert(0, 1, x)
+    assert not InterruptedTensor.armed
+    store.begin_layer(0, [1])  # the next step: resident, and whole
+    torch.testing.assert_close(store.compute_expert(0, 1, x), expert_forward(x, *src.w[0, 1]))
+    store.end_layer(0)
+    store.close()
