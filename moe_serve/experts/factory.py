@@ -32,7 +32,7 @@ def slots_for(cfg: ExpertCacheConfig, expert_bytes: int, total_experts: int, num
                   f"(one takes {expert_bytes / 2**30:.4g} GiB)")
         if slots < 1:
             raise ValueError(f"expert_cache.expert_cache_gb={cfg.expert_cache_gb} holds no expert "
-                             f"(one takes {expert_bytes / 2**30:.4f} GiB)")
+                             f"(one takes {expert_bytes / 2**30:.4g} GiB)")  # 4 decimals printed 0.0000 for small ones
     if cfg.cache_per_layer and slots < num_layers:  # every layer's pool needs a slot of its own
         raise ValueError(f"{budget}: expert_cache.cache_per_layer needs a slot per MoE layer, >= {num_layers} "
                          f"slots ({num_layers * expert_bytes / 2**30:.4g} GiB)")

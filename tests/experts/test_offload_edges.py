@@ -153,3 +153,14 @@ def test_copy_interrupted_in_the_waiting_thread_is_copied_again():
     torch.testing.assert_close(store.compute_expert(0, 1, x), expert_forward(x, *src.w[0, 1]))
     store.end_layer(0)
     store.close()
+
+
+def test_a_gib_budget_below_one_expert_says_how_much_one_takes():
+    """The minimum was printed with 4 decimals: a 36 KiB expert 'takes 0.0000 GiB', no limit at all."""
+    from moe_serve.experts.factory import slots_for
+
+    one = 3 * 48 * 64 * 4  # bytes of one expert of the tiny Mixtral (float32)
+    says = r"expert_cache.expert_cache_gb=1e-09 holds no expert \(one takes 3.433e-05 GiB"
+    with pytest.raises(ValueError, match=says):
+        slots_for(ExpertCacheConfig(expert_cache_gb=1e-9), one, 24)
+    assert slots_for(ExpertCacheConfig(expert_cache_gb=one / 2**30), one, 24) == 1  # exactly one expert fits
