@@ -117,6 +117,14 @@ def score_ranks(ranks: np.ndarray, batch: np.ndarray, batch_size: int, num_ranks
     )
 
 
+def _water_level(base: np.ndarray, amount: float) -> float:
+    """Level h with sum(max(h - base, 0)) == amount (base float [R]): pouring `amount` onto the lowest."""
+    b = np.sort(base)
+    level = (amount + np.cumsum(b)) / np.arange(1, len(b) + 1)  # level if the j lowest are filled
+    j = int(np.argmax(np.r_[level[:-1] <= b[1:], True]))  # first j whose level stays below the next base
+    return float(level[j])
+
+
 def score_load(plan: PlacementPlan, load) -> dict:
     """Imbalance of `plan` under per-expert loads only (float [L, E], e.g. aggregate counts): single-copy
     experts load their rank; replicated experts are split as the replica rule does in expectation
@@ -137,13 +145,7 @@ def score_load(plan: PlacementPlan, load) -> dict:
             rank_load[l, ranks] += load[l, e] / len(ranks)
         for e, ranks in ranks_of.items():
             rank_load[l, ranks] -= load[l, e] / len(ranks)
-            base = rank_load[l, ranks]
-            lo, hi = base.min(), base.max() + load[l, e]
-            for _ in range(60):  # bisection for the water level
-                mid = (lo + hi) / 2
-                lo, hi = (mid, hi) if np.maximum(mid - base, 0).sum() < load[l, e] else (lo, mid)
-            fill = np.maximum(hi - base, 0)
-            rank_load[l, ranks] += fill * load[l, e] / max(fill.sum(), 1e-12)
+            rank_load[l, ranks] = np.maximum(rank_load[l, ranks], _water_level(rank_load[l, ranks], load[l, e]))
     imb = rank_load.max(1) / np.maximum(rank_load.mean(1), 1e-12)
     return dict(imbalance_trace=float(imb.mean()), imbalance_trace_max=float(imb.max()),
                 imbalance_per_layer=[float(x) for x in imb])
