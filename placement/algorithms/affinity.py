@@ -8,7 +8,8 @@ Per layer, in order (layer l sees layer l-1's finished placement):
    rule (placement.replica: least-loaded quotas, same-rank-first inside them) then balances replicated
    traffic per batch at run time.
 3. Balanced start: physical experts in descending load, each to the lightest rank with a free slot that
-   lacks it.
+   lacks it; the contiguous layout instead where that balances the load better under the replica rule
+   (`no_worse_than_contiguous`: the greedy assumes even shares per copy, the rule does not).
 4. Swap search over physical experts ("items", replicas included; placement.algorithms.swap_search).
    With the fitted tokens, each choice is first mapped to a copy by the run-time replica rule, so an
    item carries exactly the tokens it would serve. The cost is exact on those tokens:
@@ -29,6 +30,8 @@ Per layer, in order (layer l sees layer l-1's finished placement):
    both are off by default.
    Without tokens, the within-layer co-activation matrix gives the pairwise proxy (co-activation kept
    inside ranks); without either, the balanced start is the plan.
+5. Guard: a layer whose result balances the load more than `balance_tol` worse than the contiguous
+   layout is replaced by that layout (fan-out is bought with at most balance_tol of balance).
 """
 from __future__ import annotations
 
@@ -36,7 +39,8 @@ import time
 
 import numpy as np
 
-from placement.algorithms.common import check_sizes, replicate_greedy, single_thread_blas
+from placement.algorithms.common import (check_sizes, no_worse_than_contiguous, replicate_greedy,
+                                         single_thread_blas)
 from placement.algorithms.swap_search import items_to_phy2log, swap_cost_pairs, swap_cost_tokens, swap_search
 from placement.plan import PlacementPlan
 from placement.replica import choose_replica
@@ -105,12 +109,19 @@ def place_layer(phy, w, count, num_ranks, slots_per_rank, tokens_l=None, prev_to
         item_rank, _ = swap_search(item_rank, item_expert, item_load, num_ranks, cost, (1.0 + balance_tol) * mean,
                                    max_iters, max_swaps, balance_weight, window_load=win)
     phy = items_to_phy2log(item_rank, item_expert, num_ranks)
-    if tokens_l is not None:
-        plan = PlacementPlan.from_phy2log(phy[None], E, num_ranks)
-        slots = choose_replica(tokens_l, plan.log2phy[0], plan.replica_count[0], slots_per_rank, num_ranks)
-        touch = np.zeros((len(tokens_l), num_ranks), dtype=bool)
-        np.put_along_axis(touch, slots // slots_per_rank, True, axis=1)
-    return phy, touch
+    return phy, touched(phy, tokens_l, E, num_ranks)
+
+
+def touched(phy, tokens_l, num_experts: int, num_ranks: int):
+    """bool [T, N]: the ranks each token of tokens_l int [T, K] uses under slots phy [P] and the replica
+    rule (None without tokens)."""
+    if tokens_l is None:
+        return None
+    plan = PlacementPlan.from_phy2log(np.asarray(phy)[None], num_experts, num_ranks)
+    slots = choose_replica(tokens_l, plan.log2phy[0], plan.replica_count[0], plan.slots_per_rank, num_ranks)
+    touch = np.zeros((len(tokens_l), num_ranks), dtype=bool)
+    np.put_along_axis(touch, slots // plan.slots_per_rank, True, axis=1)
+    return touch
 
 
 def affinity(load, num_ranks: int, slots_per_rank: int, coact=None, transitions=None, tokens=None,
@@ -141,10 +152,16 @@ def affinity(load, num_ranks: int, slots_per_rank: int, coact=None, transitions=
             w = (1.0 - uniform_blend) * w + uniform_blend / E
             count = replicate_greedy(w, P)
             phy = np.array([e for r in balanced_start(w, count, num_ranks, slots_per_rank) for e in r])
+            phy = no_worse_than_contiguous(phy, w, num_ranks, slots_per_rank)
             tok_l = None if tokens is None else tokens[:, l]
             C = None if coact is None else np.asarray(coact[l], dtype=np.float64)
-            phy2log[l], prev_touch = place_layer(phy, w, count, num_ranks, slots_per_rank, tok_l, prev_touch, C,
-                                                 **layer_kw)
+            phy2log[l], touch = place_layer(phy, w, count, num_ranks, slots_per_rank, tok_l, prev_touch, C,
+                                            **layer_kw)
+            # fan-out is bought with at most balance_tol of balance against the default layout
+            kept = no_worse_than_contiguous(phy2log[l], w, num_ranks, slots_per_rank, slack=balance_tol)
+            if not np.array_equal(kept, phy2log[l]):
+                phy2log[l], touch = kept, touched(kept, tok_l, E, num_ranks)
+            prev_touch = touch
     meta = dict(algorithm="affinity", solver_seconds=time.perf_counter() - t0,
                 solver_cpu_seconds=time.process_time() - c0, uniform_blend=uniform_blend,
                 **layer_kw)

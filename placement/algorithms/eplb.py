@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from placement.algorithms.common import check_sizes
+from placement.algorithms.common import check_sizes, no_worse_than_contiguous, separate_packed_copies
 from placement.plan import PlacementPlan
 
 
@@ -32,10 +32,10 @@ def balanced_packing(weight: np.ndarray, num_packs: int, label: np.ndarray | Non
     """weight [X, n] -> (pack [X, n], position in pack [X, n]); every pack gets n / num_packs items.
 
     label int [X, n] (optional): the logical expert of each item. Two copies of one expert in one pack
-    waste a slot (the rank serves both copies' share; the replica rule cannot shift load between them),
+    waste a slot (the replica rule gives a rank one share of an expert however many copies it holds),
     so an item goes to the lightest open pack *that lacks its label*, and only when none has room to the
-    lightest open one; `_separate_copies` then swaps such leftovers apart. DeepSeek's reference has no
-    such rule; with no doubled copy to avoid, the result is the reference's exactly."""
+    lightest open one; `separate_packed_copies` then swaps such leftovers apart. DeepSeek's reference
+    has no such rule; with no doubled copy to avoid, the result is the reference's exactly."""
     X, n = weight.shape
     if n % num_packs:
         raise ValueError(f"eplb: {n} items do not split evenly into num_packs={num_packs}")
@@ -58,38 +58,8 @@ def balanced_packing(weight: np.ndarray, num_packs: int, label: np.ndarray | Non
             if label is not None:
                 held[p].add(label[x, item])
         if label is not None:
-            _separate_copies(weight[x], label[x], pack[x], pos[x], num_packs)
+            separate_packed_copies(weight[x], label[x], pack[x], pos[x], num_packs)
     return pack, pos
-
-
-def _separate_copies(w: np.ndarray, label: np.ndarray, pack: np.ndarray, pos: np.ndarray, num_packs: int) -> None:
-    """In place, on one row (w, label, pack, pos [n]): while a pack holds two items of one label, swap one
-    of them with an item of a pack lacking that label, picking the swap with the lowest heavier pack after
-    it (ties -> closest weights, then lowest indices). Each swap removes a doubled copy and adds none
-    (the other item's label is absent from the first pack, or doubled in its own), so this ends; such a
-    swap exists whenever the label has at most num_packs items: the pack holding it twice has at most
-    per_pack - 2 other labels, fewer than the per_pack items of a pack lacking it."""
-    while True:
-        members = [np.flatnonzero(pack == p) for p in range(num_packs)]
-        labels = [label[m].tolist() for m in members]
-        load = np.bincount(pack, weights=w, minlength=num_packs)
-        best = None  # (key, a, b) over every doubled (pack, label)
-        for r in range(num_packs):
-            for lab in sorted({x for x in labels[r] if labels[r].count(x) > 1}):
-                a = members[r][label[members[r]] == lab][-1]  # the copy that arrived last
-                for s in range(num_packs):
-                    if lab in labels[s]:
-                        continue
-                    for b in members[s]:
-                        if label[b] in labels[r] and labels[s].count(label[b]) < 2:
-                            continue  # would double label[b] in pack r without undoing a double in s
-                        key = (max(load[r] - w[a] + w[b], load[s] + w[a] - w[b]), abs(w[a] - w[b]), r, s, b)
-                        best = (key, a, b) if best is None or key < best[0] else best
-        if best is None:  # no doubles left, or only labels with more items than packs
-            return
-        _, a, b = best
-        pack[a], pack[b] = pack[b], pack[a]
-        pos[a], pos[b] = pos[b], pos[a]
 
 
 def replicate(weight: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -144,10 +114,15 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
 
 def eplb(load, num_ranks: int, slots_per_rank: int, coact=None, transitions=None,
          num_nodes: int = 1, num_groups: int | None = None, **_) -> PlacementPlan:
-    """Registry form: EPLB on `num_ranks` GPUs over `num_nodes` nodes (groups default to one per node)."""
+    """Registry form: EPLB on `num_ranks` GPUs over `num_nodes` nodes (groups default to one per node).
+    On one node, each layer is then the better balanced of EPLB's and the contiguous layout under the
+    run-time replica rule on `load` (`no_worse_than_contiguous`: EPLB's packing assumes even shares per
+    copy, the rule does not); over several nodes EPLB's is kept, as contiguous ignores the nodes."""
     load = np.asarray(load, dtype=np.float64)
     L, E = check_sizes(load, num_ranks, slots_per_rank)
     t0 = time.perf_counter()
     phy2log, _, _ = rebalance_experts(load, num_ranks * slots_per_rank, num_groups or num_nodes, num_nodes, num_ranks)
+    if num_nodes == 1:
+        phy2log = np.stack([no_worse_than_contiguous(phy2log[l], load[l], num_ranks, slots_per_rank) for l in range(L)])
     return PlacementPlan.from_phy2log(phy2log, E, num_ranks,
                                       dict(algorithm="eplb", solver_seconds=time.perf_counter() - t0))
