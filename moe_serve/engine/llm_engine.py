@@ -26,7 +26,8 @@ from moe_serve.config import EngineConfig
 from moe_serve.engine.detokenizer import IncrementalDetokenizer
 from moe_serve.engine.generation_defaults import read_generation_defaults
 from moe_serve.engine.model_setup import EngineHooks, load_engine_model, resolve_max_model_len
-from moe_serve.engine.sampler import make_generator, sample
+from moe_serve.engine.sample_step import sample_rows
+from moe_serve.engine.sampler import make_generator
 from moe_serve.engine.sampling_params import SamplingParams
 from moe_serve.engine.scheduler import QueueFullError, Scheduler, kv_cache_slots
 from moe_serve.engine.sequence import RequestOutput, Sequence
@@ -85,6 +86,7 @@ class LLMEngine:
         self._inbox: deque[Sequence] = deque()
         self._aborts: deque[Sequence] = deque()  # the live requests asked to stop
         self._live: dict[str, Sequence] = {}  # request id -> sequence, until finished
+        self._num_extras = 0  # live requests that ask for logprobs or penalties (0: the plain sampling path)
         self._seq_ids = itertools.count()
         self._seed_rng = random.Random(mc.seed)
         self.stream = True  # False (LLM.generate): step returns finished requests only, text decoded once
@@ -139,6 +141,7 @@ class LLMEngine:
                 raise QueueFullError(f"request {seq.request_id!r} refused: {waiting} requests already wait "
                                      f"(scheduler.max_queue={self.scheduler.max_queue})")
             self._live[seq.request_id] = seq
+            self._num_extras += seq.params.extra_work
             self._inbox.append(seq)
         return seq.request_id
 
@@ -180,9 +183,11 @@ class LLMEngine:
         if to_sample:
             if len(rows) < logits.shape[0]:  # some sequences are mid-prefill: no token for them yet
                 logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
-            to_sample, tokens = self._sample(logits, to_sample, outputs)
-            for seq, tok in zip(to_sample, tokens):
+            to_sample, tokens, logprobs = self._sample(logits, to_sample, outputs)
+            for j, (seq, tok) in enumerate(zip(to_sample, tokens)):
                 seq.append_token(tok, now)
+                if logprobs is not None and seq.logprobs is not None:
+                    seq.logprobs.append(logprobs[j])
                 try:
                     self._check_stop(seq, tok)
                 except Exception as exc:  # noqa: BLE001 - e.g. the tokenizer fails on this request alone
@@ -212,7 +217,8 @@ class LLMEngine:
     def _retire(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
         with self._lock:
-            self._live.pop(seq.request_id, None)
+            if self._live.pop(seq.request_id, None) is not None:
+                self._num_extras -= seq.params.extra_work
 
     def _batch(self, plan: list[tuple[Sequence, int]]) -> ForwardBatch:
         tokens, positions = [], []
@@ -253,21 +259,23 @@ class LLMEngine:
             return kept, logits
 
     def _sample(self, logits, seqs, outputs):
-        """(the sequences that got a token, their tokens); a failing batch is retried one sequence at a
-        time, as `_forward` does. The retry draws again from each row's generator: the same draw as in
-        the batch unless the batch failed after drawing (every plausible failure, e.g. a parameter that
-        slipped past validation, comes before)."""
+        """(the sequences that got a token, their tokens, their logprobs or None); a failing batch is
+        retried one sequence at a time, as `_forward` does. The retry draws again from each row's
+        generator: the same draw as in the batch unless the batch failed after drawing (every plausible
+        failure, e.g. a parameter that slipped past validation, comes before)."""
         try:
-            return seqs, sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+            return (seqs, *sample_rows(logits, seqs, self._num_extras > 0))
         except Exception:  # noqa: BLE001 - isolate the culprit below
-            kept, tokens = [], []
+            kept, tokens, logprobs = [], [], []
             for i, seq in enumerate(seqs):
                 try:
-                    tokens += sample(logits[i:i + 1], [seq.params], [seq.generator])
+                    toks, lps = sample_rows(logits[i:i + 1], [seq], self._num_extras > 0)
+                    tokens += toks
+                    logprobs += lps if lps is not None else [None]
                     kept.append(seq)
                 except Exception as exc:  # noqa: BLE001 - this request fails alone
                     self._fail_alone(seq, exc, outputs)
-            return kept, tokens
+            return kept, tokens, logprobs
 
     def _check_stop(self, seq: Sequence, tok: int) -> None:
         p = seq.params

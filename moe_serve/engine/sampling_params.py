@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 _EPS = 1e-5  # temperatures below this are greedy (as in vLLM)
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs, and OpenAI's top_logprobs limit
 
 
 @dataclass
@@ -22,6 +23,9 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past the model's end-of-sequence token
     n: int = 1  # completions per prompt (only 1 is supported)
     skip_special_tokens: bool = True  # leave special tokens out of the text
+    # log-probabilities per output token: the sampled token's plus the `logprobs` most likely (0..20);
+    # None = none. Raw: log_softmax of the model's logits, before penalties, temperature, top-k/top-p
+    logprobs: int | None = None
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -41,6 +45,8 @@ class SamplingParams:
             fail("max_tokens", ">= 1 (or None)", self.max_tokens)
         if self.seed is not None and (not number(self.seed, int) or not 0 <= self.seed < 2**63):
             fail("seed", "an integer in [0, 2**63)", self.seed)
+        if self.logprobs is not None and (not number(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            fail("logprobs", f"an integer in [0, {MAX_LOGPROBS}] (or None)", self.logprobs)
         if self.n != 1:
             fail("n", "1 (one completion per prompt is supported)", self.n)
         if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
@@ -55,6 +61,11 @@ class SamplingParams:
         if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in ids):
             fail("stop_token_ids", "a list of non-negative integers", self.stop_token_ids)
         self.stop_token_ids = ids
+
+    @property
+    def extra_work(self) -> bool:
+        """Asks the engine for per-step work past plain sampling (logprobs)."""
+        return self.logprobs is not None
 
     @property
     def greedy(self) -> bool:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_serve.engine.detokenizer import IncrementalDetokenizer
+from moe_serve.engine.logprobs import TokenLogprob
 from moe_serve.engine.sampling_params import SamplingParams
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
@@ -51,6 +52,8 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" | "error" once finished
     error: str | None
     metrics: RequestMetrics
+    # one per token of token_ids (cumulative) when the request asked (SamplingParams.logprobs), else None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -71,9 +74,12 @@ class Sequence:
     sent_text: int = 0  # characters of text already returned
     sent_ids: int = 0  # output tokens already returned
     metrics: RequestMetrics = None  # type: ignore[assignment]
+    logprobs: list[TokenLogprob] | None = None  # one per output token, when params.logprobs is set
 
     def __post_init__(self):
         self.metrics = RequestMetrics(arrival_time=self.arrival_time, num_prompt_tokens=len(self.prompt_ids))
+        if self.params.logprobs is not None:
+            self.logprobs = []
 
     @property
     def num_tokens(self) -> int:
@@ -128,6 +134,7 @@ class Sequence:
             finish_reason=self.finish_reason,
             error=self.error,
             metrics=self.metrics,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
         )
         self.sent_text, self.sent_ids = len(text), len(self.output_ids)
         return out

@@ -15,6 +15,8 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Str
                       field_validator)
 
 TokenId = Annotated[StrictInt, Field(ge=0)]
+MAX_LOGPROBS = 20  # as SamplingParams (vLLM's max_logprobs; OpenAI's top_logprobs limit)
+NumLogprobs = Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)]
 Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None
 
 
@@ -72,7 +74,15 @@ class CompletionRequest(SamplingFields):
     ] | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=1)]
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = 16  # OpenAI's default for completions
     echo: StrictBool = False
-    logprobs: Annotated[StrictInt, Field(ge=0, le=0)] | None = None  # not supported: only null/0
+    logprobs: NumLogprobs | None = None  # the sampled token's log-probability plus the `logprobs` most likely
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_prompt_logprobs(cls, value, info: ValidationInfo):
+        if value is not None and info.data.get("echo"):
+            raise ValueError("logprobs with echo would need the prompt's log-probabilities, which this server "
+                             "does not compute; drop echo or logprobs")
+        return value
 
 
 class ChatMessage(BaseModel):
@@ -92,15 +102,21 @@ class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
-    logprobs: StrictBool | None = None
+    logprobs: StrictBool | None = None  # the output tokens' log-probabilities
+    top_logprobs: NumLogprobs | None = None  # and the `top_logprobs` most likely tokens at each step
     add_generation_prompt: StrictBool = True  # vLLM extension
 
-    @field_validator("logprobs")
+    @field_validator("top_logprobs")
     @classmethod
-    def _no_logprobs(cls, value):
-        if value:
-            raise ValueError("logprobs are not supported by this server")
+    def _top_needs_logprobs(cls, value, info: ValidationInfo):
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs: true")
         return value
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """SamplingParams.logprobs: None unless logprobs is true, then top_logprobs (default 0)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def output_limit(self) -> int | None:
@@ -123,10 +139,20 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: per output token its text, offset in the choice's text,
+    log-probability, and {token text: log-probability} of the most likely tokens and the sampled one."""
+
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 
@@ -144,10 +170,24 @@ class ResponseMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: ResponseMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 
@@ -168,7 +208,7 @@ class DeltaMessage(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 

@@ -20,7 +20,9 @@ from moe_serve.engine.sampling_params import SamplingParams
 from moe_serve.server import protocol as P
 from moe_serve.server.chat import render_chat
 from moe_serve.server.errors import APIError, error_body
+from moe_serve.server.choices import choice_params, run_choices
 from moe_serve.server.lifecycle import RequestRunner, RunState, engine_error
+from moe_serve.server.responses import ChatBuilder, CompletionBuilder, usage
 
 
 @dataclass
@@ -61,21 +63,17 @@ def check_prompt(ids: list[int], max_tokens: int | None, info: ModelInfo, field:
 DEFAULTED_FIELDS = ("temperature", "top_p", "top_k")  # a request's null takes the model's default, then SamplingParams'
 
 
-def sampling_params(req: P.SamplingFields, max_tokens: int, defaults: dict) -> SamplingParams:
+def sampling_params(req: P.SamplingFields, max_tokens: int, defaults: dict,
+                    logprobs: int | None = None) -> SamplingParams:
     """The request's values win; a field it leaves unset takes `defaults` (the checkpoint's
     generation_config.json, see ModelInfo.sampling_defaults), else SamplingParams' own default."""
     chosen = {name: defaults[name] for name in DEFAULTED_FIELDS if name in defaults}
     chosen.update({name: getattr(req, name) for name in DEFAULTED_FIELDS if getattr(req, name) is not None})
     try:
         return SamplingParams(**chosen, max_tokens=max_tokens, seed=req.seed, stop=req.stop,
-                              stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos)
+                              stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs)
     except ValueError as exc:
         raise engine_error(exc) from exc
-
-
-def usage(out) -> P.Usage:
-    p, c = len(out.prompt_token_ids), len(out.token_ids)
-    return P.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
 
 def sse(obj) -> str:
@@ -105,20 +103,11 @@ class Handlers:
     async def _prepare_completion(self, req: P.CompletionRequest):
         ids, text = await run_in_threadpool(self.completion_prompt, req)  # a long prompt takes seconds
         limit = check_prompt(ids, req.max_tokens, self.info, "prompt")
-        params = sampling_params(req, limit, self.info.sampling_defaults)
+        params = sampling_params(req, limit, self.info.sampling_defaults, req.logprobs)
         echo = (text if text is not None else self.info.tokenizer.decode(ids)) if req.echo else ""
         rid = P.new_id("cmpl")
-        return rid, ids, params, self._completion_chunks(rid, echo, req), lambda out: P.CompletionResponse(
-            id=rid, model=self.info.name, usage=usage(out),
-            choices=[P.CompletionChoice(text=echo + out.text, finish_reason=out.finish_reason)])
-
-    def _completion_chunks(self, rid: str, echo: str, req):
-        def chunks(out, first: bool):
-            text = (echo if first else "") + out.delta_text
-            if text or out.finished:
-                yield P.CompletionResponse(id=rid, model=self.info.name, choices=[P.CompletionChoice(
-                    text=text, finish_reason=out.finish_reason if out.finished else None)])
-        return chunks
+        return rid, ids, params, CompletionBuilder(rid, self.info.name, echo, req.logprobs is not None,
+                                                   self.info.tokenizer)
 
     # -- chat ---------------------------------------------------------------------------------
     async def chat(self, req: P.ChatCompletionRequest, request: Request):
@@ -138,23 +127,9 @@ class Handlers:
             if exc.param == "max_tokens":
                 exc.param, exc.message = field, exc.message.replace("max_tokens", field, 1)
             raise
-        params = sampling_params(req, limit, self.info.sampling_defaults)
+        params = sampling_params(req, limit, self.info.sampling_defaults, req.num_logprobs)
         rid = P.new_id("chatcmpl")
-
-        def chunks(out, first: bool):
-            if first:
-                yield P.ChatCompletionChunk(id=rid, model=self.info.name, choices=[
-                    P.ChatChunkChoice(delta=P.DeltaMessage(role="assistant", content=""))])
-            if out.delta_text:
-                yield P.ChatCompletionChunk(id=rid, model=self.info.name, choices=[
-                    P.ChatChunkChoice(delta=P.DeltaMessage(content=out.delta_text))])
-            if out.finished:
-                yield P.ChatCompletionChunk(id=rid, model=self.info.name, choices=[
-                    P.ChatChunkChoice(delta=P.DeltaMessage(), finish_reason=out.finish_reason)])
-
-        return rid, ids, params, chunks, lambda out: P.ChatCompletionResponse(
-            id=rid, model=self.info.name, usage=usage(out),
-            choices=[P.ChatChoice(message=P.ResponseMessage(content=out.text), finish_reason=out.finish_reason)])
+        return rid, ids, params, ChatBuilder(rid, self.info.name, req.num_logprobs is not None, self.info.tokenizer)
 
     # -- shared -------------------------------------------------------------------------------
     async def _serve(self, request: Request, req, prepare):
@@ -165,9 +140,9 @@ class Handlers:
         handed_over = False  # to a streaming body, which releases the admission when it ends
         try:
             runner.watch(request, state)
-            rid, ids, params, chunks, full = await prepare(req)
+            rid, ids, params, builder = await prepare(req)
             runner.check_connected(state)
-            response = await self._respond(request, state, rid, ids, params, req, chunks, full)
+            response = await self._respond(request, state, rid, ids, choice_params(params, req.n), req, builder)
             handed_over = isinstance(response, StreamingResponse)
             return response
         finally:
@@ -175,45 +150,54 @@ class Handlers:
                 runner.unwatch(state)
                 runner.release()
 
-    async def _respond(self, request: Request, state: RunState, rid: str, ids: list[int], params, req, chunks, full):
-        runner = self.runner
-        it = runner.run(request, rid, ids, params, state)
+    def _failure(self, finals: dict, state: RunState) -> APIError | None:
+        return next((err for out in finals.values() if (err := self.runner.failure(out, state)) is not None), None)
+
+    async def _respond(self, request: Request, state: RunState, rid: str, ids: list[int], params: list, req, builder):
+        it = run_choices(self.runner, request, rid, ids, params, state)
         try:
             first = await it.__anext__()  # engine refusals (queue full, bad value) become real 4xx here
         except StopAsyncIteration:
             first = None
-        if req.stream and first is not None and runner.failure(first, state) is None:
+        if req.stream and first is not None and self.runner.failure(first[1], state) is None:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._stream(it, first, rid, state, chunks, include_usage),
+            return StreamingResponse(self._stream(it, first, rid, state, builder, include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        final = first
-        if final is not None:
-            async for out in it:
-                final = out
-        err = runner.failure(final, state) if final is not None else APIError(
-            500, "engine ended the request without output", type="internal_server_error")
+        finals = {}
+        try:
+            if first is not None:
+                finals[first[0]] = first[1]
+                if self._failure(finals, state) is None:
+                    async for i, out in it:
+                        finals[i] = out
+        finally:
+            await it.aclose()  # a failed choice ends the others
+        err = self._failure(finals, state)
         if err is not None:
             raise err
-        return full(final)
+        if len(finals) < len(params) or not all(out.finished for out in finals.values()):
+            raise APIError(500, "engine ended the request without output", type="internal_server_error")
+        return builder.full([finals[i] for i in range(len(params))])
 
-    async def _stream(self, it, first, rid, state, chunks, include_usage: bool) -> AsyncIterator[str]:
+    async def _stream(self, it, first, rid, state, builder, include_usage: bool) -> AsyncIterator[str]:
         """SSE body from a started run; an error after the headers went out is sent as an event."""
-        runner, final, ended = self.runner, None, False
+        runner, finals, ended = self.runner, {}, False
         try:
-            out, is_first = first, True
-            while out is not None:
-                for chunk in chunks(out, is_first):
+            item = first
+            while item is not None:
+                i, out = item
+                for chunk in builder.chunks(i, out, i not in finals):
                     yield sse(chunk)
-                final, is_first = out, False
-                out = await anext(it, None)
-            err = runner.failure(final, state)
+                finals[i] = out
+                item = await anext(it, None)
+            err = self._failure(finals, state)
             if err is not None:
                 yield sse(error_body(err.message, err.type, err.param, err.code))
-            elif include_usage and final is not None:
-                kind = "text_completion" if rid.startswith("cmpl") else "chat.completion.chunk"
-                yield sse({"id": rid, "object": kind, "created": int(time.time()), "model": self.info.name,
-                           "choices": [], "usage": usage(final).model_dump()})
+            elif include_usage and finals:
+                yield sse({"id": rid, "object": builder.chunk_object, "created": int(time.time()),
+                           "model": self.info.name, "choices": [],
+                           "usage": usage([finals[i] for i in sorted(finals)]).model_dump()})
             yield "data: [DONE]\n\n"
             ended = True
         except APIError as err:
@@ -223,6 +207,6 @@ class Handlers:
         finally:
             if not ended:  # closed by Starlette: the client went away
                 runner.stream_closed_early(state)
-            await it.aclose()  # aborts the engine request if it is still live (client gone)
+            await it.aclose()  # aborts the engine requests still live (client gone)
             runner.unwatch(state)
             runner.release()

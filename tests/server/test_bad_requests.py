@@ -37,7 +37,9 @@ CASES = [
     ("completions", {"prompt": "hello", "stop": ["", "a"]}, "stop"),  # engine-side check
     ("completions", {"prompt": "hello", "stream": "yes"}, "stream"),
     ("completions", {"prompt": "hello", "stream_options": {"include_usage": True}}, "stream_options"),
-    ("completions", {"prompt": "hello", "logprobs": 3}, "logprobs"),
+    ("completions", {"prompt": "hello", "logprobs": 21}, "logprobs"),  # vLLM's max_logprobs is 20
+    ("completions", {"prompt": "hello", "logprobs": -1}, "logprobs"),
+    ("completions", {"prompt": "hello", "logprobs": 2, "echo": True}, "logprobs"),  # prompt logprobs: not computed
     ("completions", {"prompt": "hello", "best_of_everything": 1}, "best_of_everything"),  # unknown field
     ("chat/completions", {"max_tokens": 2}, "messages"),
     ("chat/completions", {"messages": []}, "messages"),
@@ -49,7 +51,9 @@ CASES = [
     ("chat/completions", dict(OK_CHAT, max_completion_tokens=0), "max_completion_tokens"),
     ("chat/completions", dict(OK_CHAT, max_completion_tokens=5000), "max_completion_tokens"),
     ("chat/completions", dict(OK_CHAT, temperature=3), "temperature"),
-    ("chat/completions", dict(OK_CHAT, logprobs=True), "logprobs"),
+    ("chat/completions", dict(OK_CHAT, logprobs=1), "logprobs"),  # a boolean
+    ("chat/completions", dict(OK_CHAT, top_logprobs=2), "top_logprobs"),  # without logprobs: true
+    ("chat/completions", dict(OK_CHAT, logprobs=True, top_logprobs=21), "top_logprobs"),
     ("chat/completions", dict(OK_CHAT, presence_penalty=0.5), "presence_penalty"),
     ("chat/completions", dict(OK_CHAT, functions=[]), "functions"),
 ]

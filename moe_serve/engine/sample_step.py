@@ -1,0 +1,27 @@
+"""One step's sampling for the sequences that get a token: (penalties,) sample, (logprobs).
+
+`extras` is the engine's "a live request asks for logprobs or penalties": while it is False this is
+`sample` alone, so the default decode path does no extra work per step.
+"""
+from __future__ import annotations
+
+import torch
+
+from moe_serve.engine.logprobs import TokenLogprob, token_logprobs
+from moe_serve.engine.sampler import sample
+
+
+def sample_rows(logits: torch.Tensor, seqs: list, extras: bool) -> tuple[list[int], list[TokenLogprob | None] | None]:
+    """logits [S, V] of S sequences -> (a token per row, a TokenLogprob or None per row, or None when no
+    row asked for logprobs). Logprobs are taken from the raw logits, before any penalty."""
+    params, gens = [s.params for s in seqs], [s.generator for s in seqs]
+    if not extras:
+        return sample(logits, params, gens), None
+    tokens = sample(logits, params, gens)
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not rows:
+        return tokens, None
+    logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+    for r, lp in zip(rows, token_logprobs(logits, rows, tokens, [params[r].logprobs for r in rows])):
+        logprobs[r] = lp
+    return tokens, logprobs

@@ -1,0 +1,61 @@
+"""The engine's TokenLogprobs in OpenAI's two response shapes (completions' legacy one, chat's).
+
+A token's text is the tokenizer's decoding of that one token (special tokens kept), as vLLM shows it;
+a token that is part of a multi-byte character decodes to U+FFFD, and chat's `bytes` are those of that
+text. JSON has no -inf: a log-probability below LOGPROB_FLOOR is sent as the floor (vLLM's -9999.0).
+"""
+from __future__ import annotations
+
+from moe_serve.engine.logprobs import TokenLogprob
+from moe_serve.server import protocol as P
+
+LOGPROB_FLOOR = -9999.0
+
+
+def _value(logprob: float) -> float:
+    return logprob if logprob > LOGPROB_FLOOR else LOGPROB_FLOOR  # also maps NaN to the floor
+
+
+class TokenTexts:
+    """Token id -> its text, decoded once per id per request."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self.cache.get(token_id)
+        if text is None:
+            text = self.cache[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+
+def delta_logprobs(out) -> list[TokenLogprob]:
+    """The logprobs of the tokens new in this output (`delta_token_ids`)."""
+    if out.logprobs is None:
+        return []
+    return out.logprobs[len(out.token_ids) - len(out.delta_token_ids):]
+
+
+def completion_logprobs(lps: list[TokenLogprob], text: TokenTexts, offset: int) -> P.CompletionLogprobs:
+    """`offset`: where the first of these tokens starts in the choice's text (streams carry it on)."""
+    out = P.CompletionLogprobs()
+    for lp in lps:
+        token = text(lp.token_id)
+        top = {text(i): _value(v) for i, v in lp.top}
+        top[token] = _value(lp.logprob)  # the sampled token is always among them, as in vLLM
+        out.tokens.append(token)
+        out.token_logprobs.append(_value(lp.logprob))
+        out.top_logprobs.append(top)
+        out.text_offset.append(offset)
+        offset += len(token)
+    return out
+
+
+def chat_logprobs(lps: list[TokenLogprob], text: TokenTexts) -> P.ChatLogprobs:
+    def entry(token_id: int, logprob: float) -> dict:
+        token = text(token_id)
+        return {"token": token, "logprob": _value(logprob), "bytes": list(token.encode("utf-8"))}
+
+    return P.ChatLogprobs(content=[
+        P.ChatTokenLogprob(**entry(lp.token_id, lp.logprob), top_logprobs=[P.TopLogprob(**entry(i, v)) for i, v in lp.top])
+        for lp in lps])
