@@ -12,7 +12,7 @@ The default factory builds a ResidentExpertStore. A factory that takes its exper
 (not from `source`) passes `check_experts=False`: the checkpoint then need not hold any expert tensor.
 
 What loading accepts is decided before any weight is read, from config.json and the safetensors
-headers, by `read_spec` (config.json: family, sizes, no quantization_config) and `check_tensors`
+headers, by `read_spec` (config.json: family, sizes, a servable dtype, no quantization_config) and `check_tensors`
 (every tensor the model and its experts read: present, of the expected shape and a float dtype);
 `moe-serve info` calls the same two, so it refuses what loading refuses, with the same messages.
 """
@@ -40,10 +40,7 @@ FP32_PARAMS = ("e_score_correction_bias",)  # transformers keeps these in fp32 w
 def resolve_dtype(dtype, spec: ModelSpec) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype == "auto":  # the checkpoint's own dtype: a bad one is config.json's fault, not the caller's
-        if spec.torch_dtype not in DTYPES:
-            raise ValueError(f"config.json's dtype {spec.torch_dtype!r} is not supported (dtype=auto loads the "
-                             f"checkpoint's dtype); pass dtype as one of {', '.join(DTYPES)}")
+    if dtype == "auto":  # the checkpoint's own: read_spec has refused one not in DTYPES (config.json's fault)
         return DTYPES[spec.torch_dtype]
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")

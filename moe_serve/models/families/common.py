@@ -69,9 +69,23 @@ def eos_ids(cfg: dict) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
 
 
+SERVABLE_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def torch_dtype(cfg: dict) -> str:
-    d = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-    return str(d).replace("torch.", "")
+    """config.json's `dtype` (transformers 5) or `torch_dtype` (older); absent/null: float32.
+
+    One the runtime cannot serve (float64, int8, a typo) is refused here with the other fields, not when
+    dtype=auto resolves it: the refusal must not depend on the dtype a caller asks for, and `moe-serve
+    info`, which asks for none, reads this same spec."""
+    name = next((n for n in ("dtype", "torch_dtype") if cfg.get(n) is not None), None)
+    if name is None:
+        return "float32"
+    value = str(cfg[name]).replace("torch.", "")
+    if value not in SERVABLE_DTYPES:
+        raise UnsupportedModelError(f"config.json field '{name}' must be one of {', '.join(SERVABLE_DTYPES)}, "
+                                    f"got {cfg[name]!r}")
+    return value
 
 
 def rope_spec(cfg: dict, dim: int, default_theta: float, interleaved: bool = False,
