@@ -52,6 +52,14 @@ def run_fit(args) -> int:
     if args.redundant < 0 or (E + args.redundant) % args.ep:
         raise ValueError(f"--redundant={args.redundant}: experts ({E}) + redundant must be >= {E} and divisible "
                          f"by --ep={args.ep}")
+    if args.algorithm == "eplb":  # in the flags' words, not eplb's (it said "need E=64 % num_groups=3 == 0, ...")
+        from placement.algorithms.eplb import hierarchy_problem
+
+        problem = hierarchy_problem(E, args.ep, args.num_nodes, options.get("num_groups"),
+                                    names={"num_nodes": "--num-nodes ", "num_ranks": "--ep ",
+                                           "num_groups": "--param num_groups="})
+        if problem:
+            raise ValueError(problem)
     t0 = time.perf_counter()
     plan = algorithm(expert_load(experts, E), args.ep, (E + args.redundant) // args.ep,
                      coact=coactivation(experts, E) if args.algorithm == "affinity" and args.no_tokens else None,

@@ -112,6 +112,31 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
     return plan.phy2log, plan.log2phy, plan.replica_count
 
 
+def hierarchy_problem(num_experts: int, num_ranks: int, num_nodes: int, num_groups: int | None = None,
+                      names: dict[str, str] | None = None) -> str | None:
+    """Why EPLB cannot place `num_experts` experts on `num_ranks` ranks over `num_nodes` nodes in
+    `num_groups` expert groups (default: one per node), or None. The hierarchical policy (taken when the
+    nodes divide the groups, else the global one, as in the reference) needs equal nodes and equal
+    groups. `names` gives each value's prefix as the caller's user writes it, e.g.
+    {"num_nodes": "--num-nodes "} (default "num_nodes=")."""
+    prefix = lambda key: (names or {}).get(key, key + "=")
+    word = lambda key, value: f"{prefix(key)}{value}"
+    groups = num_groups or num_nodes
+    if groups % num_nodes:
+        return None  # global policy: one node, one group
+    if num_ranks % num_nodes:
+        return (f"{word('num_nodes', num_nodes)} must divide {word('num_ranks', num_ranks)} "
+                "(eplb gives every node the same number of ranks)")
+    if num_experts % groups and num_groups:
+        return (f"{word('num_groups', num_groups)} must divide the {num_experts} experts per layer "
+                "(eplb's expert groups are equal blocks of consecutive expert ids)")
+    if num_experts % groups:
+        return (f"{word('num_nodes', num_nodes)} must divide the {num_experts} experts per layer (eplb gives "
+                "every node the same number of expert groups, blocks of consecutive expert ids; set their "
+                f"number with {prefix('num_groups').rstrip(' =')})")
+    return None
+
+
 def eplb(load, num_ranks: int, slots_per_rank: int, coact=None, transitions=None,
          num_nodes: int = 1, num_groups: int | None = None, **_) -> PlacementPlan:
     """Registry form: EPLB on `num_ranks` GPUs over `num_nodes` nodes (groups default to one per node).
@@ -120,6 +145,9 @@ def eplb(load, num_ranks: int, slots_per_rank: int, coact=None, transitions=None
     copy, the rule does not); over several nodes EPLB's is kept, as contiguous ignores the nodes."""
     load = np.asarray(load, dtype=np.float64)
     L, E = check_sizes(load, num_ranks, slots_per_rank)
+    problem = hierarchy_problem(E, num_ranks, num_nodes, num_groups)
+    if problem:
+        raise ValueError(f"placement algorithm eplb: {problem}")
     t0 = time.perf_counter()
     phy2log, _, _ = rebalance_experts(load, num_ranks * slots_per_rank, num_groups or num_nodes, num_nodes, num_ranks)
     if num_nodes == 1:

@@ -158,15 +158,27 @@ def test_rebalance_layer_sub_window_balances_each_chunk():
 @pytest.mark.parametrize("argv, message", [
     (["--algorithm", "eplb", "--num-nodes", "0"], "--num-nodes must be >= 1, got 0"),
     (["--algorithm", "eplb", "--num-nodes", "-1"], "--num-nodes must be >= 1, got -1"),
+    # these named eplb's internals: "eplb: need E=8 % num_groups=3 == 0, num_gpus=2 % num_nodes=3 == 0, ..."
+    (["--algorithm", "eplb", "--num-nodes", "3"],
+     "--num-nodes 3 must divide --ep 2 (eplb gives every node the same number of ranks)"),
+    (["--algorithm", "eplb", "--ep", "6", "--redundant", "4", "--num-nodes", "3"],
+     "--num-nodes 3 must divide the 8 experts per layer (eplb gives every node the same number of "
+     "expert groups, blocks of consecutive expert ids; set their number with --param num_groups)"),
+    (["--algorithm", "eplb", "--param", "num_groups=3"],
+     "--param num_groups=3 must divide the 8 experts per layer (eplb's expert groups are equal "
+     "blocks of consecutive expert ids)"),
 ])
 def test_cli_refuses_bad_num_nodes(tmp_path, argv, message):
-    """--num-nodes 0 raised ZeroDivisionError inside eplb (a traceback), -1 a numpy reshape error."""
+    """--num-nodes 0 raised ZeroDivisionError inside eplb (a traceback), -1 a numpy reshape error; a node
+    count that does not divide the ranks or the experts was refused in eplb's internal names."""
+    import re
+
     from tests.predictors.synth import layer_map_trace
 
     trace = tmp_path / "t.npz"
     layer_map_trace(tokens=60, L=3, E=8, K=2, seqs=3).save(trace)
     args = _parser().parse_args(["place", "--trace", str(trace), "--ep", "2", "--out", str(tmp_path / "p.json"), *argv])
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         args.func(args)
 
 
