@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +100,10 @@ def load_table(load: np.ndarray) -> str:
     return "\n".join(lines)
 
 
+@contextmanager
 def _generate(args, **extra):
+    """(llm, outputs, seconds) of the prompts, inside the engine's lifetime: the engine is closed on leaving
+    the block, also when generation raises (a prompt over max_model_len left its threads running)."""
     from moe_serve.engine.llm import LLM
 
     prompts, params = read_prompts(args), sampling_params(args)
@@ -107,16 +111,14 @@ def _generate(args, **extra):
     options.setdefault("model", DEFAULT_MODEL)
     options["generation_config"] = "none"  # the sampling flags say it all: generation_config.json is not read
     options.update(extra)
-    llm = LLM(**options)
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    elapsed = time.perf_counter() - t0
-    return llm, outs, elapsed
+    with LLM(**options) as llm:
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        yield llm, outs, time.perf_counter() - t0
 
 
 def run_generate(args) -> int:
-    llm, outs, elapsed = _generate(args)
-    with llm:
+    with _generate(args) as (llm, outs, elapsed):
         for i, out in enumerate(outs):
             print(f"--- [{i}] {out.prompt!r} ({out.finish_reason}, {len(out.token_ids)} tokens)")
             print(out.prompt + out.text)
@@ -147,8 +149,8 @@ def run_record_trace(args) -> int:
     from predictors.traces import load_trace
 
     output_file(args.out, "--out")
-    llm, outs, elapsed = _generate(args, record_trace=str(args.out))
-    llm.close()  # writes the trace
+    with _generate(args, record_trace=str(args.out)) as (_, _, elapsed):
+        pass  # closing the engine writes the trace
     trace = load_trace(args.out)
     print(f"wrote {args.out}: {trace.num_sequences} sequences, {trace.num_tokens} tokens, "
           f"{trace.num_layers} MoE layers, top-{trace.top_k} of {trace.num_experts} experts"

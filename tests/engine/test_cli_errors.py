@@ -1,0 +1,31 @@
+"""CLI bad input: exit code 2 and one line naming the flag or field, no traceback, nothing left running.
+
+(test_cli.py holds the smoke tests; this file the failure paths of `generate`, `record-trace` and `info`.)
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from moe_serve.cli.main import main
+
+# the offloading store starts an expert-copier thread: what an engine left open leaves behind
+OFFLOAD = ["--expert-cache-slots", "2", "--cache-policy", "lru", "--cpu-experts", "off"]
+
+
+def _threads() -> set[threading.Thread]:
+    return set(threading.enumerate())
+
+
+@pytest.mark.parametrize("command", [["generate"], ["record-trace", "--out", "{tmp}/t.npz"]])
+def test_a_failing_generation_closes_the_engine(tiny_dir, tmp_path, capsys, command):
+    """A prompt over max_model_len fails inside LLM.generate, after the engine started: the CLI said
+    'error: prompts[0]: ...' and exited 2, but left the engine open (its copier thread running)."""
+    before = _threads()
+    argv = [a.format(tmp=tmp_path) for a in command] + [
+        "--model", str(tiny_dir), "--prompt", "hello " * 400, "--max-tokens", "2", *OFFLOAD]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "prompts[0]: prompt has" in err and "max_model_len" in err and "Traceback" not in err
+    assert [t.name for t in _threads() - before if t.is_alive()] == []
