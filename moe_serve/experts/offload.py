@@ -122,6 +122,9 @@ class OffloadExpertStore(ExpertStore):
 
     # -- metrics -------------------------------------------------------------------------------
     def reset_metrics(self) -> None:
+        # prefetches issued before are counted already (issued, copies): from now on their experts are
+        # plain residents, else they would count as used, late or cancelled (a copy off `copies`) of none issued
+        self.prefetched[:] = False
         self.stats = dict(hits=0, misses=0, cpu_computed=0, streamed=0, prefetch_issued=0, prefetch_used=0,
                           prefetch_wasted=0, prefetch_cancelled=0, prefetch_late=0, prefetch_deferred=0,
                           copies=0, bytes_moved=0,

@@ -164,3 +164,30 @@ def test_a_gib_budget_below_one_expert_says_how_much_one_takes():
     with pytest.raises(ValueError, match=says):
         slots_for(ExpertCacheConfig(expert_cache_gb=1e-9), one, 24)
     assert slots_for(ExpertCacheConfig(expert_cache_gb=one / 2**30), one, 24) == 1  # exactly one expert fits
+
+
+def test_metrics_after_a_reset_count_only_what_happened_since():
+    """reset_metrics() (the benches call it after warm-up) forgot the counts but not which experts
+    had been prefetched: prefetches issued before it were counted after it as late, used or
+    cancelled (taking their copy off `copies`, counted before): here 2 cancelled and 2 late of 1
+    issued, and 0 copies where 2 were made."""
+    src = TinySource()
+    store = OffloadExpertStore(src, torch.float32, "cpu", capacity=3, policy=LRUPolicy(), top_k=2, cpu_experts="off",
+                               admit="always")
+    with store.copier._cv:  # the worker is held: copies run only when waited for (here), in this order
+        store.prefetch(0, [0, 1])
+        store.prefetch(1, [1])
+        store.reset_metrics()
+        store.begin_layer(0, [2])  # evicts (0, 0), prefetched before the reset, copy not started
+        assert torch.equal(store.get(0, 2)[0], src.w[0, 2][0])
+        store.end_layer(0)
+        store.prefetch(1, [0])  # evicts (0, 1), the same
+        store.begin_layer(1, [0, 1])  # (1, 0): prefetched since, not started: late; (1, 1): a hit
+        for e in (0, 1):
+            assert torch.equal(store.get(1, e)[1], src.w[1, e][1])
+        store.end_layer(1)
+    m = store.metrics()
+    assert m["copies"] == 2 and m["bytes_moved"] == 2 * store.expert_bytes  # (0, 2) and the prefetch of (1, 0)
+    assert m["prefetch_issued"] == 1 and m["prefetch_cancelled"] == 0 and m["prefetch_late"] == 1
+    assert (m["hits"], m["misses"]) == (1, 2) and m["prefetch_precision"] == 0.0
+    store.close()
