@@ -10,6 +10,7 @@ Sampling flags carry SamplingParams' field names; engine flags derive from the c
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -149,9 +150,17 @@ def run_record_trace(args) -> int:
     from predictors.traces import load_trace
 
     output_file(args.out, "--out")
-    with _generate(args, record_trace=str(args.out)) as (_, _, elapsed):
-        pass  # closing the engine writes the trace
-    trace = load_trace(args.out)
+    # closing the engine writes the trace, also after a failure: to a file beside --out, which replaces
+    # --out only when the run succeeded (a failed run wrote an empty trace over a good one)
+    out = Path(args.out)
+    part = out.with_name(f".{out.name}.{os.getpid()}.part")
+    try:
+        with _generate(args, record_trace=str(part)) as (_, _, elapsed):
+            pass
+        os.replace(part, out)
+    finally:
+        part.unlink(missing_ok=True)
+    trace = load_trace(out)
     print(f"wrote {args.out}: {trace.num_sequences} sequences, {trace.num_tokens} tokens, "
           f"{trace.num_layers} MoE layers, top-{trace.top_k} of {trace.num_experts} experts"
           f"{', hidden states' if trace.hidden is not None else ''} ({elapsed:.2f} s)")

@@ -29,3 +29,13 @@ def test_a_failing_generation_closes_the_engine(tiny_dir, tmp_path, capsys, comm
     err = capsys.readouterr().err
     assert "prompts[0]: prompt has" in err and "max_model_len" in err and "Traceback" not in err
     assert [t.name for t in _threads() - before if t.is_alive()] == []
+
+
+def test_a_failing_record_trace_leaves_the_out_file_alone(tiny_dir, tmp_path, capsys):
+    """Closing the engine writes its trace: a failed run wrote an empty trace over a good --out file."""
+    out = tmp_path / "t.npz"
+    out.write_bytes(b"a trace from an earlier run")
+    argv = ["record-trace", "--model", str(tiny_dir), "--prompt", "hello " * 400, "--max-tokens", "2", "--out", str(out)]
+    assert main(argv) == 2 and "prompts[0]" in capsys.readouterr().err
+    assert out.read_bytes() == b"a trace from an earlier run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.npz"]  # no temporary file left behind
