@@ -28,6 +28,8 @@ H hidden size.
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,8 +157,17 @@ class RoutingTrace:
         path = Path(path)
         if path.is_dir():
             raise ValueError(f"trace {path}: is a directory, expected a file name")
-        with open(path, "wb") as f:  # the path as given: np.savez would add .npz to a name without it
-            np.savez(f, **arrays)
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"trace {path}: directory {path.parent} does not exist")
+        # written beside the target, then renamed over it: a write that fails midway (disk full, Ctrl-C)
+        # leaves the previous trace whole, not truncated; "xb" (not mkstemp) keeps the umask's permissions
+        part = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
+        try:
+            with open(part, "xb") as f:  # a file object: np.savez would add .npz to a name without it
+                np.savez(f, **arrays)
+            os.replace(part, path)
+        finally:
+            part.unlink(missing_ok=True)
 
 
 def load_trace(path: str | Path) -> RoutingTrace:
