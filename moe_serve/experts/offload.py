@@ -76,18 +76,23 @@ class OffloadExpertStore(ExpertStore):
             self.host_gu, self.host_dn = stack_experts(source, dtype, pin_memory=self.device.type == "cuda")
         self.cache = SlotCache(policy, L, E, capacity, per_layer=per_layer)
         self.policy, self.capacity = policy, capacity
+        # the compute device is the host: a copy can never beat computing where the weights lie (same
+        # memory, same cores, plus the copy), so every miss runs in place and nothing is prefetched:
+        # no slot is ever filled, and none is allocated (they took the whole budget of RAM for nothing)
+        self.in_place_only = self.device.type == "cpu" and cpu_experts != "off"
         # zeros, not empty: on a CPU device the pages are faulted in here, at start-up, rather than by
         # the first copy into each slot on the hot path
-        self.slot_gu = torch.zeros((capacity, *gu0.shape), dtype=dtype, device=self.device)
-        self.slot_dn = torch.zeros((capacity, *dn0.shape), dtype=dtype, device=self.device)
-        self.expert_bytes = (self.slot_gu[0].numel() + self.slot_dn[0].numel()) * self.slot_gu.element_size()
+        n = 0 if self.in_place_only else capacity
+        self.slot_gu = torch.zeros((n, *gu0.shape), dtype=dtype, device=self.device)
+        self.slot_dn = torch.zeros((n, *dn0.shape), dtype=dtype, device=self.device)
+        self.expert_bytes = (gu0.numel() + dn0.numel()) * self.slot_gu.element_size()
         # admission (see module doc): on a CPU device a demand miss is copied into a slot only when its
         # expert was used within the last `admit_window` tokens; the others stream through `ring`
         self.admit = ("reuse" if self.device.type == "cpu" else "always") if admit == "auto" else admit
         if self.admit == "reuse" and self.device.type != "cpu":
             raise ValueError("OffloadExpertStore: admit=reuse needs a CPU device (its staging buffers are "
                              "refilled as soon as a forward returns, which only synchronous compute allows)")
-        stage = STAGING_BUFFERS if self.admit == "reuse" else 0
+        stage = STAGING_BUFFERS if self.admit == "reuse" and not self.in_place_only else 0
         self.copier = make_copier(self.device, capacity + stage)  # copier slots >= capacity: staging buffers
         # the copier's worker thread stops with the store: at close(), or when a store nobody closed
         # (the engine drops its model) is collected; the copier never refers back to the store
@@ -97,15 +102,12 @@ class OffloadExpertStore(ExpertStore):
         self.prefetched = np.zeros(L * E, dtype=bool)  # prefetched, not used yet
         self.costs: ExpertCosts | None = None
         self.cpu_mode = cpu_experts
-        # the compute device is the host: a copy can never beat computing where the weights lie (same
-        # memory, same cores, plus the copy), so every miss runs in place and nothing is prefetched
-        self.in_place_only = self.device.type == "cpu" and cpu_experts != "off"
         # the predictor reads each token's routing so far: only kept when there is a predictor to prefetch
         wants = getattr(policy, "predictor", None) is not None and not self.in_place_only
         predictor = getattr(policy, "predictor", None)
         learner = predictor if learn_every > 0 and getattr(predictor, "adapts", False) else None  # keeps adapting
         self.routing_hook = RoutingHook(L, top_k, learner, max(learn_every, 1)) if wants else None
-        if cpu_experts != "off":
+        if cpu_experts != "off" and not self.in_place_only:  # in place only: nothing to decide
             self.costs = measure_costs(*self.host_expert(0, 0), self.slot_gu[0], self.slot_dn[0])
         self.clock, self.layer, self.max_queued = 0, 0, max_queued
         self.prefetch_when = prefetch_when
@@ -115,7 +117,7 @@ class OffloadExpertStore(ExpertStore):
         self._on_host: set[int] = set()  # experts of the current layer computed in place
         self._used_slots: list[int] = []
         self.reset_metrics()
-        if hasattr(policy, "warm_set"):  # a static hot set is loaded up front
+        if hasattr(policy, "warm_set") and not self.in_place_only:  # a static hot set is loaded up front
             for g in policy.warm_set().tolist():
                 self._copy_in(int(g))
             self.reset_metrics()
@@ -315,7 +317,7 @@ class OffloadExpertStore(ExpertStore):
         self.clock += 1
 
     def nbytes(self) -> int:  # the slots, and the staging buffers when there are any
-        return (self.capacity + (self.ring.n if self.ring is not None else 0)) * self.expert_bytes
+        return (self.slot_gu.shape[0] + (self.ring.n if self.ring is not None else 0)) * self.expert_bytes
 
     def close(self) -> None:
         self._close_copier()  # once: a finalizer runs its callback at most once

@@ -191,3 +191,20 @@ def test_metrics_after_a_reset_count_only_what_happened_since():
     assert m["prefetch_issued"] == 1 and m["prefetch_cancelled"] == 0 and m["prefetch_late"] == 1
     assert (m["hits"], m["misses"]) == (1, 2) and m["prefetch_precision"] == 0.0
     store.close()
+
+
+def test_a_store_that_computes_every_miss_in_place_allocates_no_slots(tiny_checkpoint):
+    """On a CPU device with cpu_experts auto (the default) or on, every miss runs where its weights
+    lie and nothing is ever copied in; the store still allocated (and faulted in) the whole budget
+    of slots plus the staging buffers: --expert-cache-gb 8 took 8 GB more RAM than the resident store."""
+    path = tiny_checkpoint("mixtral")
+    (ref_toks, ref_logits), _ = run(path, n=4)
+    cfg = ExpertCacheConfig(expert_cache_slots=12, cache_policy="lru", cpu_experts="auto", host_memory="copy")
+    (toks, logits), store = run(path, expert_store_factory(cfg), n=4)
+    assert store.in_place_only and store.nbytes() == 0
+    assert store.slot_gu.numel() == 0 and store.slot_dn.numel() == 0 and store.ring is None
+    assert toks == ref_toks
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    m = store.metrics()
+    assert m["cpu_computed"] == m["misses"] > 0 and m["copies"] == 0
+    store.close()
