@@ -17,6 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Str
 TokenId = Annotated[StrictInt, Field(ge=0)]
 MAX_LOGPROBS = 20  # as SamplingParams (vLLM's max_logprobs; OpenAI's top_logprobs limit)
 NumLogprobs = Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)]
+MAX_N = 16  # choices per request: each is an engine request, so n of them take n KV slots / queue places
 Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None
 
 
@@ -35,7 +36,7 @@ class SamplingFields(BaseModel):
     temperature: Annotated[StrictFloat, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[StrictFloat, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[StrictInt, Field(ge=-1)] | None = None  # vLLM: -1 or 0 mean all tokens
-    n: Annotated[StrictInt, Field(ge=1)] = 1  # one choice per request: n > 1 is refused
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1  # independent choices, each with its own index
     seed: Annotated[StrictInt, Field(ge=0, lt=2**63)] | None = None
     stop: Stop = None
     stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
@@ -45,13 +46,6 @@ class SamplingFields(BaseModel):
     presence_penalty: StrictFloat | None = None  # only 0 (no penalty) is supported
     frequency_penalty: StrictFloat | None = None  # only 0 (no penalty) is supported
     user: StrictStr | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value):
-        if value != 1:
-            raise ValueError("only n=1 is supported (one choice per request)")
-        return value
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod

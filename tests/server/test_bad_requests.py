@@ -29,7 +29,8 @@ CASES = [
     ("completions", {"prompt": "hello", "top_p": 0}, "top_p"),
     ("completions", {"prompt": "hello", "top_p": 1.5}, "top_p"),
     ("completions", {"prompt": "hello", "top_k": -2}, "top_k"),
-    ("completions", {"prompt": "hello", "n": 2}, "n"),
+    ("completions", {"prompt": "hello", "n": 17}, "n"),  # at most 16 choices
+    ("completions", {"prompt": "hello", "n": 0}, "n"),
     ("completions", {"prompt": "hello", "seed": -1}, "seed"),
     ("completions", {"prompt": "hello", "stop": 5}, "stop"),
     ("completions", {"prompt": "hello", "stop_token_ids": [-1]}, "stop_token_ids.0"),
