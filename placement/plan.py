@@ -186,7 +186,7 @@ class PlacementPlan:
                 raise ValueError(f"missing {missing}")
             arrays = {k: header[k] for k in keys}
         ndim = dict(phy2log=2, log2phy=3, replica_count=2)
-        arrays = {k: _int_array(k, arrays[k], ndim[k]) for k in keys}
+        arrays = {k: int_array(k, arrays[k], ndim[k]) for k in keys}
         sizes = {}
         for k in ("num_ranks", "slots_per_rank"):
             v = header.get(k)
@@ -205,8 +205,9 @@ class PlacementPlan:
         return plan
 
 
-def _int_array(name: str, value, ndim: int) -> np.ndarray:
-    """int64 array of `ndim` dimensions from a file's field; fractional, non-numeric or ragged is an error."""
+def int_array(name: str, value, ndim: int) -> np.ndarray:
+    """int64 array of `ndim` dimensions from a plan file's or a placement command's field; fractional,
+    non-numeric or ragged is a ValueError naming the field."""
     try:
         arr = np.asarray(value)
     except ValueError:  # ragged nested lists

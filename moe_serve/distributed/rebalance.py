@@ -101,6 +101,7 @@ class Rebalancer:
         self.r, self.every, self.window, self.algorithm = runner, every, LoadWindow(window), algorithm
         self.pending: dict[int, object] = {}  # step -> plan from a PlacementCommand
         self.switches, self.last_s, self.last_moved = 0, 0.0, 0
+        self.refused = 0  # PlacementCommands whose plan failed the checks (the running plan was kept)
 
     def before_step(self, step: int) -> None:
         plan = self.pending.pop(step, None)
@@ -136,4 +137,4 @@ class Rebalancer:
 
     def stats(self) -> dict[str, float]:
         return {"rebalance_switches": float(self.switches), "rebalance_s": self.last_s,
-                "rebalance_moved_experts": float(self.last_moved)}
+                "rebalance_moved_experts": float(self.last_moved), "placement_commands_refused": float(self.refused)}

@@ -13,6 +13,7 @@ dispatch collective; padding is never counted and never returned.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +29,8 @@ from moe_serve.distributed.tp import apply_tp
 from moe_serve.models.batch import ForwardBatch
 from moe_serve.models.hooks import NO_HOOKS
 from moe_serve.models.moe import MoEBlock, MoERuntime
+
+log = logging.getLogger(__name__)
 
 
 def default_plan(num_layers: int, num_experts: int, ep: int, redundant: int, placement: str | None = None):
@@ -188,17 +191,47 @@ class ModelRunner:
     # ---- commands -----------------------------------------------------------------------------
     def command(self, msg) -> None:
         if isinstance(msg, m.PlacementCommand):  # switch before step `at_step`, on every rank
-            from placement.plan import PlacementPlan
-
-            doc = json.loads(msg.plan_json)
-            new = PlacementPlan.from_phy2log(np.asarray(doc["phy2log"]), self.plan.num_experts,
-                                             int(doc["num_ranks"]), doc.get("meta", {}))
-            if new.num_ranks != self.plan.num_ranks or new.slots_per_rank != self.plan.slots_per_rank:
-                raise ValueError(f"placement command: plan has {new.num_ranks} ranks x {new.slots_per_rank} slots, "
-                                 f"the running one {self.plan.num_ranks} x {self.plan.slots_per_rank}")
+            try:
+                new = plan_from_command(msg, self.plan)
+            except ValueError as exc:  # a bad plan must not take the rank down: keep serving the running one
+                self.rebalancer.refused += 1
+                log.error("rank %d: %s; serving on with the running plan", self.layout.rank, exc)
+                return
             self.rebalancer.pending[msg.at_step] = new
             return
         raise ValueError(f"model runner: command {type(msg).__name__} is not supported")
+
+
+def plan_from_command(msg: m.PlacementCommand, running):
+    """The placement.PlacementPlan a PlacementCommand carries, checked as the frontend checks it before
+    sending one (`PlacementPlan.validate()`, and the running plan's layers, experts, ranks and slots), or
+    a ValueError naming the field and the limit. Every rank decides alike: it depends on the message and
+    the running plan only, which all ranks share, so either all switch at `at_step` or none does."""
+    from placement.plan import PlacementPlan, int_array
+
+    def bad(what: str):
+        return ValueError(f"placement command for step {msg.at_step} refused: {what}")
+
+    try:
+        doc = json.loads(msg.plan_json)
+    except ValueError as exc:
+        raise bad(f"plan_json is not JSON ({exc})") from None
+    if not isinstance(doc, dict) or "phy2log" not in doc or "num_ranks" not in doc:
+        raise bad("plan_json must be an object with phy2log and num_ranks")
+    ranks, meta = doc["num_ranks"], doc.get("meta", {})
+    if isinstance(ranks, bool) or not isinstance(ranks, int):
+        raise bad(f"num_ranks must be an integer, got {ranks!r}")
+    try:
+        new = PlacementPlan.from_phy2log(int_array("phy2log", doc["phy2log"], 2), running.num_experts, ranks,
+                                         meta if isinstance(meta, dict) else {})
+        if (new.num_layers, new.num_ranks, new.slots_per_rank) != (running.num_layers, running.num_ranks,
+                                                                  running.slots_per_rank):
+            raise ValueError(f"plan has {new.num_layers} layers on {new.num_ranks} ranks x {new.slots_per_rank} "
+                             f"slots, the running one {running.num_layers} on {running.num_ranks} x "
+                             f"{running.slots_per_rank}")
+        return new.validate()  # e.g. an expert in no slot: its tokens went to slot -1, failing every rank
+    except ValueError as exc:
+        raise bad(str(exc)) from None
 
 
 def build(spec, groups: Groups) -> ModelRunner:
