@@ -16,11 +16,23 @@ from tests.experts.sources import SlowSource, TinySource
 from tests.experts.test_offload import run
 
 
-def test_mmap_experts_computed_in_place_use_the_compute_dtype(tiny_checkpoint):
+def bf16_copy(path, to):
+    """The checkpoint at `path` with every tensor stored in bfloat16, written to `to`."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(path, to)
+    for f in to.glob("*.safetensors"):
+        save_file({k: t.to(torch.bfloat16) for k, t in load_file(f).items()}, f, metadata={"format": "pt"})
+    return to
+
+
+def test_mmap_experts_computed_in_place_use_the_compute_dtype(tiny_checkpoint, tmp_path):
     """host=mmap hands out the checkpoint's own tensors (bfloat16 here): an expert computed where it
     lies must still run in the model's dtype (float32), as the resident store's converted copy does;
     in bfloat16 the logits moved by ~6e-3."""
-    path = tiny_checkpoint("mixtral", dtype=torch.bfloat16)
+    path = bf16_copy(tiny_checkpoint("mixtral"), tmp_path / "bf16")
     (ref_toks, ref_logits), _ = run(path, n=4)
     cfg = ExpertCacheConfig(expert_cache_slots=3, cache_policy="lru", host_memory="mmap", cpu_experts="on")
     (toks, logits), store = run(path, expert_store_factory(cfg), n=4)
