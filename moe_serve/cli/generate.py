@@ -73,11 +73,33 @@ def register(subparsers) -> None:
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"--prompts-file: {path} does not exist")
-        prompts += [line for line in path.read_text().splitlines() if line.strip()]
+        prompts += _prompts_file(Path(args.prompts_file))
     return prompts or list(DEFAULT_PROMPTS)
+
+
+def _prompts_file(path: Path) -> list[str]:
+    """The file's non-blank lines. A file without any is an error: running the demo prompts instead
+    would pass them off as the user's; bytes that are not UTF-8 text are one too (a binary file given
+    by mistake would otherwise be generated from)."""
+    flag = f"--prompts-file {path}"
+    if not path.exists():
+        raise FileNotFoundError(f"{flag} does not exist")
+    if not path.is_file():
+        raise ValueError(f"{flag} is not a file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:  # unreadable: not a ValueError, so it was a traceback
+        raise ValueError(f"{flag} cannot be read: {e.strerror}") from None
+    if b"\0" in data:
+        raise ValueError(f"{flag} is not a text file (it holds NUL bytes)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{flag} holds no prompts (one a line; blank lines are skipped)")
+    return prompts
 
 
 def sampling_params(args):
@@ -140,8 +162,11 @@ def run_generate(args) -> int:
 
 
 def run_info(args) -> int:
-    if not Path(args.model_dir).is_dir():
-        raise FileNotFoundError(f"model directory {args.model_dir} does not exist")
+    path = Path(args.model_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a directory (a checkpoint directory holds config.json and *.safetensors)")
     print(format_info(model_info(args.model_dir)))
     return 0
 

@@ -39,3 +39,36 @@ def test_a_failing_record_trace_leaves_the_out_file_alone(tiny_dir, tmp_path, ca
     assert main(argv) == 2 and "prompts[0]" in capsys.readouterr().err
     assert out.read_bytes() == b"a trace from an earlier run"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.npz"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "holds no prompts"), (b"\n   \n\t\n", "holds no prompts"),
+    (b"caf\xe9\n", "is not UTF-8 text (invalid continuation byte at byte 3)"),
+    (b"hello\x00world\n", "is not a text file (it holds NUL bytes)"),
+])
+def test_prompts_file_that_holds_no_text_prompts(tiny_dir, tmp_path, capsys, content, message):
+    """An empty file ran the three built-in demo prompts instead (exit 0, as if they were the user's);
+    a binary one said only "'utf-8' codec can't decode byte 0xe9", naming no flag nor file, or (NUL
+    bytes) generated from its bytes."""
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(content)
+    assert main(["generate", "--model", str(tiny_dir), "--prompts-file", str(path), "--max-tokens", "1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [f"moe-serve generate: error: --prompts-file {path} {message}"
+                                                 + (" (one a line; blank lines are skipped)" if "no prompts" in message else "")]
+    assert captured.out == ""
+
+
+def test_prompts_file_that_is_a_directory_or_absent(tiny_dir, tmp_path, capsys):
+    """A directory was reported as not existing."""
+    for path, message in [(tmp_path, "is not a file"), (tmp_path / "nope.txt", "does not exist")]:
+        assert main(["generate", "--model", str(tiny_dir), "--prompts-file", str(path)]) == 2
+        assert capsys.readouterr().err.strip() == f"moe-serve generate: error: --prompts-file {path} {message}"
+
+
+def test_info_on_a_file_says_it_is_not_a_directory(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text("{}")
+    assert main(["info", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"moe-serve info: error: {path} is not a directory (a checkpoint "
+                                               "directory holds config.json and *.safetensors)")
