@@ -30,7 +30,7 @@ class SlotCache:
         self.slot_of = np.full(total, -1, dtype=np.int64)  # [L*E] slot holding expert g, -1 if absent
         self.gid_of = np.full(capacity, -1, dtype=np.int64)  # [capacity] expert held by each slot
         self.in_use = np.zeros(total, dtype=bool)  # [L*E] experts the current step computes with
-        if per_layer:  # slots [l*per, (l+1)*per) belong to layer l; leftovers go to the first layers
+        if per_layer:  # slots [bounds[l], bounds[l+1]) are layer l's: capacity // L each, leftovers spread over them
             bounds = np.linspace(0, capacity, num_layers + 1).astype(np.int64)
             self._free = [list(range(bounds[l + 1] - 1, bounds[l] - 1, -1)) for l in range(num_layers)]
         else:
