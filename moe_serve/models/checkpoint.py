@@ -2,7 +2,9 @@
 
 Every failure names the file or tensor and what was expected: a missing directory or config.json,
 a missing, truncated or corrupt safetensors file, a missing tensor key, a tensor of the wrong shape or
-dtype. `check` judges a tensor from the file's header alone (name, shape, dtype), reading no data.
+dtype. With model.safetensors.index.json, its files are read and no others, and a tensor is read from
+the file it names (a copy elsewhere is not used); shard names must be files of the directory.
+`check` judges a tensor from the file's header alone (name, shape, dtype), reading no data.
 """
 from __future__ import annotations
 
@@ -54,6 +56,10 @@ class SafetensorsCheckpoint:
                 raise CheckpointError(f"{index} is malformed (needs a 'weight_map' object): {e}") from None
             if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
                 raise CheckpointError(f"{index} is malformed: 'weight_map' must map tensor names to file names")
+            for k, f in weight_map.items():  # a shard is a file of this directory, as the Hub's are
+                if Path(f).is_absolute() or ".." in Path(f).parts:
+                    raise CheckpointError(f"{index} is malformed: tensor {k!r} is mapped to {f!r}, which is not a "
+                                          f"file name inside {d}")
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in d.glob("*.safetensors"))
@@ -64,7 +70,8 @@ class SafetensorsCheckpoint:
         for name in files:
             path = d / name
             if not path.is_file():
-                raise CheckpointError(f"{path} is missing (listed in {index.name})")
+                what = "not a file" if path.exists() else "missing"
+                raise CheckpointError(f"{path} is {what} (listed in {index.name})")
             try:
                 self.handles[name] = safe_open(str(path), framework="pt", device="cpu")
             except Exception as e:  # safetensors raises its own error types for bad headers
@@ -73,10 +80,16 @@ class SafetensorsCheckpoint:
         self.key_file: dict[str, str] = {}
         for name, h in self.handles.items():
             for k in h.keys():
-                # without an index nothing says which copy is meant: the last file read would win silently
-                if weight_map is None and k in self.key_file:
-                    raise CheckpointError(f"tensor {k!r} is in both {self.key_file[k]} and {name} in {d} (and no "
-                                          "model.safetensors.index.json says which to use); remove the stray file")
+                if weight_map is not None and k in weight_map:
+                    if weight_map[k] == name:  # a copy in another file is not read: the index says which is meant
+                        self.key_file[k] = name
+                    continue
+                # nothing says which copy is meant: the last file read would win silently
+                if k in self.key_file:
+                    why = (f"and {index.name} does not say" if weight_map is not None
+                           else "and no model.safetensors.index.json says")
+                    raise CheckpointError(f"tensor {k!r} is in both {self.key_file[k]} and {name} in {d} ({why} "
+                                          "which to use); remove the stray file")
                 self.key_file[k] = name
         if weight_map is not None:
             for k, f in weight_map.items():
