@@ -8,20 +8,26 @@ from __future__ import annotations
 import torch
 
 from moe_serve.engine.logprobs import TokenLogprob, token_logprobs
+from moe_serve.engine.penalties import apply_penalties
 from moe_serve.engine.sampler import sample
 
 
 def sample_rows(logits: torch.Tensor, seqs: list, extras: bool) -> tuple[list[int], list[TokenLogprob | None] | None]:
     """logits [S, V] of S sequences -> (a token per row, a TokenLogprob or None per row, or None when no
-    row asked for logprobs). Logprobs are taken from the raw logits, before any penalty."""
+    row asked for logprobs). Penalties change what is sampled; logprobs are taken from the raw logits,
+    before any penalty (vLLM's default)."""
     params, gens = [s.params for s in seqs], [s.generator for s in seqs]
     if not extras:
         return sample(logits, params, gens), None
+    raw = logits
+    penalized = [i for i, p in enumerate(params) if p.penalized]
+    if penalized:
+        logits = apply_penalties(logits, penalized, [seqs[i] for i in penalized])
     tokens = sample(logits, params, gens)
     rows = [i for i, p in enumerate(params) if p.logprobs is not None]
     if not rows:
         return tokens, None
     logprobs: list[TokenLogprob | None] = [None] * len(seqs)
-    for r, lp in zip(rows, token_logprobs(logits, rows, tokens, [params[r].logprobs for r in rows])):
+    for r, lp in zip(rows, token_logprobs(raw, rows, tokens, [params[r].logprobs for r in rows])):
         logprobs[r] = lp
     return tokens, logprobs

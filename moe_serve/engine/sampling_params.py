@@ -5,6 +5,7 @@ before the request ever reaches the engine.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 _EPS = 1e-5  # temperatures below this are greedy (as in vLLM)
@@ -26,6 +27,10 @@ class SamplingParams:
     # log-probabilities per output token: the sampled token's plus the `logprobs` most likely (0..20);
     # None = none. Raw: log_softmax of the model's logits, before penalties, temperature, top-k/top-p
     logprobs: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's, in [-2, 2]: minus this for every token already in the output
+    frequency_penalty: float = 0.0  # OpenAI's, in [-2, 2]: minus this times the token's count in the output
+    repetition_penalty: float = 1.0  # vLLM's, > 0: a token in the prompt or output has its logit divided
+    # by it when positive, multiplied when negative (1 = none)
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -47,6 +52,12 @@ class SamplingParams:
             fail("seed", "an integer in [0, 2**63)", self.seed)
         if self.logprobs is not None and (not number(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             fail("logprobs", f"an integer in [0, {MAX_LOGPROBS}] (or None)", self.logprobs)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not number(value) or not math.isfinite(value) or not -2.0 <= value <= 2.0:
+                fail(name, "a number in [-2, 2]", value)
+        if not number(self.repetition_penalty) or not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            fail("repetition_penalty", "a finite number > 0 (1 = no penalty)", self.repetition_penalty)
         if self.n != 1:
             fail("n", "1 (one completion per prompt is supported)", self.n)
         if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
@@ -63,9 +74,13 @@ class SamplingParams:
         self.stop_token_ids = ids
 
     @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
     def extra_work(self) -> bool:
-        """Asks the engine for per-step work past plain sampling (logprobs)."""
-        return self.logprobs is not None
+        """Asks the engine for per-step work past plain sampling (logprobs or penalties)."""
+        return self.logprobs is not None or self.penalized
 
     @property
     def greedy(self) -> bool:

@@ -3,7 +3,7 @@
 Requests forbid unknown fields (the OpenAI API answers 400 "Unrecognized request argument") and
 carry their limits in the schema, so FastAPI rejects impossible values before they reach the engine
 and the OpenAPI spec tells clients (and the schema fuzzer) what is valid. A few vLLM extensions
-(`top_k`, `stop_token_ids`, `ignore_eos`) are accepted because vLLM users send them.
+(`top_k`, `stop_token_ids`, `ignore_eos`, `repetition_penalty`) are accepted because vLLM users send them.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Str
 TokenId = Annotated[StrictInt, Field(ge=0)]
 MAX_LOGPROBS = 20  # as SamplingParams (vLLM's max_logprobs; OpenAI's top_logprobs limit)
 NumLogprobs = Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)]
+Penalty = Annotated[StrictFloat, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]  # OpenAI's range
 MAX_N = 16  # choices per request: each is an engine request, so n of them take n KV slots / queue places
 Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None
 
@@ -43,16 +44,10 @@ class SamplingFields(BaseModel):
     ignore_eos: StrictBool = False
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: StrictFloat | None = None  # only 0 (no penalty) is supported
-    frequency_penalty: StrictFloat | None = None  # only 0 (no penalty) is supported
+    presence_penalty: Penalty | None = None  # minus this for every token already in the output
+    frequency_penalty: Penalty | None = None  # minus this times the token's count in the output
+    repetition_penalty: Annotated[StrictFloat, Field(gt=0.0, allow_inf_nan=False)] | None = None  # vLLM's; 1 = none
     user: StrictStr | None = None
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalties(cls, value):
-        if value not in (None, 0, 0.0):
-            raise ValueError("penalties are not supported: only 0 (or null) is accepted")
-        return value
 
     @field_validator("stream_options")
     @classmethod

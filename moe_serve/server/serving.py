@@ -61,6 +61,7 @@ def check_prompt(ids: list[int], max_tokens: int | None, info: ModelInfo, field:
 
 
 DEFAULTED_FIELDS = ("temperature", "top_p", "top_k")  # a request's null takes the model's default, then SamplingParams'
+PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")  # null: SamplingParams' (none)
 
 
 def sampling_params(req: P.SamplingFields, max_tokens: int, defaults: dict,
@@ -69,6 +70,7 @@ def sampling_params(req: P.SamplingFields, max_tokens: int, defaults: dict,
     generation_config.json, see ModelInfo.sampling_defaults), else SamplingParams' own default."""
     chosen = {name: defaults[name] for name in DEFAULTED_FIELDS if name in defaults}
     chosen.update({name: getattr(req, name) for name in DEFAULTED_FIELDS if getattr(req, name) is not None})
+    chosen.update({name: getattr(req, name) for name in PENALTIES if getattr(req, name) is not None})
     try:
         return SamplingParams(**chosen, max_tokens=max_tokens, seed=req.seed, stop=req.stop,
                               stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs)

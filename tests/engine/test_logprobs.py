@@ -6,8 +6,8 @@ import torch
 from moe_serve import LLM, SamplingParams
 
 
-def reference_logprobs(model_dir, prompt_ids, output_ids) -> torch.Tensor:
-    """[T, V] log_softmax of transformers' next-token logits after prompt + output[:t], for each t."""
+def reference_logits(model_dir, prompt_ids, output_ids) -> torch.Tensor:
+    """[T, V] transformers' next-token logits after prompt + output[:t], for each t (one forward pass)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32).eval()
@@ -15,7 +15,12 @@ def reference_logprobs(model_dir, prompt_ids, output_ids) -> torch.Tensor:
     with torch.no_grad():
         logits = model(ids).logits[0].float()  # [P + T, V]; row i predicts token i + 1
     P = len(prompt_ids)
-    return logits[P - 1:P - 1 + len(output_ids)].log_softmax(-1)
+    return logits[P - 1:P - 1 + len(output_ids)]
+
+
+def reference_logprobs(model_dir, prompt_ids, output_ids) -> torch.Tensor:
+    """[T, V] log_softmax of `reference_logits`."""
+    return reference_logits(model_dir, prompt_ids, output_ids).log_softmax(-1)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.3])

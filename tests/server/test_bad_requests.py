@@ -55,7 +55,10 @@ CASES = [
     ("chat/completions", dict(OK_CHAT, logprobs=1), "logprobs"),  # a boolean
     ("chat/completions", dict(OK_CHAT, top_logprobs=2), "top_logprobs"),  # without logprobs: true
     ("chat/completions", dict(OK_CHAT, logprobs=True, top_logprobs=21), "top_logprobs"),
-    ("chat/completions", dict(OK_CHAT, presence_penalty=0.5), "presence_penalty"),
+    ("chat/completions", dict(OK_CHAT, presence_penalty=2.5), "presence_penalty"),  # OpenAI's [-2, 2]
+    ("completions", {"prompt": "hello", "frequency_penalty": -3}, "frequency_penalty"),
+    ("completions", {"prompt": "hello", "repetition_penalty": 0}, "repetition_penalty"),  # vLLM's: > 0
+    ("completions", {"prompt": "hello", "repetition_penalty": "1.1"}, "repetition_penalty"),
     ("chat/completions", dict(OK_CHAT, functions=[]), "functions"),
 ]
 
