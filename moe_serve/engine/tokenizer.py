@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from moe_serve.models.checkpoint import CheckpointError
+
 
 class Tokenizer:
     def __init__(self, backend, kind: str, eos_token_ids: list[int]):
@@ -54,7 +56,12 @@ def _eos_ids(model_dir: Path, backend, kind: str) -> list[int]:
     for name in ("generation_config.json", "config.json"):
         eos = _read_json(model_dir / name).get("eos_token_id")
         if eos is not None:
-            return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+            ids = eos if isinstance(eos, list) else [eos]
+            # int() took "x" to a ValueError naming no file, and 2.9 to token 2
+            if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in ids):
+                raise CheckpointError(f"{model_dir / name} field 'eos_token_id' must be a token id or a list of "
+                                      f"token ids, got {eos!r}")
+            return list(ids)
     token = _read_json(model_dir / "tokenizer_config.json").get("eos_token")
     if isinstance(token, dict):
         token = token.get("content")
@@ -66,14 +73,25 @@ def _eos_ids(model_dir: Path, backend, kind: str) -> list[int]:
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
+    """The checkpoint's tokenizer; a tokenizer file that cannot be loaded is a CheckpointError naming it."""
     model_dir = Path(model_dir)
     backend, kind = None, "none"
-    if (model_dir / "tokenizer.json").exists():
+    path = model_dir / "tokenizer.json"
+    others = [f for f in ("tokenizer.model", "vocab.json", "tokenizer_config.json") if (model_dir / f).exists()]
+    if path.exists():
         from tokenizers import Tokenizer as FastTokenizer
 
-        backend, kind = FastTokenizer.from_file(str(model_dir / "tokenizer.json")), "tokenizers"
-    elif any((model_dir / f).exists() for f in ("tokenizer.model", "vocab.json", "tokenizer_config.json")):
+        try:
+            backend, kind = FastTokenizer.from_file(str(path)), "tokenizers"
+        except Exception as e:  # tokenizers raises a bare Exception: a traceback, not an error naming the file
+            raise CheckpointError(f"{path} is not a readable tokenizer (truncated or corrupt?): {e}") from None
+    elif others:
         from transformers import AutoTokenizer
 
-        backend, kind = AutoTokenizer.from_pretrained(str(model_dir)), "transformers"
+        try:
+            backend, kind = AutoTokenizer.from_pretrained(str(model_dir)), "transformers"
+        except Exception as e:  # OSError, ValueError, JSONDecodeError, ...: one line of it, naming the files
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"the tokenizer files of {model_dir} ({', '.join(others)}) cannot be loaded "
+                                  f"(no tokenizer.json; transformers: {reason})") from None
     return Tokenizer(backend, kind, _eos_ids(model_dir, backend, kind))

@@ -72,3 +72,23 @@ def test_info_on_a_file_says_it_is_not_a_directory(tmp_path, capsys):
     assert main(["info", str(path)]) == 2
     assert capsys.readouterr().err.strip() == (f"moe-serve info: error: {path} is not a directory (a checkpoint "
                                                "directory holds config.json and *.safetensors)")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("tokenizer.json", b"{not json", "tokenizer.json is not a readable tokenizer (truncated or corrupt?): "),
+    ("tokenizer.json", b"\xff\xfe\x00\x01", "tokenizer.json is not a readable tokenizer (truncated or corrupt?): "),
+    ("tokenizer.json", b"{}", "tokenizer.json is not a readable tokenizer (truncated or corrupt?): "),
+    ("generation_config.json", b'{"eos_token_id": "x"}',
+     "generation_config.json field 'eos_token_id' must be a token id or a list of token ids, got 'x'"),
+])
+def test_unreadable_tokenizer_files_name_the_file(tiny_dir, tmp_path, capsys, name, content, message):
+    """tokenizers raises a bare Exception for a corrupt tokenizer.json: `generate` ended in a traceback;
+    a string eos_token_id said only "invalid literal for int() with base 10: 'x'"."""
+    import shutil
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, d)
+    (d / name).write_bytes(content)
+    assert main(["generate", "--model", str(d), "--prompt", "hello", "--max-tokens", "1"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"moe-serve generate: error: {d}/{message}")
