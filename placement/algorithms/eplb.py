@@ -13,8 +13,11 @@ onto all GPUs.
 
 Balanced packing is greedy: items in descending weight order, each to the lightest pack that still has
 room (ties -> lowest pack index); an item's position inside its pack is the order it arrived in.
-One departure from the reference, in step 3: a GPU never gets two copies of one expert when the node has
-a GPU for each copy (the reference sometimes doubles one up, a wasted slot; see `balanced_packing`).
+Departures from the reference: in step 3 a GPU never gets two copies of one expert when the node has a
+GPU for each copy (the reference sometimes doubles one up, a wasted slot; see `balanced_packing`); and
+the registry form `eplb` on one node keeps, per layer, the contiguous layout where that balances the
+load better under the run-time replica rule (`no_worse_than_contiguous`). `rebalance_experts` is the
+reference's entry point with the first departure only.
 Descending sorts are stable (equal weights keep ascending index order).
 """
 from __future__ import annotations
