@@ -221,6 +221,10 @@ class ExpertCacheConfig:
     predictor: str | None = doc("fitted predictor file (predictors' safetensors) for the predicted policy", default=None)
     predictor_learn_every: int = doc("an adaptive predictor (mlp_online) learns from the served routing every this "
                                      "many tokens; 0: never (it stays as fitted)", default=64)
+    predictor_learning: str = doc("where that learning runs: background (a worker thread, on a copy of the "
+                                  "predictor whose new weights are swapped in after each round) or inline (inside "
+                                  "the decode step: a pause of online_steps optimizer steps every "
+                                  "predictor_learn_every tokens)", default="background")
     cpu_experts: str = doc("compute cold experts where they lie (CPU) when cheaper: auto, on or off", default="auto")
     cache_per_layer: bool = doc("split the expert slots evenly per layer instead of sharing them", default=False)
     host_memory: str = doc("host copy of the experts: copy (in RAM, pinned on GPU), mmap (read from the "
@@ -245,6 +249,8 @@ class ExpertCacheConfig:
                 self.prefetch_when)
         require(self.predictor_learn_every >= 0, "expert_cache", "predictor_learn_every", ">= 0",
                 self.predictor_learn_every)
+        require(self.predictor_learning in ("background", "inline"), "expert_cache", "predictor_learning",
+                "one of background, inline", self.predictor_learning)
         require(self.cpu_experts in ("auto", "on", "off"), "expert_cache", "cpu_experts", "one of auto, on, off",
                 self.cpu_experts)
         require(self.host_memory in ("auto", "copy", "mmap"), "expert_cache", "host_memory", "one of auto, copy, mmap",

@@ -101,8 +101,9 @@ class MLPPredictor(Predictor):
         return max(layer - cw + 1, 0), plo, phi
 
     # ---- training: whole traces, all layers at once ----------------------------------------------
-    def _forward_all(self, net: HistoryNet, x, w, px, pw, hidden, drop: float = 0.0):
-        """x, w, px, pw [T, L, K] (hidden [T, L, H] or None) -> per slot, logits [T, L, E] by source layer."""
+    def _forward_all(self, net: HistoryNet, x, w, px, pw, hidden, drop: float = 0.0, gen=None):
+        """x, w, px, pw [T, L, K] (hidden [T, L, H] or None) -> per slot, logits [T, L, E] by source layer.
+        `gen`: the dropout's generator (None: torch's global one)."""
         E, L, T = self.num_experts, self.num_layers, x.shape[0]
         off = torch.arange(L)[:, None] * E  # [L, 1]
         xv, pv = input_weights(x, w), input_weights(px, pw)
@@ -116,7 +117,7 @@ class MLPPredictor(Predictor):
             z = z + net.hid(hidden)
         z = net.trunk(z)  # [T, L, dim]
         if drop > 0:  # trunk dropout: whole rows lean on the direct terms alone, which transfer across domains
-            z = z * (torch.rand(T, L, 1) > drop).float() / (1.0 - drop)
+            z = z * (torch.rand(T, L, 1, generator=gen) > drop).float() / (1.0 - drop)
         cur_mh, prev_mh = multi_hot(x, E, xv), multi_hot(px, E, pv)  # [T, L, E]
         outs = []
         for j in range(self.slots):
@@ -130,10 +131,10 @@ class MLPPredictor(Predictor):
             outs.append(F.pad(lg, (0, 0, 0, d)))  # rows of source layers without a target: 0
         return outs
 
-    def _loss(self, net: HistoryNet, data: list, hidden, tgt: torch.Tensor, drop: float) -> torch.Tensor:
+    def _loss(self, net: HistoryNet, data: list, hidden, tgt: torch.Tensor, drop: float, gen=None) -> torch.Tensor:
         """Summed per-slot BCE of a batch: data = (x, w, px, pw) [b, L, K], tgt long [b, L, D, K] (-1 = none)."""
         loss = 0.0
-        for j, lg in enumerate(self._forward_all(net, *data, hidden, drop)):
+        for j, lg in enumerate(self._forward_all(net, *data, hidden, drop, gen)):
             y = tgt[:, :, j]  # [b, L, K]
             ok = (y[..., 0] >= 0).float()  # [b, L]
             bce = F.binary_cross_entropy_with_logits(lg, multi_hot(y, self.num_experts), reduction="none").sum(-1)
@@ -179,8 +180,9 @@ class MLPPredictor(Predictor):
         E rows each. The direct rows are the transition rows (current layer) and the copy rows (the
         previous token at each slot's target layer): window positions n-1 .. `dir_hi`, a contiguous
         slice, so a second bag reads a view of the same ids (cheaper than one wide bag when D > 1)."""
-        if layer in self._plans:
-            return self._plans[layer]
+        plans = self._plans  # before self.net: `adopt` swaps the net first, so a plan never outlives its net
+        if layer in plans:
+            return plans[layer]
         net, E, L, D = self.net, self.num_experts, self.num_layers, self.slots
         lo, plo, phi = self.windows(layer)
         n, m, dim = layer - lo + 1, phi - plo + 1, net.cur.shape[1]
@@ -220,7 +222,7 @@ class MLPPredictor(Predictor):
             fc=(net.fc.bias.detach(), net.fc.weight.detach().T.contiguous()),  # [dim], [dim, dim] (in, out)
             hid=None if net.hid is None else net.hid.weight.detach().T.contiguous(),  # [H, dim]
         )
-        self._plans[layer] = plan
+        plans[layer] = plan
         return plan
 
     @torch.inference_mode()
@@ -252,6 +254,13 @@ class MLPPredictor(Predictor):
         if p["hdirect"] is not None:
             out = torch.addmm(out, state.hidden.float(), p["hdirect"])
         return out.view(B, self.slots, self.num_experts)
+
+    def adopt(self, net: HistoryNet) -> None:
+        """Predict with `net` from now on (weights learned elsewhere, e.g. by a copy of this predictor
+        adapting on another thread). Two plain assignments, so a predict() running on another thread
+        meanwhile finishes with the old weights and the next one builds its plans from the new."""
+        self.net = net.eval()
+        self._plans = {}
 
     def arrays(self):
         return {k: v.detach() for k, v in self.net.state_dict().items()}

@@ -124,7 +124,9 @@ class OnlineMLPPredictor(MLPPredictor):
                 older = torch.randint(0, max(n - new, 1), (max(bs - len(newest), 0),), generator=self._gen) if n > new else newest[:0]
                 idx = (self._start + torch.cat([newest, older])) % cap  # time order -> ring slot
                 b = [t[idx].to(dtype) for t, dtype in zip(self._buf, self._dtypes)]
-                loss = self._loss(self.net, b[:4], b[5] if len(b) > 5 else None, b[4], drop)
+                # its own generator: what it learns does not depend on who else draws from torch's global one
+                # (a server's sampling, or another thread: see moe_serve/experts/learner.py)
+                loss = self._loss(self.net, b[:4], b[5] if len(b) > 5 else None, b[4], drop, self._gen)
                 self._opt.zero_grad()
                 loss.backward()
                 self._opt.step()

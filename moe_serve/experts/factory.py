@@ -74,7 +74,8 @@ def expert_store_factory(cfg: ExpertCacheConfig):
             host = "copy" if avail is None or avail > 1.25 * expert_bytes * L * E else "mmap"
         return OffloadExpertStore(source, dtype, device, capacity, policy, top_k=spec.top_k,
                                   per_layer=cfg.cache_per_layer, host=host, cpu_experts=cfg.cpu_experts,
-                                  learn_every=cfg.predictor_learn_every, admit=cfg.cache_admission,
+                                  learn_every=cfg.predictor_learn_every, learning=cfg.predictor_learning,
+                                  admit=cfg.cache_admission,
                                   prefetch_when=cfg.prefetch_when)
 
     return factory

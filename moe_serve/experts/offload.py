@@ -47,6 +47,7 @@ import torch
 from moe_serve.experts.cache import CacheFull, SlotCache
 from moe_serve.experts.copier import CopyError, make_copier
 from moe_serve.experts.cost import ExpertCosts, measure_costs
+from moe_serve.experts.learner import BackgroundLearner
 from moe_serve.experts.prefetch import RoutingHook
 from moe_serve.experts.staging import StagingRing
 from moe_serve.experts.store import ExpertStore, expert_forward, stack_experts
@@ -58,11 +59,14 @@ STAGING_BUFFERS = 2  # the ring streamed misses go through: one computed from wh
 class OffloadExpertStore(ExpertStore):
     def __init__(self, source, dtype: torch.dtype, device, capacity: int, policy, *, top_k: int,
                  per_layer: bool = False, host: str = "copy", cpu_experts: str = "auto", max_queued: int = 12,
-                 learn_every: int = 64, admit: str = "auto", admit_window: int = 1, prefetch_when: str = "always"):
+                 learn_every: int = 64, learning: str = "background", admit: str = "auto", admit_window: int = 1,
+                 prefetch_when: str = "always"):
         if host not in ("copy", "mmap"):
             raise ValueError(f"expert_cache.host_memory must be copy or mmap, got {host!r}")
         if cpu_experts not in ("auto", "on", "off"):
             raise ValueError(f"expert_cache.cpu_experts must be auto, on or off, got {cpu_experts!r}")
+        if learning not in ("background", "inline"):
+            raise ValueError(f"expert_cache.predictor_learning must be background or inline, got {learning!r}")
         if prefetch_when not in ("always", "idle"):
             raise ValueError(f"expert_cache.prefetch_when must be always or idle, got {prefetch_when!r}")
         if admit not in ("auto", "always", "reuse") or admit_window < 1:
@@ -105,7 +109,12 @@ class OffloadExpertStore(ExpertStore):
         # the predictor reads each token's routing so far: only kept when there is a predictor to prefetch
         wants = getattr(policy, "predictor", None) is not None and not self.in_place_only
         predictor = getattr(policy, "predictor", None)
-        learner = predictor if learn_every > 0 and getattr(predictor, "adapts", False) else None  # keeps adapting
+        learner = predictor if learn_every > 0 and getattr(predictor, "adapts", False) and wants else None  # keeps adapting
+        if learner is not None and learning == "background":  # off the decode step, see learner.py
+            learner = BackgroundLearner(predictor)
+        self.learner = learner
+        # the worker thread stops with the store, as the copier's does
+        self._close_learner = weakref.finalize(self, learner.close) if isinstance(learner, BackgroundLearner) else None
         self.routing_hook = RoutingHook(L, top_k, learner, max(learn_every, 1)) if wants else None
         if cpu_experts != "off" and not self.in_place_only:  # in place only: nothing to decide
             self.costs = measure_costs(*self.host_expert(0, 0), self.slot_gu[0], self.slot_dn[0])
@@ -321,3 +330,5 @@ class OffloadExpertStore(ExpertStore):
 
     def close(self) -> None:
         self._close_copier()  # once: a finalizer runs its callback at most once
+        if self._close_learner is not None:
+            self._close_learner()

@@ -206,10 +206,15 @@ class TracePredictions:
     `predictors.evaluate` does: every layer of a 64-row chunk is predicted, and only then does it
     observe that chunk's routing, so no prediction uses the label of its own or a later token.
 
+    `learn_lag`: chunks by which learning trails prediction. 0: the chunk is observed right after it
+    is predicted (learning inline, in the decode step); 1: one chunk later, as with the runtime's
+    `BackgroundLearner`, whose round for chunk c lands while chunk c + 1 is served (counted as
+    landing only after all of it: the conservative side).
+
     The policy calls `predict(state, layer)`; in replay the `state` is the trace row t (use
     `state_fn=lambda t, layer: t`). Scores float32 [T, L, D, E]."""
 
-    def __init__(self, predictor, trace, chunk: int = 4096):
+    def __init__(self, predictor, trace, chunk: int = 4096, learn_lag: int = 0):
         from predictors.base import RoutingState, trace_tensors
 
         self.lookahead, self.top_k = predictor.lookahead, predictor.top_k
@@ -217,7 +222,10 @@ class TracePredictions:
         adapts = getattr(predictor, "adapts", False)
         step = 64 if adapts else chunk
         tensors = trace_tensors(trace) if adapts else None  # experts, weights, prev_e, prev_w [T, L, K]
+        if learn_lag < 0:
+            raise ValueError(f"TracePredictions: learn_lag must be >= 0 chunks, got {learn_lag}")
         self.scores = torch.zeros(T, L, predictor.slots, trace.num_experts)
+        waiting: list[np.ndarray] = []  # predicted chunks not yet observed
         for start in range(0, T, step):
             rows = np.arange(start, min(start + step, T))
             with torch.no_grad():
@@ -225,7 +233,10 @@ class TracePredictions:
                     state = RoutingState.from_trace(trace, layer, rows)
                     self.scores[rows, layer] = predictor.predict(state, layer).float()
             if adapts:
-                predictor.observe(*(t[rows] for t in tensors))
+                waiting.append(rows)
+                if len(waiting) > learn_lag:
+                    done = waiting.pop(0)
+                    predictor.observe(*(t[done] for t in tensors))
         self.scores = self.scores.numpy()
 
     def predict(self, state: int, layer: int) -> np.ndarray:

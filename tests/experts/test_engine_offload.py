@@ -69,9 +69,13 @@ def test_a_predictor_path_that_is_no_predictor_names_the_field(tiny_checkpoint, 
                 predictor=str(bad))
 
 
-def test_adaptive_predictor_learns_from_served_routing(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("learning", ["background", "inline"])
+def test_adaptive_predictor_learns_from_served_routing(tiny_checkpoint, tmp_path, learning):
     """mlp_online keeps learning from the routing the engine serves (every `predictor_learn_every`
-    tokens), and that never changes the tokens; with predictor_learn_every=0 it stays as fitted."""
+    tokens, on a worker thread or in the step), and that never changes the tokens; with
+    predictor_learn_every=0 it stays as fitted."""
+    import threading
+
     import torch
 
     from predictors.online import OnlineMLPPredictor
@@ -86,14 +90,23 @@ def test_adaptive_predictor_learns_from_served_routing(tiny_checkpoint, tmp_path
     OnlineMLPPredictor(3, 8, 2, lookahead=1, epochs=1, dim=16).fit([trace]).save(pred_path)
     for every, learns in ((4, True), (0, False)):
         llm = LLM(model=str(path), dtype="float32", kv_cache_gb=0.01, expert_cache_slots=5, cache_policy="predicted",
-                  predictor=str(pred_path), cpu_experts="off", predictor_learn_every=every)
-        predictor = llm.engine.model.store.policy.predictor
+                  predictor=str(pred_path), cpu_experts="off", predictor_learn_every=every,
+                  predictor_learning=learning)
+        store = llm.engine.model.store
+        predictor = store.policy.predictor
         before = [p.detach().clone() for p in predictor.net.parameters()]
         assert tokens(llm) == ref
+        if learning == "background" and learns:
+            assert store.learner is not predictor and store.learner.flush(timeout=60)
+            observed = store.learner.trainer.observed  # the worker's copy learns; the policy's adopts its nets
+        else:
+            observed = predictor.observed
         changed = any(not torch.equal(a, b) for a, b in zip(before, predictor.net.parameters()))
         assert changed == learns
         # 8 prompt tokens + 2 x 7 decoded tokens have full routing by the end
-        assert (predictor.observed >= 16) == learns and (predictor.observed == 0) != learns
+        assert (observed >= 16) == learns and (observed == 0) != learns
+        llm.close()
+        assert not any(t.name == "moe-serve-predictor-learner" for t in threading.enumerate())
 
 
 def test_failing_learner_is_dropped_and_the_step_goes_on(caplog):
