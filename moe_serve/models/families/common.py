@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from moe_serve.models.families.fields import flag, number, token_id, token_ids
 from moe_serve.models.spec import ModelSpec, RopeSpec, UnsupportedModelError
 
 SUPPORTED_ROPE = ("default", "linear", "yarn", "llama3")
@@ -63,10 +64,12 @@ def experts_and_top_k(cfg: dict, names: tuple[str, ...], where: str) -> tuple[in
 
 
 def eos_ids(cfg: dict) -> tuple[int, ...]:
-    eos = cfg.get("eos_token_id")
-    if eos is None:
-        return ()
-    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+    return token_ids(cfg, "eos_token_id")
+
+
+def max_positions(cfg: dict, default: int | None = None) -> int | None:
+    """max_position_embeddings: a positive integer; absent/null means the family's `default`."""
+    return optional_size(cfg, "max_position_embeddings") or default
 
 
 SERVABLE_DTYPES = ("float32", "bfloat16", "float16")
@@ -90,32 +93,55 @@ def torch_dtype(cfg: dict) -> str:
 
 def rope_spec(cfg: dict, dim: int, default_theta: float, interleaved: bool = False,
               complex_fp32: bool = False) -> RopeSpec:
-    """Read `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta` (older configs)."""
-    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    """Read `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta` (older configs). Every value
+    is checked and named in errors as `rope_parameters.<key>`: a bad one failed at the first forward, or
+    not at all (a negative factor computed a model that loaded fine)."""
+    where = next((n for n in ("rope_parameters", "rope_scaling") if cfg.get(n)), "rope_parameters")
+    params = cfg.get(where) or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"config.json field '{where}' must be an object, got {params!r}")
     kind = params.get("rope_type") or params.get("type") or "default"
     if kind not in SUPPORTED_ROPE:
-        raise UnsupportedModelError(
-            f"rope type '{kind}' is not supported (supported: {', '.join(SUPPORTED_ROPE)})")
-    theta = params.get("rope_theta") or cfg.get("rope_theta") or default_theta
+        key = "rope_type" if params.get("rope_type") else "type"
+        raise UnsupportedModelError(f"rope type {kind!r} is not supported (config.json field '{where}.{key}'; "
+                                    f"supported: {', '.join(SUPPORTED_ROPE)})")
+
+    def value(key: str, default=None, above: float | None = 0.0):
+        return number(params.get(key), f"{where}.{key}", default, above)
+
+    # a base <= 1 has no decreasing frequencies, and YaRN divides by log(base)
+    if params.get("rope_theta") is not None:
+        theta = value("rope_theta", above=1.0)
+    else:
+        theta = number(cfg.get("rope_theta"), "rope_theta", default_theta, above=1.0)
     if params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) not in (None, 1.0):
         raise UnsupportedModelError("partial_rotary_factor != 1 is not supported")
-    omax = params.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
+    if params.get("original_max_position_embeddings") is not None:
+        omax = positive(params["original_max_position_embeddings"], f"{where}.original_max_position_embeddings")
+    else:
+        omax = optional_size(cfg, "original_max_position_embeddings")
+    max_pos = max_positions(cfg)
     if kind in ("yarn", "llama3") and omax is None:
-        omax = cfg.get("max_position_embeddings")
-    factor = params.get("factor")
+        omax = max_pos
+        if omax is None:
+            raise ValueError(f"rope type '{kind}' needs {where}.original_max_position_embeddings "
+                             "(or max_position_embeddings)")
+    factor = value("factor")
     if kind in ("linear", "yarn", "llama3") and factor is None:
-        if kind == "yarn" and omax:
-            factor = cfg["max_position_embeddings"] / omax
+        if kind == "yarn" and max_pos:
+            factor = max_pos / omax
         else:
-            raise ValueError(f"rope type '{kind}' needs rope_parameters.factor")
+            raise ValueError(f"rope type '{kind}' needs {where}.factor")
+    low, high = value("low_freq_factor", 1.0), value("high_freq_factor", 4.0)
+    if kind == "llama3" and not high > low:  # llama3 interpolates between the two: divides by high - low
+        raise ValueError(f"config.json field '{where}.high_freq_factor' ({high}) must be > "
+                         f"'{where}.low_freq_factor' ({low})")
     return RopeSpec(
-        kind=kind, theta=float(theta), dim=dim, interleaved=interleaved, complex_fp32=complex_fp32, factor=float(factor or 1.0),
-        original_max_position_embeddings=omax, attention_factor=params.get("attention_factor"),
-        beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
-        mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),
-        truncate=bool(params.get("truncate", True)),
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        kind=kind, theta=theta, dim=dim, interleaved=interleaved, complex_fp32=complex_fp32,
+        factor=factor or 1.0, original_max_position_embeddings=omax, attention_factor=value("attention_factor"),
+        beta_fast=value("beta_fast", 32.0), beta_slow=value("beta_slow", 1.0),
+        mscale=value("mscale", above=None), mscale_all_dim=value("mscale_all_dim", above=None),
+        truncate=flag(params, "truncate", True, f"{where}.truncate"), low_freq_factor=low, high_freq_factor=high,
     )
 
 
@@ -179,7 +205,7 @@ def decoder_fields(cfg: dict, where: str) -> dict:
         num_layers=need_size(cfg, "num_hidden_layers", where), hidden_size=hidden,
         vocab_size=need_size(cfg, "vocab_size", where),
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, v_head_dim=head_dim,
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), bos_token_id=cfg.get("bos_token_id"),
+        tie_word_embeddings=flag(cfg, "tie_word_embeddings", False), bos_token_id=token_id(cfg, "bos_token_id"),
         eos_token_ids=eos_ids(cfg), torch_dtype=torch_dtype(cfg), hidden_act=check_act(cfg),
         attn_scale=head_dim ** -0.5,
     )

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 
-from moe_serve.models.families.common import (Family, check_act, eos_ids, experts_and_top_k, need, need_size, norm_eps,
-                                             optional_size, rope_spec, torch_dtype)
+from moe_serve.models.families.common import (Family, check_act, eos_ids, experts_and_top_k, max_positions, need_size,
+                                             norm_eps, optional_size, rope_spec, torch_dtype)
+from moe_serve.models.families.fields import count, flag, number, token_id
 from moe_serve.models.spec import MLASpec, ModelSpec, RoutingSpec, UnsupportedModelError
 
 
@@ -29,27 +30,28 @@ def _parse(cfg: dict, family: str) -> ModelSpec:
     mla = MLASpec(q_lora_rank=optional_size(cfg, "q_lora_rank"), kv_lora_rank=need_size(cfg, "kv_lora_rank", w),
                   qk_nope_head_dim=need_size(cfg, "qk_nope_head_dim", w),
                   qk_rope_head_dim=need_size(cfg, "qk_rope_head_dim", w), v_head_dim=need_size(cfg, "v_head_dim", w))
-    first_dense = cfg.get("first_k_dense_replace") or 0
-    freq = cfg.get("moe_layer_freq", 1) or 1
+    first_dense = count(cfg, "first_k_dense_replace", 0)
+    freq = optional_size(cfg, "moe_layer_freq") or 1
     moe_layers = tuple(i for i in range(layers) if i >= first_dense and i % freq == 0)
-    n_group = cfg.get("n_group") or 1
-    topk_group = cfg.get("topk_group") or n_group
+    n_group = optional_size(cfg, "n_group") or 1
+    topk_group = optional_size(cfg, "topk_group") or n_group
+    scaling = cfg.get("routed_scaling_factor")
     if family == "deepseek_v2":
         method = cfg.get("topk_method") or "greedy"
         if method not in ("greedy", "group_limited_greedy"):
             raise UnsupportedModelError(f"DeepSeek-V2 topk_method '{method}' is not supported "
                                         "(supported: greedy, group_limited_greedy)")
         routing = RoutingSpec(top_k=top_k, scoring="softmax", topk_method=method, norm_topk_prob=False,
-                              routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+                              routed_scaling_factor=number(scaling, "routed_scaling_factor", 1.0),
                               n_group=n_group, topk_group=topk_group, logits_fp32=True, weights_fp32=True)
         interleaved = True
     else:
         routing = RoutingSpec(top_k=top_k, scoring="sigmoid", topk_method="noaux_tc",
-                              norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
-                              routed_scaling_factor=float(cfg.get("routed_scaling_factor", 2.5)),
+                              norm_topk_prob=flag(cfg, "norm_topk_prob", True),
+                              routed_scaling_factor=number(scaling, "routed_scaling_factor", 2.5),
                               n_group=n_group, topk_group=topk_group, has_bias=True, logits_fp32=True,
                               weights_fp32=True)
-        interleaved = bool(cfg.get("rope_interleave", True))
+        interleaved = flag(cfg, "rope_interleave", True)
     if num_experts % routing.n_group:
         raise ValueError(f"n_routed_experts ({num_experts}) must be a multiple of n_group ({routing.n_group})")
     if not 1 <= routing.topk_group <= routing.n_group:
@@ -65,12 +67,12 @@ def _parse(cfg: dict, family: str) -> ModelSpec:
         num_kv_heads=heads, head_dim=mla.qk_head_dim, v_head_dim=mla.v_head_dim, num_experts=num_experts,
         top_k=top_k, moe_layers=moe_layers, moe_intermediate_size=need_size(cfg, "moe_intermediate_size", w),
         intermediate_size=need_size(cfg, "intermediate_size", w), routing=routing, rope=rope,
-        rms_norm_eps=norm_eps(cfg, 1e-6), max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), bos_token_id=cfg.get("bos_token_id"),
+        rms_norm_eps=norm_eps(cfg, 1e-6), max_position_embeddings=max_positions(cfg, 4096),
+        tie_word_embeddings=flag(cfg, "tie_word_embeddings", False), bos_token_id=token_id(cfg, "bos_token_id"),
         eos_token_ids=eos_ids(cfg), torch_dtype=torch_dtype(cfg), hidden_act=check_act(cfg), attention="mla",
-        mla=mla, qkv_bias=bool(cfg.get("attention_bias", False)), o_bias=bool(cfg.get("attention_bias", False)),
+        mla=mla, qkv_bias=flag(cfg, "attention_bias", False), o_bias=flag(cfg, "attention_bias", False),
         sliding_windows=tuple([None] * layers), attn_scale=scale,
-        shared_expert_intermediate_size=(cfg.get("n_shared_experts") or 0) * cfg["moe_intermediate_size"],
+        shared_expert_intermediate_size=count(cfg, "n_shared_experts", 0) * cfg["moe_intermediate_size"],
         extra={"norm_topk_prob": cfg.get("norm_topk_prob"), "topk_method": cfg.get("topk_method"),
                "scoring_func": cfg.get("scoring_func")},
     )

@@ -2,7 +2,9 @@
 projection (not per head), optional clip_qkv."""
 from __future__ import annotations
 
-from moe_serve.models.families.common import Family, decoder_fields, experts_and_top_k, need_size, norm_eps, rope_spec
+from moe_serve.models.families.common import (Family, decoder_fields, experts_and_top_k, max_positions, need_size,
+                                             norm_eps, rope_spec)
+from moe_serve.models.families.fields import flag, number
 from moe_serve.models.spec import ModelSpec, RoutingSpec
 
 
@@ -15,12 +17,12 @@ def parse(cfg: dict) -> ModelSpec:
         **base, family="olmoe", architecture="OlmoeForCausalLM",
         num_experts=num_experts, top_k=top_k, moe_layers=tuple(range(layers)),
         moe_intermediate_size=need_size(cfg, "intermediate_size", w), intermediate_size=need_size(cfg, "intermediate_size", w),
-        routing=RoutingSpec(top_k=top_k, scoring="softmax", norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        routing=RoutingSpec(top_k=top_k, scoring="softmax", norm_topk_prob=flag(cfg, "norm_topk_prob", False),
                             weights_fp32=False),
         rope=rope_spec(cfg, head_dim, default_theta=10000.0), rms_norm_eps=norm_eps(cfg, 1e-5),
-        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-        qkv_bias=bool(cfg.get("attention_bias", False)), o_bias=bool(cfg.get("attention_bias", False)),
-        qk_norm="full", clip_qkv=cfg.get("clip_qkv"), sliding_windows=tuple([None] * layers),
+        max_position_embeddings=max_positions(cfg, 4096),
+        qkv_bias=flag(cfg, "attention_bias", False), o_bias=flag(cfg, "attention_bias", False),
+        qk_norm="full", clip_qkv=number(cfg.get("clip_qkv"), "clip_qkv"), sliding_windows=tuple([None] * layers),
     )
 
 
