@@ -47,6 +47,24 @@ def resolve_dtype(dtype, spec: ModelSpec) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def resolve_device(device) -> torch.device:
+    """`device` as a torch.device, refused up front (ValueError naming it) when torch cannot place tensors
+    there: torch's own errors were a RuntimeError for a string naming no device type and an AssertionError
+    ('Torch not compiled with CUDA enabled') at the first copy, after the checkpoint had been checked."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"model.device {device!r} is not a torch device (e.g. cpu, cuda, cuda:0)") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"model.device {device!r}: no CUDA device is available (torch.cuda.is_available() "
+                             "is false); use cpu")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"model.device {device!r}: there are {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    return dev
+
+
 class CheckpointExperts:
     """ExpertSource over the checkpoint: one expert's (gate_up [2I, H], down [H, I]) on demand."""
 
@@ -146,8 +164,9 @@ def load_model(model_dir: str | Path, dtype="auto", device="cpu", hooks: RouterH
                expert_store_factory=None, mla_decode: str = "absorbed", check_experts: bool = True) -> MoEModel:
     if mla_decode not in MLA_DECODE_MODES:
         raise ValueError(f"model.mla_decode must be one of {', '.join(MLA_DECODE_MODES)}, got {mla_decode!r}")
+    device = resolve_device(device)
     cfg, family, spec = read_spec(model_dir)
-    dt, device = resolve_dtype(dtype, spec), torch.device(device)
+    dt = resolve_dtype(dtype, spec)
     ckpt, model, source = check_tensors(model_dir, family, spec, experts=check_experts)  # before any weight is read
     model.hooks = hooks
     state = {}

@@ -92,3 +92,15 @@ def test_unreadable_tokenizer_files_name_the_file(tiny_dir, tmp_path, capsys, na
     assert main(["generate", "--model", str(d), "--prompt", "hello", "--max-tokens", "1"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"moe-serve generate: error: {d}/{message}")
+
+
+@pytest.mark.parametrize("device, message", [
+    ("nonsense", "model.device 'nonsense' is not a torch device (e.g. cpu, cuda, cuda:0)"),
+    ("cuda:99", "model.device 'cuda:99': "),  # no CUDA here, or not 100 GPUs: either way refused up front
+])
+def test_bad_device_is_one_line(tiny_dir, capsys, device, message):
+    """torch's RuntimeError (a string that names no device type) and AssertionError ('Torch not compiled
+    with CUDA enabled') were tracebacks, raised after the checkpoint had been checked."""
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "hi", "--max-tokens", "1", "--device", device]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"moe-serve generate: error: {message}")
