@@ -97,8 +97,16 @@ class RequestRunner:
             state.watcher.cancel()
             state.watcher = None
 
-    def check_connected(self, state: RunState) -> None:
-        """Raise the 499 for a client already gone, counted once (before any engine work)."""
+    async def check_connected(self, state: RunState, rounds: int = 4) -> None:
+        """Raise the 499 for a client already gone, counted once (before any engine work).
+
+        The event loop runs `rounds` rounds first: a FIN that is already in the socket takes one to be
+        read (eof), one for the transport's connection_lost, one for the watcher to wake; without them a
+        request whose client hung up at once could still be submitted and start its prefill."""
+        for _ in range(rounds):
+            if state.disconnected:
+                break
+            await asyncio.sleep(0)
         if state.disconnected:
             if not state.failure_counted:
                 state.failure_counted = True
@@ -120,7 +128,7 @@ class RequestRunner:
         """
         state.arrival = state.arrival or time.monotonic()
         self.watch(request, state)
-        self.check_connected(state)
+        await self.check_connected(state, rounds=0)
         state.request_ids.append(request_id)
         watchers = [asyncio.create_task(self._watch_timeout(request_id, state))]
         finished, final, stream = False, None, None

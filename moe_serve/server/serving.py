@@ -143,7 +143,7 @@ class Handlers:
         try:
             runner.watch(request, state)
             rid, ids, params, builder = await prepare(req)
-            runner.check_connected(state)
+            await runner.check_connected(state)
             response = await self._respond(request, state, rid, ids, choice_params(params, req.n), req, builder)
             handed_over = isinstance(response, StreamingResponse)
             return response
