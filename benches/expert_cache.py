@@ -6,7 +6,7 @@
 directions: every policy at 12.5%, 25% and 50% of experts resident; whatever a policy learns before
 the replay (static hot set, the predicted policy's next-token prior (given, weighted 0 by default),
 the cross-layer predictor from `predictors`, mlp_online by default (it also adapts to the replayed
-trace, prequentially), lookahead 2 layers) is fitted on the OTHER domain. Cost model: DeepSeek-V2-Lite bf16
+trace, prequentially, its learning one 64-token chunk behind as the runtime's background learner), lookahead 2 layers) is fitted on the OTHER domain. Cost model: DeepSeek-V2-Lite bf16
 experts (17.3 MB), 25 GB/s host-to-device, 0.25 ms per MoE layer (H100-class batch-1 estimate).
 Two oracles (replay only): belady (the demand hit-rate bound) and belady-prefetch (Belady's eviction
 plus a prefetch of the experts the next 4 layer steps really use: the reference for ready in time).
@@ -62,7 +62,7 @@ LOOKAHEAD = 2  # MoE layers ahead the predicted policies prefetch for
 
 def sim_direction(replayed: str, fitted: str, tokens: int | None, policies=None, cost=None,
                   predictor_name: str = "mlp_online", lookahead: int = LOOKAHEAD, capacities=CAPACITIES,
-                  prefetch_from: int = 1, predictor_params=None) -> dict:
+                  prefetch_from: int = 1, predictor_params=None, learn_lag: int = 1) -> dict:
     """`cost`: CostModel fields other than their defaults (copy_order, bandwidth_gbps, prefetch_when).
     `prefetch_from`: the nearest layer ahead the predicted policies prefetch for.
     `predictor_params`: the predictor's own parameters (as `moe-serve predict fit --param`)."""
@@ -83,18 +83,20 @@ def sim_direction(replayed: str, fitted: str, tokens: int | None, policies=None,
     predictor.fit([fit])
     return simulate(trace, list(policies or POLICY_NAMES), capacities, CostModel(**(cost or {})),
                     predictor=predictor, fit_traces=[fit], lookahead=lookahead,
-                    prefetch_from=prefetch_from, log=lambda s: print(f"{replayed}<-{fitted}: {s}", flush=True))
+                    prefetch_from=prefetch_from, learn_lag=learn_lag,
+                    log=lambda s: print(f"{replayed}<-{fitted}: {s}", flush=True))
 
 
 def part_sim(tokens: int | None, jobs: int, policies=None, cost=None,
              predictor_name: str = "mlp_online", lookahead: int = LOOKAHEAD, capacities=CAPACITIES,
-             prefetch_from: int = 1, prefetch_label: str = "1", predictor_params=None) -> tuple[dict, str]:
+             prefetch_from: int = 1, prefetch_label: str = "1", predictor_params=None,
+             learn_lag: int = 1) -> tuple[dict, str]:
     """Both directions: (results {trace: {capacity: {policy: metrics}}}, the header naming the variant)."""
     pairs = [(DOMAINS[0], DOMAINS[1]), (DOMAINS[1], DOMAINS[0])]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         outs = list(pool.map(sim_direction, [a for a, _ in pairs], [b for _, b in pairs], [tokens] * 2,
                              [policies] * 2, [cost] * 2, [predictor_name] * 2, [lookahead] * 2,
-                             [tuple(capacities)] * 2, [prefetch_from] * 2, [predictor_params] * 2))
+                             [tuple(capacities)] * 2, [prefetch_from] * 2, [predictor_params] * 2, [learn_lag] * 2))
     results = {f"{a} (fit on {b})": o for (a, b), o in zip(pairs, outs)}
     from moe_serve.experts.replay import CostModel
 
@@ -105,6 +107,8 @@ def part_sim(tokens: int | None, jobs: int, policies=None, cost=None,
         head += f", {model.bandwidth_gbps:g} GB/s host-to-device, prefetch when {model.prefetch_when}"
     if prefetch_label != "1":
         head += f", prefetching from {prefetch_from} layers ahead ({prefetch_label})"
+    if learn_lag != 1:
+        head += f", online learning {learn_lag} chunks behind" if learn_lag else ", online learning inline"
     if predictor_params:
         head += ", predictor " + ", ".join(f"{k}={v}" for k, v in predictor_params.items())
     return results, head
@@ -296,6 +300,9 @@ def main() -> int:
     ap.add_argument("--capacities", default=",".join(map(str, CAPACITIES)),
                     help="comma-separated fractions of experts resident for the sim (a rerun of some budgets "
                          "or policies replaces those in the results and keeps the others)")
+    ap.add_argument("--learn-lag", type=int, default=1,
+                    help="64-token chunks the sim predictor's online learning trails its predictions: 1 as the "
+                         "runtime's background learner (default), 0 as inline learning (adds _lag<N>)")
     ap.add_argument("--sim-param", action="append", default=[], metavar="KEY=VALUE",
                     help="a parameter of the sim's predictor (as `moe-serve predict fit --param`), e.g. "
                          "online_steps=4; adds _<key><value> to the variant")
@@ -322,15 +329,18 @@ def main() -> int:
             params = key_value_params(args.sim_param)
         except ValueError as exc:
             ap.error(str(exc).replace("--param", "--sim-param"))
+        if args.learn_lag < 0:
+            ap.error(f"--learn-lag must be >= 0 chunks, got {args.learn_lag}")
         results, head = part_sim(args.tokens, args.jobs, policies, cost, args.sim_predictor, args.lookahead,
-                                 capacities, prefetch_from, args.prefetch_from, params)
+                                 capacities, prefetch_from, args.prefetch_from, params, args.learn_lag)
         path = RESULTS / "expert_cache_sim.json"
         variant = "_".join(v for v in (cost.get("copy_order", ""),
                                        f"lookahead{args.lookahead}" if args.lookahead != LOOKAHEAD else "",
                                        f"bw{args.bandwidth_gbps:g}" if "bandwidth_gbps" in cost else "",
                                        "idle" if "prefetch_when" in cost else "",
                                        f"from{args.prefetch_from}" if args.prefetch_from != "1" else "",
-                                       *(f"{k}{v}" for k, v in params.items())) if v)
+                                       *(f"{k}{v}" for k, v in params.items()),
+                                       f"lag{args.learn_lag}" if args.learn_lag != 1 else "") if v)
         key = f"results_{variant}" if variant else "results"
         data = json.loads(path.read_text()) if path.exists() else {}
         if not variant:

@@ -33,6 +33,9 @@ def register(subparsers) -> None:
     p.add_argument("--prefetch-from", default="1",
                    help="the nearest MoE layer ahead the predicted policies prefetch for: N >= 1, or auto (copy time "
                         "over layer time, rounded up: the nearest layer a copy can reach in time); default: 1")
+    p.add_argument("--learn-lag", type=int, default=1,
+                   help="64-token chunks an adapting predictor's (mlp_online) online learning trails its "
+                        "predictions: 1 as the runtime's --predictor-learning background (default), 0 as inline")
     p.add_argument("--expert-bytes", type=int, default=DSV2_LITE_EXPERT_BYTES,
                    help=f"bytes of one expert (default: {DSV2_LITE_EXPERT_BYTES}, DeepSeek-V2-Lite bf16)")
     p.add_argument("--bandwidth-gbps", type=float, default=25.0, help="host-to-device GB/s (default: 25)")
@@ -73,6 +76,8 @@ def main(args) -> int:
             raise ValueError(f"--capacity must be a fraction in (0, 1], got {c}")
     if args.lookahead < 0:
         raise ValueError(f"--lookahead must be >= 0, got {args.lookahead}")
+    if args.learn_lag < 0:
+        raise ValueError(f"--learn-lag must be >= 0 chunks, got {args.learn_lag}")
     prefetch_from = cost.prefetch_from(args.prefetch_from)
     output_file(args.json, "--json")
     predictor = None
@@ -87,12 +92,13 @@ def main(args) -> int:
         check_matches(trace, path, fit, predictor, args)
         name = Path(path).stem
         results[name] = simulate(trace, policies, args.capacity, cost, predictor=predictor, fit_traces=fit,
-                                 lookahead=args.lookahead, prefetch_from=prefetch_from,
+                                 lookahead=args.lookahead, prefetch_from=prefetch_from, learn_lag=args.learn_lag,
                                  log=lambda s: print(f"{name}: {s}", file=sys.stderr))
     print(format_table(results))
     if args.json:
         config = dict(trace=args.trace, capacity=args.capacity, policies=policies, predictor=args.predictor,
                       fit_trace=args.fit_trace, lookahead=args.lookahead, prefetch_from=prefetch_from,
+                      learn_lag=args.learn_lag,
                       expert_bytes=cost.expert_bytes,
                       bandwidth_gbps=cost.bandwidth_gbps, layer_ms=cost.layer_ms, copy_ms=cost.copy_ms,
                       copy_order=cost.copy_order)

@@ -26,10 +26,12 @@ def expert_load(traces) -> np.ndarray:
 
 
 def simulate(trace, policies, capacities, cost: CostModel, predictor=None, fit_traces=(), lookahead: int = 1,
-             prefetch_from: int = 1, log=None) -> dict:
+             prefetch_from: int = 1, learn_lag: int = 1, log=None) -> dict:
     """{capacity fraction (str): {policy: metrics}} for one trace; metrics also hold `vs_belady`
     (hit rate over Belady's at that capacity) when Belady ran. `prefetch_from`: see `PredictedPolicy`
-    (`cost.min_prefetch_distance` is the nearest layer a copy can reach in time)."""
+    (`cost.min_prefetch_distance` is the nearest layer a copy can reach in time). `learn_lag`: chunks
+    an adapting predictor's learning trails its predictions (see `TracePredictions`; 1 as the
+    runtime's background learner, 0 as inline learning)."""
     for name in policies:
         if name not in POLICY_NAMES:
             raise ValueError(f"policy must be one of {', '.join(POLICY_NAMES)} or all, got {name!r}")
@@ -44,7 +46,7 @@ def simulate(trace, policies, capacities, cost: CostModel, predictor=None, fit_t
         prior = (sum(p[0] for p in parts), sum(p[1] for p in parts))
     preds = None
     if predictor is not None and predicted and lookahead > 0:
-        preds = TracePredictions(predictor, trace)
+        preds = TracePredictions(predictor, trace, learn_lag=learn_lag)
     future = global_steps(experts, E) if any(n.startswith("belady") for n in policies) else None
     out: dict = {}
     for frac in capacities:

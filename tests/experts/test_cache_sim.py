@@ -88,6 +88,8 @@ def test_cli_rejects_bad_capacity(tmp_path, capsys):
     assert cli_main(["cache-sim", "--trace", str(path), "--capacity", "2"]) == 2
     assert "--capacity must be a fraction" in capsys.readouterr().err
     assert cli_main(["cache-sim", "--trace", str(path), "--policy", "mru"]) == 2
+    assert cli_main(["cache-sim", "--trace", str(path), "--learn-lag", "-1"]) == 2
+    assert "--learn-lag must be >= 0 chunks, got -1" in capsys.readouterr().err
 
 
 def test_real_trace_lru_far_from_belady(shared_dir):
