@@ -6,6 +6,8 @@ server without touching this file.
 """
 from __future__ import annotations
 
+import socket
+
 from moe_serve.cli.flags import add_config_flags, config_kwargs
 from moe_serve.config import EngineConfig
 
@@ -26,6 +28,21 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening address, bound as uvicorn's Config.bind_socket binds it. uvicorn logs a failure as the
+    bare OSError ('[Errno 98] Address already in use') and exits with code 3, after the model has loaded;
+    here it is a ValueError naming the flags (exit code 2), before."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:  # in use, not an address of this machine, a name that does not resolve
+        sock.close()
+        raise ValueError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def run(args) -> int:
     import uvicorn
 
@@ -33,14 +50,17 @@ def run(args) -> int:
     from moe_serve.server.app import create_app
 
     cfg = EngineConfig.from_flat(**config_kwargs(args, *section_classes()))
-    engine = AsyncEngine.from_config(cfg)
     sc = cfg.server
+    sock = bind_socket(sc.host, sc.port)  # before the model loads; and --port 0 can print the port the OS chose
+    engine = None
     try:
+        engine = AsyncEngine.from_config(cfg)
         app = create_app(engine, sc, cfg.model.model, own_engine=True)
         config = uvicorn.Config(app, host=sc.host, port=sc.port, log_level=args.log_level, timeout_graceful_shutdown=5)
-        sock = config.bind_socket()  # bound here so that --port 0 can print the port the OS chose
     except BaseException:
-        engine.shutdown()
+        sock.close()
+        if engine is not None:
+            engine.shutdown()
         raise
     host, port = sock.getsockname()[:2]
     print(f"moe-serve: serving {app.state.info.name} (max_model_len {app.state.info.max_model_len}) "

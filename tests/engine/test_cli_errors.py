@@ -104,3 +104,21 @@ def test_bad_device_is_one_line(tiny_dir, capsys, device, message):
     assert main(["generate", "--model", str(tiny_dir), "--prompt", "hi", "--max-tokens", "1", "--device", device]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"moe-serve generate: error: {message}")
+
+
+def test_serve_on_an_address_in_use_is_one_line_before_the_model_loads(tmp_path, capsys):
+    """uvicorn logged 'ERROR: [Errno 98] Address already in use' (no flag named) and exited with code 3,
+    after the whole model had loaded; now the address is bound first. The model directory here does not
+    even exist: the bind error comes before it is looked at."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        before = _threads()
+        assert main(["serve", "--model", str(tmp_path / "absent"), "--host", "127.0.0.1", "--port", str(port)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"moe-serve serve: error: --host 127.0.0.1 --port {port}: cannot listen there "
+                     "(Address already in use)"]
+    assert [t.name for t in _threads() - before if t.is_alive()] == []
