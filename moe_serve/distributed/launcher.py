@@ -37,6 +37,7 @@ class WorkerGroup:
                  extra_env: dict[str, str] | None = None, external: str | None = None):
         """external: tcp://host:port to bind for ranks started elsewhere (torchrun); None: start them here."""
         self.world_size, self.heartbeat_timeout_s = world_size, heartbeat_timeout_s
+        self.heartbeat_s = base.heartbeat_s
         if external is not None:
             host, port = external.removeprefix("tcp://").rsplit(":", 1)
             self.endpoints = ControlEndpoints(up=f"tcp://{host}:{port}",
@@ -55,7 +56,6 @@ class WorkerGroup:
             for addr in self.endpoints.down:
                 s = self.ctx.socket(zmq.PUSH)
                 s.setsockopt(zmq.LINGER, 0)
-                s.setsockopt(zmq.SNDTIMEO, int(startup_timeout_s * 1000))
                 self.down.append(s)
                 s.bind(addr)
         except zmq.ZMQError as exc:  # e.g. a port of parallel.worker_endpoint (PORT, PORT+1+r) is taken
@@ -75,12 +75,15 @@ class WorkerGroup:
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
         faults = faults or {}
+        deadline = time.monotonic() + startup_timeout_s
         try:
             for r in range(world_size):
                 spec = replace(base, rank=r, up=up_addr, down=self.down[r].getsockopt_string(zmq.LAST_ENDPOINT),
                                dist_init=self.endpoints.store, fault=faults.get(r, ""))
                 if external is not None:  # the rank exists already: it waits for its spec on down[r]
-                    self.down[r].send(m.encode(m.Configure(spec.to_json())))
+                    self._send(r, m.encode(m.Configure(spec.to_json())), deadline,
+                               f"did not connect to parallel.worker_endpoint={external} (it pulls its spec from "
+                               f"{spec.down}) within parallel.startup_timeout_s={startup_timeout_s:g} s")
                     continue
                 env = dict(os.environ, **(extra_env or {}),
                            **{SPEC_ENV: spec.to_json(), "OMP_NUM_THREADS": str(spec.threads)})
@@ -135,16 +138,27 @@ class WorkerGroup:
         self.outputs.put(_FAILED)
 
     def _root_cause(self, msg: m.WorkerError, wait_s: float = 1.0) -> str:
-        """A collective fails on every rank when one rank dies: name the dead rank first, if any."""
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
+        """A collective fails on every rank when one rank dies: name the dead rank first, if any. A rank this
+        process started is seen dead by its exit code; one started elsewhere (torchrun) by its silence: after
+        a few heartbeat intervals, a rank that sent none since the failure is the one that died."""
+        start = time.monotonic()
+        window = max(wait_s, 3 * self.heartbeat_s)
+        while time.monotonic() - start < window:
             dead = [(r, p) for r, p in enumerate(self.procs) if p.poll() is not None and r != msg.rank]
+            last = msg.error.strip().splitlines()[-1][:300]
             if dead:
                 r, p = dead[0]
-                last = msg.error.strip().splitlines()[-1][:300]
                 return (f"rank {r} (pid {p.pid}) exited with code {p.returncode}; "
                         f"rank {msg.rank} then failed at step {msg.step}: {last}")
-            time.sleep(0.05)
+            if not self.procs and time.monotonic() - start > 3 * self.heartbeat_s:
+                silent = [r for r in range(self.world_size) if r != msg.rank and self.last_seen[r] < start]
+                if silent:
+                    return (f"rank {silent[0]} sent no heartbeat since rank {msg.rank} failed at step {msg.step} "
+                            f"(it died or hangs): {last}")
+            if self.up.poll(50):  # keep hearing the live ranks meanwhile
+                got = m.decode_from_worker(self.up.recv())
+                if isinstance(got, (m.Heartbeat, m.StepOutput)):
+                    self.last_seen[got.rank] = time.monotonic()
         return f"rank {msg.rank} failed at step {msg.step}:\n{msg.error}"
 
     def _watch(self) -> None:
@@ -162,13 +176,16 @@ class WorkerGroup:
                     self._fail(self._root_cause(msg))
             if self.error is not None:
                 continue
-            for r, p in enumerate(self.procs):
-                if p.poll() is not None:
+            for r in range(self.world_size):  # every rank: one torchrun started has no process here to poll
+                p = self.procs[r] if r < len(self.procs) else None
+                if p is not None and p.poll() is not None:
                     self._fail(f"rank {r} (pid {p.pid}) exited with code {p.returncode}")
                     break
                 silent = time.monotonic() - self.last_seen[r]
                 if silent > self.heartbeat_timeout_s:
-                    self._fail(f"rank {r} (pid {p.pid}) sent no heartbeat for {silent:.1f} s "
+                    ready = self.ready[r]
+                    who = f"rank {r} (pid {ready.pid})" if p is not None else f"rank {r} ({ready.host} pid {ready.pid})"
+                    self._fail(f"{who} sent no heartbeat for {silent:.1f} s "
                                f"(parallel.heartbeat_timeout_s={self.heartbeat_timeout_s:g})")
                     break
 
@@ -178,8 +195,31 @@ class WorkerGroup:
         if self.error is not None:
             raise self.error
         frame = m.encode(msg)
-        for s in self.down:
-            s.send(frame, copy=False)
+        deadline = time.monotonic() + self.heartbeat_timeout_s
+        for r in range(len(self.down)):
+            self._send(r, frame, deadline, f"has taken no message for parallel.heartbeat_timeout_s="
+                                           f"{self.heartbeat_timeout_s:g} s")
+
+    def _send(self, r: int, frame: bytes, deadline: float, late: str) -> None:
+        """Send `frame` to rank r, or raise WorkerFailure naming it. A PUSH socket whose only peer is gone (a
+        rank killed a moment ago, before the monitor saw it; a torchrun rank that never started) blocks in
+        send(): so never block, and between tries look for the rank's death, the monitor's verdict, the deadline."""
+        while True:
+            try:
+                self.down[r].send(frame, zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:
+                pass
+            if self.error is not None:
+                raise self.error
+            p = self.procs[r] if r < len(self.procs) else None
+            if p is not None and p.poll() is not None:
+                self._fail(f"rank {r} (pid {p.pid}) exited with code {p.returncode}")
+                raise self.error
+            if time.monotonic() >= deadline:
+                self._fail(f"rank {r} {late}")
+                raise self.error
+            self.down[r].poll(50, zmq.POLLOUT)
 
     def collect(self, step: int, count: int, timeout_s: float) -> list[m.StepOutput]:
         """The StepOutputs of `step` from `count` ranks; WorkerFailure when a rank fails or time runs out."""
