@@ -76,8 +76,13 @@ class CheckpointExperts:
 
     def _fused_keys(self, layer: int) -> tuple[str, str] | None:
         if layer not in self._fused:
-            self._fused[layer] = next(((g, d) for g, d in self.family.fused_expert_keys(layer)
-                                       if g in self.ckpt and d in self.ckpt), None)
+            pairs = self.family.fused_expert_keys(layer)
+            for g, d in pairs:  # half a pair was read as the per-expert layout: the error named experts.0.w1
+                if (g in self.ckpt) != (d in self.ckpt):
+                    have, lack = (g, d) if g in self.ckpt else (d, g)
+                    raise CheckpointError(f"tensor {lack!r} is missing from the checkpoint in {self.ckpt.dir}, "
+                                          f"while {have!r} is there (the fused expert layout needs both)")
+            self._fused[layer] = next(((g, d) for g, d in pairs if g in self.ckpt and d in self.ckpt), None)
         return self._fused[layer]
 
     def _fused_tensors(self, layer: int) -> list[tuple[str, tuple[int, ...]]] | None:

@@ -119,3 +119,24 @@ def test_index_naming_a_shard_that_cannot_be_read(mixtral_dir, tmp_path, capsys,
         load_model(d)
     assert message in str(err.value)
     assert main(["info", str(d)]) == 2 and capsys.readouterr().err.strip() == f"moe-serve info: error: {err.value}"
+
+
+@pytest.mark.parametrize("kept", ["gate_up_proj", "down_proj"])
+def test_half_a_fused_expert_pair_names_the_missing_half(mixtral_dir, tmp_path, capsys, kept):
+    """A layer with a fused gate_up_proj but no down_proj (or the reverse) was read as per-expert, and
+    the error named 'experts.0.w1.weight', a key of a layout the checkpoint does not use."""
+    from tests.models.test_loader import _fuse_experts, rewrite_tensors
+
+    lost = "down_proj" if kept == "gate_up_proj" else "gate_up_proj"
+
+    def edit(sd):
+        _fuse_experts(sd)
+        del sd[f"model.layers.1.mlp.experts.{lost}"]
+
+    d = rewrite_tensors(mixtral_dir, tmp_path, edit)
+    message = (f"tensor 'model.layers.1.mlp.experts.{lost}' is missing from the checkpoint in {d}, while "
+               f"'model.layers.1.mlp.experts.{kept}' is there (the fused expert layout needs both)")
+    with pytest.raises(ValueError) as err:
+        load_model(d)
+    assert str(err.value) == message
+    assert main(["info", str(d)]) == 2 and capsys.readouterr().err.strip() == f"moe-serve info: error: {message}"
