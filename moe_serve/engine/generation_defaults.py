@@ -1,8 +1,8 @@
 """The sampling defaults a checkpoint recommends in its generation_config.json, read as vLLM reads them.
 
 vLLM (`--generation-config auto`, `ModelConfig.get_diff_sampling_param`) takes `temperature`, `top_p`,
-`top_k` and `max_new_tokens` (as `max_tokens`) from the file for every field a request leaves unset.
-It also takes `repetition_penalty` and `min_p`, which this engine does not implement: they are ignored.
+`top_k`, `repetition_penalty` and `max_new_tokens` (as `max_tokens`) from the file for every field a
+request leaves unset. It also takes `min_p`, which this engine does not implement: it is ignored.
 
 `do_sample` is ignored too, as vLLM ignores it: in transformers `do_sample: false` means greedy whatever
 the temperature, but checkpoints often ship `do_sample: false` next to the temperature their authors
@@ -34,6 +34,7 @@ _FIELDS = {
     "top_p": ("top_p", lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "top_k": ("top_k", lambda v: _integer(v) and v >= -1, "an integer >= -1 (-1 or 0: all tokens)"),
     "max_new_tokens": ("max_tokens", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "repetition_penalty": ("repetition_penalty", lambda v: _number(v) and v > 0, "a finite number > 0"),
 }
 
 

@@ -60,8 +60,9 @@ def check_prompt(ids: list[int], max_tokens: int | None, info: ModelInfo, field:
     return min(ctx - n, info.sampling_defaults.get("max_tokens", ctx - n))
 
 
-DEFAULTED_FIELDS = ("temperature", "top_p", "top_k")  # a request's null takes the model's default, then SamplingParams'
-PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")  # null: SamplingParams' (none)
+# a request's null takes the model's default (generation_config.json), then SamplingParams'
+DEFAULTED_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
+PENALTIES = ("presence_penalty", "frequency_penalty")  # null: SamplingParams' (none)
 
 
 def sampling_params(req: P.SamplingFields, max_tokens: int, defaults: dict,

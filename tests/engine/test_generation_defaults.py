@@ -24,8 +24,9 @@ def test_reads_the_sampling_fields_vllm_reads(tmp_path):
     write_generation_config(tmp_path, json.dumps({
         "do_sample": False, "temperature": 0.6, "top_p": 0.9, "top_k": 20, "max_new_tokens": 128,
         "repetition_penalty": 1.1, "min_p": 0.05, "eos_token_id": [1, 2], "num_beams": 1}))
-    # do_sample, repetition_penalty, min_p: ignored (vLLM ignores do_sample; the others are not implemented)
-    assert read_generation_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "max_tokens": 128}
+    # do_sample, min_p: ignored (vLLM ignores do_sample; min_p is not implemented)
+    assert read_generation_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "max_tokens": 128,
+                                                  "repetition_penalty": 1.1}
 
 
 def test_null_fields_count_as_unset(tmp_path):
@@ -46,6 +47,7 @@ def test_null_fields_count_as_unset(tmp_path):
     ('{"top_k": 40.0}', "top_k must be an integer >= -1"),
     ('{"max_new_tokens": 0}', "max_new_tokens must be an integer >= 1, got 0"),
     ('{"max_new_tokens": false}', "max_new_tokens must be an integer >= 1, got False"),
+    ('{"repetition_penalty": 0}', "repetition_penalty must be a finite number > 0, got 0"),
 ])
 def test_a_bad_file_is_an_error_naming_the_file_field_and_limit(tmp_path, text, says):
     write_generation_config(tmp_path, text)

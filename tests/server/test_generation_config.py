@@ -107,3 +107,16 @@ def test_a_bad_generation_config_stops_the_server_at_start(greedy_default_model,
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"error: {bad / 'generation_config.json'}: {says}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_repetition_penalty_defaults_from_the_checkpoint_and_the_request_wins():
+    """vLLM takes repetition_penalty from generation_config.json for a request that leaves it unset;
+    presence/frequency penalties have no checkpoint default (OpenAI's 0)."""
+    from moe_serve.server import protocol as P
+    from moe_serve.server.serving import sampling_params
+
+    defaults = {"repetition_penalty": 1.05, "temperature": 0.7}
+    unset = sampling_params(P.CompletionRequest(prompt="hi"), 4, defaults)
+    assert (unset.repetition_penalty, unset.presence_penalty, unset.frequency_penalty) == (1.05, 0.0, 0.0)
+    given = sampling_params(P.CompletionRequest(prompt="hi", repetition_penalty=1.0, presence_penalty=0.5), 4, defaults)
+    assert (given.repetition_penalty, given.presence_penalty, given.temperature) == (1.0, 0.5, 0.7)
