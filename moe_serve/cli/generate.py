@@ -134,10 +134,23 @@ def _generate(args, **extra):
     options.setdefault("model", DEFAULT_MODEL)
     options["generation_config"] = "none"  # the sampling flags say it all: generation_config.json is not read
     options.update(extra)
-    with LLM(**options) as llm:
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, params)
-        yield llm, outs, time.perf_counter() - t0
+    # closing the engine writes its trace, also after a failure: to a file beside the one asked for, which
+    # replaces it only when the run succeeded (a failed run wrote an empty trace over a good one)
+    trace = Path(options["record_trace"]) if options.get("record_trace") else None
+    part = trace.with_name(f".{trace.name}.{os.getpid()}.part") if trace else None
+    if part:
+        output_file(str(trace), "--record-trace" if "record_trace" not in extra else "--out")  # as the engine would
+        options["record_trace"] = str(part)
+    try:
+        with LLM(**options) as llm:
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts, params)
+            yield llm, outs, time.perf_counter() - t0
+        if part:
+            os.replace(part, trace)
+    finally:
+        if part:
+            part.unlink(missing_ok=True)
 
 
 def run_generate(args) -> int:
@@ -175,17 +188,9 @@ def run_record_trace(args) -> int:
     from predictors.traces import load_trace
 
     output_file(args.out, "--out")
-    # closing the engine writes the trace, also after a failure: to a file beside --out, which replaces
-    # --out only when the run succeeded (a failed run wrote an empty trace over a good one)
-    out = Path(args.out)
-    part = out.with_name(f".{out.name}.{os.getpid()}.part")
-    try:
-        with _generate(args, record_trace=str(part)) as (_, _, elapsed):
-            pass
-        os.replace(part, out)
-    finally:
-        part.unlink(missing_ok=True)
-    trace = load_trace(out)
+    with _generate(args, record_trace=str(args.out)) as (_, _, elapsed):
+        pass  # the trace is written as the engine closes
+    trace = load_trace(args.out)
     print(f"wrote {args.out}: {trace.num_sequences} sequences, {trace.num_tokens} tokens, "
           f"{trace.num_layers} MoE layers, top-{trace.top_k} of {trace.num_experts} experts"
           f"{', hidden states' if trace.hidden is not None else ''} ({elapsed:.2f} s)")

@@ -31,11 +31,12 @@ def test_a_failing_generation_closes_the_engine(tiny_dir, tmp_path, capsys, comm
     assert [t.name for t in _threads() - before if t.is_alive()] == []
 
 
-def test_a_failing_record_trace_leaves_the_out_file_alone(tiny_dir, tmp_path, capsys):
-    """Closing the engine writes its trace: a failed run wrote an empty trace over a good --out file."""
+@pytest.mark.parametrize("command", [["record-trace", "--out"], ["generate", "--record-trace"]])
+def test_a_failing_run_leaves_the_trace_file_alone(tiny_dir, tmp_path, capsys, command):
+    """Closing the engine writes its trace: a failed run wrote an empty trace over a good file."""
     out = tmp_path / "t.npz"
     out.write_bytes(b"a trace from an earlier run")
-    argv = ["record-trace", "--model", str(tiny_dir), "--prompt", "hello " * 400, "--max-tokens", "2", "--out", str(out)]
+    argv = [*command, str(out), "--model", str(tiny_dir), "--prompt", "hello " * 400, "--max-tokens", "2"]
     assert main(argv) == 2 and "prompts[0]" in capsys.readouterr().err
     assert out.read_bytes() == b"a trace from an earlier run"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.npz"]  # no temporary file left behind
@@ -54,8 +55,8 @@ def test_prompts_file_that_holds_no_text_prompts(tiny_dir, tmp_path, capsys, con
     path.write_bytes(content)
     assert main(["generate", "--model", str(tiny_dir), "--prompts-file", str(path), "--max-tokens", "1"]) == 2
     captured = capsys.readouterr()
-    assert captured.err.strip().splitlines() == [f"moe-serve generate: error: --prompts-file {path} {message}"
-                                                 + (" (one a line; blank lines are skipped)" if "no prompts" in message else "")]
+    tail = " (one a line; blank lines are skipped)" if "no prompts" in message else ""
+    assert captured.err.strip().splitlines() == [f"moe-serve generate: error: --prompts-file {path} {message}{tail}"]
     assert captured.out == ""
 
 
@@ -122,3 +123,22 @@ def test_serve_on_an_address_in_use_is_one_line_before_the_model_loads(tmp_path,
     assert lines == [f"moe-serve serve: error: --host 127.0.0.1 --port {port}: cannot listen there "
                      "(Address already in use)"]
     assert [t.name for t in _threads() - before if t.is_alive()] == []
+
+
+def test_generate_record_trace_naming_a_directory_is_refused_before_the_work(tiny_dir, tmp_path, capsys):
+    """A part file is recorded and renamed over the trace asked for: the name is checked first, as the engine
+    checks it (else the rename failed with IsADirectoryError, a traceback after the generation)."""
+    argv = ["generate", "--model", str(tiny_dir), "--prompt", "hi", "--max-tokens", "1",
+            "--record-trace", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"moe-serve generate: error: --record-trace {tmp_path}: is a directory, expected a file name"
+
+
+def test_generate_record_trace_writes_the_trace(tiny_dir, tmp_path, capsys):
+    from predictors.traces import load_trace
+
+    out = tmp_path / "t.npz"
+    argv = ["generate", "--model", str(tiny_dir), "--prompt", "hi", "--max-tokens", "2", "--record-trace", str(out)]
+    assert main(argv) == 0
+    assert load_trace(out).num_sequences == 1 and [p.name for p in tmp_path.iterdir()] == ["t.npz"]
