@@ -36,6 +36,9 @@ CASES = [  # (family, config.json changes, the message's start after "config.jso
     ("deepseek_v3", dict(moe_layer_freq="2"), "'moe_layer_freq' must be a positive integer, got '2'"),
     ("deepseek_v3", dict(n_group="4"), "'n_group' must be a positive integer, got '4'"),
     ("deepseek_v3", dict(topk_group=0), "'topk_group' must be a positive integer, got 0"),
+    # V3 scores a group by the sum of its top 2 experts: with 1 a group, torch.topk failed at the first forward
+    ("deepseek_v3", dict(n_group=16, topk_group=4), "'n_group' (16) must leave at least 2 experts a group "
+                                                    "(n_routed_experts 16): V3 scores a group by its top-2 sum"),
     ("deepseek_v3", dict(n_shared_experts=-1), "'n_shared_experts' must be an integer >= 0, got -1"),
     ("deepseek_v3", dict(routed_scaling_factor="x"), "'routed_scaling_factor' must be a number > 0, got 'x'"),
     ("deepseek_v2", dict(routed_scaling_factor=-1.0), "'routed_scaling_factor' must be a number > 0, got -1.0"),

@@ -54,6 +54,9 @@ def _parse(cfg: dict, family: str) -> ModelSpec:
         interleaved = flag(cfg, "rope_interleave", True)
     if num_experts % routing.n_group:
         raise ValueError(f"n_routed_experts ({num_experts}) must be a multiple of n_group ({routing.n_group})")
+    if routing.topk_method == "noaux_tc" and num_experts // routing.n_group < 2:
+        raise ValueError(f"config.json field 'n_group' ({routing.n_group}) must leave at least 2 experts a group "
+                         f"(n_routed_experts {num_experts}): V3 scores a group by its top-2 sum")
     if not 1 <= routing.topk_group <= routing.n_group:
         raise ValueError(f"topk_group must be in 1..n_group ({routing.n_group}), got {routing.topk_group}")
     rope = rope_spec(cfg, mla.qk_rope_head_dim, default_theta=10000.0, interleaved=interleaved,
