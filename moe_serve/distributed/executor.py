@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import threading
 
 import torch
 
@@ -79,6 +80,12 @@ class DistributedModel:
         self.expert_load: torch.Tensor | None = None
         self.allreduce = resolve_allreduce(pc, mc.device)
         self._shm_port = None
+        # close() from another thread while allocate_kv_cache waits for the ranks (a server stopped during its
+        # start-up) used to find no group yet and do nothing: the ranks came up afterwards and kept running
+        self._closed = threading.Event()  # also tells the starting WorkerGroup to stop its ranks
+        self._lock = threading.Lock()  # the group is either handed to close() or never kept
+        self._started = threading.Event()  # no start-up in progress
+        self._started.set()
         atexit.register(self.close)
 
     def kv_bytes_per_token(self) -> int:
@@ -86,6 +93,8 @@ class DistributedModel:
 
     def allocate_kv_cache(self, num_slots: int, max_len: int) -> None:
         """Start the ranks: each loads its shard and allocates its KV cache of `num_slots` x `max_len`."""
+        if self._closed.is_set():
+            raise RuntimeError("the distributed model is closed")
         pc, mc, w = self.pc, self.mc, self.layout.world_size
         threads = pc.threads_per_rank or max(1, (os.cpu_count() or 1) // w)
         args = dict(model=str(mc.model), dtype=mc.dtype, mla_decode=mc.mla_decode, num_slots=num_slots, max_len=max_len,
@@ -101,12 +110,22 @@ class DistributedModel:
         if self.allreduce == "deepspeed":  # names of DeepSpeed's /dev/shm files; LOCAL_SIZE must be the world
             self._shm_port = str(free_tcp_port())
             env = dict(LOCAL_SIZE=str(w), MASTER_ADDR="127.0.0.1", MASTER_PORT=self._shm_port, DS_ACCELERATOR="cpu")
+        self._starter = threading.current_thread()
+        self._started.clear()
         try:
-            self.group = WorkerGroup(base, w, pc.startup_timeout_s, pc.heartbeat_timeout_s, pc.control_transport,
-                                     self.faults, env, external=pc.worker_endpoint)
+            group = WorkerGroup(base, w, pc.startup_timeout_s, pc.heartbeat_timeout_s, pc.control_transport,
+                                self.faults, env, external=pc.worker_endpoint, cancel=self._closed)
+            with self._lock:
+                if not self._closed.is_set():
+                    self.group = group
+            if self.group is not group:  # closed between the last rank's Ready and here
+                group.shutdown(grace_s=FAILED_GROUP_GRACE_S)
+                raise WorkerFailure("closed while the ranks were starting")
         except BaseException:
-            self.close()  # the shm files of ranks that failed at start-up
+            self._release()  # the shm files of ranks that failed at start-up
             raise
+        finally:
+            self._started.set()
         self.num_slots, self.max_len = num_slots, max_len
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
@@ -114,7 +133,8 @@ class DistributedModel:
         if self.error is not None:
             raise self.error
         if self.group is None:
-            raise RuntimeError("call allocate_kv_cache(num_slots, max_len) before forward")
+            raise RuntimeError("the distributed model is closed" if self._closed.is_set()
+                               else "call allocate_kv_cache(num_slots, max_len) before forward")
         step, self.step_id = self.step_id, self.step_id + 1
         plan = m.StepPlan(step=step, token_ids=m.TensorBlob.from_tensor(batch.token_ids),
                           positions=m.TensorBlob.from_tensor(batch.positions), slot_ids=list(batch.slot_ids),
@@ -181,17 +201,25 @@ class DistributedModel:
         return out
 
     def close(self, grace_s: float = 5.0) -> None:
-        """Stop the ranks (`grace_s` to finish on their own before SIGTERM) and remove shm files."""
-        if self.group is not None:
+        """Stop the ranks (`grace_s` to finish on their own before SIGTERM) and remove shm files. Safe to call
+        twice, and from another thread while allocate_kv_cache starts the ranks: it then waits for them to stop."""
+        with self._lock:
+            self._closed.set()
             g, self.group = self.group, None
+        if g is not None:
             g.shutdown(grace_s)
-        if self._shm_port is not None:
-            for f in shm_files("127.0.0.1", self._shm_port):
+        if getattr(self, "_starter", None) is not threading.current_thread():
+            self._started.wait(timeout=grace_s + 10)  # a start-up in another thread stops its ranks (0.2 s poll)
+        self._release()
+
+    def _release(self) -> None:
+        port, self._shm_port = self._shm_port, None
+        if port is not None:
+            for f in shm_files("127.0.0.1", port):
                 try:
                     os.remove(f)
                 except OSError:
                     pass
-            self._shm_port = None
 
 
 def distributed_engine_model(mc: ModelConfig, pc: ParallelConfig, hooks, expert_cache) -> DistributedModel:

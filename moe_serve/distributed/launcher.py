@@ -29,13 +29,19 @@ class WorkerFailure(RuntimeError):
 
 
 _FAILED = object()  # queue sentinel: wake the waiters
+# Seconds ranks that have not all come up get to exit on their own (then SIGTERM): one still loading or in the
+# rendezvous never reads the Shutdown, so a longer grace only delays the error (or the close) that stops them.
+STARTUP_GRACE_S = 0.5
 
 
 class WorkerGroup:
     def __init__(self, base: WorkerSpec, world_size: int, startup_timeout_s: float = 120.0,
                  heartbeat_timeout_s: float = 10.0, transport: str = "ipc", faults: dict[int, str] | None = None,
-                 extra_env: dict[str, str] | None = None, external: str | None = None):
-        """external: tcp://host:port to bind for ranks started elsewhere (torchrun); None: start them here."""
+                 extra_env: dict[str, str] | None = None, external: str | None = None,
+                 cancel: threading.Event | None = None):
+        """external: tcp://host:port to bind for ranks started elsewhere (torchrun); None: start them here.
+        cancel: set by another thread (the frontend closed while its ranks start): stop them and raise."""
+        self._cancel = cancel
         self.world_size, self.heartbeat_timeout_s = world_size, heartbeat_timeout_s
         self.heartbeat_s = base.heartbeat_s
         if external is not None:
@@ -90,7 +96,7 @@ class WorkerGroup:
                 self.procs.append(self._spawner.popen([sys.executable, "-m", "moe_serve.distributed.worker"], env=env))
             self._wait_ready(startup_timeout_s)
         except BaseException:
-            self.shutdown()
+            self.shutdown(grace_s=STARTUP_GRACE_S)
             raise
         self._monitor = threading.Thread(target=self._watch, daemon=True, name="moe-serve-monitor")
         self._monitor.start()
@@ -99,6 +105,9 @@ class WorkerGroup:
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while len(self.ready) < self.world_size:
+            if self._cancel is not None and self._cancel.is_set():
+                missing = [r for r in range(self.world_size) if r not in self.ready]
+                raise WorkerFailure(f"closed while rank(s) {missing} were still starting")
             for r, p in enumerate(self.procs):
                 if p.poll() is not None and r not in self.ready:
                     raise WorkerFailure(f"rank {r} (pid {p.pid}) exited with code {p.returncode} before it was ready"
@@ -212,6 +221,8 @@ class WorkerGroup:
                 pass
             if self.error is not None:
                 raise self.error
+            if self._cancel is not None and self._cancel.is_set():
+                raise WorkerFailure(f"closed while rank {r} was not taking messages")
             p = self.procs[r] if r < len(self.procs) else None
             if p is not None and p.poll() is not None:
                 self._fail(f"rank {r} (pid {p.pid}) exited with code {p.returncode}")

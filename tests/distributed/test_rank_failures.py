@@ -81,3 +81,65 @@ def test_step_sent_to_a_killed_external_rank_fails_naming_it(pause):
             if p.poll() is None:
                 p.kill()
             p.wait()
+
+
+def _our_ranks() -> list:
+    import psutil
+
+    return [p for p in psutil.Process().children() if "moe_serve.distributed.worker" in " ".join(p.cmdline())]
+
+
+def _our_temp_dirs() -> list[str]:
+    """moe-serve-* dirs whose owner file names this process (other sessions may share the temp dir)."""
+    import glob
+    import tempfile
+
+    mine = []
+    for d in glob.glob(os.path.join(tempfile.gettempdir(), "moe-serve-*")):
+        try:
+            if open(os.path.join(d, "owner")).read().split()[0] == str(os.getpid()):
+                mine.append(d)
+        except OSError:
+            pass
+    return mine
+
+
+def test_close_while_the_ranks_start_stops_them(tmp_path):
+    # a server stopped during its start-up closes the model from another thread than the one starting the
+    # ranks: close() found no group yet and did nothing, and the ranks came up afterwards and kept running
+    import threading
+
+    from moe_serve.config import ModelConfig, ParallelConfig
+    from moe_serve.distributed.executor import DistributedModel
+    from tests.models.tiny_checkpoints import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint("mixtral", tmp_path / "mixtral")
+    dm = DistributedModel(ModelConfig(model=str(ckpt)), ParallelConfig(ep=2, allreduce="gloo", threads_per_rank=1))
+    got = []
+
+    def start():
+        try:
+            dm.allocate_kv_cache(4, 64)
+            got.append("started")
+        except Exception as exc:  # noqa: BLE001 - the test checks which
+            got.append(exc)
+
+    starter = threading.Thread(target=start)
+    starter.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(_our_ranks()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(_our_ranks()) == 2 and dm.group is None  # both spawned, not yet ready
+        t = time.monotonic()
+        dm.close()
+        assert time.monotonic() - t < 5
+        starter.join(timeout=10)
+        assert len(got) == 1 and isinstance(got[0], WorkerFailure) and "closed while" in str(got[0]), got
+        assert _our_ranks() == [] and _our_temp_dirs() == []  # close() returned once they were gone
+        dm.close()  # twice: nothing left to do, no error
+        with pytest.raises(RuntimeError, match="closed"):
+            dm.allocate_kv_cache(4, 64)
+    finally:
+        dm.close()
+        starter.join(timeout=10)
