@@ -38,12 +38,13 @@ FP32_PARAMS = ("e_score_correction_bias",)  # transformers keeps these in fp32 w
 
 
 def resolve_dtype(dtype, spec: ModelSpec) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":  # the checkpoint's own: read_spec has refused one not in DTYPES (config.json's fault)
+    if isinstance(dtype, str) and dtype == "auto":  # the checkpoint's: read_spec refused one not in DTYPES
         return DTYPES[spec.torch_dtype]
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+    # a torch.dtype too: float64 or int8 were taken as given (a float64 model, integer weights)
+    if dtype in DTYPES.values():
+        return dtype
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)} (or their torch dtypes), got {dtype!r}")
     return DTYPES[dtype]
 
 

@@ -5,6 +5,8 @@ checkpoints whose index disagrees with the files, tensors and config fields out 
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -140,3 +142,11 @@ def test_half_a_fused_expert_pair_names_the_missing_half(mixtral_dir, tmp_path, 
         load_model(d)
     assert str(err.value) == message
     assert main(["info", str(d)]) == 2 and capsys.readouterr().err.strip() == f"moe-serve info: error: {message}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int8, "float64", 16])
+def test_an_unservable_dtype_argument_is_refused(mixtral_dir, dtype):
+    """A torch.dtype was taken as given: float64 loaded a float64 model, int8 cast the weights to integers."""
+    with pytest.raises(ValueError, match=re.escape(f"dtype must be auto or one of float32, bfloat16, float16 (or "
+                                                   f"their torch dtypes), got {dtype!r}")):
+        load_model(mixtral_dir, dtype=dtype)
