@@ -65,6 +65,9 @@ def expert_store_factory(cfg: ExpertCacheConfig):
                 raise ValueError("expert_cache.cache_policy=static needs expert_cache.predictor "
                                  "(its fitted expert popularity is the profiled load)")
             load = predictor.freq.numpy()
+        if cfg.cache_policy == "predicted-prefetch" and predictor is None:  # else plain predicted, silently
+            raise ValueError("expert_cache.cache_policy=predicted-prefetch needs expert_cache.predictor "
+                             "(the forecast it prefetches)")
         lookahead = min(cfg.prefetch_lookahead, predictor.lookahead) if predictor is not None else 0
         policy = make_policy(cfg.cache_policy, load=load, predictor=predictor if lookahead else None,
                              lookahead=lookahead, prefetch_from=cfg.prefetch_from)

@@ -220,3 +220,13 @@ def test_a_store_that_computes_every_miss_in_place_allocates_no_slots(tiny_check
     m = store.metrics()
     assert m["cpu_computed"] == m["misses"] > 0 and m["copies"] == 0
     store.close()
+
+
+def test_predicted_prefetch_without_a_predictor_names_the_field(tiny_checkpoint):
+    """predicted-prefetch fetches the predictor's forecast: without expert_cache.predictor it
+    served as plain predicted and prefetched nothing, silently (static names the field it needs)."""
+    from moe_serve.models import load_model
+
+    cfg = ExpertCacheConfig(expert_cache_slots=4, cache_policy="predicted-prefetch", cpu_experts="off")
+    with pytest.raises(ValueError, match="expert_cache.cache_policy=predicted-prefetch needs expert_cache.predictor"):
+        load_model(tiny_checkpoint("mixtral"), dtype="float32", expert_store_factory=expert_store_factory(cfg))
