@@ -230,3 +230,43 @@ def test_predicted_prefetch_without_a_predictor_names_the_field(tiny_checkpoint)
     cfg = ExpertCacheConfig(expert_cache_slots=4, cache_policy="predicted-prefetch", cpu_experts="off")
     with pytest.raises(ValueError, match="expert_cache.cache_policy=predicted-prefetch needs expert_cache.predictor"):
         load_model(tiny_checkpoint("mixtral"), dtype="float32", expert_store_factory=expert_store_factory(cfg))
+
+
+def test_the_cost_models_choices_are_what_the_metrics_report(tiny_checkpoint):
+    """cpu_experts auto on a GPU: per miss, the start-up cost model picks copy-in or compute-in-place
+    by the miss's rows. Here that choice is made on the CPU (the store built with real slots, then
+    given a cost model as a GPU would measure it: a miss of up to 2 rows is cheaper where it lies);
+    the tokens are the resident store's, and cpu_computed counts exactly the in-place choices."""
+    from moe_serve.experts.cost import ExpertCosts
+    from moe_serve.models import load_model
+    from tests.experts.test_offload import PROMPT, greedy
+
+    class Counted(ExpertCosts):
+        in_place = 0
+
+        def compute_on_cpu(self, rows):
+            chosen = super().compute_on_cpu(rows)
+            self.in_place += chosen
+            return chosen
+
+    def factory(spec, source, dtype, device):
+        store = OffloadExpertStore(source, dtype, device, 24, LRUPolicy(), top_k=2, cpu_experts="off",
+                                   admit="always")  # every expert fits: no miss runs in place for want of a slot
+        store.cpu_mode = "auto"
+        store.costs = Counted(store.expert_bytes, bandwidth=store.expert_bytes / 1e-3, device_s=(0.0, 1e-4),
+                              cpu_s=(5e-4, 3e-4))  # copy 1.0 + 0.1/row ms, in place 0.5 + 0.3/row ms
+        return store
+
+    path = tiny_checkpoint("mixtral")
+    (ref_toks, ref_logits), _ = run(path, n=4)
+    model = load_model(path, dtype="float32", expert_store_factory=factory)
+    model.allocate_kv_cache(2, 64)
+    with torch.no_grad():
+        toks, logits = greedy(model, PROMPT, 4)
+    assert toks == ref_toks
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    m, costs = model.store.metrics(), model.store.costs
+    assert m["cpu_computed"] == costs.in_place > 0 and m["copies"] > 0
+    assert costs.compute_on_cpu(2) and not costs.compute_on_cpu(3)
+    assert m["misses"] == m["cpu_computed"] + m["copies"] and m["bytes_moved"] == m["copies"] * model.store.expert_bytes
+    model.store.close()
