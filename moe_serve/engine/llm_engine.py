@@ -55,13 +55,24 @@ def as_token_ids(prompt) -> list[int] | None:
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        mc, sc = config.model, config.scheduler
+        mc = config.model
         # read before the model loads: a bad generation_config.json fails the start, not minutes later
         self.generation_defaults = read_generation_defaults(mc.model) if mc.generation_config == "auto" else {}
         if mc.cpu_threads is not None:
             torch.set_num_threads(mc.cpu_threads)
         self.hooks = EngineHooks(config.trace)
+        self.tokenizer = load_tokenizer(mc.model)  # before the weights: a bad tokenizer fails in seconds
         self.model = load_engine_model(mc, self.hooks, config.expert_cache, config.parallel)
+        try:
+            self._set_up(config)
+        except BaseException:  # nothing the model started (rank processes, copy threads) outlives a failed start
+            getattr(self.model, "close", lambda: None)()
+            self.model = None
+            raise
+
+    def _set_up(self, config: EngineConfig) -> None:
+        """Everything after the model loads: KV cache, compiled decode, hooks, scheduler."""
+        mc, sc = config.model, config.scheduler
         self.spec = self.model.spec
         self.device = torch.device(mc.device)
         kv_bytes = self.model.kv_bytes_per_token()
@@ -79,7 +90,6 @@ class LLMEngine:
                 log.info("model.compile_decode: decode batches of up to %d run compiled (timed: %s)",
                          self.model.compiled.max_batch, self.model.compiled.tuned)
         self.hooks.attach(self.spec, self.device, meta={"model": str(mc.model), "family": self.spec.family})
-        self.tokenizer = load_tokenizer(mc.model)
         self.eos_token_ids = set(self.spec.eos_token_ids or self.tokenizer.eos_token_ids)
         self.scheduler = Scheduler(self.num_slots, sc.max_num_batched_tokens, sc.prefill_chunk, sc.max_queue)
         self._lock = threading.Lock()

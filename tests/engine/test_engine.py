@@ -213,3 +213,15 @@ def test_expert_load_counts_every_routed_token(tiny_dir):
     assert load.shape == (2, 4)
     assert (load.sum(axis=1) == fed * 2).all()  # top-2
     assert engine(tiny_dir, expert_load_stats=False).expert_load() is None
+
+
+def test_a_start_that_fails_after_the_model_loads_leaves_no_thread(tiny_dir):
+    """The expert store's copy thread starts with the model; a failure after it (here the KV budget)
+    must close the model, not leave the thread behind (as a failed tensor-parallel start would its ranks)."""
+    import threading
+
+    before = {t.ident for t in threading.enumerate()}
+    with pytest.raises(ValueError, match=r"kv_cache.kv_cache_gb"):
+        engine(tiny_dir, kv_cache_gb=1e-6, max_model_len=256, expert_cache_slots=4, cpu_experts="off")
+    left = [t.name for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+    assert left == []
