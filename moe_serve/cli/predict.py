@@ -30,6 +30,7 @@ def run_fit(args) -> int:
     check_params(args.predictor, params, "--param")  # a misspelt key: refused before the traces load
     traces = [load_trace(p) for p in args.trace]
     ref = traces[0]
+    check_lookahead(args.lookahead, ref.num_layers, args.trace[0])
     t0 = time.perf_counter()
     if args.predictor == "router" and args.router_checkpoint:
         pred = RouterPredictor.from_router_weights(router_weights_from_checkpoint(args.router_checkpoint, ref.num_experts), ref.top_k, args.lookahead)
@@ -42,6 +43,32 @@ def run_fit(args) -> int:
     print(f"fitted {args.predictor} (lookahead {args.lookahead}) on {sum(t.num_tokens for t in traces)} tokens "
           f"in {time.perf_counter() - t0:.1f}s -> {args.out}")
     return 0
+
+
+def check_lookahead(lookahead: int, num_layers: int, trace: str) -> None:
+    """--lookahead d predicts MoE layers l+1 .. l+d; from layer 0 the farthest layer there is, is
+    num_layers - 1, so a larger d only adds slots that score zeros for every layer (0 = next token)."""
+    if not 0 <= lookahead <= num_layers - 1:
+        raise ValueError(f"--lookahead must lie in [0, {num_layers - 1}] (MoE layers - 1; {trace} has {num_layers} "
+                         f"MoE layers), got {lookahead}")
+
+
+def predictor_names(text: str | None) -> list[str] | None:
+    """--predictors: comma-separated registry names; None (flag absent) = all. An empty name (an empty
+    flag, a stray comma) or an unknown one is an error naming the flag, not every predictor run."""
+    from predictors.registry import REGISTRY
+
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise ValueError(f"--predictors: an empty name in {text!r}; give comma-separated names from {sorted(REGISTRY)}")
+    for n in names:
+        if n not in REGISTRY:
+            raise ValueError(f"--predictors: {n!r} is not a predictor (one of {sorted(REGISTRY)})")
+    if len(set(names)) < len(names):
+        raise ValueError(f"--predictors: {text!r} names a predictor twice")
+    return names
 
 
 def check_params(name: str, params: dict, flag: str) -> None:
@@ -77,12 +104,18 @@ def run_eval(args) -> int:
     from predictors.traces import load_trace
 
     output_file(args.json, "--json")
+    names = predictor_names(args.predictors)
     params = predictor_params(args.params)
     train = [load_trace(p) for p in args.train]
     test = [load_trace(p) for p in args.test]
     same_trace_shape(args.train + args.test, train + test, "--train/--test")
-    names = args.predictors.split(",") if args.predictors else None
-    result = compare(train, test, names, args.lookahead, args.budget, not args.no_next_token, params,
+    lookahead = args.lookahead
+    if lookahead is None:  # the default: 3, or as far as the traces' layers go
+        lookahead = min(3, train[0].num_layers - 1)
+    check_lookahead(lookahead, train[0].num_layers, args.train[0])
+    if lookahead == 0 and args.no_next_token:
+        raise ValueError("--lookahead 0 with --no-next-token: nothing left to measure")
+    result = compare(train, test, names, lookahead, args.budget, not args.no_next_token, params,
                      log=lambda s: print(s, file=sys.stderr, flush=True))
     result.update(train=[str(p) for p in args.train], test=[str(p) for p in args.test])
     print(format_table(result))
@@ -101,7 +134,7 @@ def register(subparsers) -> None:
     f = sub.add_parser("fit", help="fit one predictor on traces and save it (safetensors, no pickle)")
     f.add_argument("--trace", nargs="+", required=True, help="trace files (.npz)")
     f.add_argument("--predictor", required=True, choices=sorted(REGISTRY), help="which predictor")
-    f.add_argument("--lookahead", type=int, default=1, help="MoE layers ahead to predict; 0 = next token, same layer (default: 1)")
+    f.add_argument("--lookahead", type=int, default=1, help="MoE layers ahead to predict, at most MoE layers - 1; 0 = next token, same layer (default: 1)")
     f.add_argument("--out", required=True, help="output file (.safetensors)")
     f.add_argument("--param", action="append", help="predictor parameter KEY=VALUE (repeatable), e.g. epochs=8; a key the predictor does not take is an error naming those it takes")
     f.add_argument("--router-checkpoint", default=None, help="router: take the router weights from this checkpoint directory; mlp, mlp_online: start their hidden-state map from them")
@@ -110,9 +143,9 @@ def register(subparsers) -> None:
     e = sub.add_parser("eval", help="fit every predictor on --train, measure on --test, print a table, write JSON")
     e.add_argument("--train", nargs="+", required=True, help="trace files to fit on")
     e.add_argument("--test", nargs="+", required=True, help="trace files to measure on")
-    e.add_argument("--lookahead", type=int, default=3, help="measure lookahead 1..D (default: 3)")
+    e.add_argument("--lookahead", type=int, default=None, help="measure lookahead 1..D, D at most MoE layers - 1; 0 = next token only (default: 3, or MoE layers - 1 when fewer)")
     e.add_argument("--budget", type=int, default=None, help="prefetch budget B experts per layer (default: 2 * top_k)")
-    e.add_argument("--predictors", default=None, help="comma-separated subset (default: all)")
+    e.add_argument("--predictors", default=None, help="comma-separated subset of predictor names (default: all)")
     e.add_argument("--params", default=None, help='JSON: per-predictor parameters, e.g. {"mlp": {"epochs": 4}}')
     e.add_argument("--no-next-token", action="store_true", help="skip the next-token same-layer evaluation")
     e.add_argument("--json", default=None, help="write the results here")

@@ -126,3 +126,39 @@ def test_predict_cli_refuses_a_parameter_the_predictor_does_not_take(tmp_path, c
     assert main(["predict", "fit", "--trace", str(trace), "--out", str(out), "--predictor", "transition",
                  "--param", "smoothing=0.5", "--param", "weighted=false"]) == 0
     assert load_predictor(out).params == {"smoothing": 0.5, "weighted": False}
+
+
+def test_predict_cli_refuses_a_lookahead_past_the_last_layer_and_empty_predictor_names(tmp_path, capsys):
+    """`predict fit --lookahead 99` on a 3-layer trace fitted (and saved) a predictor whose slots 3..99 score
+    zeros for every layer; `predict eval --predictors ""` ran every predictor (minutes), "a,,b" failed late."""
+    from tests.predictors.synth import layer_map_trace
+
+    trace = tmp_path / "t.npz"
+    layer_map_trace(tokens=60, L=3, E=8, K=2, seqs=3).save(trace)
+    out = tmp_path / "p.safetensors"
+    for la in ("99", "3", "-1"):
+        rc = main(["predict", "fit", "--trace", str(trace), "--predictor", "transition", "--lookahead", la, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1, err
+        assert f"--lookahead must lie in [0, 2] (MoE layers - 1; {trace} has 3 MoE layers), got {la}" in err
+        assert not out.exists()
+    rc = main(["predict", "eval", "--train", str(trace), "--test", str(trace), "--predictors", "popularity", "--lookahead", "5"])
+    assert rc == 2 and "--lookahead must lie in [0, 2]" in capsys.readouterr().err
+    rc = main(["predict", "eval", "--train", str(trace), "--test", str(trace), "--predictors", "popularity",
+               "--lookahead", "0", "--no-next-token"])
+    assert rc == 2 and "--lookahead 0 with --no-next-token" in capsys.readouterr().err
+    for names, message in (("", "--predictors: an empty name in ''"), ("popularity,,transition", "--predictors: an empty name"),
+                           ("popularity,", "--predictors: an empty name"), ("popularty", "--predictors: 'popularty' is not a predictor"),
+                           ("popularity,popularity", "names a predictor twice")):
+        rc = main(["predict", "eval", "--train", str(trace), "--test", str(trace), "--predictors", names])
+        captured = capsys.readouterr()
+        assert rc == 2 and message in captured.err and "fit" not in captured.err, (names, captured.err)
+    # the largest lookahead there is works, and eval's default (3) stops at the traces' last layer
+    assert main(["predict", "fit", "--trace", str(trace), "--predictor", "transition", "--lookahead", "2", "--out", str(out)]) == 0
+    assert load_predictor(out).lookahead == 2
+    js = tmp_path / "e.json"
+    assert main(["predict", "eval", "--train", str(trace), "--test", str(trace), "--predictors", " popularity",
+                 "--json", str(js)]) == 0
+    res = json.loads(js.read_text())
+    slots = {k for k in res["results"]["popularity"] if k.startswith(("lookahead_", "next_token"))}
+    assert res["lookahead"] == 2 and slots == {"lookahead_1", "lookahead_2", "next_token"}
