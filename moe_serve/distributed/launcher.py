@@ -172,7 +172,15 @@ class WorkerGroup:
 
     def _watch(self) -> None:
         self.last_seen = [time.monotonic()] * self.world_size
-        while not self._stop.is_set():
+        stopped = False
+        while not self._stop.is_set():  # (checked again here: shutdown() may have set it during the poll)
+            if self.error is not None and not stopped and not self._stop.is_set():
+                # the group is failed for good (every later call raises its error): the ranks still alive would
+                # otherwise sit idle, holding their shard's memory and a core, until the next request or close()
+                for p in self.procs:
+                    if p.poll() is None:
+                        p.terminate()
+                stopped = True
             if self.up.poll(100):
                 msg = m.decode_from_worker(self.up.recv())
                 now = time.monotonic()
@@ -256,6 +264,8 @@ class WorkerGroup:
 
     def shutdown(self, grace_s: float = 5.0) -> None:
         """Ask every rank to stop, then terminate and kill what is left; remove the temp dir."""
+        # the monitor first: a rank exiting on the Shutdown is no failure, whose handling would SIGTERM the others
+        self._stop.set()
         for s in self.down:
             try:
                 s.send(m.encode(m.Shutdown("frontend shutdown")), zmq.NOBLOCK)
@@ -275,7 +285,6 @@ class WorkerGroup:
                 p.wait(timeout=2)
         if getattr(self, "_spawner", None) is not None:  # the ranks are gone (a failed bind never made one)
             self._spawner.stop()
-        self._stop.set()
         if self._monitor is not None and self._monitor is not threading.current_thread():
             self._monitor.join(timeout=2)
         for s in [self.up, *self.down]:

@@ -30,6 +30,13 @@ def _plan(step):
                       slot_ids=[0], query_lens=[1], context_lens=[0])
 
 
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory) -> str:
+    from tests.models.tiny_checkpoints import make_tiny_checkpoint
+
+    return str(make_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("ckpt") / "mixtral"))
+
+
 def _external_ranks(world: int, port: int) -> list[subprocess.Popen]:
     """Ranks started as torchrun starts them (RANK, WORLD_SIZE, MASTER_*): the frontend has no process to watch."""
     master = free_tcp_port()
@@ -89,6 +96,15 @@ def _our_ranks() -> list:
     return [p for p in psutil.Process().children() if "moe_serve.distributed.worker" in " ".join(p.cmdline())]
 
 
+def _alive(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _our_temp_dirs() -> list[str]:
     """moe-serve-* dirs whose owner file names this process (other sessions may share the temp dir)."""
     import glob
@@ -104,17 +120,15 @@ def _our_temp_dirs() -> list[str]:
     return mine
 
 
-def test_close_while_the_ranks_start_stops_them(tmp_path):
+def test_close_while_the_ranks_start_stops_them(mixtral):
     # a server stopped during its start-up closes the model from another thread than the one starting the
     # ranks: close() found no group yet and did nothing, and the ranks came up afterwards and kept running
     import threading
 
     from moe_serve.config import ModelConfig, ParallelConfig
     from moe_serve.distributed.executor import DistributedModel
-    from tests.models.tiny_checkpoints import make_tiny_checkpoint
 
-    ckpt = make_tiny_checkpoint("mixtral", tmp_path / "mixtral")
-    dm = DistributedModel(ModelConfig(model=str(ckpt)), ParallelConfig(ep=2, allreduce="gloo", threads_per_rank=1))
+    dm = DistributedModel(ModelConfig(model=mixtral), ParallelConfig(ep=2, allreduce="gloo", threads_per_rank=1))
     got = []
 
     def start():
@@ -143,3 +157,32 @@ def test_close_while_the_ranks_start_stops_them(tmp_path):
     finally:
         dm.close()
         starter.join(timeout=10)
+
+
+def test_rank_dead_before_the_first_step(mixtral):
+    # a rank killed while the engine is idle: the survivor used to stay up (its shard's memory, a core) until
+    # the next request or close(); the first request then got the error naming the dead rank
+    from moe_serve.config import EngineConfig
+    from moe_serve.engine import SamplingParams
+    from moe_serve.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig.from_flat(model=mixtral, max_num_seqs=2, ep=2, allreduce="gloo", threads_per_rank=1))
+    try:
+        ranks = _our_ranks()
+        assert len(ranks) == 2 and _our_temp_dirs()
+        os.kill(engine.model.group.pids()[1], signal.SIGKILL)
+        deadline = time.monotonic() + 5  # (psutil.wait_procs would reap them: Popen then reads exit code 0)
+        while any(_alive(p) for p in ranks) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(p) for p in ranks), "the surviving rank outlived the failed group"
+        engine.add_request([5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0), request_id="a")
+        t, outs = time.monotonic(), []
+        while engine.has_unfinished() and time.monotonic() - t < 10:
+            outs += [o for o in engine.step() if o.finished]
+        assert [(o.request_id, o.finish_reason) for o in outs] == [("a", "error")]
+        assert "rank 1" in outs[0].error and "exited with code -9" in outs[0].error, outs[0].error
+        assert _our_temp_dirs() == []  # the failed step closed the group: its sockets' dir is gone
+    finally:
+        engine.close()
+        engine.close()
+    assert _our_ranks() == [] and _our_temp_dirs() == []
