@@ -27,13 +27,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run a parsed subcommand; a ValueError or FileNotFoundError (bad flag value, bad checkpoint
-    file) is one line naming the problem and exit code 2, not a traceback."""
+    """Run a parsed subcommand; a ValueError (bad flag value, bad checkpoint file) or any OSError (a file
+    absent, unreadable or unwritable, a directory, a name too long, a full disk) is one line naming the
+    problem (an OSError: its path) and exit code 2, not a traceback. Anything else (a TypeError, ...) is a
+    bug and keeps its traceback."""
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except ValueError as exc:
         print(f"moe-serve {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"moe-serve {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def os_error_line(exc: OSError) -> str:
+    """'PATH: strerror' (both paths of a rename or link); our own messages (no filename) as they are."""
+    if exc.filename is None or not exc.strerror:
+        return str(exc) or type(exc).__name__
+    paths = str(exc.filename) if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+    return f"{paths}: {exc.strerror}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,3 +142,38 @@ def test_generate_record_trace_writes_the_trace(tiny_dir, tmp_path, capsys):
     argv = ["generate", "--model", str(tiny_dir), "--prompt", "hi", "--max-tokens", "2", "--record-trace", str(out)]
     assert main(argv) == 0
     assert load_trace(out).num_sequences == 1 and [p.name for p in tmp_path.iterdir()] == ["t.npz"]
+
+
+def test_every_os_error_is_one_line_naming_the_path(tmp_path, capsys):
+    """Only FileNotFoundError was exit 2: an output name too long for the file system (OSError ENAMETOOLONG,
+    raised by root too, unlike a chmod'ed directory), a directory opened as a file or a failed rename
+    were tracebacks. Any OSError is now one line naming its path(s)."""
+    import argparse
+    import os
+
+    from moe_serve.cli.main import run
+
+    out = tmp_path / ("x" * 300 + ".safetensors")
+    rc = main(["predict", "fit", "--trace", str(tmp_path / "t.npz"), "--predictor", "popularity", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"moe-serve predict: error: {out}: File name too long\n", err
+    for func, line in (
+        (lambda a: open(tmp_path, "w"), f"{tmp_path}: Is a directory"),
+        (lambda a: os.rename(tmp_path / "a", tmp_path / "b"), f"{tmp_path / 'a'} -> {tmp_path / 'b'}: No such file or directory"),
+        (lambda a: open(tmp_path / "none" / "f"), f"{tmp_path / 'none' / 'f'}: No such file or directory"),
+    ):
+        assert run(argparse.Namespace(command="x", func=func)) == 2
+        assert capsys.readouterr().err == f"moe-serve x: error: {line}\n"
+
+
+def test_a_programming_error_keeps_its_traceback(capsys):
+    """Turning OSErrors into exit 2 must not hide bugs: a TypeError (or any non-OSError) propagates."""
+    import argparse
+
+    from moe_serve.cli.main import run
+
+    with pytest.raises(TypeError):
+        run(argparse.Namespace(command="x", func=lambda a: len(5)))
+    with pytest.raises(KeyError):
+        run(argparse.Namespace(command="x", func=lambda a: {}["missing"]))
+    assert capsys.readouterr().err == ""
