@@ -21,7 +21,7 @@ from moe_serve.distributed.comm import shm_files
 from moe_serve.distributed.endpoints import free_tcp_port
 from moe_serve.distributed.groups import ParallelLayout
 from moe_serve.distributed.launcher import WorkerFailure, WorkerGroup
-from moe_serve.distributed.sizes import check_shardable
+from moe_serve.distributed.sizes import check_shardable, threads_per_rank, usable_cores
 from moe_serve.distributed.worker import WorkerSpec
 from moe_serve.models.batch import ForwardBatch
 
@@ -66,6 +66,12 @@ class DistributedModel:
         self.mc, self.pc, self.faults, self.engine_hooks = mc, pc, faults, engine_hooks
         _, self.spec = parse_spec(read_config(mc.model))
         self.layout = ParallelLayout(pc.tp, pc.ep)
+        # before any rank starts: more ranks or threads than cores was accepted and ran, each step slowed down
+        # by ranks taking turns on a core inside every collective (ranks started by torchrun are not ours to count)
+        if pc.worker_endpoint:
+            self.threads = pc.threads_per_rank or max(1, usable_cores() // self.layout.world_size)
+        else:
+            self.threads = threads_per_rank(pc.tp, pc.ep, pc.threads_per_rank, mc.device)
         # the ranks run the same checks: sizes the layout cannot split (heads, KV heads, intermediate sizes),
         # a bad placement file or redundant_experts fail here, before any rank starts
         check_shardable(self.spec, self.layout)
@@ -96,7 +102,6 @@ class DistributedModel:
         if self._closed.is_set():
             raise RuntimeError("the distributed model is closed")
         pc, mc, w = self.pc, self.mc, self.layout.world_size
-        threads = pc.threads_per_rank or max(1, (os.cpu_count() or 1) // w)
         args = dict(model=str(mc.model), dtype=mc.dtype, mla_decode=mc.mla_decode, num_slots=num_slots, max_len=max_len,
                     dispatch=pc.dispatch, placement=pc.placement, redundant_experts=pc.redundant_experts,
                     allreduce_backend=self.allreduce, rebalance_every=pc.rebalance_every,
@@ -105,7 +110,7 @@ class DistributedModel:
         base = WorkerSpec(rank=0, tp=pc.tp, ep=pc.ep, up="", down="", dist_init="",
                           runner="moe_serve.distributed.runner:build", runner_args=args, device=mc.device,
                           heartbeat_s=pc.heartbeat_interval_s, dist_timeout_s=min(pc.step_timeout_s, 300),
-                          threads=threads)
+                          threads=self.threads)
         env = {}
         if self.allreduce == "deepspeed":  # names of DeepSpeed's /dev/shm files; LOCAL_SIZE must be the world
             self._shm_port = str(free_tcp_port())

@@ -67,3 +67,29 @@ def check_shardable(spec, layout) -> None:
                                      spec.moe_intermediate_size, moe_tp, tp, ep))
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its affinity mask (taskset, a container's cpuset), not the machine's count."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_rank(tp: int, ep: int, threads: int, device: str, cores: int | None = None) -> int:
+    """torch threads of each of the max(tp, ep) ranks this machine starts on `device`, or a ValueError naming the
+    option and the limit when the usable cores cannot hold them: on CPU each rank computes on its own cores, and
+    ranks (or threads) beyond them take turns inside every collective, each step waiting on the slowest."""
+    world, cores = max(tp, ep), cores or usable_cores()
+    if not device.startswith("cpu"):
+        return threads or max(1, cores // world)
+    if world > cores:
+        raise ValueError(f"parallel.tp={tp}, parallel.ep={ep}: {world} CPU ranks need one core each at least; this "
+                         f"process may use {cores} (os.sched_getaffinity)")
+    if threads * world > cores:
+        raise ValueError(f"parallel.threads_per_rank={threads}: {world} ranks x {threads} threads exceed the {cores} "
+                         f"cores this process may use; at most {cores // world} (0 picks it)")
+    return threads or cores // world

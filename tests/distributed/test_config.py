@@ -158,3 +158,28 @@ def test_check_shardable_agrees_with_the_shard_code():
         _, spec = parse_spec(hf_config("qwen3_moe", moe_intermediate_size=33, num_attention_heads=6,
                                        num_key_value_heads=3).to_dict())
         check_shardable(spec, ParallelLayout(2, 1))
+
+
+def test_more_ranks_or_threads_than_cores_are_refused_before_any_rank_starts(tmp_path, monkeypatch, capsys):
+    # accepted before, and served: ranks beyond the cores take turns on them inside every collective, so each
+    # step waits on the slowest (and threads_per_rank=0 split os.cpu_count(), not the cores this process may use)
+    from moe_serve.cli.main import main
+    from moe_serve.distributed.sizes import threads_per_rank, usable_cores
+    from moe_serve.engine import LLM
+
+    cores = usable_cores()
+    ckpt = _config_dir(tmp_path, "mixtral", num_local_experts=cores + 1)  # ep=cores+1 splits the experts
+    _no_ranks(monkeypatch)
+    for opts, message in [
+            (dict(ep=cores + 1), f"parallel.tp=1, parallel.ep={cores + 1}: {cores + 1} CPU ranks need one core each "
+                                 f"at least; this process may use {cores}"),
+            (dict(tp=2, ep=2, threads_per_rank=cores), f"parallel.threads_per_rank={cores}: 2 ranks x {cores} threads "
+                                                       f"exceed the {cores} cores this process may use; at most {cores // 2}")]:
+        with pytest.raises(ValueError) as err:
+            LLM(model=ckpt, **opts)
+        assert message in str(err.value), str(err.value)
+    rc = main(["generate", "--model", ckpt, "--prompt", "hi", "--ep", "2", "--threads-per-rank", str(cores)])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and f"parallel.threads_per_rank={cores}" in err, err
+    assert threads_per_rank(1, 2, 0, "cpu", cores=6) == 3  # 0: the usable cores split evenly
+    assert threads_per_rank(1, 8, 0, "cuda", cores=4) == 1  # GPU ranks: their cores are not the compute
