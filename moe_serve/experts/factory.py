@@ -1,6 +1,7 @@
 """`ExpertCacheConfig` -> the `expert_store_factory` that `load_model` calls (None: all resident)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -8,6 +9,8 @@ import torch
 from moe_serve.config import ExpertCacheConfig
 from moe_serve.experts.offload import OffloadExpertStore
 from moe_serve.experts.policies import make_policy
+
+log = logging.getLogger(__name__)
 
 
 def _available_host_bytes() -> int | None:
@@ -69,6 +72,12 @@ def expert_store_factory(cfg: ExpertCacheConfig):
             raise ValueError("expert_cache.cache_policy=predicted-prefetch needs expert_cache.predictor "
                              "(the forecast it prefetches)")
         lookahead = min(cfg.prefetch_lookahead, predictor.lookahead) if predictor is not None else 0
+        if predictor is not None and lookahead < cfg.prefetch_lookahead and cfg.cache_policy in ("predicted", "predicted-prefetch"):
+            # served (as vLLM does with a capped setting) but not silently: the user asked for more
+            log.warning("expert_cache.prefetch_lookahead=%d exceeds the lookahead %d that expert_cache.predictor %s "
+                        "was fitted for; %s", cfg.prefetch_lookahead, predictor.lookahead, cfg.predictor,
+                        f"prefetching {lookahead} MoE layer(s) ahead" if lookahead else
+                        "it predicts the next token at the same layer, no later layer: nothing is prefetched")
         policy = make_policy(cfg.cache_policy, load=load, predictor=predictor if lookahead else None,
                              lookahead=lookahead, prefetch_from=cfg.prefetch_from)
         host = cfg.host_memory
