@@ -148,7 +148,10 @@ class OffloadExpertStore(ExpertStore):
         s["prefetch_precision"] = s["prefetch_used"] / s["prefetch_issued"] if s["prefetch_issued"] else None
         demand = s["misses"] + s["prefetch_used"]
         s["prefetch_recall"] = s["prefetch_used"] / demand if demand else None
-        s["capacity"] = self.capacity
+        # slots allocated: none when every miss is computed in place (CPU device, cpu_experts auto/on),
+        # whatever the budget; the budget itself (expert_cache_slots or _gb, at most every expert) apart
+        s["capacity"] = int(self.slot_gu.shape[0])
+        s["capacity_configured"] = self.capacity
         return s
 
     # -- tiers ---------------------------------------------------------------------------------

@@ -302,3 +302,16 @@ def test_a_prefetch_lookahead_past_the_predictors_is_served_with_a_warning(tiny_
         load_model(path, dtype="float32", expert_store_factory=expert_store_factory(cfg)).store.close()
     assert any("prefetch_lookahead=1 exceeds the lookahead 0" in r.getMessage() and "nothing is prefetched" in r.getMessage()
                for r in caplog.records)
+
+
+@pytest.mark.parametrize("cpu_experts, allocated", [("auto", 0), ("on", 0), ("off", 5)])
+def test_capacity_reports_the_slots_allocated_and_the_budget_apart(cpu_experts, allocated):
+    """A store that computes every miss in place allocates no slot, yet metrics()["capacity"] said the
+    configured 5: a cache of 5 experts that never held one. capacity is what is allocated,
+    capacity_configured the budget."""
+    store = OffloadExpertStore(TinySource(), torch.float32, "cpu", 5, LRUPolicy(), top_k=2, cpu_experts=cpu_experts,
+                               admit="always")
+    m = store.metrics()
+    assert m["capacity"] == allocated == store.slot_gu.shape[0] == store.slot_dn.shape[0]
+    assert m["capacity_configured"] == 5
+    store.close()
