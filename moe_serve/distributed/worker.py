@@ -99,6 +99,12 @@ def run_worker(spec: WorkerSpec) -> int:
             os._exit(3)
         if spec.fault == "hang_before_ready":
             time.sleep(3600)
+        launched = os.environ.get("WORLD_SIZE") if spec.dist_init == "env://" else None
+        if launched is not None and int(launched) != max(spec.tp, spec.ep):
+            # the rendezvous takes the frontend's world size: with more ranks launched, the group formed without
+            # the extra ones, which waited for a spec that never came and, timing out, had torchrun stop them all
+            raise ValueError(f"the launcher started WORLD_SIZE={launched} ranks; parallel.tp={spec.tp}, "
+                             f"parallel.ep={spec.ep} need max(tp, ep)={max(spec.tp, spec.ep)}")
         import torch
 
         from moe_serve.distributed.groups import ParallelLayout, init_distributed

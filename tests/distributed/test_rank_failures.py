@@ -37,10 +37,10 @@ def mixtral(tmp_path_factory) -> str:
     return str(make_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("ckpt") / "mixtral"))
 
 
-def _external_ranks(world: int, port: int) -> list[subprocess.Popen]:
+def _external_ranks(world: int, port: int, world_env: int | None = None) -> list[subprocess.Popen]:
     """Ranks started as torchrun starts them (RANK, WORLD_SIZE, MASTER_*): the frontend has no process to watch."""
     master = free_tcp_port()
-    base = dict(os.environ, OMP_NUM_THREADS="1", MOE_SERVE_FRONTEND=f"127.0.0.1:{port}", WORLD_SIZE=str(world),
+    base = dict(os.environ, OMP_NUM_THREADS="1", MOE_SERVE_FRONTEND=f"127.0.0.1:{port}", WORLD_SIZE=str(world_env or world),
                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master),
                 PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return [subprocess.Popen([sys.executable, "-m", "moe_serve.distributed.worker"],
@@ -186,3 +186,23 @@ def test_rank_dead_before_the_first_step(mixtral):
         engine.close()
         engine.close()
     assert _our_ranks() == [] and _our_temp_dirs() == []
+
+
+def test_launcher_world_size_other_than_the_layout_is_named():
+    # torchrun --nproc-per-node 3 for a tp=2 layout: ranks 0 and 1 formed the group and served, rank 2 waited
+    # for a spec nobody sends (600 s), then torchrun stopped every rank in the middle of serving
+    port = free_tcp_port_run(3)
+    ranks, group = _external_ranks(2, port, world_env=3), None
+    try:
+        with pytest.raises(WorkerFailure, match=r"failed while starting(.|\n)*the launcher started WORLD_SIZE=3 ranks; "
+                                                r"parallel.tp=2, parallel.ep=1 need max\(tp, ep\)=2"):
+            group = WorkerGroup(_spec(2, 1), world_size=2, startup_timeout_s=20, external=f"tcp://127.0.0.1:{port}")
+    finally:
+        if group is not None:
+            group.shutdown()
+        for p in ranks:
+            try:
+                p.wait(timeout=10)  # each exits on its own error
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
