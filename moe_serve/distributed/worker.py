@@ -70,7 +70,10 @@ class _Heartbeat(threading.Thread):
 
     def run(self):
         while True:
-            self.sock.send(m.encode(m.Heartbeat(self.spec.rank, self.step, time.time(), self.phase)))
+            try:  # never block: with the frontend gone a PUSH waits for a peer forever (then dies in ctx.term())
+                self.sock.send(m.encode(m.Heartbeat(self.spec.rank, self.step, time.time(), self.phase)), zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # a heartbeat nobody can take is worth nothing later
             if self.stop.wait(self.spec.heartbeat_s):
                 break
         self.sock.close()
@@ -92,7 +95,7 @@ def run_worker(spec: WorkerSpec) -> int:
     down.connect(spec.down)
     hb = _Heartbeat(ctx, spec)
     hb.start()
-    step = -1
+    step, gone = -1, None
     parent = os.getppid()
     try:
         if spec.fault == "exit_before_ready":
@@ -118,9 +121,16 @@ def run_worker(spec: WorkerSpec) -> int:
         hb.phase = "serving"
         up.send(m.encode(m.Ready(spec.rank, os.getpid(), socket.gethostname(), time.time() - t0)))
         exit_at = int(spec.fault.split(":")[1]) if spec.fault.startswith("exit_at_step:") else -1
+        # a rank from torchrun is no child of the frontend (no PDEATHSIG): when the frontend dies (its Shutdown
+        # never comes) the only sign is its end of this TCP connection going away; such ranks served on forever
+        gone = down.get_monitor_socket(zmq.EVENT_DISCONNECTED) if spec.dist_init == "env://" else None
         while True:
             if not down.poll(1000):
                 if spec.dist_init != "env://" and os.getppid() != parent:  # frontend gone (non-Linux fallback of PDEATHSIG)
+                    return 1
+                if gone is not None and gone.poll(0):
+                    print(f"rank {spec.rank}: the frontend closed its connection without a Shutdown; exiting",
+                          file=sys.stderr, flush=True)
                     return 1
                 continue
             msg = m.decode_to_worker(down.recv())
@@ -152,6 +162,10 @@ def run_worker(spec: WorkerSpec) -> int:
                 dist.destroy_process_group()
         except Exception:
             pass
+        if gone is not None:
+            down.disable_monitor()
+            gone.close()
+        hb.join(timeout=2 * spec.heartbeat_s + 1)  # its socket must be closed before ctx.term() can return
         up.close()
         down.close()
         ctx.term()

@@ -206,3 +206,35 @@ def test_launcher_world_size_other_than_the_layout_is_named():
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+_FRONTEND = """
+import sys, time
+from moe_serve.distributed.launcher import WorkerGroup
+from tests.distributed.test_rank_failures import _spec
+group = WorkerGroup(_spec(1, 2), world_size=2, startup_timeout_s=30, external=sys.argv[1])
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_torchrun_ranks_exit_when_their_frontend_is_killed():
+    # ranks from torchrun are not the frontend's children (no die-with-parent signal): a frontend killed with
+    # SIGKILL (OOM killer, kill -9) never sends Shutdown, and they served nobody forever
+    port = free_tcp_port_run(3)
+    ranks = _external_ranks(2, port)
+    front = subprocess.Popen([sys.executable, "-c", _FRONTEND, f"tcp://127.0.0.1:{port}"], cwd=ROOT,
+                             stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        assert front.stdout.readline().strip() == "ready"
+        front.kill()
+        front.wait()
+        t = time.monotonic()
+        for p in ranks:
+            p.wait(timeout=10)
+        assert [p.returncode for p in ranks] == [1, 1] and time.monotonic() - t < 10
+    finally:
+        for p in [front, *ranks]:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
