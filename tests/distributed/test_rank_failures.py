@@ -159,15 +159,45 @@ def test_close_while_the_ranks_start_stops_them(mixtral):
         starter.join(timeout=10)
 
 
-def test_rank_dead_before_the_first_step(mixtral):
-    # a rank killed while the engine is idle: the survivor used to stay up (its shard's memory, a core) until
-    # the next request or close(); the first request then got the error naming the dead rank
+def _run(engine, prompts, params, stagger: bool, abort: str | None = None) -> dict:
+    """Finished (token ids, finish reason) by request id: one at a time, or one joining every other step
+    (mid-decode of the earlier ones, in prefill chunks) with `abort` stopped at step 5."""
+    pending, done, k = list(enumerate(prompts)), {}, 0
+    while pending or engine.has_unfinished():
+        if pending and (k % 2 == 0 if stagger else not engine.has_unfinished()):
+            i, p = pending.pop(0)
+            engine.add_request(p, params, request_id=f"r{i}")
+        if k == 5 and abort:
+            engine.abort(abort)
+        done.update({o.request_id: (o.token_ids, o.finish_reason) for o in engine.step() if o.finished})
+        k += 1
+    return done
+
+
+def test_joining_requests_then_a_rank_dead_while_idle(mixtral):
+    # requests joining mid-decode, with prompts split in prefill chunks over the two data-parallel attention
+    # ranks and one aborted (its KV slot reused), give exactly what each gives alone in one process (checked,
+    # no bug found). Then a rank killed while the engine is idle: the survivor used to stay up (its shard's
+    # memory, a core) until the next request or close(); the next request gets the error naming the dead rank
+    import random
+
     from moe_serve.config import EngineConfig
     from moe_serve.engine import SamplingParams
     from moe_serve.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig.from_flat(model=mixtral, max_num_seqs=2, ep=2, allreduce="gloo", threads_per_rank=1))
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 120) for _ in range(rng.randrange(2, 14))] for _ in range(8)]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    opts = dict(model=mixtral, max_num_seqs=3, prefill_chunk=4, max_num_batched_tokens=8)
+    one = LLMEngine(EngineConfig.from_flat(**opts))
     try:
+        alone = _run(one, prompts, params, stagger=False)
+    finally:
+        one.close()
+    engine = LLMEngine(EngineConfig.from_flat(**opts, ep=2, allreduce="gloo", threads_per_rank=1))
+    try:
+        got = _run(engine, prompts, params, stagger=True, abort="r1")
+        assert got.pop("r1")[1] == "abort" and got == {k: v for k, v in alone.items() if k != "r1"}
         ranks = _our_ranks()
         assert len(ranks) == 2 and _our_temp_dirs()
         os.kill(engine.model.group.pids()[1], signal.SIGKILL)
