@@ -8,6 +8,7 @@ waiting caller receives at once. Nothing waits without a timeout.
 """
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import subprocess
@@ -16,12 +17,16 @@ import threading
 import time
 from dataclasses import replace
 
+import msgspec
 import zmq
 
 from moe_serve.distributed import messages as m
 from moe_serve.distributed.endpoints import ControlEndpoints
 from moe_serve.distributed.spawner import Spawner
 from moe_serve.distributed.worker import SPEC_ENV, WorkerSpec
+
+
+log = logging.getLogger(__name__)
 
 
 class WorkerFailure(RuntimeError):
@@ -124,7 +129,7 @@ class WorkerGroup:
                     f"rank(s) {missing} did not come up within parallel.startup_timeout_s={timeout_s:g} s "
                     f"({'; '.join(state)})" + self._drain_errors())
             if self.up.poll(int(min(left, 0.2) * 1000)):
-                msg = m.decode_from_worker(self.up.recv())
+                msg = self._recv()
                 if isinstance(msg, m.Ready):
                     self.ready[msg.rank] = msg
                 elif isinstance(msg, m.Heartbeat):
@@ -132,10 +137,21 @@ class WorkerGroup:
                 elif isinstance(msg, m.WorkerError):
                     raise WorkerFailure(f"rank {msg.rank} failed while starting:\n{msg.error}")
 
+    def _recv(self):
+        """The next frame from the ranks, decoded; None for one that is no rank's message (a stray peer on a tcp
+        port, another version's rank): its DecodeError used to end the monitor thread, and every step's output
+        and failure with it (each forward then waited out parallel.step_timeout_s)."""
+        frame = self.up.recv()
+        try:
+            return m.decode_from_worker(frame)
+        except msgspec.DecodeError as exc:  # ValidationError too (a subclass)
+            log.warning("control: dropped a %d-byte frame that is no rank's message (%s)", len(frame), exc)
+            return None
+
     def _drain_errors(self) -> str:
         text = ""
         while self.up.poll(0):
-            msg = m.decode_from_worker(self.up.recv())
+            msg = self._recv()
             if isinstance(msg, m.WorkerError):
                 text += f"\nrank {msg.rank} reported:\n{msg.error}"
         return text
@@ -165,7 +181,7 @@ class WorkerGroup:
                     return (f"rank {silent[0]} sent no heartbeat since rank {msg.rank} failed at step {msg.step} "
                             f"(it died or hangs): {last}")
             if self.up.poll(50):  # keep hearing the live ranks meanwhile
-                got = m.decode_from_worker(self.up.recv())
+                got = self._recv()
                 if isinstance(got, (m.Heartbeat, m.StepOutput)):
                     self.last_seen[got.rank] = time.monotonic()
         return f"rank {msg.rank} failed at step {msg.step}:\n{msg.error}"
@@ -182,7 +198,7 @@ class WorkerGroup:
                         p.terminate()
                 stopped = True
             if self.up.poll(100):
-                msg = m.decode_from_worker(self.up.recv())
+                msg = self._recv()
                 now = time.monotonic()
                 if isinstance(msg, m.StepOutput):
                     self.last_seen[msg.rank] = now

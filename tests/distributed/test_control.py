@@ -155,3 +155,28 @@ def test_worker_endpoint_in_use_is_named():
         # PORT + 1 + r are the ranks' sockets: one of them taken is named too
         with pytest.raises(ValueError, match=r"parallel.worker_endpoint: cannot bind tcp://127.0.0.1:\d+ \(Address already in use\)"):
             WorkerGroup(_spec(1, 2), world_size=2, startup_timeout_s=5, external=f"tcp://127.0.0.1:{port - 1}")
+
+
+def test_a_stray_frame_on_the_up_socket_does_not_stop_the_monitor(caplog):
+    # anything on this machine may connect to a tcp control port: its frame failed to decode inside the monitor
+    # thread, which ended, and every later step waited out its timeout (600 s by default) for outputs never routed
+    import zmq
+
+    group = WorkerGroup(_spec(1, 2), world_size=2, startup_timeout_s=60, heartbeat_timeout_s=20, transport="tcp")
+    ctx = zmq.Context()
+    stray = ctx.socket(zmq.PUSH)
+    stray.setsockopt(zmq.LINGER, 0)
+    try:
+        stray.connect(group.up.getsockopt_string(zmq.LAST_ENDPOINT))
+        stray.send(b"\x93garbage")
+        stray.send(m.encode(m.Shutdown("a command is no rank's message")))
+        time.sleep(0.5)  # the monitor has read them
+        layout = ParallelLayout(1, 2)
+        for step in range(2):
+            group.broadcast(_plan(step, [[3], [4]]))
+            assert len(group.collect(step, len(layout.output_ranks()), timeout_s=5)) == 2
+        assert group.error is None and caplog.text.count("dropped a") == 2, caplog.text
+    finally:
+        stray.close()
+        ctx.term()
+        group.shutdown()
