@@ -208,6 +208,7 @@ class DistributedModel:
     def close(self, grace_s: float = 5.0) -> None:
         """Stop the ranks (`grace_s` to finish on their own before SIGTERM) and remove shm files. Safe to call
         twice, and from another thread while allocate_kv_cache starts the ranks: it then waits for them to stop."""
+        atexit.unregister(self.close)  # the registry's reference kept every closed model (and its plan) alive
         with self._lock:
             self._closed.set()
             g, self.group = self.group, None

@@ -183,3 +183,22 @@ def test_more_ranks_or_threads_than_cores_are_refused_before_any_rank_starts(tmp
     assert rc == 2 and len(err.strip().splitlines()) == 1 and f"parallel.threads_per_rank={cores}" in err, err
     assert threads_per_rank(1, 2, 0, "cpu", cores=6) == 3  # 0: the usable cores split evenly
     assert threads_per_rank(1, 8, 0, "cuda", cores=4) == 1  # GPU ranks: their cores are not the compute
+
+
+def test_a_closed_model_is_not_kept_alive(tmp_path):
+    # every DistributedModel registers close() to run at exit; the registry kept each one (its plan, its
+    # engine's hooks) alive after close, for the life of the process: one per engine a server or notebook made
+    import gc
+    import weakref
+
+    from moe_serve.config import ModelConfig
+    from moe_serve.distributed.executor import DistributedModel
+
+    ckpt = _config_dir(tmp_path, "mixtral")
+    dm = DistributedModel(ModelConfig(model=ckpt), ParallelConfig(ep=2, threads_per_rank=1))
+    dm.close()
+    dm.close()
+    ref = weakref.ref(dm)
+    del dm
+    gc.collect()
+    assert ref() is None
