@@ -188,7 +188,7 @@ class WorkerGroup:
 
     def _watch(self) -> None:
         self.last_seen = [time.monotonic()] * self.world_size
-        stopped = False
+        stopped, tick = False, time.monotonic()
         while not self._stop.is_set():  # (checked again here: shutdown() may have set it during the poll)
             if self.error is not None and not stopped and not self._stop.is_set():
                 # the group is failed for good (every later call raises its error): the ranks still alive would
@@ -207,6 +207,10 @@ class WorkerGroup:
                     self.last_seen[msg.rank] = now
                 elif isinstance(msg, m.WorkerError):
                     self._fail(self._root_cause(msg))
+            if (gap := time.monotonic() - tick) > 1.0:  # a loop takes 0.1 s: the frontend itself was stopped
+                # (Ctrl-Z then fg stops every process of the job; a frozen container): no rank could be heard
+                self.last_seen = [t + gap for t in self.last_seen]
+            tick = time.monotonic()
             if self.error is not None:
                 continue
             for r in range(self.world_size):  # every rank: one torchrun started has no process here to poll

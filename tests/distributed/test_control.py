@@ -180,3 +180,46 @@ def test_a_stray_frame_on_the_up_socket_does_not_stop_the_monitor(caplog):
         stray.close()
         ctx.term()
         group.shutdown()
+
+
+_PAUSED_FRONTEND = """
+import sys
+from moe_serve.distributed.launcher import WorkerGroup
+from tests.distributed.test_control import _plan, _spec
+group = WorkerGroup(_spec(1, 2), world_size=2, startup_timeout_s=30, heartbeat_timeout_s=1)
+print(*group.pids(), flush=True)
+sys.stdin.readline()
+try:
+    group.broadcast(_plan(0, [[3], [4]]))
+    print("answered", len(group.collect(0, 2, timeout_s=10)), flush=True)
+except Exception as exc:
+    print("failed:", exc, flush=True)
+group.shutdown()
+"""
+
+
+def test_a_stopped_and_resumed_job_is_no_rank_failure():
+    # Ctrl-Z then fg stops and resumes the frontend and its ranks together: on resuming, the monitor found every
+    # rank silent for longer than heartbeat_timeout_s (it could hear none while itself stopped) and failed them
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    front = subprocess.Popen([sys.executable, "-c", _PAUSED_FRONTEND], cwd=Path(__file__).resolve().parents[2],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        job = [front.pid, *map(int, front.stdout.readline().split())]
+        for pid in job:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(2)  # twice heartbeat_timeout_s
+        for pid in reversed(job):
+            os.kill(pid, signal.SIGCONT)
+        front.stdin.write("go\n")
+        front.stdin.flush()
+        assert front.stdout.readline().strip() == "answered 2"
+        assert front.wait(timeout=20) == 0
+    finally:
+        if front.poll() is None:
+            front.kill()
+            front.wait()
