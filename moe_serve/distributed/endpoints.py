@@ -136,3 +136,30 @@ class ControlEndpoints:
         if self.tmpdir:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             self.tmpdir = None
+
+
+def bind_sockets(ctx, endpoints: ControlEndpoints, external: bool):
+    """The frontend's sockets: (PULL bound at endpoints.up, one PUSH per rank bound at endpoints.down[r]); a
+    ValueError naming the option when an address cannot be bound (everything opened is closed, the context
+    terminated, the temp dir removed)."""
+    import zmq
+
+    up = ctx.socket(zmq.PULL)
+    up.setsockopt(zmq.LINGER, 0)
+    down = []
+    addr = endpoints.up
+    try:
+        up.bind(addr)
+        for addr in endpoints.down:
+            s = ctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.LINGER, 0)
+            down.append(s)
+            s.bind(addr)
+    except zmq.ZMQError as exc:  # e.g. a port of parallel.worker_endpoint (PORT, PORT+1+r) is taken
+        for s in [up, *down]:
+            s.close()
+        ctx.term()
+        endpoints.cleanup()
+        field = "parallel.worker_endpoint" if external else "parallel.control_transport"
+        raise ValueError(f"{field}: cannot bind {addr} ({zmq.strerror(exc.errno)})") from exc
+    return up, down

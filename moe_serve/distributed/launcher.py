@@ -21,7 +21,7 @@ import msgspec
 import zmq
 
 from moe_serve.distributed import messages as m
-from moe_serve.distributed.endpoints import ControlEndpoints
+from moe_serve.distributed.endpoints import ControlEndpoints, bind_sockets
 from moe_serve.distributed.spawner import Spawner
 from moe_serve.distributed.worker import SPEC_ENV, WorkerSpec
 
@@ -57,25 +57,8 @@ class WorkerGroup:
         else:
             self.endpoints = ControlEndpoints.create(world_size, transport)
         self.ctx = zmq.Context()
-        self.up = self.ctx.socket(zmq.PULL)
-        self.up.setsockopt(zmq.LINGER, 0)
-        self.down = []
-        addr = self.endpoints.up
-        try:
-            self.up.bind(addr)
-            up_addr = self.up.getsockopt_string(zmq.LAST_ENDPOINT)
-            for addr in self.endpoints.down:
-                s = self.ctx.socket(zmq.PUSH)
-                s.setsockopt(zmq.LINGER, 0)
-                self.down.append(s)
-                s.bind(addr)
-        except zmq.ZMQError as exc:  # e.g. a port of parallel.worker_endpoint (PORT, PORT+1+r) is taken
-            for s in [self.up, *self.down]:
-                s.close()
-            self.ctx.term()
-            self.endpoints.cleanup()
-            field = "parallel.worker_endpoint" if external is not None else "parallel.control_transport"
-            raise ValueError(f"{field}: cannot bind {addr} ({zmq.strerror(exc.errno)})") from exc
+        self.up, self.down = bind_sockets(self.ctx, self.endpoints, external is not None)
+        up_addr = self.up.getsockopt_string(zmq.LAST_ENDPOINT)
         self.outputs: queue.Queue = queue.Queue()
         self.error: WorkerFailure | None = None
         self.last_seen = [time.monotonic()] * world_size
