@@ -223,3 +223,12 @@ def test_a_stopped_and_resumed_job_is_no_rank_failure():
         if front.poll() is None:
             front.kill()
             front.wait()
+
+
+def test_a_command_the_ranks_refuse_does_not_end_them(capfd):
+    # messages.CacheCommand (and a Configure after start-up) reach runner.command, which refuses what it does not
+    # support with a ValueError: that ended every rank and failed every request in flight
+    group = WorkerGroup(_spec(1, 2), world_size=2, startup_timeout_s=60, heartbeat_timeout_s=20)
+    group.broadcast(m.CacheCommand("prefetch", 0, [1, 2]))
+    _keeps_serving_then_stops_cleanly(group)
+    assert capfd.readouterr().err.count("refused CacheCommand: probe runner: command CacheCommand is not supported") == 2
