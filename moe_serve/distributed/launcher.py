@@ -147,26 +147,30 @@ class WorkerGroup:
 
     def _root_cause(self, msg: m.WorkerError, wait_s: float = 1.0) -> str:
         """A collective fails on every rank when one rank dies: name the dead rank first, if any. A rank this
-        process started is seen dead by its exit code; one started elsewhere (torchrun) by its silence: after
-        a few heartbeat intervals, a rank that sent none since the failure is the one that died."""
-        start = time.monotonic()
+        process started is seen dead by its exit code, unless it reported an error of its own (then it died of
+        that, a consequence, e.g. of `msg`'s rank failing); one started elsewhere (torchrun) by its silence:
+        after a few heartbeat intervals, a rank that sent nothing since the failure is the one that died."""
+        start, reported = time.monotonic(), {msg.rank}
         window = max(wait_s, 3 * self.heartbeat_s)
+        last = msg.error.strip().splitlines()[-1][:300]
         while time.monotonic() - start < window:
-            dead = [(r, p) for r, p in enumerate(self.procs) if p.poll() is not None and r != msg.rank]
-            last = msg.error.strip().splitlines()[-1][:300]
+            if self.up.poll(50):  # read what is queued before judging: a dead rank's own report may be there
+                got = self._recv()
+                if isinstance(got, (m.Heartbeat, m.StepOutput)):
+                    self.last_seen[got.rank] = time.monotonic()
+                elif isinstance(got, m.WorkerError):
+                    reported.add(got.rank)
+                continue
+            dead = [(r, p) for r, p in enumerate(self.procs) if p.poll() is not None and r not in reported]
             if dead:
                 r, p = dead[0]
                 return (f"rank {r} (pid {p.pid}) exited with code {p.returncode}; "
                         f"rank {msg.rank} then failed at step {msg.step}: {last}")
             if not self.procs and time.monotonic() - start > 3 * self.heartbeat_s:
-                silent = [r for r in range(self.world_size) if r != msg.rank and self.last_seen[r] < start]
+                silent = [r for r in range(self.world_size) if r not in reported and self.last_seen[r] < start]
                 if silent:
                     return (f"rank {silent[0]} sent no heartbeat since rank {msg.rank} failed at step {msg.step} "
                             f"(it died or hangs): {last}")
-            if self.up.poll(50):  # keep hearing the live ranks meanwhile
-                got = self._recv()
-                if isinstance(got, (m.Heartbeat, m.StepOutput)):
-                    self.last_seen[got.rank] = time.monotonic()
         return f"rank {msg.rank} failed at step {msg.step}:\n{msg.error}"
 
     def _watch(self) -> None:

@@ -42,7 +42,7 @@ class WorkerSpec:
     heartbeat_s: float = 0.5
     dist_timeout_s: float = 60.0
     threads: int = 1  # torch intra-op threads of this rank
-    fault: str = ""  # tests only: "exit_before_ready", "hang_before_ready", "exit_at_step:N"
+    fault: str = ""  # tests only: "exit_before_ready", "hang_before_ready", "exit_at_step:N", "raise_at_step:N"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -140,6 +140,8 @@ def run_worker(spec: WorkerSpec) -> int:
                 step = msg.step
                 if step == exit_at:
                     os._exit(4)
+                if spec.fault == f"raise_at_step:{step}":  # a failure the rank reports (an error in its step)
+                    raise RuntimeError(f"injected fault at step {step}")
                 t = time.perf_counter()
                 out = runner.step(msg)
                 if out is not None:

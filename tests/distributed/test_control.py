@@ -232,3 +232,19 @@ def test_a_command_the_ranks_refuse_does_not_end_them(capfd):
     group.broadcast(m.CacheCommand("prefetch", 0, [1, 2]))
     _keeps_serving_then_stops_cleanly(group)
     assert capfd.readouterr().err.count("refused CacheCommand: probe runner: command CacheCommand is not supported") == 2
+
+
+def test_a_rank_that_reports_its_own_error_is_not_blamed_on_the_others():
+    # rank 1 fails in its step and reports it; rank 0, in a collective with it, fails and exits as a consequence:
+    # the error named rank 0 as the rank that died first ("rank 0 exited with code 1; rank 1 then failed")
+    group = WorkerGroup(_spec(2, 1), world_size=2, startup_timeout_s=60, heartbeat_timeout_s=20,
+                        faults={1: "raise_at_step:1"})
+    try:
+        group.broadcast(_plan(0, [[1]]))
+        group.collect(0, 1, timeout_s=30)
+        with pytest.raises(WorkerFailure) as err:
+            group.broadcast(_plan(1, [[2]]))
+            group.collect(1, 1, timeout_s=30)
+        assert str(err.value).startswith("rank 1 failed at step 1:") and "injected fault at step 1" in str(err.value)
+    finally:
+        group.shutdown()
