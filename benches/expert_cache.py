@@ -6,7 +6,8 @@
 directions: every policy at 12.5%, 25% and 50% of experts resident; whatever a policy learns before
 the replay (static hot set, the predicted policy's next-token prior (given, weighted 0 by default),
 the cross-layer predictor from `predictors`, mlp_online by default (it also adapts to the replayed
-trace, prequentially, its learning one 64-token chunk behind as the runtime's background learner), lookahead 2 layers) is fitted on the OTHER domain. Cost model: DeepSeek-V2-Lite bf16
+trace, prequentially, its learning one 64-token chunk behind as the runtime's background learner),
+lookahead 2 layers) is fitted on the OTHER domain. Cost model: DeepSeek-V2-Lite bf16
 experts (17.3 MB), 25 GB/s host-to-device, 0.25 ms per MoE layer (H100-class batch-1 estimate).
 Two oracles (replay only): belady (the demand hit-rate bound) and belady-prefetch (Belady's eviction
 plus a prefetch of the experts the next 4 layer steps really use: the reference for ready in time).
