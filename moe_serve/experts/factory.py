@@ -78,6 +78,10 @@ def expert_store_factory(cfg: ExpertCacheConfig):
                         "was fitted for; %s", cfg.prefetch_lookahead, predictor.lookahead, cfg.predictor,
                         f"prefetching {lookahead} MoE layer(s) ahead" if lookahead else
                         "it predicts the next token at the same layer, no later layer: nothing is prefetched")
+        if lookahead and cfg.prefetch_from > lookahead and cfg.cache_policy in ("predicted", "predicted-prefetch"):
+            # every predicted layer is nearer than the first one prefetched for: the forecast only steers eviction
+            log.warning("expert_cache.prefetch_from=%d is beyond the %d MoE layer(s) predicted ahead: no predicted "
+                        "layer is prefetched for (the forecast still steers eviction)", cfg.prefetch_from, lookahead)
         policy = make_policy(cfg.cache_policy, load=load, predictor=predictor if lookahead else None,
                              lookahead=lookahead, prefetch_from=cfg.prefetch_from)
         host = cfg.host_memory

@@ -304,6 +304,26 @@ def test_a_prefetch_lookahead_past_the_predictors_is_served_with_a_warning(tiny_
                for r in caplog.records)
 
 
+def test_a_prefetch_from_past_the_lookahead_is_served_with_a_warning(tiny_checkpoint, tmp_path, caplog):
+    """--prefetch-from 3 with 2 layers predicted ahead prefetched no predicted layer, silently."""
+    import logging
+
+    from moe_serve.models import load_model
+    from tests.experts.sources import fitted_predictor
+
+    path = tiny_checkpoint("mixtral")  # 3 MoE layers x 8 experts, top-2
+    pred = fitted_predictor(tmp_path / "pred.safetensors", 3, 8, 2, lookahead=2)
+    for prefetch_from, warned in ((3, True), (2, False)):
+        cfg = ExpertCacheConfig(expert_cache_slots=4, cache_policy="predicted-prefetch", predictor=pred,
+                                cpu_experts="off", prefetch_lookahead=2, prefetch_from=prefetch_from)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="moe_serve.experts.factory"):
+            load_model(path, dtype="float32", expert_store_factory=expert_store_factory(cfg)).store.close()
+        lines = [r.getMessage() for r in caplog.records if r.name == "moe_serve.experts.factory"]
+        assert lines == (["expert_cache.prefetch_from=3 is beyond the 2 MoE layer(s) predicted ahead: no predicted "
+                          "layer is prefetched for (the forecast still steers eviction)"] if warned else [])
+
+
 @pytest.mark.parametrize("cpu_experts, allocated", [("auto", 0), ("on", 0), ("off", 5)])
 def test_capacity_reports_the_slots_allocated_and_the_budget_apart(cpu_experts, allocated):
     """A store that computes every miss in place allocates no slot, yet metrics()["capacity"] said the
