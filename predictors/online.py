@@ -79,7 +79,8 @@ class OnlineMLPPredictor(MLPPredictor):
 
     def _store(self, data: list[torch.Tensor]) -> int:
         """Append rows to the replay ring (preallocated: online_buffer rows; ids kept as int16,
-        hidden states as float16); returns how many rows were added."""
+        hidden states as float16 while every value fits, float32 after one does not); returns how
+        many rows were added."""
         cap = int(self.params.get("online_buffer", 20000))
         data = [d[-cap:] for d in data]
         new = data[0].shape[0]
@@ -89,6 +90,9 @@ class OnlineMLPPredictor(MLPPredictor):
             self._buf = [torch.empty((cap, *d.shape[1:]), dtype=small[d.dtype]) for d in data]
             if self.net.hid is not None:
                 self._buf[-1] = self._buf[-1].half()
+        hid = self._buf[-1] if self.net.hid is not None else None
+        if hid is not None and hid.dtype == torch.float16 and data[-1].abs().max() > torch.finfo(torch.float16).max:
+            self._buf[-1] = hid.float()  # a value past 65504 would be inf in half: float32 from now on
         slots = (self._start + self._size + torch.arange(new)) % cap
         for b, d in zip(self._buf, data):
             b[slots] = d.to(b.dtype)

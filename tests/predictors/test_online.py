@@ -139,3 +139,22 @@ def test_mlp_fits_a_tiny_trace_with_default_params():
     """10 epochs of one 256-row batch: the one-cycle schedule still has a warm-up step."""
     pred = make_predictor("mlp", L, E, K, 1, dim=16).fit([layer_map_trace(tokens=60, seed=2)])
     assert torch.isfinite(pred.predict(RoutingState.from_trace(layer_map_trace(tokens=30, seed=3), 0), 0)).all()
+
+
+def test_replay_ring_keeps_hidden_states_past_float16_range():
+    """The ring held hidden states as float16: a value past 65504 became inf, and the next AdamW step
+    turned every weight it touched into NaN. They stay float16 while they fit, float32 after."""
+    from tests.predictors.synth import router_trace
+
+    train, _ = router_trace(tokens=200, L=4, seed=0)
+    pred = make_predictor("mlp_online", 4, E, K, 1, epochs=1, dim=16, online_steps=1).fit([train])
+    full = _finished(train)
+    hidden = torch.from_numpy(train.hidden.astype(np.float32))
+    pred.observe(*(t[:64] for t in full), hidden=hidden[:64])
+    assert pred._buf[-1].dtype == torch.float16  # fits: half the memory
+    big = hidden[64:128].clone()
+    big[0, 0, 0] = 1e5
+    pred.observe(*(t[64:128] for t in full), hidden=big)
+    assert pred._buf[-1].dtype == torch.float32 and pred._buf[-1][64, 0, 0] == 1e5
+    assert torch.allclose(pred._buf[-1][:64], hidden[:64], rtol=1e-3, atol=1e-3)  # the older rows kept
+    assert all(torch.isfinite(p).all() for p in pred.net.parameters())
