@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 # pydantic's union-member labels in error locations ("str", "list[int]", "constrained-str"):
 # they say which union branch failed, not which field, so they are dropped from `param`.
@@ -101,6 +102,11 @@ def install_error_handlers(app: FastAPI, count_error: Callable[[int], None] = la
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        if isinstance(exc.__cause__, ClientDisconnect):
+            # FastAPI turns a body cut short by the client's hang-up into "400 error parsing the body":
+            # the client closed its request (499, as lifecycle counts it), it did not send a bad one
+            count_error(499)
+            return error_response(499, "client disconnected while sending the request body", code="client_closed")
         count_error(exc.status_code)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error_response(exc.status_code, str(exc.detail), kind, headers=getattr(exc, "headers", None))

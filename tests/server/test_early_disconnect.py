@@ -50,3 +50,26 @@ def test_a_client_gone_before_its_request_runs_costs_nothing(server):
     assert successes(server) == before
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
     assert r.status_code == 200, r.text
+
+
+def errors(server, status: int) -> float:
+    return server.metrics().get('moe_serve:request_errors_total{model_name="%s",status="%d"}' % (server.model, status),
+                                0.0)
+
+
+def test_a_client_gone_in_the_middle_of_its_body_is_a_499_not_a_400(server):
+    """Headers with a Content-Length, half the body, then the socket closes: the client closed its
+    request (499); the server did not receive a bad one (400)."""
+    host, port = server.url.removeprefix("http://").split(":")
+    data = json.dumps({"prompt": PROMPT, "max_tokens": 4}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n").encode()
+    bad_before, gone_before = errors(server, 400), errors(server, 499)
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/traces/dump"):
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(head.replace(b"/v1/completions", path.encode()) + data[:len(data) // 2])
+            time.sleep(0.2)  # the server reads the headers and the first half, and waits for the rest
+    counted = lambda: (errors(server, 499) - gone_before, errors(server, 400) - bad_before)  # noqa: E731
+    assert wait_for(lambda: counted() == (3, 0), timeout=5.0), counted()  # it was (0, 3)
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+    assert r.status_code == 200, r.text
