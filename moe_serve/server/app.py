@@ -6,12 +6,13 @@ registry), so tests can build several in one process. The engine is owned by who
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from moe_serve.config import ServerConfig
 from moe_serve.server import protocol as P
@@ -23,6 +24,7 @@ from moe_serve.server.metrics import ServerMetrics
 from moe_serve.server.serving import Handlers, ModelInfo
 from moe_serve.server.traces import TraceControl
 
+_CHUNK = 1 << 20  # bytes of a downloaded trace written at a time
 ERRORS = {code: {"model": P.ErrorResponse} for code in (400, 401, 404, 409, 429, 501, 503, 504)}
 
 
@@ -101,12 +103,21 @@ def create_app(engine, cfg: ServerConfig, model_dir: str | None = None, own_engi
 
     @app.post("/v1/traces/dump", **v1)
     async def trace_dump(body: P.TraceRequest | None = None):
-        return traces.dump((body.path if body else None))
+        # building and writing a big trace takes seconds: in a worker thread, so that the event loop
+        # goes on serving (the hook's lock is held only while the recording is copied, see traces.py)
+        return await asyncio.to_thread(traces.dump, body.path if body else None)
 
     @app.get("/v1/traces/dump", **v1)
     async def trace_download():
-        return Response(traces.download(), media_type="application/octet-stream",
-                        headers={"Content-Disposition": 'attachment; filename="trace.npz"'})
+        data = memoryview(await asyncio.to_thread(traces.download))
+
+        async def chunks():  # one write of the whole body would copy it in the event loop
+            for i in range(0, len(data), _CHUNK):
+                yield data[i:i + _CHUNK]
+
+        return StreamingResponse(chunks(), media_type="application/octet-stream",
+                                 headers={"Content-Disposition": 'attachment; filename="trace.npz"',
+                                          "Content-Length": str(len(data))})
 
     def check_model(requested: str | None) -> None:
         if requested is not None and requested != name:
