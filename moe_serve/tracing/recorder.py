@@ -32,6 +32,7 @@ class TraceRecorder(RouterHooks):
         self.reads_ids_only = not record_hidden  # ids and weights only: the compiled decode step reports them
         self.meta = dict(meta or {})
         self.chunks: dict[int, list[tuple]] = {}  # seq id -> [(token_ids [n], experts [n,L,K], weights, hidden)]
+        self.num_tokens = 0  # rows in self.chunks, kept as chunks are added: counts() never walks them
         self._step: list[tuple | None] = []
 
     def begin_step(self, batch: ForwardBatch) -> None:
@@ -68,19 +69,22 @@ class TraceRecorder(RouterHooks):
             start += n
             if sid not in self.chunks and context > 0:
                 continue  # began before the recording: its rows would not start at position 0
-            self.chunks.setdefault(sid, []).append(
-                (tokens[rows], experts[rows], weights[rows], None if hidden is None else hidden[rows]))
+            chunk = (tokens[rows], experts[rows], weights[rows], None if hidden is None else hidden[rows])
+            self.chunks.setdefault(sid, []).append(chunk)
+            self.num_tokens += len(chunk[0])
         self._step = []
 
     def copy(self) -> "TraceRecorder":
         """What was recorded so far, apart (the rows are shared: they are never written again)."""
         other = TraceRecorder(self.num_layers, self.num_experts, self.top_k, self.record_hidden, self.meta)
         other.chunks = {sid: list(chunks) for sid, chunks in self.chunks.items()}
+        other.num_tokens = self.num_tokens
         return other
 
     def counts(self) -> tuple[int, int]:
-        """(sequences, tokens) recorded so far, without building the trace."""
-        return len(self.chunks), sum(len(c[0]) for chunks in self.chunks.values() for c in chunks)
+        """(sequences, tokens) recorded so far, without building the trace or walking the chunks: O(1),
+        however long the recording (a live server's GET /v1/traces asks it under the lock every step takes)."""
+        return len(self.chunks), self.num_tokens
 
     def to_trace(self) -> RoutingTrace:
         """Everything recorded so far, one trace sequence per engine sequence, in sequence-id order."""
