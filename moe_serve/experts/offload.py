@@ -12,7 +12,8 @@ calls `begin_layer` (the experts this step needs), `get`/`compute_expert` per ex
 - Copies go through a copier (`copier.py`): a side CUDA stream with events; on CPU real buffer
   copies by a worker thread (demand first), and `get` runs a copy the worker has not started
   itself. `get` waits only for that expert's copy; `run` computes the experts already in place
-  first (`compute_order`), so pending copies have time to land.
+  first (`compute_order`), so pending copies have time to land. The store's side of each copy
+  (ticket, counters, stall time, a failed copy's slot) is in `slot_copies.py`.
 - Admission (`admit`; auto = "reuse" on a CPU device, "always" elsewhere): with "reuse" a demand
   miss takes a slot only if its expert was used within the last `admit_window` tokens (default 1:
   the previous token; 1, 2 and 4 measured on the e2e bench, 1 best by a few %); the others stream
@@ -38,17 +39,17 @@ calls `begin_layer` (the experts this step needs), `get`/`compute_expert` per ex
 """
 from __future__ import annotations
 
-import time
 import weakref
 
 import numpy as np
 import torch
 
 from moe_serve.experts.cache import CacheFull, SlotCache
-from moe_serve.experts.copier import CopyError, make_copier
+from moe_serve.experts.copier import make_copier
 from moe_serve.experts.cost import ExpertCosts, measure_costs
 from moe_serve.experts.learner import BackgroundLearner
 from moe_serve.experts.prefetch import RoutingHook
+from moe_serve.experts.slot_copies import SlotCopies
 from moe_serve.experts.staging import StagingRing
 from moe_serve.experts.store import ExpertStore, expert_forward, stack_experts
 
@@ -56,7 +57,7 @@ from moe_serve.experts.store import ExpertStore, expert_forward, stack_experts
 STAGING_BUFFERS = 2  # the ring streamed misses go through: one computed from while the next is filled
 
 
-class OffloadExpertStore(ExpertStore):
+class OffloadExpertStore(SlotCopies, ExpertStore):
     def __init__(self, source, dtype: torch.dtype, device, capacity: int, policy, *, top_k: int,
                  per_layer: bool = False, host: str = "copy", cpu_experts: str = "auto", max_queued: int = 12,
                  learn_every: int = 64, learning: str = "background", admit: str = "auto", admit_window: int = 1,
@@ -160,31 +161,6 @@ class OffloadExpertStore(ExpertStore):
             return self.host_gu[l][e], self.host_dn[l][e]
         return self.source.get(l, e)
 
-    def _copy_in(self, g: int, need: int | None = None) -> bool:
-        """Give `g` a slot and queue its copy: on demand (`need` None) or as a prefetch needed at
-        clock `need` (refused, False, when the policy does not admit it over its victim)."""
-        placed = self.cache.insert(g, prefetch=need is not None)
-        if placed is None:
-            return False
-        slot, evicted = placed
-        if evicted >= 0 and self.prefetched[evicted]:
-            self.prefetched[evicted] = False
-            if self.copier.cancel(int(self.ticket[slot]), slot):  # never started: no bytes moved
-                self.stats["prefetch_cancelled"] += 1
-                self.stats["copies"] -= 1
-                self.stats["bytes_moved"] -= self.expert_bytes
-            else:
-                self.stats["prefetch_wasted"] += 1
-        try:  # host=mmap reads the checkpoint here: a failed read must not leave `g` claiming the slot
-            gu, dn = self.host_expert(g // self.num_experts, g % self.num_experts)
-            self.ticket[slot] = self.copier.submit([(self.slot_gu[slot], gu), (self.slot_dn[slot], dn)], slot, need)
-        except BaseException:
-            self.cache.remove(g)
-            raise
-        self.stats["copies"] += 1
-        self.stats["bytes_moved"] += self.expert_bytes
-        return True
-
     def _admits(self, g: int) -> bool:
         """admit="reuse": does demand miss `g` take a slot? Only if it was used within the window."""
         return self.clock - self._last_use[g] <= self._window
@@ -284,28 +260,6 @@ class OffloadExpertStore(ExpertStore):
             raise KeyError(f"expert ({moe_layer}, {e}) is not resident: begin_layer must name it first")
         self._wait(int(self.ticket[slot]), slot)
         return self.slot_gu[slot], self.slot_dn[slot]
-
-    def _wait(self, ticket: int, slot: int) -> None:
-        """Wait for copy `ticket` into copier slot `slot` (a cache slot or a staging buffer). Only
-        a copy that has not landed is a stall (on CPU it may run here, in this thread); the time is
-        the wait alone, whatever it raises."""
-        t0 = None if self.copier.ready(ticket, slot) else time.perf_counter()
-        try:
-            self.copier.wait(ticket, slot)  # a landed copy: only its failure to report, if any
-        except CopyError as exc:
-            self._forget_failed(exc)
-            raise
-        finally:
-            if t0 is not None:
-                self.stats["stall_s"] += time.perf_counter() - t0
-
-    def _forget_failed(self, exc: CopyError) -> None:
-        """A copy failed (reported to whichever waiter came next, here or in the staging ring): if it
-        was the latest copy into a cache slot, that slot holds no valid weights: forget its expert."""
-        if exc.slot < self.capacity and int(self.ticket[exc.slot]) == exc.ticket and self.cache.gid_of[exc.slot] >= 0:
-            g = int(self.cache.gid_of[exc.slot])
-            self.prefetched[g] = False
-            self.cache.remove(g)
 
     def compute_expert(self, moe_layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
         if moe_layer * self.num_experts + e in self._on_host:

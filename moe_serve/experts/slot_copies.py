@@ -1,0 +1,63 @@
+"""The offloading store's copies into its device slots: queue one, wait for one, forget a failed one.
+
+`SlotCopies` is a mixin of `OffloadExpertStore` (offload.py), split out so that offload.py keeps the
+per-step logic (what each step needs, hits and misses, admission, compute order) and this file the
+bookkeeping around each copy the copier (`copier.py`) runs: the slot's ticket, the cancelled copy of
+an evicted prefetch, the copy and byte counters, the stall a wait costs, and the slot left without
+valid weights when a copy fails. It reads the store's `cache`, `copier`, `ticket`, `prefetched`,
+`stats`, `slot_gu`/`slot_dn`, `expert_bytes`, `capacity`, `num_experts` and `host_expert`.
+"""
+from __future__ import annotations
+
+import time
+
+from moe_serve.experts.copier import CopyError
+
+
+class SlotCopies:
+    def _copy_in(self, g: int, need: int | None = None) -> bool:
+        """Give `g` a slot and queue its copy: on demand (`need` None) or as a prefetch needed at
+        clock `need` (refused, False, when the policy does not admit it over its victim)."""
+        placed = self.cache.insert(g, prefetch=need is not None)
+        if placed is None:
+            return False
+        slot, evicted = placed
+        if evicted >= 0 and self.prefetched[evicted]:
+            self.prefetched[evicted] = False
+            if self.copier.cancel(int(self.ticket[slot]), slot):  # never started: no bytes moved
+                self.stats["prefetch_cancelled"] += 1
+                self.stats["copies"] -= 1
+                self.stats["bytes_moved"] -= self.expert_bytes
+            else:
+                self.stats["prefetch_wasted"] += 1
+        try:  # host=mmap reads the checkpoint here: a failed read must not leave `g` claiming the slot
+            gu, dn = self.host_expert(g // self.num_experts, g % self.num_experts)
+            self.ticket[slot] = self.copier.submit([(self.slot_gu[slot], gu), (self.slot_dn[slot], dn)], slot, need)
+        except BaseException:
+            self.cache.remove(g)
+            raise
+        self.stats["copies"] += 1
+        self.stats["bytes_moved"] += self.expert_bytes
+        return True
+
+    def _wait(self, ticket: int, slot: int) -> None:
+        """Wait for copy `ticket` into copier slot `slot` (a cache slot or a staging buffer). Only
+        a copy that has not landed is a stall (on CPU it may run here, in this thread); the time is
+        the wait alone, whatever it raises."""
+        t0 = None if self.copier.ready(ticket, slot) else time.perf_counter()
+        try:
+            self.copier.wait(ticket, slot)  # a landed copy: only its failure to report, if any
+        except CopyError as exc:
+            self._forget_failed(exc)
+            raise
+        finally:
+            if t0 is not None:
+                self.stats["stall_s"] += time.perf_counter() - t0
+
+    def _forget_failed(self, exc: CopyError) -> None:
+        """A copy failed (reported to whichever waiter came next, here or in the staging ring): if it
+        was the latest copy into a cache slot, that slot holds no valid weights: forget its expert."""
+        if exc.slot < self.capacity and int(self.ticket[exc.slot]) == exc.ticket and self.cache.gid_of[exc.slot] >= 0:
+            g = int(self.cache.gid_of[exc.slot])
+            self.prefetched[g] = False
+            self.cache.remove(g)
