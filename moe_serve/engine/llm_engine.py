@@ -13,7 +13,6 @@ finish_reason "error" and the others go on (rewriting a KV position is idempoten
 from __future__ import annotations
 
 import itertools
-import numbers
 import logging
 import random
 import threading
@@ -26,6 +25,7 @@ from moe_serve.config import EngineConfig
 from moe_serve.engine.detokenizer import IncrementalDetokenizer
 from moe_serve.engine.generation_defaults import read_generation_defaults
 from moe_serve.engine.model_setup import EngineHooks, load_engine_model, resolve_max_model_len
+from moe_serve.engine.request_validation import Prompt, as_token_ids, validate_request  # noqa: F401 (re-exported)
 from moe_serve.engine.sample_step import sample_rows
 from moe_serve.engine.sampler import make_generator
 from moe_serve.engine.sampling_params import SamplingParams
@@ -34,22 +34,7 @@ from moe_serve.engine.sequence import RequestOutput, Sequence
 from moe_serve.engine.tokenizer import load_tokenizer
 from moe_serve.models.batch import ForwardBatch
 
-Prompt = str | list[int]
 log = logging.getLogger(__name__)
-
-
-def as_token_ids(prompt) -> list[int] | None:
-    """A prompt given as token ids as a list of ints: a list or tuple of integers (numpy's too), or a
-    1-D integer numpy array or torch tensor. None for anything else (bools are not token ids)."""
-    if hasattr(prompt, "tolist") and getattr(prompt, "ndim", None) == 1:  # an array or a tensor
-        prompt = prompt.tolist()  # integer dtypes give ints, float ones floats (refused below)
-    if not isinstance(prompt, (list, tuple)):
-        return None
-    if all(type(t) is int for t in prompt):  # the common case, ~10x quicker than the ABC check below
-        return list(prompt)
-    if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
-        return None
-    return [int(t) for t in prompt]
 
 
 class LLMEngine:
@@ -111,26 +96,7 @@ class LLMEngine:
                       request_id: str | None = None, arrival_time: float | None = None) -> Sequence:
         """Validate and tokenize one request; raises ValueError naming the field and the limit."""
         params = params if params is not None else self.default_sampling_params()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        if isinstance(prompt, str):
-            text, ids = prompt, self.tokenizer.encode(prompt)
-        elif (ids := as_token_ids(prompt)) is not None:
-            text = None
-            vocab = self.spec.vocab_size
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt_token_ids must lie in [0, vocab_size={vocab}), got {bad[:5]}")
-        else:
-            raise ValueError("prompt must be a string or token ids (a list of ints, or a 1-D integer array or tensor), "
-                             f"got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError("prompt must contain at least one token, got an empty prompt")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens; it must have at most {self.max_model_len - 1} "
-                f"(model.max_model_len={self.max_model_len}, leaving room for one output token)")
-        params.check_vocab(self.spec.vocab_size)
+        text, ids = validate_request(prompt, params, self.tokenizer, self.spec.vocab_size, self.max_model_len)
         gen = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
