@@ -13,8 +13,8 @@
   in the waiting thread instead (no hand-off latency on the critical path).
 
 Both copy into preallocated slot buffers (`dst.copy_(src)`), never allocate on the hot path, and
-report a failed copy the same way (`FailedCopies`): a `CopyError` naming the slot, raised by the
-next `wait`, never by the call that started the copy.
+report a failed copy the same way (`FailedCopies`, in `copy_failures.py`): a `CopyError` naming the
+slot, raised by the next `wait`, never by the call that started the copy.
 """
 from __future__ import annotations
 
@@ -22,60 +22,9 @@ import threading
 
 import torch
 
+from moe_serve.experts.copy_failures import CopyError  # noqa: F401 (re-exported)
+from moe_serve.experts.copy_failures import FailedCopies, cancelled, copy_pairs
 from moe_serve.experts.copy_queue import CopyQueue
-
-
-class CopyError(RuntimeError):
-    """A copy into `slot` (ticket `ticket`) failed: the slot holds no valid weights."""
-
-    def __init__(self, slot: int, ticket: int, exc: BaseException):
-        super().__init__(f"expert copy failed (slot {slot}, copy {ticket}): {type(exc).__name__}: {exc}")
-        self.slot, self.ticket = slot, ticket
-        self.__cause__ = exc
-
-
-def _copy(pairs, catch=Exception, **copy_kw) -> BaseException | None:
-    """Run one expert's copies (dst, src); the error instead of raising it (the caller decides who sees it)."""
-    try:
-        with torch.no_grad():
-            for dst, src in pairs:
-                dst.copy_(src, **copy_kw)
-    except catch as exc:
-        return exc
-    return None
-
-
-def cancelled(ticket: int, slot: int) -> RuntimeError:
-    """What waiting on a copy that was cancelled before it started raises (both copiers)."""
-    return RuntimeError(f"expert copy {ticket} into slot {slot} was cancelled: nothing to wait for")
-
-
-class FailedCopies:
-    """The failure contract both copiers keep: a copy that fails never raises where it was started
-    (`submit`, `promote`, `release`, the CPU worker); it becomes a `CopyError` (slot, ticket) that
-    the next `wait` raises, once: the waiter's own copy's failure first, else the oldest one not
-    reported yet (a failed prefetch nobody waits for is never lost). The store then forgets the
-    slot's expert (offload.py)."""
-
-    def __init__(self, lock=None):
-        self._lock = lock if lock is not None else threading.Lock()  # a worker thread may add meanwhile
-        self._errors: list[CopyError] = []
-
-    def add(self, slot: int, ticket: int, exc: BaseException) -> None:
-        with self._lock:
-            self._errors.append(CopyError(slot, ticket, exc))
-
-    def report(self, ticket: int, slot: int) -> None:
-        """Raise the failure the waiter of copy `ticket` into `slot` should see, if any."""
-        if not self._errors:
-            return
-        with self._lock:
-            mine = [e for e in self._errors if (e.slot, e.ticket) == (slot, ticket)]
-            err = (mine or self._errors)[0] if self._errors else None
-            if err is not None:
-                self._errors.remove(err)
-        if err is not None:
-            raise err
 
 
 class ThreadCopier:
@@ -118,7 +67,7 @@ class ThreadCopier:
                         return
                     self._cv.wait()  # no timeout: an idle worker sleeps until submit, promote or close
                     self.wakeups += 1
-            err = _copy(pairs, BaseException)  # a dying worker would leave its waiters hanging
+            err = copy_pairs(pairs, BaseException)  # a dying worker would leave its waiters hanging
             with self._cv:
                 self._finished(slot, ticket, err)
 
@@ -184,7 +133,7 @@ class ThreadCopier:
         if pairs is not None:
             err, landed = None, False
             try:
-                err = _copy(pairs)
+                err = copy_pairs(pairs)
                 landed = True
             finally:  # even when interrupted: nobody may wait for this slot forever
                 with self._cv:
@@ -252,7 +201,7 @@ class StreamCopier:
         with self._rt.stream(self.stream):
             if self._released[slot] is not None:
                 self.stream.wait_event(self._released[slot])  # never overwrite weights still being read
-            err = _copy(pairs, non_blocking=True)
+            err = copy_pairs(pairs, non_blocking=True)
             ev = self._rt.Event()
             ev.record(self.stream)
         self._landed[slot] = self._last = ev
