@@ -72,13 +72,14 @@ def expert_store_factory(cfg: ExpertCacheConfig):
             raise ValueError("expert_cache.cache_policy=predicted-prefetch needs expert_cache.predictor "
                              "(the forecast it prefetches)")
         lookahead = min(cfg.prefetch_lookahead, predictor.lookahead) if predictor is not None else 0
-        if predictor is not None and lookahead < cfg.prefetch_lookahead and cfg.cache_policy in ("predicted", "predicted-prefetch"):
+        predicted = cfg.cache_policy in ("predicted", "predicted-prefetch")  # the policies that use the forecast
+        if predictor is not None and lookahead < cfg.prefetch_lookahead and predicted:
             # served (as vLLM does with a capped setting) but not silently: the user asked for more
             log.warning("expert_cache.prefetch_lookahead=%d exceeds the lookahead %d that expert_cache.predictor %s "
                         "was fitted for; %s", cfg.prefetch_lookahead, predictor.lookahead, cfg.predictor,
                         f"prefetching {lookahead} MoE layer(s) ahead" if lookahead else
                         "it predicts the next token at the same layer, no later layer: nothing is prefetched")
-        if lookahead and cfg.prefetch_from > lookahead and cfg.cache_policy in ("predicted", "predicted-prefetch"):
+        if lookahead and cfg.prefetch_from > lookahead and predicted:
             # every predicted layer is nearer than the first one prefetched for: the forecast only steers eviction
             log.warning("expert_cache.prefetch_from=%d is beyond the %d MoE layer(s) predicted ahead: no predicted "
                         "layer is prefetched for (the forecast still steers eviction)", cfg.prefetch_from, lookahead)
