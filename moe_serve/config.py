@@ -204,9 +204,11 @@ class ParallelConfig:
 
 @dataclass
 class ExpertCacheConfig:
-    expert_cache_gb: float | None = doc("GiB of expert slots on the compute device (the rest stay on the host); "
+    expert_cache_gb: float | None = doc("GiB of expert slots on the compute device (the rest stay on the host), "
+                                        "the staging buffers of cache_admission reuse (2 experts) included; "
                                         "default: every expert resident", default=None)
-    expert_cache_slots: int | None = doc("expert slots on the compute device (instead of --expert-cache-gb)", default=None)
+    expert_cache_slots: int | None = doc("expert slots on the compute device (instead of --expert-cache-gb; the 2 "
+                                         "staging buffers of cache_admission reuse come on top)", default=None)
     cache_policy: str = doc("expert cache policy: lru, lfu, static, predicted (evict by predicted next use) or "
                             "predicted-prefetch (also fetch the predictor's top-k of the next layers)",
                             default="predicted")

@@ -9,6 +9,7 @@ import torch
 from moe_serve.config import ExpertCacheConfig
 from moe_serve.experts.offload import OffloadExpertStore
 from moe_serve.experts.policies import make_policy
+from moe_serve.experts.staging import staging_buffers
 
 log = logging.getLogger(__name__)
 
@@ -23,20 +24,31 @@ def _available_host_bytes() -> int | None:
     return None
 
 
-def slots_for(cfg: ExpertCacheConfig, expert_bytes: int, total_experts: int, num_layers: int = 1) -> int:
+def slots_for(cfg: ExpertCacheConfig, expert_bytes: int, total_experts: int, num_layers: int = 1,
+              staging: int = 0) -> int:
     """The budget in slots (at most every expert); refused, naming the budget's field and the
-    minimum, when it holds no expert or, with cache_per_layer, fewer than one per MoE layer."""
+    minimum, when it holds no expert or, with cache_per_layer, fewer than one per MoE layer.
+    expert_cache_gb also pays for the store's `staging` buffers (one expert each: the device memory
+    used stays within what the user set), so they leave fewer slots; expert_cache_slots counts slots only."""
+    min_slots = num_layers if cfg.cache_per_layer else 1  # every layer's pool needs a slot of its own
     if cfg.expert_cache_slots is not None:
         slots = cfg.expert_cache_slots
         budget = f"expert_cache.expert_cache_slots={slots}"
     else:
-        slots = int(cfg.expert_cache_gb * 2**30 // expert_bytes)
-        budget = (f"expert_cache.expert_cache_gb={cfg.expert_cache_gb} holds {slots} experts "
+        held = int(cfg.expert_cache_gb * 2**30 // expert_bytes)
+        budget = (f"expert_cache.expert_cache_gb={cfg.expert_cache_gb} holds {held} experts "
                   f"(one takes {expert_bytes / 2**30:.4g} GiB)")
-        if slots < 1:
+        if held < 1:
             raise ValueError(f"expert_cache.expert_cache_gb={cfg.expert_cache_gb} holds no expert "
                              f"(one takes {expert_bytes / 2**30:.4g} GiB)")  # 4 decimals printed 0.0000 for small ones
-    if cfg.cache_per_layer and slots < num_layers:  # every layer's pool needs a slot of its own
+        if staging and held < staging + min_slots:
+            per_layer = " (expert_cache.cache_per_layer: one per MoE layer)" if cfg.cache_per_layer else ""
+            need = staging + min_slots
+            raise ValueError(f"{budget}: {staging} staging buffers (cache_admission={cfg.cache_admission}) and "
+                             f">= {min_slots} slot{'s' if min_slots > 1 else ''}{per_layer} need >= {need} experts "
+                             f"({need * expert_bytes / 2**30:.4g} GiB)")
+        slots = held - staging
+    if slots < min_slots:
         raise ValueError(f"{budget}: expert_cache.cache_per_layer needs a slot per MoE layer, >= {num_layers} "
                          f"slots ({num_layers * expert_bytes / 2**30:.4g} GiB)")
     return min(slots, total_experts)
@@ -50,7 +62,7 @@ def expert_store_factory(cfg: ExpertCacheConfig):
         gu, dn = source.get(0, 0)
         expert_bytes = (gu.numel() + dn.numel()) * torch.finfo(dtype).bits // 8
         L, E = source.num_moe_layers, source.num_experts
-        capacity = slots_for(cfg, expert_bytes, L * E, L)
+        capacity = slots_for(cfg, expert_bytes, L * E, L, staging_buffers(device, cfg.cpu_experts, cfg.cache_admission))
         predictor = None
         if cfg.predictor is not None:
             from predictors.registry import load_predictor

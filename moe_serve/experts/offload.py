@@ -50,11 +50,8 @@ from moe_serve.experts.cost import ExpertCosts, measure_costs
 from moe_serve.experts.learner import BackgroundLearner
 from moe_serve.experts.prefetch import RoutingHook
 from moe_serve.experts.slot_copies import SlotCopies
-from moe_serve.experts.staging import StagingRing
+from moe_serve.experts.staging import StagingRing, resolve_admission, staging_buffers
 from moe_serve.experts.store import ExpertStore, expert_forward, stack_experts
-
-
-STAGING_BUFFERS = 2  # the ring streamed misses go through: one computed from while the next is filled
 
 
 class OffloadExpertStore(SlotCopies, ExpertStore):
@@ -93,11 +90,11 @@ class OffloadExpertStore(SlotCopies, ExpertStore):
         self.expert_bytes = (gu0.numel() + dn0.numel()) * self.slot_gu.element_size()
         # admission (see module doc): on a CPU device a demand miss is copied into a slot only when its
         # expert was used within the last `admit_window` tokens; the others stream through `ring`
-        self.admit = ("reuse" if self.device.type == "cpu" else "always") if admit == "auto" else admit
+        self.admit = resolve_admission(admit, self.device)
         if self.admit == "reuse" and self.device.type != "cpu":
             raise ValueError("OffloadExpertStore: admit=reuse needs a CPU device (its staging buffers are "
                              "refilled as soon as a forward returns, which only synchronous compute allows)")
-        stage = STAGING_BUFFERS if self.admit == "reuse" and not self.in_place_only else 0
+        stage = staging_buffers(self.device, cpu_experts, admit)  # expert_cache_gb pays for them (factory.py)
         self.copier = make_copier(self.device, capacity + stage)  # copier slots >= capacity: staging buffers
         # the copier's worker thread stops with the store: at close(), or when a store nobody closed
         # (the engine drops its model) is collected; the copier never refers back to the store
@@ -153,6 +150,9 @@ class OffloadExpertStore(SlotCopies, ExpertStore):
         # whatever the budget; the budget itself (expert_cache_slots or _gb, at most every expert) apart
         s["capacity"] = int(self.slot_gu.shape[0])
         s["capacity_configured"] = self.capacity
+        # device bytes: slots + staging buffers = nbytes(), within expert_cache_gb (the factory pays both from it)
+        s["staging_buffers"] = self.ring.n if self.ring is not None else 0
+        s["slot_bytes"], s["staging_bytes"] = s["capacity"] * self.expert_bytes, s["staging_buffers"] * self.expert_bytes
         return s
 
     # -- tiers ---------------------------------------------------------------------------------

@@ -8,6 +8,22 @@ from __future__ import annotations
 
 import torch
 
+STAGING_BUFFERS = 2  # the ring streamed misses go through: one computed from while the next is filled
+
+
+def resolve_admission(admit: str, device: torch.device) -> str:
+    """cache_admission auto -> reuse on a CPU device, always elsewhere (see `admit` in offload.py)."""
+    return ("reuse" if device.type == "cpu" else "always") if admit == "auto" else admit
+
+
+def staging_buffers(device, cpu_experts: str, admit: str) -> int:
+    """Staging buffers the offloading store allocates on `device` besides its slots: the ring of
+    admit=reuse, unless every miss is computed in place (a CPU device with cpu_experts not off).
+    The factory pays them from expert_cache_gb, so it must know before the store exists."""
+    device = torch.device(device)
+    in_place_only = device.type == "cpu" and cpu_experts != "off"
+    return STAGING_BUFFERS if resolve_admission(admit, device) == "reuse" and not in_place_only else 0
+
 
 class StagingRing:
     """`n` expert buffers outside the cache, for misses that are copied, computed once and dropped
