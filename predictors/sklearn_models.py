@@ -125,4 +125,6 @@ class SGDPredictor(LinearPredictor):
             for s in range(0, X.shape[0], chunk):
                 rows = order[s : s + chunk]
                 m.partial_fit(X[rows], y[rows], classes=classes)
+        if len(classes) == 2:  # binary: sklearn keeps one row (class 1's); expand to two, as logreg does
+            return np.stack([-m.coef_[0], m.coef_[0]]) / 2, np.array([-m.intercept_[0], m.intercept_[0]]) / 2, classes
         return m.coef_, m.intercept_, classes
