@@ -67,6 +67,10 @@ class LinearPredictor(Predictor):
                 K = y.shape[1]
                 Xr = sp.csr_matrix(np.repeat(X, K, axis=0))
                 yr = y[ok].reshape(-1).numpy()
+                if len(np.unique(yr)) == 1:  # a layer that always routes to one expert (top-1): no model
+                    # to fit (LogisticRegression refuses one class); that expert scores 0, the others -30
+                    self.intercept[j, l, int(yr[0])] = 0.0
+                    continue
                 coef, icpt, classes = self._fit_one(Xr, yr)
                 self.coef[j, l, classes] = torch.from_numpy(coef).float()
                 self.intercept[j, l, classes] = torch.from_numpy(icpt).float()

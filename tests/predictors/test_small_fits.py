@@ -28,3 +28,16 @@ def test_linear_models_with_two_experts_tell_them_apart(name):
     pred = make_predictor(name, 3, 2, 1, 1).fit([trace])
     res = evaluate(pred, [flip_trace(seed=1)], budget=1)
     assert res["lookahead_1"]["recall_at_k"] == 1.0, res
+
+
+@pytest.mark.parametrize("name", ["logreg", "sgd"])
+def test_linear_models_fit_a_layer_that_always_uses_one_expert(name):
+    # top-1 with layer 1 collapsed onto expert 2: LogisticRegression refused the single class with a
+    # ValueError naming nothing of ours ('needs samples of at least 2 classes')
+    rng = np.random.default_rng(0)
+    ex = rng.integers(0, 4, (120, 3, 1)).astype(np.int16)
+    ex[:, 1] = 2
+    trace = RoutingTrace(ex, np.ones_like(ex, dtype=np.float16), np.array([0, 60, 120]), 4)
+    pred = make_predictor(name, 3, 4, 1, 1).fit([trace])
+    scores = pred.predict(RoutingState.from_trace(trace, 0), 0)  # [T, 1, E]: slot 0 = layer 1
+    assert (scores[:, 0].argmax(-1) == 2).all()
