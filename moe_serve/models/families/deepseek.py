@@ -7,6 +7,7 @@ V3: sigmoid scores; the choice uses scores + `e_score_correction_bias`, keeping 
 groups whose top-2 sum is highest (`noaux_tc`); weights are the unbiased scores, renormalized if
 `norm_topk_prob`, times `routed_scaling_factor`. Rope on a `qk_rope_head_dim` slice, adjacent pairs
 (interleaved); YaRN folds mscale(factor, mscale_all_dim)^2 into the softmax scale.
+MoE layers: every layer from `first_k_dense_replace` on; `moe_layer_freq` other than 1 is refused.
 """
 from __future__ import annotations
 
@@ -31,8 +32,15 @@ def _parse(cfg: dict, family: str) -> ModelSpec:
                   qk_nope_head_dim=need_size(cfg, "qk_nope_head_dim", w),
                   qk_rope_head_dim=need_size(cfg, "qk_rope_head_dim", w), v_head_dim=need_size(cfg, "v_head_dim", w))
     first_dense = count(cfg, "first_k_dense_replace", 0)
+    # transformers ignores moe_layer_freq (every layer from first_k_dense_replace on is MoE); DeepSeek's
+    # reference code keeps only layers i % freq == 0. Every published checkpoint has 1, where both agree.
     freq = optional_size(cfg, "moe_layer_freq") or 1
-    moe_layers = tuple(i for i in range(layers) if i >= first_dense and i % freq == 0)
+    if freq != 1:
+        raise UnsupportedModelError(
+            f"config.json field 'moe_layer_freq' ({freq}) must be 1: transformers ignores it (every layer from "
+            "first_k_dense_replace on is an MoE layer) while DeepSeek's reference code keeps only the layers "
+            "whose index is a multiple of it, so the checkpoint's layout is ambiguous")
+    moe_layers = tuple(range(first_dense, layers))
     n_group = optional_size(cfg, "n_group") or 1
     topk_group = optional_size(cfg, "topk_group") or n_group
     scaling = cfg.get("routed_scaling_factor")
