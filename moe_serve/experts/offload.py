@@ -122,6 +122,7 @@ class OffloadExpertStore(SlotCopies, ExpertStore):
         self._last_use = np.full(L * E, -(2**40), dtype=np.int64)  # [L*E] clock of each expert's last use
         self._streamed: dict[int, int] = {}  # expert of the current layer streamed -> its place in the ring's line
         self._on_host: set[int] = set()  # experts of the current layer computed in place
+        self._overflow: set[int] = set()  # those of them that found no slot (a subset of _on_host)
         self._used_slots: list[int] = []
         self.reset_metrics()
         if hasattr(policy, "warm_set") and not self.in_place_only:  # a static hot set is loaded up front
@@ -134,10 +135,11 @@ class OffloadExpertStore(SlotCopies, ExpertStore):
         # prefetches issued before are counted already (issued, copies): from now on their experts are
         # plain residents, else they would count as used, late or cancelled (a copy off `copies`) of none issued
         self.prefetched[:] = False
-        self.stats = dict(hits=0, misses=0, cpu_computed=0, streamed=0, prefetch_issued=0, prefetch_used=0,
-                          prefetch_wasted=0, prefetch_cancelled=0, prefetch_late=0, prefetch_deferred=0,
-                          copies=0, bytes_moved=0,
-                          stall_s=0.0)
+        # cpu_computed: misses computed where they lie by choice (cost model, cpu_experts on, CPU device);
+        # cpu_overflow: run on the host because every slot held an expert of the same step
+        self.stats = dict(hits=0, misses=0, cpu_computed=0, cpu_overflow=0, streamed=0, prefetch_issued=0,
+                          prefetch_used=0, prefetch_wasted=0, prefetch_cancelled=0, prefetch_late=0,
+                          prefetch_deferred=0, copies=0, bytes_moved=0, stall_s=0.0)
 
     def metrics(self) -> dict:
         s = dict(self.stats)
@@ -180,6 +182,7 @@ class OffloadExpertStore(SlotCopies, ExpertStore):
             self.policy.on_access(moe_layer, ids, self.clock)
         self.layer = moe_layer
         self._on_host.clear()
+        self._overflow.clear()
         self._streamed.clear()
         glist = gids.tolist()
         for i, g in enumerate(glist):
@@ -206,6 +209,7 @@ class OffloadExpertStore(SlotCopies, ExpertStore):
                 self._copy_in(g)
             except CacheFull:  # more experts in this step than slots: the rest run from the host
                 self._on_host.add(g)
+                self._overflow.add(g)
         self._last_use[gids] = self.clock
         if self._streamed:
             self.ring.start([self.host_expert(g // E, g % E) for g in self._streamed])
@@ -263,7 +267,7 @@ class OffloadExpertStore(SlotCopies, ExpertStore):
 
     def compute_expert(self, moe_layer: int, e: int, x: torch.Tensor) -> torch.Tensor:
         if moe_layer * self.num_experts + e in self._on_host:
-            self.stats["cpu_computed"] += 1
+            self.stats["cpu_overflow" if moe_layer * self.num_experts + e in self._overflow else "cpu_computed"] += 1
             # in the compute dtype: host=mmap hands out the checkpoint's own dtype, and the resident
             # store computes with weights converted to `dtype` (a no-op for the stacked host copy)
             gu, dn = (t.to(self.dtype) for t in self.host_expert(moe_layer, e))

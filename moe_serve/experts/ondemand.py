@@ -43,7 +43,7 @@ class OnDemandExpertStore(ExpertStore):
 
     def metrics(self) -> dict:
         return dict(self.stats, hits=0, misses=self.stats["copies"], hit_rate=0.0, stall_s=self.stats["copy_s"],
-                    cpu_computed=0, capacity=1)
+                    cpu_computed=0, cpu_overflow=0, capacity=1)
 
     def get(self, moe_layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         t0 = time.perf_counter()

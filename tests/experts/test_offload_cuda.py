@@ -47,7 +47,7 @@ def test_every_family_on_cuda_matches_resident(family, tiny_checkpoint, tmp_path
         assert toks == ref_toks, (family, name)
         # experts computed on the CPU (cpu_experts on, or a prefill step that needs more experts than
         # there are slots) use its own kernels: float rounding apart, the same logits
-        tol = 1e-4 if m["cpu_computed"] else 1e-5
+        tol = 1e-4 if m["cpu_computed"] or m["cpu_overflow"] else 1e-5
         torch.testing.assert_close(logits, ref_logits, rtol=tol, atol=tol, msg=f"{family} {name}")
         assert m["misses"] > 0, name
         if cfg.cpu_experts == "on":
