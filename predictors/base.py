@@ -202,6 +202,9 @@ class Predictor(ABC):
     def check_traces(self, traces: list[RoutingTrace]) -> None:
         if not traces:
             raise ValueError(f"{self.name}: fit() needs at least one trace")
+        if not any(t.num_tokens for t in traces):  # nothing to count or learn: a fit would be all zeros
+            n = len(traces)
+            raise ValueError(f"{self.name}: fit() needs at least one token; the {n} trace{'s hold' if n > 1 else ' holds'} none")
         for t in traces:
             if (t.num_layers, t.num_experts, t.top_k) != (self.num_layers, self.num_experts, self.top_k):
                 raise ValueError(

@@ -19,6 +19,8 @@ GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
 
 
 def standardize(s: torch.Tensor) -> torch.Tensor:
+    if s.numel() == 0:  # a batch of no tokens: std() of nothing warns
+        return s
     return (s - s.mean(-1, keepdim=True)) / s.std(-1, keepdim=True).clamp(min=1e-6)
 
 

@@ -237,14 +237,15 @@ class MLPPredictor(Predictor):
         w = torch.cat([state.weights[:, lo : layer + 1], pw], 1)
         # 2 x input_weights(): normalized gate weight + 1/K (the table holds the 0.5; absent ids hit zero rows)
         vals = (w / w.sum(-1, keepdim=True).clamp(min=1e-6)).add_(p["inv_k"])
-        out = F.embedding_bag((ids + p["off"]).view(B, -1), p["table"], per_sample_weights=vals.view(B, -1), mode="sum")
+        # flatten(1), not view(B, -1): a batch of 0 tokens has no -1 to infer
+        out = F.embedding_bag((ids + p["off"]).flatten(1), p["table"], per_sample_weights=vals.flatten(1), mode="sum")
         z = out[:, :dim] + p["layer_vec"]  # [B, dim]
         if p["direct"] is None:  # one bag: out[:, dim:] holds the direct terms [B, D*E]
             direct = out[:, dim:]
         else:  # the direct terms from their own window slice: transition and copy rows
             a, b = p["dir_lo"], p["dir_hi"]
-            direct = F.embedding_bag((ids[:, a:b] + p["dir_off"]).reshape(B, -1), p["direct"],
-                                     per_sample_weights=vals[:, a:b].reshape(B, -1), mode="sum")
+            direct = F.embedding_bag((ids[:, a:b] + p["dir_off"]).flatten(1), p["direct"],
+                                     per_sample_weights=vals[:, a:b].flatten(1), mode="sum")
         if p["hid"] is not None:
             z = torch.addmm(z, state.hidden.float(), p["hid"])
         z = F.gelu(F.layer_norm(z, (dim,), *p["ln"]))  # HistoryNet.trunk, inlined

@@ -41,3 +41,25 @@ def test_linear_models_fit_a_layer_that_always_uses_one_expert(name):
     pred = make_predictor(name, 3, 4, 1, 1).fit([trace])
     scores = pred.predict(RoutingState.from_trace(trace, 0), 0)  # [T, 1, E]: slot 0 = layer 1
     assert (scores[:, 0].argmax(-1) == 2).all()
+
+
+def _trace(tokens: int, seed: int = 0, L: int = 3, E: int = 8, K: int = 2) -> RoutingTrace:
+    rng = np.random.default_rng(seed)
+    ex = np.argsort(rng.random((tokens, L, E)), -1)[..., :K].astype(np.int16)  # K distinct experts per row
+    return RoutingTrace(ex, np.full(ex.shape, 0.5, np.float16), np.array([0, tokens], np.int64), E)
+
+
+FAST = dict(mlp=dict(epochs=1, dim=8), mlp_online=dict(epochs=1, dim=8), logreg=dict(max_iter=5),
+            ensemble=dict(members=["prev_token", "mlp"], member_params={"mlp": dict(epochs=1, dim=8)}))
+
+
+@pytest.mark.parametrize("name", ["popularity", "transition", "prev_token", "logreg", "sgd", "mlp", "mlp_online", "ensemble"])
+def test_empty_traces_and_batches(name):
+    empty = _trace(0)
+    with pytest.raises(ValueError, match=f"^{name}: fit\\(\\) needs at least one token; the 1 trace holds none"):
+        make_predictor(name, 3, 8, 2, 1, **FAST.get(name, {})).fit([empty])
+    pred = make_predictor(name, 3, 8, 2, 1, **FAST.get(name, {})).fit([_trace(40), empty])  # an empty one beside is fine
+    state = RoutingState.from_trace(empty, 1)
+    assert pred.predict(state, 1).shape == (0, 1, 8)  # mlp: 'cannot reshape tensor of 0 elements'
+    res = evaluate(pred, [_trace(30, seed=1), empty], budget=4)  # an empty test trace scores no rows
+    assert res["lookahead_1"]["rows"] == 30 * 2  # layers 0 and 1 have a next layer
