@@ -38,6 +38,12 @@ def validate_request(prompt: Prompt, params: SamplingParams, tokenizer, vocab_si
         raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
     if isinstance(prompt, str):
         text, ids = prompt, tokenizer.encode(prompt)
+        # a tokenizer with added tokens the model's embedding was never resized for: the lookup would
+        # fail in the forward (on a GPU a device-side assert, which ends the CUDA context for everyone)
+        bad = [t for t in ids if t >= vocab_size]
+        if bad:
+            raise ValueError(f"prompt: the tokenizer gave token ids past the model's vocabulary "
+                             f"(vocab_size={vocab_size}): {bad[:5]}")
     elif (ids := as_token_ids(prompt)) is not None:
         text = None
         bad = [t for t in ids if not 0 <= t < vocab_size]
