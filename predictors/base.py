@@ -205,7 +205,13 @@ class Predictor(ABC):
         if not any(t.num_tokens for t in traces):  # nothing to count or learn: a fit would be all zeros
             n = len(traces)
             raise ValueError(f"{self.name}: fit() needs at least one token; the {n} trace{'s hold' if n > 1 else ' holds'} none")
-        for t in traces:
+        for i, t in enumerate(traces):
+            for field in ("weights", "hidden"):  # one NaN would make every fitted weight NaN, silently
+                bad = None if getattr(t, field) is None else ~np.isfinite(getattr(t, field))
+                if bad is not None and bad.any():
+                    row, layer = (int(x[0]) for x in np.nonzero(bad)[:2])
+                    raise ValueError(f"{self.name}: trace {i} has {int(bad.sum())} NaN/inf value{'s' if bad.sum() > 1 else ''} "
+                                     f"in {field!r} (first at row {row}, MoE layer {layer})")
             if (t.num_layers, t.num_experts, t.top_k) != (self.num_layers, self.num_experts, self.top_k):
                 raise ValueError(
                     f"{self.name}: trace has (layers, experts, top_k)=({t.num_layers}, {t.num_experts}, {t.top_k}), "

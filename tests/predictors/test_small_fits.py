@@ -63,3 +63,14 @@ def test_empty_traces_and_batches(name):
     assert pred.predict(state, 1).shape == (0, 1, 8)  # mlp: 'cannot reshape tensor of 0 elements'
     res = evaluate(pred, [_trace(30, seed=1), empty], budget=4)  # an empty test trace scores no rows
     assert res["lookahead_1"]["rows"] == 30 * 2  # layers 0 and 1 have a next layer
+
+
+@pytest.mark.parametrize("field", ["weights", "hidden"])
+def test_fit_refuses_nan_or_inf_naming_the_field(field):
+    # one NaN weight (or inf hidden value) made every weight of a fitted mlp NaN, saved without a word
+    trace = _trace(40)
+    trace.hidden = np.ones((40, 3, 4), np.float32)
+    getattr(trace, field)[5, 1, 0] = np.nan if field == "weights" else np.inf
+    for name in ("mlp", "transition"):
+        with pytest.raises(ValueError, match=f"^{name}: trace 0 has 1 NaN/inf value in '{field}' \\(first at row 5, MoE layer 1\\)"):
+            make_predictor(name, 3, 8, 2, 1, **FAST.get(name, {})).fit([trace])
