@@ -36,6 +36,9 @@ def validate_request(prompt: Prompt, params: SamplingParams, tokenizer, vocab_si
     a SamplingParams that fits the vocabulary; raises ValueError naming the field and the limit."""
     if not isinstance(params, SamplingParams):
         raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+    # checked again, and its stop list worked out again: fields may be set after construction (vLLM's
+    # examples set them on llm.get_default_sampling_params()); a stop set so was silently ignored
+    params.__post_init__()
     if isinstance(prompt, str):
         text, ids = prompt, tokenizer.encode(prompt)
         # a tokenizer with added tokens the model's embedding was never resized for: the lookup would

@@ -47,3 +47,26 @@ def test_a_text_prompt_past_the_vocabulary_is_refused_naming_the_limit(added_tok
     with LLM(model=str(added_token_dir)) as llm:
         with pytest.raises(ValueError, match=r"prompts\[1\]: prompt: the tokenizer gave token ids"):
             llm.generate(["The quick", "<tool_call>"], GREEDY)
+
+
+def test_sampling_params_set_after_construction_apply(tiny_dir):
+    """vLLM's own example sets fields on `llm.get_default_sampling_params()`; a stop string set that way
+    was silently ignored (the stop list was worked out once, at construction), and a value set out of
+    range was never checked. Both are now read when the request is made."""
+    with LLM(model=str(tiny_dir)) as llm:
+        params = llm.get_default_sampling_params()
+        params.temperature, params.max_tokens, params.ignore_eos = 0, 12, True
+        full = llm.generate("Once upon a time", params)[0].text
+        # two characters of the text's second half (not a replacement character: a byte held back)
+        stop = next(full[i:i + 2] for i in range(len(full) // 2, len(full) - 1)
+                    if full[i:i + 2].strip() and "\ufffd" not in full[i:i + 2])
+        assert full.index(stop) > 0
+        for given in (stop, [stop]):
+            params.stop = given
+            out = llm.generate("Once upon a time", params)[0]
+            assert (out.finish_reason, out.text) == ("stop", full[: full.index(stop)])
+        params.stop = None
+        assert llm.generate("Once upon a time", params)[0].text == full
+        params.max_tokens = 0
+        with pytest.raises(ValueError, match=r"prompts\[0\]: SamplingParams.max_tokens must be >= 1"):
+            llm.generate("Once upon a time", params)
