@@ -142,6 +142,12 @@ class MLPPredictor(Predictor):
         return loss
 
     def fit(self, traces: list[RoutingTrace]) -> "MLPPredictor":
+        # the init and the trunk dropout draw from torch's global generator, which _net seeds (a fit is
+        # reproducible); fork_rng gives the caller its own random stream back afterwards
+        with torch.random.fork_rng(devices=[]):
+            return self._fit(traces)
+
+    def _fit(self, traces: list[RoutingTrace]) -> "MLPPredictor":
         self.check_traces(traces)
         use_hidden = bool(self.params.get("use_hidden", True)) and all(t.hidden is not None for t in traces)
         hsize = int(traces[0].hidden.shape[-1]) if use_hidden else 0
@@ -267,7 +273,8 @@ class MLPPredictor(Predictor):
         return {k: v.detach() for k, v in self.net.state_dict().items()}
 
     def load_arrays(self, arrays):
-        self.net = self._net(int(self.params.get("hidden_size", 0)))
+        with torch.random.fork_rng(devices=[]):  # _net seeds the global generator for its (overwritten) init
+            self.net = self._net(int(self.params.get("hidden_size", 0)))
         self.net.load_state_dict(arrays)
         self.net.eval()
         self._plans = {}
