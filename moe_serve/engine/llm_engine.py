@@ -75,7 +75,7 @@ class LLMEngine:
                 log.info("model.compile_decode: decode batches of up to %d run compiled (timed: %s)",
                          self.model.compiled.max_batch, self.model.compiled.tuned)
         self.hooks.attach(self.spec, self.device, meta={"model": str(mc.model), "family": self.spec.family})
-        self.eos_token_ids = set(self.spec.eos_token_ids or self.tokenizer.eos_token_ids)
+        self.eos_token_ids = set(self.spec.eos_token_ids) | set(self.tokenizer.eos_token_ids)  # + generation_config's
         self.scheduler = Scheduler(self.num_slots, sc.max_num_batched_tokens, sc.prefill_chunk, sc.max_queue)
         self._lock = threading.Lock()
         self._inbox: deque[Sequence] = deque()

@@ -70,3 +70,28 @@ def test_sampling_params_set_after_construction_apply(tiny_dir):
         params.max_tokens = 0
         with pytest.raises(ValueError, match=r"prompts\[0\]: SamplingParams.max_tokens must be >= 1"):
             llm.generate("Once upon a time", params)
+
+
+def test_generation_configs_eos_ids_end_a_request(tiny_dir, tmp_path):
+    """Chat checkpoints list their end-of-turn token beside the end-of-text one in generation_config.json
+    (Qwen's [<|im_end|>, <|endoftext|>]) while config.json names one. Only config.json's was a stop, so a
+    reply ran on past its end of turn to max_tokens; every id of either file now ends it (as transformers'
+    generate and vLLM do), and ignore_eos still generates past them."""
+    import json
+
+    params = SamplingParams(temperature=0, max_tokens=12)
+    with LLM(model=str(tiny_dir)) as llm:
+        ref = llm.generate("Once upon a time", params)[0]
+    assert ref.finish_reason == "length"
+    eos = json.loads((tiny_dir / "config.json").read_text())["eos_token_id"]
+    end_of_turn = ref.token_ids[3]
+    assert end_of_turn != eos
+    out = shutil.copytree(tiny_dir, tmp_path / "ckpt")
+    gen = json.loads((out / "generation_config.json").read_text())
+    (out / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [end_of_turn, eos]}))
+    with LLM(model=str(out)) as llm:
+        stopped, ignored = llm.generate(["Once upon a time"] * 2, [params, SamplingParams(temperature=0, max_tokens=12,
+                                                                                         ignore_eos=True)])
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids == ref.token_ids[: ref.token_ids.index(end_of_turn) + 1]
+    assert (ignored.finish_reason, ignored.token_ids) == ("length", ref.token_ids)
