@@ -22,9 +22,23 @@ class CopyError(RuntimeError):
         self.__cause__ = exc
 
 
+class CheckedPairs(list):
+    """One expert's copies [(dst, src)] and `check()`, run right before them by whichever thread
+    runs the copy: with host=mmap the sources are views of the memory-mapped checkpoint, and the
+    check (the file's size and mtime, see SafetensorsCheckpoint.check_unchanged) turns a file
+    truncated while the copy waited in a queue into this copy's failure instead of a SIGBUS."""
+
+    def __init__(self, pairs, check=None):
+        super().__init__(pairs)
+        self.check = check
+
+
 def copy_pairs(pairs, catch=Exception, **copy_kw) -> BaseException | None:
-    """Run one expert's copies (dst, src); the error instead of raising it (the caller decides who sees it)."""
+    """Run one expert's copies (dst, src), after their check if any (`CheckedPairs`); the error
+    instead of raising it (the caller decides who sees it)."""
     try:
+        if getattr(pairs, "check", None) is not None:
+            pairs.check()
         with torch.no_grad():
             for dst, src in pairs:
                 dst.copy_(src, **copy_kw)

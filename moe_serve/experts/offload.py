@@ -212,7 +212,7 @@ class OffloadExpertStore(SlotCopies, ExpertStore):
                 self._overflow.add(g)
         self._last_use[gids] = self.clock
         if self._streamed:
-            self.ring.start([self.host_expert(g // E, g % E) for g in self._streamed])
+            self.ring.start([self.host_copy_source(g) for g in self._streamed])
             n = len(self._streamed)
             self.stats["streamed"] += n
             self.stats["copies"] += n

@@ -5,13 +5,15 @@ per-step logic (what each step needs, hits and misses, admission, compute order)
 bookkeeping around each copy the copier (`copier.py`) runs: the slot's ticket, the cancelled copy of
 an evicted prefetch, the copy and byte counters, the stall a wait costs, and the slot left without
 valid weights when a copy fails. It reads the store's `cache`, `copier`, `ticket`, `prefetched`,
-`stats`, `slot_gu`/`slot_dn`, `expert_bytes`, `capacity`, `num_experts` and `host_expert`.
+`stats`, `slot_gu`/`slot_dn`, `expert_bytes`, `capacity`, `num_experts`, `host`, `source` and `host_expert`.
 """
 from __future__ import annotations
 
+import functools
 import time
 
 from moe_serve.experts.copier import CopyError
+from moe_serve.experts.copy_failures import CheckedPairs
 
 
 class SlotCopies:
@@ -31,14 +33,23 @@ class SlotCopies:
             else:
                 self.stats["prefetch_wasted"] += 1
         try:  # host=mmap reads the checkpoint here: a failed read must not leave `g` claiming the slot
-            gu, dn = self.host_expert(g // self.num_experts, g % self.num_experts)
-            self.ticket[slot] = self.copier.submit([(self.slot_gu[slot], gu), (self.slot_dn[slot], dn)], slot, need)
+            gu, dn, check = self.host_copy_source(g)
+            pairs = CheckedPairs([(self.slot_gu[slot], gu), (self.slot_dn[slot], dn)], check)
+            self.ticket[slot] = self.copier.submit(pairs, slot, need)
         except BaseException:
             self.cache.remove(g)
             raise
         self.stats["copies"] += 1
         self.stats["bytes_moved"] += self.expert_bytes
         return True
+
+    def host_copy_source(self, g: int) -> tuple:
+        """(host gate_up, host down, check or None) of expert `g`: with host=mmap the check that its
+        checkpoint file is unchanged, which the copy runs again right before reading the mapping."""
+        l, e = divmod(g, self.num_experts)
+        gu, dn = self.host_expert(l, e)
+        check = getattr(self.source, "check_unchanged", None) if self.host == "mmap" else None
+        return gu, dn, (functools.partial(check, l, e) if check is not None else None)
 
     def _wait(self, ticket: int, slot: int) -> None:
         """Wait for copy `ticket` into copier slot `slot` (a cache slot or a staging buffer). Only

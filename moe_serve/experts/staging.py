@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from moe_serve.experts.copy_failures import CheckedPairs
+
 STAGING_BUFFERS = 2  # the ring streamed misses go through: one computed from while the next is filled
 
 
@@ -40,13 +42,14 @@ class StagingRing:
         self.dn = torch.zeros((n, *dn.shape), dtype=dn.dtype, device=dn.device)  # [n, H, I]
         self.ticket = [0] * n
         self.owner = [-1] * n  # queue position each buffer holds (or is filling), -1 free
-        self.queue: list[tuple] = []  # this layer's (gu, dn) host weights, in the order they will run
+        self.queue: list[tuple] = []  # this layer's (gu, dn, check) host weights, in the order they will run
         self.where: dict[int, int] = {}  # queue position -> buffer holding (or filling) it
         self.computed: set[int] = set()  # queue positions done this layer
         self.next = 0  # scan start for the next position in line
 
     def start(self, sources: list[tuple]) -> None:
-        """A new layer: `sources` [(host gu, host dn)] of its streamed experts; fill what fits."""
+        """A new layer: `sources` [(host gu, host dn[, check])] of its streamed experts (a check
+        runs right before each copy, see `CheckedPairs`); fill what fits."""
         self.queue, self.where, self.next, self.owner, self.computed = sources, {}, 0, [-1] * self.n, set()
         for b in range(self.n):
             j = self._next_waiting()
@@ -65,8 +68,8 @@ class StagingRing:
             self.copier.cancel(self.ticket[b], self.first + b)
             del self.where[old]
         self.owner[b], self.where[j] = j, b
-        self.ticket[b] = self.copier.submit([(self.gu[b], self.queue[j][0]), (self.dn[b], self.queue[j][1])],
-                                            self.first + b)
+        gu, dn, *check = self.queue[j]  # the check is optional
+        self.ticket[b] = self.copier.submit(CheckedPairs([(self.gu[b], gu), (self.dn[b], dn)], *check), self.first + b)
 
     def get(self, j: int, wait=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Buffers of queue position `j`, once its copy has landed (may run the copy here), waited

@@ -9,6 +9,8 @@ the file it names (a copy elsewhere is not used); shard names must be files of t
 from __future__ import annotations
 
 import json
+import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -67,11 +69,17 @@ class SafetensorsCheckpoint:
             if not files:
                 raise CheckpointError(f"no *.safetensors file in {d} (and no model.safetensors.index.json)")
         self.handles = {}
+        self.mapped: dict[str, tuple[int, int, int]] = {}  # file -> (fd, size, mtime_ns) of what safe_open maps
         for name in files:
             path = d / name
             if not path.is_file():
                 what = "not a file" if path.exists() else "missing"
                 raise CheckpointError(f"{path} is {what} (listed in {index.name})")
+            # an fd on the mapped file, for check_unchanged: fstat sees that inode even after a rename over the path
+            fd = os.open(path, os.O_RDONLY)
+            weakref.finalize(self, os.close, fd)
+            st = os.fstat(fd)
+            self.mapped[name] = (fd, st.st_size, st.st_mtime_ns)
             try:
                 self.handles[name] = safe_open(str(path), framework="pt", device="cpu")
             except Exception as e:  # safetensors raises its own error types for bad headers
@@ -107,10 +115,13 @@ class SafetensorsCheckpoint:
         """The stored dtype as the header names it ("F32", "BF16", "I8", "F8_E4M3", ...)."""
         return self._handle(key).get_slice(key).get_dtype()
 
-    def _handle(self, key: str):
+    def _file(self, key: str) -> str:
         if key not in self.key_file:
             raise CheckpointError(f"tensor {key!r} is missing from the checkpoint in {self.dir}")
-        return self.handles[self.key_file[key]]
+        return self.key_file[key]
+
+    def _handle(self, key: str):
+        return self.handles[self._file(key)]
 
     def check(self, key: str, shape: tuple[int, ...] | None = None) -> None:
         """Raise what `get` would about `key` (missing, not `shape`, not a float32/bfloat16/float16-like
@@ -123,6 +134,22 @@ class SafetensorsCheckpoint:
         if dt is None or not dt.is_floating_point or dt.itemsize < 2:
             raise CheckpointError(f"tensor {key!r} has dtype {dt or name}; only float32/bfloat16/float16 "
                                   "weights are supported (quantized checkpoints are not)")
+
+    def check_unchanged(self, key: str) -> None:
+        """Raise CheckpointError if the file holding `key` was truncated or rewritten since it was
+        memory-mapped: a read of the mapping past the file's new end kills the process with SIGBUS,
+        and a rewrite serves other weights than those loaded. One fstat (microseconds), for callers
+        to run right before they read the mapping (host=mmap expert copies). It narrows the window,
+        it cannot close it: a truncation between this check and the read still raises SIGBUS.
+        A file replaced by a rename passes: the mapping keeps the old inode, unchanged."""
+        name = self._file(key)
+        fd, size, mtime_ns = self.mapped[name]
+        st = os.fstat(fd)
+        if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+            how = "truncated or extended" if st.st_size != size else "rewritten in place (same size, new mtime)"
+            raise CheckpointError(f"{self.dir / name} changed after it was memory-mapped ({how}): {st.st_size} bytes "
+                                  f"now, {size} bytes when loaded; its tensors are not read (restart on an unchanged "
+                                  "checkpoint)")
 
     def get(self, key: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The tensor (checked against `shape` when given), as stored (mmap-backed, checkpoint dtype)."""

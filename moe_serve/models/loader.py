@@ -109,10 +109,19 @@ class CheckpointExperts:
                 for e in range(self.num_experts):
                     yield from self._expert_tensors(layer, e)
 
+    def check_unchanged(self, moe_layer: int, e: int) -> None:
+        """Raise CheckpointError if a file holding expert (moe_layer, e) changed since it was mapped
+        (see SafetensorsCheckpoint.check_unchanged): `get` runs it, and a store that reads the returned
+        tensors later (an expert copy queued on another thread) runs it again right before."""
+        layer = self.spec.moe_layers[moe_layer]
+        for key in self._fused_keys(layer) or self.family.expert_keys(layer, e):
+            self.ckpt.check_unchanged(key)
+
     def get(self, moe_layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= moe_layer < self.num_moe_layers or not 0 <= e < self.num_experts:
             raise IndexError(f"expert ({moe_layer}, {e}) out of range ({self.num_moe_layers} MoE layers, "
                              f"{self.num_experts} experts)")
+        self.check_unchanged(moe_layer, e)  # before safetensors reads the mapping (SIGBUS past a truncated end)
         layer = self.spec.moe_layers[moe_layer]
         fused = self._fused_tensors(layer)
         if fused is not None:  # read the layer's [E, ...] tensors once, not once per expert
