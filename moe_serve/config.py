@@ -159,10 +159,12 @@ class ParallelConfig:
     heartbeat_interval_s: float = doc("seconds between heartbeats of each rank", default=0.5)
     heartbeat_timeout_s: float = doc("a rank silent this long is declared dead", default=30.0)
     step_timeout_s: float = doc("longest a forward step may take on the ranks before it is failed", default=600.0)
-    control_transport: str = doc("ZeroMQ control sockets: ipc (temp dir) or tcp (loopback, free ports)", default="ipc")
+    control_transport: str = doc("ZeroMQ control sockets: ipc (temp dir) or tcp (loopback, free ports); either way "
+                                 "every frame is signed with a key drawn per engine", default="ipc")
     threads_per_rank: int = doc("torch threads of each rank on CPU (0: cores / ranks)", default=0)
     worker_endpoint: str | None = doc("tcp://host:port to bind for ranks started by torchrun (each rank gets "
-                                      "MOE_SERVE_FRONTEND=host:port); default: the engine starts its ranks",
+                                      "MOE_SERVE_FRONTEND=host:port; it and the frontend the same hex "
+                                      "MOE_SERVE_CONTROL_KEY); default: the engine starts its ranks",
                                       default=None)
 
     def __post_init__(self):

@@ -23,6 +23,7 @@ import zmq
 from moe_serve.distributed import messages as m
 from moe_serve.distributed.endpoints import ControlEndpoints, bind_sockets
 from moe_serve.distributed.monitor import _FAILED, RankMonitor, WorkerFailure
+from moe_serve.distributed.signing import KEY_ENV, Signer, key_from_env, new_key
 from moe_serve.distributed.spawner import Spawner
 from moe_serve.distributed.worker import SPEC_ENV, WorkerSpec
 
@@ -45,6 +46,13 @@ class WorkerGroup(RankMonitor):  # the monitor thread's half: monitor.py
         self._cancel = cancel
         self.world_size, self.heartbeat_timeout_s = world_size, heartbeat_timeout_s
         self.heartbeat_s = base.heartbeat_s
+        # every control frame is signed with a key only this group and its ranks hold (signing.py): anything else on
+        # the machine may connect to a tcp port. Ranks started here get a fresh key; torchrun's, the one it was given
+        key = new_key() if external is None else key_from_env()
+        if key is None:
+            raise ValueError(f"parallel.worker_endpoint: set {KEY_ENV} (hex, e.g. from secrets.token_hex(32)) for the "
+                             "frontend and for the ranks torchrun starts: control frames are signed with it")
+        self.signer = Signer(key)
         if external is not None:
             host, port = external.removeprefix("tcp://").rsplit(":", 1)
             self.endpoints = ControlEndpoints(up=f"tcp://{host}:{port}",
@@ -71,12 +79,12 @@ class WorkerGroup(RankMonitor):  # the monitor thread's half: monitor.py
                 spec = replace(base, rank=r, up=up_addr, down=self.down[r].getsockopt_string(zmq.LAST_ENDPOINT),
                                dist_init=self.endpoints.store, fault=faults.get(r, ""))
                 if external is not None:  # the rank exists already: it waits for its spec on down[r]
-                    self._send(r, m.encode(m.Configure(spec.to_json())), deadline,
+                    self._send(r, self.signer.sign(m.encode(m.Configure(spec.to_json()))), deadline,
                                f"did not connect to parallel.worker_endpoint={external} (it pulls its spec from "
                                f"{spec.down}) within parallel.startup_timeout_s={startup_timeout_s:g} s")
                     continue
-                env = dict(os.environ, **(extra_env or {}),
-                           **{SPEC_ENV: spec.to_json(), "OMP_NUM_THREADS": str(spec.threads)})
+                env = dict(os.environ, **(extra_env or {}), **{SPEC_ENV: spec.to_json(), KEY_ENV: key.hex(),
+                                                               "OMP_NUM_THREADS": str(spec.threads)})
                 self.procs.append(self._spawner.popen([sys.executable, "-m", "moe_serve.distributed.worker"], env=env))
             self._wait_ready(startup_timeout_s)
         except BaseException:
@@ -117,12 +125,18 @@ class WorkerGroup(RankMonitor):  # the monitor thread's half: monitor.py
                     raise WorkerFailure(f"rank {msg.rank} failed while starting:\n{msg.error}")
 
     def _recv(self):
-        """The next frame from the ranks, decoded; None for one that is no rank's message (a stray peer on a tcp
-        port, another version's rank): its DecodeError used to end the monitor thread, and every step's output
-        and failure with it (each forward then waited out parallel.step_timeout_s)."""
+        """The next frame from the ranks, decoded; None for one that is no rank's message: one not signed with this
+        group's key (a stranger on a tcp port: its StepOutput was taken for a rank's, its WorkerError failed every
+        request), dropped before it is decoded; or a signed one that does not decode (another version's rank),
+        whose DecodeError used to end the monitor thread (each forward then waited out parallel.step_timeout_s)."""
         frame = self.up.recv()
+        payload = self.signer.verify(frame)
+        if payload is None:
+            log.warning("control: dropped a %d-byte frame whose signature does not verify (not from a rank of this "
+                        "engine); not executed", len(frame))
+            return None
         try:
-            return m.decode_from_worker(frame)
+            return m.decode_from_worker(payload)
         except msgspec.DecodeError as exc:  # ValidationError too (a subclass)
             log.warning("control: dropped a %d-byte frame that is no rank's message (%s)", len(frame), exc)
             return None
@@ -140,7 +154,7 @@ class WorkerGroup(RankMonitor):  # the monitor thread's half: monitor.py
         """Send one message to every rank (encoded once)."""
         if self.error is not None:
             raise self.error
-        frame = m.encode(msg)
+        frame = self.signer.sign(m.encode(msg))
         deadline = time.monotonic() + self.heartbeat_timeout_s
         for r in range(len(self.down)):
             self._send(r, frame, deadline, f"has taken no message for parallel.heartbeat_timeout_s="
@@ -197,7 +211,7 @@ class WorkerGroup(RankMonitor):  # the monitor thread's half: monitor.py
         self._stop.set()
         for s in self.down:
             try:
-                s.send(m.encode(m.Shutdown("frontend shutdown")), zmq.NOBLOCK)
+                s.send(self.signer.sign(m.encode(m.Shutdown("frontend shutdown"))), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
         deadline = time.monotonic() + grace_s

@@ -4,6 +4,7 @@ Started by the frontend (`python -m moe_serve.distributed.worker`, its spec as J
 environment variable MOE_SERVE_WORKER_SPEC) or by torchrun (see `launch_torchrun`). A side thread
 sends a Heartbeat every interval from process start, so the frontend can tell a slow rank from a
 dead one. Any exception is reported as a WorkerError (with the traceback) before the rank exits.
+Every control frame, both ways, is signed with the engine's key and checked before it is decoded (signing.py).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 import zmq
 
 from moe_serve.distributed import messages as m
+from moe_serve.distributed.signing import KEY_ENV, Signer, key_from_env
 
 SPEC_ENV = "MOE_SERVE_WORKER_SPEC"
 
@@ -60,18 +62,29 @@ def _die_with_parent() -> None:
         pass
 
 
+def _verified(frame: bytes, signer: Signer, rank) -> memoryview | None:
+    """The payload of a frame signed with the engine's key; None (and a line on stderr) for any other frame,
+    which is never decoded, let alone executed."""
+    payload = signer.verify(frame)
+    if payload is None:
+        print(f"rank {rank}: dropped a {len(frame)}-byte control frame whose signature does not verify; not executed",
+              file=sys.stderr, flush=True)
+    return payload
+
+
 class _Heartbeat(threading.Thread):
-    def __init__(self, ctx: zmq.Context, spec: WorkerSpec):
+    def __init__(self, ctx: zmq.Context, spec: WorkerSpec, signer: Signer):
         super().__init__(daemon=True, name=f"heartbeat-{spec.rank}")
         self.sock = ctx.socket(zmq.PUSH)  # its own socket: zmq sockets are not thread-safe
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(spec.up)
-        self.spec, self.step, self.phase, self.stop = spec, -1, "starting", threading.Event()
+        self.spec, self.signer, self.step, self.phase, self.stop = spec, signer, -1, "starting", threading.Event()
 
     def run(self):
         while True:
             try:  # never block: with the frontend gone a PUSH waits for a peer forever (then dies in ctx.term())
-                self.sock.send(m.encode(m.Heartbeat(self.spec.rank, self.step, time.time(), self.phase)), zmq.NOBLOCK)
+                beat = m.Heartbeat(self.spec.rank, self.step, time.time(), self.phase)
+                self.sock.send(self.signer.sign(m.encode(beat)), zmq.NOBLOCK)
             except zmq.Again:
                 pass  # a heartbeat nobody can take is worth nothing later
             if self.stop.wait(self.spec.heartbeat_s):
@@ -84,8 +97,11 @@ def _load_runner(spec: WorkerSpec, groups):
     return getattr(importlib.import_module(module), fn)(spec, groups)
 
 
-def run_worker(spec: WorkerSpec) -> int:
+def run_worker(spec: WorkerSpec, key: bytes) -> int:
+    """Serve until Shutdown; `key`: the engine's control key (every frame both ways is signed with it)."""
     t0 = time.time()
+    signer = Signer(key)
+    send = lambda msg: up.send(signer.sign(m.encode(msg)))  # noqa: E731
     ctx = zmq.Context()
     up = ctx.socket(zmq.PUSH)
     up.setsockopt(zmq.LINGER, 2000)
@@ -93,7 +109,7 @@ def run_worker(spec: WorkerSpec) -> int:
     down = ctx.socket(zmq.PULL)
     down.setsockopt(zmq.LINGER, 0)
     down.connect(spec.down)
-    hb = _Heartbeat(ctx, spec)
+    hb = _Heartbeat(ctx, spec, signer)
     hb.start()
     step, gone = -1, None
     parent = os.getppid()
@@ -119,7 +135,7 @@ def run_worker(spec: WorkerSpec) -> int:
         hb.phase = "loading"
         runner = _load_runner(spec, groups)
         hb.phase = "serving"
-        up.send(m.encode(m.Ready(spec.rank, os.getpid(), socket.gethostname(), time.time() - t0)))
+        send(m.Ready(spec.rank, os.getpid(), socket.gethostname(), time.time() - t0))
         exit_at = int(spec.fault.split(":")[1]) if spec.fault.startswith("exit_at_step:") else -1
         # a rank from torchrun is no child of the frontend (no PDEATHSIG): when the frontend dies (its Shutdown
         # never comes) the only sign is its end of this TCP connection going away; such ranks served on forever
@@ -133,7 +149,10 @@ def run_worker(spec: WorkerSpec) -> int:
                           file=sys.stderr, flush=True)
                     return 1
                 continue
-            msg = m.decode_to_worker(down.recv())
+            payload = _verified(down.recv(), signer, spec.rank)
+            if payload is None:
+                continue
+            msg = m.decode_to_worker(payload)
             if isinstance(msg, m.Shutdown):
                 return 0
             if isinstance(msg, m.StepPlan):
@@ -146,9 +165,9 @@ def run_worker(spec: WorkerSpec) -> int:
                 out = runner.step(msg)
                 if out is not None:
                     seq_index, logits, stats, load = out
-                    up.send(m.encode(m.StepOutput(step, spec.rank, seq_index, m.TensorBlob.from_tensor(logits),
-                                                  time.perf_counter() - t, stats,
-                                                  None if load is None else m.TensorBlob.from_tensor(load))))
+                    send(m.StepOutput(step, spec.rank, seq_index, m.TensorBlob.from_tensor(logits),
+                                      time.perf_counter() - t, stats,
+                                      None if load is None else m.TensorBlob.from_tensor(load)))
                 hb.step = step
             else:
                 try:
@@ -158,7 +177,7 @@ def run_worker(spec: WorkerSpec) -> int:
                     print(f"rank {spec.rank}: refused {type(msg).__name__}: {exc}; serving on", file=sys.stderr,
                           flush=True)
     except Exception:  # report, then exit non-zero: the frontend fails the requests in flight
-        up.send(m.encode(m.WorkerError(spec.rank, step, traceback.format_exc())))
+        send(m.WorkerError(spec.rank, step, traceback.format_exc()))
         return 1
     finally:
         hb.stop.set()
@@ -181,11 +200,13 @@ def run_worker(spec: WorkerSpec) -> int:
 FRONTEND_ENV = "MOE_SERVE_FRONTEND"
 
 
-def external_spec(timeout_s: float = 600.0) -> WorkerSpec:
+def external_spec(timeout_s: float = 600.0, key: bytes | None = None) -> WorkerSpec:
     """A rank started by torchrun: RANK etc. from its environment, the rest from the frontend.
 
     MOE_SERVE_FRONTEND=host:port names the frontend's `parallel.worker_endpoint`; rank r pulls its
     Configure message from port + 1 + r, torch.distributed rendezvous is env:// (MASTER_ADDR/PORT).
+    The Configure must be signed with `key` (default: MOE_SERVE_CONTROL_KEY, which the frontend has too):
+    a process that bound that port before the frontend could otherwise hand the rank any spec.
     """
     from moe_serve.distributed.groups import torchrun_env
 
@@ -193,16 +214,22 @@ def external_spec(timeout_s: float = 600.0) -> WorkerSpec:
     if env is None or not front:
         raise SystemExit(f"moe_serve.distributed.worker: set {SPEC_ENV} (started by the engine) or "
                          f"RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun) and {FRONTEND_ENV}=host:port")
-    host, port = front.rsplit(":", 1)
+    key = key or key_from_env()
+    if key is None:
+        raise SystemExit(f"moe_serve.distributed.worker: set {KEY_ENV} to the frontend's control key (hex)")
+    signer, host, port = Signer(key), *front.rsplit(":", 1)
     rank = int(env["RANK"])
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(f"tcp://{host}:{int(port) + 1 + rank}")
+    deadline, payload = time.monotonic() + timeout_s, None
     try:
-        if not sock.poll(int(timeout_s * 1000)):
-            raise SystemExit(f"rank {rank}: no Configure from the frontend at {front} within {timeout_s:g} s")
-        msg = m.decode_to_worker(sock.recv())
+        while payload is None:  # frames that do not verify are dropped: wait on for the frontend's
+            if not sock.poll(int(max(0.0, deadline - time.monotonic()) * 1000)):
+                raise SystemExit(f"rank {rank}: no Configure from the frontend at {front} within {timeout_s:g} s")
+            payload = _verified(sock.recv(), signer, rank)
+        msg = m.decode_to_worker(payload)
     finally:
         sock.close()
         ctx.term()
@@ -216,13 +243,17 @@ def external_spec(timeout_s: float = 600.0) -> WorkerSpec:
 
 
 def main() -> int:
+    key = key_from_env(pop=True)  # a rank's child processes (a compiler, a tokenizer's) need not see it
     if SPEC_ENV in os.environ:
         _die_with_parent()
         # a terminal's Ctrl-C goes to the whole process group: the frontend handles it and stops the ranks
         # (Shutdown after the requests in flight, PDEATHSIG if it dies); a rank dying at once would fail them
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        return run_worker(WorkerSpec.from_json(os.environ[SPEC_ENV]))
-    return run_worker(external_spec())
+        if key is None:
+            raise SystemExit(f"moe_serve.distributed.worker: {KEY_ENV} is not set (the engine passes its control key)")
+        return run_worker(WorkerSpec.from_json(os.environ[SPEC_ENV]), key)
+    spec = external_spec(key=key)
+    return run_worker(spec, key)
 
 
 if __name__ == "__main__":
