@@ -4,7 +4,7 @@ from moe_serve.engine.llm import LLM
 from moe_serve.engine.llm_engine import LLMEngine
 from moe_serve.engine.sampling_params import SamplingParams
 from moe_serve.engine.scheduler import QueueFullError
-from moe_serve.engine.sequence import RequestMetrics, RequestOutput
+from moe_serve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
-__all__ = ["AsyncEngine", "EngineDeadError", "LLM", "LLMEngine", "QueueFullError", "RequestMetrics",
-           "RequestOutput", "SamplingParams"]
+__all__ = ["AsyncEngine", "CompletionOutput", "EngineDeadError", "LLM", "LLMEngine", "QueueFullError",
+           "RequestMetrics", "RequestOutput", "SamplingParams"]

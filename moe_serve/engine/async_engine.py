@@ -3,8 +3,10 @@
 `generate` is an async iterator of incremental RequestOutputs (the HTTP server's entry point). The
 step thread is the only one that touches the scheduler and the model; requests and aborts reach it
 through the engine's locked inbox, outputs come back through each request's asyncio.Queue via
-`call_soon_threadsafe`. A consumer that stops iterating (client gone, task cancelled) aborts its
-request, which frees its KV slot at the next step.
+`call_soon_threadsafe`. A request of n completions streams one output per change of one of them
+(`out.outputs[0].index` says which; `finished` once all are), as vLLM streams n > 1. A consumer
+that stops iterating (client gone, task cancelled) aborts its request, all its completions, which
+frees their KV slots at the next step.
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ class AsyncEngine:
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs as they come; the last one has `finished=True`.
+        """Yield the request's outputs as they come, each carrying the completion that changed; the last
+        one has `finished=True` (every completion has finished).
 
         Raises ValueError (bad input), QueueFullError (queue at scheduler.max_queue) or EngineDeadError.
         """
@@ -53,9 +56,9 @@ class AsyncEngine:
             raise EngineDeadError(f"engine is not running: {self.dead}")
         rid = request_id if request_id is not None else uuid.uuid4().hex
         if isinstance(prompt, str):  # tokenizing a long text takes seconds: off the event loop (it releases the GIL)
-            seq = await asyncio.to_thread(self.engine.make_sequence, prompt, params, rid)
+            seqs = await asyncio.to_thread(self.engine.make_request, prompt, params, rid)
         else:
-            seq = self.engine.make_sequence(prompt, params, rid)
+            seqs = self.engine.make_request(prompt, params, rid)
         queue: asyncio.Queue = asyncio.Queue()
         with self._streams_lock:
             if rid in self._streams:
@@ -65,7 +68,7 @@ class AsyncEngine:
             self._streams[rid] = (asyncio.get_running_loop(), queue)
         finished = False
         try:
-            self.engine.submit(seq)
+            self.engine.submit(seqs)
             self._wake.set()
             while not finished:
                 out = await queue.get()

@@ -3,18 +3,19 @@
     from moe_serve import LLM, SamplingParams
     with LLM(model="path/to/checkpoint", max_num_seqs=8) as llm:
         outs = llm.generate(["Once upon a time"], SamplingParams(max_tokens=32))
-        print(outs[0].text, outs[0].finish_reason, outs[0].metrics.time_to_first_token)
+        print(outs[0].outputs[0].text, outs[0].finish_reason, outs[0].metrics.time_to_first_token)
 
 Flat keyword options are the config fields (`EngineConfig.from_flat`). All prompts are validated
 before any work starts (a bad one raises ValueError naming `prompts[i]`); they are then fed to the
-engine as its queue has room, and outputs come back in prompt order.
+engine as its queue has room, and outputs come back in prompt order, each holding its prompt's
+`SamplingParams.n` completions in `outputs` (index order; `out.text` is `out.outputs[0].text`).
 """
 from __future__ import annotations
 
 from moe_serve.config import DEFAULT_MODEL, EngineConfig
 from moe_serve.engine.llm_engine import LLMEngine, Prompt, as_token_ids
 from moe_serve.engine.sampling_params import SamplingParams
-from moe_serve.engine.sequence import RequestOutput
+from moe_serve.engine.outputs import CompletionOutput, RequestOutput, merge_metrics
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:
@@ -30,6 +31,13 @@ def _as_prompt_list(prompts) -> list[Prompt]:
     if isinstance(prompts, (list, tuple)):
         return list(prompts)
     raise ValueError(f"prompts must be a string, a list of strings or a list of token-id lists, got {type(prompts).__name__}")
+
+
+def _finished_output(group, completions: dict[int, CompletionOutput]) -> RequestOutput:
+    """One prompt's RequestOutput from its finished completions, in index order."""
+    first, outputs = group[0], [completions[i] for i in range(len(group))]
+    return RequestOutput(request_id=first.request_id, prompt=first.prompt, prompt_token_ids=first.prompt_ids,
+                         outputs=outputs, finished=True, metrics=merge_metrics([c.metrics for c in outputs]))
 
 
 class LLM:
@@ -48,35 +56,37 @@ class LLM:
         return self.engine.default_sampling_params()
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """One finished RequestOutput per prompt, in prompt order. Without sampling_params (or for a None
-        in the list) the engine uses get_default_sampling_params()."""
+        """One finished RequestOutput per prompt, in prompt order, with its n completions. Without
+        sampling_params (or for a None in the list) the engine uses get_default_sampling_params()."""
         if self.engine.model is None:
             raise RuntimeError("LLM is closed")
         plist = _as_prompt_list(prompts)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(plist)
         if len(params) != len(plist):
             raise ValueError(f"sampling_params: got {len(params)} for {len(plist)} prompts")
-        seqs = []
+        groups = []  # per prompt, its n sequences
         for i, (p, sp) in enumerate(zip(plist, params)):
             try:
-                seqs.append(self.engine.make_sequence(p, sp))  # request id: the engine's "req-<seq id>"
+                groups.append(self.engine.make_request(p, sp))  # request id: the engine's "req-<seq id>"
             except ValueError as exc:
                 raise ValueError(f"prompts[{i}]: {exc}") from exc
-        results: dict[str, RequestOutput] = {}
-        todo = list(seqs)
-        wanted = {s.request_id for s in seqs}
+        done: dict[str, dict[int, CompletionOutput]] = {g[0].request_id: {} for g in groups}
+        todo, unfinished = list(groups), sum(len(g) for g in groups)
         try:
-            while todo or len(results) < len(seqs):
-                while todo and self.engine.queue_has_room():
+            while todo or unfinished:
+                while todo and self.engine.queue_has_room(len(todo[0])):
                     self.engine.submit(todo.pop(0))
-                for out in self.engine.step():
-                    if out.finished and out.request_id in wanted:  # not a request of an interrupted call
-                        results[out.request_id] = out
+                for out in self.engine.step():  # finished completions only (stream off)
+                    if out.request_id in done:  # not a request of an interrupted call
+                        for c in out.outputs:
+                            if c.finished() and c.index not in done[out.request_id]:
+                                done[out.request_id][c.index] = c
+                                unfinished -= 1
         except BaseException:  # e.g. Ctrl-C: nobody will read these requests, a later call must not run them
-            for s in seqs:
-                self.engine.abort(s.request_id)
+            for g in groups:
+                self.engine.abort(g[0].request_id)
             raise
-        return [results[s.request_id] for s in seqs]
+        return [_finished_output(g, done[g[0].request_id]) for g in groups]
 
     def expert_load(self):
         return self.engine.expert_load()

@@ -1,12 +1,13 @@
 """The synchronous engine core: requests in, one forward step at a time, incremental outputs out.
 
 This is the only implementation of the step logic: `LLM` drives it in a loop, `AsyncEngine` drives
-it from a background thread. `add_request` and `abort` may be called from any thread (they only
-touch a locked inbox); everything else runs in the thread that calls `step`.
+it from a background thread. `add_request` and `abort` (request_intake.py) may be called from any
+thread (they only touch a locked inbox); everything else runs in the thread that calls `step`. A
+request of n completions is n sequences, each stepped on its own; an output carries one of them.
 
 A step: take new requests and aborts from the inbox, let the scheduler pick the batch (decodes plus
 prefill chunks), run the model once, sample the sequences whose known tokens are all in the KV
-cache, apply the stop conditions, and return an output for every request that changed. If the
+cache, apply the stop conditions, and return an output for every sequence that changed. If the
 batched forward raises, each sequence is retried alone, so only the ones that fail alone end with
 finish_reason "error" and the others go on (rewriting a KV position is idempotent).
 """
@@ -22,14 +23,12 @@ from collections import deque
 import torch
 
 from moe_serve.config import EngineConfig
-from moe_serve.engine.detokenizer import IncrementalDetokenizer
 from moe_serve.engine.generation_defaults import read_generation_defaults
 from moe_serve.engine.model_setup import EngineHooks, load_engine_model, resolve_max_model_len
-from moe_serve.engine.request_validation import Prompt, as_token_ids, validate_request  # noqa: F401 (re-exported)
+from moe_serve.engine.request_intake import RequestIntake
+from moe_serve.engine.request_validation import Prompt, as_token_ids  # noqa: F401 (re-exported)
 from moe_serve.engine.sample_step import sample_rows
-from moe_serve.engine.sampler import make_generator
-from moe_serve.engine.sampling_params import SamplingParams
-from moe_serve.engine.scheduler import QueueFullError, Scheduler, kv_cache_slots
+from moe_serve.engine.scheduler import QueueFullError, Scheduler, kv_cache_slots  # noqa: F401 (re-exported)
 from moe_serve.engine.sequence import RequestOutput, Sequence
 from moe_serve.engine.tokenizer import load_tokenizer
 from moe_serve.models.batch import ForwardBatch
@@ -37,7 +36,7 @@ from moe_serve.models.batch import ForwardBatch
 log = logging.getLogger(__name__)
 
 
-class LLMEngine:
+class LLMEngine(RequestIntake):
     def __init__(self, config: EngineConfig):
         self.config = config
         mc = config.model
@@ -80,66 +79,13 @@ class LLMEngine:
         self._lock = threading.Lock()
         self._inbox: deque[Sequence] = deque()
         self._aborts: deque[Sequence] = deque()  # the live requests asked to stop
-        self._live: dict[str, Sequence] = {}  # request id -> sequence, until finished
+        self._live: dict[str, dict[int, Sequence]] = {}  # request id -> its unfinished sequences by index
         self._num_extras = 0  # live requests that ask for logprobs or penalties (0: the plain sampling path)
         self._seq_ids = itertools.count()
         self._seed_rng = random.Random(mc.seed)
         self.stream = True  # False (LLM.generate): step returns finished requests only, text decoded once
 
-    # ---- requests in (any thread) ----
-
-    def default_sampling_params(self) -> SamplingParams:
-        """What a request without SamplingParams gets: the checkpoint's defaults (model.generation_config)."""
-        return SamplingParams(**self.generation_defaults)
-
-    def make_sequence(self, prompt: Prompt, params: SamplingParams | None = None,
-                      request_id: str | None = None, arrival_time: float | None = None) -> Sequence:
-        """Validate and tokenize one request; raises ValueError naming the field and the limit."""
-        params = params if params is not None else self.default_sampling_params()
-        text, ids = validate_request(prompt, params, self.tokenizer, self.spec.vocab_size, self.max_model_len)
-        gen = None
-        if not params.greedy:
-            seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
-            gen = make_generator(seed, self.device)
-        seq_id = next(self._seq_ids)
-        detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop_list, params.skip_special_tokens)
-        return Sequence(seq_id=seq_id, request_id=request_id if request_id is not None else f"req-{seq_id}",
-                        prompt=text, prompt_ids=ids, params=params, generator=gen, detok=detok,
-                        arrival_time=arrival_time if arrival_time is not None else time.monotonic())
-
-    def submit(self, seq: Sequence) -> str:
-        """Queue a validated sequence; QueueFullError when `scheduler.max_queue` requests already wait."""
-        with self._lock:
-            if seq.request_id in self._live:
-                raise ValueError(f"request_id {seq.request_id!r} is already in use by a running request")
-            waiting = len(self._inbox) + len(self.scheduler.waiting)
-            if waiting >= self.scheduler.max_queue:
-                raise QueueFullError(f"request {seq.request_id!r} refused: {waiting} requests already wait "
-                                     f"(scheduler.max_queue={self.scheduler.max_queue})")
-            self._live[seq.request_id] = seq
-            self._num_extras += seq.params.extra_work
-            self._inbox.append(seq)
-        return seq.request_id
-
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                    arrival_time: float | None = None) -> str:
-        return self.submit(self.make_sequence(prompt, params, request_id, arrival_time))
-
-    def abort(self, request_id: str) -> None:
-        """Stop a request (its slot is freed at the next step); unknown or finished ids are ignored.
-        The id is resolved now, so a request that reuses it later is not the one stopped."""
-        with self._lock:
-            seq = self._live.get(request_id)
-            if seq is not None:
-                self._aborts.append(seq)
-
-    def has_unfinished(self) -> bool:
-        with self._lock:
-            return bool(self._live or self._aborts)
-
-    def queue_has_room(self) -> bool:
-        with self._lock:
-            return len(self._inbox) + len(self.scheduler.waiting) < self.scheduler.max_queue
+    # ---- requests in (any thread): RequestIntake (make_request, submit, abort, ...) ----
 
     # ---- the step (one thread) ----
 
@@ -192,9 +138,7 @@ class LLMEngine:
 
     def _retire(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
-        with self._lock:
-            if self._live.pop(seq.request_id, None) is not None:
-                self._num_extras -= seq.params.extra_work
+        self._forget(seq)
 
     def _batch(self, plan: list[tuple[Sequence, int]]) -> ForwardBatch:
         tokens, positions = [], []
@@ -290,7 +234,7 @@ class LLMEngine:
         """Abort what is left, write the trace if recording, and drop the model and its KV cache."""
         if getattr(self, "model", None) is None:
             return
-        for seq in list(self._live.values()):
+        for seq in self.live_sequences():
             seq.finish("abort")
             self._retire(seq)
         if self.config.trace.record_trace:

@@ -10,6 +10,14 @@ from dataclasses import dataclass, field
 
 _EPS = 1e-5  # temperatures below this are greedy (as in vLLM)
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs, and OpenAI's top_logprobs limit
+_GOLDEN = 0x9E3779B97F4A7C15  # spreads (seed, index) over the seed space
+
+
+def completion_seed(seed: int, index: int) -> int:
+    """The seed completion `index` of a seeded request samples with: completion 0 keeps the request's
+    seed (so n = 1 gives the text it always gave, and completion 0 of any n that text), completion
+    i > 0 uses (seed + i * 0x9E3779B97F4A7C15) mod 2**63. The same request gives the same n texts."""
+    return seed if index == 0 else (seed + index * _GOLDEN) % 2**63
 
 
 @dataclass
@@ -22,7 +30,7 @@ class SamplingParams:
     stop: str | list[str] | None = None  # stop strings; the output is cut before the first one
     stop_token_ids: list[int] | None = None  # tokens that end the request (kept in token_ids)
     ignore_eos: bool = False  # keep generating past the model's end-of-sequence token
-    n: int = 1  # completions per prompt (only 1 is supported)
+    n: int = 1  # completions per prompt, each sampled on its own (seeds: completion_seed)
     skip_special_tokens: bool = True  # leave special tokens out of the text
     # log-probabilities per output token: the sampled token's plus the `logprobs` most likely (0..20);
     # None = none. Raw: log_softmax of the model's logits, before penalties, temperature, top-k/top-p
@@ -58,8 +66,8 @@ class SamplingParams:
                 fail(name, "a number in [-2, 2]", value)
         if not number(self.repetition_penalty) or not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
             fail("repetition_penalty", "a finite number > 0 (1 = no penalty)", self.repetition_penalty)
-        if self.n != 1:
-            fail("n", "1 (one completion per prompt is supported)", self.n)
+        if not number(self.n, int) or self.n < 1:
+            fail("n", "an integer >= 1", self.n)
         if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
             fail("stop", "a non-empty string or a list of non-empty strings", self.stop)  # not list(5)'s TypeError
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

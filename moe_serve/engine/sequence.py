@@ -1,8 +1,9 @@
-"""One request's state inside the engine, and what the engine hands back for it (RequestOutput).
+"""One completion's state inside the engine, and the output the engine hands back for it.
 
-A request is one sequence (n=1): prompt tokens, then generated tokens. `num_computed` counts the
-tokens already in its KV-cache slot; the next forward feeds `token_ids[num_computed:]` (a prefill
-chunk, or the one token sampled last step).
+A request of `SamplingParams.n` completions is n sequences (its `group`, sharing the prompt and the
+request id; `index` tells them apart), scheduled, sampled and finished each on its own. A sequence is
+prompt tokens, then generated tokens. `num_computed` counts the tokens already in its KV-cache slot;
+the next forward feeds `token_ids[num_computed:]` (a prefill chunk, or the one token sampled last step).
 """
 from __future__ import annotations
 
@@ -13,47 +14,12 @@ import torch
 
 from moe_serve.engine.detokenizer import IncrementalDetokenizer
 from moe_serve.engine.logprobs import TokenLogprob
+from moe_serve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, merge_metrics
 from moe_serve.engine.sampling_params import SamplingParams
 
+__all__ = ["FINISH_REASONS", "CompletionOutput", "RequestMetrics", "RequestOutput", "Sequence"]
+
 FINISH_REASONS = ("stop", "length", "abort", "error")
-
-
-@dataclass
-class RequestMetrics:
-    arrival_time: float
-    first_token_time: float | None = None
-    last_token_time: float | None = None
-    finished_time: float | None = None
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
-
-    @property
-    def time_to_first_token(self) -> float | None:
-        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
-
-    @property
-    def time_per_output_token(self) -> float | None:
-        """Mean time between output tokens after the first (decode speed seen by this request)."""
-        if self.num_output_tokens < 2 or self.first_token_time is None:
-            return None
-        return (self.last_token_time - self.first_token_time) / (self.num_output_tokens - 1)
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    text: str  # cumulative
-    token_ids: list[int]  # cumulative
-    delta_text: str  # new since the previous output of this request
-    delta_token_ids: list[int]
-    finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" | "error" once finished
-    error: str | None
-    metrics: RequestMetrics
-    # one per token of token_ids (cumulative) when the request asked (SamplingParams.logprobs), else None
-    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -75,9 +41,14 @@ class Sequence:
     sent_ids: int = 0  # output tokens already returned
     metrics: RequestMetrics = None  # type: ignore[assignment]
     logprobs: list[TokenLogprob] | None = None  # one per output token, when params.logprobs is set
+    index: int = 0  # which completion of its request
+    # the request's n sequences, itself included (not in repr or ==: it holds itself)
+    group: list["Sequence"] = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
     def __post_init__(self):
         self.metrics = RequestMetrics(arrival_time=self.arrival_time, num_prompt_tokens=len(self.prompt_ids))
+        if self.group is None:
+            self.group = [self]
         if self.params.logprobs is not None:
             self.logprobs = []
 
@@ -120,21 +91,21 @@ class Sequence:
             pass
 
     def make_output(self) -> RequestOutput:
-        """Cumulative text and ids plus what is new since the previous output."""
+        """The request's output carrying this completion: cumulative text and ids plus what is new
+        since its previous output; `finished` once every completion of the request has finished."""
         text = self.detok.visible(self.finished)
-        out = RequestOutput(
-            request_id=self.request_id,
-            prompt=self.prompt,
-            prompt_token_ids=self.prompt_ids,
+        completion = CompletionOutput(
+            index=self.index,
             text=text,
             token_ids=list(self.output_ids),
+            logprobs=None if self.logprobs is None else list(self.logprobs),
+            finish_reason=self.finish_reason,
             delta_text=text[self.sent_text:],
             delta_token_ids=self.output_ids[self.sent_ids:],
-            finished=self.finished,
-            finish_reason=self.finish_reason,
             error=self.error,
             metrics=self.metrics,
-            logprobs=None if self.logprobs is None else list(self.logprobs),
         )
         self.sent_text, self.sent_ids = len(text), len(self.output_ids)
-        return out
+        return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_ids,
+                             outputs=[completion], finished=all(s.finished for s in self.group),
+                             metrics=merge_metrics([s.metrics for s in self.group]))

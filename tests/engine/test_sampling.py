@@ -8,7 +8,7 @@ from moe_serve.engine.sampling_params import SamplingParams
 @pytest.mark.parametrize("kw, field", [
     (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(top_k=-2), "top_k"), (dict(max_tokens=0), "max_tokens"), (dict(seed=-1), "seed"),
-    (dict(n=2), "n"), (dict(stop=[""]), "stop"), (dict(stop_token_ids=[-3]), "stop_token_ids"),
+    (dict(n=0), "n"), (dict(n=True), "n"), (dict(stop=[""]), "stop"), (dict(stop_token_ids=[-3]), "stop_token_ids"),
     # not a list at all: these raised TypeError from list(), naming nothing
     (dict(stop=5), "stop"), (dict(stop_token_ids=12), "stop_token_ids"),
     # booleans are ints to Python, but True is no temperature, token count or seed
