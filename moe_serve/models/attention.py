@@ -4,6 +4,9 @@
 shared by every layer. `attend` writes the step's new cache rows, then:
   - all decodes in one SDPA call: their slots' rows gathered to [B, T, ...], padded keys masked out
     by length (no Python loop over sequences or tokens), each KV head's query heads as query rows;
+    under a sliding window shorter than the longest context, only each decode's last `window` rows
+    (the keys transformers' sliding cache holds: the same sum in the same order, so bf16 agrees bit
+    for bit, and no work on keys the window hides);
   - each prefill chunk in its own SDPA call over its slot's first context+chunk rows, causal with the
     chunk's offset, so chunked prefill equals one-shot prefill.
 The cache may hold keys/values (GQA) or a latent (MLA); `expand` turns gathered cache rows into K, V.
@@ -43,11 +46,14 @@ class StepMeta:
     dec_slots: torch.Tensor | None  # long [B]
     dec_lens: torch.Tensor | None  # long [B]: cached tokens incl. this one
     dec_max: int  # longest decode context (rows to gather)
+    dec_min: int  # shortest decode context
     dec_uniform: bool  # every decode sees exactly dec_max keys: no length mask needed
     dec_range: tuple[int, int] | None  # decode slots are exactly a..b-1 in order: read a view, no gather
     prefills: list[tuple[int, int, int, int]]  # (start, n, slot, context_len) per prefill chunk
     last_idx: torch.Tensor  # long [S]: flat index of each sequence's last token
-    _masks: dict = field(default_factory=dict)
+    max_len: int = 0  # cache rows per slot
+    _mask: list = field(default_factory=list)  # decode_mask, once built
+    _spans: dict = field(default_factory=dict)
 
     @staticmethod
     def build(batch: ForwardBatch, device, max_len: int) -> "StepMeta":
@@ -81,21 +87,39 @@ class StepMeta:
             dec_slots=dec_slots,
             dec_lens=dec_lens,
             dec_max=max((ctx[i] + 1 for i in dec), default=0),
+            dec_min=min((ctx[i] + 1 for i in dec), default=0),
             dec_uniform=len({ctx[i] for i in dec}) <= 1,
             dec_range=_contiguous([slots[i] for i in dec]),
             prefills=pre,
             last_idx=last_idx,
+            max_len=max_len,
         )
 
-    def decode_mask(self, window: int | None) -> torch.Tensor | None:
-        """bool [B, 1, 1, T]: key t is visible to decode b (t < len_b, and inside the sliding window);
-        None when all keys are visible (as transformers' unpadded decode, same kernel path)."""
-        if window is None and self.dec_uniform:
+    def decode_mask(self) -> torch.Tensor | None:
+        """bool [B, 1, 1, T]: key t is visible to decode b (t < len_b), for rows 0..dec_max (no window
+        shortens any decode there, see window_span); None when all keys are visible (as transformers'
+        unpadded decode, same kernel path)."""
+        if self.dec_uniform:
             return None
-        if window not in self._masks:
+        if not self._mask:
             key = torch.arange(self.dec_max, device=self.dec_lens.device)
-            self._masks[window] = visible_keys(key, self.dec_lens, window)[:, None, None, :]
-        return self._masks[window]
+            self._mask.append(visible_keys(key, self.dec_lens, None)[:, None, None, :])
+        return self._mask[0]
+
+    def window_span(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Under a window shorter than the longest decode context: (rows long [B, W], mask) where
+        rows are the flat cache rows of each decode's last W = window keys (from 0 for a shorter
+        context; mask bool [B, 1, 1, W] then hides its rows past the end, else None). None: no window
+        shortens any decode, read rows 0..dec_max."""
+        if window is None or window >= self.dec_max:
+            return None
+        if window not in self._spans:
+            key = torch.arange(window, device=self.dec_lens.device)  # [W]
+            first = (self.dec_lens - window).clamp(min=0)  # [B]: position of each decode's first key
+            rows = (self.dec_slots * self.max_len + first)[:, None] + key  # [B, W]
+            mask = None if self.dec_min >= window else (key[None, :] < self.dec_lens[:, None])[:, None, None, :]
+            self._spans[window] = (rows, mask)
+        return self._spans[window]
 
 
 def visible_keys(key: torch.Tensor, lens: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -160,13 +184,18 @@ def attend(
     n_tok, hq = q.shape[0], q.shape[1]
     out = q.new_empty(n_tok, hq, v_dim) if meta.prefills else None
     if meta.dec_idx is not None:
-        if meta.dec_range is not None:  # slots a..b-1: a view of the cache, no copy
+        span = meta.window_span(window)
+        if span is not None:  # each decode's last `window` rows only, [B, W, ...]
+            flat_rows, mask = span
+            rows = tuple(c.view(-1, *c.shape[2:])[flat_rows] for c in caches)
+        elif meta.dec_range is not None:  # slots a..b-1: a view of the cache, no copy
             rows = tuple(c[meta.dec_range[0]:meta.dec_range[1], : meta.dec_max] for c in caches)
+            mask = meta.decode_mask()
         else:
             rows = tuple(c[:, : meta.dec_max].index_select(0, meta.dec_slots) for c in caches)
+            mask = meta.decode_mask()
         only_decodes = not meta.prefills  # then decode b is token b: no gather/scatter of q and out
         qd = q if only_decodes else q.index_select(0, meta.dec_idx)  # [B, Hq, D]
-        mask = meta.decode_mask(window)
         o = decode(qd, rows, mask) if decode is not None else gqa_decode(qd, rows, expand, mask, scale)  # [B, Hq, Dv]
         if only_decodes:
             return o
