@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from predictors.param_limits import Limit, check_values
 from predictors.traces import RoutingTrace
 
 FORMAT_VERSION = 1
@@ -118,6 +119,7 @@ class Predictor(ABC):
     # class lists its own next to that code, and takes its bases' too (accepted_params(), over the MRO).
     # Any other key is refused: a misspelt one would otherwise be ignored and its default used.
     PARAMS: frozenset[str] = frozenset()
+    PARAM_LIMITS: dict[str, Limit] = {}  # each PARAMS key's kind and range (predictors/param_limits.py)
 
     @classmethod
     def accepted_params(cls) -> frozenset[str]:
@@ -125,11 +127,18 @@ class Predictor(ABC):
         return frozenset().union(*(vars(c).get("PARAMS", ()) for c in cls.__mro__))
 
     @classmethod
+    def param_limits(cls) -> dict[str, Limit]:
+        """Every parameter's Limit: this class's PARAM_LIMITS and those of the classes it extends."""
+        return {k: v for c in reversed(cls.__mro__) for k, v in vars(c).get("PARAM_LIMITS", {}).items()}
+
+    @classmethod
     def check_params(cls, params) -> None:
-        """ValueError naming the keys of `params` this predictor does not read, and those it does."""
+        """ValueError naming the keys of `params` this predictor does not read, and those it does, or
+        the first value outside its limit (naming the key and the limit)."""
         accepted = cls.accepted_params()
         unknown = [k for k in params if k not in accepted]
         if not unknown:
+            check_values(cls.name, cls.param_limits(), params)
             return
         lower = {a.lower(): a for a in sorted(accepted)}  # did you mean: case-blind (c -> C)
         close = [lower[m] for k in unknown for m in difflib.get_close_matches(str(k).lower(), lower, n=1)]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from predictors.base import Predictor, RoutingState, multi_hot, normalized, trace_tensors
+from predictors.param_limits import Limit
 from predictors.dataset import slot_targets
 from predictors.traces import RoutingTrace
 
@@ -65,6 +66,7 @@ class TransitionPredictor(CountPredictor):
 
     name = "transition"
     PARAMS = frozenset({"smoothing", "weighted"})  # fit: smoothing (towards popularity, 1.0); predict: weighted (True)
+    PARAM_LIMITS = dict(smoothing=Limit("float", gt=0), weighted=Limit("bool"))  # 0: an unseen expert's row is 0/0
 
     def fit(self, traces):
         self._fit_frequency(traces)

@@ -11,6 +11,7 @@ import itertools
 import torch
 
 from predictors.base import Predictor, RoutingState
+from predictors.param_limits import Limit
 from predictors.dataset import slot_targets
 from predictors.metrics import hits_at
 from predictors.traces import RoutingTrace, split_sequences
@@ -42,6 +43,8 @@ class EnsemblePredictor(Predictor):
     # fit: members (names, ["mlp", "prev_token", "transition"]), holdout (fraction of sequences, 0.2),
     # member_params ({member name: its parameters}); member_configs: written by config(), read on load
     PARAMS = frozenset({"members", "holdout", "member_params", "member_configs"})
+    PARAM_LIMITS = dict(members=Limit("names"), holdout=Limit("float", gt=0, lt=1), member_params=Limit("dict"),
+                        member_configs=Limit("list"))
 
     def member_names(self) -> list[str]:
         return list(self.params.get("members", ["mlp", "prev_token", "transition"]))

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from predictors.base import Predictor, RoutingState, multi_hot, normalized, trace_tensors
+from predictors.param_limits import Limit
 from predictors.dataset import slot_targets
 from predictors.traces import RoutingTrace
 
@@ -68,6 +69,13 @@ class MLPPredictor(Predictor):
         "use_hidden", "epochs", "batch", "lr", "weight_decay", "trunk_dropout",  # fit (True, 10, 256, 6e-3, 0.01, 0.3)
         "hidden_size",  # written by fit (0: no hidden states), read by load_arrays
     })
+    PARAM_LIMITS = dict(
+        dim=Limit("int", ge=1), hidden_direct=Limit("bool"), seed=Limit("int"),
+        cur_window=Limit("int", ge=0), prev_before=Limit("int", ge=0), prev_after=Limit("int", ge=0),  # cur_window 0: all
+        use_hidden=Limit("bool"), epochs=Limit("int", ge=1), batch=Limit("int", ge=1),
+        lr=Limit("float", ge=0),  # 0: the init (or the routers' start, with_router_weights) untrained
+        weight_decay=Limit("float", ge=0), trunk_dropout=Limit("float", ge=0, lt=1), hidden_size=Limit("int", ge=0),
+    )
 
     def _net(self, hidden_size: int) -> HistoryNet:
         torch.manual_seed(int(self.params.get("seed", 0)))

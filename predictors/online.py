@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from predictors.mlp import MLPPredictor
+from predictors.param_limits import Limit
 
 
 def lookahead_targets(experts: torch.Tensor, lookahead: int) -> torch.Tensor:
@@ -41,6 +42,8 @@ class OnlineMLPPredictor(MLPPredictor):
     adapts = True
     # observe(); the MLP's PARAMS come with them (seed and weight_decay are read here too)
     PARAMS = frozenset({"online_steps", "online_batch", "online_lr", "online_dropout", "online_buffer"})
+    PARAM_LIMITS = dict(online_steps=Limit("int", ge=0), online_batch=Limit("int", ge=1), online_lr=Limit("float", ge=0),
+                        online_dropout=Limit("float", ge=0, lt=1), online_buffer=Limit("int", ge=1))
 
     def __init__(self, num_layers, num_experts, top_k, lookahead=1, **params):
         # dim 128, not the offline MLP's 256: adapting online recovers most of what the width bought

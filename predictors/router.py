@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from predictors.base import Predictor, RoutingState, multi_hot
+from predictors.param_limits import Limit
 from predictors.traces import RoutingTrace
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
@@ -50,6 +51,7 @@ class RouterPredictor(Predictor):
     # fit: steps (LBFGS iterations, 100), l2 (1e-4); source: "checkpoint" or "fitted", written by
     # from_router_weights and fit (saved files carry it)
     PARAMS = frozenset({"steps", "l2", "source"})
+    PARAM_LIMITS = dict(steps=Limit("int", ge=1), l2=Limit("float", ge=0), source=Limit("str", choices=("checkpoint", "fitted")))
 
     @classmethod
     def from_router_weights(cls, weights: dict[int, torch.Tensor], top_k: int, lookahead: int = 1) -> "RouterPredictor":
@@ -121,6 +123,7 @@ class HiddenLinearPredictor(Predictor):
     name = "hidden_linear"
     needs_hidden = True
     PARAMS = frozenset({"steps", "l2"})  # fit: LBFGS iterations (100), L2 pull towards the start (1e-4)
+    PARAM_LIMITS = dict(steps=Limit("int", ge=1), l2=Limit("float", ge=0))
 
     @classmethod
     def from_router_weights(cls, weights: dict[int, torch.Tensor], top_k: int, lookahead: int = 1, **params):

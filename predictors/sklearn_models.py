@@ -18,6 +18,7 @@ from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
 
 from predictors.base import Predictor, RoutingState, multi_hot, normalized, trace_tensors
+from predictors.param_limits import Limit
 from predictors.dataset import slot_targets
 from predictors.traces import RoutingTrace
 
@@ -31,6 +32,7 @@ class LinearPredictor(Predictor):
     """Shared plumbing: gather rows per (slot, layer), fit an sklearn model, keep coef [D, L, E, F]."""
 
     PARAMS = frozenset({"max_tokens"})  # fit: tokens sampled to fit on (3000; 0: all)
+    PARAM_LIMITS = dict(max_tokens=Limit("int", ge=0))
 
     def _fit_one(self, X: sp.csr_matrix, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(coef [C, F], intercept [C], classes [C]) of one model fitted on rows X, labels y."""
@@ -98,6 +100,7 @@ class LogRegPredictor(LinearPredictor):
 
     name = "logreg"
     PARAMS = frozenset({"C", "max_iter"})  # inverse regularization (1.0), lbfgs iterations (50)
+    PARAM_LIMITS = dict(C=Limit("float", gt=0), max_iter=Limit("int", ge=1))
 
     def _fit_one(self, X, y):
         from sklearn.linear_model import LogisticRegression
@@ -114,6 +117,8 @@ class SGDPredictor(LinearPredictor):
 
     name = "sgd"
     PARAMS = frozenset({"alpha", "eta0", "chunk", "epochs"})  # 1e-4, learning rate 0.05, 4096 rows per partial_fit, 1
+    PARAM_LIMITS = dict(alpha=Limit("float", ge=0), eta0=Limit("float", gt=0), chunk=Limit("int", ge=1),
+                        epochs=Limit("int", ge=1))
 
     def _fit_one(self, X, y):
         from sklearn.linear_model import SGDClassifier
