@@ -29,6 +29,7 @@ def run_fit(args) -> int:
     params = _params(args.param)
     check_params(args.predictor, params, "--param")  # a misspelt key: refused before the traces load
     traces = [load_trace(p) for p in args.trace]
+    same_trace_shape(args.trace, traces, "--trace")  # the predictor's shape is the first one's
     ref = traces[0]
     check_lookahead(args.lookahead, ref.num_layers, args.trace[0])
     t0 = time.perf_counter()
@@ -113,6 +114,9 @@ def run_eval(args) -> int:
     if lookahead is None:  # the default: 3, or as far as the traces' layers go
         lookahead = min(3, train[0].num_layers - 1)
     check_lookahead(lookahead, train[0].num_layers, args.train[0])
+    E = train[0].num_experts
+    if args.budget is not None and not 1 <= args.budget <= E:  # compare() says so too, without the flag
+        raise ValueError(f"--budget must lie in [1, {E}] (the traces' experts per MoE layer), got {args.budget}")
     if lookahead == 0 and args.no_next_token:
         raise ValueError("--lookahead 0 with --no-next-token: nothing left to measure")
     result = compare(train, test, names, lookahead, args.budget, not args.no_next_token, params,
