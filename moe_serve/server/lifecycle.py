@@ -24,8 +24,8 @@ _PARAM_IN_ERROR = re.compile(r"(?:SamplingParams|sampling|model|scheduler)\.(\w+
 
 @dataclass
 class RunState:
-    """One HTTP request's runs (one per choice): why they ended early (both False for a normal
-    finish), their engine request ids, and the arrival time for the metrics."""
+    """One HTTP request's run (its n choices are one engine request's completions): why it ended early
+    (both False for a normal finish), its engine request ids, and the arrival time for the metrics."""
 
     disconnected: bool = False
     timed_out: bool = False
@@ -119,32 +119,37 @@ class RequestRunner:
         self._abort(request_id)
 
     async def run(self, request: Request | None, request_id: str, prompt, params, state: RunState) -> AsyncIterator:
-        """The engine's outputs for one request; raises APIError for a refused or failed request.
+        """The engine's outputs for one request (all its n completions); raises APIError for a refused or
+        failed request.
 
         The client's `http.disconnect` (see `watch`, started by the handler at admission; started here
         if it was not) aborts the request at once, even while it waits in the queue; a client already
         gone is answered 499 and its request never submitted. A streaming response is also cancelled by
-        Starlette, which closes this generator: the `finally` aborts then.
+        Starlette, which closes this generator: the `finally` aborts then. Each completion that finishes
+        normally is recorded in the metrics as a request (as when every choice was an engine request).
         """
         state.arrival = state.arrival or time.monotonic()
         self.watch(request, state)
         await self.check_connected(state, rounds=0)
         state.request_ids.append(request_id)
         watchers = [asyncio.create_task(self._watch_timeout(request_id, state))]
-        finished, final, stream = False, None, None
-        first_token = last_token = None
+        finished, stream = False, None
+        first_token: dict[int, float] = {}  # completion index -> when its first token came
+        last_token: dict[int, float] = {}
         try:
             try:
                 stream = self.engine.generate(prompt, params, request_id)
                 async for out in stream:
                     now = time.monotonic()
-                    if out.delta_token_ids:
-                        if first_token is None:
-                            first_token = now
-                        elif last_token is not None:
-                            self.metrics.observe_itl(now - last_token)
-                        last_token = now
-                    final, finished = out, out.finished
+                    for c in out.outputs:
+                        if c.delta_token_ids:
+                            if c.index in last_token:
+                                self.metrics.observe_itl(now - last_token[c.index])
+                            first_token.setdefault(c.index, now)
+                            last_token[c.index] = now
+                        if c.finished() and c.finish_reason not in ("abort", "error"):
+                            self._record(c, len(out.prompt_token_ids), state, first_token.get(c.index))
+                    finished = out.finished
                     yield out
             except self.queue_full_errors as exc:
                 self.metrics.observe_error(429)
@@ -162,8 +167,6 @@ class RequestRunner:
                 self._abort(request_id)
             if stream is not None:
                 await stream.aclose()  # the engine's own cleanup (its stream table) runs now, not at GC
-            if final is not None and final.finished and final.finish_reason not in ("abort", "error"):
-                self._record(final, state, first_token)
 
     def stream_closed_early(self, state: RunState) -> None:
         """A streaming body closed before its end: Starlette cancels it when the client goes away,
@@ -172,18 +175,19 @@ class RequestRunner:
             state.failure_counted = True
             self.metrics.observe_error(499)
 
-    def _record(self, out, state: RunState, first_token: float | None) -> None:
+    def _record(self, out, prompt_tokens: int, state: RunState, first_token: float | None) -> None:
+        """One finished completion (a CompletionOutput) into the request metrics."""
         m = out.metrics
         ttft = m.time_to_first_token if m.time_to_first_token is not None else (
             None if first_token is None else first_token - state.arrival)
         self.metrics.observe_request(
-            prompt_tokens=len(out.prompt_token_ids), output_tokens=len(out.token_ids),
+            prompt_tokens=prompt_tokens, output_tokens=len(out.token_ids),
             e2e_s=time.monotonic() - state.arrival, ttft_s=ttft, tpot_s=m.time_per_output_token,
             finish_reason=out.finish_reason)
 
     def failure(self, out, state: RunState) -> APIError | None:
-        """The error a finished-early output means (None for a normal finish); its status enters the
-        metrics once per request, however often it is asked."""
+        """The error a finished-early completion (CompletionOutput) means (None for a normal finish); its
+        status enters the metrics once per request, however often it is asked."""
         if out is None or out.finish_reason not in ("abort", "error"):
             return None
         if state.timed_out:

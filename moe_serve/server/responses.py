@@ -1,8 +1,8 @@
 """Engine outputs -> OpenAI response bodies and stream chunks, for completions and chat.
 
-A builder serves one HTTP request: `chunks(i, out, first)` turns choice i's newest output into the
-stream chunks it calls for (each carrying `index` i), `full(finals)` the finished choices into the
-whole response. Logprobs, when asked for, ride along in each shape (see server/logprobs.py).
+A builder serves one HTTP request: `chunks(i, out, first)` turns choice i's newest output (the
+engine's CompletionOutput of index i) into the stream chunks it calls for (each carrying `index` i),
+`full(prompt_tokens, finals)` the finished choices into the whole response. Logprobs, when asked for, ride along in each shape (see server/logprobs.py).
 """
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from moe_serve.server import protocol as P
 from moe_serve.server.logprobs import TokenTexts, chat_logprobs, completion_logprobs, delta_logprobs
 
 
-def usage(finals: list) -> P.Usage:
+def usage(prompt_tokens: int, finals: list) -> P.Usage:
     """The prompt counted once, the completions of every choice summed (as OpenAI counts n > 1)."""
-    p = len(finals[0].prompt_token_ids) if finals else 0
+    p = prompt_tokens if finals else 0
     c = sum(len(out.token_ids) for out in finals)
     return P.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
@@ -32,12 +32,12 @@ class CompletionBuilder:
             start = self.offsets.get(i, len(self.echo))
             lps = completion_logprobs(delta_logprobs(out), self.texts, start)
             self.offsets[i] = start + sum(len(t) for t in lps.tokens)
-        if text or out.finished or lps is not None:
+        if text or out.finished() or lps is not None:
             yield P.CompletionResponse(id=self.rid, model=self.model, choices=[P.CompletionChoice(
-                index=i, text=text, logprobs=lps, finish_reason=out.finish_reason if out.finished else None)])
+                index=i, text=text, logprobs=lps, finish_reason=out.finish_reason)])
 
-    def full(self, finals: list) -> P.CompletionResponse:
-        return P.CompletionResponse(id=self.rid, model=self.model, usage=usage(finals), choices=[
+    def full(self, prompt_tokens: int, finals: list) -> P.CompletionResponse:
+        return P.CompletionResponse(id=self.rid, model=self.model, usage=usage(prompt_tokens, finals), choices=[
             P.CompletionChoice(index=i, text=self.echo + out.text, finish_reason=out.finish_reason,
                                logprobs=completion_logprobs(out.logprobs, self.texts, len(self.echo))
                                if self.logprobs else None)
@@ -60,11 +60,11 @@ class ChatBuilder:
         lps = chat_logprobs(delta_logprobs(out), self.texts) if self.logprobs and out.delta_token_ids else None
         if out.delta_text or lps is not None:
             yield self._chunk(i, P.DeltaMessage(content=out.delta_text), logprobs=lps)
-        if out.finished:
+        if out.finished():
             yield self._chunk(i, P.DeltaMessage(), finish_reason=out.finish_reason)
 
-    def full(self, finals: list) -> P.ChatCompletionResponse:
-        return P.ChatCompletionResponse(id=self.rid, model=self.model, usage=usage(finals), choices=[
+    def full(self, prompt_tokens: int, finals: list) -> P.ChatCompletionResponse:
+        return P.ChatCompletionResponse(id=self.rid, model=self.model, usage=usage(prompt_tokens, finals), choices=[
             P.ChatChoice(index=i, message=P.ResponseMessage(content=out.text), finish_reason=out.finish_reason,
                          logprobs=chat_logprobs(out.logprobs, self.texts) if self.logprobs else None)
             for i, out in enumerate(finals)])

@@ -2,7 +2,8 @@
 
 Prompts are tokenized here (not in the engine) so that a prompt over the context, or a token id
 outside the vocabulary, is a 400 naming `prompt`/`messages`/`max_tokens` before any engine work.
-Streams are server-sent events ending in `data: [DONE]`; with `stream_options.include_usage` the
+A request's `n` choices are the engine request's n completions (SamplingParams.n: one request id, queued
+together, aborted together; seeds per `completion_seed`). Streams are server-sent events ending in `data: [DONE]`; with `stream_options.include_usage` the
 last chunk before it carries `usage` (and empty `choices`), as OpenAI sends it.
 """
 from __future__ import annotations
@@ -20,7 +21,6 @@ from moe_serve.engine.sampling_params import SamplingParams
 from moe_serve.server import protocol as P
 from moe_serve.server.chat import render_chat
 from moe_serve.server.errors import APIError, error_body
-from moe_serve.server.choices import choice_params, run_choices
 from moe_serve.server.lifecycle import RequestRunner, RunState, engine_error
 from moe_serve.server.responses import ChatBuilder, CompletionBuilder, usage
 
@@ -73,7 +73,7 @@ def sampling_params(req: P.SamplingFields, max_tokens: int, defaults: dict,
     chosen.update({name: getattr(req, name) for name in DEFAULTED_FIELDS if getattr(req, name) is not None})
     chosen.update({name: getattr(req, name) for name in PENALTIES if getattr(req, name) is not None})
     try:
-        return SamplingParams(**chosen, max_tokens=max_tokens, seed=req.seed, stop=req.stop,
+        return SamplingParams(**chosen, n=req.n, max_tokens=max_tokens, seed=req.seed, stop=req.stop,
                               stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs)
     except ValueError as exc:
         raise engine_error(exc) from exc
@@ -145,7 +145,7 @@ class Handlers:
             runner.watch(request, state)
             rid, ids, params, builder = await prepare(req)
             await runner.check_connected(state)
-            response = await self._respond(request, state, rid, ids, choice_params(params, req.n), req, builder)
+            response = await self._respond(request, state, rid, ids, params, req, builder)
             handed_over = isinstance(response, StreamingResponse)
             return response
         finally:
@@ -156,15 +156,26 @@ class Handlers:
     def _failure(self, finals: dict, state: RunState) -> APIError | None:
         return next((err for out in finals.values() if (err := self.runner.failure(out, state)) is not None), None)
 
-    async def _respond(self, request: Request, state: RunState, rid: str, ids: list[int], params: list, req, builder):
-        it = run_choices(self.runner, request, rid, ids, params, state)
+    async def _choices(self, request: Request, rid: str, ids: list[int], params: SamplingParams, state: RunState):
+        """(choice index, CompletionOutput) as the engine produces them; closing it aborts the request."""
+        run = self.runner.run(request, rid, ids, params, state)
+        try:
+            async for out in run:
+                for completion in out.outputs:
+                    yield completion.index, completion
+        finally:
+            await run.aclose()
+
+    async def _respond(self, request: Request, state: RunState, rid: str, ids: list[int], params: SamplingParams,
+                       req, builder):
+        it = self._choices(request, rid, ids, params, state)
         try:
             first = await it.__anext__()  # engine refusals (queue full, bad value) become real 4xx here
         except StopAsyncIteration:
             first = None
         if req.stream and first is not None and self.runner.failure(first[1], state) is None:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._stream(it, first, rid, state, builder, include_usage),
+            return StreamingResponse(self._stream(it, first, rid, len(ids), state, builder, include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         finals = {}
@@ -179,11 +190,12 @@ class Handlers:
         err = self._failure(finals, state)
         if err is not None:
             raise err
-        if len(finals) < len(params) or not all(out.finished for out in finals.values()):
+        if len(finals) < params.n or not all(out.finished() for out in finals.values()):
             raise APIError(500, "engine ended the request without output", type="internal_server_error")
-        return builder.full([finals[i] for i in range(len(params))])
+        return builder.full(len(ids), [finals[i] for i in range(params.n)])
 
-    async def _stream(self, it, first, rid, state, builder, include_usage: bool) -> AsyncIterator[str]:
+    async def _stream(self, it, first, rid, prompt_tokens: int, state, builder,
+                      include_usage: bool) -> AsyncIterator[str]:
         """SSE body from a started run; an error after the headers went out is sent as an event."""
         runner, finals, ended = self.runner, {}, False
         try:
@@ -200,7 +212,7 @@ class Handlers:
             elif include_usage and finals:
                 yield sse({"id": rid, "object": builder.chunk_object, "created": int(time.time()),
                            "model": self.info.name, "choices": [],
-                           "usage": usage([finals[i] for i in sorted(finals)]).model_dump()})
+                           "usage": usage(prompt_tokens, [finals[i] for i in sorted(finals)]).model_dump()})
             yield "data: [DONE]\n\n"
             ended = True
         except APIError as err:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import httpx
 
+from moe_serve.engine.sampling_params import completion_seed
+
 from tests.server.test_logprobs import stream_events
 
 SAMPLED = {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 1.0, "seed": 5, "ignore_eos": True}
@@ -27,6 +29,8 @@ def test_n_seeded_choices_are_independent_and_reproducible(server):
     assert [c["text"] for c in b["choices"]] == texts  # choice i is reproducible
     one = post(server, "/v1/completions", dict(SAMPLED, n=1))
     assert one["choices"][0]["text"] == texts[0]  # choice 0 keeps the request's seed
+    last = post(server, "/v1/completions", dict(SAMPLED, n=1, seed=completion_seed(5, 2)))
+    assert last["choices"][0]["text"] == texts[2]  # choice i: the seed the Python API documents
 
 
 def test_n_greedy_choices_are_identical(server):
