@@ -22,7 +22,7 @@ from moe_serve.cli.flags import key_value_params as _params, output_file, same_t
 
 def run_fit(args) -> int:
     from predictors.registry import make_predictor
-    from predictors.router import RouterPredictor, router_weights_from_checkpoint
+    from predictors.router import HiddenLinearPredictor, RouterPredictor
     from predictors.traces import load_trace
 
     output_file(args.out, "--out")
@@ -32,18 +32,45 @@ def run_fit(args) -> int:
     same_trace_shape(args.trace, traces, "--trace")  # the predictor's shape is the first one's
     ref = traces[0]
     check_lookahead(args.lookahead, ref.num_layers, args.trace[0])
+    routers = router_start(args, ref) if args.router_checkpoint else None
     t0 = time.perf_counter()
-    if args.predictor == "router" and args.router_checkpoint:
-        pred = RouterPredictor.from_router_weights(router_weights_from_checkpoint(args.router_checkpoint, ref.num_experts), ref.top_k, args.lookahead)
+    if args.predictor == "router" and routers:
+        pred = RouterPredictor.from_router_weights(routers, ref.top_k, args.lookahead)
+    elif args.predictor == "hidden_linear" and routers:
+        pred = HiddenLinearPredictor.from_router_weights(routers, ref.top_k, args.lookahead, **params).fit(traces)
     else:
         pred = make_predictor(args.predictor, ref.num_layers, ref.num_experts, ref.top_k, args.lookahead, **params)
-        if args.router_checkpoint and hasattr(pred, "with_router_weights"):  # mlp, mlp_online: start from the routers
-            pred.with_router_weights(router_weights_from_checkpoint(args.router_checkpoint, ref.num_experts))
+        if routers:  # mlp, mlp_online: their hidden-state map starts from the routers
+            pred.with_router_weights(routers)
         pred.fit(traces)
     pred.save(args.out)
     print(f"fitted {args.predictor} (lookahead {args.lookahead}) on {sum(t.num_tokens for t in traces)} tokens "
           f"in {time.perf_counter() - t0:.1f}s -> {args.out}")
     return 0
+
+
+ROUTER_STARTS = ("hidden_linear", "mlp", "mlp_online", "router")  # the predictors that can use a model's routers
+
+
+def router_start(args, ref) -> dict:
+    """--router-checkpoint's routers (MoE layer -> [E, H]), refused unless they fit --predictor and the
+    traces: as many MoE layers, and the hidden size of the traces' hidden states (when recorded)."""
+    from predictors.router import router_weights_from_checkpoint
+
+    if args.predictor not in ROUTER_STARTS:  # it would be ignored: the user thinks it was used
+        raise ValueError(f"--router-checkpoint applies to predictors {', '.join(ROUTER_STARTS)}; not {args.predictor}")
+    routers = router_weights_from_checkpoint(args.router_checkpoint, ref.num_experts)
+    if len(routers) != ref.num_layers:
+        raise ValueError(f"--router-checkpoint {args.router_checkpoint} has {len(routers)} MoE layers with "
+                         f"{ref.num_experts} experts, --trace {args.trace[0]} has {ref.num_layers}")
+    if ref.hidden is None and args.predictor != "router":  # mlp would fit without a hidden-state map, silently
+        raise ValueError(f"--router-checkpoint starts {args.predictor}'s hidden-state map, but --trace "
+                         f"{args.trace[0]} has no hidden states (record with --record-hidden)")
+    H = int(routers[0].shape[1])
+    if ref.hidden is not None and ref.hidden.shape[-1] != H:
+        raise ValueError(f"--router-checkpoint {args.router_checkpoint} has hidden size {H}, --trace "
+                         f"{args.trace[0]} has {ref.hidden.shape[-1]}")
+    return routers
 
 
 def check_lookahead(lookahead: int, num_layers: int, trace: str) -> None:
@@ -141,7 +168,7 @@ def register(subparsers) -> None:
     f.add_argument("--lookahead", type=int, default=1, help="MoE layers ahead to predict, at most MoE layers - 1; 0 = next token, same layer (default: 1)")
     f.add_argument("--out", required=True, help="output file (.safetensors)")
     f.add_argument("--param", action="append", help="predictor parameter KEY=VALUE (repeatable), e.g. epochs=8; a key the predictor does not take is an error naming those it takes")
-    f.add_argument("--router-checkpoint", default=None, help="router: take the router weights from this checkpoint directory; mlp, mlp_online: start their hidden-state map from them")
+    f.add_argument("--router-checkpoint", default=None, help="router: take the router weights from this checkpoint directory; hidden_linear, mlp, mlp_online: start their hidden-state map from them")
     f.set_defaults(func=run_fit)
 
     e = sub.add_parser("eval", help="fit every predictor on --train, measure on --test, print a table, write JSON")

@@ -28,3 +28,58 @@ def test_fit_on_traces_of_different_shapes_names_the_flag_and_file(tmp_path, cap
     # was: 'popularity: trace has (layers, experts, top_k)=(3, 8, 3), predictor (3, 8, 2)': which trace?
     assert rc == 2 and f"--trace: {k3} has (MoE layers, experts, top_k)=(3, 8, 3), {a} has (3, 8, 2)" in err, err
     assert not out.exists()
+
+
+def _checkpoint(path, L: int, E: int, H: int, seed: int = 0):
+    """A checkpoint directory holding only routers: model.layers.{i}.mlp.gate.weight [E, H]."""
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    gen = torch.Generator().manual_seed(seed)
+    routers = {f"model.layers.{i}.mlp.gate.weight": torch.randn(E, H, generator=gen) for i in range(L)}
+    save_file(routers, str(path / "model.safetensors"))
+    return routers
+
+
+def test_router_checkpoint_must_fit_the_traces_and_the_predictor(tmp_path, capsys):
+    import torch
+
+    from predictors import load_predictor
+    from tests.predictors.synth import router_trace
+
+    trace = tmp_path / "h.npz"
+    router_trace(tokens=80, L=3, E=8, K=2, H=8, seqs=3)[0].save(trace)
+    out = tmp_path / "p.safetensors"
+    _checkpoint(tmp_path / "two_layers", L=2, E=8, H=8)
+    _checkpoint(tmp_path / "h4", L=3, E=8, H=4)
+    routers = _checkpoint(tmp_path / "good", L=3, E=8, H=8)
+
+    def fit(predictor, ckpt, *extra):
+        rc = main(["predict", "fit", "--trace", str(trace), "--predictor", predictor, "--out", str(out),
+                   "--router-checkpoint", str(tmp_path / ckpt), *extra])
+        return rc, capsys.readouterr().err
+
+    # was: exit 0, a 2-layer router predictor saved for a 3-layer trace
+    rc, err = fit("router", "two_layers")
+    assert rc == 2 and (f"--router-checkpoint {tmp_path / 'two_layers'} has 2 MoE layers with 8 experts, "
+                        f"--trace {trace} has 3") in err, err
+    # was: exit 0, a predictor that fails on every predict() with the traces' hidden states
+    rc, err = fit("router", "h4")
+    assert rc == 2 and f"--router-checkpoint {tmp_path / 'h4'} has hidden size 4, --trace {trace} has 8" in err, err
+    # was: ignored in silence (transition has no use for routers; hidden_linear had one but was not given them)
+    rc, err = fit("transition", "good")
+    assert rc == 2 and "--router-checkpoint applies to predictors hidden_linear, mlp, mlp_online, router; not transition" in err
+    plain = tmp_path / "plain.npz"  # no hidden states: mlp fitted without the hidden-state map, silently
+    layer_map_trace(tokens=60, L=3, E=8, K=2, seqs=3).save(plain)
+    rc = main(["predict", "fit", "--trace", str(plain), "--predictor", "mlp", "--out", str(out),
+               "--router-checkpoint", str(tmp_path / "good")])
+    assert rc == 2 and f"--router-checkpoint starts mlp's hidden-state map, but --trace {plain} has no hidden" in capsys.readouterr().err
+    assert not out.exists()
+    assert fit("router", "good")[0] == 0
+    want = torch.stack([routers[f"model.layers.{i}.mlp.gate.weight"] for i in range(3)])
+    assert torch.equal(load_predictor(out).weight, want)
+    # hidden_linear starts from the routers: a strong pull towards the start keeps it there
+    assert fit("hidden_linear", "good", "--param", "l2=1e6", "--param", "steps=2")[0] == 0
+    weight = load_predictor(out).weight  # [D, L, E, H]: slot 0 at source layer l starts as layer l+1's router
+    assert torch.allclose(weight[0, 0], want[1], atol=1e-3) and torch.allclose(weight[0, 1], want[2], atol=1e-3)
