@@ -26,11 +26,24 @@ class EngineDeadError(RuntimeError):
     """The engine's step loop has stopped (shutdown, or a failure it could not isolate)."""
 
 
+class _Unsubmitted:
+    """One generate call's request on its way to the engine: whether an abort came for it meanwhile."""
+
+    __slots__ = ("aborted",)
+
+    def __init__(self):
+        self.aborted = False
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._streams_lock = threading.Lock()
+        # request id -> its generate calls that have not submitted it yet (guarded by _streams_lock): an
+        # abort then (the client gone while its prompt is tokenized) names an id the engine does not know
+        # yet, so it is noted here and applied once the request is submitted
+        self._unsubmitted: dict[str, list[_Unsubmitted]] = {}
         self._wake = threading.Event()
         self._stopping = False
         self.dead: str | None = None  # why the step loop stopped, once it has
@@ -55,20 +68,33 @@ class AsyncEngine:
         if self.dead is not None:
             raise EngineDeadError(f"engine is not running: {self.dead}")
         rid = request_id if request_id is not None else uuid.uuid4().hex
-        if isinstance(prompt, str):  # tokenizing a long text takes seconds: off the event loop (it releases the GIL)
-            seqs = await asyncio.to_thread(self.engine.make_request, prompt, params, rid)
-        else:
-            seqs = self.engine.make_request(prompt, params, rid)
-        queue: asyncio.Queue = asyncio.Queue()
+        pending = _Unsubmitted()
         with self._streams_lock:
-            if rid in self._streams:
-                raise ValueError(f"request_id {rid!r} is already in use by a running request")
-            if self.dead is not None:  # it stopped while the prompt was tokenized: nobody would end this stream
-                raise EngineDeadError(f"engine is not running: {self.dead}")
-            self._streams[rid] = (asyncio.get_running_loop(), queue)
+            self._unsubmitted.setdefault(rid, []).append(pending)
+        try:
+            if isinstance(prompt, str):  # tokenizing a long text takes seconds: off the event loop (it releases the GIL)
+                seqs = await asyncio.to_thread(self.engine.make_request, prompt, params, rid)
+            else:
+                seqs = self.engine.make_request(prompt, params, rid)
+            queue: asyncio.Queue = asyncio.Queue()
+            with self._streams_lock:
+                if rid in self._streams:
+                    raise ValueError(f"request_id {rid!r} is already in use by a running request")
+                if self.dead is not None:  # it stopped while the prompt was tokenized: nobody would end this stream
+                    raise EngineDeadError(f"engine is not running: {self.dead}")
+                self._streams[rid] = (asyncio.get_running_loop(), queue)
+        except BaseException:
+            self._submitted(rid, pending)
+            raise
         finished = False
         try:
-            self.engine.submit(seqs)
+            try:
+                self.engine.submit(seqs)
+            except BaseException:
+                self._submitted(rid, pending)
+                raise
+            if self._submitted(rid, pending):
+                self.engine.abort(rid)  # aborted on its way: now that the engine knows it, its output says so
             self._wake.set()
             while not finished:
                 out = await queue.get()
@@ -83,8 +109,20 @@ class AsyncEngine:
                 self.abort(rid)
 
     def abort(self, request_id: str) -> None:
+        with self._streams_lock:
+            for call in self._unsubmitted.get(request_id, ()):
+                call.aborted = True
         self.engine.abort(request_id)
         self._wake.set()
+
+    def _submitted(self, rid: str, pending: _Unsubmitted) -> bool:
+        """Stop noting aborts for this generate call of `rid` (submitted, or failed); whether one came."""
+        with self._streams_lock:
+            calls = self._unsubmitted[rid]
+            calls[:] = [c for c in calls if c is not pending]
+            if not calls:
+                del self._unsubmitted[rid]
+        return pending.aborted
 
     def expert_load(self):
         return self.engine.expert_load()

@@ -215,3 +215,45 @@ def test_async_generate_tokenizing_through_a_shutdown_ends(tiny_dir):
     finally:
         release.set()
         eng.shutdown()
+
+
+def test_async_abort_while_the_prompt_is_tokenized_is_kept(tiny_dir):
+    """The server aborts a request as soon as its client goes away, also while its long text prompt is
+    still being tokenized (off the loop); that abort named an id the engine did not know yet, was
+    ignored, and the request then ran to the end, holding a KV slot. It now ends with finish_reason
+    "abort" and no token, and frees everything."""
+    eng = AsyncEngine.from_config(EngineConfig.from_flat(model=str(tiny_dir), max_num_seqs=2))
+    tokenizing, release = threading.Event(), threading.Event()
+    make = eng.engine.make_request
+
+    def slow_make(*args, **kw):  # a long text: tokenizing takes a while
+        tokenizing.set()
+        release.wait(10)
+        return make(*args, **kw)
+
+    eng.engine.make_request = slow_make
+    long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+    async def main():
+        outs = []
+
+        async def consume():
+            async for out in eng.generate("The quick brown fox", long, "gone"):
+                outs.append(out)
+
+        task = asyncio.create_task(consume())
+        await asyncio.to_thread(tokenizing.wait, 10)
+        eng.abort("gone")  # the client went away meanwhile
+        release.set()
+        await asyncio.wait_for(task, 30)
+        eng.engine.make_request = make
+        after = await _collect(eng, "Once upon", GREEDY, "after")
+        return outs, after
+    try:
+        outs, (_, after) = asyncio.run(main())
+    finally:
+        release.set()
+        eng.shutdown()
+    assert [(o.finished, o.finish_reason, o.token_ids) for o in outs] == [(True, "abort", [])]
+    assert after.finish_reason == "length" and len(after.token_ids) == 10
+    assert sorted(eng.engine.scheduler.free_slots) == [0, 1]
