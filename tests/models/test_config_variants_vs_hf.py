@@ -6,15 +6,62 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from transformers import AutoModelForCausalLM
 
 from moe_serve.models import ForwardBatch, load_model
 from moe_serve.models.spec import UnsupportedModelError
+from tests.models.helpers import RecordRoutes, hf_and_ours, hf_greedy, hf_router_ids, our_greedy, rel_err
 from tests.models.tiny_checkpoints import make_tiny_checkpoint
 
 PROMPT = torch.randint(3, 128, (40,), generator=torch.Generator().manual_seed(7)).tolist()
-WINDOW = 8
+WINDOW = 8  # shorter than PROMPT and the continuations: decodes run past it
+DEFAULT_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+VARIANTS = {  # name: (family in tiny_checkpoints, config changes)
+    # Moonlight / Kimi style: one expert group, no renormalization, no scaling
+    "v3_one_group_unnormalized": ("deepseek_v3", dict(n_group=1, topk_group=1, norm_topk_prob=False,
+                                                      routed_scaling_factor=1.0)),
+    # V2-Lite style attention on V3: no q LoRA, two dense layers first, plain rope, tied embeddings
+    "v3_no_q_lora_two_dense": ("deepseek_v3", dict(q_lora_rank=None, first_k_dense_replace=2, num_hidden_layers=4,
+                                                   rope_parameters=DEFAULT_ROPE, tie_word_embeddings=True)),
+    "v3_halves_rope_bias_eps": ("deepseek_v3", dict(rope_interleave=False, attention_bias=True, rms_norm_eps=0.1,
+                                                    n_group=8, topk_group=3)),
+    # transformers' V2 ignores scoring_func and norm_topk_prob (softmax, never renormalized)
+    "v2_greedy_all_moe": ("deepseek_v2", dict(first_k_dense_replace=0, routed_scaling_factor=2.0,
+                                              scoring_func="sigmoid", norm_topk_prob=True, attention_bias=True)),
+    "qwen2_sparse_step_normalized": ("qwen2_moe", dict(decoder_sparse_step=2, mlp_only_layers=[], num_hidden_layers=4,
+                                                       norm_topk_prob=True, tie_word_embeddings=True)),
+    "qwen2_window": ("qwen2_moe", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2,
+                                       qkv_bias=False, shared_expert_intermediate_size=0)),
+    "qwen3_unnormalized_sparse": ("qwen3_moe", dict(norm_topk_prob=False, decoder_sparse_step=2, num_hidden_layers=6,
+                                                    mlp_only_layers=[3], attention_bias=True)),  # MoE: 1, 5
+    "qwen3_window": ("qwen3_moe", dict(use_sliding_window=True, sliding_window=WINDOW, rope_parameters=DEFAULT_ROPE,
+                                       tie_word_embeddings=True)),
+    "olmoe_normalized_clipped": ("olmoe", dict(norm_topk_prob=True, clip_qkv=0.3, attention_bias=True,
+                                               num_key_value_heads=2, rms_norm_eps=0.1)),
+    # training-only jitter (inference ignores it), head_dim != hidden / heads, one expert a token
+    "mixtral_jitter_head_dim": ("mixtral", dict(router_jitter_noise=0.1, head_dim=8, num_experts_per_tok=1,
+                                                rms_norm_eps=0.5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_variant_matches_transformers(name, tmp_path):
+    family, overrides = VARIANTS[name]
+    hf, ours = hf_and_ours(family, tmp_path, **overrides)
+    prompt = torch.tensor(PROMPT)
+    with torch.no_grad():
+        ref = hf(prompt[None]).logits[0]  # [N, V]
+    got = ours(ForwardBatch.single(PROMPT, slot=1, all_logits=True))
+    assert rel_err(got, ref) < 1e-4, name
+    ref_ids, rec = hf_router_ids(hf, prompt), RecordRoutes()
+    ours.hooks = rec
+    ours(ForwardBatch.single(PROMPT, slot=2))
+    assert len(ref_ids) == len(rec.ids) == ours.spec.num_moe_layers > 0
+    for layer, ids in enumerate(ref_ids):
+        assert torch.equal(rec.ids[layer][0], ids), f"{name}: MoE layer {layer} chose other experts"
+    expected = hf_greedy(hf, PROMPT[:16], 24)
+    assert our_greedy(ours, PROMPT[:16], 24, slot=0) == expected, name
+    assert len(set(expected)) > 1  # a constant continuation would prove little
 
 
 @pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
@@ -43,9 +90,42 @@ def test_bf16_sliding_window_decode_is_bit_exact(family, overrides, tmp_path):
     with torch.no_grad():
         ref = hf(torch.tensor([prompt]), use_cache=True)
         got = ours(ForwardBatch.single(prompt, slot=0))
-        for step in range(24):
-            assert torch.equal(got[0], ref.logits[0, -1].float()), f"decode step {step} (context {ctx})"
+        for n in range(24):
+            assert torch.equal(got[0], ref.logits[0, -1].float()), f"decode step {n} (context {ctx})"
             tok = int(ref.logits[0, -1].argmax())
             ref = hf(torch.tensor([[tok]]), past_key_values=ref.past_key_values, use_cache=True)
             got = ours(ForwardBatch.single([tok], slot=0, context_len=ctx))
             ctx += 1
+
+
+def step(tokens: list[list[int]], context: list[int]) -> ForwardBatch:
+    """One padding-free step of sequence i (slot i): tokens[i] at positions context[i].. onward."""
+    return ForwardBatch(token_ids=torch.tensor([t for ts in tokens for t in ts]),
+                        positions=torch.tensor([c + j for ts, c in zip(tokens, context) for j in range(len(ts))]),
+                        slot_ids=list(range(len(tokens))), query_lens=[len(ts) for ts in tokens],
+                        context_lens=list(context), seq_ids=list(range(len(tokens))))
+
+
+@pytest.mark.parametrize("name", ["mixtral_window", "qwen2_window", "olmoe", "deepseek_v3"])
+def test_two_lengths_in_one_batch_match_each_alone_in_transformers(name, tmp_path):
+    """Two prompts of different lengths (one shorter, one longer than the window) prefilled in one
+    padding-free step, then decoded together: each sequence's logits and greedy tokens are those of
+    transformers run on it alone."""
+    family, overrides = VARIANTS.get(name, (name, {}))
+    hf, ours = hf_and_ours(family, tmp_path, **overrides)
+    prompts = [PROMPT[:5], PROMPT[9:36]]
+    expected = [hf_greedy(hf, p, 12) for p in prompts]
+    with torch.no_grad():
+        ref_last = [hf(torch.tensor([p])).logits[0, -1] for p in prompts]  # [V] each
+    context, got = [0, 0], [[], []]
+    logits = ours(step(prompts, context))  # [2, V]: each sequence's last token
+    for i in range(2):
+        assert rel_err(logits[i], ref_last[i]) < 1e-4, f"{name}: prefill of sequence {i}"
+    context = [len(p) for p in prompts]
+    for _ in range(12):
+        toks = logits.argmax(-1).tolist()
+        for i in range(2):
+            got[i].append(toks[i])
+        logits = ours(step([[t] for t in toks], context))
+        context = [c + 1 for c in context]
+    assert got == expected
