@@ -180,7 +180,8 @@ class DistributedModel:
 
     def switch_placement(self, plan, at_step: int | None = None) -> int:
         """Have every rank switch to `plan` (a placement.PlacementPlan) before step `at_step` (default: the
-        next one); returns that step. Weights move between ranks; outputs do not change."""
+        next one); returns that step once every rank has taken the plan (a ValueError with their reason when
+        they refuse it: serving goes on with the running plan). Weights move between ranks; outputs do not change."""
         import json
 
         if self.group is None:
@@ -194,7 +195,7 @@ class DistributedModel:
                              "one {} x {} on {} x {}".format(*shape(plan), *shape(self.plan)))
         plan.validate()  # an expert in no slot was routed to slot -1 on the ranks, failing them all
         doc = dict(num_ranks=plan.num_ranks, phy2log=plan.phy2log.tolist(), meta=plan.meta)
-        self.group.broadcast(m.PlacementCommand(at_step=at, plan_json=json.dumps(doc)))
+        self.group.command(m.PlacementCommand(at_step=at, plan_json=json.dumps(doc)), self.pc.step_timeout_s)
         return at
 
     def dispatch_stats(self) -> dict[str, float]:

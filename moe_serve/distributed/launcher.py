@@ -8,6 +8,7 @@ every waiting caller receives at once. Nothing waits without a timeout.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -72,6 +73,9 @@ class WorkerGroup(RankMonitor):  # the monitor thread's half: monitor.py
         self.phase: dict[int, str] = {}  # startup phase each rank last reported in a heartbeat
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
+        self._answers: dict[int, list[m.CommandDone]] = {}  # command id -> the ranks' answers so far (command())
+        self._answered = threading.Condition()
+        self._command_ids = itertools.count(1)
         faults = faults or {}
         deadline = time.monotonic() + startup_timeout_s
         try:
@@ -159,6 +163,36 @@ class WorkerGroup(RankMonitor):  # the monitor thread's half: monitor.py
         for r in range(len(self.down)):
             self._send(r, frame, deadline, f"has taken no message for parallel.heartbeat_timeout_s="
                                            f"{self.heartbeat_timeout_s:g} s")
+
+    def command(self, msg, timeout_s: float) -> None:
+        """Send a command (PlacementCommand, CacheCommand) to every rank and wait until each has answered; a
+        ValueError with the rank's reason (it names the field) when they refused it, and serve on as before.
+        Ranks disagreeing would leave them running different plans: the group is failed (WorkerFailure)."""
+        cid = next(self._command_ids)
+        with self._answered:
+            self._answers[cid] = []
+        try:
+            self.broadcast(msgspec.structs.replace(msg, command_id=cid))
+            deadline = time.monotonic() + timeout_s
+            with self._answered:
+                while len(got := self._answers[cid]) < self.world_size:
+                    if self.error is not None:
+                        raise self.error
+                    if time.monotonic() >= deadline:
+                        self._fail(f"{type(msg).__name__}: {len(got)} of {self.world_size} ranks answered within "
+                                   f"parallel.step_timeout_s={timeout_s:g} s")
+                        raise self.error
+                    self._answered.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+        finally:
+            with self._answered:
+                self._answers.pop(cid, None)
+        refused = sorted((a.rank, a.error) for a in got if a.error)
+        if refused and len(refused) < self.world_size:
+            self._fail(f"{type(msg).__name__}: rank(s) {[r for r, _ in refused]} refused it and the others took it: "
+                       f"{refused[0][1]}")
+            raise self.error
+        if refused:
+            raise ValueError(f"{refused[0][1]} (refused by ranks {[r for r, _ in refused]}; they serve on as before)")
 
     def _send(self, r: int, frame: bytes, deadline: float, late: str) -> None:
         """Send `frame` to rank r, or raise WorkerFailure naming it. A PUSH socket whose only peer is gone (a

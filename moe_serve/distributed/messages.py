@@ -7,7 +7,7 @@ their dtype and shape next to them (`TensorBlob`); big tensors inside the forwar
 they go through torch.distributed.
 
 Directions: frontend -> every rank: StepPlan, PlacementCommand, CacheCommand, Configure, Shutdown.
-Every rank -> frontend: Ready, Heartbeat, StepOutput, WorkerError.
+Every rank -> frontend: Ready, Heartbeat, StepOutput, WorkerError, CommandDone (a rank's answer to a command).
 """
 from __future__ import annotations
 
@@ -93,11 +93,20 @@ class WorkerError(msgspec.Struct, tag=True):
     error: str
 
 
+class CommandDone(msgspec.Struct, tag=True):
+    """A rank's answer to a command: taken (error empty) or refused, and why (the rank serves on as before)."""
+
+    rank: int
+    command_id: int
+    error: str = ""
+
+
 class PlacementCommand(msgspec.Struct, tag=True):
     """Switch to a new placement plan at `at_step` (the same step on every rank)."""
 
     at_step: int
     plan_json: str  # placement.PlanFile JSON text
+    command_id: int = 0  # echoed in each rank's CommandDone (0: nobody waits for the answers)
 
 
 class CacheCommand(msgspec.Struct, tag=True):
@@ -106,6 +115,7 @@ class CacheCommand(msgspec.Struct, tag=True):
     op: str
     layer: int = -1
     experts: list[int] = []
+    command_id: int = 0
 
 
 class Configure(msgspec.Struct, tag=True):
@@ -121,7 +131,7 @@ class Shutdown(msgspec.Struct, tag=True):
 
 
 ToWorker = StepPlan | PlacementCommand | CacheCommand | Configure | Shutdown
-FromWorker = Ready | Heartbeat | StepOutput | WorkerError
+FromWorker = Ready | Heartbeat | StepOutput | WorkerError | CommandDone
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(ToWorker)

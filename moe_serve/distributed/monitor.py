@@ -2,7 +2,7 @@
 or a WorkerError into `WorkerFailure`, which every waiting caller receives at once.
 
 `RankMonitor` is a mixin of `launcher.WorkerGroup` (it uses the group's up socket, processes, ready
-ranks and outputs queue); its thread starts once every rank is ready and ends at shutdown.
+ranks, outputs queue and command answers); its thread starts once every rank is ready and ends at shutdown.
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ class RankMonitor:
         if self.error is None:
             self.error = WorkerFailure(text)
         self.outputs.put(_FAILED)
+        with self._answered:  # a command's issuer waits too
+            self._answered.notify_all()
 
     def _root_cause(self, msg: m.WorkerError, wait_s: float = 1.0) -> str:
         """A collective fails on every rank when one rank dies: name the dead rank first, if any. A rank this
@@ -71,6 +73,12 @@ class RankMonitor:
                     self.outputs.put(msg)
                 elif isinstance(msg, m.Heartbeat):
                     self.last_seen[msg.rank] = now
+                elif isinstance(msg, m.CommandDone):
+                    self.last_seen[msg.rank] = now
+                    with self._answered:  # kept only for a command someone waits on (launcher.command)
+                        if msg.command_id in self._answers:
+                            self._answers[msg.command_id].append(msg)
+                            self._answered.notify_all()
                 elif isinstance(msg, m.WorkerError):
                     self._fail(self._root_cause(msg))
             if (gap := time.monotonic() - tick) > 1.0:  # a loop takes 0.1 s: the frontend itself was stopped

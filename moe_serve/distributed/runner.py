@@ -13,7 +13,6 @@ dispatch collective; padding is never counted and never returned.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,8 +28,6 @@ from moe_serve.distributed.tp import apply_tp
 from moe_serve.models.batch import ForwardBatch
 from moe_serve.models.hooks import NO_HOOKS
 from moe_serve.models.moe import MoEBlock, MoERuntime
-
-log = logging.getLogger(__name__)
 
 
 def default_plan(num_layers: int, num_experts: int, ep: int, redundant: int, placement: str | None = None):
@@ -137,6 +134,7 @@ class ModelRunner:
         if lay.tp > 1:
             apply_tp(model, lay.tp, lay.tp_rank, self.allreduce)
         self.num_slots = int(a["num_slots"])
+        self.last_step = -1  # the last StepPlan run (every rank sees the same messages in the same order)
         model.allocate_kv_cache(self.num_slots + 1, int(a["max_len"]))  # +1: the padding slot of DP attention
         self.model = model
         self.rebalancer = Rebalancer(self, a.get("rebalance_every", 0) if lay.ep > 1 else 0,
@@ -144,6 +142,7 @@ class ModelRunner:
 
     # ---- steps --------------------------------------------------------------------------------
     def step(self, plan: m.StepPlan):
+        self.last_step = plan.step
         self.rebalancer.before_step(plan.step)
         out = self._forward(plan)
         self.rebalancer.after_step(plan.step)
@@ -192,11 +191,13 @@ class ModelRunner:
     def command(self, msg) -> None:
         if isinstance(msg, m.PlacementCommand):  # switch before step `at_step`, on every rank
             try:
+                if msg.at_step <= self.last_step:  # kept, it would wait for a step that never comes again
+                    raise ValueError(f"placement command for step {msg.at_step} refused: at_step={msg.at_step} is "
+                                     f"not after the last step run ({self.last_step})")
                 new = plan_from_command(msg, self.plan)
-            except ValueError as exc:  # a bad plan must not take the rank down: keep serving the running one
+            except ValueError:  # a bad plan must not take the rank down: the worker reports it, serving goes on
                 self.rebalancer.refused += 1
-                log.error("rank %d: %s; serving on with the running plan", self.layout.rank, exc)
-                return
+                raise
             self.rebalancer.pending[msg.at_step] = new
             return
         raise ValueError(f"model runner: command {type(msg).__name__} is not supported")
