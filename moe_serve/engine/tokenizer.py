@@ -1,4 +1,4 @@
-"""The tokenizer of a checkpoint directory, behind three methods: encode, decode, and the EOS ids.
+"""The tokenizer of a checkpoint directory, behind a few methods: encode, decode, token_bytes, the EOS ids.
 
 `tokenizer.json` is read with the `tokenizers` library (fast, no Python per token); a checkpoint
 that ships only other tokenizer files falls back to `transformers.AutoTokenizer`. A checkpoint with
@@ -17,6 +17,7 @@ class Tokenizer:
         self.backend = backend  # tokenizers.Tokenizer, a transformers tokenizer, or None
         self.kind = kind  # "tokenizers" | "transformers" | "none"
         self.eos_token_ids = eos_token_ids
+        self._token_bytes = None  # TokenBytes, built on first use (it reads the whole vocabulary)
 
     @property
     def available(self) -> bool:
@@ -35,6 +36,17 @@ class Tokenizer:
         if self.backend is None:
             return ""
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, exact also for part of a multi-byte character (whose decoded
+        text is U+FFFD); the UTF-8 of its decoded text where the vocabulary does not spell bytes."""
+        if self._token_bytes is None:
+            from moe_serve.engine.token_bytes import TokenBytes
+
+            fast = self.backend if self.kind == "tokenizers" else getattr(self.backend, "backend_tokenizer", None)
+            self._token_bytes = TokenBytes(fast) if fast is not None else (lambda token_id: None)
+        found = self._token_bytes(token_id)
+        return found if found is not None else self.decode([token_id], skip_special_tokens=False).encode("utf-8")
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         """Minimal chat formatting: the checkpoint's template when transformers has one, else plain turns."""

@@ -1,8 +1,9 @@
 """The engine's TokenLogprobs in OpenAI's two response shapes (completions' legacy one, chat's).
 
 A token's text is the tokenizer's decoding of that one token (special tokens kept), as vLLM shows it;
-a token that is part of a multi-byte character decodes to U+FFFD, and chat's `bytes` are those of that
-text. JSON has no -inf: a log-probability below LOGPROB_FLOOR is sent as the floor (vLLM's -9999.0).
+a token that is part of a multi-byte character decodes to U+FFFD, so chat's `bytes` are the token's own
+bytes from the vocabulary (Tokenizer.token_bytes), from which a client rebuilds the text exactly.
+JSON has no -inf: a log-probability below LOGPROB_FLOOR is sent as the floor (vLLM's -9999.0).
 """
 from __future__ import annotations
 
@@ -17,10 +18,16 @@ def _value(logprob: float) -> float:
 
 
 class TokenTexts:
-    """Token id -> its text, decoded once per id per request."""
+    """Token id -> its text, decoded once per id per request (and its bytes, with `bytes_of`)."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.cache = tokenizer, {}
+        self.tokenizer, self.cache, self.bytes_cache = tokenizer, {}, {}
+
+    def bytes_of(self, token_id: int) -> list[int]:
+        found = self.bytes_cache.get(token_id)
+        if found is None:
+            found = self.bytes_cache[token_id] = list(self.tokenizer.token_bytes(token_id))
+        return found
 
     def __call__(self, token_id: int) -> str:
         text = self.cache.get(token_id)
@@ -54,7 +61,7 @@ def completion_logprobs(lps: list[TokenLogprob], text: TokenTexts, offset: int) 
 def chat_logprobs(lps: list[TokenLogprob], text: TokenTexts) -> P.ChatLogprobs:
     def entry(token_id: int, logprob: float) -> dict:
         token = text(token_id)
-        return {"token": token, "logprob": _value(logprob), "bytes": list(token.encode("utf-8"))}
+        return {"token": token, "logprob": _value(logprob), "bytes": text.bytes_of(token_id)}
 
     return P.ChatLogprobs(content=[
         P.ChatTokenLogprob(**entry(lp.token_id, lp.logprob), top_logprobs=[P.TopLogprob(**entry(i, v)) for i, v in lp.top])

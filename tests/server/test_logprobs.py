@@ -78,7 +78,7 @@ def test_chat_logprobs_and_top_logprobs(server):
     assert len(content) == r.json()["usage"]["completion_tokens"] == 5
     for entry in content:
         assert set(entry) == {"token", "logprob", "bytes", "top_logprobs"}
-        assert entry["bytes"] == list(entry["token"].encode("utf-8"))
+        assert bytes(entry["bytes"]).decode("utf-8", errors="replace") == entry["token"]
         tops = [t["logprob"] for t in entry["top_logprobs"]]
         assert len(tops) == 4 and tops == sorted(tops, reverse=True) and entry["logprob"] <= tops[0] + 1e-6
         assert sum(2.718281828459045 ** v for v in tops) <= 1.0 + 1e-5
@@ -99,3 +99,33 @@ def test_logprobs_limit_is_named(server):
     r = httpx.post(server.url + "/v1/chat/completions", timeout=30, json={
         "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 50})
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs" and "20" in r.json()["error"]["message"]
+
+
+def test_chat_logprob_bytes_are_the_tokens_own_even_inside_a_character(server, tiny_model):
+    """A token holding part of a multi-byte character shows as U+FFFD in `token`; its `bytes` are its
+    real UTF-8 bytes (the vocabulary's byte-level spelling), so the content's bytes rebuild the text."""
+    from tokenizers import Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tok = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    spelled = {piece: list(bytes(byte_of[c] for c in piece)) for piece in tok.get_vocab()
+               if all(c in byte_of for c in piece)}
+    body = {"messages": [{"role": "user", "content": "日本語 ✓ café"}], "max_tokens": 12, "temperature": 0,
+            "ignore_eos": True, "logprobs": True, "top_logprobs": 20}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    content = choice["logprobs"]["content"]
+    entries = content + [t for e in content for t in e["top_logprobs"]]
+    partial = [e for e in entries if e["token"] == "\ufffd"]
+    assert partial, "no token inside a character among 12 x 20 candidates: pick another prompt"
+    spellings_of: dict[str, list] = {}  # token text -> the bytes of every token that shows as it
+    for piece, i in tok.get_vocab().items():
+        spellings_of.setdefault(tok.decode([i], skip_special_tokens=False), []).append(spelled.get(piece))
+    for e in entries:
+        assert e["bytes"] in spellings_of[e["token"]], e
+    for e in partial:
+        assert e["bytes"] != list("\ufffd".encode()) and len(e["bytes"]) < 4  # not the replacement's bytes
+    rebuilt = b"".join(bytes(e["bytes"]) for e in content).decode("utf-8", errors="replace")
+    assert rebuilt == choice["message"]["content"]

@@ -1,0 +1,41 @@
+"""Tokenizer.token_bytes: a token's own bytes, also for part of a multi-byte UTF-8 character (whose
+decoded text is U+FFFD), checked against GPT-2's byte alphabet as transformers writes it."""
+from pathlib import Path
+
+import pytest
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from moe_serve.engine.tokenizer import load_tokenizer
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "moe_serve" / "default_model"
+UNICODE = "Héllo wörld, naïve café: unicode text ✓ 日本語 too."
+
+
+def reference_bytes(tok, token_id: int) -> bytes:
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    return bytes(byte_of[c] for c in tok.backend.id_to_token(token_id))
+
+
+@pytest.mark.parametrize("which", ["tiny", "default"])
+def test_token_bytes_rebuild_text_split_inside_characters(which, tiny_dir):
+    tok = load_tokenizer(tiny_dir if which == "tiny" else DEFAULT_MODEL)
+    ids = tok.encode(UNICODE)
+    partial = [t for t in ids if "\ufffd" in tok.decode([t])]
+    assert partial, "the text must put part of a character in a token of its own"
+    for t in partial:
+        assert tok.token_bytes(t) == reference_bytes(tok, t)
+        assert tok.token_bytes(t) != "\ufffd".encode()  # the old bytes: those of the replacement character
+    assert b"".join(tok.token_bytes(t) for t in ids).decode("utf-8") == UNICODE
+    # every ordinary token of the vocabulary: its bytes are those its spelling stands for
+    added = set(tok.backend.get_added_tokens_decoder())
+    for t in range(tok.backend.get_vocab_size()):
+        if t not in added:
+            assert tok.token_bytes(t) == reference_bytes(tok, t), t
+    eos = tok.eos_token_ids[0]  # a special token: its text
+    assert tok.token_bytes(eos) == tok.decode([eos], skip_special_tokens=False).encode()
+
+
+def test_a_single_byte_token_is_that_byte(tiny_dir):
+    tok = load_tokenizer(tiny_dir)
+    lead = tok.backend.token_to_id(bytes_to_unicode()[0xE2])  # the first byte of "✓" (E2 9C 93) alone
+    assert tok.decode([lead]) == "\ufffd" and tok.token_bytes(lead) == b"\xe2"
