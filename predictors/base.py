@@ -176,6 +176,22 @@ class Predictor(ABC):
     def load_arrays(self, arrays: dict[str, torch.Tensor]) -> None:
         """Restore the fitted state written by `arrays`."""
 
+    def array_shapes(self) -> dict[str, tuple]:
+        """{name: shape} of the arrays `load_arrays` needs, from the config alone (None: any size)."""
+        return {}
+
+    def check_arrays(self, arrays: dict[str, torch.Tensor]) -> None:
+        """ValueError naming the first array of `array_shapes` missing from `arrays` or of another shape
+        (a file whose arrays do not match its own header: loaded, it failed only when first used)."""
+        for name, want in self.array_shapes().items():
+            if name not in arrays:
+                raise ValueError(f"{self.name}: array {name!r} is missing (the file has {sorted(arrays)})")
+            got = tuple(arrays[name].shape)
+            if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
+                need = "(" + ", ".join("any" if w is None else str(w) for w in want) + ")"
+                raise ValueError(f"{self.name}: array {name!r} has shape {got}; its config (MoE layers {self.num_layers}, "
+                                 f"experts {self.num_experts}, lookahead {self.lookahead}) needs {need}")
+
     def observe(self, experts: torch.Tensor, weights: torch.Tensor, prev_experts: torch.Tensor,
                 prev_weights: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> None:
         """Learn from tokens whose routing is now complete (online adaptation); a no-op unless overridden.

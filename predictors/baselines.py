@@ -32,6 +32,9 @@ class CountPredictor(Predictor):
         self.fitted = True
         return self
 
+    def array_shapes(self):
+        return {"freq": (self.num_layers, self.num_experts)}
+
     def _prior(self, layer: int, batch: int) -> torch.Tensor:
         """[B, D, E]: popularity of each slot's target layer, zeros past the last layer."""
         out = torch.zeros(batch, self.slots, self.num_experts)
@@ -103,6 +106,10 @@ class TransitionPredictor(CountPredictor):
 
     def arrays(self):
         return {"freq": self.freq, "table": self.table}
+
+    def array_shapes(self):
+        E = self.num_experts
+        return {"freq": (self.num_layers, E), "table": (self.slots, self.num_layers, E, E)}
 
     def load_arrays(self, arrays):
         self.freq, self.table = arrays["freq"], arrays["table"]

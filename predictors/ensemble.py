@@ -129,6 +129,9 @@ class EnsemblePredictor(Predictor):
             self.params["member_configs"] = [m.config() for m in self.members]
         return super().config()
 
+    def array_shapes(self):  # each member checks its own arrays (m{i}.*) when it is loaded
+        return {"weight": (self.slots, len(self.params.get("member_configs", [])))}
+
     def load_arrays(self, arrays):
         from predictors.registry import from_config
 

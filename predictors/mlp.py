@@ -72,8 +72,7 @@ class MLPPredictor(Predictor):
     PARAM_LIMITS = dict(
         dim=Limit("int", ge=1), hidden_direct=Limit("bool"), seed=Limit("int"),
         cur_window=Limit("int", ge=0), prev_before=Limit("int", ge=0), prev_after=Limit("int", ge=0),  # cur_window 0: all
-        use_hidden=Limit("bool"), epochs=Limit("int", ge=1), batch=Limit("int", ge=1),
-        lr=Limit("float", ge=0),  # 0: the init (or the routers' start, with_router_weights) untrained
+        use_hidden=Limit("bool"), epochs=Limit("int", ge=1), batch=Limit("int", ge=1), lr=Limit("float", ge=0),  # 0: no training
         weight_decay=Limit("float", ge=0), trunk_dropout=Limit("float", ge=0, lt=1), hidden_size=Limit("int", ge=0),
     )
 
@@ -279,6 +278,13 @@ class MLPPredictor(Predictor):
 
     def arrays(self):
         return {k: v.detach() for k, v in self.net.state_dict().items()}
+
+    def array_shapes(self):  # HistoryNet's state_dict
+        L, E, D, dim, H = self.num_layers, self.num_experts, self.slots, int(self.params.get("dim", 256)), int(self.params.get("hidden_size", 0))
+        return {"cur": (L * E, dim), "prev": (L * E, dim), "layer": (L, dim), "norm.weight": (dim,), "norm.bias": (dim,),
+                "fc.weight": (dim, dim), "fc.bias": (dim,), "head": (D, L, dim, E), "bias": (D, L, E), "trans": (D, L, E, E),
+                "copy": (D, L, E, E), **({"hid.weight": (dim, H)} if H else {}),
+                **({"hdirect": (D, L, E, H)} if H and self.params.get("hidden_direct", False) else {})}
 
     def load_arrays(self, arrays):
         with torch.random.fork_rng(devices=[]):  # _net seeds the global generator for its (overwritten) init

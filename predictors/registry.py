@@ -49,7 +49,11 @@ def from_config(config: dict, arrays: dict) -> Predictor:
     pred = make_predictor(
         config["predictor"], config["num_layers"], config["num_experts"], config["top_k"], config["lookahead"], **params,
     )
-    pred.load_arrays(arrays)
+    pred.check_arrays(arrays)
+    try:
+        pred.load_arrays(arrays)
+    except RuntimeError as exc:  # torch's load_state_dict: an array its net does not have
+        raise ValueError(f"{pred.name}: its arrays do not load ({' '.join(str(exc).split())})") from exc
     return pred
 
 
@@ -72,3 +76,5 @@ def load_predictor(path: str | Path) -> Predictor:
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"predictor file {path}: its 'predictor' header is not a predictor's config "
                          f"({type(exc).__name__}: {exc})") from exc
+    except ValueError as exc:  # the config's values, or arrays that do not match it: which file?
+        raise ValueError(f"predictor file {path}: {exc}") from exc

@@ -107,6 +107,9 @@ class RouterPredictor(Predictor):
     def arrays(self):
         return {"weight": self.weight}
 
+    def array_shapes(self):
+        return {"weight": (self.num_layers, self.num_experts, None)}  # [L, E, H]
+
     def load_arrays(self, arrays):
         self.weight = arrays["weight"]
         self.fitted = True
@@ -178,6 +181,10 @@ class HiddenLinearPredictor(Predictor):
 
     def arrays(self):
         return {"weight": self.weight, "bias": self.bias}
+
+    def array_shapes(self):
+        D, L, E = self.slots, self.num_layers, self.num_experts
+        return {"weight": (D, L, E, None), "bias": (D, L, E)}  # weight [D, L, E, H]
 
     def load_arrays(self, arrays):
         self.weight, self.bias = arrays["weight"], arrays["bias"]

@@ -90,6 +90,10 @@ class LinearPredictor(Predictor):
     def arrays(self):
         return {"coef": self.coef, "intercept": self.intercept}
 
+    def array_shapes(self):
+        D, L, E = self.slots, self.num_layers, self.num_experts
+        return {"coef": (D, L, E, 2 * E), "intercept": (D, L, E)}
+
     def load_arrays(self, arrays):
         self.coef, self.intercept = arrays["coef"], arrays["intercept"]
         self.fitted = True
