@@ -64,9 +64,14 @@ def compare(
                 res["prequential"] = True
             res[f"predict_ms_b64{tag}"] = online_cost(pred, test[0])
             res.update(ev)
-            log(f"  {name} lookahead={la}: fit {fit_s:.1f}s, " + ", ".join(f"{k} r@k={v['recall_at_k']:.3f}" for k, v in ev.items()))
+            log(f"  {name} lookahead={la}: fit {fit_s:.1f}s, " + ", ".join(f"{k} r@k={_num(v['recall_at_k'], 0)}" for k, v in ev.items()))
         out["results"][name] = res
     return out
+
+
+def _num(value: float | None, width: int) -> str:
+    """A metric to 3 decimals, or '-' for a slot with no row to score (MetricSum's None)."""
+    return f"{'-' if value is None else format(value, '.3f'):>{width}}"
 
 
 def format_table(result: dict) -> str:
@@ -79,8 +84,8 @@ def format_table(result: dict) -> str:
             m = res[slot]
             tag = "_next_token" if slot == "next_token" else ""
             lines.append(
-                f"{name:<12} {slot:<12} {m['recall_at_k']:>9.3f} {m['precision_at_budget']:>8.3f} "
-                f"{m['recall_at_budget']:>8.3f} {res['fit_s' + tag]:>7.1f} {res['predict_ms_b64' + tag]:>7.3f}"
+                f"{name:<12} {slot:<12} {_num(m['recall_at_k'], 9)} {_num(m['precision_at_budget'], 8)} "
+                f"{_num(m['recall_at_budget'], 8)} {res['fit_s' + tag]:>7.1f} {res['predict_ms_b64' + tag]:>7.3f}"
             )
     for name, why in result["skipped"].items():
         lines.append(f"{name:<12} skipped: {why}")

@@ -49,8 +49,11 @@ class MetricSum:
         self.hits_k += hits_at(scores, true, self.k).sum().item()
         self.hits_b += hits_at(scores, true, self.budget).sum().item()
 
-    def result(self) -> dict[str, float]:
-        n = max(self.rows, 1)
+    def result(self) -> dict[str, float | None]:
+        """Means over all rows added; None where no row was (nothing measured is not a measured 0)."""
+        if self.rows == 0:
+            return dict(recall_at_k=None, precision_at_budget=None, recall_at_budget=None, rows=0)
+        n = self.rows
         return dict(
             recall_at_k=self.hits_k / (n * self.k),
             precision_at_budget=self.hits_b / (n * self.budget),

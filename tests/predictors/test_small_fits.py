@@ -74,3 +74,22 @@ def test_fit_refuses_nan_or_inf_naming_the_field(field):
     for name in ("mlp", "transition"):
         with pytest.raises(ValueError, match=f"^{name}: trace 0 has 1 NaN/inf value in '{field}' \\(first at row 5, MoE layer 1\\)"):
             make_predictor(name, 3, 8, 2, 1, **FAST.get(name, {})).fit([trace])
+
+
+def test_a_slot_with_no_rows_to_score_reports_none_not_zero(tmp_path):
+    # next token on test sequences of one token each: nothing to measure, but the table and JSON said
+    # recall 0.000, a measured zero
+    import json
+
+    from moe_serve.cli.main import main
+
+    train, test = tmp_path / "train.npz", tmp_path / "test.npz"
+    _trace(40).save(train)
+    ones = _trace(5, seed=2)
+    RoutingTrace(ones.experts, ones.weights, np.arange(6, dtype=np.int64), 8).save(test)  # 5 sequences of 1 token
+    out = tmp_path / "e.json"
+    assert main(["predict", "eval", "--train", str(train), "--test", str(test), "--predictors", "popularity",
+                 "--lookahead", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["results"]["popularity"]
+    assert res["next_token"] == dict(recall_at_k=None, precision_at_budget=None, recall_at_budget=None, rows=0)
+    assert res["lookahead_1"]["rows"] == 5 * 2 and res["lookahead_1"]["recall_at_k"] is not None
