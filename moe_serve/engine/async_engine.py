@@ -105,8 +105,9 @@ class AsyncEngine:
         finally:
             with self._streams_lock:
                 self._streams.pop(rid, None)
-            if not finished:
-                self.abort(rid)
+            if not finished:  # this call's request only: not a retry of its id that is still on its way
+                self.engine.abort(rid)
+                self._wake.set()
 
     def abort(self, request_id: str) -> None:
         with self._streams_lock:

@@ -7,7 +7,7 @@ import torch
 
 from moe_serve import LLM, AsyncEngine, SamplingParams
 from moe_serve.config import EngineConfig
-from moe_serve.engine import EngineDeadError
+from moe_serve.engine import EngineDeadError, QueueFullError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
@@ -257,3 +257,43 @@ def test_async_abort_while_the_prompt_is_tokenized_is_kept(tiny_dir):
     assert [(o.finished, o.finish_reason, o.token_ids) for o in outs] == [(True, "abort", [])]
     assert after.finish_reason == "length" and len(after.token_ids) == 10
     assert sorted(eng.engine.scheduler.free_slots) == [0, 1]
+
+
+def test_async_a_refused_request_spares_a_retry_of_its_id_on_its_way(tiny_dir):
+    """A request refused (queue full) aborts its id as it ends; a retry with that id still on its way to
+    the engine (its prompt being tokenized) is another request and must run to its end."""
+    eng = AsyncEngine.from_config(EngineConfig.from_flat(model=str(tiny_dir), max_num_seqs=1, max_queue=1))
+    tokenizing, release = threading.Event(), threading.Event()
+    make = eng.engine.make_request
+
+    def slow_make(prompt, *args, **kw):  # the retry's text prompt takes a while
+        if isinstance(prompt, str):
+            tokenizing.set()
+            release.wait(10)
+        return make(prompt, *args, **kw)
+
+    eng.engine.make_request = slow_make
+    long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
+
+    async def main():
+        running = asyncio.create_task(_collect(eng, [5, 6, 7], long, "running"))
+        while eng.engine.num_running == 0:
+            await asyncio.sleep(0.01)
+        waiting = asyncio.create_task(_collect(eng, [5, 6], GREEDY, "waiting"))  # fills the queue
+        while eng.engine.num_waiting == 0:
+            await asyncio.sleep(0.01)
+        retry = asyncio.create_task(_collect(eng, "Once upon", GREEDY, "x"))
+        await asyncio.to_thread(tokenizing.wait, 10)
+        with pytest.raises(QueueFullError):
+            await _collect(eng, [1, 2], GREEDY, "x")  # refused: its cleanup aborts "x"
+        eng.abort("running")  # room again
+        await running
+        release.set()
+        return await asyncio.wait_for(retry, 30), await waiting
+    try:
+        (_, retried), (_, waited) = asyncio.run(main())
+    finally:
+        release.set()
+        eng.shutdown()
+    assert retried.finish_reason == "length" and len(retried.token_ids) == 10
+    assert waited.finish_reason == "length"
