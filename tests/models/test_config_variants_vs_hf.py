@@ -4,6 +4,9 @@ within 1e-4 relative (fp32), identical expert choices per MoE layer, identical g
 A variant moe-serve cannot follow is refused at load with an error naming the field."""
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -42,6 +45,17 @@ VARIANTS = {  # name: (family in tiny_checkpoints, config changes)
     "mixtral_jitter_head_dim": ("mixtral", dict(router_jitter_noise=0.1, head_dim=8, num_experts_per_tok=1,
                                                 rms_norm_eps=0.5)),
 }
+
+
+def edit_config(src, dst, drop=(), **changes):
+    """A copy of checkpoint dir `src` at `dst` whose config.json lacks the fields `drop` and has `changes`."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    for name in drop:
+        cfg.pop(name, None)
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
@@ -129,3 +143,36 @@ def test_two_lengths_in_one_batch_match_each_alone_in_transformers(name, tmp_pat
         logits = ours(step([[t] for t in toks], context))
         context = [c + 1 for c in context]
     assert got == expected
+
+
+ABSENT = [  # (family, values equal to transformers' config defaults, fields then left out of config.json)
+    ("deepseek_v3", dict(n_shared_experts=1, n_group=8, topk_group=4, first_k_dense_replace=3, num_hidden_layers=4,
+                         q_lora_rank=1536), ("n_shared_experts", "n_group", "topk_group", "first_k_dense_replace",
+                                             "q_lora_rank")),
+    ("deepseek_v2", dict(n_shared_experts=2, q_lora_rank=1536), ("n_shared_experts", "q_lora_rank")),
+    ("qwen2_moe", dict(shared_expert_intermediate_size=5632), ("shared_expert_intermediate_size",)),
+]
+
+
+@pytest.mark.parametrize("family,values,absent", ABSENT, ids=[a[0] for a in ABSENT])
+def test_absent_fields_mean_transformers_defaults(family, values, absent, tmp_path):
+    """A config.json without these fields is read by transformers with its config class's defaults.
+    Before, moe-serve read 0 shared experts (the checkpoint's shared-expert tensors went unused: the
+    logits were off by ~50%), one expert group for V3 (other experts chosen) and no q LoRA."""
+    hf, _ = hf_and_ours(family, tmp_path / "full", **values)
+    d = edit_config(tmp_path / "full", tmp_path / "absent", drop=absent)
+    reread = AutoModelForCausalLM.from_pretrained(d).eval()  # transformers itself, on the edited config
+    ours = load_model(d)
+    ours.allocate_kv_cache(1, 64)
+    with torch.no_grad():
+        ref = hf(torch.tensor([PROMPT])).logits[0]
+        assert torch.equal(reread(torch.tensor([PROMPT])).logits[0], ref)
+    assert rel_err(ours(ForwardBatch.single(PROMPT, slot=0, all_logits=True)), ref) < 1e-4
+
+
+def test_qwen_sliding_window_absent_means_4096(tmp_path):
+    for family in ("qwen2_moe", "qwen3_moe"):
+        d = edit_config(make_tiny_checkpoint(family, tmp_path / family), tmp_path / f"{family}-edited",
+                        use_sliding_window=True, max_window_layers=28, drop=("sliding_window", "layer_types"))
+        assert AutoModelForCausalLM.from_pretrained(d).config.sliding_window == 4096
+        assert load_model(d).spec.window(0) == 4096, family

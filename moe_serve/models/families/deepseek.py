@@ -8,6 +8,7 @@ groups whose top-2 sum is highest (`noaux_tc`); weights are the unbiased scores,
 `norm_topk_prob`, times `routed_scaling_factor`. Rope on a `qk_rope_head_dim` slice, adjacent pairs
 (interleaved); YaRN folds mscale(factor, mscale_all_dim)^2 into the softmax scale.
 MoE layers: every layer from `first_k_dense_replace` on; `moe_layer_freq` other than 1 is refused.
+Fields a config.json leaves out take transformers' defaults (`DEFAULTS`).
 """
 from __future__ import annotations
 
@@ -23,15 +24,29 @@ def _mscale(scale: float, mscale: float) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
+# transformers' config class defaults, for the fields a config.json leaves out (the checkpoint's tensors
+# must then fit them: a shape that differs is a load error naming the tensor). V2 has no group default
+# (transformers' V2 then routes greedy only), so no groups.
+DEFAULTS = {
+    "deepseek_v2": dict(n_shared_experts=2, q_lora_rank=1536, first_k_dense_replace=0, n_group=None,
+                        topk_group=None, max_position_embeddings=2048),
+    "deepseek_v3": dict(n_shared_experts=1, q_lora_rank=1536, first_k_dense_replace=3, n_group=8, topk_group=4,
+                        max_position_embeddings=4096),
+}
+
+
 def _parse(cfg: dict, family: str) -> ModelSpec:
     w = "DeepSeek-V2" if family == "deepseek_v2" else "DeepSeek-V3"
+    default = DEFAULTS[family]
     hidden, heads = need_size(cfg, "hidden_size", w), need_size(cfg, "num_attention_heads", w)
     layers = need_size(cfg, "num_hidden_layers", w)
     num_experts, top_k = experts_and_top_k(cfg, ("n_routed_experts", "num_local_experts", "num_experts"), w)
-    mla = MLASpec(q_lora_rank=optional_size(cfg, "q_lora_rank"), kv_lora_rank=need_size(cfg, "kv_lora_rank", w),
+    # absent: transformers' default; null: no q LoRA (V2-Lite's config says so)
+    q_lora_rank = default["q_lora_rank"] if "q_lora_rank" not in cfg else optional_size(cfg, "q_lora_rank")
+    mla = MLASpec(q_lora_rank=q_lora_rank, kv_lora_rank=need_size(cfg, "kv_lora_rank", w),
                   qk_nope_head_dim=need_size(cfg, "qk_nope_head_dim", w),
                   qk_rope_head_dim=need_size(cfg, "qk_rope_head_dim", w), v_head_dim=need_size(cfg, "v_head_dim", w))
-    first_dense = count(cfg, "first_k_dense_replace", 0)
+    first_dense = count(cfg, "first_k_dense_replace", default["first_k_dense_replace"])
     # transformers ignores moe_layer_freq (every layer from first_k_dense_replace on is MoE); DeepSeek's
     # reference code keeps only layers i % freq == 0. Every published checkpoint has 1, where both agree.
     freq = optional_size(cfg, "moe_layer_freq") or 1
@@ -41,8 +56,8 @@ def _parse(cfg: dict, family: str) -> ModelSpec:
             "first_k_dense_replace on is an MoE layer) while DeepSeek's reference code keeps only the layers "
             "whose index is a multiple of it, so the checkpoint's layout is ambiguous")
     moe_layers = tuple(range(first_dense, layers))
-    n_group = optional_size(cfg, "n_group") or 1
-    topk_group = optional_size(cfg, "topk_group") or n_group
+    n_group = optional_size(cfg, "n_group") or default["n_group"] or 1
+    topk_group = optional_size(cfg, "topk_group") or default["topk_group"] or n_group
     scaling = cfg.get("routed_scaling_factor")
     if family == "deepseek_v2":
         method = cfg.get("topk_method") or "greedy"
@@ -78,12 +93,14 @@ def _parse(cfg: dict, family: str) -> ModelSpec:
         num_kv_heads=heads, head_dim=mla.qk_head_dim, v_head_dim=mla.v_head_dim, num_experts=num_experts,
         top_k=top_k, moe_layers=moe_layers, moe_intermediate_size=need_size(cfg, "moe_intermediate_size", w),
         intermediate_size=need_size(cfg, "intermediate_size", w), routing=routing, rope=rope,
-        rms_norm_eps=norm_eps(cfg, 1e-6), max_position_embeddings=max_positions(cfg, 4096),
+        rms_norm_eps=norm_eps(cfg, 1e-6),
+        max_position_embeddings=max_positions(cfg, default["max_position_embeddings"]),
         tie_word_embeddings=flag(cfg, "tie_word_embeddings", False), bos_token_id=token_id(cfg, "bos_token_id"),
         eos_token_ids=eos_ids(cfg), torch_dtype=torch_dtype(cfg), hidden_act=check_act(cfg), attention="mla",
         mla=mla, qkv_bias=flag(cfg, "attention_bias", False), o_bias=flag(cfg, "attention_bias", False),
         sliding_windows=tuple([None] * layers), attn_scale=scale,
-        shared_expert_intermediate_size=count(cfg, "n_shared_experts", 0) * cfg["moe_intermediate_size"],
+        shared_expert_intermediate_size=count(cfg, "n_shared_experts", default["n_shared_experts"])
+        * cfg["moe_intermediate_size"],
         extra={"norm_topk_prob": cfg.get("norm_topk_prob"), "topk_method": cfg.get("topk_method"),
                "scoring_func": cfg.get("scoring_func")},
     )

@@ -20,7 +20,8 @@ def _parse(cfg: dict, family: str) -> ModelSpec:
     dense_only = layer_ids(cfg, "mlp_only_layers", layers)
     moe_layers = tuple(i for i in range(layers) if i not in dense_only and (i + 1) % step == 0)
     if flag(cfg, "use_sliding_window", False):
-        window = optional_size(cfg, "sliding_window")
+        # absent: transformers' default 4096; null: no window (as transformers' Qwen3-MoE; its Qwen2-MoE fails)
+        window = 4096 if "sliding_window" not in cfg else optional_size(cfg, "sliding_window")
         if family == "qwen2_moe":
             types = cfg.get("layer_types") or [
                 "sliding_attention" if (i + 1) % 2 and i < count(cfg, "max_window_layers", 28) else "full_attention"
@@ -30,7 +31,8 @@ def _parse(cfg: dict, family: str) -> ModelSpec:
             windows = tuple([window] * layers)
     else:
         windows = tuple([None] * layers)
-    shared = count(cfg, "shared_expert_intermediate_size", 0) if family == "qwen2_moe" else 0
+    # absent: transformers' default (its shared expert is always there; 0 makes it add nothing)
+    shared = count(cfg, "shared_expert_intermediate_size", 5632) if family == "qwen2_moe" else 0
     return ModelSpec(
         **base, family=family,
         architecture="Qwen2MoeForCausalLM" if family == "qwen2_moe" else "Qwen3MoeForCausalLM",
