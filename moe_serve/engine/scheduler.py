@@ -11,9 +11,12 @@ them); finishing or aborting a sequence returns its slot at once.
 from __future__ import annotations
 
 import heapq
+import logging
 from collections import deque
 
 from moe_serve.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 
 class QueueFullError(RuntimeError):
@@ -28,7 +31,12 @@ def kv_cache_slots(kv_cache_gb: float, kv_bytes_per_token: int, max_model_len: i
             f"kv_cache.kv_cache_gb={kv_cache_gb} holds {budget_tokens} tokens ({kv_bytes_per_token} bytes each), "
             f"fewer than one sequence of model.max_model_len={max_model_len}; raise kv_cache_gb or lower max_model_len"
         )
-    return min(max_num_seqs, budget_tokens // max_model_len)
+    fit = budget_tokens // max_model_len
+    if fit < max_num_seqs:  # e.g. a big model's default max_model_len takes the whole budget: one slot
+        log.warning("kv_cache.kv_cache_gb=%g holds %d sequences of model.max_model_len=%d tokens, fewer than "
+                    "kv_cache.max_num_seqs=%d: at most %d requests run at once, the rest wait; raise kv_cache_gb "
+                    "or lower max_model_len", kv_cache_gb, fit, max_model_len, max_num_seqs, fit)
+    return min(max_num_seqs, fit)
 
 
 class Scheduler:

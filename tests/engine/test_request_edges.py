@@ -95,3 +95,24 @@ def test_generation_configs_eos_ids_end_a_request(tiny_dir, tmp_path):
     assert stopped.finish_reason == "stop"
     assert stopped.token_ids == ref.token_ids[: ref.token_ids.index(end_of_turn) + 1]
     assert (ignored.finish_reason, ignored.token_ids) == ("length", ref.token_ids)
+
+
+def test_a_kv_budget_that_caps_max_num_seqs_says_so(tiny_dir, caplog):
+    """Every KV slot holds max_model_len tokens, so a budget for fewer slots than max_num_seqs ran fewer
+    requests at once, silently (by default a big model's max_model_len takes the whole budget: one
+    request at a time). The engine now warns at start, naming both fields and what it can run."""
+    import logging
+
+    per_slot = 2 * 2 * 16 * 2 * 4 * 256  # layers x kv heads x head_dim x (K, V) x fp32 bytes x max_model_len
+    with caplog.at_level(logging.WARNING, logger="moe_serve"):
+        eng = LLMEngine(EngineConfig.from_flat(model=str(tiny_dir), max_model_len=256, max_num_seqs=8,
+                                               kv_cache_gb=3.5 * per_slot / 2**30))
+    assert eng.num_slots == 3
+    warned = [r.getMessage() for r in caplog.records if "max_num_seqs" in r.getMessage()]
+    assert len(warned) == 1 and all(s in warned[0] for s in ("kv_cache.kv_cache_gb=", "3 sequences of model.max_model_len=256",
+                                                            "kv_cache.max_num_seqs=8", "at most 3 requests run at once"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="moe_serve"):
+        assert LLMEngine(EngineConfig.from_flat(model=str(tiny_dir), max_model_len=256, max_num_seqs=3,
+                                                kv_cache_gb=3.5 * per_slot / 2**30)).num_slots == 3
+    assert not [r for r in caplog.records if "max_num_seqs" in r.getMessage()]
