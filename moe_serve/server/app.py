@@ -22,7 +22,7 @@ from moe_serve.server.errors import APIError, install_error_handlers
 from moe_serve.server.lifecycle import RequestRunner
 from moe_serve.server.metrics import ServerMetrics
 from moe_serve.server.serving import Handlers, ModelInfo
-from moe_serve.server.traces import TraceControl
+from moe_serve.server.traces import TraceControl, dump_while_connected
 
 _CHUNK = 1 << 20  # bytes of a downloaded trace written at a time
 ERRORS = {code: {"model": P.ErrorResponse} for code in (400, 401, 404, 409, 429, 501, 503, 504)}
@@ -102,10 +102,9 @@ def create_app(engine, cfg: ServerConfig, model_dir: str | None = None, own_engi
         return traces.stop()
 
     @app.post("/v1/traces/dump", **v1)
-    async def trace_dump(body: P.TraceRequest | None = None):
-        # building and writing a big trace takes seconds: in a worker thread, so that the event loop
-        # goes on serving (the hook's lock is held only while the recording is copied, see traces.py)
-        return await asyncio.to_thread(traces.dump, body.path if body else None)
+    async def trace_dump(request: Request, body: P.TraceRequest | None = None):
+        # in a worker thread (the event loop goes on serving), stopped if the client disconnects (traces.py)
+        return await dump_while_connected(traces, request, body.path if body else None)
 
     @app.get("/v1/traces/dump", **v1)
     async def trace_download():

@@ -5,10 +5,17 @@
 at the next step boundary: `begin_step` decides, under a lock, whether this whole step is recorded,
 and a start or stop in the middle of a step never leaves a recorder with half a step. When off,
 `route` returns at once (no tensor is copied).
+
+A dump (POST /v1/traces/dump) is stopped when its client disconnects: the client would never learn
+the file's name (the server picks one when the request gives none), so the write stops at its next
+piece and the partial file is removed; nothing appears at the path.
 """
 from __future__ import annotations
 
+import asyncio
 import io
+import os
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -19,6 +26,26 @@ from moe_serve.tracing.recorder import TraceRecorder
 
 
 _NAME_MAX = 255  # bytes in one file name on Linux file systems
+
+
+class DumpCancelled(Exception):
+    """The dump's client went away: the write stopped and its partial file is removed."""
+
+
+class _StoppableFile:
+    """A file whose next write raises DumpCancelled once `stop` is set. np.savez writes an array in
+    pieces of at most 16 MiB, so a dump stops within one piece of being told."""
+
+    def __init__(self, f, stop: threading.Event | None):
+        self._f, self._stop = f, stop
+
+    def write(self, data):
+        if self._stop is not None and self._stop.is_set():
+            raise DumpCancelled()
+        return self._f.write(data)
+
+    def __getattr__(self, name):  # tell, seek, flush, name: the file's own (zipfile uses them)
+        return getattr(self._f, name)
 
 
 def _plain_npz_name(name: str) -> bool:
@@ -122,35 +149,77 @@ class TraceControl:
         self.hook.stop()
         return self.status()
 
-    def download(self) -> bytes:
-        """The recorded trace as .npz bytes (nothing is written on the server's disk)."""
-        self._check()
+    def _recorded(self):
         trace = self.hook.snapshot()
         if trace is None:
             raise APIError(409, "no routing trace: POST /v1/traces/start first", code="not_recording")
+        return trace
+
+    def download(self) -> bytes:
+        """The recorded trace as .npz bytes (nothing is written on the server's disk)."""
+        self._check()
+        trace = self._recorded()
         buf = io.BytesIO()
         trace.save(buf)
         return buf.getvalue()
 
-    def dump(self, name: str | None) -> dict:
-        """Write what was recorded to `trace_dir/name` (.npz); name is a plain file name."""
+    def dump(self, name: str | None, stop: threading.Event | None = None) -> dict:
+        """Write what was recorded to `trace_dir/name` (.npz); name is a plain file name. Once `stop` is
+        set the write ends (DumpCancelled) and no file is left, partial or whole."""
         self._check()
         if name is not None and not _plain_npz_name(name):
             raise APIError(400, f"path: must be a plain file name ending in .npz, at most {_NAME_MAX} bytes (written "
                                 f"under the server's trace_dir), got {name!r}", param="path")  # whatever the state
-        trace = self.hook.snapshot()
-        if trace is None:
-            raise APIError(409, "no routing trace: POST /v1/traces/start first", code="not_recording")
+        trace = self._recorded()
         if name is None:
             name = time.strftime("trace-%Y%m%d-%H%M%S") + f"-{time.monotonic_ns() % 10**6:06d}.npz"
         path = (self.trace_dir / name).resolve()
         if path.is_dir():
             raise APIError(409, f"path: {name!r} is a directory under the server's trace_dir, not a file",
                            param="path", code="path_is_directory")
+        # written beside the target and renamed over it, as RoutingTrace.save does, but through a file
+        # that can be stopped: a cut or failed write leaves neither a partial file nor a truncated target
+        part = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            trace.save(str(path))
+            with open(part, "xb") as f:
+                trace.save(_StoppableFile(f, stop))
+            os.replace(part, path)
         except OSError as e:  # the server's trace_dir: a file, not writable, full
             raise APIError(500, f"cannot write {name!r} under server.trace_dir {self.trace_dir}: {e.strerror or e}",
                            type="server_error", code="trace_dir_unwritable") from None
+        finally:
+            part.unlink(missing_ok=True)
         return dict(self.status(), path=str(path))
+
+
+async def until_done_or_disconnected(request, task: asyncio.Future) -> bool:
+    """Wait for `task`; True when it finished, False when the client disconnected first (ASGI
+    `http.disconnect`, which comes once the request's body has been read)."""
+    async def gone():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    return task in done
+
+
+async def dump_while_connected(traces: TraceControl, request, name: str | None) -> dict:
+    """The dump endpoint: `traces.dump` in a worker thread (a big trace takes seconds; the event loop
+    goes on serving), stopped if the client disconnects first: then nothing is written and the
+    request is a 499."""
+    stop = threading.Event()
+    task = asyncio.ensure_future(asyncio.to_thread(traces.dump, name, stop))
+    if await until_done_or_disconnected(request, task):
+        return task.result()
+    stop.set()
+    try:  # the thread stops at its next write and removes the partial file (a dump that finished in the
+        await task  # instant between the disconnect and the stop keeps its file: it is whole)
+    except (DumpCancelled, APIError):  # stopped, or failed on its own meanwhile: the client is gone either way
+        pass
+    raise APIError(499, "client disconnected: the trace dump was stopped and its partial file removed",
+                   code="client_closed")

@@ -69,7 +69,9 @@ def health_during(server, request) -> tuple[float, list[tuple[float, float]]]:
     return span["end"] - span["start"], inside
 
 
-def test_dumping_a_big_trace_leaves_the_server_answering(wide_server):
+@pytest.fixture(scope="module")
+def recorded(wide_server):
+    """The wide server with a 150 MB recording (3 prompts of 3000 tokens, hidden states), stopped."""
     s = wide_server
     assert httpx.post(s.url + "/v1/traces/start", json={"record_hidden": True}, timeout=30).status_code == 200
     prompt = [3 + i % 300 for i in range(3000)]
@@ -77,6 +79,11 @@ def test_dumping_a_big_trace_leaves_the_server_answering(wide_server):
         r = httpx.post(s.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 1}, timeout=60)
         assert r.status_code == 200, r.text
     assert httpx.post(s.url + "/v1/traces/stop", timeout=30).json()["tokens"] == 9000
+    return s
+
+
+def test_dumping_a_big_trace_leaves_the_server_answering(recorded):
+    s = recorded
 
     def dump():
         r = httpx.post(s.url + "/v1/traces/dump", json={"path": "big.npz"}, timeout=60)
@@ -94,3 +101,26 @@ def test_dumping_a_big_trace_leaves_the_server_answering(wide_server):
         assert len(answered) >= 4, (request.__name__, took, answered)
         assert max(a - sent for sent, a in answered) < took / 2, (request.__name__, took, answered)
     (s.trace_dir / "big.npz").unlink()
+
+
+def errors_499(server) -> float:
+    return sum(v for k, v in server.metrics().items() if "request_errors_total" in k and 'status="499"' in k)
+
+
+def test_a_dump_whose_client_hangs_up_stops_and_leaves_no_file(recorded):
+    """The client gives up (its read timeout) while the server writes: it never learns the file's name
+    (none appears at the path it asked for, no partial file is left), and the dump is a 499 as every
+    other request whose client went away. Before, the dump went on and wrote the whole file."""
+    s = recorded
+    before = errors_499(s)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(s.url + "/v1/traces/dump", json={"path": "cut.npz"}, timeout=httpx.Timeout(30, read=0.1))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and errors_499(s) == before and not (s.trace_dir / "cut.npz").exists():
+        time.sleep(0.05)
+    time.sleep(0.3)  # a file written after the 499 would show now
+    assert errors_499(s) == before + 1
+    assert not (s.trace_dir / "cut.npz").exists() and not list(s.trace_dir.glob(".cut.npz*"))
+    r = httpx.post(s.url + "/v1/traces/dump", json={"path": "kept.npz"}, timeout=60)  # a client that waits
+    assert r.status_code == 200 and r.json()["tokens"] == 9000 and (s.trace_dir / "kept.npz").stat().st_size > 0
+    (s.trace_dir / "kept.npz").unlink()
