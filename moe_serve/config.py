@@ -83,7 +83,8 @@ class ModelConfig:
 
 @dataclass
 class KVCacheConfig:
-    kv_cache_gb: float = doc("memory budget of the KV cache in GiB", default=0.5)
+    kv_cache_gb: float = doc("memory budget of the KV cache in GiB (the whole engine's: parallel ranks split it, "
+                             "TP by heads, data-parallel attention by sequences)", default=0.5)
     max_num_seqs: int = doc("most sequences decoded at once (KV cache slots)", default=16)
 
     def __post_init__(self):

@@ -6,9 +6,10 @@ directory, dtype, device, KV-cache size, dispatch mode, placement plan path and 
 rank's physical experts (through load_model's expert_store_factory seam), one dispatcher per MoE
 block (each block gets its own MoERuntime), and TP sharding applied in place (`tp.apply_tp`).
 
-Data-parallel attention (tp=1, dp>1): sequence s lives on DP rank slot % dp; a rank with no
-sequence in a step still runs one padding token (in a spare KV slot) so that it joins every
-dispatch collective; padding is never counted and never returned.
+Data-parallel attention (tp=1, dp>1): the sequence of slot s lives on DP rank s % dp, in KV row
+s // dp of that rank, which holds only its own sequences' rows; a rank with no sequence in a step
+still runs one padding token (in a spare KV row) so that it joins every dispatch collective;
+padding is never counted and never returned.
 """
 from __future__ import annotations
 
@@ -79,11 +80,13 @@ def plan_batch(plan: m.StepPlan) -> ForwardBatch:
                         context_lens=list(plan.context_lens), seq_ids=list(plan.seq_ids), all_logits=plan.all_logits)
 
 
-def sub_batch(b: ForwardBatch, seqs: list[int]) -> ForwardBatch:
+def sub_batch(b: ForwardBatch, seqs: list[int], kv_row=lambda slot: slot) -> ForwardBatch:
+    """The sequences `seqs` of `b`; kv_row maps the engine's slot to the KV row of this rank."""
     starts = np.concatenate([[0], np.cumsum(b.query_lens)])
     rows = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1])) for i in seqs])
     pick = lambda xs: [xs[i] for i in seqs]  # noqa: E731
-    return ForwardBatch(token_ids=b.token_ids[rows], positions=b.positions[rows], slot_ids=pick(b.slot_ids),
+    return ForwardBatch(token_ids=b.token_ids[rows], positions=b.positions[rows],
+                        slot_ids=[kv_row(b.slot_ids[i]) for i in seqs],
                         query_lens=pick(b.query_lens), context_lens=pick(b.context_lens),
                         seq_ids=pick(b.seq_ids) if b.seq_ids else [], all_logits=b.all_logits)
 
@@ -134,8 +137,12 @@ class ModelRunner:
         if lay.tp > 1:
             apply_tp(model, lay.tp, lay.tp_rank, self.allreduce)
         self.num_slots = int(a["num_slots"])
+        # DP attention: the sequence of slot s lives on DP rank s % dp, in its KV row s // dp. Each rank holds the rows
+        # of its own sequences only (+1: a padding row); it held all num_slots, (dp - 1) / dp of them never used
+        self.local_slots = len(range(lay.dp_rank, self.num_slots, lay.dp)) + 1 if lay.dp > 1 else self.num_slots
         self.last_step = -1  # the last StepPlan run (every rank sees the same messages in the same order)
-        model.allocate_kv_cache(self.num_slots + 1, int(a["max_len"]))  # +1: the padding slot of DP attention
+        model.allocate_kv_cache(self.local_slots, int(a["max_len"]))
+        self.kv_cache_bytes = sum(t.numel() * t.element_size() for layer in model.kv_cache for t in layer)
         self.model = model
         self.rebalancer = Rebalancer(self, a.get("rebalance_every", 0) if lay.ep > 1 else 0,
                                      a.get("rebalance_window", 64), a.get("rebalance_algorithm", "eplb"))
@@ -153,7 +160,8 @@ class ModelRunner:
         saved = pp["skipped"] * pp["count_exchange_s"] / max(pp["count_exchanges"], 1)  # skips x measured latency
         saved_pred = pp["predictor_skipped"] * pp["count_exchange_s"] / max(pp["count_exchanges"], 1)
         stats = {**stats, **self.rebalancer.stats(), **{f"preplan_{k}": float(v) for k, v in pp.items()},
-                 "preplan_saved_s": saved, "preplan_predictor_saved_s": saved_pred}
+                 "preplan_saved_s": saved, "preplan_predictor_saved_s": saved_pred,
+                 "kv_cache_bytes": float(self.kv_cache_bytes)}
         return seq_index, logits, stats, torch.from_numpy(self.ctx.stats.load)
 
     def _forward(self, plan: m.StepPlan):
@@ -170,10 +178,10 @@ class ModelRunner:
         per_rank = [sum(q for q, d in zip(batch.query_lens, owner) if d == r) or 1 for r in range(lay.dp)]
         self.ctx.tokens_per_rank = per_rank
         if mine:
-            sub = sub_batch(batch, mine)
+            sub = sub_batch(batch, mine, lambda s: s // lay.dp)  # this rank's KV row of each of its sequences
             self.ctx.real_tokens = sub.num_tokens
-        else:  # padding: one token in the spare slot, so this rank joins every collective
-            sub = ForwardBatch.single([0], slot=self.num_slots, all_logits=batch.all_logits)
+        else:  # padding: one token in the spare row (the last), so this rank joins every collective
+            sub = ForwardBatch.single([0], slot=self.local_slots - 1, all_logits=batch.all_logits)
             self.ctx.real_tokens = 0
         log = self.ctx.routing
         if log is not None:
