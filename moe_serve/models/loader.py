@@ -18,6 +18,7 @@ headers, by `read_spec` (config.json: family, sizes, a servable dtype, no quanti
 """
 from __future__ import annotations
 
+import dataclasses
 from itertools import chain
 from pathlib import Path
 from typing import Iterator
@@ -154,13 +155,28 @@ def dense_tensors(model: MoEModel, family: Family) -> Iterator[tuple[str, str, t
         yield name, family.checkpoint_key(name), tuple(t.shape)
 
 
+def untie_saved_head(ckpt: SafetensorsCheckpoint, family: Family, spec: ModelSpec) -> ModelSpec:
+    """`spec` untied when config.json ties lm_head to the embeddings yet the checkpoint holds an
+    lm_head.weight of other values: transformers (5) then keeps the saved head (with a warning), so
+    the embeddings would compute other logits. An equal saved head changes nothing (stays tied).
+    Reads the two tensors' values, only in that case."""
+    head, embed = family.checkpoint_key("lm_head.weight"), family.checkpoint_key("embed_tokens.weight")
+    if not spec.tie_word_embeddings or head not in ckpt or embed not in ckpt:
+        return spec
+    if ckpt.shape(head) == ckpt.shape(embed) and torch.equal(ckpt.get(head), ckpt.get(embed)):
+        return spec
+    return dataclasses.replace(spec, tie_word_embeddings=False)
+
+
 def check_tensors(model_dir: str | Path, family: Family, spec: ModelSpec,
                   experts: bool = True) -> tuple[SafetensorsCheckpoint, MoEModel, CheckpointExperts]:
     """Open the checkpoint and check every tensor load_model reads (present, expected shape, a float dtype
-    of >= 2 bytes) from the safetensors headers alone; raises CheckpointError naming the first bad one.
+    of >= 2 bytes) from the safetensors headers alone (but a tied head saved anyway: untie_saved_head);
+    raises CheckpointError naming the first bad one.
     `experts=False` leaves the expert tensors unchecked (a store that does not read them from the checkpoint).
     Returns the checkpoint, the model built on the meta device and the experts' source."""
     ckpt = SafetensorsCheckpoint(model_dir)
+    spec = untie_saved_head(ckpt, family, spec)
     with torch.device("meta"):
         model = MoEModel(spec)
     for name, key, shape in dense_tensors(model, family):

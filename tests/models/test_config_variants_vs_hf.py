@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from moe_serve.models import ForwardBatch, load_model
@@ -176,3 +177,19 @@ def test_qwen_sliding_window_absent_means_4096(tmp_path):
                         use_sliding_window=True, max_window_layers=28, drop=("sliding_window", "layer_types"))
         assert AutoModelForCausalLM.from_pretrained(d).config.sliding_window == 4096
         assert load_model(d).spec.window(0) == 4096, family
+
+
+def test_tied_config_with_a_different_saved_lm_head_uses_it(tmp_path):
+    """tie_word_embeddings true, yet the checkpoint holds an lm_head.weight of other values: transformers
+    (5) then does not tie and uses the saved head (it warns); moe-serve used the embeddings (~100% off)."""
+    d = make_tiny_checkpoint("qwen3_moe", tmp_path / "tied", tie_word_embeddings=True)
+    tensors = load_file(d / "model.safetensors")
+    assert "lm_head.weight" not in tensors  # save_pretrained writes a tied head once
+    tensors["lm_head.weight"] = torch.randn_like(tensors["model.embed_tokens.weight"])
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    hf = AutoModelForCausalLM.from_pretrained(d).eval()
+    ours = load_model(d)
+    ours.allocate_kv_cache(1, 64)
+    with torch.no_grad():
+        ref = hf(torch.tensor([PROMPT])).logits[0]
+    assert rel_err(ours(ForwardBatch.single(PROMPT, slot=0, all_logits=True)), ref) < 1e-4
