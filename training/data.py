@@ -6,6 +6,7 @@ break) so that tests can rebuild it from `../shared/corpus` without any file wri
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -44,6 +45,16 @@ def read_corpus(corpus_dir: Path) -> dict[str, tuple[str, str]]:
             raise FileNotFoundError(f"corpus file {path} is missing (need all of {CORPUS_FILES})")
         out[name] = split_text(path.read_text(encoding="utf-8"))
     return out
+
+
+def corpus_fingerprint(corpus: dict[str, tuple[str, str]]) -> str:
+    """12 hex digits of a SHA-256 over the corpus's files (names and text): the tokenized-data cache's key."""
+    h = hashlib.sha256()
+    for name, (train, heldout) in sorted(corpus.items()):
+        h.update(f"{name}\0{len(train)}\0{len(heldout)}\0".encode())
+        h.update(train.encode("utf-8"))
+        h.update(heldout.encode("utf-8"))
+    return h.hexdigest()[:12]
 
 
 def train_tokenizer(train_texts: dict[str, str], vocab_size: int, sample_chars: int):

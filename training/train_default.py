@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.data import (CORPUS_FILES, SOURCE_WEIGHTS, HELDOUT_FRACTION, WindowSampler, encode_stream,
-                           heldout_windows, read_corpus, train_tokenizer, write_json)
+from training.data import (CORPUS_FILES, SOURCE_WEIGHTS, HELDOUT_FRACTION, WindowSampler, corpus_fingerprint,
+                           encode_stream, heldout_windows, read_corpus, train_tokenizer, write_json)
 from training.evaluate import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,12 +76,13 @@ def build_config(a, tok):
 
 
 def prepare(a):
-    """Tokenizer + uint16 token streams per file (cached in --work, keyed by vocab size and sample)."""
+    """Tokenizer + uint16 token streams per file (cached in --work, keyed by vocab size, sample and corpus)."""
     from transformers import PreTrainedTokenizerFast
 
-    cache = a.work / f"data_v{a.vocab_size}_s{a.tok_sample_chars}"
     t0 = time.time()
     corpus = read_corpus(a.corpus)
+    # keyed by the corpus's content too: another --corpus with the same --work reused the first one's tokens
+    cache = a.work / f"data_v{a.vocab_size}_s{a.tok_sample_chars}_{corpus_fingerprint(corpus)}"
     if (cache / "tokenizer.json").is_file():
         tok = PreTrainedTokenizerFast.from_pretrained(cache)
         train = {n: np.load(cache / f"{n}.train.npy") for n in CORPUS_FILES}
