@@ -56,7 +56,20 @@ def parse_args(argv=None):
     p.add_argument("--tok-sample-chars", type=int, default=3_000_000, help="chars per file to train the BPE on")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=100)
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    for message in bad_args(a):
+        p.error(message)  # exit code 2, before the corpus is read or anything is written
+    return a
+
+
+def bad_args(a) -> list[str]:
+    """What is wrong with the options, each naming its flag and the limit."""
+    bad = []
+    if a.out.exists() and (not a.out.is_dir() or (any(a.out.iterdir()) and not (a.out / "training_info.json").is_file())):
+        # export() empties --out first: only a directory this command wrote before (or an empty one) may be
+        bad.append(f"--out {a.out} is not empty and holds no training_info.json (no model this command wrote): "
+                   "its files would be deleted; give a new or empty directory")
+    return bad
 
 
 def build_config(a, tok):
@@ -138,8 +151,9 @@ def export(model, tok, a, out: Path, info: dict):
     from transformers import GenerationConfig
 
     out.mkdir(parents=True, exist_ok=True)
-    for f in out.glob("*"):
-        f.unlink()
+    for f in out.glob("*"):  # a model this command wrote before (parse_args refused any other directory)
+        if f.is_file():
+            f.unlink()
     model16 = model.to(torch.bfloat16)
     model16.config.dtype = torch.bfloat16
     model16.save_pretrained(out, safe_serialization=True)

@@ -36,6 +36,21 @@ def tiny(tmp_path):
     return corpus(tmp_path / "corpus", words)
 
 
+def test_out_holding_other_files_is_refused_and_kept(tiny, tmp_path, capsys):
+    # export() deleted every file of --out: a directory with the user's own files is refused, and kept
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--corpus", str(tiny), "--out", str(mine)])
+    assert info.value.code == 2 and f"--out {mine} is not empty and holds no training_info.json" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "keep me"
+    (mine / "notes.txt").unlink()  # an empty directory, or one holding a model this command wrote, is fine
+    assert parse_args(["--corpus", str(tiny), "--out", str(mine)]).out == mine
+    (mine / "training_info.json").write_text("{}")
+    assert parse_args(["--corpus", str(tiny), "--out", str(mine)]).out == mine
+
+
 def test_the_data_cache_belongs_to_its_corpus(tiny, tmp_path):
     # keyed by vocab size and sample length only, a second corpus with the same --work got the first
     # corpus's tokenizer and token streams
