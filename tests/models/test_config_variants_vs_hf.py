@@ -193,3 +193,11 @@ def test_tied_config_with_a_different_saved_lm_head_uses_it(tmp_path):
     with torch.no_grad():
         ref = hf(torch.tensor([PROMPT])).logits[0]
     assert rel_err(ours(ForwardBatch.single(PROMPT, slot=0, all_logits=True)), ref) < 1e-4
+
+
+def test_deepseek_v2_mlp_bias_is_refused_naming_the_field(tmp_path):
+    """transformers' V2 gives its dense MLPs and shared experts biases when mlp_bias is true; moe-serve
+    has none and loaded such a checkpoint without its biases (no published V2 sets it)."""
+    d = make_tiny_checkpoint("deepseek_v2", tmp_path, mlp_bias=True)
+    with pytest.raises(UnsupportedModelError, match="'mlp_bias'"):
+        load_model(d)

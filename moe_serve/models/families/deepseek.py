@@ -60,6 +60,9 @@ def _parse(cfg: dict, family: str) -> ModelSpec:
     topk_group = optional_size(cfg, "topk_group") or default["topk_group"] or n_group
     scaling = cfg.get("routed_scaling_factor")
     if family == "deepseek_v2":
+        if flag(cfg, "mlp_bias", False):  # transformers' V2 then biases its dense MLPs and shared experts
+            raise UnsupportedModelError("config.json field 'mlp_bias' must be false: DeepSeek-V2 MLPs with biases "
+                                        "are not supported (no published DeepSeek-V2 has them)")
         method = cfg.get("topk_method") or "greedy"
         if method not in ("greedy", "group_limited_greedy"):
             raise UnsupportedModelError(f"DeepSeek-V2 topk_method '{method}' is not supported "
