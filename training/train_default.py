@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -16,8 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.data import (CORPUS_FILES, SOURCE_WEIGHTS, HELDOUT_FRACTION, WindowSampler, corpus_fingerprint,
-                           encode_stream, heldout_windows, read_corpus, train_tokenizer, write_json)
+from training.data import (CORPUS_FILES, SOURCE_WEIGHTS, HELDOUT_FRACTION, SPECIAL_TOKENS, WindowSampler,
+                           corpus_fingerprint, encode_stream, heldout_windows, read_corpus, train_tokenizer,
+                           write_json)
 from training.evaluate import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,9 +64,38 @@ def parse_args(argv=None):
     return a
 
 
+# (flag, lowest value); --min-lr-ratio also has a highest (1)
+AT_LEAST = (("--steps", 1), ("--batch", 1), ("--seq-len", 1), ("--hidden", 1), ("--layers", 1), ("--heads", 1),
+            ("--kv-heads", 1), ("--head-dim", 1), ("--experts", 1), ("--top-k", 1), ("--moe-inter", 1),
+            ("--max-pos", 2), ("--log-every", 1), ("--ckpt-every", 1), ("--threads", 1), ("--tok-sample-chars", 1),
+            ("--calibrate", 0), ("--warmup", 0), ("--lr", 0), ("--weight-decay", 0), ("--aux-coef", 0),
+            ("--min-lr-ratio", 0))
+
+
 def bad_args(a) -> list[str]:
-    """What is wrong with the options, each naming its flag and the limit."""
+    """What is wrong with the options, each naming its flag and the limit (a 0 or negative count used to
+    fail deep in torch or after the tokenizer was built: --steps 0 ended in an UnboundLocalError)."""
     bad = []
+    for flag, low in AT_LEAST:
+        value = getattr(a, flag[2:].replace("-", "_"))
+        if not value >= low:
+            bad.append(f"{flag} must be >= {low}, got {value}")
+    if not a.minutes > 0:
+        bad.append(f"--minutes must be > 0, got {a.minutes}")
+    if a.min_lr_ratio > 1:
+        bad.append(f"--min-lr-ratio must lie in [0, 1], got {a.min_lr_ratio}")
+    if a.top_k > a.experts:
+        bad.append(f"--top-k {a.top_k} exceeds --experts {a.experts}")
+    if a.heads % max(a.kv_heads, 1):
+        bad.append(f"--heads {a.heads} must be a multiple of --kv-heads {a.kv_heads}")
+    if a.seq_len + 1 > a.max_pos:
+        bad.append(f"--seq-len {a.seq_len} needs --max-pos >= {a.seq_len + 1}, got {a.max_pos}")
+    alphabet = 256 + len(SPECIAL_TOKENS)  # byte-level BPE: every byte, and the special tokens, has an id
+    if a.vocab_size < alphabet:
+        bad.append(f"--vocab-size must be >= {alphabet} (256 bytes + {len(SPECIAL_TOKENS)} special tokens), got {a.vocab_size}")
+    missing = [n for n in CORPUS_FILES if not (a.corpus / n).is_file()]
+    if missing:
+        bad.append(f"--corpus {a.corpus} lacks {', '.join(missing)} (it needs all of {', '.join(CORPUS_FILES)})")
     if a.out.exists() and (not a.out.is_dir() or (any(a.out.iterdir()) and not (a.out / "training_info.json").is_file())):
         # export() empties --out first: only a directory this command wrote before (or an empty one) may be
         bad.append(f"--out {a.out} is not empty and holds no training_info.json (no model this command wrote): "
@@ -172,6 +203,12 @@ def main(argv=None):
     from transformers import Qwen3MoeForCausalLM
 
     tok, train, held = prepare(a)
+    short = [f"{n} has {len(train[n])} training and {len(held[n])} held-out tokens" for n in CORPUS_FILES
+             if len(train[n]) < a.seq_len + 2 or len(held[n]) < a.seq_len + 1]
+    if short:  # a window is seq_len + 1 tokens (WindowSampler failed in torch.randint; heldout_windows in stack)
+        print(f"train_default: error: --seq-len {a.seq_len} needs windows of {a.seq_len + 1} tokens from every corpus "
+              f"file's training and held-out parts: {'; '.join(short)}", file=sys.stderr)
+        raise SystemExit(2)
     config = build_config(a, tok)
     model = Qwen3MoeForCausalLM(config)
     model.train()
@@ -214,7 +251,7 @@ def main(argv=None):
     for l, counts in enumerate(ev["expert_tokens"]):
         print(f"  layer {l} tokens/expert: {counts}", flush=True)
     info = {
-        "command": "python -m training.train_default " + " ".join(argv or __import__("sys").argv[1:]),
+        "command": "python -m training.train_default " + " ".join(argv or sys.argv[1:]),
         "corpus_files": list(CORPUS_FILES), "source_weights": SOURCE_WEIGHTS, "heldout_fraction": HELDOUT_FRACTION,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
         "params": n_params, "steps_done": steps_done, "steps_planned": a.steps, "stopped_by_wall_clock": stopped_early,

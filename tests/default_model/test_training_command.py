@@ -36,6 +36,38 @@ def tiny(tmp_path):
     return corpus(tmp_path / "corpus", words)
 
 
+def test_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and "--corpus" in out and "--minutes" in out and "--steps" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps must be >= 1, got 0"),  # was: UnboundLocalError after the data was prepared
+    (["--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--log-every", "0"], "--log-every must be >= 1, got 0"),  # was: ZeroDivisionError at the first step
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--calibrate", "-1"], "--calibrate must be >= 0, got -1"),
+    (["--minutes", "0"], "--minutes must be > 0, got 0.0"),
+    (["--min-lr-ratio", "1.5"], "--min-lr-ratio must lie in [0, 1], got 1.5"),
+    (["--top-k", "5", "--experts", "4"], "--top-k 5 exceeds --experts 4"),
+    (["--heads", "6", "--kv-heads", "4"], "--heads 6 must be a multiple of --kv-heads 4"),
+    (["--seq-len", "2048"], "--seq-len 2048 needs --max-pos >= 2049, got 2048"),
+    (["--vocab-size", "100"], "--vocab-size must be >= 261 (256 bytes + 5 special tokens), got 100"),
+])
+def test_bad_options_are_refused_naming_the_flag(argv, message, tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--corpus", str(tiny), "--out", str(tmp_path / "out"), *argv])
+    assert info.value.code == 2 and f"error: {message}" in capsys.readouterr().err
+
+
+def test_a_missing_corpus_is_refused_naming_the_flag(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:  # was: FileNotFoundError traceback from read_corpus
+        parse_args(["--corpus", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
+    assert info.value.code == 2 and f"--corpus {tmp_path / 'nope'} lacks python311_docs.txt" in capsys.readouterr().err
+
+
 def test_out_holding_other_files_is_refused_and_kept(tiny, tmp_path, capsys):
     # export() deleted every file of --out: a directory with the user's own files is refused, and kept
     mine = tmp_path / "mine"
@@ -64,3 +96,25 @@ def test_the_data_cache_belongs_to_its_corpus(tiny, tmp_path):
     again, train_a2, _ = prepare(parse_args(["--corpus", str(tiny), *work, *TINY]))  # the cache, reused
     assert (train_a2[CORPUS_FILES[0]] == train_a[CORPUS_FILES[0]]).all()
     assert len(list((tmp_path / "work").iterdir())) == 2
+
+
+def _run(*argv, cwd=REPO):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "training.train_default", *argv], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_few_steps_on_a_tiny_config_export_a_loadable_model(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, work = tmp_path / "model", tmp_path / "work"
+    proc = _run("--corpus", str(tiny), "--out", str(out), "--work", str(work), "--steps", "3", *TINY)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = json.loads((out / "training_info.json").read_text())
+    assert info["steps_done"] == 3 and info["tokens_trained"] == 3 * 2 * 16 and not info["stopped_by_wall_clock"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert model.config.num_experts == 4 and len(tok) <= 300 and tok.decode(tok("the python")["input_ids"]) == "the python"
+    # a window longer than the corpus's held-out part: refused naming --seq-len (was: torch.stack of no windows)
+    proc = _run("--corpus", str(tiny), "--out", str(out), "--work", str(work), "--steps", "1", *TINY, "--seq-len", "200")
+    assert proc.returncode == 2 and "--seq-len 200 needs windows of 201 tokens" in proc.stderr, proc.stderr[-2000:]
