@@ -13,6 +13,7 @@ piece and the partial file is removed; nothing appears at the path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import secrets
@@ -189,7 +190,8 @@ class TraceControl:
             raise APIError(500, f"cannot write {name!r} under server.trace_dir {self.trace_dir}: {e.strerror or e}",
                            type="server_error", code="trace_dir_unwritable") from None
         finally:
-            part.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # e.g. trace_dir under a file: the error above says so
+                part.unlink(missing_ok=True)
         return dict(self.status(), path=str(path))
 
 
