@@ -201,3 +201,14 @@ def test_deepseek_v2_mlp_bias_is_refused_naming_the_field(tmp_path):
     d = make_tiny_checkpoint("deepseek_v2", tmp_path, mlp_bias=True)
     with pytest.raises(UnsupportedModelError, match="'mlp_bias'"):
         load_model(d)
+
+
+@pytest.mark.parametrize("family,groups", [("deepseek_v2_qlora", dict(n_group=4, topk_group=1, num_experts_per_tok=3)),
+                                           ("deepseek_v3", dict(n_group=8, topk_group=1, num_experts_per_tok=4))])
+def test_more_experts_a_token_than_its_groups_hold_is_refused(family, groups, tmp_path):
+    """top-k over topk_group groups of E / n_group experts, with k larger than that: a token takes experts
+    of groups routing excluded (score masked to 0 or -inf), which ones decided by ties. moe-serve gave
+    V2's the unmasked score as weight where transformers gives 0 (logits ~70% off)."""
+    d = make_tiny_checkpoint(family, tmp_path, **groups)
+    with pytest.raises(ValueError, match=r"'num_experts_per_tok' \(\d\) must be <= topk_group"):
+        load_model(d)

@@ -85,6 +85,11 @@ def _parse(cfg: dict, family: str) -> ModelSpec:
                          f"(n_routed_experts {num_experts}): V3 scores a group by its top-2 sum")
     if not 1 <= routing.topk_group <= routing.n_group:
         raise ValueError(f"topk_group must be in 1..n_group ({routing.n_group}), got {routing.topk_group}")
+    candidates = routing.topk_group * (num_experts // routing.n_group)
+    if routing.topk_method != "greedy" and top_k > candidates:  # it would take experts its groups exclude
+        raise ValueError(f"config.json field 'num_experts_per_tok' ({top_k}) must be <= topk_group x experts per "
+                         f"group ({routing.topk_group} x {num_experts // routing.n_group} = {candidates}): routing "
+                         "keeps only the topk_group best groups")
     rope = rope_spec(cfg, mla.qk_rope_head_dim, default_theta=10000.0, interleaved=interleaved,
                      complex_fp32=family == "deepseek_v2")
     scale = mla.qk_head_dim ** -0.5
