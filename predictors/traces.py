@@ -43,6 +43,8 @@ MAX_EXPERTS = 2**15  # expert ids are stored as int16
 def compact_floats(a: np.ndarray) -> np.ndarray:
     """`a` as float16 if that loses no value to overflow (values past 65504 would become inf), else float32."""
     a = np.asarray(a)
+    if a.dtype == np.float16:  # already as small as it gets: no trial copy (a saved trace's hidden states are)
+        return a
     with np.errstate(over="ignore"):  # the overflow is the question asked, not an accident to warn about
         half = a.astype(np.float16)
     if np.array_equal(np.isinf(half), np.isinf(a)):  # an inf already there stays what it was

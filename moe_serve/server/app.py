@@ -22,9 +22,8 @@ from moe_serve.server.errors import APIError, install_error_handlers
 from moe_serve.server.lifecycle import RequestRunner
 from moe_serve.server.metrics import ServerMetrics
 from moe_serve.server.serving import Handlers, ModelInfo
-from moe_serve.server.traces import TraceControl, dump_while_connected
+from moe_serve.server.traces import TraceControl, dump_while_connected, stream_file
 
-_CHUNK = 1 << 20  # bytes of a downloaded trace written at a time
 ERRORS = {code: {"model": P.ErrorResponse} for code in (400, 401, 404, 409, 429, 501, 503, 504)}
 
 
@@ -108,15 +107,10 @@ def create_app(engine, cfg: ServerConfig, model_dir: str | None = None, own_engi
 
     @app.get("/v1/traces/dump", **v1)
     async def trace_download():
-        data = memoryview(await asyncio.to_thread(traces.download))
-
-        async def chunks():  # one write of the whole body would copy it in the event loop
-            for i in range(0, len(data), _CHUNK):
-                yield data[i:i + _CHUNK]
-
-        return StreamingResponse(chunks(), media_type="application/octet-stream",
+        f, size = await asyncio.to_thread(traces.download)  # a temporary file: the body is streamed from it
+        return StreamingResponse(stream_file(f, size), media_type="application/octet-stream",
                                  headers={"Content-Disposition": 'attachment; filename="trace.npz"',
-                                          "Content-Length": str(len(data))})
+                                          "Content-Length": str(size)})
 
     def check_model(requested: str | None) -> None:
         if requested is not None and requested != name:

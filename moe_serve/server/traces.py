@@ -8,15 +8,17 @@ and a start or stop in the middle of a step never leaves a recorder with half a 
 
 A dump (POST /v1/traces/dump) is stopped when its client disconnects: the client would never learn
 the file's name (the server picks one when the request gives none), so the write stops at its next
-piece and the partial file is removed; nothing appears at the path.
+piece and the partial file is removed; nothing appears at the path. A download (GET) is written to
+an unnamed temporary file and streamed from it, so the server holds the trace's arrays once, not
+also the archive's bytes.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import os
 import secrets
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,6 +29,7 @@ from moe_serve.tracing.recorder import TraceRecorder
 
 
 _NAME_MAX = 255  # bytes in one file name on Linux file systems
+CHUNK = 1 << 20  # bytes of a downloaded trace read and sent at a time
 
 
 class DumpCancelled(Exception):
@@ -156,13 +159,26 @@ class TraceControl:
             raise APIError(409, "no routing trace: POST /v1/traces/start first", code="not_recording")
         return trace
 
-    def download(self) -> bytes:
-        """The recorded trace as .npz bytes (nothing is written on the server's disk)."""
+    def download(self):
+        """(an unnamed temporary file holding the recorded trace as .npz, at its start; its size). The
+        trace's arrays live only while it is written; the file goes when closed (under trace_dir when
+        writable, else the system's temporary directory; nothing is left on either disk)."""
         self._check()
         trace = self._recorded()
-        buf = io.BytesIO()
-        trace.save(buf)
-        return buf.getvalue()
+        try:
+            self.trace_dir.mkdir(parents=True, exist_ok=True)
+            f = tempfile.TemporaryFile(dir=self.trace_dir)
+        except OSError:
+            f = tempfile.TemporaryFile()
+        try:
+            trace.save(f)
+            del trace
+            size = f.tell()
+            f.seek(0)
+        except BaseException:
+            f.close()
+            raise
+        return f, size
 
     def dump(self, name: str | None, stop: threading.Event | None = None) -> dict:
         """Write what was recorded to `trace_dir/name` (.npz); name is a plain file name. Once `stop` is
@@ -225,3 +241,18 @@ async def dump_while_connected(traces: TraceControl, request, name: str | None) 
         pass
     raise APIError(499, "client disconnected: the trace dump was stopped and its partial file removed",
                    code="client_closed")
+
+
+async def stream_file(f, size: int):
+    """A downloaded trace's body: CHUNK bytes at a time, read in a worker thread; closing (also when the
+    client goes away) closes and so deletes the temporary file."""
+    try:
+        sent = 0
+        while sent < size:
+            chunk = await asyncio.to_thread(f.read, min(CHUNK, size - sent))
+            if not chunk:
+                break
+            sent += len(chunk)
+            yield chunk
+    finally:
+        f.close()

@@ -124,3 +124,24 @@ def test_a_dump_whose_client_hangs_up_stops_and_leaves_no_file(recorded):
     r = httpx.post(s.url + "/v1/traces/dump", json={"path": "kept.npz"}, timeout=60)  # a client that waits
     assert r.status_code == 200 and r.json()["tokens"] == 9000 and (s.trace_dir / "kept.npz").stat().st_size > 0
     (s.trace_dir / "kept.npz").unlink()
+
+
+def status_kib(pid: int, field: str) -> int:
+    line = next(x for x in open(f"/proc/{pid}/status") if x.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def test_a_download_holds_about_one_copy_of_the_trace(recorded):
+    """Peak memory of the server process over a download, above what it held before: the trace built
+    once (the body comes from a temporary file). Before: the trace, its float16 copy, the archive in a
+    BytesIO and its bytes (peak ~3.2x the file's size on this 150 MB trace)."""
+    s = recorded
+    pid = s.proc.pid
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")  # the peak (VmHWM) restarts from the current resident size
+    base = status_kib(pid, "VmRSS")
+    r = httpx.get(s.url + "/v1/traces/dump", timeout=60)
+    assert r.status_code == 200 and r.headers["content-length"] == str(len(r.content))
+    grew = (status_kib(pid, "VmHWM") - base) * 1024
+    assert grew < 1.6 * len(r.content), grew / len(r.content)
+    assert not [p for p in s.trace_dir.iterdir() if p.name != "server.log"]  # nothing left on disk
