@@ -160,6 +160,9 @@ class ParallelConfig:
     heartbeat_interval_s: float = doc("seconds between heartbeats of each rank", default=0.5)
     heartbeat_timeout_s: float = doc("a rank silent this long is declared dead", default=30.0)
     step_timeout_s: float = doc("longest a forward step may take on the ranks before it is failed", default=600.0)
+    shutdown_grace_s: float = doc("seconds a shutdown waits for the step in flight, and the ranks for their Shutdown, "
+                                  "before the ranks are stopped (SIGTERM, 2 s later SIGKILL): a hung rank cannot hold "
+                                  "it for heartbeat_timeout_s or step_timeout_s", default=5.0)
     control_transport: str = doc("ZeroMQ control sockets: ipc (temp dir) or tcp (loopback, free ports); either way "
                                  "every frame is signed with a key drawn per engine", default="ipc")
     threads_per_rank: int = doc("torch threads of each rank on CPU (0: cores / ranks)", default=0)
@@ -189,7 +192,8 @@ class ParallelConfig:
         require(self.redundant_experts >= 0, "parallel", "redundant_experts", ">= 0", self.redundant_experts)
         require(self.allreduce in ("auto", "gloo", "deepspeed"), "parallel", "allreduce",
                 "one of auto, gloo, deepspeed", self.allreduce)
-        for name in ("startup_timeout_s", "heartbeat_interval_s", "heartbeat_timeout_s", "step_timeout_s"):
+        for name in ("startup_timeout_s", "heartbeat_interval_s", "heartbeat_timeout_s", "step_timeout_s",
+                     "shutdown_grace_s"):
             require(getattr(self, name) > 0, "parallel", name, "> 0", getattr(self, name))
         require(self.heartbeat_timeout_s > 2 * self.heartbeat_interval_s, "parallel", "heartbeat_timeout_s",
                 f"> 2 x heartbeat_interval_s ({2 * self.heartbeat_interval_s:g})", self.heartbeat_timeout_s)

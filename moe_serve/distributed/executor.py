@@ -92,6 +92,7 @@ class DistributedModel:
         self._lock = threading.Lock()  # the group is either handed to close() or never kept
         self._started = threading.Event()  # no start-up in progress
         self._started.set()
+        self.shutdown_grace_s = pc.shutdown_grace_s  # how long AsyncEngine.shutdown waits for a step in flight
         atexit.register(self.close)
 
     def kv_bytes_per_token(self) -> int:
@@ -206,9 +207,18 @@ class DistributedModel:
                 out[k] = out.get(k, 0.0) + v
         return out
 
-    def close(self, grace_s: float = 5.0) -> None:
-        """Stop the ranks (`grace_s` to finish on their own before SIGTERM) and remove shm files. Safe to call
-        twice, and from another thread while allocate_kv_cache starts the ranks: it then waits for them to stop."""
+    def interrupt(self, reason: str) -> None:
+        """From another thread: fail the step in flight now (WorkerFailure(reason) in forward, whose thread then
+        closes the group: 0.5 s for the ranks, then SIGTERM, SIGKILL) instead of waiting on a hung rank."""
+        g = self.group
+        if g is not None:
+            g.abort(reason)
+
+    def close(self, grace_s: float | None = None) -> None:
+        """Stop the ranks (`grace_s`, default parallel.shutdown_grace_s, to finish on their own before SIGTERM) and
+        remove shm files. Safe to call twice, and from another thread while allocate_kv_cache starts the ranks: it
+        then waits for them to stop."""
+        grace_s = self.shutdown_grace_s if grace_s is None else grace_s
         atexit.unregister(self.close)  # the registry's reference kept every closed model (and its plan) alive
         with self._lock:
             self._closed.set()

@@ -164,6 +164,11 @@ class WorkerGroup(RankMonitor):  # the monitor thread's half: monitor.py
             self._send(r, frame, deadline, f"has taken no message for parallel.heartbeat_timeout_s="
                                            f"{self.heartbeat_timeout_s:g} s")
 
+    def abort(self, reason: str) -> None:
+        """Fail the group now, from any thread: a step or command waiting on the ranks raises WorkerFailure(reason)
+        at once, and the monitor stops the ranks (the caller's thread closes the group, which kills what is left)."""
+        self._fail(reason)
+
     def command(self, msg, timeout_s: float) -> None:
         """Send a command (PlacementCommand, CacheCommand) to every rank and wait until each has answered; a
         ValueError with the rank's reason (it names the field) when they refused it, and serve on as before.

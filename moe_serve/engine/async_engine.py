@@ -35,10 +35,23 @@ class _Unsubmitted:
         self.aborted = False
 
 
+class _Stream:
+    """Where the step thread sends one generate call's outputs (guarded by the engine's _streams_lock)."""
+
+    __slots__ = ("loop", "queue", "ended", "abandoned")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
+        self.loop, self.queue = loop, queue
+        self.ended = False  # its last item (the finished output, or an error) has been sent
+        # its consumer left before the end and the request is being aborted: the stream keeps the id
+        # (outputs dropped) until the request's last output, so no new request of the id gets them
+        self.abandoned = False
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, _Stream] = {}
         self._streams_lock = threading.Lock()
         # request id -> its generate calls that have not submitted it yet (guarded by _streams_lock): an
         # abort then (the client gone while its prompt is tokenized) names an id the engine does not know
@@ -76,20 +89,17 @@ class AsyncEngine:
                 seqs = await asyncio.to_thread(self.engine.make_request, prompt, params, rid)
             else:
                 seqs = self.engine.make_request(prompt, params, rid)
-            queue: asyncio.Queue = asyncio.Queue()
-            with self._streams_lock:
-                if rid in self._streams:
-                    raise ValueError(f"request_id {rid!r} is already in use by a running request")
-                if self.dead is not None:  # it stopped while the prompt was tokenized: nobody would end this stream
-                    raise EngineDeadError(f"engine is not running: {self.dead}")
-                self._streams[rid] = (asyncio.get_running_loop(), queue)
+            stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+            while not self._register(rid, stream):  # the id's last request was abandoned: gone at the next step
+                await asyncio.sleep(0.002)
         except BaseException:
             self._submitted(rid, pending)
             raise
-        finished = False
+        finished = submitted = False
         try:
             try:
                 self.engine.submit(seqs)
+                submitted = True
             except BaseException:
                 self._submitted(rid, pending)
                 raise
@@ -97,17 +107,32 @@ class AsyncEngine:
                 self.engine.abort(rid)  # aborted on its way: now that the engine knows it, its output says so
             self._wake.set()
             while not finished:
-                out = await queue.get()
+                out = await stream.queue.get()
                 if isinstance(out, BaseException):
                     raise out
                 finished = out.finished
                 yield out
         finally:
             with self._streams_lock:
-                self._streams.pop(rid, None)
-            if not finished:  # this call's request only: not a retry of its id that is still on its way
+                if finished or stream.ended or not submitted:
+                    del self._streams[rid]
+                else:  # its last output is still to come: until then the id stays taken (see _Stream)
+                    stream.abandoned = True
+            if submitted and not finished:  # this call's request only: not a retry of its id on its way
                 self.engine.abort(rid)
                 self._wake.set()
+
+    def _register(self, rid: str, stream: _Stream) -> bool:
+        """Take `rid` for `stream`; False while an abandoned request still holds it (try again shortly)."""
+        with self._streams_lock:
+            held = self._streams.get(rid)
+            if held is not None and not held.abandoned:
+                raise ValueError(f"request_id {rid!r} is already in use by a running request")
+            if self.dead is not None:  # it stopped while the prompt was tokenized: nobody would end this stream
+                raise EngineDeadError(f"engine is not running: {self.dead}")
+            if held is None:
+                self._streams[rid] = stream
+            return held is None
 
     def abort(self, request_id: str) -> None:
         with self._streams_lock:
@@ -129,14 +154,26 @@ class AsyncEngine:
         return self.engine.expert_load()
 
     def _deliver(self, rid: str, item) -> None:
+        last = isinstance(item, BaseException) or item.finished
         with self._streams_lock:
-            target = self._streams.get(rid)
-        if target is not None:
-            loop, queue = target
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # that event loop is closed: nobody is listening any more
-                self.engine.abort(rid)
+            stream = self._streams.get(rid)
+            if stream is None:
+                return
+            stream.ended = stream.ended or last
+            if stream.abandoned:
+                if last:  # the abandoned request is gone: its id is free again
+                    del self._streams[rid]
+                return
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        except RuntimeError:  # that event loop is closed: nobody is listening any more
+            with self._streams_lock:
+                if self._streams.get(rid) is stream:
+                    if stream.ended:
+                        del self._streams[rid]
+                    else:
+                        stream.abandoned = True
+            self.engine.abort(rid)
 
     def _loop(self) -> None:
         try:
@@ -157,12 +194,18 @@ class AsyncEngine:
                 self._deliver(rid, err)
 
     def shutdown(self) -> None:
-        """Stop the step loop, end the open streams with an abort, and release the model."""
+        """Stop the step loop, end the open streams with an abort, and release the model. With worker ranks a step
+        in flight gets parallel.shutdown_grace_s to finish; then the ranks are stopped, which fails it."""
         if self._stopping:
             return
         self._stopping = True
         self._wake.set()
-        self._thread.join()
+        grace = getattr(self.engine.model, "shutdown_grace_s", None)  # worker ranks: parallel.shutdown_grace_s
+        self._thread.join(grace)
+        if self._thread.is_alive():  # its step waits on a hung rank (for heartbeat_timeout_s, or step_timeout_s)
+            self.engine.model.interrupt(f"the engine shut down while a step was in flight (parallel.shutdown_grace_s"
+                                        f"={grace:g} s)")
+            self._thread.join()
         self.dead = self.dead or "shut down"
         with self._streams_lock:
             rids = list(self._streams)
