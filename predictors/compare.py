@@ -6,6 +6,7 @@ the same layer). Predictors that need hidden states are skipped, with the reason
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -34,6 +35,8 @@ def compare(
         raise ValueError(f"budget must lie in [1, num_experts={E}], got {budget}")
     names = names or [n for n in DEFAULT_ORDER if n in REGISTRY]
     has_hidden = all(t.hidden is not None for t in train + test)
+    if not has_hidden:  # an mlp fitted on hidden states would need them in the test traces too
+        train = [t if t.hidden is None else dataclasses.replace(t, hidden=None) for t in train]
     out = dict(top_k=K, budget=budget, lookahead=lookahead, num_layers=L, num_experts=E,
                torch_threads=torch.get_num_threads(), results={}, skipped={})
     aliases = aliases or {}

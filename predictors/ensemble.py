@@ -67,6 +67,7 @@ class EnsemblePredictor(Predictor):
             except ValueError as exc:
                 raise ValueError(f"{self.name}: member {n!r}: {exc}") from exc
         self.members = [m.fit(fit_on) for m in members]
+        self.needs_hidden = any(m.needs_hidden for m in self.members)  # e.g. an mlp fitted with hidden states
         self.weight = torch.zeros(self.slots, len(names))
         self.weight[:, 0] = 1.0
         if held:
@@ -140,4 +141,5 @@ class EnsemblePredictor(Predictor):
         for i, cfg in enumerate(self.params["member_configs"]):
             prefix = f"m{i}."
             self.members.append(from_config(cfg, {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}))
+        self.needs_hidden = any(m.needs_hidden for m in self.members)
         self.fitted = True

@@ -159,6 +159,7 @@ class MLPPredictor(Predictor):
         use_hidden = bool(self.params.get("use_hidden", True)) and all(t.hidden is not None for t in traces)
         hsize = int(traces[0].hidden.shape[-1]) if use_hidden else 0
         self.params["hidden_size"] = hsize
+        self.needs_hidden = hsize > 0  # predict() then reads state.hidden: callers must pass it
         net = self._net(hsize)
         data = [torch.cat(parts) for parts in zip(*(trace_tensors(t) for t in traces))]
         hidden = torch.cat([torch.from_numpy(t.hidden.astype(np.float32)) for t in traces]) if hsize else None
@@ -289,6 +290,7 @@ class MLPPredictor(Predictor):
     def load_arrays(self, arrays):
         with torch.random.fork_rng(devices=[]):  # _net seeds the global generator for its (overwritten) init
             self.net = self._net(int(self.params.get("hidden_size", 0)))
+        self.needs_hidden = self.net.hid is not None
         self.net.load_state_dict(arrays)
         self.net.eval()
         self._plans = {}

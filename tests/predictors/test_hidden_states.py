@@ -1,0 +1,44 @@
+"""Predictors fitted with hidden states need them at predict time, and say so: an mlp fitted on traces
+that carry hidden states (its default, use_hidden) read state.hidden unconditionally but declared
+needs_hidden False, so callers that pass hidden states only to predictors that need them (the EP
+dispatch forecast, predict eval on test traces without them, cache-sim) got an AttributeError."""
+import numpy as np
+import pytest
+import torch
+
+from moe_serve.cli.main import main
+from predictors.base import RoutingState
+from predictors.registry import load_predictor, make_predictor
+from predictors.traces import RoutingTrace
+from tests.predictors.synth import router_trace
+
+
+def _without_hidden(t: RoutingTrace) -> RoutingTrace:
+    return RoutingTrace(t.experts, t.weights, t.seq_offsets, t.num_experts)
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp_online"])
+def test_an_mlp_fitted_with_hidden_states_needs_them(name, tmp_path):
+    trace, _ = router_trace(tokens=100, L=3, E=8, K=2, H=8, seqs=4)
+    pred = make_predictor(name, 3, 8, 2, 1, epochs=1, dim=8).fit([trace])
+    assert pred.needs_hidden
+    state = RoutingState.from_trace(_without_hidden(trace), 1)
+    with pytest.raises(ValueError, match=f"^{name}: needs state.hidden"):  # was: AttributeError on None.float()
+        pred.predict(state, 1)
+    pred.save(tmp_path / "p.safetensors")
+    assert load_predictor(tmp_path / "p.safetensors").needs_hidden
+    plain = make_predictor(name, 3, 8, 2, 1, epochs=1, dim=8).fit([_without_hidden(trace)])
+    assert not plain.needs_hidden and plain.predict(state, 1).shape == (100, 1, 8)
+    off = make_predictor(name, 3, 8, 2, 1, epochs=1, dim=8, use_hidden=False).fit([trace])
+    assert not off.needs_hidden
+
+
+def test_eval_with_hidden_states_in_train_only_fits_without_them(tmp_path, capsys):
+    trace, _ = router_trace(tokens=100, L=3, E=8, K=2, H=8, seqs=4)
+    train, test = tmp_path / "train.npz", tmp_path / "test.npz"
+    trace.save(train)
+    _without_hidden(router_trace(tokens=60, L=3, E=8, K=2, H=8, seqs=3, seed=1)[0]).save(test)
+    rc = main(["predict", "eval", "--train", str(train), "--test", str(test), "--predictors", "mlp,router",
+               "--params", '{"mlp": {"epochs": 1, "dim": 8}}'])
+    out = capsys.readouterr().out
+    assert rc == 0 and "mlp          lookahead_1" in out and "router       skipped: needs hidden states" in out
