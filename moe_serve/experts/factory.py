@@ -74,6 +74,10 @@ def expert_store_factory(cfg: ExpertCacheConfig):
             if (predictor.num_layers, predictor.num_experts) != (L, E):
                 raise ValueError(f"expert_cache.predictor: fitted for {predictor.num_layers} layers x "
                                  f"{predictor.num_experts} experts, the model has {L} x {E}")
+            if predictor.needs_hidden:  # the cache's RoutingState carries routing only: every step would fail
+                raise ValueError(f"expert_cache.predictor: {cfg.predictor} ({predictor.name}) predicts from hidden "
+                                 "states, which the expert cache does not pass it (routing only); use one fitted on "
+                                 "routing (mlp: --param use_hidden=false; or transition, logreg, ...)")
         load = None
         if cfg.cache_policy == "static":
             if predictor is None or not hasattr(predictor, "freq"):

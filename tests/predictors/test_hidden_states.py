@@ -42,3 +42,29 @@ def test_eval_with_hidden_states_in_train_only_fits_without_them(tmp_path, capsy
                "--params", '{"mlp": {"epochs": 1, "dim": 8}}'])
     out = capsys.readouterr().out
     assert rc == 0 and "mlp          lookahead_1" in out and "router       skipped: needs hidden states" in out
+
+
+def test_the_expert_cache_refuses_a_predictor_that_needs_hidden_states(tiny_checkpoint, tmp_path):
+    # the expert cache gives its predictor routing only: such a predictor was loaded, and then every
+    # request failed ('needs state.hidden' / AttributeError in each step, finish_reason 'error')
+    from moe_serve import LLM
+    from predictors.router import RouterPredictor, router_weights_from_checkpoint
+
+    path = tiny_checkpoint("mixtral")  # 3 MoE layers, 8 experts, top-2, hidden 64
+    router = tmp_path / "router.safetensors"
+    RouterPredictor.from_router_weights(router_weights_from_checkpoint(path, 8), 2, 1).save(router)
+    trace, _ = router_trace(tokens=60, L=3, E=8, K=2, H=64, seqs=3)
+    mlp = tmp_path / "mlp.safetensors"
+    make_predictor("mlp", 3, 8, 2, 1, epochs=1, dim=8).fit([trace]).save(mlp)
+    for pred, name in ((router, "router"), (mlp, "mlp")):
+        with pytest.raises(ValueError, match=f"expert_cache.predictor: {pred} \\({name}\\) predicts from hidden states"):
+            LLM(model=str(path), dtype="float32", kv_cache_gb=0.01, expert_cache_slots=4, cpu_experts="off",
+                predictor=str(pred), cache_policy="predicted")
+    routing_only = tmp_path / "plain.safetensors"
+    make_predictor("mlp", 3, 8, 2, 1, epochs=1, dim=8, use_hidden=False).fit([trace]).save(routing_only)
+    with LLM(model=str(path), dtype="float32", kv_cache_gb=0.01, expert_cache_slots=4, cpu_experts="off",
+             predictor=str(routing_only), cache_policy="predicted") as llm:
+        from moe_serve import SamplingParams
+
+        out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+        assert len(out[0].token_ids) == 3
