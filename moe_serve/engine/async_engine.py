@@ -89,9 +89,10 @@ class AsyncEngine:
                 seqs = await asyncio.to_thread(self.engine.make_request, prompt, params, rid)
             else:
                 seqs = self.engine.make_request(prompt, params, rid)
-            stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-            while not self._register(rid, stream):  # the id's last request was abandoned: gone at the next step
-                await asyncio.sleep(0.002)
+            stream, rounds = _Stream(asyncio.get_running_loop(), asyncio.Queue()), 0
+            while not self._register(rid, stream, busy_ok=rounds < 2):
+                rounds += 1
+                await asyncio.sleep(0 if rounds <= 2 else 0.002)
         except BaseException:
             self._submitted(rid, pending)
             raise
@@ -122,11 +123,13 @@ class AsyncEngine:
                 self.engine.abort(rid)
                 self._wake.set()
 
-    def _register(self, rid: str, stream: _Stream) -> bool:
-        """Take `rid` for `stream`; False while an abandoned request still holds it (try again shortly)."""
+    def _register(self, rid: str, stream: _Stream, busy_ok: bool) -> bool:
+        """Take `rid` for `stream`; False (try again shortly) while an abandoned request still holds it, which
+        it does until the next step, or, with busy_ok, a live stream does: one whose consumer has just left
+        it (`break`) is closed by the event loop's next round (asyncio finalizes dropped generators)."""
         with self._streams_lock:
             held = self._streams.get(rid)
-            if held is not None and not held.abandoned:
+            if held is not None and not held.abandoned and not busy_ok:
                 raise ValueError(f"request_id {rid!r} is already in use by a running request")
             if self.dead is not None:  # it stopped while the prompt was tokenized: nobody would end this stream
                 raise EngineDeadError(f"engine is not running: {self.dead}")

@@ -1,6 +1,7 @@
 """The public API: LLM (prompt forms, context manager, identical to transformers) and AsyncEngine streaming."""
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -297,3 +298,53 @@ def test_async_a_refused_request_spares_a_retry_of_its_id_on_its_way(tiny_dir):
         eng.shutdown()
     assert retried.finish_reason == "length" and len(retried.token_ids) == 10
     assert waited.finish_reason == "length"
+
+
+def test_async_reusing_the_id_of_an_abandoned_stream(tiny_dir):
+    """A consumer stops reading (break) and reuses the request id at once: the new request used to be
+    refused as 'already in use' until the old one had left the engine, and one accepted in the step
+    that aborted the old one got the old one's abort output (it ended at once with finish_reason
+    "abort", no token) while its own request ran on for nobody. Now the id is taken as soon as the old
+    request is gone, and the new stream carries only the new request's outputs."""
+    eng = AsyncEngine.from_config(EngineConfig.from_flat(model=str(tiny_dir), max_num_seqs=4))
+    forward = eng.engine.model.forward
+
+    def slow_forward(batch):  # a big model's step: the event loop runs meanwhile (the GIL is free)
+        time.sleep(0.05)
+        return forward(batch)
+
+    eng.engine.model.forward = slow_forward
+    long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
+
+    async def main():
+        background = asyncio.create_task(_collect(eng, [9, 8, 7], long, "background"))  # steps keep running
+        results, refused = [], []
+        for trial in range(3):
+            n = 0
+            stream = eng.generate([5, 6, 7], long, "chat")
+            async for _ in stream:
+                n += 1
+                if n == 2:
+                    break
+            if trial == 0:
+                await stream.aclose()
+            else:  # left to the event loop, which closes a generator nobody holds at its next round
+                del stream
+            while True:  # retry until accepted (the old code refused it while the old request was live)
+                try:
+                    results.append(await asyncio.wait_for(_collect(eng, [5, 6, 7], GREEDY, "chat"), 30))
+                    break
+                except ValueError:
+                    refused.append(trial)
+                    await asyncio.sleep(0.001)
+        eng.abort("background")
+        await background
+        return results, refused
+    try:
+        results, refused = asyncio.run(main())
+    finally:
+        eng.shutdown()
+    assert refused == []
+    for deltas, out in results:
+        assert (out.finish_reason, len(out.token_ids)) == ("length", 10)
+    assert eng.engine.num_running == 0 and sorted(eng.engine.scheduler.free_slots) == [0, 1, 2, 3]
