@@ -210,6 +210,11 @@ class Predictor(ABC):
     def next_token(self) -> bool:
         return self.lookahead == 0
 
+    @property
+    def hidden_size(self) -> int | None:
+        """H of the hidden states predict() reads (None: it reads none, or any size)."""
+        return None
+
     def target_layers(self, layer: int) -> list[int]:
         """Target MoE layer of each slot (may run past the last layer: those slots score zeros)."""
         return [layer] if self.next_token else [layer + 1 + j for j in range(self.lookahead)]
@@ -221,6 +226,8 @@ class Predictor(ABC):
             raise ValueError(f"{self.name}: state has {state.experts.shape[1]} layers, predictor {self.num_layers}")
         if self.needs_hidden and state.hidden is None:
             raise ValueError(f"{self.name}: needs state.hidden (the hidden state entering the router)")
+        if self.needs_hidden and self.hidden_size is not None and state.hidden.shape[1] != self.hidden_size:
+            raise ValueError(f"{self.name}: fitted on hidden size {self.hidden_size}, state.hidden has {state.hidden.shape[1]}")
         if not self.fitted:
             raise ValueError(f"{self.name}: predict() before fit()")
 

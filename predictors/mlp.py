@@ -99,6 +99,8 @@ class MLPPredictor(Predictor):
         self.router_init = torch.stack([weights[l].detach().float().cpu() for l in range(self.num_layers)])
         return self
 
+    hidden_size = property(lambda self: int(self.params.get("hidden_size", 0)) or None)  # H predict() reads, if any
+
     def windows(self, layer: int) -> tuple[int, int, int]:
         """(first current-token layer, first and last previous-token layer) the trunk reads at `layer`."""
         cw = int(self.params.get("cur_window", 6)) or self.num_layers

@@ -104,6 +104,10 @@ class RouterPredictor(Predictor):
                 out[:, j] = torch.softmax(h @ self.weight[t].T, -1)
         return out
 
+    @property
+    def hidden_size(self) -> int | None:
+        return int(self.weight.shape[-1]) if self.fitted else None  # weight [.., E, H]
+
     def arrays(self):
         return {"weight": self.weight}
 
@@ -178,6 +182,10 @@ class HiddenLinearPredictor(Predictor):
         out = torch.einsum("bh,deh->bde", h, self.weight[:, layer]) + self.bias[:, layer]
         valid = torch.tensor([t < self.num_layers for t in self.target_layers(layer)])[None, :, None]
         return torch.where(valid, torch.softmax(out, -1), 0.0)
+
+    @property
+    def hidden_size(self) -> int | None:
+        return int(self.weight.shape[-1]) if self.fitted else None  # weight [.., E, H]
 
     def arrays(self):
         return {"weight": self.weight, "bias": self.bias}

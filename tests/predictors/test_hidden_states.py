@@ -68,3 +68,14 @@ def test_the_expert_cache_refuses_a_predictor_that_needs_hidden_states(tiny_chec
 
         out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
         assert len(out[0].token_ids) == 3
+
+
+@pytest.mark.parametrize("name", ["router", "hidden_linear", "mlp"])
+def test_hidden_states_of_another_size_are_refused_naming_both(name):
+    # a predictor fitted on one model's hidden states, asked with another's: a torch matmul shape error
+    trace, _ = router_trace(tokens=60, L=3, E=8, K=2, H=8, seqs=3)
+    other, _ = router_trace(tokens=20, L=3, E=8, K=2, H=16, seqs=2)
+    pred = make_predictor(name, 3, 8, 2, 1, **({"steps": 2} if name != "mlp" else {"epochs": 1, "dim": 8})).fit([trace])
+    with pytest.raises(ValueError, match=f"^{name}: fitted on hidden size 8, state.hidden has 16"):
+        pred.predict(RoutingState.from_trace(other, 0), 0)
+    assert pred.predict(RoutingState.from_trace(trace, 0), 0).shape == (60, 1, 8)
