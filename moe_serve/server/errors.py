@@ -70,7 +70,17 @@ def _relevance(err: dict) -> tuple:
     return (path is None, wrong_type, -len(path.split(".")) if path else 0)
 
 
-def validation_error_response(exc: RequestValidationError) -> JSONResponse:
+def _is_json(content_type: str | None) -> bool:
+    """What FastAPI parses as JSON: no Content-Type, application/json or application/*+json."""
+    if not content_type:
+        return True
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+def validation_error_response(exc: RequestValidationError, content_type: str | None = None) -> JSONResponse:
+    """`content_type`: the request's header. A body sent as another type is not read as JSON at all
+    (`curl -d` sends form data's type), so its error names the header rather than the body."""
     errors = list(exc.errors())
     if not errors:
         return error_response(400, "invalid request")
@@ -80,6 +90,9 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
     if err.get("type") == "json_invalid":
         param = None
     elif param is None and loc[:1] == ("body",) and err.get("type") in ("model_attributes_type", "dict_type", "missing"):
+        if not _is_json(content_type):
+            return error_response(400, f"request body must be JSON sent with Content-Type: application/json, got "
+                                       f"Content-Type: {content_type!r}", param=None, code="invalid_content_type")
         return error_response(400, "request body must be a JSON object", param=None, code="invalid_body")
     message = f"{param}: {_describe(err)}" if param else _describe(err)
     return error_response(400, message, param=param, code=err.get("type"))
@@ -90,7 +103,7 @@ def install_error_handlers(app: FastAPI, count_error: Callable[[int], None] = la
     `count_error(status)` (the request_errors metric), unless the raiser counted it already."""
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        response = validation_error_response(exc)
+        response = validation_error_response(exc, request.headers.get("content-type"))
         count_error(response.status_code)
         return response
 
@@ -107,6 +120,11 @@ def install_error_handlers(app: FastAPI, count_error: Callable[[int], None] = la
             # the client closed its request (499, as lifecycle counts it), it did not send a bad one
             count_error(499)
             return error_response(499, "client disconnected while sending the request body", code="client_closed")
+        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's "There was an error parsing the body"
+            count_error(400)
+            bad = exc.__cause__
+            return error_response(400, f"request body is not valid JSON: it is not UTF-8 text (byte "
+                                       f"0x{bad.object[bad.start]:02x} at position {bad.start})", code="json_invalid")
         count_error(exc.status_code)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error_response(exc.status_code, str(exc.detail), kind, headers=getattr(exc, "headers", None))

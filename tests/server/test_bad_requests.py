@@ -1,6 +1,8 @@
 """Every kind of invalid request gets a 400 in OpenAI's error shape naming the field; the server goes on."""
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -86,6 +88,25 @@ def test_malformed_body_is_400(server, raw):
                    timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain"])
+def test_a_json_body_sent_as_another_content_type_says_so(server, content_type):
+    """`curl -d '{...}'` sends form data's Content-Type: the server reads no JSON then, and answered that
+    the body 'must be a JSON object' though it was one. The error now names the header and its value."""
+    r = httpx.post(f"{server.url}/v1/completions", content=json.dumps(OK_COMPLETION).encode(),
+                   headers={"content-type": content_type}, timeout=30)
+    err = check_error(r, 400, None)
+    assert err["code"] == "invalid_content_type" and content_type in err["message"], err
+    assert "application/json" in err["message"], err
+
+
+def test_a_body_that_is_not_utf8_says_so(server):
+    """Was 'There was an error parsing the body', code null (FastAPI's words for a UnicodeDecodeError)."""
+    r = httpx.post(f"{server.url}/v1/completions", content=b'{"prompt": "\xff\xfe"}',
+                   headers={"content-type": "application/json"}, timeout=30)
+    err = check_error(r, 400, None)
+    assert err["code"] == "json_invalid" and "UTF-8" in err["message"] and "0xff" in err["message"], err
 
 
 def test_unknown_model_is_404_naming_model(server):
