@@ -137,6 +137,10 @@ def run_eval(args) -> int:
     train = [load_trace(p) for p in args.train]
     test = [load_trace(p) for p in args.test]
     same_trace_shape(args.train + args.test, train + test, "--train/--test")
+    sized = [(p, t.hidden.shape[-1]) for p, t in zip(args.train + args.test, train + test) if t.hidden is not None]
+    for path, H in sized:  # a hidden-state predictor fitted on one size fails on the other, after every fit
+        if H != sized[0][1]:
+            raise ValueError(f"--train/--test: {path} has hidden states of size {H}, {sized[0][0]} of size {sized[0][1]}")
     lookahead = args.lookahead
     if lookahead is None:  # the default: 3, or as far as the traces' layers go
         lookahead = min(3, train[0].num_layers - 1)

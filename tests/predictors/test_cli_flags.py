@@ -83,3 +83,16 @@ def test_router_checkpoint_must_fit_the_traces_and_the_predictor(tmp_path, capsy
     assert fit("hidden_linear", "good", "--param", "l2=1e6", "--param", "steps=2")[0] == 0
     weight = load_predictor(out).weight  # [D, L, E, H]: slot 0 at source layer l starts as layer l+1's router
     assert torch.allclose(weight[0, 0], want[1], atol=1e-3) and torch.allclose(weight[0, 1], want[2], atol=1e-3)
+
+
+def test_eval_on_traces_with_hidden_states_of_different_sizes_names_them(tmp_path, capsys):
+    # the hidden-state predictors were fitted on one size and failed on the other, after every fit before them
+    from tests.predictors.synth import router_trace
+
+    a, b = tmp_path / "h8.npz", tmp_path / "h16.npz"
+    router_trace(tokens=60, L=3, E=8, K=2, H=8, seqs=3)[0].save(a)
+    router_trace(tokens=60, L=3, E=8, K=2, H=16, seqs=3)[0].save(b)
+    rc = main(["predict", "eval", "--train", str(a), "--test", str(b), "--predictors", "popularity,router"])
+    captured = capsys.readouterr()
+    assert rc == 2 and f"--train/--test: {b} has hidden states of size 16, {a} of size 8" in captured.err, captured.err
+    assert "fit" not in captured.err
