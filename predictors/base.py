@@ -251,6 +251,10 @@ class Predictor(ABC):
                 )
             if self.needs_hidden and t.hidden is None:
                 raise ValueError(f"{self.name}: fit() needs traces with hidden states (record with --record-hidden)")
+        sizes = [(i, t.hidden.shape[-1]) for i, t in enumerate(traces) if t.hidden is not None]
+        for i, H in sizes:  # fits concatenate them: one model's hidden states, one size
+            if H != sizes[0][1]:
+                raise ValueError(f"{self.name}: trace {i} has hidden states of size {H}, trace {sizes[0][0]} of size {sizes[0][1]}")
 
     def config(self) -> dict:
         return dict(

@@ -79,3 +79,12 @@ def test_hidden_states_of_another_size_are_refused_naming_both(name):
     with pytest.raises(ValueError, match=f"^{name}: fitted on hidden size 8, state.hidden has 16"):
         pred.predict(RoutingState.from_trace(other, 0), 0)
     assert pred.predict(RoutingState.from_trace(trace, 0), 0).shape == (60, 1, 8)
+
+
+@pytest.mark.parametrize("name", ["mlp", "router", "hidden_linear"])
+def test_fit_on_traces_with_hidden_states_of_different_sizes_names_them(name):
+    # was: torch.cat's 'Sizes of tensors must match' from inside fit
+    a, _ = router_trace(tokens=40, L=3, E=8, K=2, H=8, seqs=2)
+    b, _ = router_trace(tokens=40, L=3, E=8, K=2, H=16, seqs=2)
+    with pytest.raises(ValueError, match=f"^{name}: trace 1 has hidden states of size 16, trace 0 of size 8"):
+        make_predictor(name, 3, 8, 2, 1).fit([a, b])
