@@ -59,6 +59,9 @@ class EnsemblePredictor(Predictor):
         if set(member_params) - set(names):  # parameters for a member that is not there: a misspelt name
             raise ValueError(f"{self.name}: member_params names {sorted(set(member_params) - set(names))}, "
                              f"not among members {names}")
+        for n, kw in member_params.items():  # make_predictor(**4) was a TypeError traceback
+            if not isinstance(kw, dict):
+                raise ValueError(f"{self.name}: member_params[{n!r}] must be an object of {n}'s parameters, got {kw!r}")
         members = []  # every member made (its parameters checked) before the first one is fitted
         for n in names:
             try:

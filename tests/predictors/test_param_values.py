@@ -52,3 +52,13 @@ def test_cli_names_the_flag_and_exits_2(tmp_path, capsys):
                "--params", '{"transition": {"smoothing": -1}}'])
     err = capsys.readouterr().err
     assert rc == 2 and "--params: transition: parameter 'smoothing' must be a number > 0, got -1" in err
+
+
+def test_ensemble_member_params_that_are_not_objects_are_refused(tmp_path, capsys):
+    trace = tmp_path / "t.npz"
+    layer_map_trace(tokens=60, L=3, E=8, K=2, seqs=3).save(trace)
+    out = tmp_path / "p.safetensors"
+    rc = main(["predict", "fit", "--trace", str(trace), "--out", str(out), "--predictor", "ensemble",
+               "--param", 'member_params={"mlp": 4}'])
+    err = capsys.readouterr().err  # was: TypeError 'argument after ** must be a mapping, not int', a traceback
+    assert rc == 2 and "ensemble: member_params['mlp'] must be an object of mlp's parameters, got 4" in err, err
