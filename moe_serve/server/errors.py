@@ -120,11 +120,12 @@ def install_error_handlers(app: FastAPI, count_error: Callable[[int], None] = la
             # the client closed its request (499, as lifecycle counts it), it did not send a bad one
             count_error(499)
             return error_response(499, "client disconnected while sending the request body", code="client_closed")
-        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's "There was an error parsing the body"
+        cause = exc.__cause__  # what FastAPI's "There was an error parsing the body" stands for
+        if isinstance(cause, (UnicodeDecodeError, RecursionError)):
             count_error(400)
-            bad = exc.__cause__
-            return error_response(400, f"request body is not valid JSON: it is not UTF-8 text (byte "
-                                       f"0x{bad.object[bad.start]:02x} at position {bad.start})", code="json_invalid")
+            why = ("nested too deeply" if isinstance(cause, RecursionError) else
+                   f"it is not UTF-8 text (byte 0x{cause.object[cause.start]:02x} at position {cause.start})")
+            return error_response(400, f"request body is not valid JSON: {why}", code="json_invalid")
         count_error(exc.status_code)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error_response(exc.status_code, str(exc.detail), kind, headers=getattr(exc, "headers", None))

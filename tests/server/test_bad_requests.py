@@ -109,6 +109,16 @@ def test_a_body_that_is_not_utf8_says_so(server):
     assert err["code"] == "json_invalid" and "UTF-8" in err["message"] and "0xff" in err["message"], err
 
 
+def test_a_body_nested_too_deeply_says_so(server):
+    """JSON nested past the parser's recursion limit was also 'There was an error parsing the body'."""
+    deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = httpx.post(f"{server.url}/v1/completions", content=deep, headers={"content-type": "application/json"},
+                   timeout=30)
+    err = check_error(r, 400, None)
+    assert err["code"] == "json_invalid" and "nested too deeply" in err["message"], err
+    assert httpx.post(f"{server.url}/v1/completions", json=OK_COMPLETION, timeout=60).status_code == 200
+
+
 def test_unknown_model_is_404_naming_model(server):
     r = httpx.post(f"{server.url}/v1/completions", json=dict(OK_COMPLETION, model="gpt-17"), timeout=30)
     check_error(r, 404, "model")
