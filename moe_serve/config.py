@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from moe_serve.config_types import check_types
+
 DEFAULT_MODEL = str(Path(__file__).resolve().parent / "default_model")
 
 
@@ -302,6 +304,7 @@ class EngineConfig:
         for name, section_cls in cls.sections().items():
             names = {f.name for f in fields(section_cls)}
             mine = {k: remaining.pop(k) for k in list(remaining) if k in names}
+            check_types(name, section_cls, mine)
             built[name] = section_cls(**mine)
         if remaining:
             raise TypeError(f"unknown engine option(s): {', '.join(sorted(remaining))}")

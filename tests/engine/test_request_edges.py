@@ -1,5 +1,6 @@
 """Requests at the edges of what the engine accepts: a tokenizer that does not match its model,
 SamplingParams changed after construction."""
+import re
 import shutil
 
 import pytest
@@ -116,3 +117,25 @@ def test_a_kv_budget_that_caps_max_num_seqs_says_so(tiny_dir, caplog):
         assert LLMEngine(EngineConfig.from_flat(model=str(tiny_dir), max_model_len=256, max_num_seqs=3,
                                                 kv_cache_gb=3.5 * per_slot / 2**30)).num_slots == 3
     assert not [r for r in caplog.records if "max_num_seqs" in r.getMessage()]
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("max_num_seqs", "8", "kv_cache.max_num_seqs must be an integer, got '8'"),
+    ("max_model_len", 100.5, "model.max_model_len must be an integer or None, got 100.5"),
+    ("kv_cache_gb", "0.5", "kv_cache.kv_cache_gb must be a number, got '0.5'"),
+    ("compile_decode", "yes", "model.compile_decode must be true or false, got 'yes'"),
+    ("max_num_seqs", True, "kv_cache.max_num_seqs must be an integer, got True"),
+])
+def test_llm_options_of_the_wrong_type_name_the_field(tiny_dir, option, value, says):
+    """LLM(max_num_seqs="8") (a value read from the environment, say) failed inside the section's checks
+    with "'>=' not supported between instances of 'str' and 'int'", naming no option; a float length got
+    as far as allocating the KV cache. Options are checked against their field's type first."""
+    with pytest.raises(ValueError, match=re.escape(says)):
+        LLM(model=str(tiny_dir), **{option: value})
+
+
+def test_llm_options_of_other_numeric_and_path_types_are_taken(tiny_dir):
+    import numpy as np
+
+    with LLM(model=tiny_dir, max_num_seqs=np.int64(2), kv_cache_gb=np.float32(0.25), max_model_len=64) as llm:
+        assert llm.engine.num_slots == 2 and llm.engine.max_model_len == 64
