@@ -80,16 +80,18 @@ def _num(value: float | None, width: int) -> str:
 def format_table(result: dict) -> str:
     """One row per predictor and slot: recall@k, precision/recall at the budget, fit and predict times."""
     K, B = result["top_k"], result["budget"]
-    head = f"{'predictor':<12} {'target':<12} {'recall@' + str(K):>9} {'prec@' + str(B):>8} {'rec@' + str(B):>8} {'fit s':>7} {'ms/b64':>7}"
+    w = max([12, *(len(n) for n in (*result["results"], *result["skipped"]))])  # 'hidden_linear' is 13
+    head = f"{'predictor':<{w}} {'target':<12} {'recall@' + str(K):>9} {'prec@' + str(B):>8} {'rec@' + str(B):>8} {'fit s':>7} {'ms/b64':>7}"
     lines = [head, "-" * len(head)]
     for name, res in result["results"].items():
-        for slot in sorted(k for k in res if k.startswith("lookahead_")) + (["next_token"] if "next_token" in res else []):
+        ahead = sorted((k for k in res if k.startswith("lookahead_")), key=lambda k: int(k.split("_")[1]))  # 2 < 10
+        for slot in ahead + (["next_token"] if "next_token" in res else []):
             m = res[slot]
             tag = "_next_token" if slot == "next_token" else ""
             lines.append(
-                f"{name:<12} {slot:<12} {_num(m['recall_at_k'], 9)} {_num(m['precision_at_budget'], 8)} "
+                f"{name:<{w}} {slot:<12} {_num(m['recall_at_k'], 9)} {_num(m['precision_at_budget'], 8)} "
                 f"{_num(m['recall_at_budget'], 8)} {res['fit_s' + tag]:>7.1f} {res['predict_ms_b64' + tag]:>7.3f}"
             )
     for name, why in result["skipped"].items():
-        lines.append(f"{name:<12} skipped: {why}")
+        lines.append(f"{name:<{w}} skipped: {why}")
     return "\n".join(lines)

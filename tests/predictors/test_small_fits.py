@@ -93,3 +93,16 @@ def test_a_slot_with_no_rows_to_score_reports_none_not_zero(tmp_path):
     res = json.loads(out.read_text())["results"]["popularity"]
     assert res["next_token"] == dict(recall_at_k=None, precision_at_budget=None, recall_at_budget=None, rows=0)
     assert res["lookahead_1"]["rows"] == 5 * 2 and res["lookahead_1"]["recall_at_k"] is not None
+
+
+def test_eval_table_orders_slots_by_number_and_aligns_long_names():
+    # lookahead_10 sorted before lookahead_2 (string order), and 'hidden_linear' pushed its row's columns right
+    from predictors.compare import format_table
+
+    m = dict(recall_at_k=0.5, precision_at_budget=0.25, recall_at_budget=0.75, rows=10)
+    res = {f"lookahead_{j}": m for j in range(1, 12)}
+    res.update(fit_s=1.0, predict_ms_b64=0.1)
+    table = format_table(dict(top_k=2, budget=4, results={"hidden_linear": res, "mlp": res}, skipped={}))
+    rows = table.splitlines()[2:]
+    assert [r.split()[1] for r in rows[:11]] == [f"lookahead_{j}" for j in range(1, 12)]
+    assert len({r.index("0.500") for r in rows}) == 1 and len({len(r) for r in table.splitlines()}) == 1
