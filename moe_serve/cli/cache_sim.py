@@ -63,6 +63,12 @@ def check_matches(trace, path, fit, predictor, args) -> None:
     if predictor is not None and (predictor.num_layers, predictor.num_experts) != shape:
         raise ValueError(f"--predictor {args.predictor} was fitted for (MoE layers, experts) = "
                          f"{(predictor.num_layers, predictor.num_experts)}, --trace {path} has {shape}")
+    if predictor is not None and predictor.top_k != trace.top_k:  # its forecast is scaled to (and prefetches) top_k
+        raise ValueError(f"--predictor {args.predictor} was fitted for top_k={predictor.top_k}, --trace {path} "
+                         f"has top_k={trace.top_k}")
+    if predictor is not None and predictor.needs_hidden and trace.hidden is None:
+        raise ValueError(f"--predictor {args.predictor} ({predictor.name}) predicts from hidden states; --trace "
+                         f"{path} has none (record with --record-hidden)")
 
 
 def main(args) -> int:

@@ -74,6 +74,9 @@ def expert_store_factory(cfg: ExpertCacheConfig):
             if (predictor.num_layers, predictor.num_experts) != (L, E):
                 raise ValueError(f"expert_cache.predictor: fitted for {predictor.num_layers} layers x "
                                  f"{predictor.num_experts} experts, the model has {L} x {E}")
+            if predictor.top_k != spec.top_k:  # predicted-prefetch fetches, and the forecast is scaled to, its top_k
+                raise ValueError(f"expert_cache.predictor: {cfg.predictor} was fitted for top_k={predictor.top_k}, "
+                                 f"the model routes top_k={spec.top_k}")
             if predictor.needs_hidden:  # the cache's RoutingState carries routing only: every step would fail
                 raise ValueError(f"expert_cache.predictor: {cfg.predictor} ({predictor.name}) predicts from hidden "
                                  "states, which the expert cache does not pass it (routing only); use one fitted on "
