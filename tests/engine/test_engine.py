@@ -225,3 +225,36 @@ def test_a_start_that_fails_after_the_model_loads_leaves_no_thread(tiny_dir):
         engine(tiny_dir, kv_cache_gb=1e-6, max_model_len=256, expert_cache_slots=4, cpu_experts="off")
     left = [t.name for t in threading.enumerate() if t.ident not in before and t.is_alive()]
     assert left == []
+
+
+def test_aborts_while_waiting_mid_prefill_and_mid_decode_free_every_slot(tiny_dir, references):
+    """One request aborted at each stage (still queued, between two prefill chunks, decoding): every slot
+    comes back, and the requests beside them give what they give alone."""
+    eng = engine(tiny_dir, max_num_seqs=2, prefill_chunk=4, max_num_batched_tokens=6)
+    long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    eng.add_request(PROMPTS[0], GREEDY, "a")
+    eng.add_request(" ".join(PROMPTS), long, "prefilling")  # many chunks of 4
+    eng.add_request(PROMPTS[1], long, "queued")  # no slot for it yet
+    eng.step()
+    eng.step()
+    prefilling = next(s for s in eng.scheduler.running if s.request_id == "prefilling")
+    assert 0 < prefilling.num_computed < len(prefilling.prompt_ids)
+    assert [s.request_id for s in eng.scheduler.waiting] == ["queued"]
+    eng.abort("queued")
+    eng.abort("prefilling")
+    eng.add_request(PROMPTS[2], long, "decoding")
+    done = {}
+    while "decoding" not in done:
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out
+        seq = next((s for s in eng.scheduler.running if s.request_id == "decoding"), None)
+        if seq is not None and len(seq.output_ids) == 3:
+            eng.abort("decoding")
+    eng.add_request(PROMPTS[3], GREEDY, "d")
+    done.update(run(eng))
+    assert {r: done[r].finish_reason for r in ("queued", "prefilling", "decoding")} == dict.fromkeys(
+        ("queued", "prefilling", "decoding"), "abort")
+    assert len(done["decoding"].token_ids) == 3 and done["queued"].token_ids == []
+    assert done["a"].token_ids == references[PROMPTS[0]] and done["d"].token_ids == references[PROMPTS[3]]
+    assert sorted(eng.scheduler.free_slots) == [0, 1] and not eng.live_sequences()
