@@ -27,6 +27,9 @@ from moe_serve.experts.copy_failures import FailedCopies, cancelled, copy_pairs
 from moe_serve.experts.copy_queue import CopyQueue
 
 
+_IDLE = (0, None, None)  # a slot's entry in ThreadCopier._running when nothing is copied into it
+
+
 class ThreadCopier:
     """One worker thread, one copy at a time: demand copies first (in submission order), then
     prefetches by the clock they are needed at (`need`). `wait` on a copy the worker has not
@@ -46,7 +49,8 @@ class ThreadCopier:
         self._cv = threading.Condition()
         self._q = CopyQueue()  # not started yet (under _cv)
         self._slot_done = [0] * num_slots  # last ticket finished per slot (a slot's copies finish in order)
-        self._running: dict[int, int] = {}  # slot -> ticket being copied (by the worker or a waiter)
+        # slot -> (ticket, thread id, pairs) being copied: by the worker (thread id None) or by a waiting thread
+        self._running: dict[int, tuple] = {}
         self._issued = 0
         self._failed = FailedCopies(self._cv)
         self._closed = False
@@ -61,7 +65,7 @@ class ThreadCopier:
                     job = self._q.pop(self._running)
                     if job is not None:
                         slot, ticket, pairs = job
-                        self._running[slot] = ticket
+                        self._running[slot] = (ticket, None, pairs)
                         break
                     if self._closed:
                         return
@@ -75,8 +79,8 @@ class ThreadCopier:
         if err is not None:  # before the waiters wake
             self._failed.add(slot, ticket, err)
         self._slot_done[slot] = ticket
-        del self._running[slot]
         self._q.resume(slot)  # a copy into the slot that had to wait for this one
+        del self._running[slot]  # last: until here a waiter interrupted midway still finds its claim (_drop_claim)
         self._cv.notify_all()
 
     def submit(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], slot: int, need: int | None = None) -> int:
@@ -118,41 +122,52 @@ class ThreadCopier:
         return self._slot_done[slot] >= ticket
 
     def wait(self, ticket: int, slot: int) -> None:
-        """Return once copy `ticket` into `slot` has landed: run it here if it has not started."""
-        pairs = None
-        with self._cv:
-            while self._slot_done[slot] < ticket:
-                if self._q.has(ticket, slot):
-                    if slot not in self._running:  # ours to run now
-                        pairs = self._q.take(ticket, slot)
-                        self._running[slot] = ticket
-                        break
-                elif self._running.get(slot) != ticket:
-                    raise cancelled(ticket, slot)
-                self._cv.wait()  # running in the worker, or an earlier copy into the slot still is
-        if pairs is not None:
-            err, landed = None, False
-            try:
-                err = copy_pairs(pairs)
-                landed = True
-            finally:  # even when interrupted: nobody may wait for this slot forever
+        """Return once copy `ticket` into `slot` has landed: run it here if it has not started.
+
+        Ctrl-C (KeyboardInterrupt; LLM.generate aborts and serves on) may surface at any instruction:
+        a copy run here is claimed by one store into `_running` holding its pairs (peeked, then taken
+        off the queue), so the handler always finds the claim (by thread id) and puts the copy back
+        (`_drop_claim`); one a second Ctrl-C leaves in the handler, this thread's next wait drops."""
+        me = threading.get_ident()
+        try:
+            with self._cv:
+                if self._running.get(slot, _IDLE)[1] == me:  # abandoned by an interrupted handler: not running
+                    self._drop_claim(slot)
+                while self._slot_done[slot] < ticket:
+                    if self._q.has(ticket, slot):
+                        if slot not in self._running:  # ours to run now: claimed, then taken off the queue
+                            self._running[slot] = (ticket, me, self._q.peek(ticket, slot))
+                            self._q.take(ticket, slot)
+                            break
+                    elif self._running.get(slot, _IDLE)[0] != ticket:
+                        raise cancelled(ticket, slot)
+                    self._cv.wait()  # running in the worker, or an earlier copy into the slot still is
+                claim = self._running.get(slot, _IDLE)
+            if claim[:2] == (ticket, me):
+                err = copy_pairs(claim[2])
                 with self._cv:
-                    if landed:
-                        self._finished(slot, ticket, err)
-                    else:
-                        self._interrupted(slot, ticket, pairs)
+                    self._finished(slot, ticket, err)
+        except BaseException:
+            with self._cv:
+                if self._running.get(slot, _IDLE)[1] == me:
+                    self._drop_claim(slot)
+            raise
         self._failed.report(ticket, slot)
 
-    def _interrupted(self, slot: int, ticket: int, pairs) -> None:  # under _cv
-        """A copy run in the waiting thread was interrupted midway (Ctrl-C): the slot holds part of
-        the weights, so the copy is queued again (as a demand copy), not marked done; unless a newer
-        copy into the slot is queued already, which overwrites it before anyone reads the slot."""
+    def _drop_claim(self, slot: int) -> None:  # under _cv
+        """This thread's copy into `slot` was interrupted somewhere between its claim and its end
+        (Ctrl-C): put the copy back. Landed: only the claim goes. Not landed: queued again as a
+        demand copy if it is not still queued (the slot may hold part of the weights, so it is not
+        marked done); unless a newer copy into the slot is queued, which overwrites the slot before
+        anyone reads it. Each step leaves a state this accepts again, so it may be interrupted too."""
+        ticket, _, pairs = self._running[slot]
+        if self._slot_done[slot] < ticket and not self._q.has(ticket, slot):
+            if slot in self._q.queued:
+                self._slot_done[slot] = ticket
+            else:
+                self._q.push(ticket, slot, pairs, None, self.worker_demand)
+        self._q.resume(slot)
         del self._running[slot]
-        if slot in self._q.queued:
-            self._slot_done[slot] = ticket
-            self._q.resume(slot)
-        else:
-            self._q.push(ticket, slot, pairs, None, self.worker_demand)
         self._cv.notify_all()
 
     def release(self, slots) -> None:

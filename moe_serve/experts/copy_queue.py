@@ -32,6 +32,10 @@ class CopyQueue:
     def has(self, ticket: int, slot: int) -> bool:
         return self.queued.get(slot, (0,))[0] == ticket
 
+    def peek(self, ticket: int, slot: int):
+        """The pairs of queued copy `ticket` into `slot`, left in the queue (None: not queued)."""
+        return self.queued[slot][3] if self.has(ticket, slot) else None
+
     def take(self, ticket: int, slot: int):
         """Remove queued copy `ticket` into `slot` and return its pairs (None: not queued)."""
         if not self.has(ticket, slot):
