@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from predictors.param_limits import Limit, check_values
@@ -267,4 +268,10 @@ class Predictor(ABC):
         if not self.fitted:
             raise ValueError(f"{self.name}: save() before fit()")
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.arrays().items()}
-        save_file(tensors, str(path), metadata={"predictor": json.dumps(self.config())})
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"predictor file {path}: directory {path.parent} does not exist")
+        try:  # safetensors writes beside the file and renames: a failed write leaves the old file whole
+            save_file(tensors, str(path), metadata={"predictor": json.dumps(self.config())})
+        except SafetensorError as exc:  # its own type, not an OSError: the CLI showed a traceback
+            raise OSError(f"predictor file {path}: could not write ({exc})") from exc
