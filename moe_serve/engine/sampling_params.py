@@ -6,6 +6,7 @@ before the request ever reaches the engine.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 _EPS = 1e-5  # temperatures below this are greedy (as in vLLM)
@@ -48,6 +49,7 @@ class SamplingParams:
         def number(value, kinds=(int, float)) -> bool:  # bool is an int to Python, but True is no temperature
             return isinstance(value, kinds) and not isinstance(value, bool)
 
+        self._take_numpy_numbers()
         if not number(self.temperature) or not 0.0 <= self.temperature <= 100.0:
             fail("temperature", "a number in [0, 100]", self.temperature)
         if not number(self.top_p) or not 0.0 < self.top_p <= 1.0:
@@ -80,6 +82,26 @@ class SamplingParams:
         if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in ids):
             fail("stop_token_ids", "a list of non-negative integers", self.stop_token_ids)
         self.stop_token_ids = ids
+
+    _REALS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+    _INTEGERS = ("top_k", "max_tokens", "seed", "logprobs")
+
+    def _take_numpy_numbers(self) -> None:
+        """numpy's numbers (np.int64 from array arithmetic, np.float32) as Python's, as prompts' token ids
+        are taken; they were refused with the field's range, which they met. Bools stay what they are."""
+        def python(value, kind, abc):
+            fits = isinstance(value, abc) and not isinstance(value, (bool, int, float))
+            return kind(value) if fits and not type(value).__name__.startswith("bool") else value
+
+        for name in self._REALS:
+            setattr(self, name, python(getattr(self, name), float, numbers.Real))
+        for name in self._INTEGERS:
+            setattr(self, name, python(getattr(self, name), int, numbers.Integral))
+        ids = self.stop_token_ids
+        if hasattr(ids, "tolist") and getattr(ids, "ndim", None) == 1:  # a 1-D integer array or tensor
+            ids = ids.tolist()
+        if isinstance(ids, (list, tuple)):
+            self.stop_token_ids = [python(t, int, numbers.Integral) for t in ids]
 
     @property
     def penalized(self) -> bool:

@@ -87,3 +87,22 @@ def test_top_p_below_float32_range_is_greedy():
     gens = [make_generator(i) for i in range(4)]
     for top_p in (1e-300, 5e-324):
         assert sample(x, [SamplingParams(temperature=1.0, top_p=top_p)] * 4, gens) == x.argmax(-1).tolist()
+
+
+def test_numpy_numbers_are_taken_as_pythons():
+    """max_tokens = context - ids.size (np.int64), a temperature from np.float32, stop ids from an array:
+    refused with 'max_tokens must be >= 1 (or None), got np.int64(5)', a limit the value meets. numpy's
+    integers and reals are taken as Python's (prompts' token ids already were); bools stay refused."""
+    import numpy as np
+
+    p = SamplingParams(temperature=np.float32(0.5), top_p=np.float64(0.9), top_k=np.int64(5), max_tokens=np.int64(5),
+                       seed=np.uint32(7), logprobs=np.int8(2), presence_penalty=np.float32(0.5),
+                       repetition_penalty=np.float16(1.5), stop_token_ids=np.array([3, 4]))
+    assert p == SamplingParams(temperature=0.5, top_p=0.9, top_k=5, max_tokens=5, seed=7, logprobs=2,
+                               presence_penalty=0.5, repetition_penalty=1.5, stop_token_ids=[3, 4])
+    assert [type(v) for v in (p.temperature, p.top_k, p.max_tokens, p.seed, p.stop_token_ids[0])] == [
+        float, int, int, int, int]
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=np.int64(0))
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=np.bool_(True))
