@@ -3,8 +3,10 @@
 Decoding one token of a byte-level BPE that holds part of a multi-byte character gives U+FFFD: its
 bytes are lost. They are still in the vocabulary: a byte-level token is spelled in GPT-2's alphabet
 of 256 printable characters, one per byte, so mapping its characters back gives the bytes exactly.
-SentencePiece-style vocabularies with byte fallback spell such bytes `<0xE2>`. Special and added
-tokens are their text. For any other token this returns None and the caller uses its decoded text.
+SentencePiece-style vocabularies (Llama's, Mixtral's) spell such bytes `<0xE2>` (byte fallback) and
+a space as "▁", which the decoder replaces; decoding one such token also strips its leading space,
+which its bytes keep (" world", as it reads inside a text). Special and added tokens are their text.
+For any other token this returns None and the caller uses its decoded text.
 """
 from __future__ import annotations
 
@@ -27,10 +29,21 @@ def _byte_of_char() -> dict[str, int]:
 BYTE_OF_CHAR = _byte_of_char()
 
 
-def _decoder_types(tokenizer_json: dict) -> set[str]:
+def _decoders(tokenizer_json: dict) -> list[dict]:
     dec = tokenizer_json.get("decoder") or {}
     parts = (dec.get("decoders") or []) if dec.get("type") == "Sequence" else [dec]
-    return {p.get("type") for p in parts if isinstance(p, dict)}
+    return [p for p in parts if isinstance(p, dict)]
+
+
+def _replacements(decoders: list[dict]) -> list[tuple[str, str]]:
+    """The plain-string replacements the decoder makes ("▁" -> " "), in its order."""
+    out = []
+    for d in decoders:
+        if d.get("type") == "Replace" and isinstance((d.get("pattern") or {}).get("String"), str):
+            out.append((d["pattern"]["String"], d.get("content", "")))
+        elif d.get("type") == "Metaspace":
+            out.append((d.get("replacement") or "\u2581", " "))
+    return out
 
 
 class TokenBytes:
@@ -38,9 +51,11 @@ class TokenBytes:
 
     def __init__(self, fast_tokenizer):
         self.tok = fast_tokenizer
-        kinds = _decoder_types(json.loads(fast_tokenizer.to_str()))
+        decoders = _decoders(json.loads(fast_tokenizer.to_str()))
+        kinds = {d.get("type") for d in decoders}
         self.byte_level = "ByteLevel" in kinds
         self.byte_fallback = "ByteFallback" in kinds
+        self.replacements = _replacements(decoders)
         self.added = {i: t.content for i, t in fast_tokenizer.get_added_tokens_decoder().items()}
 
     def __call__(self, token_id: int) -> bytes | None:
@@ -56,4 +71,8 @@ class TokenBytes:
                 return None
         if self.byte_fallback and (m := _BYTE_FALLBACK.fullmatch(piece)):
             return bytes([int(m.group(1), 16)])
+        if self.replacements:
+            for old, new in self.replacements:
+                piece = piece.replace(old, new)
+            return piece.encode("utf-8")
         return None

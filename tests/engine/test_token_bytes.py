@@ -39,3 +39,33 @@ def test_a_single_byte_token_is_that_byte(tiny_dir):
     tok = load_tokenizer(tiny_dir)
     lead = tok.backend.token_to_id(bytes_to_unicode()[0xE2])  # the first byte of "✓" (E2 9C 93) alone
     assert tok.decode([lead]) == "\ufffd" and tok.token_bytes(lead) == b"\xe2"
+
+
+def sentencepiece_style_dir(tmp_path) -> Path:
+    """A Llama/Mixtral-style tokenizer.json: BPE over "▁"-for-space pieces with byte fallback (<0xNN>
+    tokens for bytes no piece covers), decoded by Replace, ByteFallback, Fuse, Strip."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ("▁", "h", "i", "w", "o", "▁h", "▁hi", "▁w", "▁wo"):
+        vocab[piece] = len(vocab)
+    merges = [("▁", "h"), ("▁h", "i"), ("▁", "w"), ("▁w", "o")]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    return tmp_path
+
+
+def test_byte_fallback_tokens_and_spaces_of_a_sentencepiece_vocabulary(tmp_path):
+    tok = load_tokenizer(sentencepiece_style_dir(tmp_path))
+    ids = tok.encode("hi 日 wo")
+    pieces = [tok.backend.id_to_token(t) for t in ids]
+    assert pieces == ["▁hi", "▁", "<0xE6>", "<0x97>", "<0xA5>", "▁wo"], pieces
+    assert [tok.token_bytes(t) for t in ids] == [b" hi", b" ", b"\xe6", b"\x97", b"\xa5", b" wo"]
+    # decoded alone, a piece loses its space (Strip) and a lone byte is U+FFFD: the bytes keep both
+    assert tok.decode([ids[-1]]) == "wo" and tok.decode([ids[2]]) == "\ufffd"
+    assert b"".join(tok.token_bytes(t) for t in ids).decode() == " hi 日 wo"
+    assert tok.token_bytes(tok.backend.token_to_id("</s>")) == b"</s>"
