@@ -1,8 +1,10 @@
 """The engine's TokenLogprobs in OpenAI's two response shapes (completions' legacy one, chat's).
 
-A token's text is the tokenizer's decoding of that one token (special tokens kept), as vLLM shows it;
-a token that is part of a multi-byte character decodes to U+FFFD, so chat's `bytes` are the token's own
-bytes from the vocabulary (Tokenizer.token_bytes), from which a client rebuilds the text exactly.
+A token's text is its own bytes from the vocabulary (Tokenizer.token_bytes) as UTF-8, special tokens
+kept: the tokenizer's decoding of that one token for a byte-level BPE, and for a SentencePiece-style
+one with the leading space that decoding alone strips (" world", as the token reads in the text, so
+completions' text_offset follows the text). A token that is part of a multi-byte character reads
+U+FFFD, so chat's `bytes` are the token's bytes themselves, from which a client rebuilds the text exactly.
 JSON has no -inf: a log-probability below LOGPROB_FLOOR is sent as the floor (vLLM's -9999.0).
 """
 from __future__ import annotations
@@ -32,7 +34,7 @@ class TokenTexts:
     def __call__(self, token_id: int) -> str:
         text = self.cache.get(token_id)
         if text is None:
-            text = self.cache[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            text = self.cache[token_id] = bytes(self.bytes_of(token_id)).decode("utf-8", errors="replace")
         return text
 
 

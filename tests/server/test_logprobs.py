@@ -129,3 +129,20 @@ def test_chat_logprob_bytes_are_the_tokens_own_even_inside_a_character(server, t
         assert e["bytes"] != list("\ufffd".encode()) and len(e["bytes"]) < 4  # not the replacement's bytes
     rebuilt = b"".join(bytes(e["bytes"]) for e in content).decode("utf-8", errors="replace")
     assert rebuilt == choice["message"]["content"]
+
+
+def test_token_texts_keep_the_space_a_sentencepiece_token_carries(tmp_path):
+    """Decoded alone, a Llama/Mixtral-style token loses its leading space (the decoder's Strip), so
+    completions' `tokens` read 'hi', 'wo' and `text_offset` drifted one character per word from the
+    text ' hi wo'; chat's `token` likewise. A token's text is now its bytes' (as it reads in a text)."""
+    from moe_serve.engine.logprobs import TokenLogprob
+    from moe_serve.engine.tokenizer import load_tokenizer
+    from moe_serve.server.logprobs import TokenTexts, chat_logprobs, completion_logprobs
+    from tests.engine.test_token_bytes import sentencepiece_style_dir
+
+    tok = load_tokenizer(sentencepiece_style_dir(tmp_path))
+    ids = tok.encode("hi wo")
+    lps = [TokenLogprob(token_id=t, logprob=-1.0, rank=1, top=[(t, -1.0)]) for t in ids]
+    legacy = completion_logprobs(lps, TokenTexts(tok), 0)
+    assert legacy.tokens == [" hi", " wo"] and legacy.text_offset == [0, 3]
+    assert [e.token for e in chat_logprobs(lps, TokenTexts(tok)).content] == [" hi", " wo"]
