@@ -30,7 +30,7 @@ def compare(
     """
     ref = train[0]
     L, E, K = ref.num_layers, ref.num_experts, ref.top_k
-    budget = 2 * K if budget is None else budget
+    budget = min(2 * K, E) if budget is None else budget  # 2 * top_k, or every expert when there are fewer
     if not 1 <= budget <= E:
         raise ValueError(f"budget must lie in [1, num_experts={E}], got {budget}")
     names = names or [n for n in DEFAULT_ORDER if n in REGISTRY]

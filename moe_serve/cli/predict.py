@@ -179,7 +179,7 @@ def register(subparsers) -> None:
     e.add_argument("--train", nargs="+", required=True, help="trace files to fit on")
     e.add_argument("--test", nargs="+", required=True, help="trace files to measure on")
     e.add_argument("--lookahead", type=int, default=None, help="measure lookahead 1..D, D at most MoE layers - 1; 0 = next token only (default: 3, or MoE layers - 1 when fewer)")
-    e.add_argument("--budget", type=int, default=None, help="prefetch budget B experts per layer (default: 2 * top_k)")
+    e.add_argument("--budget", type=int, default=None, help="prefetch budget B experts per layer (default: 2 * top_k, at most the experts per layer)")
     e.add_argument("--predictors", default=None, help="comma-separated subset of predictor names (default: all)")
     e.add_argument("--params", default=None, help='JSON: per-predictor parameters, e.g. {"mlp": {"epochs": 4}}')
     e.add_argument("--no-next-token", action="store_true", help="skip the next-token same-layer evaluation")

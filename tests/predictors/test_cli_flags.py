@@ -96,3 +96,14 @@ def test_eval_on_traces_with_hidden_states_of_different_sizes_names_them(tmp_pat
     captured = capsys.readouterr()
     assert rc == 2 and f"--train/--test: {b} has hidden states of size 16, {a} of size 8" in captured.err, captured.err
     assert "fit" not in captured.err
+
+
+def test_eval_default_budget_fits_few_experts(tmp_path, capsys):
+    # the default budget 2 * top_k (6 for top-3) exceeds 4 experts: eval refused a budget never given
+    import json
+
+    trace, out = tmp_path / "k3e4.npz", tmp_path / "e.json"
+    layer_map_trace(tokens=60, L=3, E=4, K=3, seqs=3).save(trace)
+    rc = main(["predict", "eval", "--train", str(trace), "--test", str(trace), "--predictors", "popularity", "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads(out.read_text())["budget"] == 4
