@@ -249,6 +249,8 @@ def split_sequences(trace: RoutingTrace, test_fraction: float, seed: int = 0) ->
     """Split by whole sequences (never by rows): (train, test)."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    if trace.num_sequences < 2:  # one side would be empty
+        raise ValueError(f"split_sequences: needs at least 2 sequences to split, the trace has {trace.num_sequences}")
     order = np.random.default_rng(seed).permutation(trace.num_sequences)
-    n_test = max(1, int(round(test_fraction * trace.num_sequences)))
+    n_test = min(max(1, int(round(test_fraction * trace.num_sequences))), trace.num_sequences - 1)  # >= 1 each side
     return trace.select_sequences(np.sort(order[n_test:])), trace.select_sequences(np.sort(order[:n_test]))

@@ -106,3 +106,19 @@ def test_eval_table_orders_slots_by_number_and_aligns_long_names():
     rows = table.splitlines()[2:]
     assert [r.split()[1] for r in rows[:11]] == [f"lookahead_{j}" for j in range(1, 12)]
     assert len({r.index("0.500") for r in rows}) == 1 and len({len(r) for r in table.splitlines()}) == 1
+
+
+def test_split_keeps_a_sequence_on_each_side():
+    # 0.9 of 2 sequences rounded to 2 test sequences: an empty training part (an ensemble with holdout 0.9
+    # then failed: 'fit() needs at least one token'); 1 sequence split into an empty training part too
+    from predictors.traces import split_sequences
+
+    two = RoutingTrace(*(lambda t: (t.experts, t.weights))(_trace(20)), np.array([0, 8, 20]), 8)
+    train, test = split_sequences(two, 0.9)
+    assert (train.num_sequences, test.num_sequences) == (1, 1)
+    train, test = split_sequences(two, 0.01)
+    assert (train.num_sequences, test.num_sequences) == (1, 1)
+    with pytest.raises(ValueError, match="split_sequences: needs at least 2 sequences to split, the trace has 1"):
+        split_sequences(_trace(20), 0.5)
+    ens = make_predictor("ensemble", 3, 8, 2, 1, members=["prev_token", "transition"], holdout=0.9).fit([two])
+    assert ens.predict(RoutingState.from_trace(two, 0), 0).shape == (20, 1, 8)
