@@ -20,19 +20,22 @@ class SlotCopies:
     def _copy_in(self, g: int, need: int | None = None) -> bool:
         """Give `g` a slot and queue its copy: on demand (`need` None) or as a prefetch needed at
         clock `need` (refused, False, when the policy does not admit it over its victim)."""
-        placed = self.cache.insert(g, prefetch=need is not None)
-        if placed is None:
-            return False
-        slot, evicted = placed
-        if evicted >= 0 and self.prefetched[evicted]:
-            self.prefetched[evicted] = False
-            if self.copier.cancel(int(self.ticket[slot]), slot):  # never started: no bytes moved
-                self.stats["prefetch_cancelled"] += 1
-                self.stats["copies"] -= 1
-                self.stats["bytes_moved"] -= self.expert_bytes
-            else:
-                self.stats["prefetch_wasted"] += 1
-        try:  # host=mmap reads the checkpoint here: a failed read must not leave `g` claiming the slot
+        # from the moment `g` holds a slot until its copy's ticket is the slot's, anything raised (host=mmap
+        # reads the checkpoint here; Ctrl-C lands after any call) takes the slot back: else `g` stays
+        # resident with the slot's old ticket, long landed, and its next use computes with the victim's weights
+        try:
+            placed = self.cache.insert(g, prefetch=need is not None)
+            if placed is None:
+                return False
+            slot, evicted = placed
+            if evicted >= 0 and self.prefetched[evicted]:
+                self.prefetched[evicted] = False
+                if self.copier.cancel(int(self.ticket[slot]), slot):  # never started: no bytes moved
+                    self.stats["prefetch_cancelled"] += 1
+                    self.stats["copies"] -= 1
+                    self.stats["bytes_moved"] -= self.expert_bytes
+                else:
+                    self.stats["prefetch_wasted"] += 1
             gu, dn, check = self.host_copy_source(g)
             pairs = CheckedPairs([(self.slot_gu[slot], gu), (self.slot_dn[slot], dn)], check)
             self.ticket[slot] = self.copier.submit(pairs, slot, need)

@@ -2,14 +2,10 @@
 a copy itself: the copier must stay consistent (LLM.generate aborts its requests on Ctrl-C and serves
 on), so a later wait gets the whole copy and the worker is never blocked on the slot.
 
-A signal's KeyboardInterrupt surfaces only where CPython's eval loop checks for pending signals: at a
-function's entry, after a call returns and at a backward jump. A `sys.settrace` tracer raises it at
-each such point in turn (in `wait` and the copier code it calls), one point per run, so every place a
-real Ctrl-C could land is tried, deterministically.
+The interrupt is raised at every point a real one could land, one per run (`interrupts.py`).
 """
 from __future__ import annotations
 
-import dis
 import os
 import signal
 import sys
@@ -20,57 +16,20 @@ import torch
 
 from moe_serve.experts import copy_failures, copy_queue
 from moe_serve.experts.copier import ThreadCopier
+from tests.experts.interrupts import interrupt_at
 
 SRC = (torch.arange(12.0).reshape(4, 3), torch.arange(6.0).reshape(3, 2))
-TRACED = [f.__code__ for f in (ThreadCopier.wait, ThreadCopier._finished, copy_failures.copy_pairs,
-                               copy_queue.CopyQueue.take, getattr(copy_queue.CopyQueue, "peek", None),
-                               getattr(ThreadCopier, "_drop_claim", None)) if f]
-SIGNAL_CHECKS = {"CALL", "CALL_FUNCTION_EX", "RESUME", "JUMP_BACKWARD", "POP_JUMP_BACKWARD_IF_TRUE",
-                 "POP_JUMP_BACKWARD_IF_FALSE", "POP_JUMP_BACKWARD_IF_NONE", "POP_JUMP_BACKWARD_IF_NOT_NONE"}
-OPNAMES = {code: {i.offset: i.opname for i in dis.get_instructions(code)} for code in TRACED}
-# offset -> the next instruction's: a call that raised jumps to a handler instead, with no check for signals
-FALL_THROUGH = {code: dict(zip(sorted(names), sorted(names)[1:])) for code, names in OPNAMES.items()}
-
-
-def interrupt_at(k: int, armed=lambda: True):
-    """(tracer, fired): the tracer raises KeyboardInterrupt at the k-th point (from 0, once) where a
-    pending signal is checked: before the instruction that follows one that checks (a call that
-    returned, a function's entry, a backward jump), which is where the exception would surface. CPython turns
-    the tracer off once it raised, so the handlers run untraced: one Ctrl-C. Points count only
-    while `armed()`."""
-    seen, fired = [0], [False]
-
-    def tracer(frame, event, arg):
-        if frame.f_code not in OPNAMES:
-            return None
-        names, after, last = OPNAMES[frame.f_code], FALL_THROUGH[frame.f_code], [None]
-        frame.f_trace_opcodes = True
-
-        def local(frame, event, arg):
-            if event == "opcode":
-                checked = names.get(last[0]) in SIGNAL_CHECKS
-                if names.get(last[0], "").startswith("CALL") and after.get(last[0]) != frame.f_lasti:
-                    checked = False  # the call raised: its exception is being handled, no signal check
-                if checked and armed():
-                    if seen[0] == k:
-                        fired[0] = True
-                        raise KeyboardInterrupt
-                    seen[0] += 1
-                last[0] = frame.f_lasti
-            return local
-
-        return local
-
-    return tracer, fired
+TRACED = (ThreadCopier.wait, ThreadCopier._finished, copy_failures.copy_pairs, copy_queue.CopyQueue.take,
+          getattr(copy_queue.CopyQueue, "peek", None), getattr(ThreadCopier, "_drop_claim", None))
 
 
 def interrupted_wait(k: int):
     """A demand copy run by this thread's `wait` (worker_demand=False: the worker leaves it to its
-    waiter), interrupted before the k-th instruction of `wait`: (copier, ticket, dst, interrupted)."""
+    waiter), interrupted at the k-th point: (copier, ticket, dst, interrupted)."""
     c = ThreadCopier(1, worker_demand=False)
     dst = (torch.zeros(4, 3), torch.zeros(3, 2))
     ticket = c.submit([(dst[0], SRC[0]), (dst[1], SRC[1])], 0)
-    tracer, fired = interrupt_at(k)
+    tracer, fired = interrupt_at(k, TRACED)
     sys.settrace(tracer)
     try:
         c.wait(ticket, 0)
@@ -138,7 +97,7 @@ def test_a_second_ctrl_c_in_the_handler_is_repaired_by_the_next_wait():
         c = ThreadCopier(1, worker_demand=False)
         dst = (torch.zeros(4, 3), torch.zeros(3, 2))
         ticket = c.submit([(dst[0], SRC[0]), (dst[1], SRC[1].as_subclass(FirstCopyInterrupted))], 0)
-        tracer, fired = interrupt_at(j, armed=lambda: FirstCopyInterrupted.fired)
+        tracer, fired = interrupt_at(j, TRACED, armed=lambda: FirstCopyInterrupted.fired)
         sys.settrace(tracer)
         try:
             c.wait(ticket, 0)
