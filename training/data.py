@@ -43,7 +43,10 @@ def read_corpus(corpus_dir: Path) -> dict[str, tuple[str, str]]:
         path = Path(corpus_dir) / name
         if not path.is_file():
             raise FileNotFoundError(f"corpus file {path} is missing (need all of {CORPUS_FILES})")
-        out[name] = split_text(path.read_text(encoding="utf-8"))
+        try:
+            out[name] = split_text(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:  # the bare error names no file
+            raise ValueError(f"corpus file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     return out
 
 

@@ -202,7 +202,11 @@ def main(argv=None):
     torch.manual_seed(a.seed)
     from transformers import Qwen3MoeForCausalLM
 
-    tok, train, held = prepare(a)
+    try:
+        tok, train, held = prepare(a)
+    except (ValueError, OSError) as exc:  # a corpus file that cannot be read: one line, not a traceback
+        print(f"train_default: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     short = [f"{n} has {len(train[n])} training and {len(held[n])} held-out tokens" for n in CORPUS_FILES
              if len(train[n]) < a.seq_len + 2 or len(held[n]) < a.seq_len + 1]
     if short:  # a window is seq_len + 1 tokens (WindowSampler failed in torch.randint; heldout_windows in stack)

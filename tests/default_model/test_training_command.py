@@ -118,3 +118,13 @@ def test_a_few_steps_on_a_tiny_config_export_a_loadable_model(tiny, tmp_path):
     # a window longer than the corpus's held-out part: refused naming --seq-len (was: torch.stack of no windows)
     proc = _run("--corpus", str(tiny), "--out", str(out), "--work", str(work), "--steps", "1", *TINY, "--seq-len", "200")
     assert proc.returncode == 2 and "--seq-len 200 needs windows of 201 tokens" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_corpus_file_that_is_not_utf8_is_named(tiny, tmp_path, capsys):
+    # was: a UnicodeDecodeError traceback naming no file
+    (tiny / CORPUS_FILES[1]).write_bytes(b"fine text\n" * 50 + b"\xff\xfe\x00 binary\n")
+    with pytest.raises(ValueError, match=f"corpus file {tiny / CORPUS_FILES[1]} is not UTF-8 text .*at byte 500"):
+        prepare(parse_args(["--corpus", str(tiny), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), *TINY]))
+    proc = _run("--corpus", str(tiny), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), *TINY)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith(
+        f"train_default: error: corpus file {tiny / CORPUS_FILES[1]} is not UTF-8 text (invalid start byte at byte 500)"), proc.stderr[-1500:]
