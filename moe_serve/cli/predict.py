@@ -35,6 +35,8 @@ def run_fit(args) -> int:
     routers = router_start(args, ref) if args.router_checkpoint else None
     t0 = time.perf_counter()
     if args.predictor == "router" and routers:
+        if params:  # the routers are taken as they are: steps and l2 (fit's) would be ignored
+            raise ValueError(f"--param: router from --router-checkpoint is not fitted: {', '.join(params)} would have no effect")
         pred = RouterPredictor.from_router_weights(routers, ref.top_k, args.lookahead)
     elif args.predictor == "hidden_linear" and routers:
         pred = HiddenLinearPredictor.from_router_weights(routers, ref.top_k, args.lookahead, **params).fit(traces)

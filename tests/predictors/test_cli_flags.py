@@ -107,3 +107,18 @@ def test_eval_default_budget_fits_few_experts(tmp_path, capsys):
     rc = main(["predict", "eval", "--train", str(trace), "--test", str(trace), "--predictors", "popularity", "--json", str(out)])
     assert rc == 0, capsys.readouterr().err
     assert json.loads(out.read_text())["budget"] == 4
+
+
+def test_router_from_a_checkpoint_refuses_fit_parameters(tmp_path, capsys):
+    # --param steps=5 with --router-checkpoint: the routers are taken as they are, no fit runs; was ignored
+    from tests.predictors.synth import router_trace
+
+    trace = tmp_path / "h.npz"
+    router_trace(tokens=60, L=3, E=8, K=2, H=8, seqs=3)[0].save(trace)
+    _checkpoint(tmp_path / "ckpt", L=3, E=8, H=8)
+    out = tmp_path / "p.safetensors"
+    rc = main(["predict", "fit", "--trace", str(trace), "--predictor", "router", "--out", str(out),
+               "--router-checkpoint", str(tmp_path / "ckpt"), "--param", "steps=5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--param: router from --router-checkpoint is not fitted: steps would have no effect" in err, err
+    assert not out.exists()
