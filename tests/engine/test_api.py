@@ -1,14 +1,13 @@
 """The public API: LLM (prompt forms, context manager, identical to transformers) and AsyncEngine streaming."""
 import asyncio
 import threading
-import time
 
 import pytest
 import torch
 
 from moe_serve import LLM, AsyncEngine, SamplingParams
 from moe_serve.config import EngineConfig
-from moe_serve.engine import EngineDeadError, QueueFullError
+from moe_serve.engine import EngineDeadError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
@@ -216,135 +215,3 @@ def test_async_generate_tokenizing_through_a_shutdown_ends(tiny_dir):
     finally:
         release.set()
         eng.shutdown()
-
-
-def test_async_abort_while_the_prompt_is_tokenized_is_kept(tiny_dir):
-    """The server aborts a request as soon as its client goes away, also while its long text prompt is
-    still being tokenized (off the loop); that abort named an id the engine did not know yet, was
-    ignored, and the request then ran to the end, holding a KV slot. It now ends with finish_reason
-    "abort" and no token, and frees everything."""
-    eng = AsyncEngine.from_config(EngineConfig.from_flat(model=str(tiny_dir), max_num_seqs=2))
-    tokenizing, release = threading.Event(), threading.Event()
-    make = eng.engine.make_request
-
-    def slow_make(*args, **kw):  # a long text: tokenizing takes a while
-        tokenizing.set()
-        release.wait(10)
-        return make(*args, **kw)
-
-    eng.engine.make_request = slow_make
-    long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
-
-    async def main():
-        outs = []
-
-        async def consume():
-            async for out in eng.generate("The quick brown fox", long, "gone"):
-                outs.append(out)
-
-        task = asyncio.create_task(consume())
-        await asyncio.to_thread(tokenizing.wait, 10)
-        eng.abort("gone")  # the client went away meanwhile
-        release.set()
-        await asyncio.wait_for(task, 30)
-        eng.engine.make_request = make
-        after = await _collect(eng, "Once upon", GREEDY, "after")
-        return outs, after
-    try:
-        outs, (_, after) = asyncio.run(main())
-    finally:
-        release.set()
-        eng.shutdown()
-    assert [(o.finished, o.finish_reason, o.token_ids) for o in outs] == [(True, "abort", [])]
-    assert after.finish_reason == "length" and len(after.token_ids) == 10
-    assert sorted(eng.engine.scheduler.free_slots) == [0, 1]
-
-
-def test_async_a_refused_request_spares_a_retry_of_its_id_on_its_way(tiny_dir):
-    """A request refused (queue full) aborts its id as it ends; a retry with that id still on its way to
-    the engine (its prompt being tokenized) is another request and must run to its end."""
-    eng = AsyncEngine.from_config(EngineConfig.from_flat(model=str(tiny_dir), max_num_seqs=1, max_queue=1))
-    tokenizing, release = threading.Event(), threading.Event()
-    make = eng.engine.make_request
-
-    def slow_make(prompt, *args, **kw):  # the retry's text prompt takes a while
-        if isinstance(prompt, str):
-            tokenizing.set()
-            release.wait(10)
-        return make(prompt, *args, **kw)
-
-    eng.engine.make_request = slow_make
-    long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
-
-    async def main():
-        running = asyncio.create_task(_collect(eng, [5, 6, 7], long, "running"))
-        while eng.engine.num_running == 0:
-            await asyncio.sleep(0.01)
-        waiting = asyncio.create_task(_collect(eng, [5, 6], GREEDY, "waiting"))  # fills the queue
-        while eng.engine.num_waiting == 0:
-            await asyncio.sleep(0.01)
-        retry = asyncio.create_task(_collect(eng, "Once upon", GREEDY, "x"))
-        await asyncio.to_thread(tokenizing.wait, 10)
-        with pytest.raises(QueueFullError):
-            await _collect(eng, [1, 2], GREEDY, "x")  # refused: its cleanup aborts "x"
-        eng.abort("running")  # room again
-        await running
-        release.set()
-        return await asyncio.wait_for(retry, 30), await waiting
-    try:
-        (_, retried), (_, waited) = asyncio.run(main())
-    finally:
-        release.set()
-        eng.shutdown()
-    assert retried.finish_reason == "length" and len(retried.token_ids) == 10
-    assert waited.finish_reason == "length"
-
-
-def test_async_reusing_the_id_of_an_abandoned_stream(tiny_dir):
-    """A consumer stops reading (break) and reuses the request id at once: the new request used to be
-    refused as 'already in use' until the old one had left the engine, and one accepted in the step
-    that aborted the old one got the old one's abort output (it ended at once with finish_reason
-    "abort", no token) while its own request ran on for nobody. Now the id is taken as soon as the old
-    request is gone, and the new stream carries only the new request's outputs."""
-    eng = AsyncEngine.from_config(EngineConfig.from_flat(model=str(tiny_dir), max_num_seqs=4))
-    forward = eng.engine.model.forward
-
-    def slow_forward(batch):  # a big model's step: the event loop runs meanwhile (the GIL is free)
-        time.sleep(0.05)
-        return forward(batch)
-
-    eng.engine.model.forward = slow_forward
-    long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
-
-    async def main():
-        background = asyncio.create_task(_collect(eng, [9, 8, 7], long, "background"))  # steps keep running
-        results, refused = [], []
-        for trial in range(3):
-            n = 0
-            stream = eng.generate([5, 6, 7], long, "chat")
-            async for _ in stream:
-                n += 1
-                if n == 2:
-                    break
-            if trial == 0:
-                await stream.aclose()
-            else:  # left to the event loop, which closes a generator nobody holds at its next round
-                del stream
-            while True:  # retry until accepted (the old code refused it while the old request was live)
-                try:
-                    results.append(await asyncio.wait_for(_collect(eng, [5, 6, 7], GREEDY, "chat"), 30))
-                    break
-                except ValueError:
-                    refused.append(trial)
-                    await asyncio.sleep(0.001)
-        eng.abort("background")
-        await background
-        return results, refused
-    try:
-        results, refused = asyncio.run(main())
-    finally:
-        eng.shutdown()
-    assert refused == []
-    for deltas, out in results:
-        assert (out.finish_reason, len(out.token_ids)) == ("length", 10)
-    assert eng.engine.num_running == 0 and sorted(eng.engine.scheduler.free_slots) == [0, 1, 2, 3]
