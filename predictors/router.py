@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from predictors.base import Predictor, RoutingState, multi_hot
 from predictors.param_limits import Limit
@@ -33,13 +33,16 @@ def router_weights_from_checkpoint(model_dir: str | Path, num_experts: int) -> d
         raise FileNotFoundError(f"router checkpoint {model_dir}: no *.safetensors files")
     found = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():
-                m = _LAYER.search(key)
-                if m and (key.endswith("gate.weight") or key.endswith("router.weight")) and "shared_expert_gate" not in key:
-                    t = st.get_tensor(key)
-                    if t.dim() == 2 and t.shape[0] == num_experts:
-                        found[int(m.group(1))] = t
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    m = _LAYER.search(key)
+                    if m and (key.endswith("gate.weight") or key.endswith("router.weight")) and "shared_expert_gate" not in key:
+                        t = st.get_tensor(key)
+                        if t.dim() == 2 and t.shape[0] == num_experts:
+                            found[int(m.group(1))] = t
+        except SafetensorError as exc:  # its own type (a traceback from the CLI), naming no file
+            raise ValueError(f"router checkpoint {model_dir}: {f} is not a readable safetensors file ({exc})") from None
     if not found:
         raise ValueError(f"router checkpoint {model_dir}: no router weight with num_experts={num_experts} rows")
     return {i: found[n] for i, n in enumerate(sorted(found))}

@@ -122,3 +122,18 @@ def test_router_from_a_checkpoint_refuses_fit_parameters(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "--param: router from --router-checkpoint is not fitted: steps would have no effect" in err, err
     assert not out.exists()
+
+
+def test_a_router_checkpoint_with_an_unreadable_file_names_it(tmp_path, capsys):
+    # was: safetensors' 'header too large' traceback
+    from tests.predictors.synth import router_trace
+
+    trace = tmp_path / "h.npz"
+    router_trace(tokens=60, L=3, E=8, K=2, H=8, seqs=3)[0].save(trace)
+    bad = tmp_path / "ckpt"
+    bad.mkdir()
+    (bad / "model.safetensors").write_text("not a checkpoint\n" * 10)
+    rc = main(["predict", "fit", "--trace", str(trace), "--predictor", "router", "--out", str(tmp_path / "p.safetensors"),
+               "--router-checkpoint", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"router checkpoint {bad}: {bad / 'model.safetensors'} is not a readable safetensors file" in err, err
