@@ -72,6 +72,8 @@ def load_predictor(path: str | Path) -> Predictor:
         raise ValueError(f"predictor file {path}: no 'predictor' JSON in the safetensors header")
     try:
         config = json.loads(meta["predictor"])
+        if not isinstance(config, dict):  # a list or null: config.get was an AttributeError traceback
+            raise TypeError(f"a JSON {type(config).__name__}, not an object")
         return from_config(config, arrays)
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"predictor file {path}: its 'predictor' header is not a predictor's config "

@@ -53,3 +53,12 @@ def test_an_mlp_array_its_net_does_not_have_is_refused(tmp_path):
     save_file(arrays, str(bad), metadata={"predictor": json.dumps(config)})
     with pytest.raises(ValueError, match=r"mlp: array 'bias' has shape|mlp: array 'cur' has shape \(24, 8\); .* needs \(24, 16\)"):
         load_predictor(bad)
+
+
+@pytest.mark.parametrize("header", ["[1, 2]", "null", '"mlp"', '{"predictor": "popularity", "num_layers": 3, "num_experts": 8, "top_k": 2, "lookahead": 1, "params": [1], "format_version": 1}'])
+def test_a_header_that_is_no_config_object_is_refused_naming_the_file(header, tmp_path):
+    # a JSON list or null ended in AttributeError ("'list' object has no attribute 'get'"), a traceback
+    bad = tmp_path / "bad.safetensors"
+    save_file({"freq": torch.zeros(3, 8)}, str(bad), metadata={"predictor": header})
+    with pytest.raises(ValueError, match=f"predictor file {bad}: its 'predictor' header is not a predictor's config"):
+        load_predictor(bad)
