@@ -34,6 +34,8 @@ def make_predictor(name: str, num_layers: int, num_experts: int, top_k: int, loo
 
 def from_config(config: dict, arrays: dict) -> Predictor:
     """Rebuild a fitted predictor from its JSON config and arrays (used by load and by ensembles)."""
+    if not isinstance(config, dict):  # a list or null (or an ensemble member's): config.get was an AttributeError
+        raise TypeError(f"a JSON {type(config).__name__}, not an object")
     if int(config.get("format_version", -1)) != FORMAT_VERSION:
         raise ValueError(f"predictor file: format_version must be {FORMAT_VERSION}, got {config.get('format_version')}")
     params = dict(config.get("params", {}))
@@ -72,8 +74,6 @@ def load_predictor(path: str | Path) -> Predictor:
         raise ValueError(f"predictor file {path}: no 'predictor' JSON in the safetensors header")
     try:
         config = json.loads(meta["predictor"])
-        if not isinstance(config, dict):  # a list or null: config.get was an AttributeError traceback
-            raise TypeError(f"a JSON {type(config).__name__}, not an object")
         return from_config(config, arrays)
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"predictor file {path}: its 'predictor' header is not a predictor's config "

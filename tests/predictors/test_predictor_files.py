@@ -62,3 +62,13 @@ def test_a_header_that_is_no_config_object_is_refused_naming_the_file(header, tm
     save_file({"freq": torch.zeros(3, 8)}, str(bad), metadata={"predictor": header})
     with pytest.raises(ValueError, match=f"predictor file {bad}: its 'predictor' header is not a predictor's config"):
         load_predictor(bad)
+
+
+def test_an_ensemble_member_config_that_is_no_object_is_refused(tmp_path):
+    meta, arrays = _saved("ensemble", tmp_path)
+    config = json.loads(meta["predictor"])
+    config["params"]["member_configs"][1] = [1, 2]
+    bad = tmp_path / "bad.safetensors"
+    save_file(arrays, str(bad), metadata={"predictor": json.dumps(config)})
+    with pytest.raises(ValueError, match=f"predictor file {bad}: its 'predictor' header is not a predictor's config"):
+        load_predictor(bad)
