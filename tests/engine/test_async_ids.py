@@ -151,3 +151,53 @@ def test_async_reusing_the_id_of_an_abandoned_stream(tiny_dir):
     for deltas, out in results:
         assert (out.finish_reason, len(out.token_ids)) == ("length", 10)
     assert eng.engine.num_running == 0 and sorted(eng.engine.scheduler.free_slots) == [0, 1, 2, 3]
+
+
+def test_async_many_streams_reusing_ids_breaking_and_cancelled_leave_nothing_behind(tiny_dir):
+    """Twenty concurrent generates over four ids: some read to the end, some break after two outputs,
+    some are cancelled. Each one read to the end gets exactly its own request's tokens (or was refused:
+    its id held by a live stream), and afterwards no stream, live request or KV slot is left."""
+    from moe_serve import LLM
+
+    params = [SamplingParams(temperature=0.8, seed=i, max_tokens=6 + i, ignore_eos=True) for i in range(4)]
+    prompts = ["The quick brown fox", "Once upon a time", [5, 6, 7, 8], "def add(a, b):"]
+    with LLM(model=str(tiny_dir)) as llm:
+        want = [out.token_ids for out in llm.generate(prompts, params)]
+    eng = AsyncEngine.from_config(EngineConfig.from_flat(model=str(tiny_dir), max_num_seqs=2, prefill_chunk=4,
+                                                         max_num_batched_tokens=8))
+
+    async def one(k):
+        i, mode = k % 4, ("full", "break", "cancel")[k % 3]
+        await asyncio.sleep(0.01 * k)
+
+        async def read():
+            n, last = 0, None
+            async for last in eng.generate(prompts[i], params[i], f"id{k % 4}"):
+                n += 1
+                if mode == "break" and n == 2:
+                    return None
+            return last
+        task = asyncio.create_task(read())
+        if mode == "cancel":
+            await asyncio.sleep(0.02)
+            task.cancel()
+        try:
+            out = await task
+        except (asyncio.CancelledError, ValueError):  # cancelled, or its id held by a live stream
+            return None
+        return (i, out) if mode == "full" else None
+
+    async def main():
+        done = [r for r in await asyncio.gather(*(one(k) for k in range(20))) if r is not None]
+        for _ in range(200):  # the last aborts are taken at the engine's next step
+            if not (eng._streams or eng.engine.live_sequences()):
+                break
+            await asyncio.sleep(0.02)
+        left = (dict(eng._streams), dict(eng._unsubmitted), eng.engine.live_sequences())
+        return done, left, sorted(eng.engine.scheduler.free_slots)
+    try:
+        done, left, free = asyncio.run(main())
+    finally:
+        eng.shutdown()  # (it aborts what is live: look before)
+    assert done and all(out.finish_reason == "length" and out.token_ids == want[i] for i, out in done)
+    assert left == ({}, {}, []) and free == [0, 1]
