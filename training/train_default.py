@@ -127,7 +127,8 @@ def prepare(a):
     corpus = read_corpus(a.corpus)
     # keyed by the corpus's content too: another --corpus with the same --work reused the first one's tokens
     cache = a.work / f"data_v{a.vocab_size}_s{a.tok_sample_chars}_{corpus_fingerprint(corpus)}"
-    if (cache / "tokenizer.json").is_file():
+    streams = [cache / f"{n}.{part}.npy" for n in CORPUS_FILES for part in ("train", "heldout")]
+    if all(f.is_file() for f in [cache / "tokenizer.json", *streams]):  # a run stopped midway left only some
         tok = PreTrainedTokenizerFast.from_pretrained(cache)
         train = {n: np.load(cache / f"{n}.train.npy") for n in CORPUS_FILES}
         held = {n: np.load(cache / f"{n}.heldout.npy") for n in CORPUS_FILES}
@@ -137,10 +138,10 @@ def prepare(a):
         train = {n: encode_stream(tok, c[0]) for n, c in corpus.items()}
         held = {n: encode_stream(tok, c[1]) for n, c in corpus.items()}
         cache.mkdir(parents=True, exist_ok=True)
-        tok.save_pretrained(cache)
         for n in CORPUS_FILES:
             np.save(cache / f"{n}.train.npy", train[n])
             np.save(cache / f"{n}.heldout.npy", held[n])
+        tok.save_pretrained(cache)  # last: the cache is whole once tokenizer.json is there
     for n in CORPUS_FILES:
         chars = len(corpus[n][0])
         print(f"  {n}: {len(train[n]):,} train tokens ({chars / len(train[n]):.2f} chars/token), "

@@ -128,3 +128,15 @@ def test_a_corpus_file_that_is_not_utf8_is_named(tiny, tmp_path, capsys):
     proc = _run("--corpus", str(tiny), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), *TINY)
     assert proc.returncode == 2 and proc.stderr.strip().endswith(
         f"train_default: error: corpus file {tiny / CORPUS_FILES[1]} is not UTF-8 text (invalid start byte at byte 500)"), proc.stderr[-1500:]
+
+
+def test_a_cache_left_half_written_is_rebuilt(tiny, tmp_path):
+    # the tokenizer was saved first and its presence taken for a whole cache: a run stopped before the
+    # token streams were written left a cache every later run failed on (FileNotFoundError on a .npy)
+    argv = ["--corpus", str(tiny), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), *TINY]
+    tok, train, _ = prepare(parse_args(argv))
+    (cache,) = (tmp_path / "work").iterdir()
+    (cache / f"{CORPUS_FILES[2]}.heldout.npy").unlink()  # as a run interrupted while writing them leaves it
+    again, train2, held2 = prepare(parse_args(argv))
+    assert (train2[CORPUS_FILES[0]] == train[CORPUS_FILES[0]]).all() and len(held2[CORPUS_FILES[2]]) > 0
+    assert (cache / f"{CORPUS_FILES[2]}.heldout.npy").is_file()
