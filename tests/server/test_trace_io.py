@@ -114,7 +114,7 @@ def test_a_dump_whose_client_hangs_up_stops_and_leaves_no_file(recorded):
     s = recorded
     before = errors_499(s)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(s.url + "/v1/traces/dump", json={"path": "cut.npz"}, timeout=httpx.Timeout(30, read=0.1))
+        httpx.post(s.url + "/v1/traces/dump", json={"path": "cut.npz"}, timeout=httpx.Timeout(30, read=0.05))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and errors_499(s) == before and not (s.trace_dir / "cut.npz").exists():
         time.sleep(0.05)
