@@ -18,7 +18,7 @@ TokenId = Annotated[StrictInt, Field(ge=0)]
 MAX_LOGPROBS = 20  # as SamplingParams (vLLM's max_logprobs; OpenAI's top_logprobs limit)
 NumLogprobs = Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)]
 Penalty = Annotated[StrictFloat, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]  # OpenAI's range
-MAX_N = 16  # choices per request: each is an engine request, so n of them take n KV slots / queue places
+MAX_N = 16  # choices per request: n completions of one engine request, so n KV slots / queue places
 Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None
 
 
