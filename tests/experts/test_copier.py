@@ -254,3 +254,25 @@ def test_idle_worker_sleeps_until_there_is_a_copy_and_close_joins_it():
     assert not c._thread.is_alive()
     with pytest.raises(RuntimeError, match="closed"):
         c.submit([(dst[0], torch.ones(4))], 0)
+
+
+@pytest.mark.parametrize("kind", sorted(COPIERS))
+def test_a_copy_whose_check_fails_is_a_failed_copy(kind):
+    """CheckedPairs (host=mmap: is the checkpoint file unchanged?) runs its check right before the
+    copy, in whichever thread runs it: a failing check is that copy's CopyError at `wait`, with the
+    check's error as the cause, and the destination is not written."""
+    from moe_serve.experts.copy_failures import CheckedPairs
+
+    def truncated():
+        raise OSError("model.safetensors changed after it was memory-mapped")
+
+    c = COPIERS[kind](2)
+    dst = torch.zeros(8)
+    bad = c.submit(CheckedPairs([(dst, torch.ones(8))], truncated), 0)
+    with pytest.raises(CopyError, match="OSError: model.safetensors changed") as info:
+        c.wait(bad, 0)
+    assert isinstance(info.value.__cause__, OSError) and dst.tolist() == [0.0] * 8
+    good = c.submit(CheckedPairs([(dst, torch.ones(8))], lambda: None), 1)
+    c.wait(good, 1)
+    assert dst.tolist() == [1.0] * 8
+    c.close()
