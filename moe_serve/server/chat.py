@@ -60,8 +60,10 @@ def _compiled(template: str):
 
 def render_chat(messages: list[dict], template: str, specials: dict | None = None,
                 add_generation_prompt: bool = True) -> str:
-    """Render `[{"role", "content"}]` with the template; a template error is a ValueError naming it."""
-    plain = [{"role": m["role"], "content": message_text(m["content"])} for m in messages]
+    """Render `[{"role", "content", "name"?}]` with the template (a `name` given is passed on, as
+    transformers passes messages whole); a template error is a ValueError naming it."""
+    plain = [{"role": m["role"], "content": message_text(m["content"]),
+              **({"name": m["name"]} if m.get("name") is not None else {})} for m in messages]
     try:
         return _compiled(template).render(messages=plain, add_generation_prompt=add_generation_prompt,
                                           **(specials or {}))

@@ -37,6 +37,15 @@ def test_template_from_chat_template_jinja(tmp_path):
     assert render_chat(MESSAGES, template) == "Be brief.|Hi!|"
 
 
+def test_a_messages_name_reaches_the_template():
+    """OpenAI's `name` of a participant was dropped before rendering (only role and content were kept),
+    so a template that shows it ('{{ m.name }}: ...', as transformers passes messages whole) lost it."""
+    template = ("{% for m in messages %}{{ m['role'] }}{% if m.name %} ({{ m.name }}){% endif %}: "
+                "{{ m['content'] }}\n{% endfor %}")
+    messages = [{"role": "user", "content": "hi", "name": "ann"}, {"role": "user", "content": "yo", "name": None}]
+    assert render_chat(messages, template) == "user (ann): hi\nuser: yo\n"
+
+
 def test_template_errors_are_value_errors(tmp_path):
     strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first message must be user') }}{% endif %}"
     with pytest.raises(ValueError, match="first message must be user"):
