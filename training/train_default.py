@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -182,18 +184,31 @@ def export(model, tok, a, out: Path, info: dict):
     """Write the bf16 Hugging Face checkpoint + tokenizer + generation config + training_info.json."""
     from transformers import GenerationConfig
 
+    # written beside --out, then swapped in: a write failing midway (disk full) leaves the previous model
+    # (by default the shipped one) whole, not an emptied or half-written directory
+    out = Path(out).resolve()  # '.' has no name to put beside
+    part = out.with_name(f".{out.name}.part")
+    shutil.rmtree(part, ignore_errors=True)
+    part.mkdir(parents=True)
+    try:
+        model16 = model.to(torch.bfloat16)
+        model16.config.dtype = torch.bfloat16
+        model16.save_pretrained(part, safe_serialization=True)
+        tok.save_pretrained(part)
+        eos = model.config.eos_token_id
+        GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=model.config.pad_token_id, do_sample=True,
+                         temperature=0.8, top_p=0.95, top_k=50, max_new_tokens=128).save_pretrained(part)
+        write_json(part / "training_info.json", info)
+    except BaseException:
+        shutil.rmtree(part, ignore_errors=True)
+        raise
     out.mkdir(parents=True, exist_ok=True)
     for f in out.glob("*"):  # a model this command wrote before (parse_args refused any other directory)
         if f.is_file():
             f.unlink()
-    model16 = model.to(torch.bfloat16)
-    model16.config.dtype = torch.bfloat16
-    model16.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    eos = model.config.eos_token_id
-    GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=model.config.pad_token_id,
-                     do_sample=True, temperature=0.8, top_p=0.95, top_k=50, max_new_tokens=128).save_pretrained(out)
-    write_json(out / "training_info.json", info)
+    for f in part.iterdir():
+        os.replace(f, out / f.name)
+    part.rmdir()
 
 
 def main(argv=None):

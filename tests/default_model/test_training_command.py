@@ -140,3 +140,26 @@ def test_a_cache_left_half_written_is_rebuilt(tiny, tmp_path):
     again, train2, held2 = prepare(parse_args(argv))
     assert (train2[CORPUS_FILES[0]] == train[CORPUS_FILES[0]]).all() and len(held2[CORPUS_FILES[2]]) > 0
     assert (cache / f"{CORPUS_FILES[2]}.heldout.npy").is_file()
+
+
+def test_an_export_that_fails_midway_leaves_the_previous_model_whole(tiny, tmp_path):
+    # export emptied --out and then wrote into it: a failed write (disk full) left no model where one had
+    # been (by default the shipped moe_serve/default_model). It now writes beside --out and swaps at the end.
+    import torch
+    from transformers import Qwen3MoeForCausalLM
+
+    from tests.predictors.test_trace_save import file_size_limit
+    from training.train_default import build_config, export
+
+    out = tmp_path / "model"
+    a = parse_args(["--corpus", str(tiny), "--work", str(tmp_path / "work"), "--out", str(out), *TINY])
+    tok, _, _ = prepare(a)
+    torch.manual_seed(0)
+    export(Qwen3MoeForCausalLM(build_config(a, tok)), tok, a, out, {"run": 1})
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    with file_size_limit(4096), pytest.raises(Exception):  # the weights (~80 KB in bf16) cannot be written
+        export(Qwen3MoeForCausalLM(build_config(a, tok)), tok, a, out, {"run": 2})
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "model", "work"]  # nothing half-written beside
+    export(Qwen3MoeForCausalLM(build_config(a, tok)), tok, a, out, {"run": 3})
+    assert json.loads((out / "training_info.json").read_text()) == {"run": 3} and set(before) == {f.name for f in out.iterdir()}
