@@ -142,7 +142,10 @@ class SafetensorsCheckpoint:
         to run right before they read the mapping (host=mmap expert copies). It narrows the window,
         it cannot close it: a truncation between this check and the read still raises SIGBUS.
         A file replaced by a rename passes: the mapping keeps the old inode, unchanged."""
-        name = self._file(key)
+        self.check_file_unchanged(self._file(key))
+
+    def check_file_unchanged(self, name: str) -> None:
+        """`check_unchanged` for file `name` of the checkpoint (a key of `mapped`)."""
         fd, size, mtime_ns = self.mapped[name]
         st = os.fstat(fd)
         if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):

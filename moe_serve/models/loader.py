@@ -75,6 +75,7 @@ class CheckpointExperts:
         self.num_moe_layers, self.num_experts = spec.num_moe_layers, spec.num_experts
         self._fused: dict[int, tuple[str, str] | None] = {}
         self._fused_layer: tuple[int, torch.Tensor, torch.Tensor] | None = None  # last fused layer read
+        self._files: dict[tuple[int, int], list[str]] = {}  # (moe layer, expert) -> files holding its tensors
 
     def _fused_keys(self, layer: int) -> tuple[str, str] | None:
         if layer not in self._fused:
@@ -114,9 +115,13 @@ class CheckpointExperts:
         """Raise CheckpointError if a file holding expert (moe_layer, e) changed since it was mapped
         (see SafetensorsCheckpoint.check_unchanged): `get` runs it, and a store that reads the returned
         tensors later (an expert copy queued on another thread) runs it again right before."""
-        layer = self.spec.moe_layers[moe_layer]
-        for key in self._fused_keys(layer) or self.family.expert_keys(layer, e):
-            self.ckpt.check_unchanged(key)
+        files = self._files.get((moe_layer, e))
+        if files is None:  # one fstat per file, not per tensor (an expert's tensors are mostly in one file)
+            layer = self.spec.moe_layers[moe_layer]
+            keys = self._fused_keys(layer) or self.family.expert_keys(layer, e)
+            files = self._files[moe_layer, e] = sorted({self.ckpt.key_file[k] for k in keys})
+        for name in files:
+            self.ckpt.check_file_unchanged(name)
 
     def get(self, moe_layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= moe_layer < self.num_moe_layers or not 0 <= e < self.num_experts:
