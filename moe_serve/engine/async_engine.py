@@ -101,8 +101,10 @@ class AsyncEngine:
             try:
                 self.engine.submit(seqs)
                 submitted = True
-            except BaseException:
+            except BaseException as exc:
                 self._submitted(rid, pending)
+                if isinstance(exc, Exception) and self.dead is not None:  # shut down meanwhile: the engine is closed
+                    raise EngineDeadError(f"engine is not running: {self.dead}") from exc
                 raise
             if self._submitted(rid, pending):
                 self.engine.abort(rid)  # aborted on its way: now that the engine knows it, its output says so

@@ -234,10 +234,13 @@ class LLMEngine(RequestIntake):
         """Abort what is left, write the trace if recording, and drop the model and its KV cache."""
         if getattr(self, "model", None) is None:
             return
+        with self._lock:  # from here on submit refuses; what was queued is aborted below, not stepped later
+            model, self.model = self.model, None
+            self._inbox.clear()
+            self._aborts.clear()
         for seq in self.live_sequences():
             seq.finish("abort")
             self._retire(seq)
         if self.config.trace.record_trace:
             self.save_trace()
-        getattr(self.model, "close", lambda: None)()  # worker ranks (DistributedModel), copy threads (stores)
-        self.model = None
+        getattr(model, "close", lambda: None)()  # worker ranks (DistributedModel), copy threads (stores)

@@ -70,6 +70,8 @@ class RequestIntake:
         group = list(seq) if isinstance(seq, (list, tuple)) else seq.group
         rid = group[0].request_id
         with self._lock:
+            if self.model is None:  # close() dropped it: the request would end in an AttributeError of the forward
+                raise RuntimeError(f"request {rid!r} refused: the engine is closed")
             if rid in self._live:
                 raise ValueError(f"request_id {rid!r} is already in use by a running request")
             waiting = len(self._inbox) + len(self.scheduler.waiting)

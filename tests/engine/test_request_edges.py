@@ -139,3 +139,15 @@ def test_llm_options_of_other_numeric_and_path_types_are_taken(tiny_dir):
 
     with LLM(model=tiny_dir, max_num_seqs=np.int64(2), kv_cache_gb=np.float32(0.25), max_model_len=64) as llm:
         assert llm.engine.num_slots == 2 and llm.engine.max_model_len == 64
+
+
+def test_an_engine_used_after_close_says_it_is_closed(tiny_dir):
+    """LLMEngine.close() drops the model; a request added after it was taken, then ended with
+    "AttributeError: 'NoneType' object has no attribute 'forward'", and one queued before it (aborted by
+    close) was still stepped into that error. Adding one now raises, saying so, and the queue is emptied."""
+    eng = LLMEngine(EngineConfig.from_flat(model=str(tiny_dir)))
+    eng.add_request("The quick", GREEDY, "before")
+    eng.close()
+    with pytest.raises(RuntimeError, match="engine is closed"):
+        eng.add_request("The quick", GREEDY, "after")
+    assert not eng.has_unfinished() and eng.step() == []
