@@ -98,6 +98,8 @@ def bad_args(a) -> list[str]:
     missing = [n for n in CORPUS_FILES if not (a.corpus / n).is_file()]
     if missing:
         bad.append(f"--corpus {a.corpus} lacks {', '.join(missing)} (it needs all of {', '.join(CORPUS_FILES)})")
+    if a.work.exists() and not a.work.is_dir():  # was: an OSError from mkdir once the tokenizer was trained
+        bad.append(f"--work {a.work} is a file, not a directory")
     if a.out.exists() and (not a.out.is_dir() or (any(a.out.iterdir()) and not (a.out / "training_info.json").is_file())):
         # export() empties --out first: only a directory this command wrote before (or an empty one) may be
         bad.append(f"--out {a.out} is not empty and holds no training_info.json (no model this command wrote): "

@@ -68,6 +68,13 @@ def test_a_missing_corpus_is_refused_naming_the_flag(tmp_path, capsys):
     assert info.value.code == 2 and f"--corpus {tmp_path / 'nope'} lacks python311_docs.txt" in capsys.readouterr().err
 
 
+def test_a_work_path_that_is_a_file_is_refused(tiny, tmp_path, capsys):
+    (tmp_path / "work").write_text("")
+    with pytest.raises(SystemExit) as info:  # was: an OSError from mkdir once the tokenizer was trained
+        parse_args(["--corpus", str(tiny), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    assert info.value.code == 2 and f"--work {tmp_path / 'work'} is a file, not a directory" in capsys.readouterr().err
+
+
 def test_out_holding_other_files_is_refused_and_kept(tiny, tmp_path, capsys):
     # export() deleted every file of --out: a directory with the user's own files is refused, and kept
     mine = tmp_path / "mine"
