@@ -61,7 +61,7 @@ class LLM:
         if self.engine.model is None:
             raise RuntimeError("LLM is closed")
         plist = _as_prompt_list(prompts)
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(plist)
+        params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(plist)
         if len(params) != len(plist):
             raise ValueError(f"sampling_params: got {len(params)} for {len(plist)} prompts")
         groups = []  # per prompt, its n sequences

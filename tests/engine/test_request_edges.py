@@ -151,3 +151,14 @@ def test_an_engine_used_after_close_says_it_is_closed(tiny_dir):
     with pytest.raises(RuntimeError, match="engine is closed"):
         eng.add_request("The quick", GREEDY, "after")
     assert not eng.has_unfinished() and eng.step() == []
+
+
+def test_sampling_params_per_prompt_as_a_tuple(tiny_dir):
+    """vLLM takes any sequence of SamplingParams, one per prompt; a tuple was taken for one SamplingParams
+    and refused as 'prompts[0]: params must be a SamplingParams, got tuple', blaming the prompt."""
+    with LLM(model=str(tiny_dir)) as llm:
+        short, longer = SamplingParams(temperature=0, max_tokens=2), SamplingParams(temperature=0, max_tokens=5)
+        outs = llm.generate(["The quick", "Once upon"], (short, longer))
+        assert [len(o.token_ids) for o in outs] == [2, 5]
+        with pytest.raises(ValueError, match=r"sampling_params: got 1 for 2 prompts"):
+            llm.generate(["The quick", "Once upon"], (short,))
