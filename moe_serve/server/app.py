@@ -6,7 +6,6 @@ registry), so tests can build several in one process. The engine is owned by who
 """
 from __future__ import annotations
 
-import asyncio
 import hmac
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,7 +21,7 @@ from moe_serve.server.errors import APIError, install_error_handlers
 from moe_serve.server.lifecycle import RequestRunner
 from moe_serve.server.metrics import ServerMetrics
 from moe_serve.server.serving import Handlers, ModelInfo
-from moe_serve.server.traces import TraceControl, dump_while_connected, stream_file
+from moe_serve.server.traces import TraceControl, download_while_connected, dump_while_connected, stream_file
 
 ERRORS = {code: {"model": P.ErrorResponse} for code in (400, 401, 404, 409, 429, 501, 503, 504)}
 
@@ -106,8 +105,8 @@ def create_app(engine, cfg: ServerConfig, model_dir: str | None = None, own_engi
         return await dump_while_connected(traces, request, body.path if body else None)
 
     @app.get("/v1/traces/dump", **v1)
-    async def trace_download():
-        f, size = await asyncio.to_thread(traces.download)  # a temporary file: the body is streamed from it
+    async def trace_download(request: Request):
+        f, size = await download_while_connected(traces, request)  # a temporary file: the body streams from it
         return StreamingResponse(stream_file(f, size), media_type="application/octet-stream",
                                  headers={"Content-Disposition": 'attachment; filename="trace.npz"',
                                           "Content-Length": str(size)})

@@ -10,7 +10,7 @@ A dump (POST /v1/traces/dump) is stopped when its client disconnects: the client
 the file's name (the server picks one when the request gives none), so the write stops at its next
 piece and the partial file is removed; nothing appears at the path. A download (GET) is written to
 an unnamed temporary file and streamed from it, so the server holds the trace's arrays once, not
-also the archive's bytes.
+also the archive's bytes; it too stops building when its client disconnects.
 """
 from __future__ import annotations
 
@@ -159,10 +159,11 @@ class TraceControl:
             raise APIError(409, "no routing trace: POST /v1/traces/start first", code="not_recording")
         return trace
 
-    def download(self):
+    def download(self, stop: threading.Event | None = None):
         """(an unnamed temporary file holding the recorded trace as .npz, at its start; its size). The
         trace's arrays live only while it is written; the file goes when closed (under trace_dir when
-        writable, else the system's temporary directory; nothing is left on either disk)."""
+        writable, else the system's temporary directory; nothing is left on either disk). Once `stop`
+        is set the write ends (DumpCancelled) and the file is closed."""
         self._check()
         trace = self._recorded()
         try:
@@ -171,7 +172,7 @@ class TraceControl:
         except OSError:
             f = tempfile.TemporaryFile()
         try:
-            trace.save(f)
+            trace.save(_StoppableFile(f, stop))
             del trace
             size = f.tell()
             f.seek(0)
@@ -226,21 +227,32 @@ async def until_done_or_disconnected(request, task: asyncio.Future) -> bool:
     return task in done
 
 
-async def dump_while_connected(traces: TraceControl, request, name: str | None) -> dict:
-    """The dump endpoint: `traces.dump` in a worker thread (a big trace takes seconds; the event loop
-    goes on serving), stopped if the client disconnects first: then nothing is written and the
-    request is a 499."""
+async def _while_connected(request, work, *args, what: str, drop=lambda result: None):
+    """`work(*args, stop)` in a worker thread (a big trace takes seconds; the event loop goes on
+    serving), stopped if the client disconnects first: then the request is a 499, and a result that
+    came anyway (it finished in the instant between the disconnect and the stop) goes to `drop`."""
     stop = threading.Event()
-    task = asyncio.ensure_future(asyncio.to_thread(traces.dump, name, stop))
+    task = asyncio.ensure_future(asyncio.to_thread(work, *args, stop))
     if await until_done_or_disconnected(request, task):
         return task.result()
     stop.set()
-    try:  # the thread stops at its next write and removes the partial file (a dump that finished in the
-        await task  # instant between the disconnect and the stop keeps its file: it is whole)
+    try:  # the thread stops at its next write
+        drop(await task)
     except (DumpCancelled, APIError):  # stopped, or failed on its own meanwhile: the client is gone either way
         pass
-    raise APIError(499, "client disconnected: the trace dump was stopped and its partial file removed",
-                   code="client_closed")
+    raise APIError(499, f"client disconnected: the trace {what} was stopped", code="client_closed")
+
+
+async def dump_while_connected(traces: TraceControl, request, name: str | None) -> dict:
+    """The dump endpoint: a cut dump removes its partial file (a whole one, finished as the client
+    left, is kept)."""
+    return await _while_connected(request, traces.dump, name, what="dump (its partial file removed)")
+
+
+async def download_while_connected(traces: TraceControl, request):
+    """The download endpoint's (temporary file, size): a cut build closes (so deletes) its file."""
+    return await _while_connected(request, traces.download, what="download",
+                                  drop=lambda built: built[0].close())
 
 
 async def stream_file(f, size: int):

@@ -8,8 +8,10 @@ a token, and three prompts of 3000 tokens make a trace of 150 MB.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -145,3 +147,20 @@ def test_a_download_holds_about_one_copy_of_the_trace(recorded):
     grew = (status_kib(pid, "VmHWM") - base) * 1024
     assert grew < 1.6 * len(r.content), grew / len(r.content)
     assert not [p for p in s.trace_dir.iterdir() if p.name != "server.log"]  # nothing left on disk
+
+
+def test_a_download_whose_client_hangs_up_stops_building_it(recorded):
+    """The client of a download gives up while the server builds the archive: the build stops (its
+    temporary file closed, so deleted) and the request counts as a 499. Before, the whole archive was
+    built and then streamed to nobody, answered 200."""
+    s = recorded
+    before = errors_499(s)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.get(s.url + "/v1/traces/dump", timeout=httpx.Timeout(30, read=0.05))
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and errors_499(s) == before:
+        time.sleep(0.05)
+    assert errors_499(s) == before + 1
+    fds = Path(f"/proc/{s.proc.pid}/fd")
+    opened = [target for fd in fds.iterdir() if str(s.trace_dir) in (target := os.readlink(fd))]
+    assert set(opened) == {str(s.trace_dir / "server.log")}, opened  # no temporary file left open
