@@ -10,6 +10,7 @@ sections (a path or a torch.device works where a string is used).
 from __future__ import annotations
 
 import numbers
+import types
 import typing
 
 # a field's type -> (does a value fit it, the limit as the error states it)
@@ -25,7 +26,9 @@ def check_types(section: str, section_cls, values: dict) -> None:
     (field name -> value, fields of the dataclass `section_cls`) that its field's type does not take."""
     hints = typing.get_type_hints(section_cls)
     for name, value in values.items():
-        kinds = typing.get_args(hints[name]) or (hints[name],)  # int | None -> (int, NoneType)
+        hint = hints[name]
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        kinds = typing.get_args(hint) if union else (hint,)  # int | None -> (int, NoneType); list[int] as it is
         optional = type(None) in kinds
         fits, limit = _TYPES.get(next(k for k in kinds if k is not type(None)), (lambda v: True, ""))
         if not (fits(value) or (optional and value is None)):

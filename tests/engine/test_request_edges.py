@@ -162,3 +162,20 @@ def test_sampling_params_per_prompt_as_a_tuple(tiny_dir):
         assert [len(o.token_ids) for o in outs] == [2, 5]
         with pytest.raises(ValueError, match=r"sampling_params: got 1 for 2 prompts"):
             llm.generate(["The quick", "Once upon"], (short,))
+
+
+def test_option_type_check_leaves_container_fields_to_their_section():
+    """check_types read list[int] as int (typing.get_args of a generic gives its item type) and would
+    refuse every list; only plain and optional scalar fields are checked."""
+    from dataclasses import dataclass
+
+    from moe_serve.config_types import check_types
+
+    @dataclass
+    class Section:
+        ids: list[int]
+        size: int | None = None
+
+    check_types("s", Section, {"ids": [1, 2], "size": None})
+    with pytest.raises(ValueError, match=re.escape("s.size must be an integer or None, got '3'")):
+        check_types("s", Section, {"size": "3"})
