@@ -140,6 +140,9 @@ class AsyncEngine:
             return held is None
 
     def abort(self, request_id: str) -> None:
+        """Stop the request with this id: a live one at the next step, one whose generate has not submitted
+        it yet (its prompt being tokenized) as soon as it is submitted; its stream ends with finish_reason
+        "abort". Unknown or finished ids are ignored."""
         with self._streams_lock:
             for call in self._unsubmitted.get(request_id, ()):
                 call.aborted = True
