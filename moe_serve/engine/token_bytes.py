@@ -51,7 +51,10 @@ class TokenBytes:
 
     def __init__(self, fast_tokenizer):
         self.tok = fast_tokenizer
-        decoders = _decoders(json.loads(fast_tokenizer.to_str()))
+        # the decoder's own JSON only: the whole tokenizer's (to_str) holds the vocabulary, 0.2-0.5 s to
+        # serialize and parse for 150k tokens, and this runs on the server's event loop
+        decoder = fast_tokenizer.decoder
+        decoders = _decoders({"decoder": json.loads(decoder.__getstate__()) if decoder is not None else {}})
         kinds = {d.get("type") for d in decoders}
         self.byte_level = "ByteLevel" in kinds
         self.byte_fallback = "ByteFallback" in kinds
