@@ -14,23 +14,24 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 
 ENGINE = r"""
 import json, os, sys
 from moe_serve import LLM, SamplingParams
-path, experts_file, cpu_experts, admission = sys.argv[1:5]
-llm = LLM(model=path, dtype="float32", kv_cache_gb=0.01, expert_cache_slots=4, cache_policy="lru", cpu_threads=1,
-          host_memory="mmap", cpu_experts=cpu_experts, cache_admission=admission)
 params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-before = [o.finish_reason for o in llm.generate([[5, 17, 3, 99, 42]], params)]
-size = os.path.getsize(experts_file)
-os.truncate(experts_file, size // 2)
-after = [[(o.finish_reason, o.error) for o in llm.generate([[7, 64, 12], [5, 17, 3]], params)] for _ in range(2)]
-print(json.dumps(dict(before=before, size=size, after=after)))
-llm.close()
+results = []
+for path, cpu_experts, admission in json.loads(sys.argv[1]):  # each on a checkpoint copy of its own
+    experts_file = os.path.join(path, "experts.safetensors")
+    llm = LLM(model=path, dtype="float32", kv_cache_gb=0.01, expert_cache_slots=4, cache_policy="lru", cpu_threads=1,
+              host_memory="mmap", cpu_experts=cpu_experts, cache_admission=admission)
+    before = [o.finish_reason for o in llm.generate([[5, 17, 3, 99, 42]], params)]
+    size = os.path.getsize(experts_file)
+    os.truncate(experts_file, size // 2)
+    after = [[(o.finish_reason, o.error) for o in llm.generate([[7, 64, 12], [5, 17, 3]], params)] for _ in range(2)]
+    results.append(dict(before=before, size=size, after=after))
+    llm.close()
+print(json.dumps(results))
 """
 
 QUEUED = r"""
@@ -85,7 +86,7 @@ def split_checkpoint(src: Path, to: Path) -> Path:
     return to
 
 
-def child(script: str, *args) -> dict:
+def child(script: str, *args):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
@@ -93,21 +94,21 @@ def child(script: str, *args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("cpu_experts, admission", [("off", "always"), ("off", "reuse"), ("on", "auto")])
-def test_a_truncated_checkpoint_fails_its_requests_with_the_file_and_both_sizes(tiny_checkpoint, tmp_path,
-                                                                                  cpu_experts, admission):
+def test_a_truncated_checkpoint_fails_its_requests_with_the_file_and_both_sizes(tiny_checkpoint, tmp_path):
     """Copied into slots, streamed through the staging buffers, or computed where they lie: after the
     experts file is cut to half, every request that needs a cold expert ends with finish_reason error
     naming the file and both sizes, and the engine serves on (a second round gets the same answer)."""
-    path = split_checkpoint(tiny_checkpoint("mixtral"), tmp_path / "ckpt")
-    experts = path / "experts.safetensors"
-    out = child(ENGINE, path, experts, cpu_experts, admission)
-    assert out["before"] == ["length"]
-    size = out["size"]
-    for round_ in out["after"]:
-        assert [reason for reason, _ in round_] == ["error", "error"], round_
-        for _, error in round_:
-            assert str(experts) in error and f"{size // 2} bytes now, {size} bytes when loaded" in error, error
+    configs = [("off", "always"), ("off", "reuse"), ("on", "auto")]
+    paths = [split_checkpoint(tiny_checkpoint("mixtral"), tmp_path / f"ckpt{i}") for i in range(len(configs))]
+    outs = child(ENGINE, json.dumps([(str(p), *cfg) for p, cfg in zip(paths, configs)]))
+    for path, cfg, out in zip(paths, configs, outs):
+        experts = path / "experts.safetensors"
+        assert out["before"] == ["length"], cfg
+        size = out["size"]
+        for round_ in out["after"]:
+            assert [reason for reason, _ in round_] == ["error", "error"], (cfg, round_)
+            for _, error in round_:
+                assert str(experts) in error and f"{size // 2} bytes now, {size} bytes when loaded" in error, (cfg, error)
 
 
 def test_a_copy_queued_before_the_truncation_checks_the_file_before_reading(tiny_checkpoint, tmp_path):
