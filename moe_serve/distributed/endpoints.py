@@ -138,22 +138,26 @@ class ControlEndpoints:
             self.tmpdir = None
 
 
-def bind_sockets(ctx, endpoints: ControlEndpoints, external: bool):
-    """The frontend's sockets: (PULL bound at endpoints.up, one PUSH per rank bound at endpoints.down[r]); a
-    ValueError naming the option when an address cannot be bound (everything opened is closed, the context
-    terminated, the temp dir removed)."""
+def bind_sockets(ctx, endpoints: ControlEndpoints, external: bool, key: bytes):
+    """The frontend's sockets: (PULL bound at endpoints.up, one PUSH per rank bound at endpoints.down[r]), tcp ones
+    CURVE servers under the control `key` (signing.secure); a ValueError naming the option when an address cannot
+    be bound (everything opened is closed, the context terminated, the temp dir removed)."""
     import zmq
+
+    from moe_serve.distributed.signing import secure
 
     up = ctx.socket(zmq.PULL)
     up.setsockopt(zmq.LINGER, 0)
     down = []
     addr = endpoints.up
     try:
+        secure(up, key, addr, server=True)
         up.bind(addr)
         for addr in endpoints.down:
             s = ctx.socket(zmq.PUSH)
             s.setsockopt(zmq.LINGER, 0)
             down.append(s)
+            secure(s, key, addr, server=True)
             s.bind(addr)
     except zmq.ZMQError as exc:  # e.g. a port of parallel.worker_endpoint (PORT, PORT+1+r) is taken
         for s in [up, *down]:

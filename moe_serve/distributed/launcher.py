@@ -62,7 +62,7 @@ class WorkerGroup(RankMonitor):  # the monitor thread's half: monitor.py
         else:
             self.endpoints = ControlEndpoints.create(world_size, transport)
         self.ctx = zmq.Context()
-        self.up, self.down = bind_sockets(self.ctx, self.endpoints, external is not None)
+        self.up, self.down = bind_sockets(self.ctx, self.endpoints, external is not None, key)
         up_addr = self.up.getsockopt_string(zmq.LAST_ENDPOINT)
         self.outputs: queue.Queue = queue.Queue()
         self.error: WorkerFailure | None = None

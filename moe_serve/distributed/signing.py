@@ -9,8 +9,9 @@ messaging protocol signs the same way). A receiver checks the digest, in constan
 The key: the frontend draws a fresh one per worker group (`new_key`) and hands it to the ranks it starts in their
 environment (`KEY_ENV`, never on a command line, which every user can read in /proc); ranks started by torchrun
 get the same variable from whoever starts them and the frontend (`parallel.worker_endpoint`) reads it from its own.
-Signatures keep strangers from being heard; they do not hide the frames (a stranger connected to a tcp port that
-pushes step plans can take its share of them): keep tcp control ports off untrusted networks.
+Signatures keep strangers from being heard, not from listening: a PUSH socket deals its frames to every peer in
+turn, so one connected to a rank's tcp port took step plans. So tcp sockets also speak CURVE (`secure`) under keys
+derived from the same key: a process without it cannot connect at all, and frames on the wire are encrypted.
 """
 from __future__ import annotations
 
@@ -50,10 +51,10 @@ class Signer:
     def __init__(self, key: bytes):
         if len(key) < MIN_KEY_BYTES:
             raise ValueError(f"{KEY_ENV}: at least {MIN_KEY_BYTES} bytes of key needed, got {len(key)}")
-        self._key = bytes(key)
+        self.key = bytes(key)
 
     def _digest(self, payload) -> bytes:
-        return hmac.new(self._key, payload, hashlib.sha256).digest()
+        return hmac.new(self.key, payload, hashlib.sha256).digest()
 
     def sign(self, payload: bytes) -> bytes:
         return self._digest(payload) + payload
@@ -64,3 +65,27 @@ class Signer:
             return None
         payload = view[DIGEST_BYTES:]
         return payload if hmac.compare_digest(view[:DIGEST_BYTES], self._digest(payload)) else None
+
+
+def _curve_pair(key: bytes, label: bytes) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 CURVE keys derived from the control key (any 32 bytes are a curve25519 secret)."""
+    import zmq
+    from zmq.utils import z85
+
+    secret = z85.encode(hmac.new(key, label, hashlib.sha256).digest())
+    return zmq.curve_public(secret), secret
+
+
+def secure(sock, key: bytes, address: str, server: bool) -> None:
+    """Before bind/connect: a tcp socket speaks CURVE (encrypted, and only to peers that know the server's public
+    key, derived from the control key and never sent): a stranger on a tcp port can neither connect, send nor
+    take frames (a PUSH deals frames round-robin to every peer: one connected to a rank's port took step plans).
+    ipc sockets are private by their directory's permissions: left as they are (no encryption cost)."""
+    if not address.startswith("tcp://"):
+        return
+    server_public, server_secret = _curve_pair(key, b"moe-serve curve server")
+    if server:
+        sock.curve_secretkey, sock.curve_publickey, sock.curve_server = server_secret, server_public, True
+        return
+    sock.curve_publickey, sock.curve_secretkey = _curve_pair(key, b"moe-serve curve client")
+    sock.curve_serverkey = server_public

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import zmq
 
 from moe_serve.distributed import messages as m
-from moe_serve.distributed.signing import KEY_ENV, Signer, key_from_env
+from moe_serve.distributed.signing import KEY_ENV, Signer, key_from_env, secure
 
 SPEC_ENV = "MOE_SERVE_WORKER_SPEC"
 
@@ -77,6 +77,7 @@ class _Heartbeat(threading.Thread):
         super().__init__(daemon=True, name=f"heartbeat-{spec.rank}")
         self.sock = ctx.socket(zmq.PUSH)  # its own socket: zmq sockets are not thread-safe
         self.sock.setsockopt(zmq.LINGER, 0)
+        secure(self.sock, signer.key, spec.up, server=False)
         self.sock.connect(spec.up)
         self.spec, self.signer, self.step, self.phase, self.stop = spec, signer, -1, "starting", threading.Event()
 
@@ -105,9 +106,11 @@ def run_worker(spec: WorkerSpec, key: bytes) -> int:
     ctx = zmq.Context()
     up = ctx.socket(zmq.PUSH)
     up.setsockopt(zmq.LINGER, 2000)
+    secure(up, key, spec.up, server=False)  # tcp: CURVE (signing.secure)
     up.connect(spec.up)
     down = ctx.socket(zmq.PULL)
     down.setsockopt(zmq.LINGER, 0)
+    secure(down, key, spec.down, server=False)
     down.connect(spec.down)
     hb = _Heartbeat(ctx, spec, signer)
     hb.start()
@@ -225,6 +228,7 @@ def external_spec(timeout_s: float = 600.0, key: bytes | None = None) -> WorkerS
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.LINGER, 0)
+    secure(sock, key, f"tcp://{host}:{int(port) + 1 + rank}", server=False)
     sock.connect(f"tcp://{host}:{int(port) + 1 + rank}")
     deadline, payload = time.monotonic() + timeout_s, None
     try:

@@ -158,11 +158,12 @@ def test_worker_endpoint_in_use_is_named():
 
 
 def test_a_stray_frame_on_the_up_socket_does_not_stop_the_monitor(caplog):
-    # anything on this machine may connect to a tcp control port: its frame failed to decode inside the monitor
-    # thread, which ended, and every later step waited out its timeout (600 s by default) for outputs never routed
+    # a peer on the up socket (a process of the same user on the ipc path; tcp takes CURVE peers only): its frame
+    # failed to decode inside the monitor thread, which ended, and every later step waited out its timeout (600 s
+    # by default) for outputs never routed
     import zmq
 
-    group = WorkerGroup(_spec(1, 2), world_size=2, startup_timeout_s=60, heartbeat_timeout_s=20, transport="tcp")
+    group = WorkerGroup(_spec(1, 2), world_size=2, startup_timeout_s=60, heartbeat_timeout_s=20)
     ctx = zmq.Context()
     stray = ctx.socket(zmq.PUSH)
     stray.setsockopt(zmq.LINGER, 0)

@@ -16,7 +16,7 @@ from moe_serve.distributed.endpoints import free_tcp_port_run
 from moe_serve.distributed.groups import ParallelLayout
 from moe_serve.distributed.launcher import WorkerGroup
 from moe_serve.distributed.probe import expected_probe_logits
-from moe_serve.distributed.signing import KEY_ENV, Signer, new_key
+from moe_serve.distributed.signing import KEY_ENV, Signer, new_key, secure
 from tests.distributed.test_control import _plan, _spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,10 +45,12 @@ def _assert_serves_exact(group: WorkerGroup, steps=range(2)) -> None:
             assert torch.equal(out.logits.to_tensor(), want), (out.rank, step)
 
 
-def test_a_stranger_on_the_tcp_up_port_is_not_heard(caplog):
+@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+def test_a_stranger_on_the_up_socket_is_not_heard(caplog, transport):
     # any local process may connect to a tcp control port: a well-formed StepOutput it pushed was taken for a rank's
-    # (wrong logits served), and a WorkerError failed every request; unsigned or wrongly signed, both are dropped
-    group = WorkerGroup(_spec(1, 2), world_size=2, startup_timeout_s=60, heartbeat_timeout_s=20, transport="tcp")
+    # (wrong logits served), and a WorkerError failed every request. Over tcp (CURVE) it cannot even connect; on the
+    # ipc socket (a process of the same user) its frames arrive, unsigned or wrongly signed, and are dropped
+    group = WorkerGroup(_spec(1, 2), world_size=2, startup_timeout_s=60, heartbeat_timeout_s=20, transport=transport)
     ctx = zmq.Context()
     stray = ctx.socket(zmq.PUSH)
     stray.setsockopt(zmq.LINGER, 0)
@@ -65,8 +67,8 @@ def test_a_stranger_on_the_tcp_up_port_is_not_heard(caplog):
         time.sleep(0.5)  # the monitor has read them
         _assert_serves_exact(group)
         assert group.error is None
-        assert caplog.text.count("dropped a") == 9, caplog.text
-        assert "signature does not verify" in caplog.text
+        assert caplog.text.count("dropped a") == (9 if transport == "ipc" else 0), caplog.text
+        assert ("signature does not verify" in caplog.text) == (transport == "ipc")
     finally:
         stray.close()
         ctx.term()
@@ -98,33 +100,65 @@ print("SPEC", spec.runner, spec.rank, flush=True)
 """
 
 
+def _bind(sock, addr: str) -> None:
+    """Bind, waiting for the previous socket's close to release the port (zmq closes in its I/O thread)."""
+    for _ in range(50):
+        try:
+            return sock.bind(addr)
+        except zmq.ZMQError:
+            time.sleep(0.05)
+    sock.close()
+    raise AssertionError(f"{addr} stayed in use")
+
+
 def test_a_torchrun_rank_takes_its_spec_only_from_the_frontend(tmp_path):
     # a rank started by torchrun pulls its spec (which names the code it runs) from PORT+1+r: a process that bound
-    # that port first could hand it any spec; one not signed with the key given to torchrun's ranks is dropped
+    # that port first could hand it any spec. Without the key given to torchrun's ranks it cannot even reach the
+    # rank (CURVE), and a Configure not signed with that key is dropped
     port, key = free_tcp_port_run(2), new_key()
+    addr = f"tcp://127.0.0.1:{port + 1}"
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1",
                MOE_SERVE_FRONTEND=f"127.0.0.1:{port}", **{KEY_ENV: key.hex()})
+    good = _spec(1, 1)
+    evil = m.encode(m.Configure(replace(good, runner="evil:code").to_json()))
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.LINGER, 1000)
-    sock.bind(f"tcp://127.0.0.1:{port + 1}")
     rank = subprocess.Popen([sys.executable, "-c", _EXTERNAL_RANK], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        good = _spec(1, 1)
-        evil = replace(good, runner="evil:code")
-        sock.send(m.encode(m.Configure(evil.to_json())))
-        sock.send(Signer(new_key()).sign(m.encode(m.Configure(evil.to_json()))))
+        for stranger_key in (None, new_key()):  # a plain socket, then a CURVE server under another key
+            sock = ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            if stranger_key is not None:
+                secure(sock, stranger_key, addr, server=True)
+            _bind(sock, addr)
+            sent, t = 0, time.monotonic()
+            while time.monotonic() - t < 1.0:  # the rank tries to connect (every 0.1 s): the handshake fails
+                for frame in (evil, Signer(stranger_key or new_key()).sign(evil)):
+                    try:
+                        sock.send(frame, zmq.NOBLOCK)
+                        sent += 1
+                    except zmq.Again:  # no peer to take it
+                        time.sleep(0.05)
+            sock.unbind(addr)
+            sock.close()
+            assert sent == 0, "the stranger reached the rank"
+        sock = ctx.socket(zmq.PUSH)  # the frontend, late
+        sock.setsockopt(zmq.LINGER, 1000)
+        secure(sock, key, addr, server=True)
+        _bind(sock, addr)
+        sock.send(Signer(new_key()).sign(evil))  # with the CURVE keys but not the signing key: still dropped
         sock.send(Signer(key).sign(m.encode(m.Configure(good.to_json()))))
-        out, err = rank.communicate(timeout=60)
+        try:
+            out, err = rank.communicate(timeout=60)
+        finally:
+            sock.close()
     finally:
         if rank.poll() is None:
             rank.kill()
-        sock.close()
         ctx.term()
     assert rank.returncode == 0, err
     assert out.strip() == "SPEC moe_serve.distributed.probe:build 0", (out, err)
-    assert err.count("signature does not verify; not executed") == 2, err
+    assert err.count("signature does not verify; not executed") == 1, err
 
 
 def test_a_worker_endpoint_without_a_control_key_is_refused_naming_it(monkeypatch):
@@ -136,3 +170,23 @@ def test_a_worker_endpoint_without_a_control_key_is_refused_naming_it(monkeypatc
     monkeypatch.setenv(KEY_ENV, "not hex")
     with pytest.raises(ValueError, match=f"{KEY_ENV} must be hex"):
         WorkerGroup(_spec(1, 2), world_size=2, startup_timeout_s=5, external=f"tcp://127.0.0.1:{port}")
+
+
+def test_a_stranger_on_a_tcp_down_port_gets_no_step_plan():
+    # a PUSH socket deals its frames round-robin to every peer: a stranger that connected to rank 0's tcp port
+    # took every other step plan (the prompts' tokens), and rank 0, missing them, stalled the group. tcp control
+    # sockets are CURVE-encrypted under keys derived from the control key: a stranger cannot connect at all
+    group = WorkerGroup(_spec(1, 2), world_size=2, startup_timeout_s=60, heartbeat_timeout_s=20, transport="tcp")
+    ctx = zmq.Context()
+    thief = ctx.socket(zmq.PULL)
+    thief.setsockopt(zmq.LINGER, 0)
+    try:
+        thief.connect(group.down[0].getsockopt_string(zmq.LAST_ENDPOINT))
+        time.sleep(0.5)  # connected (or refused) by now
+        _assert_serves_exact(group, steps=range(4))
+        assert not thief.poll(500), "a stranger received a step plan"
+    finally:
+        thief.close()
+        ctx.term()
+        group.shutdown()
+    assert all(p.returncode == 0 for p in group.procs)
