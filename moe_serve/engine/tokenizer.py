@@ -23,14 +23,16 @@ class Tokenizer:
     def available(self) -> bool:
         return self.backend is not None
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; `add_special_tokens` adds what the tokenizer's post-processor adds (a BOS
+        for Llama/Mixtral tokenizers). A rendered chat template already holds its special tokens."""
         if self.backend is None:
             raise ValueError("prompt: this checkpoint has no tokenizer; pass the prompt as a list of token ids")
         if self.kind == "tokenizers":
             # the batch call releases the GIL while it works (the single one holds it: 2.5 s for a 1 MB
             # prompt), so a server thread tokenizes while the event loop goes on streaming; same ids
-            return self.backend.encode_batch([text], add_special_tokens=True)[0].ids
-        return list(self.backend.encode(text))
+            return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        return list(self.backend.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         if self.backend is None:

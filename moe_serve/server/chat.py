@@ -46,6 +46,14 @@ def load_chat_template(model_dir: str | None, tokenizer=None) -> tuple[str, dict
     return (template or FALLBACK_TEMPLATE), specials
 
 
+def template_writes_special_tokens(template: str) -> bool:
+    """Whether a prompt rendered with `template` already holds its special tokens. A checkpoint's own
+    template writes them (`{{ bos_token }}`...), so its text is tokenized without adding more, as
+    transformers' `apply_chat_template(tokenize=True)` and vLLM do (else Mixtral's chat prompt starts
+    with two BOS). The fallback knows no special tokens: the tokenizer adds its usual ones."""
+    return template != FALLBACK_TEMPLATE
+
+
 @lru_cache(maxsize=8)
 def _compiled(template: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment

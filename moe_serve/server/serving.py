@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from moe_serve.engine.sampling_params import SamplingParams
 from moe_serve.server import protocol as P
-from moe_serve.server.chat import render_chat
+from moe_serve.server.chat import render_chat, template_writes_special_tokens
 from moe_serve.server.errors import APIError, error_body
 from moe_serve.server.lifecycle import RequestRunner, RunState, engine_error
 from moe_serve.server.responses import ChatBuilder, CompletionBuilder, usage
@@ -120,7 +120,8 @@ class Handlers:
         messages = [m.model_dump() for m in req.messages]
         try:  # in a worker thread, as for completions: the event loop keeps streaming meanwhile
             text = render_chat(messages, self.info.chat_template, self.info.template_vars, req.add_generation_prompt)
-            ids = await run_in_threadpool(self.info.tokenizer.encode, text)
+            ids = await run_in_threadpool(self.info.tokenizer.encode, text,
+                                          not template_writes_special_tokens(self.info.chat_template))
         except ValueError as exc:
             raise APIError(400, f"messages: {exc}", param="messages") from exc
         field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
