@@ -36,7 +36,7 @@ def _as_prompt_list(prompts) -> list[Prompt]:
 def _finished_output(group, completions: dict[int, CompletionOutput]) -> RequestOutput:
     """One prompt's RequestOutput from its finished completions, in index order."""
     first, outputs = group[0], [completions[i] for i in range(len(group))]
-    return RequestOutput(request_id=first.request_id, prompt=first.prompt, prompt_token_ids=first.prompt_ids,
+    return RequestOutput(request_id=first.request_id, prompt=first.prompt, prompt_token_ids=first.shown_prompt_ids(),
                          outputs=outputs, finished=True, metrics=merge_metrics([c.metrics for c in outputs]))
 
 

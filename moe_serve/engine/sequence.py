@@ -44,6 +44,8 @@ class Sequence:
     index: int = 0  # which completion of its request
     # the request's n sequences, itself included (not in repr or ==: it holds itself)
     group: list["Sequence"] = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
+    # the prompt ids outputs hand out (see shown_prompt_ids); on the group's first sequence only
+    _shown_prompt: list[int] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.metrics = RequestMetrics(arrival_time=self.arrival_time, num_prompt_tokens=len(self.prompt_ids))
@@ -90,6 +92,18 @@ class Sequence:
         except Exception:  # noqa: BLE001 - the request ends anyway; its text stays as it was
             pass
 
+    def shown_prompt_ids(self) -> list[int]:
+        """The prompt ids this request's outputs carry: a copy of prompt_ids, made once per request and
+        shared by its completions' outputs. Outputs reach their consumer while the engine still decodes
+        the request (AsyncEngine: another thread), and prompt_ids sets its length, its decode positions
+        and its penalties: a consumer changing the list it was given must not change those. A copy per
+        output would cost O(prompt) per step; this one the engine never reads (vLLM, too, hands every
+        output of a request the same list), so a change shows only in that consumer's later outputs."""
+        head = self.group[0]
+        if head._shown_prompt is None:
+            head._shown_prompt = list(self.prompt_ids)
+        return head._shown_prompt
+
     def make_output(self) -> RequestOutput:
         """The request's output carrying this completion: cumulative text and ids plus what is new
         since its previous output; `finished` once every completion of the request has finished."""
@@ -106,6 +120,6 @@ class Sequence:
             metrics=self.metrics,
         )
         self.sent_text, self.sent_ids = len(text), len(self.output_ids)
-        return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_ids,
+        return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.shown_prompt_ids(),
                              outputs=[completion], finished=all(s.finished for s in self.group),
                              metrics=merge_metrics([s.metrics for s in self.group]))

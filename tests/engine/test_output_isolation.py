@@ -1,0 +1,52 @@
+"""What a streamed RequestOutput hands out is the consumer's own: changing its lists must not change
+the request the engine is still decoding (AsyncEngine delivers outputs to another thread while the
+engine keeps stepping the same request)."""
+from moe_serve.config import EngineConfig
+from moe_serve.engine import LLMEngine, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, repetition_penalty=1.3)
+PROMPT = "The quick brown fox"
+
+
+def _stream(eng, rid: str, meddle) -> list[int]:
+    """Step `rid` to the end, calling meddle(out) on every streamed output; its final token ids."""
+    eng.add_request(PROMPT, GREEDY, rid)
+    while eng.has_unfinished():
+        for out in eng.step():
+            ids = list(out.outputs[0].token_ids)
+            meddle(out)
+            if out.finished:
+                return ids
+
+
+def _scribble(out) -> None:
+    out.prompt_token_ids.append(0)  # e.g. a consumer building the next prompt in place
+    out.prompt_token_ids[0] = 1
+    out.outputs[0].token_ids.clear()
+    out.outputs[0].delta_token_ids.append(0)
+
+
+def test_a_consumer_changing_an_output_leaves_the_request_alone(tiny_dir):
+    eng = LLMEngine(EngineConfig.from_flat(model=str(tiny_dir)))
+    want = _stream(eng, "clean", lambda out: None)
+    assert len(want) == 10
+    assert _stream(eng, "scribbled", _scribble) == want
+    # n = 2: completion 0's output scribbled on; both completions still decode the real prompt
+    eng.add_request(PROMPT, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, n=2,
+                                           repetition_penalty=1.3), "n2")
+    final = {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            final[out.outputs[0].index] = list(out.outputs[0].token_ids)
+            if out.outputs[0].index == 0:
+                _scribble(out)
+    assert final == {0: want, 1: want}
+
+
+def test_outputs_show_the_prompt_they_were_given(tiny_dir):
+    eng = LLMEngine(EngineConfig.from_flat(model=str(tiny_dir)))
+    prompt = eng.tokenizer.encode(PROMPT)
+    eng.add_request(list(prompt), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, n=2), "r")
+    outs = [out for _ in range(8) for out in eng.step()]
+    assert len(outs) == 6 and all(out.prompt_token_ids == prompt for out in outs)
+    assert len({id(out.prompt_token_ids) for out in outs}) == 1  # one copy per request, not one per step
