@@ -21,6 +21,7 @@ def test_flat_options_and_cli_flags_reach_the_parallel_section():
     (dict(allreduce="mpi"), "parallel.allreduce"), (dict(heartbeat_timeout_s=0.5), "parallel.heartbeat_timeout_s"),
     (dict(tp=2, ep=2, preplan=True), "parallel.preplan"), (dict(worker_endpoint="host:1"), "parallel.worker_endpoint"),
     (dict(ep=2, preplan_predictor="p.safetensors"), "parallel.preplan_predictor"),
+    (dict(shutdown_grace_s=0), "parallel.shutdown_grace_s"),
 ])
 def test_bad_values_name_the_field(kw, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
