@@ -63,7 +63,8 @@ def create_app(engine, cfg: ServerConfig, model_dir: str | None = None, own_engi
 
     v1 = {"dependencies": [Depends(check_key)], "responses": ERRORS}
 
-    @app.get("/health")
+    # HEAD as well: load balancers and uptime checkers probe with it (the body is dropped, as for any HEAD)
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if not bridge.alive():
             return JSONResponse({"status": "engine dead"}, status_code=503)
