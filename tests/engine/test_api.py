@@ -8,6 +8,7 @@ import torch
 from moe_serve import LLM, AsyncEngine, SamplingParams
 from moe_serve.config import EngineConfig
 from moe_serve.engine import EngineDeadError
+from tests.engine.helpers import collect
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
@@ -85,21 +86,13 @@ def test_greedy_matches_transformers(tiny_qwen_dir):
     assert ours == ref.tolist()
 
 
-async def _collect(engine, prompt, params, rid):
-    deltas, last = [], None
-    async for out in engine.generate(prompt, params, rid):
-        deltas.append(out.delta_text)
-        last = out
-    return deltas, last
-
-
 def test_async_streams_concatenate_to_the_final_text(tiny_dir):
     eng = AsyncEngine.from_config(EngineConfig.from_flat(model=str(tiny_dir)))
     try:
         async def main():
             stop = SamplingParams(temperature=0, max_tokens=16, stop=["zzz-never"], ignore_eos=True)
-            return await asyncio.gather(_collect(eng, "The quick brown fox", GREEDY, "a"),
-                                        _collect(eng, "Once upon a time", stop, "b"))
+            return await asyncio.gather(collect(eng, "The quick brown fox", GREEDY, "a"),
+                                        collect(eng, "Once upon a time", stop, "b"))
         (da, a), (db, b) = asyncio.run(main())
         for deltas, out in ((da, a), (db, b)):
             assert out.finished and "".join(deltas) == out.text
@@ -117,7 +110,7 @@ def test_async_stream_with_a_matching_stop_string(tiny_dir):
     eng = AsyncEngine.from_config(EngineConfig.from_flat(model=str(tiny_dir)))
     try:
         params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=[stop])
-        deltas, out = asyncio.run(_collect(eng, "Once upon a time", params, "s"))
+        deltas, out = asyncio.run(collect(eng, "Once upon a time", params, "s"))
     finally:
         eng.shutdown()
     assert out.finish_reason == "stop"
@@ -172,7 +165,7 @@ def test_async_bad_request_fails_alone_and_abort_frees(tiny_dir):
                     break
                 await asyncio.sleep(0.05)
             assert eng.engine.num_running == 0
-            return await _collect(eng, "The quick", GREEDY, "after")
+            return await collect(eng, "The quick", GREEDY, "after")
         deltas, out = asyncio.run(main())
         assert out.finish_reason == "length" and len(out.token_ids) == 10
     finally:

@@ -9,16 +9,9 @@ import pytest
 from moe_serve import AsyncEngine, SamplingParams
 from moe_serve.config import EngineConfig
 from moe_serve.engine import QueueFullError
+from tests.engine.helpers import collect
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-
-
-async def _collect(engine, prompt, params, rid):
-    deltas, last = [], None
-    async for out in engine.generate(prompt, params, rid):
-        deltas.append(out.delta_text)
-        last = out
-    return deltas, last
 
 
 def test_async_abort_while_the_prompt_is_tokenized_is_kept(tiny_dir):
@@ -51,7 +44,7 @@ def test_async_abort_while_the_prompt_is_tokenized_is_kept(tiny_dir):
         release.set()
         await asyncio.wait_for(task, 30)
         eng.engine.make_request = make
-        after = await _collect(eng, "Once upon", GREEDY, "after")
+        after = await collect(eng, "Once upon", GREEDY, "after")
         return outs, after
     try:
         outs, (_, after) = asyncio.run(main())
@@ -80,16 +73,16 @@ def test_async_a_refused_request_spares_a_retry_of_its_id_on_its_way(tiny_dir):
     long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
 
     async def main():
-        running = asyncio.create_task(_collect(eng, [5, 6, 7], long, "running"))
+        running = asyncio.create_task(collect(eng, [5, 6, 7], long, "running"))
         while eng.engine.num_running == 0:
             await asyncio.sleep(0.01)
-        waiting = asyncio.create_task(_collect(eng, [5, 6], GREEDY, "waiting"))  # fills the queue
+        waiting = asyncio.create_task(collect(eng, [5, 6], GREEDY, "waiting"))  # fills the queue
         while eng.engine.num_waiting == 0:
             await asyncio.sleep(0.01)
-        retry = asyncio.create_task(_collect(eng, "Once upon", GREEDY, "x"))
+        retry = asyncio.create_task(collect(eng, "Once upon", GREEDY, "x"))
         await asyncio.to_thread(tokenizing.wait, 10)
         with pytest.raises(QueueFullError):
-            await _collect(eng, [1, 2], GREEDY, "x")  # refused: its cleanup aborts "x"
+            await collect(eng, [1, 2], GREEDY, "x")  # refused: its cleanup aborts "x"
         eng.abort("running")  # room again
         await running
         release.set()
@@ -120,7 +113,7 @@ def test_async_reusing_the_id_of_an_abandoned_stream(tiny_dir):
     long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
 
     async def main():
-        background = asyncio.create_task(_collect(eng, [9, 8, 7], long, "background"))  # steps keep running
+        background = asyncio.create_task(collect(eng, [9, 8, 7], long, "background"))  # steps keep running
         results, refused = [], []
         for trial in range(3):
             n = 0
@@ -135,7 +128,7 @@ def test_async_reusing_the_id_of_an_abandoned_stream(tiny_dir):
                 del stream
             while True:  # retry until accepted (the old code refused it while the old request was live)
                 try:
-                    results.append(await asyncio.wait_for(_collect(eng, [5, 6, 7], GREEDY, "chat"), 30))
+                    results.append(await asyncio.wait_for(collect(eng, [5, 6, 7], GREEDY, "chat"), 30))
                     break
                 except ValueError:
                     refused.append(trial)

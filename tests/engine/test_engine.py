@@ -5,6 +5,7 @@ import pytest
 
 from moe_serve.config import EngineConfig
 from moe_serve.engine import LLMEngine, QueueFullError, SamplingParams
+from tests.engine.helpers import run
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 PROMPTS = ["The quick brown fox", "Once upon a time there was", "def add(a, b):", "Mixture-of-experts models route"]
@@ -12,16 +13,6 @@ PROMPTS = ["The quick brown fox", "Once upon a time there was", "def add(a, b):"
 
 def engine(model_dir, **kw) -> LLMEngine:
     return LLMEngine(EngineConfig.from_flat(model=str(model_dir), **kw))
-
-
-def run(eng, until=None):
-    """Step until nothing is left; {request_id: final output}."""
-    done = {}
-    while eng.has_unfinished():
-        for out in eng.step():
-            if out.finished:
-                done[out.request_id] = out
-    return done
 
 
 def alone(model_dir, prompt, params=GREEDY, **kw):

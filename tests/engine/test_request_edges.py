@@ -8,18 +8,9 @@ import pytest
 from moe_serve import LLM, SamplingParams
 from moe_serve.config import EngineConfig
 from moe_serve.engine import LLMEngine
+from tests.engine.helpers import run
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-
-
-def run(eng):
-    """Step until nothing is left; {request_id: final output}."""
-    done = {}
-    while eng.has_unfinished():
-        for out in eng.step():
-            if out.finished:
-                done[out.request_id] = out
-    return done
 
 
 @pytest.fixture
