@@ -9,6 +9,7 @@ Ctrl-C could land, deterministically.
 from __future__ import annotations
 
 import dis
+import sys
 
 SIGNAL_CHECKS = {"CALL", "CALL_FUNCTION_EX", "RESUME", "JUMP_BACKWARD", "POP_JUMP_BACKWARD_IF_TRUE",
                  "POP_JUMP_BACKWARD_IF_FALSE", "POP_JUMP_BACKWARD_IF_NONE", "POP_JUMP_BACKWARD_IF_NOT_NONE"}
@@ -46,3 +47,15 @@ def interrupt_at(k: int, functions, armed=lambda: True):
         return local
 
     return tracer, fired
+
+
+def call_interrupted(tracer, fn, *args) -> None:
+    """fn(*args) with `tracer` (from interrupt_at) installed; the KeyboardInterrupt it raises is taken as
+    the Ctrl-C the scenario is about and swallowed (whether it fired is the tracer's `fired`)."""
+    sys.settrace(tracer)
+    try:
+        fn(*args)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.settrace(None)

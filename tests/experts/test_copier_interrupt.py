@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 
 from moe_serve.experts import copy_failures, copy_queue
 from moe_serve.experts.copier import ThreadCopier
-from tests.experts.interrupts import interrupt_at
+from tests.experts.interrupts import call_interrupted, interrupt_at
 
 SRC = (torch.arange(12.0).reshape(4, 3), torch.arange(6.0).reshape(3, 2))
 TRACED = (ThreadCopier.wait, ThreadCopier._finished, copy_failures.copy_pairs, copy_queue.CopyQueue.take,
@@ -30,13 +29,7 @@ def interrupted_wait(k: int):
     dst = (torch.zeros(4, 3), torch.zeros(3, 2))
     ticket = c.submit([(dst[0], SRC[0]), (dst[1], SRC[1])], 0)
     tracer, fired = interrupt_at(k, TRACED)
-    sys.settrace(tracer)
-    try:
-        c.wait(ticket, 0)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sys.settrace(None)
+    call_interrupted(tracer, c.wait, ticket, 0)
     return c, ticket, dst, fired[0]
 
 
@@ -98,13 +91,7 @@ def test_a_second_ctrl_c_in_the_handler_is_repaired_by_the_next_wait():
         dst = (torch.zeros(4, 3), torch.zeros(3, 2))
         ticket = c.submit([(dst[0], SRC[0]), (dst[1], SRC[1].as_subclass(FirstCopyInterrupted))], 0)
         tracer, fired = interrupt_at(j, TRACED, armed=lambda: FirstCopyInterrupted.fired)
-        sys.settrace(tracer)
-        try:
-            c.wait(ticket, 0)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            sys.settrace(None)
+        call_interrupted(tracer, c.wait, ticket, 0)
         if not fired[0]:  # the handler ran to its end before a j-th point: every point was tried
             assert j > 3
             c.close()

@@ -3,7 +3,6 @@ it lands at (`interrupts.py`), the expert's next use must compute with its own w
 what the slot held before (LLM.generate aborts its requests on Ctrl-C and the engine serves on)."""
 from __future__ import annotations
 
-import sys
 
 import torch
 
@@ -12,7 +11,7 @@ from moe_serve.experts.offload import OffloadExpertStore
 from moe_serve.experts.policies import LRUPolicy
 from moe_serve.experts.slot_copies import SlotCopies
 from moe_serve.experts.store import expert_forward
-from tests.experts.interrupts import interrupt_at
+from tests.experts.interrupts import call_interrupted, interrupt_at
 from tests.experts.sources import TinySource
 
 TRACED = (SlotCopies._copy_in, getattr(SlotCopies, "host_copy_source", None), SlotCache.insert,
@@ -32,13 +31,7 @@ def test_ctrl_c_while_an_expert_takes_a_slot_never_leaves_it_the_victims_weights
         store.compute_expert(0, 0, x)
         store.end_layer(0)
         tracer, fired = interrupt_at(k, TRACED)
-        sys.settrace(tracer)
-        try:
-            store.begin_layer(0, [1])  # (0, 1) evicts (0, 0) from the one slot
-        except KeyboardInterrupt:
-            pass
-        finally:
-            sys.settrace(None)
+        call_interrupted(tracer, store.begin_layer, 0, [1])  # (0, 1) evicts (0, 0) from the one slot
         if not fired[0]:  # begin_layer ran to its end before a k-th point: every point was tried
             assert k > 10
             store.close()
