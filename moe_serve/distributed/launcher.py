@@ -24,7 +24,7 @@ import zmq
 from moe_serve.distributed import messages as m
 from moe_serve.distributed.endpoints import ControlEndpoints, bind_sockets
 from moe_serve.distributed.monitor import _FAILED, RankMonitor, WorkerFailure
-from moe_serve.distributed.signing import KEY_ENV, Signer, key_from_env, new_key
+from moe_serve.distributed.signing import KEY_ENV, Signer, key_from_env, new_key, over_tcp
 from moe_serve.distributed.spawner import Spawner
 from moe_serve.distributed.worker import SPEC_ENV, WorkerSpec
 
@@ -47,13 +47,14 @@ class WorkerGroup(RankMonitor):  # the monitor thread's half: monitor.py
         self._cancel = cancel
         self.world_size, self.heartbeat_timeout_s = world_size, heartbeat_timeout_s
         self.heartbeat_s = base.heartbeat_s
-        # every control frame is signed with a key only this group and its ranks hold (signing.py): anything else on
-        # the machine may connect to a tcp port. Ranks started here get a fresh key; torchrun's, the one it was given
+        # on tcp every control frame is signed with a key only this group and its ranks hold (signing.py): anything
+        # else on the machine may connect to a tcp port. Ranks started here get a fresh key; torchrun's, the one it
+        # was given. ipc frames (a directory only this user opens) are not signed
         key = new_key() if external is None else key_from_env()
         if key is None:
             raise ValueError(f"parallel.worker_endpoint: set {KEY_ENV} (hex, e.g. from secrets.token_hex(32)) for the "
                              "frontend and for the ranks torchrun starts: control frames are signed with it")
-        self.signer = Signer(key)
+        Signer(key)  # the key's length check, before any socket exists
         if external is not None:
             host, port = external.removeprefix("tcp://").rsplit(":", 1)
             self.endpoints = ControlEndpoints(up=f"tcp://{host}:{port}",
@@ -62,6 +63,7 @@ class WorkerGroup(RankMonitor):  # the monitor thread's half: monitor.py
         else:
             self.endpoints = ControlEndpoints.create(world_size, transport)
         self.ctx = zmq.Context()
+        self.signer = Signer(key, signs=over_tcp(self.endpoints.up))
         self.up, self.down = bind_sockets(self.ctx, self.endpoints, external is not None, key)
         up_addr = self.up.getsockopt_string(zmq.LAST_ENDPOINT)
         self.outputs: queue.Queue = queue.Queue()

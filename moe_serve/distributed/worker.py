@@ -4,7 +4,7 @@ Started by the frontend (`python -m moe_serve.distributed.worker`, its spec as J
 environment variable MOE_SERVE_WORKER_SPEC) or by torchrun (see `launch_torchrun`). A side thread
 sends a Heartbeat every interval from process start, so the frontend can tell a slow rank from a
 dead one. Any exception is reported as a WorkerError (with the traceback) before the rank exits.
-Every control frame, both ways, is signed with the engine's key and checked before it is decoded (signing.py).
+On tcp every control frame, both ways, is signed with the engine's key and checked before it is decoded (signing.py).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import zmq
 
 from moe_serve.distributed import messages as m
-from moe_serve.distributed.signing import KEY_ENV, Signer, key_from_env, secure
+from moe_serve.distributed.signing import KEY_ENV, Signer, key_from_env, over_tcp, secure
 
 SPEC_ENV = "MOE_SERVE_WORKER_SPEC"
 
@@ -99,9 +99,9 @@ def _load_runner(spec: WorkerSpec, groups):
 
 
 def run_worker(spec: WorkerSpec, key: bytes) -> int:
-    """Serve until Shutdown; `key`: the engine's control key (every frame both ways is signed with it)."""
+    """Serve until Shutdown; `key`: the engine's control key (on tcp every frame both ways is signed with it)."""
     t0 = time.time()
-    signer = Signer(key)
+    signer = Signer(key, signs=over_tcp(spec.up))
     send = lambda msg: up.send(signer.sign(m.encode(msg)))  # noqa: E731
     ctx = zmq.Context()
     up = ctx.socket(zmq.PUSH)
