@@ -12,7 +12,7 @@ import uuid
 from typing import Annotated, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationInfo,
-                      field_validator)
+                      field_validator, model_serializer)
 
 TokenId = Annotated[StrictInt, Field(ge=0)]
 MAX_LOGPROBS = 20  # as SamplingParams (vLLM's max_logprobs; OpenAI's top_logprobs limit)
@@ -190,8 +190,14 @@ class ChatCompletionResponse(BaseModel):
 
 
 class DeltaMessage(BaseModel):
+    """A chat stream chunk's delta: only the fields it carries, as OpenAI sends them ({"role", "content"}
+    first, {"content"} then, {} on the finish chunk); clients read it with delta.get("content", "")."""
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatChunkChoice(BaseModel):

@@ -79,8 +79,8 @@ def sampling_params(req: P.SamplingFields, max_tokens: int, defaults: dict,
         raise engine_error(exc) from exc
 
 
-def sse(obj) -> str:
-    data = obj.model_dump_json(exclude_none=False) if hasattr(obj, "model_dump_json") else json.dumps(obj)
+def sse(obj, exclude: set[str] | None = None) -> str:
+    data = obj.model_dump_json(exclude=exclude) if hasattr(obj, "model_dump_json") else json.dumps(obj)
     return f"data: {data}\n\n"
 
 
@@ -199,12 +199,14 @@ class Handlers:
                       include_usage: bool) -> AsyncIterator[str]:
         """SSE body from a started run; an error after the headers went out is sent as an event."""
         runner, finals, ended = self.runner, {}, False
+        # as OpenAI: chunks carry "usage" (null but on the last one) only when include_usage asked for it
+        exclude = None if include_usage else {"usage"}
         try:
             item = first
             while item is not None:
                 i, out = item
                 for chunk in builder.chunks(i, out, i not in finals):
-                    yield sse(chunk)
+                    yield sse(chunk, exclude)
                 finals[i] = out
                 item = await anext(it, None)
             err = self._failure(finals, state)
