@@ -2,42 +2,25 @@
 
 Each field's `metadata["help"]` is its documentation and the help text of the CLI flag derived from
 it (`--max-num-seqs` for `max_num_seqs`, see `moe_serve.cli.flags`). Validation errors name the
-field and the limit. Sections: model, kv cache, scheduler, expert cache, parallel, server; `EngineConfig`
-groups them.
+field and the limit. Sections: model, kv cache, scheduler, trace, server here; parallel
+(`config_parallel.py`) and expert cache (`config_expert_cache.py`) in files of their own; `EngineConfig`
+groups them, and every section is importable from here. The field helpers are in `config_fields.py`.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from moe_serve.config_expert_cache import ExpertCacheConfig
+from moe_serve.config_fields import check_output_file, doc, require
+from moe_serve.config_parallel import ParallelConfig
 from moe_serve.config_types import check_types
 
+__all__ = ["DEFAULT_MODEL", "GENERATION_CONFIG_MODES", "MLA_DECODE_MODES", "EngineConfig", "ExpertCacheConfig",
+           "KVCacheConfig", "ModelConfig", "ParallelConfig", "SchedulerConfig", "ServerConfig", "TraceConfig",
+           "check_output_file", "doc", "require"]
+
 DEFAULT_MODEL = str(Path(__file__).resolve().parent / "default_model")
-
-
-def doc(help: str, **kw):
-    """A dataclass field with its documentation attached (the CLI help text)."""
-    return field(metadata={"help": help}, **kw)
-
-
-def require(cond: bool, section: str, name: str, limit: str, value) -> None:
-    if not cond:
-        raise ValueError(f"{section}.{name} must be {limit}, got {value!r}")
-
-
-def check_output_file(path: str, name: str) -> None:
-    """Refuse an output file that could not be written, before the work that fills it (minutes of
-    generation or fitting would otherwise end in a traceback from open()); creates its parent directories."""
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"{name} {path}: is a directory, expected a file name")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a parent that is a file, or no permission
-        raise ValueError(f"{name} {path}: cannot create its directory ({e.strerror})") from None
-    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise ValueError(f"{name} {path}: not writable")
 
 
 MLA_DECODE_MODES = ("absorbed", "expanded")  # DeepSeek decode attention: in the latent space, or expanded K/V
@@ -136,142 +119,6 @@ class ServerConfig:
         require(0 <= self.port <= 65535, "server", "port", "in [0, 65535]", self.port)
         require(self.max_pending_requests >= 1, "server", "max_pending_requests", ">= 1", self.max_pending_requests)
         require(self.request_timeout_s > 0, "server", "request_timeout_s", "> 0", self.request_timeout_s)
-
-
-@dataclass
-class ParallelConfig:
-    tp: int = doc("tensor-parallel ranks: attention heads, dense MLPs and shared experts are split over them", default=1)
-    ep: int = doc("expert-parallel ranks: experts are spread over them per the placement plan "
-                  "(world size = max(tp, ep); tp=1 with ep>1 runs attention data-parallel)", default=1)
-    dispatch: str = doc("EP token dispatch: auto (alltoall when attention is data-parallel, else allgather), "
-                        "allgather (all-gather / reduce-scatter) or alltoall", default="auto")
-    preplan: bool = doc("pre-planned all-to-all dispatch: size each layer's buffers from the previous step's "
-                        "counts and skip the count exchange (mispredictions are corrected)", default=False)
-    preplan_predictor: str | None = doc("fitted predictor file (predictors' safetensors, lookahead >= 1): the "
-                                        "pre-planned dispatch forecasts layer l+1's counts with it after layer l's "
-                                        "router instead of using the previous step's counts", default=None)
-    placement: str | None = doc("placement plan file (JSON or safetensors from `placement`); default: contiguous",
-                                default=None)
-    rebalance_every: int = doc("compute a new placement from live expert loads every N steps (0: never)", default=0)
-    rebalance_window: int = doc("steps of expert-load history the rebalancer plans from", default=64)
-    redundant_experts: int = doc("extra physical expert slots in all (replicas of hot experts); must make "
-                                 "experts + redundant_experts divisible by ep", default=0)
-    allreduce: str = doc("TP all-reduce: auto (DeepSpeed shm for small CPU messages when available, else "
-                         "gloo/nccl), gloo or deepspeed", default="auto")
-    startup_timeout_s: float = doc("seconds to wait for every rank to load and report ready", default=180.0)
-    heartbeat_interval_s: float = doc("seconds between heartbeats of each rank", default=0.5)
-    heartbeat_timeout_s: float = doc("a rank silent this long is declared dead", default=30.0)
-    step_timeout_s: float = doc("longest a forward step may take on the ranks before it is failed", default=600.0)
-    shutdown_grace_s: float = doc("seconds a shutdown waits for the step in flight, and the ranks for their Shutdown, "
-                                  "before the ranks are stopped (SIGTERM, 2 s later SIGKILL): a hung rank cannot hold "
-                                  "it for heartbeat_timeout_s or step_timeout_s", default=5.0)
-    control_transport: str = doc("ZeroMQ control sockets: ipc (temp dir) or tcp (loopback, free ports); either way "
-                                 "every frame is signed with a key drawn per engine", default="ipc")
-    threads_per_rank: int = doc("torch threads of each rank on CPU (0: cores / ranks)", default=0)
-    worker_endpoint: str | None = doc("tcp://host:port to bind for ranks started by torchrun (each rank gets "
-                                      "MOE_SERVE_FRONTEND=host:port; it and the frontend the same hex "
-                                      "MOE_SERVE_CONTROL_KEY); default: the engine starts its ranks",
-                                      default=None)
-
-    def __post_init__(self):
-        require(self.tp >= 1, "parallel", "tp", ">= 1", self.tp)
-        require(self.ep >= 1, "parallel", "ep", ">= 1", self.ep)
-        w = max(self.tp, self.ep)
-        require(w % self.tp == 0 and w % self.ep == 0, "parallel", "ep",
-                f"a divisor or a multiple of tp={self.tp}", self.ep)
-        require(self.tp in (1, w), "parallel", "tp", f"1 or max(tp, ep)={w} (mixed TP and DP attention "
-                "is not supported)", self.tp)
-        require(self.dispatch in ("auto", "allgather", "alltoall"), "parallel", "dispatch",
-                "one of auto, allgather, alltoall", self.dispatch)
-        require(not (self.dispatch == "alltoall" and self.tp > 1 and self.ep > 1), "parallel", "dispatch",
-                "allgather or auto when tp > 1 (alltoall needs data-parallel attention, tp=1)", self.dispatch)
-        require(not self.preplan or (self.tp == 1 and self.ep > 1 and self.dispatch != "allgather"), "parallel",
-                "preplan", "False unless the dispatch is alltoall (tp=1, ep>1, dispatch auto or alltoall)", self.preplan)
-        require(self.preplan_predictor is None or self.preplan, "parallel", "preplan_predictor",
-                "unset unless preplan is on", self.preplan_predictor)
-        require(self.rebalance_every >= 0, "parallel", "rebalance_every", ">= 0", self.rebalance_every)
-        require(self.rebalance_window >= 1, "parallel", "rebalance_window", ">= 1", self.rebalance_window)
-        require(self.redundant_experts >= 0, "parallel", "redundant_experts", ">= 0", self.redundant_experts)
-        require(self.allreduce in ("auto", "gloo", "deepspeed"), "parallel", "allreduce",
-                "one of auto, gloo, deepspeed", self.allreduce)
-        for name in ("startup_timeout_s", "heartbeat_interval_s", "heartbeat_timeout_s", "step_timeout_s",
-                     "shutdown_grace_s"):
-            require(getattr(self, name) > 0, "parallel", name, "> 0", getattr(self, name))
-        require(self.heartbeat_timeout_s > 2 * self.heartbeat_interval_s, "parallel", "heartbeat_timeout_s",
-                f"> 2 x heartbeat_interval_s ({2 * self.heartbeat_interval_s:g})", self.heartbeat_timeout_s)
-        require(self.control_transport in ("ipc", "tcp"), "parallel", "control_transport", "ipc or tcp",
-                self.control_transport)
-        require(self.threads_per_rank >= 0, "parallel", "threads_per_rank", ">= 0", self.threads_per_rank)
-        require(self.worker_endpoint is None or (self.worker_endpoint.startswith("tcp://")
-                                                 and self.worker_endpoint.rsplit(":", 1)[-1].isdigit()),
-                "parallel", "worker_endpoint", "tcp://host:port", self.worker_endpoint)
-
-    @property
-    def world_size(self) -> int:
-        return max(self.tp, self.ep)
-
-
-@dataclass
-class ExpertCacheConfig:
-    expert_cache_gb: float | None = doc("GiB of expert slots on the compute device (the rest stay on the host), "
-                                        "the staging buffers of cache_admission reuse (2 experts) included; "
-                                        "default: every expert resident", default=None)
-    expert_cache_slots: int | None = doc("expert slots on the compute device (instead of --expert-cache-gb; the 2 "
-                                         "staging buffers of cache_admission reuse come on top)", default=None)
-    cache_policy: str = doc("expert cache policy: lru, lfu, static, predicted (evict by predicted next use) or "
-                            "predicted-prefetch (also fetch the predictor's top-k of the next layers)",
-                            default="predicted")
-    prefetch_lookahead: int = doc("MoE layers ahead the predictor prefetches experts for (0: none)", default=1)
-    prefetch_from: int = doc("the nearest MoE layer ahead whose predicted experts are prefetched (1: the next). "
-                             "A copy slower than d layers of compute cannot land before layer l + d: set it to "
-                             "copy time / layer time, rounded up, so such hints leave the link to copies that can",
-                             default=1)
-    prefetch_when: str = doc("when a prefetch may start: always, or idle (only while no copy is in flight or "
-                             "queued, so it never delays a demand copy: for a link slower than the compute)",
-                             default="always")
-    predictor: str | None = doc("fitted predictor file (predictors' safetensors) for the predicted policy", default=None)
-    predictor_learn_every: int = doc("an adaptive predictor (mlp_online) learns from the served routing every this "
-                                     "many tokens; 0: never (it stays as fitted)", default=64)
-    predictor_learning: str = doc("where that learning runs: background (a worker thread, on a copy of the "
-                                  "predictor whose new weights are swapped in after each round) or inline (inside "
-                                  "the decode step: a pause of online_steps optimizer steps every "
-                                  "predictor_learn_every tokens)", default="background")
-    cpu_experts: str = doc("compute cold experts where they lie (CPU) when cheaper: auto, on or off", default="auto")
-    cache_per_layer: bool = doc("split the expert slots evenly per layer instead of sharing them", default=False)
-    host_memory: str = doc("host copy of the experts: copy (in RAM, pinned on GPU), mmap (read from the "
-                           "checkpoint on demand) or auto (copy when RAM allows)", default="auto")
-    cache_admission: str = doc("which demand misses take a slot: always, reuse (only experts used in the last "
-                               "token; the others stream through a staging buffer: CPU devices only) or auto "
-                               "(reuse on CPU, always elsewhere)", default="auto")
-
-    def __post_init__(self):
-        # finite: an infinite budget passed `> 0` and failed later, in the slot count, naming no option
-        require(self.expert_cache_gb is None or 0 < self.expert_cache_gb < float("inf"), "expert_cache",
-                "expert_cache_gb", "a finite number > 0", self.expert_cache_gb)
-        require(self.expert_cache_slots is None or self.expert_cache_slots >= 1, "expert_cache", "expert_cache_slots",
-                ">= 1", self.expert_cache_slots)
-        require(self.expert_cache_gb is None or self.expert_cache_slots is None, "expert_cache", "expert_cache_slots",
-                "unset when expert_cache_gb is set (one budget)", self.expert_cache_slots)
-        require(self.cache_policy in ("lru", "lfu", "static", "predicted", "predicted-prefetch"), "expert_cache",
-                "cache_policy", "one of lru, lfu, static, predicted, predicted-prefetch", self.cache_policy)
-        require(self.prefetch_lookahead >= 0, "expert_cache", "prefetch_lookahead", ">= 0", self.prefetch_lookahead)
-        require(self.prefetch_from >= 1, "expert_cache", "prefetch_from", ">= 1", self.prefetch_from)
-        require(self.prefetch_when in ("always", "idle"), "expert_cache", "prefetch_when", "one of always, idle",
-                self.prefetch_when)
-        require(self.predictor_learn_every >= 0, "expert_cache", "predictor_learn_every", ">= 0",
-                self.predictor_learn_every)
-        require(self.predictor_learning in ("background", "inline"), "expert_cache", "predictor_learning",
-                "one of background, inline", self.predictor_learning)
-        require(self.cpu_experts in ("auto", "on", "off"), "expert_cache", "cpu_experts", "one of auto, on, off",
-                self.cpu_experts)
-        require(self.host_memory in ("auto", "copy", "mmap"), "expert_cache", "host_memory", "one of auto, copy, mmap",
-                self.host_memory)
-        require(self.cache_admission in ("auto", "always", "reuse"), "expert_cache", "cache_admission",
-                "one of auto, always, reuse", self.cache_admission)
-
-    @property
-    def enabled(self) -> bool:
-        return self.expert_cache_gb is not None or self.expert_cache_slots is not None
 
 
 @dataclass

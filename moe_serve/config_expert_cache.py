@@ -1,0 +1,70 @@
+"""The `expert_cache` section of the config tree: the offloading expert store's device budget, policy,
+predictor and copies (`moe_serve/experts/`, docs/expert_cache.md)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moe_serve.config_fields import doc, require
+
+
+@dataclass
+class ExpertCacheConfig:
+    expert_cache_gb: float | None = doc("GiB of expert slots on the compute device (the rest stay on the host), "
+                                        "the staging buffers of cache_admission reuse (2 experts) included; "
+                                        "default: every expert resident", default=None)
+    expert_cache_slots: int | None = doc("expert slots on the compute device (instead of --expert-cache-gb; the 2 "
+                                         "staging buffers of cache_admission reuse come on top)", default=None)
+    cache_policy: str = doc("expert cache policy: lru, lfu, static, predicted (evict by predicted next use) or "
+                            "predicted-prefetch (also fetch the predictor's top-k of the next layers)",
+                            default="predicted")
+    prefetch_lookahead: int = doc("MoE layers ahead the predictor prefetches experts for (0: none)", default=1)
+    prefetch_from: int = doc("the nearest MoE layer ahead whose predicted experts are prefetched (1: the next). "
+                             "A copy slower than d layers of compute cannot land before layer l + d: set it to "
+                             "copy time / layer time, rounded up, so such hints leave the link to copies that can",
+                             default=1)
+    prefetch_when: str = doc("when a prefetch may start: always, or idle (only while no copy is in flight or "
+                             "queued, so it never delays a demand copy: for a link slower than the compute)",
+                             default="always")
+    predictor: str | None = doc("fitted predictor file (predictors' safetensors) for the predicted policy", default=None)
+    predictor_learn_every: int = doc("an adaptive predictor (mlp_online) learns from the served routing every this "
+                                     "many tokens; 0: never (it stays as fitted)", default=64)
+    predictor_learning: str = doc("where that learning runs: background (a worker thread, on a copy of the "
+                                  "predictor whose new weights are swapped in after each round) or inline (inside "
+                                  "the decode step: a pause of online_steps optimizer steps every "
+                                  "predictor_learn_every tokens)", default="background")
+    cpu_experts: str = doc("compute cold experts where they lie (CPU) when cheaper: auto, on or off", default="auto")
+    cache_per_layer: bool = doc("split the expert slots evenly per layer instead of sharing them", default=False)
+    host_memory: str = doc("host copy of the experts: copy (in RAM, pinned on GPU), mmap (read from the "
+                           "checkpoint on demand) or auto (copy when RAM allows)", default="auto")
+    cache_admission: str = doc("which demand misses take a slot: always, reuse (only experts used in the last "
+                               "token; the others stream through a staging buffer: CPU devices only) or auto "
+                               "(reuse on CPU, always elsewhere)", default="auto")
+
+    def __post_init__(self):
+        # finite: an infinite budget passed `> 0` and failed later, in the slot count, naming no option
+        require(self.expert_cache_gb is None or 0 < self.expert_cache_gb < float("inf"), "expert_cache",
+                "expert_cache_gb", "a finite number > 0", self.expert_cache_gb)
+        require(self.expert_cache_slots is None or self.expert_cache_slots >= 1, "expert_cache", "expert_cache_slots",
+                ">= 1", self.expert_cache_slots)
+        require(self.expert_cache_gb is None or self.expert_cache_slots is None, "expert_cache", "expert_cache_slots",
+                "unset when expert_cache_gb is set (one budget)", self.expert_cache_slots)
+        require(self.cache_policy in ("lru", "lfu", "static", "predicted", "predicted-prefetch"), "expert_cache",
+                "cache_policy", "one of lru, lfu, static, predicted, predicted-prefetch", self.cache_policy)
+        require(self.prefetch_lookahead >= 0, "expert_cache", "prefetch_lookahead", ">= 0", self.prefetch_lookahead)
+        require(self.prefetch_from >= 1, "expert_cache", "prefetch_from", ">= 1", self.prefetch_from)
+        require(self.prefetch_when in ("always", "idle"), "expert_cache", "prefetch_when", "one of always, idle",
+                self.prefetch_when)
+        require(self.predictor_learn_every >= 0, "expert_cache", "predictor_learn_every", ">= 0",
+                self.predictor_learn_every)
+        require(self.predictor_learning in ("background", "inline"), "expert_cache", "predictor_learning",
+                "one of background, inline", self.predictor_learning)
+        require(self.cpu_experts in ("auto", "on", "off"), "expert_cache", "cpu_experts", "one of auto, on, off",
+                self.cpu_experts)
+        require(self.host_memory in ("auto", "copy", "mmap"), "expert_cache", "host_memory", "one of auto, copy, mmap",
+                self.host_memory)
+        require(self.cache_admission in ("auto", "always", "reuse"), "expert_cache", "cache_admission",
+                "one of auto, always, reuse", self.cache_admission)
+
+    @property
+    def enabled(self) -> bool:
+        return self.expert_cache_gb is not None or self.expert_cache_slots is not None
