@@ -133,4 +133,4 @@ def install_error_handlers(app: FastAPI, count_error: Callable[[int], None] = la
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
         count_error(500)
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "internal_server_error")
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")

@@ -196,7 +196,7 @@ class RequestRunner:
         elif state.disconnected:
             err = APIError(499, "client disconnected", code="client_closed", counted=True)
         elif out.finish_reason == "error":
-            err = APIError(500, f"engine error: {out.error}", type="internal_server_error", counted=True)
+            err = APIError(500, f"engine error: {out.error}", type="server_error", counted=True)
         else:
             err = APIError(503, "request aborted by the engine (shutting down?)", type="service_unavailable",
                            counted=True)

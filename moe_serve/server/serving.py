@@ -192,7 +192,7 @@ class Handlers:
         if err is not None:
             raise err
         if len(finals) < params.n or not all(out.finished() for out in finals.values()):
-            raise APIError(500, "engine ended the request without output", type="internal_server_error")
+            raise APIError(500, "engine ended the request without output", type="server_error")
         return builder.full(len(ids), [finals[i] for i in range(params.n)])
 
     async def _stream(self, it, first, rid, prompt_tokens: int, state, builder,

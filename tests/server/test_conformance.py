@@ -42,3 +42,29 @@ def test_stream_chunks_are_shaped_as_openai_sends_them(server):
         chunks = _sse_chunks(server, path, dict(body, stream_options={"include_usage": True}))
         assert all(c["usage"] is None and c["choices"] for c in chunks[:-1])
         assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == body["max_tokens"]
+
+
+def test_every_500_has_openai_type_server_error():
+    """500s said internal_server_error in three places (an unhandled exception, an engine error, a request
+    the engine ended without output) and server_error in another; OpenAI's type for a 500 is server_error."""
+    from types import SimpleNamespace
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from moe_serve.server.errors import install_error_handlers
+    from moe_serve.server.lifecycle import RequestRunner, RunState
+    from moe_serve.server.metrics import ServerMetrics
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("boom")
+
+    r = TestClient(app, raise_server_exceptions=False).get("/boom")
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    runner = RequestRunner(engine=None, metrics=ServerMetrics("m"), max_pending_requests=1, request_timeout_s=1)
+    err = runner.failure(SimpleNamespace(finish_reason="error", error="boom"), RunState())
+    assert (err.status, err.type) == (500, "server_error")
