@@ -1,7 +1,8 @@
 """Bad checkpoints refused up front, by `load_model` and `moe-serve info` alike, with the field or key named.
 
-(test_loader.py holds the first such cases; this file continues them: config.json's dtype, sharded
-checkpoints whose index disagrees with the files, tensors and config fields out of range.)
+(test_loader.py and test_loader_config.py hold the first such cases; this file continues them:
+config.json's dtype, sharded checkpoints whose index disagrees with the files, tensors and config
+fields out of range.)
 """
 from __future__ import annotations
 
@@ -12,12 +13,7 @@ import torch
 
 from moe_serve.cli.main import main
 from moe_serve.models import UnsupportedModelError, load_model
-from tests.models.test_loader import edit_config
-
-
-@pytest.fixture(scope="module")
-def mixtral_dir(tiny_checkpoint):
-    return tiny_checkpoint("mixtral")
+from tests.models.checkpoint_edits import edit_config
 
 
 @pytest.mark.parametrize("field, value", [("dtype", "float64"), ("torch_dtype", "float64"), ("dtype", "int8"),
@@ -127,12 +123,12 @@ def test_index_naming_a_shard_that_cannot_be_read(mixtral_dir, tmp_path, capsys,
 def test_half_a_fused_expert_pair_names_the_missing_half(mixtral_dir, tmp_path, capsys, kept):
     """A layer with a fused gate_up_proj but no down_proj (or the reverse) was read as per-expert, and
     the error named 'experts.0.w1.weight', a key of a layout the checkpoint does not use."""
-    from tests.models.test_loader import _fuse_experts, rewrite_tensors
+    from tests.models.checkpoint_edits import fuse_experts, rewrite_tensors
 
     lost = "down_proj" if kept == "gate_up_proj" else "gate_up_proj"
 
     def edit(sd):
-        _fuse_experts(sd)
+        fuse_experts(sd)
         del sd[f"model.layers.1.mlp.experts.{lost}"]
 
     d = rewrite_tensors(mixtral_dir, tmp_path, edit)

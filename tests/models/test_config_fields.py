@@ -8,7 +8,7 @@ import pytest
 
 from moe_serve.cli.main import main
 from moe_serve.models import load_model
-from tests.models.test_loader import edit_config
+from tests.models.checkpoint_edits import edit_config
 
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128}
 CASES = [  # (family, config.json changes, the message's start after "config.json field ")
