@@ -1,6 +1,5 @@
 """The public API: LLM (prompt forms, context manager, identical to transformers) and AsyncEngine streaming."""
 import asyncio
-import threading
 
 import pytest
 import torch
@@ -8,7 +7,7 @@ import torch
 from moe_serve import LLM, AsyncEngine, SamplingParams
 from moe_serve.config import EngineConfig
 from moe_serve.engine import EngineDeadError
-from tests.engine.helpers import collect
+from tests.engine.helpers import collect, hold_tokenizing
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
@@ -182,15 +181,7 @@ def test_async_generate_tokenizing_through_a_shutdown_ends(tiny_dir):
     """A text prompt still being tokenized (off the loop) when the engine shuts down: its generate
     raises EngineDeadError instead of waiting forever on a step loop that is gone."""
     eng = AsyncEngine.from_config(EngineConfig.from_flat(model=str(tiny_dir)))
-    tokenizing, release = threading.Event(), threading.Event()
-    make = eng.engine.make_sequence
-
-    def slow_make(*args, **kw):  # a long text: tokenizing takes a while
-        tokenizing.set()
-        release.wait(10)
-        return make(*args, **kw)
-
-    eng.engine.make_sequence = slow_make
+    tokenizing, release = hold_tokenizing(eng.engine, "make_sequence")  # a long text: tokenizing takes a while
 
     async def main():
         async def consume():

@@ -1,7 +1,6 @@
 """AsyncEngine streams and request ids: aborts that come while a request is on its way to the engine,
 ids reused after a refusal or an abandoned stream."""
 import asyncio
-import threading
 import time
 
 import pytest
@@ -9,7 +8,7 @@ import pytest
 from moe_serve import AsyncEngine, SamplingParams
 from moe_serve.config import EngineConfig
 from moe_serve.engine import QueueFullError
-from tests.engine.helpers import collect
+from tests.engine.helpers import collect, hold_tokenizing
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
@@ -20,15 +19,7 @@ def test_async_abort_while_the_prompt_is_tokenized_is_kept(tiny_dir):
     ignored, and the request then ran to the end, holding a KV slot. It now ends with finish_reason
     "abort" and no token, and frees everything."""
     eng = AsyncEngine.from_config(EngineConfig.from_flat(model=str(tiny_dir), max_num_seqs=2))
-    tokenizing, release = threading.Event(), threading.Event()
-    make = eng.engine.make_request
-
-    def slow_make(*args, **kw):  # a long text: tokenizing takes a while
-        tokenizing.set()
-        release.wait(10)
-        return make(*args, **kw)
-
-    eng.engine.make_request = slow_make
+    tokenizing, release = hold_tokenizing(eng.engine, "make_request")  # a long text: tokenizing takes a while
     long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
 
     async def main():
@@ -43,7 +34,7 @@ def test_async_abort_while_the_prompt_is_tokenized_is_kept(tiny_dir):
         eng.abort("gone")  # the client went away meanwhile
         release.set()
         await asyncio.wait_for(task, 30)
-        eng.engine.make_request = make
+        del eng.engine.make_request  # the engine's own method again
         after = await collect(eng, "Once upon", GREEDY, "after")
         return outs, after
     try:
@@ -60,16 +51,8 @@ def test_async_a_refused_request_spares_a_retry_of_its_id_on_its_way(tiny_dir):
     """A request refused (queue full) aborts its id as it ends; a retry with that id still on its way to
     the engine (its prompt being tokenized) is another request and must run to its end."""
     eng = AsyncEngine.from_config(EngineConfig.from_flat(model=str(tiny_dir), max_num_seqs=1, max_queue=1))
-    tokenizing, release = threading.Event(), threading.Event()
-    make = eng.engine.make_request
-
-    def slow_make(prompt, *args, **kw):  # the retry's text prompt takes a while
-        if isinstance(prompt, str):
-            tokenizing.set()
-            release.wait(10)
-        return make(prompt, *args, **kw)
-
-    eng.engine.make_request = slow_make
+    # the retry's text prompt takes a while
+    tokenizing, release = hold_tokenizing(eng.engine, "make_request", text_only=True)
     long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
 
     async def main():
