@@ -34,8 +34,9 @@ class ParallelConfig:
     shutdown_grace_s: float = doc("seconds a shutdown waits for the step in flight, and the ranks for their Shutdown, "
                                   "before the ranks are stopped (SIGTERM, 2 s later SIGKILL): a hung rank cannot hold "
                                   "it for heartbeat_timeout_s or step_timeout_s", default=5.0)
-    control_transport: str = doc("ZeroMQ control sockets: ipc (temp dir) or tcp (loopback, free ports); either way "
-                                 "every frame is signed with a key drawn per engine", default="ipc")
+    control_transport: str = doc("ZeroMQ control sockets: ipc (a temp dir only this user can open) or tcp "
+                                 "(loopback, free ports; every frame signed and encrypted under a key drawn per "
+                                 "engine)", default="ipc")
     threads_per_rank: int = doc("torch threads of each rank on CPU (0: cores / ranks)", default=0)
     worker_endpoint: str | None = doc("tcp://host:port to bind for ranks started by torchrun (each rank gets "
                                       "MOE_SERVE_FRONTEND=host:port; it and the frontend the same hex "
