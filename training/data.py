@@ -29,10 +29,11 @@ CHAT_TEMPLATE = (
 
 
 def split_text(text: str, heldout_fraction: float = HELDOUT_FRACTION) -> tuple[str, str]:
-    """(train, heldout): heldout is the tail of `text` from the first line break after the cut."""
+    """(train, heldout): heldout is the tail of `text` from the first line break after the cut, or from
+    the cut itself when no line break follows it (a file of one long line had no held-out text at all)."""
     cut = int(len(text) * (1.0 - heldout_fraction))
     nl = text.find("\n", cut)
-    cut = len(text) if nl < 0 else nl + 1
+    cut = cut if nl < 0 else nl + 1
     return text[:cut], text[cut:]
 
 
@@ -105,6 +106,8 @@ def encode_stream(tokenizer, text: str, chunk_chars: int = 1 << 16) -> np.ndarra
         end = len(text) if nl < 0 else nl + 1
         chunks.append(text[start:end])
         start = end
+    if not chunks:  # np.concatenate of nothing raises
+        return np.zeros(0, dtype=np.uint16)
     ids = tokenizer.backend_tokenizer.encode_batch(chunks, add_special_tokens=False)
     return np.concatenate([np.asarray(e.ids, dtype=np.uint16) for e in ids])
 

@@ -170,3 +170,23 @@ def test_an_export_that_fails_midway_leaves_the_previous_model_whole(tiny, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "model", "work"]  # nothing half-written beside
     export(Qwen3MoeForCausalLM(build_config(a, tok)), tok, a, out, {"run": 3})
     assert json.loads((out / "training_info.json").read_text()) == {"run": 3} and set(before) == {f.name for f in out.iterdir()}
+
+
+def test_a_corpus_of_one_long_line_per_file_still_has_held_out_text(tmp_path):
+    # the held-out split began at the first line break after the cut: with none, it was empty, and
+    # encoding it failed in np.concatenate ('need at least one array'), exit 2 naming nothing useful
+    from training.data import encode_stream, split_text
+
+    train, held = split_text("abcdefghij" * 10, heldout_fraction=0.2)
+    assert (len(train), len(held)) == (80, 20) and train + held == "abcdefghij" * 10
+    assert split_text("ab\ncd\nef\ngh\nij\n", 0.5) == ("ab\ncd\nef\n", "gh\nij\n")  # cut at a line break, as before
+    path = tmp_path / "one_line"
+    path.mkdir()
+    rng = random.Random(0)
+    words = "the of and to in is that for it as with was on be by this python def".split()
+    for name in CORPUS_FILES:
+        (path / name).write_text(" ".join(rng.choice(words) for _ in range(1500)), encoding="utf-8")
+    tok, train_streams, held_streams = prepare(parse_args(["--corpus", str(path), "--work", str(tmp_path / "w"),
+                                                            "--out", str(tmp_path / "o"), *TINY]))
+    assert all(len(held_streams[n]) > 17 and len(train_streams[n]) > len(held_streams[n]) for n in CORPUS_FILES)
+    assert encode_stream(tok, "").size == 0
