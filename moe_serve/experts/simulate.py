@@ -28,10 +28,10 @@ def expert_load(traces) -> np.ndarray:
 def simulate(trace, policies, capacities, cost: CostModel, predictor=None, fit_traces=(), lookahead: int = 1,
              prefetch_from: int = 1, learn_lag: int = 1, log=None) -> dict:
     """{capacity fraction (str): {policy: metrics}} for one trace; metrics also hold `vs_belady`
-    (hit rate over Belady's at that capacity) when Belady ran. `prefetch_from`: see `PredictedPolicy`
-    (`cost.min_prefetch_distance` is the nearest layer a copy can reach in time). `learn_lag`: chunks
-    an adapting predictor's learning trails its predictions (see `TracePredictions`; 1 as the
-    runtime's background learner, 0 as inline learning)."""
+    (hit rate over Belady's at that capacity; None where Belady hits nothing) when Belady ran.
+    `prefetch_from`: see `PredictedPolicy` (`cost.min_prefetch_distance` is the nearest layer a copy
+    can reach in time). `learn_lag`: chunks an adapting predictor's learning trails its predictions
+    (see `TracePredictions`; 1 as the runtime's background learner, 0 as inline learning)."""
     for name in policies:
         if name not in POLICY_NAMES:
             raise ValueError(f"policy must be one of {', '.join(POLICY_NAMES)} or all, got {name!r}")
@@ -70,8 +70,9 @@ def simulate(trace, policies, capacities, cost: CostModel, predictor=None, fit_t
                     f"ready {m['ready_in_time']:.4f} MB/token {m['bytes_per_token'] / 1e6:.1f} "
                     f"stall ms/token {m['stall_ms_per_token']:.2f} ({m['seconds']:.0f}s)")
         if "belady" in row:
-            for m in row.values():
-                m["vs_belady"] = m["hit_rate"] / row["belady"]["hit_rate"]
+            best = row["belady"]["hit_rate"]
+            for m in row.values():  # Belady hits nothing when every access is a first use (a 1-token trace)
+                m["vs_belady"] = m["hit_rate"] / best if best > 0 else None
     return out
 
 
