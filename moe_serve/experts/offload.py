@@ -175,6 +175,7 @@ class OffloadExpertStore(SlotCopies, ExpertStore):
     # -- the ExpertStore contract ----------------------------------------------------------------
     def begin_layer(self, moe_layer: int, expert_ids: list[int], rows: list[int] | None = None) -> None:
         E = self.num_experts
+        self._used_slots = []  # a begin_layer that fails below left no compute to release (see end_layer)
         ids = np.asarray(expert_ids, dtype=np.int64)
         gids = moe_layer * E + ids
         self.cache.begin_step(gids)

@@ -139,15 +139,20 @@ class ExpertStore(ABC):
         # one host read per layer (a store may avoid it, as the resident one does)
         counts = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
         active = [e for e, c in enumerate(counts) if c]
-        self.begin_layer(moe_layer, active, [counts[e] for e in active])
         xs, start = [], 0
         for e in active:
             xs.append(x_sorted[start:start + counts[e]])
             start += counts[e]
         outs: list[torch.Tensor | None] = [None] * len(active)
-        for i in self.compute_order(moe_layer, active):
-            outs[i] = self.compute_expert(moe_layer, active[i], xs[i])
-        self.end_layer(moe_layer)
+        # end_layer even when the layer fails (a copy error, a failed host read, Ctrl-C): else the
+        # failed layer's experts stay pinned, the slots its compute read are never released to the
+        # copier (on CUDA a later copy into one would not wait for that compute) and the clock stops
+        try:
+            self.begin_layer(moe_layer, active, [counts[e] for e in active])
+            for i in self.compute_order(moe_layer, active):
+                outs[i] = self.compute_expert(moe_layer, active[i], xs[i])
+        finally:
+            self.end_layer(moe_layer)
         if not outs:
             return x_sorted.new_empty(x_sorted.shape)
         return outs[0] if len(outs) == 1 else torch.cat(outs)
