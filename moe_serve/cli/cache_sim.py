@@ -71,6 +71,19 @@ def check_matches(trace, path, fit, predictor, args) -> None:
                          f"{path} has none (record with --record-hidden)")
 
 
+def result_names(paths) -> list[str]:
+    """The key of each trace's results: its file name without extension. Two files of one name (say
+    a/x.npz and b/x.npz) would share a key, the second's results replacing the first's: refused."""
+    seen: dict[str, str] = {}
+    for path in paths:
+        name = Path(path).stem
+        if name in seen:
+            raise ValueError(f"--trace {seen[name]} and {path} would both be reported as {name!r} "
+                             f"(results are keyed by file name): rename one")
+        seen[name] = path
+    return list(seen)
+
+
 def main(args) -> int:
     from predictors.traces import load_trace
 
@@ -92,11 +105,11 @@ def main(args) -> int:
 
         predictor = load_predictor(args.predictor)
     fit = [load_trace(p) for p in args.fit_trace]
+    names = result_names(args.trace)
     results = {}
-    for path in args.trace:
+    for path, name in zip(args.trace, names):
         trace = load_trace(path)
         check_matches(trace, path, fit, predictor, args)
-        name = Path(path).stem
         results[name] = simulate(trace, policies, args.capacity, cost, predictor=predictor, fit_traces=fit,
                                  lookahead=args.lookahead, prefetch_from=prefetch_from, learn_lag=args.learn_lag,
                                  log=lambda s: print(f"{name}: {s}", file=sys.stderr))

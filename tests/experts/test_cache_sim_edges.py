@@ -30,3 +30,17 @@ def test_one_token_trace_every_policy(tmp_path, capsys):
             assert m["vs_belady"] is None, (cap, name)
             assert m["accesses"] == 4 and m["tokens"] == 1
     assert "one" in capsys.readouterr().out
+
+
+def test_traces_with_the_same_file_name_are_refused(tmp_path, capsys):
+    """Results are keyed by file name without extension: a/x.npz and b/x.npz both reported as "x",
+    and the second one's results silently replaced the first's. Now refused, naming both files."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = save_trace(tmp_path / "a" / "x.npz", [[[0, 1], [2, 3]]] * 3, 4)
+    second = save_trace(tmp_path / "b" / "x.npz", [[[0], [1], [2]]] * 5, 6)
+    out = tmp_path / "sim.json"
+    assert cli_main(["cache-sim", "--trace", first, second, "--policy", "lru", "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--trace" in err and first in err and second in err and "Traceback" not in err
+    assert not out.exists()
