@@ -9,6 +9,7 @@ ready_in_time, bytes_per_token, stall_ms_per_token, ...}}}}}.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -71,6 +72,17 @@ def check_matches(trace, path, fit, predictor, args) -> None:
                          f"{path} has none (record with --record-hidden)")
 
 
+def check_cost_flags(args) -> None:
+    """The cost model's numbers, named by their flags (inf ran, and wrote Infinity into the JSON)."""
+    for flag, value in (("--expert-bytes", args.expert_bytes), ("--bandwidth-gbps", args.bandwidth_gbps),
+                        ("--layer-ms", args.layer_ms)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} must be a finite number > 0, got {value}")
+    if not math.isfinite(args.expert_bytes / (args.bandwidth_gbps * 1e9) * 1e3):
+        raise ValueError(f"--bandwidth-gbps must be large enough for a finite copy time of --expert-bytes "
+                         f"{args.expert_bytes}, got {args.bandwidth_gbps}")
+
+
 def result_names(paths) -> list[str]:
     """The key of each trace's results: its file name without extension. Two files of one name (say
     a/x.npz and b/x.npz) would share a key, the second's results replacing the first's: refused."""
@@ -88,6 +100,7 @@ def main(args) -> int:
     from predictors.traces import load_trace
 
     policies = list(POLICY_NAMES) if args.policy == ["all"] else args.policy
+    check_cost_flags(args)
     cost = CostModel(expert_bytes=args.expert_bytes, bandwidth_gbps=args.bandwidth_gbps, layer_ms=args.layer_ms,
                      copy_order=args.copy_order, prefetch_when=args.prefetch_when)
     for c in args.capacity:

@@ -42,9 +42,12 @@ class CostModel:
     prefetch_when: str = "always"  # or "idle": a hint is copied only while the copy engine has nothing to do
 
     def __post_init__(self):
-        for name in ("expert_bytes", "bandwidth_gbps", "layer_ms"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"cost model: {name} must be > 0, got {getattr(self, name)}")
+        for name in ("expert_bytes", "bandwidth_gbps", "layer_ms"):  # inf made the times (and JSON) Infinity
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"cost model: {name} must be a finite number > 0, got {getattr(self, name)}")
+        if not math.isfinite(self.copy_ms):
+            raise ValueError(f"cost model: expert_bytes={self.expert_bytes} at bandwidth_gbps={self.bandwidth_gbps} "
+                             f"gives a copy time of {self.copy_ms} ms; it must be finite")
         if self.copy_order not in ("fifo", "demand-first"):
             raise ValueError(f"cost model: copy_order must be 'fifo' or 'demand-first', got {self.copy_order!r}")
         if self.prefetch_when not in ("always", "idle"):

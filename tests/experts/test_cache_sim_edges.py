@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from moe_serve.cli.main import main as cli_main
+from moe_serve.experts.replay import CostModel
 from predictors.traces import RoutingTrace
 
 
@@ -44,3 +46,21 @@ def test_traces_with_the_same_file_name_are_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--trace" in err and first in err and second in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_cost_flags_must_be_finite_and_are_named(tmp_path, capsys):
+    """--layer-ms inf, --bandwidth-gbps inf or one so small that a copy takes forever ran, and wrote
+    Infinity into the JSON (not JSON: json.loads in other languages refuses it); a bad value was
+    reported by its field name (expert_bytes), not its flag. Now each is refused naming the flag."""
+    path = save_trace(tmp_path / "t.npz", [[[0, 1], [2, 3]]] * 3, 4)
+    for flag, value in [("--layer-ms", "inf"), ("--bandwidth-gbps", "inf"), ("--bandwidth-gbps", "1e-320"),
+                        ("--bandwidth-gbps", "nan"), ("--expert-bytes", "0"), ("--layer-ms", "-1")]:
+        out = tmp_path / "sim.json"
+        assert cli_main(["cache-sim", "--trace", path, "--policy", "lru", flag, value, "--json", str(out)]) == 2, flag
+        err = capsys.readouterr().err
+        assert f"{flag} must be" in err and "finite" in err and "Traceback" not in err, (flag, value, err)
+        assert not out.exists()
+    with pytest.raises(ValueError, match="layer_ms must be a finite number > 0"):
+        CostModel(layer_ms=float("inf"))
+    with pytest.raises(ValueError, match="copy time"):
+        CostModel(bandwidth_gbps=1e-320)
