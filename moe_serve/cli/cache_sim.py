@@ -100,6 +100,10 @@ def main(args) -> int:
     from predictors.traces import load_trace
 
     policies = list(POLICY_NAMES) if args.policy == ["all"] else args.policy
+    for name in policies:  # before loading anything
+        if name not in POLICY_NAMES:
+            raise ValueError(f"--policy must be one of {', '.join(POLICY_NAMES)} (one or more), or all alone; "
+                             f"got {name!r}")
     check_cost_flags(args)
     cost = CostModel(expert_bytes=args.expert_bytes, bandwidth_gbps=args.bandwidth_gbps, layer_ms=args.layer_ms,
                      copy_order=args.copy_order, prefetch_when=args.prefetch_when)

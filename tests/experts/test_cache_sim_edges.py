@@ -64,3 +64,12 @@ def test_cost_flags_must_be_finite_and_are_named(tmp_path, capsys):
         CostModel(layer_ms=float("inf"))
     with pytest.raises(ValueError, match="copy time"):
         CostModel(bandwidth_gbps=1e-320)
+
+
+def test_unknown_policy_is_refused_naming_the_flag(tmp_path, capsys):
+    """The message named no flag ("policy must be one of ...") and came only once the traces were loaded."""
+    path = save_trace(tmp_path / "t.npz", [[[0, 1], [2, 3]]] * 3, 4)
+    for policies in (["mru"], ["lru", "all"], ["lru", "LRU"]):
+        assert cli_main(["cache-sim", "--trace", path, "--policy", *policies]) == 2
+        err = capsys.readouterr().err
+        assert "--policy must be one of lru, lfu, static" in err and "or all" in err, err
