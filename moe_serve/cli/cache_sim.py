@@ -123,10 +123,11 @@ def main(args) -> int:
         predictor = load_predictor(args.predictor)
     fit = [load_trace(p) for p in args.fit_trace]
     names = result_names(args.trace)
-    results = {}
-    for path, name in zip(args.trace, names):
-        trace = load_trace(path)
+    traces = [load_trace(path) for path in args.trace]
+    for path, trace in zip(args.trace, traces):  # all of them first: a bad last one wasted every replay before it
         check_matches(trace, path, fit, predictor, args)
+    results = {}
+    for name, trace in zip(names, traces):
         results[name] = simulate(trace, policies, args.capacity, cost, predictor=predictor, fit_traces=fit,
                                  lookahead=args.lookahead, prefetch_from=prefetch_from, learn_lag=args.learn_lag,
                                  log=lambda s: print(f"{name}: {s}", file=sys.stderr))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -73,3 +74,19 @@ def test_unknown_policy_is_refused_naming_the_flag(tmp_path, capsys):
         assert cli_main(["cache-sim", "--trace", path, "--policy", *policies]) == 2
         err = capsys.readouterr().err
         assert "--policy must be one of lru, lfu, static" in err and "or all" in err, err
+
+
+def test_every_trace_is_checked_before_any_replay(tmp_path, capsys):
+    """A bad second --trace (no tokens, other shape than the predictor or fit traces) was refused
+    only after the first had been replayed, for nothing: no results were written. Now before."""
+    good = save_trace(tmp_path / "good.npz", [[[0, 1], [2, 3]]] * 3, 4)
+    other = save_trace(tmp_path / "other.npz", [[[0], [1], [2]]] * 5, 6)
+    empty = tmp_path / "empty.npz"
+    RoutingTrace(experts=np.zeros((0, 2, 2), np.int16), weights=np.zeros((0, 2, 2), np.float16),
+                 seq_offsets=np.array([0]), num_experts=4).save(empty)
+    for argv, message in [([good, str(empty)], "holds no tokens"),
+                          ([good, other, "--fit-trace", good], "--fit-trace .*good.npz has")]:
+        assert cli_main(["cache-sim", "--trace", *argv, "--policy", "lru"]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err), err
+        assert "good: capacity" not in err  # the replay log of the first trace: nothing was replayed
