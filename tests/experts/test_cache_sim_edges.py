@@ -90,3 +90,24 @@ def test_every_trace_is_checked_before_any_replay(tmp_path, capsys):
         err = capsys.readouterr().err
         assert re.search(message, err), err
         assert "good: capacity" not in err  # the replay log of the first trace: nothing was replayed
+
+
+def test_lookahead_beyond_the_predictors_is_refused(tmp_path, capsys):
+    """--lookahead 5 with a predictor that forecasts 2 layers ahead ran with 2, and the JSON config
+    recorded 5. Now refused, naming the flag and the predictor's lookahead; up to it runs."""
+    from predictors.registry import make_predictor
+    from tests.predictors.synth import layer_map_trace
+
+    trace = layer_map_trace(tokens=40, L=3, E=8, K=2, seqs=2)
+    path = str(tmp_path / "lm.npz")
+    trace.save(path)
+    pred = make_predictor("popularity", 3, 8, 2, 2)
+    pred.fit([trace])
+    pred.save(tmp_path / "p.safetensors")
+    argv = ["cache-sim", "--trace", path, "--policy", "predicted", "--predictor", str(tmp_path / "p.safetensors")]
+    assert cli_main([*argv, "--lookahead", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "--lookahead 5" in err and "lookahead 2" in err, err
+    out = tmp_path / "sim.json"
+    assert cli_main([*argv, "--lookahead", "2", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["config"]["lookahead"] == 2
