@@ -141,6 +141,6 @@ def main(args) -> int:
                       learn_lag=args.learn_lag,
                       expert_bytes=cost.expert_bytes,
                       bandwidth_gbps=cost.bandwidth_gbps, layer_ms=cost.layer_ms, copy_ms=cost.copy_ms,
-                      copy_order=cost.copy_order)
+                      copy_order=cost.copy_order, prefetch_when=cost.prefetch_when)
         Path(args.json).write_text(json.dumps(dict(config=config, results=results), indent=1, default=float))
     return 0

@@ -111,3 +111,16 @@ def test_lookahead_beyond_the_predictors_is_refused(tmp_path, capsys):
     out = tmp_path / "sim.json"
     assert cli_main([*argv, "--lookahead", "2", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["config"]["lookahead"] == 2
+
+
+def test_json_config_records_every_cost_flag(tmp_path):
+    """--prefetch-when idle changes every prefetching policy's figures, but the JSON config left it
+    out: a run with it could not be told from one without. Now recorded, with the rest."""
+    path = save_trace(tmp_path / "t.npz", [[[0, 1], [2, 3]], [[1, 2], [0, 3]]] * 3, 4)
+    out = tmp_path / "sim.json"
+    assert cli_main(["cache-sim", "--trace", path, "--prefetch-when", "idle", "--copy-order", "demand-first",
+                     "--layer-ms", "0.5", "--json", str(out)]) == 0
+    config = json.loads(out.read_text())["config"]
+    assert config["prefetch_when"] == "idle" and config["copy_order"] == "demand-first"
+    assert config["layer_ms"] == 0.5 and config["policies"] == ["lru", "lfu", "static", "predicted",
+                                                                 "predicted-prefetch", "belady", "belady-prefetch"]
