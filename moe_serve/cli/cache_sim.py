@@ -58,6 +58,8 @@ def check_matches(trace, path, fit, predictor, args) -> None:
         raise ValueError(f"--trace {path} holds no tokens")
     shape = (trace.num_layers, trace.num_experts)
     for fpath, f in zip(args.fit_trace, fit):
+        if f.num_tokens == 0:  # nothing to profile: the static hot set came from all-zero loads
+            raise ValueError(f"--fit-trace {fpath} holds no tokens")
         if (f.num_layers, f.num_experts) != shape:
             raise ValueError(f"--fit-trace {fpath} has (MoE layers, experts) = {(f.num_layers, f.num_experts)}, "
                              f"--trace {path} {shape}")

@@ -124,3 +124,14 @@ def test_json_config_records_every_cost_flag(tmp_path):
     assert config["prefetch_when"] == "idle" and config["copy_order"] == "demand-first"
     assert config["layer_ms"] == 0.5 and config["policies"] == ["lru", "lfu", "static", "predicted",
                                                                  "predicted-prefetch", "belady", "belady-prefetch"]
+
+
+def test_empty_fit_trace_is_refused(tmp_path, capsys):
+    """A --fit-trace with no tokens ran: the static hot set was "profiled on fit traces" from all-zero
+    loads (an arbitrary set), with nothing said. Refused now, as an empty --trace already was."""
+    path = save_trace(tmp_path / "t.npz", [[[0, 1], [2, 3]]] * 3, 4)
+    empty = tmp_path / "empty.npz"
+    RoutingTrace(experts=np.zeros((0, 2, 2), np.int16), weights=np.zeros((0, 2, 2), np.float16),
+                 seq_offsets=np.array([0]), num_experts=4).save(empty)
+    assert cli_main(["cache-sim", "--trace", path, "--policy", "static", "--fit-trace", str(empty)]) == 2
+    assert re.search(r"--fit-trace .*empty.npz holds no tokens", capsys.readouterr().err)
