@@ -78,6 +78,7 @@ class WorkerGroup(RankMonitor):  # the monitor thread's half: monitor.py
         self._answers: dict[int, list[m.CommandDone]] = {}  # command id -> the ranks' answers so far (command())
         self._answered = threading.Condition()
         self._command_ids = itertools.count(1)
+        self._broadcasting = threading.Lock()  # see broadcast
         faults = faults or {}
         deadline = time.monotonic() + startup_timeout_s
         try:
@@ -161,10 +162,14 @@ class WorkerGroup(RankMonitor):  # the monitor thread's half: monitor.py
         if self.error is not None:
             raise self.error
         frame = self.signer.sign(m.encode(msg))
-        deadline = time.monotonic() + self.heartbeat_timeout_s
-        for r in range(len(self.down)):
-            self._send(r, frame, deadline, f"has taken no message for parallel.heartbeat_timeout_s="
-                                           f"{self.heartbeat_timeout_s:g} s")
+        # one broadcast at a time, all its sends together: a command from a user thread (switch_placement)
+        # interleaved with the step thread's step plan reached the ranks in different orders, so one rank switched
+        # plans before a step that another ran on the old one (and ZeroMQ sockets are not thread-safe)
+        with self._broadcasting:
+            deadline = time.monotonic() + self.heartbeat_timeout_s
+            for r in range(len(self.down)):
+                self._send(r, frame, deadline, f"has taken no message for parallel.heartbeat_timeout_s="
+                                               f"{self.heartbeat_timeout_s:g} s")
 
     def abort(self, reason: str) -> None:
         """Fail the group now, from any thread: a step or command waiting on the ranks raises WorkerFailure(reason)
