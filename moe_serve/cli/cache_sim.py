@@ -112,9 +112,14 @@ def main(args) -> int:
     check_cost_flags(args)
     cost = CostModel(expert_bytes=args.expert_bytes, bandwidth_gbps=args.bandwidth_gbps, layer_ms=args.layer_ms,
                      copy_order=args.copy_order, prefetch_when=args.prefetch_when)
+    keys: dict[str, float] = {}
     for c in args.capacity:
         if not 0.0 < c <= 1.0:
             raise ValueError(f"--capacity must be a fraction in (0, 1], got {c}")
+        key = f"{c:g}"  # what simulate keys the results by: one would replace the other
+        if key in keys:
+            raise ValueError(f"--capacity {keys[key]} and {c} would both be reported as {key!r}: give each once")
+        keys[key] = c
     if args.lookahead < 0:
         raise ValueError(f"--lookahead must be >= 0, got {args.lookahead}")
     if args.learn_lag < 0:

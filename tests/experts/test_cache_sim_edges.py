@@ -135,3 +135,13 @@ def test_empty_fit_trace_is_refused(tmp_path, capsys):
                  seq_offsets=np.array([0]), num_experts=4).save(empty)
     assert cli_main(["cache-sim", "--trace", path, "--policy", "static", "--fit-trace", str(empty)]) == 2
     assert re.search(r"--fit-trace .*empty.npz holds no tokens", capsys.readouterr().err)
+
+
+def test_capacities_reported_under_one_key_are_refused(tmp_path, capsys):
+    """Results are keyed by the fraction to 6 significant digits: 0.1234567 and 0.1234568 were both
+    "0.123457", the second silently replacing the first (and 0.25 twice replayed twice). Refused now."""
+    path = save_trace(tmp_path / "t.npz", [[[0, 1], [2, 3]]] * 3, 4)
+    for caps in (["0.1234567", "0.1234568"], ["0.25", "0.25"]):
+        assert cli_main(["cache-sim", "--trace", path, "--policy", "lru", "--capacity", *caps]) == 2
+        err = capsys.readouterr().err
+        assert "--capacity" in err and caps[0] in err and caps[1] in err, err
