@@ -206,8 +206,8 @@ def decode(model_dir: Path, trace: Path, new_tokens: int, repeat: int = 1, swap=
     return dict(tokens_per_s=new_tokens * repeat / wall, seconds=wall, per_request_tok_s=[new_tokens / w for w in walls],
                 load_s=load_s, token_ids=token_ids, loadavg_before=load_before, loadavg_after=os.getloadavg(),
                 store=type(store).__name__, admit=getattr(store, "admit", None),
-                **{k: metrics.get(k) for k in ("hit_rate", "copies", "streamed", "cpu_computed", "stall_s", "capacity",
-                                               "prefetch_precision", "prefetch_recall")})
+                **{k: metrics.get(k) for k in ("hit_rate", "copies", "streamed", "cpu_computed", "cpu_overflow",
+                                               "stall_s", "capacity", "prefetch_precision", "prefetch_recall")})
 
 
 def part_e2e(new_tokens: int, small: bool = False, repeat: int = 3) -> dict:

@@ -273,6 +273,7 @@ def run_ours(name, ckpt, factory, device, trace, n_warm, n, bandwidth) -> dict:
     r = dict(tokens_per_s=n / secs, s_per_token=secs / n, token_ids=toks, bytes_per_token=moved,
              pcie_bound_s_per_token=moved / bandwidth, hit_rate=m["hit_rate"], copies=m["copies"],
              capacity=m.get("capacity"), stall_s=m.get("stall_s"), cpu_computed=m.get("cpu_computed"),
+             cpu_overflow=m.get("cpu_overflow"),  # misses run on the host for want of a free slot (not by choice)
              prefetch_precision=m.get("prefetch_precision"), prefetch_recall=m.get("prefetch_recall"),
              device_bytes=store.nbytes())
     r["fraction_of_pcie_bound"] = r["pcie_bound_s_per_token"] / r["s_per_token"]
