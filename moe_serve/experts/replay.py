@@ -85,6 +85,19 @@ def global_steps(experts: np.ndarray, num_experts: int) -> np.ndarray:
     return (np.arange(L)[None, :, None] * num_experts + experts.astype(np.int64)).reshape(T * L, K)
 
 
+def check_routing(experts: np.ndarray, num_experts: int) -> None:
+    """experts int [T, L, K]: ids in [0, E), distinct within a row. An id >= E would alias an expert
+    of the next layer (global id layer * E + e); a repeated one would replay as a free hit."""
+    if experts.size and (experts.min() < 0 or experts.max() >= num_experts):
+        raise ValueError(f"replay: expert ids must lie in [0, {num_experts}), got [{experts.min()}, {experts.max()}]")
+    ordered = np.sort(experts, axis=-1)
+    same = ordered[..., 1:] == ordered[..., :-1]  # [T, L, K-1]
+    if same.any():
+        t, layer, k = (int(i[0]) for i in np.nonzero(same))
+        raise ValueError(f"replay: token {t}, layer {layer} routes to expert {ordered[t, layer, k]} twice "
+                         f"(a row's top-k experts are distinct)")
+
+
 def replay(experts: np.ndarray, num_experts: int, policy: CachePolicy, capacity: int,
            cost: CostModel, state_fn=None) -> dict:
     """Replay `experts` int [T, L, K] through a cache of `capacity` slots run by `policy`.
@@ -92,6 +105,7 @@ def replay(experts: np.ndarray, num_experts: int, policy: CachePolicy, capacity:
     `state_fn(t, layer)` returns the predictor's input for token row t after `layer`'s router (or
     None); it is only called for policies that prefetch. Returns the metrics (see module doc)."""
     T, L, K = experts.shape
+    check_routing(experts, num_experts)
     steps = global_steps(experts, num_experts)
     cache = SlotCache(policy, L, num_experts, capacity)
     copy_ms = cost.copy_ms

@@ -81,3 +81,16 @@ def test_two_layer_lru_and_lfu_hand_counted():
     lfu = replay(x, 3, make_policy("lfu"), 2, CostModel())
     assert counts(lru) == (2, 6)
     assert counts(lfu) == (3, 5)
+
+
+def test_replay_refuses_duplicated_or_out_of_range_ids():
+    """Called directly (the benchmark and library path; trace files are checked on load), a row
+    naming an expert twice replayed the second use as a free hit, and an id >= E aliased an
+    expert of the next layer (global id layer * E + e). Both are refused now, naming the row."""
+    cost = CostModel()
+    dup = np.array([[[0, 1]], [[2, 2]]], dtype=np.int64)  # token 1 uses expert 2 twice
+    with pytest.raises(ValueError, match=r"token 1, layer 0 .*expert 2 twice"):
+        replay(dup, 4, make_policy("lru"), 2, cost)
+    wide = np.array([[[0], [4]]], dtype=np.int64)  # expert 4 of E=4 at layer 1
+    with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 4\)"):
+        replay(wide, 4, make_policy("lru"), 2, cost)
