@@ -21,12 +21,14 @@ from moe_serve.experts.simulate import format_table, simulate
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("cache-sim", help="simulate expert-cache policies on routing traces (no model)")
-    p.add_argument("--trace", nargs="+", required=True, help="routing trace files (.npz) to replay")
-    p.add_argument("--capacity", type=float, nargs="+", default=[0.25],
+    # action="extend": a repeated flag adds to the list (argparse's default kept only the last one);
+    # the list defaults are filled in by `main` (an extended default list would keep its values)
+    p.add_argument("--trace", nargs="+", action="extend", required=True, help="routing trace files (.npz) to replay")
+    p.add_argument("--capacity", type=float, nargs="+", action="extend", default=None,
                    help="fraction(s) of all experts resident, in (0, 1] (default: 0.25)")
-    p.add_argument("--policy", nargs="+", default=["all"], help=f"{', '.join(POLICY_NAMES)} or all")
+    p.add_argument("--policy", nargs="+", action="extend", default=None, help=f"{', '.join(POLICY_NAMES)} or all")
     p.add_argument("--predictor", default=None, help="fitted predictor file for the predicted policy's prefetch")
-    p.add_argument("--fit-trace", nargs="*", default=[],
+    p.add_argument("--fit-trace", nargs="*", action="extend", default=None,
                    help="traces (another domain) the static load and the predicted prior are fitted on")
     p.add_argument("--lookahead", type=int, default=1, help="MoE layers ahead the predicted policies prefetch, at most the predictor's own lookahead "
                         "(default: 1; belady-prefetch's oracle always looks 4 layer steps ahead, recorded in its "
@@ -104,6 +106,7 @@ def result_names(paths) -> list[str]:
 def main(args) -> int:
     from predictors.traces import load_trace
 
+    args.capacity, args.policy, args.fit_trace = args.capacity or [0.25], args.policy or ["all"], args.fit_trace or []
     policies = list(POLICY_NAMES) if args.policy == ["all"] else args.policy
     for name in policies:  # before loading anything
         if name not in POLICY_NAMES:

@@ -145,3 +145,22 @@ def test_capacities_reported_under_one_key_are_refused(tmp_path, capsys):
         assert cli_main(["cache-sim", "--trace", path, "--policy", "lru", "--capacity", *caps]) == 2
         err = capsys.readouterr().err
         assert "--capacity" in err and caps[0] in err and caps[1] in err, err
+
+
+def test_repeated_list_flags_add_up(tmp_path):
+    """`--trace a.npz --trace b.npz` replayed only b (argparse kept the last list), and so did a
+    repeated --capacity, --policy or --fit-trace: the earlier values were dropped silently."""
+    a = save_trace(tmp_path / "a.npz", [[[0, 1], [2, 3]]] * 3, 4)
+    b = save_trace(tmp_path / "b.npz", [[[1, 2], [0, 3]]] * 4, 4)
+    out = tmp_path / "sim.json"
+    assert cli_main(["cache-sim", "--trace", a, "--trace", b, "--capacity", "0.5", "--capacity", "1",
+                     "--policy", "lru", "--policy", "belady", "--fit-trace", a, "--fit-trace", b,
+                     "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["config"]["fit_trace"] == [a, b]
+    assert set(data["results"]) == {"a", "b"}
+    for caps in data["results"].values():
+        assert set(caps) == {"0.5", "1"} and all(set(row) == {"lru", "belady"} for row in caps.values())
+    assert cli_main(["cache-sim", "--trace", a, "--json", str(out)]) == 0  # the defaults still apply
+    data = json.loads(out.read_text())
+    assert data["config"]["capacity"] == [0.25] and len(data["results"]["a"]["0.25"]) == 7
