@@ -4,8 +4,9 @@
                check_experts=True)
 
 `dtype`: "auto" (the checkpoint's `dtype`/`torch_dtype`, float32 when absent), "float32", "bfloat16",
-"float16" or a torch.dtype. Non-expert weights are read (memory-mapped) into the model built on the
-meta device; expert weights go through `expert_store_factory(spec, source, dtype, device)`, where
+"float16" or a torch.dtype. Non-expert weights are read (memory-mapped) and copied into the model built
+on the meta device (never left backed by the mapping); expert weights go through
+`expert_store_factory(spec, source, dtype, device)`, where
 `source.get(moe_layer, e) -> (gate_up [2I, H], down [H, I])` reads one expert from the checkpoint
 (per-expert keys as published, or transformers 5's fused `experts.gate_up_proj` / `down_proj`).
 The default factory builds a ResidentExpertStore. A factory that takes its experts from elsewhere
@@ -208,7 +209,14 @@ def load_model(model_dir: str | Path, dtype="auto", device="cpu", hooks: RouterH
     state = {}
     for name, key, shape in dense_tensors(model, family):
         target = torch.float32 if name.endswith(FP32_PARAMS) else dt
-        state[name] = ckpt.get(key, shape).to(device=device, dtype=target).contiguous()
+        stored = ckpt.get(key, shape)  # a view of the checkpoint's mapping
+        t = stored.to(device=device, dtype=target).contiguous()
+        # on a CPU in the checkpoint's dtype that is still the mapping: a file truncated after loading then killed
+        # the process with SIGBUS in the next step's dense layers (expert reads are checked first). So copy: the
+        # dense weights are small next to the experts (default model 3.3 of 15.3 MiB, Mixtral-8x7B about 3.5%)
+        if t.untyped_storage().data_ptr() == stored.untyped_storage().data_ptr():
+            t = t.clone()
+        state[name] = t
     model.load_state_dict(state, assign=True, strict=True)
     model.store = (expert_store_factory or resident_store_factory)(spec, source, dt, device)
     routing_hook = getattr(model.store, "routing_hook", None)
