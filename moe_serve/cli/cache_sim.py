@@ -112,6 +112,9 @@ def main(args) -> int:
         if name not in POLICY_NAMES:
             raise ValueError(f"--policy must be one of {', '.join(POLICY_NAMES)} (one or more), or all alone; "
                              f"got {name!r}")
+    if "predicted-prefetch" in args.policy and not args.predictor:  # asked for by name: as the server, refuse
+        raise ValueError("--policy predicted-prefetch needs --predictor (the forecast it prefetches); without "
+                         "one it is plain predicted")
     check_cost_flags(args)
     cost = CostModel(expert_bytes=args.expert_bytes, bandwidth_gbps=args.bandwidth_gbps, layer_ms=args.layer_ms,
                      copy_order=args.copy_order, prefetch_when=args.prefetch_when)

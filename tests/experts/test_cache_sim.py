@@ -239,7 +239,7 @@ def test_cli_refuses_fit_traces_and_predictors_of_another_shape(tmp_path, capsys
                  seq_offsets=np.array([0]), num_experts=16).save(empty)
     for argv, message in [
         (["--policy", "predicted", "--predictor", str(tmp_path / "p8.safetensors")], "--predictor .* was fitted for"),
-        (["--policy", "predicted-prefetch", "--fit-trace", paths["e8"]], "--fit-trace .*e8.npz has"),
+        (["--policy", "predicted", "--fit-trace", paths["e8"]], "--fit-trace .*e8.npz has"),
     ]:
         assert cli_main(["cache-sim", "--trace", paths["e16"], *argv]) == 2
         err = capsys.readouterr().err

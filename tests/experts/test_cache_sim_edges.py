@@ -164,3 +164,14 @@ def test_repeated_list_flags_add_up(tmp_path):
     assert cli_main(["cache-sim", "--trace", a, "--json", str(out)]) == 0  # the defaults still apply
     data = json.loads(out.read_text())
     assert data["config"]["capacity"] == [0.25] and len(data["results"]["a"]["0.25"]) == 7
+
+
+def test_predicted_prefetch_asked_for_without_a_predictor_is_refused(tmp_path, capsys):
+    """--policy predicted-prefetch without --predictor ran plain predicted (nothing to prefetch) and
+    reported it as predicted-prefetch; the server refuses that setting. Refused here too; with
+    --policy all it still runs (there the row equals predicted, as before)."""
+    path = save_trace(tmp_path / "t.npz", [[[0, 1], [2, 3]]] * 3, 4)
+    assert cli_main(["cache-sim", "--trace", path, "--policy", "predicted-prefetch"]) == 2
+    err = capsys.readouterr().err
+    assert "--policy predicted-prefetch needs --predictor" in err, err
+    assert cli_main(["cache-sim", "--trace", path, "--policy", "all"]) == 0
