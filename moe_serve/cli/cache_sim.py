@@ -104,6 +104,7 @@ def result_names(paths) -> list[str]:
 
 
 def main(args) -> int:
+    from predictors.registry import load_predictor
     from predictors.traces import load_trace
 
     args.capacity, args.policy, args.fit_trace = args.capacity or [0.25], args.policy or ["all"], args.fit_trace or []
@@ -134,8 +135,6 @@ def main(args) -> int:
     output_file(args.json, "--json")
     predictor = None
     if args.predictor:
-        from predictors.registry import load_predictor
-
         predictor = load_predictor(args.predictor)
     fit = [load_trace(p) for p in args.fit_trace]
     names = result_names(args.trace)
@@ -143,7 +142,9 @@ def main(args) -> int:
     for path, trace in zip(args.trace, traces):  # all of them first: a bad last one wasted every replay before it
         check_matches(trace, path, fit, predictor, args)
     results = {}
-    for name, trace in zip(names, traces):
+    for i, (name, trace) in enumerate(zip(names, traces)):
+        if i and getattr(predictor, "adapts", False):  # it learned on the trace before: each starts from the file
+            predictor = load_predictor(args.predictor)
         results[name] = simulate(trace, policies, args.capacity, cost, predictor=predictor, fit_traces=fit,
                                  lookahead=args.lookahead, prefetch_from=prefetch_from, learn_lag=args.learn_lag,
                                  log=lambda s: print(f"{name}: {s}", file=sys.stderr))

@@ -175,3 +175,29 @@ def test_predicted_prefetch_asked_for_without_a_predictor_is_refused(tmp_path, c
     err = capsys.readouterr().err
     assert "--policy predicted-prefetch needs --predictor" in err, err
     assert cli_main(["cache-sim", "--trace", path, "--policy", "all"]) == 0
+
+
+def test_an_adapting_predictor_starts_afresh_on_every_trace(tmp_path):
+    """An online predictor (mlp_online) learns while a trace is replayed; with several --trace files
+    the second started from what it had learned on the first, so a trace's figures depended on which
+    files came before it. Each trace now gets the predictor as fitted (the file), as when alone."""
+    from predictors.registry import make_predictor
+    from tests.predictors.synth import layer_map_trace
+
+    first, second = (layer_map_trace(tokens=200, L=3, E=8, K=2, seqs=2, seed=s) for s in (1, 2))
+    first.save(tmp_path / "first.npz")
+    second.save(tmp_path / "second.npz")
+    pred = make_predictor("mlp_online", 3, 8, 2, 2)
+    pred.fit([layer_map_trace(tokens=200, L=3, E=8, K=2, seqs=2, seed=3)])
+    pred.save(tmp_path / "p.safetensors")
+
+    def second_results(*traces):
+        out = tmp_path / "sim.json"
+        assert cli_main(["cache-sim", "--trace", *(str(tmp_path / t) for t in traces), "--policy", "predicted",
+                         "--capacity", "0.3", "--predictor", str(tmp_path / "p.safetensors"), "--lookahead", "2",
+                         "--learn-lag", "0", "--json", str(out)]) == 0
+        return json.loads(out.read_text())["results"]["second"]["0.3"]["predicted"]
+
+    alone, after = second_results("second.npz"), second_results("first.npz", "second.npz")
+    for key in ("hit_rate", "ready_in_time", "bytes_per_token", "stall_ms_per_token"):
+        assert after[key] == alone[key], key
