@@ -133,6 +133,10 @@ def main(args) -> int:
         raise ValueError(f"--learn-lag must be >= 0 chunks, got {args.learn_lag}")
     prefetch_from = cost.prefetch_from(args.prefetch_from)
     output_file(args.json, "--json")
+    inputs = [("--trace", p) for p in args.trace] + [("--fit-trace", p) for p in args.fit_trace]
+    for flag, path in inputs + ([("--predictor", args.predictor)] if args.predictor else []):
+        if args.json and Path(args.json).resolve() == Path(path).resolve():  # it would be replaced by the results
+            raise ValueError(f"--json {args.json} is also an input ({flag} {path}): name another output file")
     predictor = None
     if args.predictor:
         predictor = load_predictor(args.predictor)

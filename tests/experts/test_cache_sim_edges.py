@@ -201,3 +201,15 @@ def test_an_adapting_predictor_starts_afresh_on_every_trace(tmp_path):
     alone, after = second_results("second.npz"), second_results("first.npz", "second.npz")
     for key in ("hit_rate", "ready_in_time", "bytes_per_token", "stall_ms_per_token"):
         assert after[key] == alone[key], key
+
+
+def test_json_output_may_not_overwrite_an_input(tmp_path, capsys):
+    """--json naming one of the input files (a slip of the shell) replaced that trace with the
+    results. Refused now, before anything runs; the input is left as it was."""
+    path = save_trace(tmp_path / "t.npz", [[[0, 1], [2, 3]]] * 3, 4)
+    before = (tmp_path / "t.npz").read_bytes()
+    same_file = str(tmp_path / "." / "t.npz")  # another spelling of the same path
+    for argv in (["--trace", path, "--json", path], ["--trace", path, "--fit-trace", path, "--json", same_file]):
+        assert cli_main(["cache-sim", *argv, "--policy", "lru"]) == 2
+        assert "--json" in capsys.readouterr().err
+        assert (tmp_path / "t.npz").read_bytes() == before
