@@ -3,11 +3,13 @@
 This is the only implementation of the step logic: `LLM` drives it in a loop, `AsyncEngine` drives
 it from a background thread. `add_request` and `abort` (request_intake.py) may be called from any
 thread (they only touch a locked inbox); everything else runs in the thread that calls `step`. A
-request of n completions is n sequences, each stepped on its own; an output carries one of them.
+request of n completions is n sequences, each decoded on its own; an output carries one of them.
 
 A step: take new requests and aborts from the inbox, let the scheduler pick the batch (decodes plus
 prefill chunks), run the model once, sample the sequences whose known tokens are all in the KV
-cache, apply the stop conditions, and return an output for every sequence that changed. If the
+cache, apply the stop conditions, and return an output for every sequence that changed. A request's
+completions share one prefill: the siblings that waited on it (scheduler.py) get a copy of its prompt
+KV when it ends and sample their first token from its logits row, each with its own generator. If the
 batched forward raises, each sequence is retried alone, so only the ones that fail alone end with
 finish_reason "error" and the others go on (rewriting a KV position is idempotent).
 """
@@ -75,7 +77,12 @@ class LLMEngine(RequestIntake):
                          self.model.compiled.max_batch, self.model.compiled.tuned)
         self.hooks.attach(self.spec, self.device, meta={"model": str(mc.model), "family": self.spec.family})
         self.eos_token_ids = set(self.spec.eos_token_ids) | set(self.tokenizer.eos_token_ids)  # + generation_config's
-        self.scheduler = Scheduler(self.num_slots, sc.max_num_batched_tokens, sc.prefill_chunk, sc.max_queue)
+        # a request's completions share one prefill where the model can copy KV between slots; not the
+        # distributed model (its KV lives in the ranks), nor under routing replay (each completion replays
+        # its own trace sequence, so siblings' prompt KV differ): there each completion prefills, as before
+        share = hasattr(self.model, "copy_kv_prefix") and not config.trace.replay_trace
+        self.scheduler = Scheduler(self.num_slots, sc.max_num_batched_tokens, sc.prefill_chunk, sc.max_queue,
+                                   share_prefill=share)
         self._lock = threading.Lock()
         self._inbox: deque[Sequence] = deque()
         self._aborts: deque[Sequence] = deque()  # the live requests asked to stop
@@ -102,8 +109,12 @@ class LLMEngine(RequestIntake):
             if seq.num_computed == seq.num_tokens:
                 to_sample.append(seq)
                 rows.append(i)
+                if not seq.output_ids:  # its prefill just ended: siblings waiting on it sample from its row
+                    forked = self._fork(seq)
+                    to_sample += forked
+                    rows += [i] * len(forked)
         if to_sample:
-            if len(rows) < logits.shape[0]:  # some sequences are mid-prefill: no token for them yet
+            if rows != list(range(logits.shape[0])):  # some mid-prefill (no token yet), or rows shared by forks
                 logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
             to_sample, tokens, logprobs = self._sample(logits, to_sample, outputs)
             for j, (seq, tok) in enumerate(zip(to_sample, tokens)):
@@ -135,6 +146,17 @@ class LLMEngine(RequestIntake):
                 self._retire(seq)
                 outputs.append(seq.make_output())
         return outputs
+
+    def _fork(self, seq: Sequence) -> list[Sequence]:
+        """The siblings that waited on seq's prefill (it just ended), their slots now holding a copy of
+        its prompt KV: each is where its own prefill would have left it."""
+        waiting = [s for s in seq.group if s.fork_of is seq]
+        if waiting:
+            n = len(seq.prompt_ids)
+            self.model.copy_kv_prefix(seq.slot, [s.slot for s in waiting], n)
+            for s in waiting:
+                s.num_computed, s.fork_of = n, None
+        return waiting
 
     def _retire(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)

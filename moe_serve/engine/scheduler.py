@@ -7,6 +7,11 @@ Every step is built fresh from three groups, in this order, within `max_num_batc
 So a new request joins the running decode batch at the next step, and a long prompt is spread over
 several steps instead of stalling everyone's decode. Slots are preallocated KV rows (`num_slots` of
 them); finishing or aborting a sequence returns its slot at once.
+
+With `share_prefill` (the model can copy KV between slots), a completion admitted while a sibling of
+its request is prefilling the prompt takes a slot but feeds nothing (`fork_of` is that sibling): the
+engine copies the sibling's prompt KV into its slot when that prefill ends. A completion admitted later
+(no free slot until then) prefills on its own, as every completion did before.
 """
 from __future__ import annotations
 
@@ -40,7 +45,9 @@ def kv_cache_slots(kv_cache_gb: float, kv_bytes_per_token: int, max_model_len: i
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, max_num_batched_tokens: int, prefill_chunk: int, max_queue: int):
+    def __init__(self, num_slots: int, max_num_batched_tokens: int, prefill_chunk: int, max_queue: int,
+                 share_prefill: bool = False):
+        self.share_prefill = share_prefill
         self.free_slots = list(range(num_slots))  # a min-heap: the lowest free slot is handed out first
         self.num_slots = num_slots
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -71,18 +78,35 @@ class Scheduler:
                 plan.append((seq, 1))
                 budget -= 1
         for seq in self.running:
-            if not seq.prefill_done and budget > 0:
+            if not seq.prefill_done and seq.fork_of is None and budget > 0:
                 n = min(self.prefill_chunk, len(seq.prompt_ids) - seq.num_computed, budget)
                 plan.append((seq, n))
                 budget -= n
-        while self.waiting and self.free_slots and budget > 0:
-            seq = self.waiting.popleft()
+        while self.waiting and self.free_slots:
+            seq = self.waiting[0]
+            leader = self.prefilling_sibling(seq)
+            if leader is None and budget <= 0:
+                break
+            self.waiting.popleft()
             seq.slot = heapq.heappop(self.free_slots)
             self.running.append(seq)
+            seq.fork_of = leader
+            if leader is not None:
+                continue  # feeds nothing (so takes no budget): waits for the sibling's prefill
             n = min(self.prefill_chunk, len(seq.prompt_ids), budget)
             plan.append((seq, n))
             budget -= n
         return plan
+
+    def prefilling_sibling(self, seq: Sequence) -> Sequence | None:
+        """The running member of seq's request that is prefilling the prompt itself, if any."""
+        if not self.share_prefill or len(seq.group) == 1 or seq.num_computed:
+            return None
+        for other in seq.group:
+            if other is not seq and other.slot is not None and other.fork_of is None and not other.prefill_done \
+                    and not other.finished:
+                return other
+        return None
 
     def remove(self, seq: Sequence) -> None:
         """Take a finished or aborted sequence out, returning its slot."""
@@ -93,3 +117,9 @@ class Scheduler:
         if seq.slot is not None:
             heapq.heappush(self.free_slots, seq.slot)
             seq.slot = None
+        seq.fork_of = None  # an aborted follower is not forked
+        waiting_on_it = [s for s in seq.group if s.fork_of is seq]
+        if waiting_on_it:  # its prefill will not end: the first sibling waiting on it prefills instead
+            head = waiting_on_it[0]
+            for s in waiting_on_it:
+                s.fork_of = None if s is head else head

@@ -1,7 +1,9 @@
 """One completion's state inside the engine, and the output the engine hands back for it.
 
 A request of `SamplingParams.n` completions is n sequences (its `group`, sharing the prompt and the
-request id; `index` tells them apart), scheduled, sampled and finished each on its own. A sequence is
+request id; `index` tells them apart), sampled and finished each on its own. The prompt is prefilled
+once: a member admitted while another is prefilling it waits on that one (`fork_of`), then gets a copy
+of its prompt KV and samples from the same last-position logits (scheduler.py, LLMEngine). A sequence is
 prompt tokens, then generated tokens. `num_computed` counts the tokens already in its KV-cache slot;
 the next forward feeds `token_ids[num_computed:]` (a prefill chunk, or the one token sampled last step).
 """
@@ -42,6 +44,8 @@ class Sequence:
     metrics: RequestMetrics = None  # type: ignore[assignment]
     logprobs: list[TokenLogprob] | None = None  # one per output token, when params.logprobs is set
     index: int = 0  # which completion of its request
+    # the group member whose prefill this one waits to share (holds a slot, feeds no tokens), else None
+    fork_of: "Sequence | None" = field(default=None, repr=False, compare=False)
     # the request's n sequences, itself included (not in repr or ==: it holds itself)
     group: list["Sequence"] = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
     # the prompt ids outputs hand out (see shown_prompt_ids); on the group's first sequence only

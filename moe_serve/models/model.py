@@ -3,6 +3,7 @@
 Forward contract (the engine's seam, see batch.py):
     model.allocate_kv_cache(num_slots, max_len)  preallocates zeroed per-slot caches for all layers
     model.kv_bytes_per_token()                    bytes one cached token costs (size slots from a budget)
+    model.copy_kv_prefix(src, dsts, n)            optional: copy a slot's first n cached positions to others
     model.forward(batch: ForwardBatch) -> logits  fp32 [S, V] (each sequence's last token) or [N, V]
                                                   (every token) when batch.all_logits
 The batch may mix prefill chunks (query_len > 1, any context_len) and decodes; each sequence's new
@@ -123,6 +124,19 @@ class MoEModel(nn.Module):
         self.kv_cache = [tuple(torch.zeros(s, dtype=self.dtype, device=self.device)
                                for s in layer.self_attn.cache_shapes(num_slots, max_len)) for layer in self.layers]
         self.num_slots, self.max_len = num_slots, max_len
+
+    @torch.inference_mode()
+    def copy_kv_prefix(self, src_slot: int, dst_slots: list[int], n: int) -> None:
+        """Copy positions [0, n) of slot `src_slot`'s cache, every layer, into each of `dst_slots`: the
+        completions of one request share its prompt's prefill (the engine runs it once). In place, so the
+        compiled decode's views of the cache stay valid."""
+        if not 0 < n <= self.max_len or not all(0 <= s < self.num_slots for s in [src_slot, *dst_slots]):
+            raise ValueError(f"copy_kv_prefix: slots {src_slot} -> {dst_slots} (of {self.num_slots}) and "
+                             f"n={n} (max_len {self.max_len}) out of range")
+        dst = torch.tensor(dst_slots, dtype=torch.long, device=self.device)
+        for layer in self.kv_cache:
+            for cache in layer:  # [slots, max_len, ...]
+                cache[dst, :n] = cache[src_slot, :n]  # broadcast over the destination slots
 
     # --- forward ------------------------------------------------------------------------------
     def _check(self, batch: ForwardBatch) -> None:
