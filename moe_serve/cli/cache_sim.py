@@ -72,8 +72,10 @@ def check_matches(trace, path, fit, predictor, args) -> None:
         raise ValueError(f"--predictor {args.predictor} was fitted for top_k={predictor.top_k}, --trace {path} "
                          f"has top_k={trace.top_k}")
     if predictor is not None and args.lookahead > predictor.lookahead:  # it was cut silently, and recorded uncut
+        why = ("; it forecasts the next token at the same layer, no later layer, so the predicted policies "
+               "prefetch nothing with it" if predictor.lookahead == 0 else "")
         raise ValueError(f"--lookahead {args.lookahead} is beyond what --predictor {args.predictor} forecasts "
-                         f"(lookahead {predictor.lookahead}): give at most {predictor.lookahead}")
+                         f"(lookahead {predictor.lookahead}{why}): give at most {predictor.lookahead}")
     if predictor is not None and predictor.needs_hidden and trace.hidden is None:
         raise ValueError(f"--predictor {args.predictor} ({predictor.name}) predicts from hidden states; --trace "
                          f"{path} has none (record with --record-hidden)")

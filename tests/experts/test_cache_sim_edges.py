@@ -111,6 +111,13 @@ def test_lookahead_beyond_the_predictors_is_refused(tmp_path, capsys):
     out = tmp_path / "sim.json"
     assert cli_main([*argv, "--lookahead", "2", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["config"]["lookahead"] == 2
+    next_token = make_predictor("popularity", 3, 8, 2, 0)  # lookahead 0: the next token, same layer
+    next_token.fit([trace])
+    next_token.save(tmp_path / "p0.safetensors")
+    argv[-1] = str(tmp_path / "p0.safetensors")
+    assert cli_main(argv) == 2  # the default --lookahead 1 is beyond it: said so, with why
+    assert "(lookahead 0; it forecasts the next token at the same layer" in capsys.readouterr().err
+    assert cli_main([*argv, "--lookahead", "0"]) == 0
 
 
 def test_json_config_records_every_cost_flag(tmp_path):
