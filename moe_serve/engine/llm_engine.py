@@ -154,6 +154,7 @@ class LLMEngine(RequestIntake):
         if waiting:
             n = len(seq.prompt_ids)
             self.model.copy_kv_prefix(seq.slot, [s.slot for s in waiting], n)
+            self.model.hooks.fork(seq.seq_id, [s.seq_id for s in waiting])  # a trace holds each completion whole
             for s in waiting:
                 s.num_computed, s.fork_of = n, None
         return waiting

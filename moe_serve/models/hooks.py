@@ -37,6 +37,10 @@ class RouterHooks:
     def end_step(self, batch: ForwardBatch) -> None:
         """Called once after the forward of a step."""
 
+    def fork(self, parent: int, children: list[int]) -> None:
+        """Sequences `children` go on from `parent`'s computed rows (their KV is a copy of its prompt's:
+        a request's n completions share one prefill); a hook keeping rows per sequence copies them."""
+
 
 NO_HOOKS = RouterHooks()
 
@@ -68,3 +72,7 @@ class HookChain(RouterHooks):
     def end_step(self, batch):
         for h in self.hooks:
             h.end_step(batch)
+
+    def fork(self, parent, children):
+        for h in self.hooks:
+            h.fork(parent, children)

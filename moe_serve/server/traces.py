@@ -118,6 +118,11 @@ class LiveTraceHook(RouterHooks):
                 self._step.end_step(batch)
             self._step = None
 
+    def fork(self, parent, children):
+        with self.lock:
+            if self.recording and self.recorder is not None:
+                self.recorder.fork(parent, children)
+
 
 class TraceControl:
     """The endpoints' logic: install the hook once, then start / stop / dump."""

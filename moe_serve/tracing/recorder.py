@@ -74,6 +74,17 @@ class TraceRecorder(RouterHooks):
             self.num_tokens += len(chunk[0])
         self._step = []
 
+    def fork(self, parent: int, children: list[int]) -> None:
+        """Each child's sequence begins with the parent's rows so far (the prompt the model ran once for
+        them all), so every completion of an n > 1 request is a whole trace sequence from position 0, as
+        when each prefilled alone. The rows are shared, never written again."""
+        if parent not in self.chunks:
+            return  # began before the recording: its children are left out with it
+        rows = sum(len(c[0]) for c in self.chunks[parent])
+        for child in children:
+            self.chunks[child] = list(self.chunks[parent])
+            self.num_tokens += rows
+
     def copy(self) -> "TraceRecorder":
         """What was recorded so far, apart (the rows are shared: they are never written again)."""
         other = TraceRecorder(self.num_layers, self.num_experts, self.top_k, self.record_hidden, self.meta)

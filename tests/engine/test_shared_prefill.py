@@ -139,10 +139,14 @@ def test_the_model_runs_the_prompt_once(tiny_dir, tmp_path):
     outs = run_all(eng)["r"]
     fed = len(ids) + 4 * (6 - 1)  # the prompt once, then every completion's fed-back tokens
     assert (eng.expert_load().sum(axis=1) == fed * 2).all()  # top-2
-    # one trace sequence: the prompt and the completion that prefilled it; the others' rows would not
-    # start at position 0 (the format has none), so they are left out as a sequence begun mid-way is
+    # a trace sequence per completion, each whole from position 0 (the prompt's rows are those of the
+    # one prefill, copied at the fork), as when each prefilled alone; the rows left out before were lost
     recorded = eng.save_trace()
-    assert recorded.num_sequences == 1 and list(recorded.token_ids) == ids + outs[0].token_ids[:5]
+    assert recorded.num_sequences == 4
+    rows = [recorded.sequence(i) for i in range(4)]
+    assert sorted(recorded.token_ids[r].tolist() for r in rows) == sorted(ids + c.token_ids[:5] for c in outs)
+    prompt_rows = [recorded.experts[r][: len(ids)] for r in rows]
+    assert all((p == prompt_rows[0]).all() for p in prompt_rows)
     firsts = {c.metrics.first_token_time for c in outs}
     assert len(firsts) == 1 and None not in firsts and len(outs) == 4
     assert all(c.metrics.time_to_first_token == outs[0].metrics.time_to_first_token > 0 for c in outs)

@@ -89,3 +89,16 @@ def test_counts_time_does_not_grow_with_the_recording(tmp_path):
     assert hook.counts() == (0, 0)
     _step(hook, 5, 2, first=True)
     assert hook.counts() == walk(hook) == (5, 10)
+
+
+def test_a_live_recording_holds_every_completion_of_an_n_request_whole(tiny_dir, tmp_path):
+    # the n completions share one prefill; the live trace copies the prompt's rows to each at the fork, so
+    # it holds n whole sequences from position 0 (as when each prefilled alone), not the prefilling one only
+    with LLM(model=str(tiny_dir), max_num_seqs=4) as llm:
+        control = TraceControl(EngineBridge(llm.engine), str(tmp_path))
+        control.start()
+        out = llm.generate(PROMPTS[:1], SamplingParams(temperature=1.0, seed=3, n=3, max_tokens=5, ignore_eos=True))[0]
+        trace = control.hook.snapshot()
+        assert trace.num_sequences == 3 and control.hook.counts() == walk(control.hook)
+        got = sorted(trace.token_ids[trace.sequence(i)].tolist() for i in range(3))
+        assert got == sorted(out.prompt_token_ids + c.token_ids[:4] for c in out.outputs)
