@@ -30,9 +30,10 @@ def register(subparsers) -> None:
     p.add_argument("--predictor", default=None, help="fitted predictor file for the predicted policy's prefetch")
     p.add_argument("--fit-trace", nargs="*", action="extend", default=None,
                    help="traces (another domain) the static load and the predicted prior are fitted on")
-    p.add_argument("--lookahead", type=int, default=1, help="MoE layers ahead the predicted policies prefetch, at most the predictor's own lookahead "
-                        "(default: 1; belady-prefetch's oracle always looks 4 layer steps ahead, recorded in its "
-                        "results as oracle_lookahead)")
+    p.add_argument("--lookahead", type=int, default=None,
+                   help="MoE layers ahead the predicted policies prefetch, at most the predictor's own lookahead "
+                        "(default: 1, or the predictor's lookahead when it is 0; belady-prefetch's oracle always "
+                        "looks 4 layer steps ahead, recorded in its results as oracle_lookahead)")
     p.add_argument("--prefetch-from", default="1",
                    help="the nearest MoE layer ahead the predicted policies prefetch for: N >= 1, or auto (copy time "
                         "over layer time, rounded up: the nearest layer a copy can reach in time); default: 1")
@@ -129,7 +130,7 @@ def main(args) -> int:
         if key in keys:
             raise ValueError(f"--capacity {keys[key]} and {c} would both be reported as {key!r}: give each once")
         keys[key] = c
-    if args.lookahead < 0:
+    if args.lookahead is not None and args.lookahead < 0:
         raise ValueError(f"--lookahead must be >= 0, got {args.lookahead}")
     if args.learn_lag < 0:
         raise ValueError(f"--learn-lag must be >= 0 chunks, got {args.learn_lag}")
@@ -142,6 +143,8 @@ def main(args) -> int:
     predictor = None
     if args.predictor:
         predictor = load_predictor(args.predictor)
+    if args.lookahead is None:  # a next-token predictor (lookahead 0) runs by default; one asked beyond it is refused
+        args.lookahead = 1 if predictor is None else min(1, predictor.lookahead)
     fit = [load_trace(p) for p in args.fit_trace]
     names = result_names(args.trace)
     traces = [load_trace(path) for path in args.trace]

@@ -115,9 +115,12 @@ def test_lookahead_beyond_the_predictors_is_refused(tmp_path, capsys):
     next_token.fit([trace])
     next_token.save(tmp_path / "p0.safetensors")
     argv[-1] = str(tmp_path / "p0.safetensors")
-    assert cli_main(argv) == 2  # the default --lookahead 1 is beyond it: said so, with why
+    assert cli_main([*argv, "--lookahead", "1"]) == 2  # asked beyond it: said so, with why
     assert "(lookahead 0; it forecasts the next token at the same layer" in capsys.readouterr().err
     assert cli_main([*argv, "--lookahead", "0"]) == 0
+    # without --lookahead, a next-token predictor runs with its own 0 (the default 1 was refused), recorded so
+    assert cli_main([*argv, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["config"]["lookahead"] == 0
 
 
 def test_json_config_records_every_cost_flag(tmp_path):
