@@ -156,6 +156,9 @@ class Predictor(ABC):
                 raise ValueError(f"{self.name}: {field} must be >= {low}, got {value}")
         if top_k > num_experts:
             raise ValueError(f"{self.name}: top_k={top_k} exceeds num_experts={num_experts}")
+        if int(lookahead) > int(num_layers) - 1 and int(lookahead) > 0:  # no layer has a target that far ahead
+            raise ValueError(f"{self.name}: lookahead must be at most num_layers - 1 = {int(num_layers) - 1} (the "
+                             f"targets are later MoE layers of the same token), got {lookahead}")
         self.num_layers, self.num_experts, self.top_k, self.lookahead = int(num_layers), int(num_experts), int(top_k), int(lookahead)
         self.params = dict(params)
         self.fitted = False

@@ -163,3 +163,15 @@ def test_saved_file_with_a_key_that_was_never_read_still_loads(tmp_path):
     state = RoutingState.from_trace(trace, 1)
     assert (loaded.predict(state, 1) == pred.predict(state, 1)).all()
 
+
+
+def test_a_lookahead_past_the_last_layer_is_refused_naming_the_limit():
+    # targets are later MoE layers of the same token: with lookahead >= num_layers the last slot has no
+    # target anywhere, and mlp's fit failed in torch.arange ('upper bound and lower bound inconsistent')
+    from predictors.registry import make_predictor
+
+    for name in ("mlp", "popularity"):
+        assert make_predictor(name, 3, 8, 2, 2).lookahead == 2
+        with pytest.raises(ValueError, match=r"lookahead must be at most num_layers - 1 = 2 .*got 3"):
+            make_predictor(name, 3, 8, 2, 3)
+    assert make_predictor("popularity", 1, 8, 2, 0).lookahead == 0  # next token: any layer count
