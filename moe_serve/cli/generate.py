@@ -39,7 +39,8 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=-1, help="keep the k most likely tokens; -1 = all")
     g.add_argument("--seed", type=int, default=None, help="sampling seed of every request")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeat for several)")
-    g.add_argument("--stop-token-ids", type=int, nargs="+", default=None, help="token ids that end a request")
+    g.add_argument("--stop-token-ids", type=int, nargs="+", action="extend", default=None,
+                   help="token ids that end a request (repeat the flag to add more)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
 
 

@@ -118,7 +118,7 @@ def register(subparsers) -> None:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("action", nargs="?", choices=["fit", "eval"], default="fit",
                    help="fit (default): write a plan; eval: score a plan on traces")
-    p.add_argument("--trace", nargs="+", help="routing trace files (.npz)")
+    p.add_argument("--trace", nargs="+", action="extend", help="routing trace files (.npz)")
     p.add_argument("--ep", type=int, default=8, help="expert-parallel ranks (default: 8)")
     p.add_argument("--redundant", type=int, default=0,
                    help="extra physical expert slots in all, replicas of hot experts (default: 0)")

@@ -169,7 +169,7 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="predict_command", required=True)
 
     f = sub.add_parser("fit", help="fit one predictor on traces and save it (safetensors, no pickle)")
-    f.add_argument("--trace", nargs="+", required=True, help="trace files (.npz)")
+    f.add_argument("--trace", nargs="+", action="extend", required=True, help="trace files (.npz)")
     f.add_argument("--predictor", required=True, choices=sorted(REGISTRY), help="which predictor")
     f.add_argument("--lookahead", type=int, default=1, help="MoE layers ahead to predict, at most MoE layers - 1; 0 = next token, same layer (default: 1)")
     f.add_argument("--out", required=True, help="output file (.safetensors)")
@@ -178,8 +178,8 @@ def register(subparsers) -> None:
     f.set_defaults(func=run_fit)
 
     e = sub.add_parser("eval", help="fit every predictor on --train, measure on --test, print a table, write JSON")
-    e.add_argument("--train", nargs="+", required=True, help="trace files to fit on")
-    e.add_argument("--test", nargs="+", required=True, help="trace files to measure on")
+    e.add_argument("--train", nargs="+", action="extend", required=True, help="trace files to fit on")
+    e.add_argument("--test", nargs="+", action="extend", required=True, help="trace files to measure on")
     e.add_argument("--lookahead", type=int, default=None, help="measure lookahead 1..D, D at most MoE layers - 1; 0 = next token only (default: 3, or MoE layers - 1 when fewer)")
     e.add_argument("--budget", type=int, default=None, help="prefetch budget B experts per layer (default: 2 * top_k, at most the experts per layer)")
     e.add_argument("--predictors", default=None, help="comma-separated subset of predictor names (default: all)")

@@ -1,6 +1,8 @@
 """`moe-serve serve` flags: one per config field of every section, server section included."""
 from __future__ import annotations
 
+import pytest
+
 from moe_serve.cli.flags import config_kwargs
 from moe_serve.cli.main import build_parser
 from moe_serve.cli.serve import section_classes
@@ -58,3 +60,18 @@ def test_port_0_prints_the_port_it_listens_on(tiny_model, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("argv, field, want", [
+    (["place", "--trace", "a.npz", "--trace", "b.npz"], "trace", ["a.npz", "b.npz"]),
+    (["predict", "fit", "--predictor", "mlp", "--out", "p.safetensors", "--trace", "a.npz", "b.npz", "--trace", "c.npz"],
+     "trace", ["a.npz", "b.npz", "c.npz"]),
+    (["predict", "eval", "--train", "a.npz", "--train", "b.npz", "--test", "c.npz", "--test", "d.npz"],
+     "train", ["a.npz", "b.npz"]),
+    (["predict", "eval", "--train", "a.npz", "--test", "c.npz", "--test", "d.npz"], "test", ["c.npz", "d.npz"]),
+    (["generate", "--stop-token-ids", "1", "2", "--stop-token-ids", "3"], "stop_token_ids", [1, 2, 3]),
+])
+def test_a_repeated_list_flag_adds_to_the_list(argv, field, want):
+    # argparse's nargs="+" kept only the last occurrence: `--trace a --trace b` silently dropped a
+    # (cache-sim's flags were fixed in cbee7c1; these were left)
+    assert getattr(build_parser().parse_args(argv), field) == want
