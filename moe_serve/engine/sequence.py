@@ -10,7 +10,7 @@ the next forward feeds `token_ids[num_computed:]` (a prefill chunk, or the one t
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -121,7 +121,7 @@ class Sequence:
             delta_text=text[self.sent_text:],
             delta_token_ids=self.output_ids[self.sent_ids:],
             error=self.error,
-            metrics=self.metrics,
+            metrics=replace(self.metrics),  # a snapshot, the consumer's own (the engine updates the live one)
         )
         self.sent_text, self.sent_ids = len(text), len(self.output_ids)
         return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.shown_prompt_ids(),

@@ -50,3 +50,21 @@ def test_outputs_show_the_prompt_they_were_given(tiny_dir):
     outs = [out for _ in range(8) for out in eng.step()]
     assert len(outs) == 6 and all(out.prompt_token_ids == prompt for out in outs)
     assert len({id(out.prompt_token_ids) for out in outs}) == 1  # one copy per request, not one per step
+
+
+def test_an_outputs_metrics_are_a_snapshot_of_its_own(tiny_dir):
+    # RequestOutput.metrics (and each completion's) was the engine's live RequestMetrics: an early output's
+    # timings kept changing as the request went on, and a consumer writing to them changed the engine's
+    eng = LLMEngine(EngineConfig.from_flat(model=str(tiny_dir)))
+    eng.add_request(PROMPT, GREEDY, "m")
+    outs, arrivals = [], []
+    while eng.has_unfinished():
+        for out in eng.step():
+            arrivals.append(out.metrics.arrival_time)  # the engine's value, before this consumer's scribble
+            outs.append((out, out.metrics.num_output_tokens, out.outputs[0].metrics.num_output_tokens))
+            out.metrics.arrival_time = out.outputs[0].metrics.arrival_time = -1e9
+    assert [n for _, n, _ in outs] == [n for _, _, n in outs] == list(range(1, 11))
+    assert [o.metrics.num_output_tokens for o, _, _ in outs] == list(range(1, 11))  # not all 10 by now
+    assert [o.outputs[0].metrics.num_output_tokens for o, _, _ in outs] == list(range(1, 11))
+    assert len(set(arrivals)) == 1 and arrivals[0] > 0  # the scribbles never reached the engine
+    assert outs[-1][0].metrics.time_to_first_token > 0
