@@ -15,12 +15,17 @@ PROMPT = "Once upon a time there was a small model that served requests. " * 20 
 
 
 def send_and_hang_up(url: str, path: str, body: dict) -> None:
-    """A real HTTP/1.1 client that writes the whole request and closes the socket without reading."""
+    """A real HTTP/1.1 client that writes the whole request and closes the socket without reading.
+
+    TCP_CORK holds the request in the kernel until close(), which sends it with the FIN: the client is
+    gone before the server reads a byte. (Sent uncorked, a client descheduled between send and close
+    on a loaded machine hung up only after the server had submitted the request: a flaky test.)"""
     host, port = url.removeprefix("http://").split(":")
     data = json.dumps(body).encode()
     head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(data)}\r\n\r\n").encode()
     with socket.create_connection((host, int(port))) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
         sock.sendall(head + data)
 
 
