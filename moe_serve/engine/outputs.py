@@ -9,7 +9,7 @@ so there `outputs[0]` is that completion (with n = 1, always the only one).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from moe_serve.engine.logprobs import TokenLogprob
 
@@ -40,7 +40,7 @@ def merge_metrics(parts: list[RequestMetrics]) -> RequestMetrics:
     earliest first token, the latest last token and finish (None while one is unfinished), and the
     output tokens summed (so time_per_output_token is the request's time per token it produced)."""
     if len(parts) == 1:
-        return replace(parts[0])  # a snapshot: the engine goes on updating the live one
+        return parts[0]
     firsts = [m.first_token_time for m in parts if m.first_token_time is not None]
     lasts = [m.last_token_time for m in parts if m.last_token_time is not None]
     finishes = [m.finished_time for m in parts]

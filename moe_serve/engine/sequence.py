@@ -112,6 +112,7 @@ class Sequence:
         """The request's output carrying this completion: cumulative text and ids plus what is new
         since its previous output; `finished` once every completion of the request has finished."""
         text = self.detok.visible(self.finished)
+        metrics = replace(self.metrics)  # a snapshot, the consumer's own (the engine updates the live one)
         completion = CompletionOutput(
             index=self.index,
             text=text,
@@ -121,9 +122,9 @@ class Sequence:
             delta_text=text[self.sent_text:],
             delta_token_ids=self.output_ids[self.sent_ids:],
             error=self.error,
-            metrics=replace(self.metrics),  # a snapshot, the consumer's own (the engine updates the live one)
+            metrics=metrics,
         )
         self.sent_text, self.sent_ids = len(text), len(self.output_ids)
         return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.shown_prompt_ids(),
                              outputs=[completion], finished=all(s.finished for s in self.group),
-                             metrics=merge_metrics([s.metrics for s in self.group]))
+                             metrics=merge_metrics([metrics if s is self else s.metrics for s in self.group]))
