@@ -31,6 +31,14 @@ def _experts(paths: list[str]):
     return np.concatenate([t.experts for t in traces]), traces[0].num_experts
 
 
+def not_an_input(out_flag: str, out: str | None, inputs: list[tuple[str, str]]) -> None:
+    """ValueError when output file `out` is one of the `inputs` (flag, path) under any spelling: the run
+    would replace that input with its results (a plan written over a trace, scores over a plan)."""
+    for flag, path in inputs:
+        if out and Path(out).resolve() == Path(path).resolve():
+            raise ValueError(f"{out_flag} {out} is also an input ({flag} {path}): name another output file")
+
+
 def run_fit(args) -> int:
     from placement.algorithms import check_options, get_algorithm
     from placement.stats import coactivation, expert_load
@@ -47,6 +55,7 @@ def run_fit(args) -> int:
         check_options(args.algorithm, options, set_by={"num_nodes": "--num-nodes"})
     except ValueError as exc:
         raise ValueError(f"--param: {exc}") from None
+    not_an_input("--out", args.out, [("--trace", p) for p in args.trace])
     output_file(args.out, "--out")
     experts, E = _experts(args.trace)
     if args.redundant < 0 or (E + args.redundant) % args.ep:
@@ -78,6 +87,7 @@ def run_eval(args) -> int:
 
     if not args.plan:
         raise ValueError("--plan is required (the plan file to score)")
+    not_an_input("--json", args.json, [("--plan", args.plan)] + [("--trace", p) for p in args.trace])
     output_file(args.json, "--json")
     # a negative budget was taken as "online" (it is truthy); a window of 0 failed in np.concatenate
     if args.online_budget < 0:

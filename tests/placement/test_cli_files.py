@@ -1,0 +1,35 @@
+"""`moe-serve place` output files and flags: an output may not replace an input, and a bad flag is named."""
+import numpy as np
+import pytest
+
+from moe_serve.cli.main import main
+from tests.predictors.synth import layer_map_trace
+
+
+@pytest.fixture
+def trace_and_plan(tmp_path):
+    trace = tmp_path / "t.npz"
+    layer_map_trace(tokens=60, L=3, E=8, K=2, seqs=3).save(trace)
+    plan = tmp_path / "p.json"
+    assert main(["place", "--trace", str(trace), "--ep", "2", "--algorithm", "contiguous", "--out", str(plan)]) == 0
+    return trace, plan
+
+
+def test_an_output_may_not_replace_an_input(trace_and_plan, capsys):
+    """`place --out t.npz --trace t.npz` wrote the plan (JSON) over the trace; `place eval --json p.json
+    --plan p.json` (or --json naming a --trace) wrote the scores over it, so the next eval failed on a
+    file that was no longer a plan. Refused now with exit 2 naming both flags, the input untouched."""
+    trace, plan = trace_and_plan
+    before = {p: p.read_bytes() for p in (trace, plan)}
+    other_spelling = str(trace.parent / "." / trace.name)
+    for argv, flags in (
+        (["place", "--trace", str(trace), "--ep", "2", "--out", other_spelling], ("--out", "--trace")),
+        (["place", "eval", "--plan", str(plan), "--trace", str(trace), "--json", str(plan)], ("--json", "--plan")),
+        (["place", "eval", "--plan", str(plan), "--trace", str(trace), "--json", other_spelling], ("--json", "--trace")),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert all(f in err for f in flags), (argv, err)
+        assert {p: p.read_bytes() for p in (trace, plan)} == before, argv
+    assert main(["place", "eval", "--plan", str(plan), "--trace", str(trace)]) == 0  # the plan is still one
+
