@@ -22,7 +22,10 @@ GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
 def standardize(s: torch.Tensor) -> torch.Tensor:
     if s.numel() == 0:  # a batch of no tokens: std() of nothing warns
         return s
-    return (s - s.mean(-1, keepdim=True)) / s.std(-1, keepdim=True).clamp(min=1e-6)
+    centred = s - s.mean(-1, keepdim=True)
+    if s.shape[-1] == 1:  # one expert: nothing to rank, and std() of one value is NaN (Bessel's n - 1)
+        return centred
+    return centred / s.std(-1, keepdim=True).clamp(min=1e-6)
 
 
 def split_traces(traces: list[RoutingTrace], fraction: float) -> tuple[list[RoutingTrace], list[RoutingTrace]]:

@@ -122,3 +122,16 @@ def test_split_keeps_a_sequence_on_each_side():
         split_sequences(_trace(20), 0.5)
     ens = make_predictor("ensemble", 3, 8, 2, 1, members=["prev_token", "transition"], holdout=0.9).fit([two])
     assert ens.predict(RoutingState.from_trace(two, 0), 0).shape == (20, 1, 8)
+
+
+@pytest.mark.parametrize("members", [["prev_token"], ["transition", "prev_token"]])
+def test_ensemble_over_a_single_expert_scores_it_finite(members):
+    # with one expert per layer every row's standardization took std() over one element (NaN with
+    # Bessel's correction), so every score was NaN: the predicted policy's probabilities were NaN too
+    ex = np.zeros((40, 3, 1), np.int16)
+    trace = RoutingTrace(ex, np.ones_like(ex, dtype=np.float16), np.array([0, 20, 40]), 1)
+    pred = make_predictor("ensemble", 3, 1, 1, 1, members=members).fit([trace])
+    scores = pred.predict(RoutingState.from_trace(trace, 0), 0)  # [T, 1, 1]
+    assert scores.shape == (40, 1, 1) and torch.isfinite(scores).all(), scores[:3]
+    res = evaluate(pred, [trace], budget=1)
+    assert res["lookahead_1"]["recall_at_k"] == 1.0, res
