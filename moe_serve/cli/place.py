@@ -89,6 +89,8 @@ def run_eval(args) -> int:
         raise ValueError("--plan is required (the plan file to score)")
     not_an_input("--json", args.json, [("--plan", args.plan)] + [("--trace", p) for p in args.trace])
     output_file(args.json, "--json")
+    if args.batch_size < 1:  # was refused in the scorer's words, "score: batch_size must be >= 1"
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     # a negative budget was taken as "online" (it is truthy); a window of 0 failed in np.concatenate
     if args.online_budget < 0:
         raise ValueError(f"--online-budget must be >= 0 (0: static), got {args.online_budget}")

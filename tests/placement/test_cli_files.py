@@ -33,3 +33,11 @@ def test_an_output_may_not_replace_an_input(trace_and_plan, capsys):
         assert {p: p.read_bytes() for p in (trace, plan)} == before, argv
     assert main(["place", "eval", "--plan", str(plan), "--trace", str(trace)]) == 0  # the plan is still one
 
+
+@pytest.mark.parametrize("online", [[], ["--online-budget", "2"]])
+@pytest.mark.parametrize("size", ["0", "-3"])
+def test_eval_refuses_a_batch_size_below_one_naming_the_flag(trace_and_plan, capsys, size, online):
+    """--batch-size 0 was refused in the scorer's words ('score: batch_size must be >= 1'), not the flag's."""
+    trace, plan = trace_and_plan
+    assert main(["place", "eval", "--plan", str(plan), "--trace", str(trace), "--batch-size", size, *online]) == 2
+    assert f"--batch-size must be >= 1, got {size}" in capsys.readouterr().err
