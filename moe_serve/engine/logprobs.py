@@ -14,14 +14,15 @@ import torch
 from moe_serve.engine.sampling_params import MAX_LOGPROBS  # noqa: F401 - the limit lives with the field
 
 
-@dataclass
+@dataclass(frozen=True)
 class TokenLogprob:
-    """One output token's log-probabilities."""
+    """One output token's log-probabilities. Frozen: every output of a stream holds the same objects
+    (outputs.Prefix copies the list, not its items), so one consumer's change must not show in another's."""
 
     token_id: int  # the sampled token
     logprob: float  # its log-probability
     rank: int  # 1 = the most likely token; ties share the best rank
-    top: list[tuple[int, float]]  # the request's `logprobs` most likely (token id, logprob), most likely first
+    top: tuple[tuple[int, float], ...]  # the request's `logprobs` most likely (token id, logprob), most likely first
 
 
 def token_logprobs(
@@ -44,5 +45,5 @@ def token_logprobs(
         top_lp = top_ids = [[] for _ in rows]
     chosen_lp, ranks = chosen_lp.squeeze(1).tolist(), ranks.tolist()
     return [TokenLogprob(token_id=tokens[r], logprob=chosen_lp[j], rank=ranks[j],
-                         top=list(zip(top_ids[j][:ks[j]], top_lp[j][:ks[j]])))
+                         top=tuple(zip(top_ids[j][:ks[j]], top_lp[j][:ks[j]])))
             for j, r in enumerate(rows)]

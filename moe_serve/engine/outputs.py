@@ -2,14 +2,14 @@
 CompletionOutput per completion (`SamplingParams.n` of them), each with its `index`.
 
 vLLM users write `out.outputs[0].text`; earlier moe-serve users wrote `out.text`. Both work: the flat
-fields (`text`, `token_ids`, `delta_text`, `delta_token_ids`, `finish_reason`, `error`, `logprobs`) are
-those of `outputs[0]`. A finished output of `LLM.generate` holds all n completions in index order; a
+fields (`text`, `token_ids`, `delta_text`, `delta_token_ids`, `finish_reason`, `error`, `logprobs`,
+`delta_logprobs`) are those of `outputs[0]`. A finished output of `LLM.generate` holds all n completions in index order; a
 streamed output (AsyncEngine, LLMEngine.step) holds the completion that changed, as vLLM streams n > 1,
 so there `outputs[0]` is that completion (with n = 1, always the only one).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from moe_serve.engine.logprobs import TokenLogprob
 
@@ -52,20 +52,67 @@ def merge_metrics(parts: list[RequestMetrics]) -> RequestMetrics:
                           num_output_tokens=sum(m.num_output_tokens for m in parts))
 
 
-@dataclass
-class CompletionOutput:
-    """One completion of a request (vLLM's CompletionOutput, plus the deltas a stream needs)."""
+class Prefix:
+    """The first `n` items of a list its owner only ever appends to (a sequence's output ids and
+    logprobs), copied into a list of the reader's own on first read. An output is made every step of a
+    stream; copying its cumulative lists there cost O(length) per step (a 4,000-token stream spent
+    ~3% of its time in those copies) for consumers that mostly read the deltas. Reading pays the copy
+    once per output, and the list read is the reader's: changing it reaches neither the engine nor
+    any other output."""
 
-    index: int  # which of the request's n completions
-    text: str  # cumulative
-    token_ids: list[int]  # cumulative
-    # one per token of token_ids (cumulative) when the request asked (SamplingParams.logprobs), else None
-    logprobs: list[TokenLogprob] | None
-    finish_reason: str | None  # "stop" | "length" | "abort" | "error" once this completion finished
-    delta_text: str = ""  # new since this completion's previous output
-    delta_token_ids: list[int] = field(default_factory=list)
-    error: str | None = None  # why it ended, for finish_reason "error"
-    metrics: RequestMetrics | None = None  # this completion's own timings
+    __slots__ = ("_source", "_n", "_copy")
+
+    def __init__(self, source: list, n: int):
+        self._source, self._n, self._copy = source, n, None
+
+    def get(self) -> list:
+        if self._copy is None:
+            self._copy, self._source = self._source[:self._n], None  # a slice: atomic under the GIL
+        return self._copy
+
+
+class CompletionOutput:
+    """One completion of a request (vLLM's CompletionOutput, plus the deltas a stream needs).
+
+    `token_ids` and `logprobs` are cumulative, copied when first read (see Prefix): a streaming
+    consumer that reads only `delta_token_ids` / `delta_logprobs` pays nothing for the length."""
+
+    def __init__(self, index: int, text: str, token_ids: list[int] | Prefix,
+                 logprobs: list[TokenLogprob] | Prefix | None, finish_reason: str | None,
+                 delta_text: str = "", delta_token_ids: list[int] | None = None, error: str | None = None,
+                 metrics: RequestMetrics | None = None, delta_logprobs: list[TokenLogprob] | None = None):
+        self.index = index  # which of the request's n completions
+        self.text = text  # cumulative
+        self._token_ids = token_ids
+        self._logprobs = logprobs
+        self.finish_reason = finish_reason  # "stop" | "length" | "abort" | "error" once this completion finished
+        self.delta_text = delta_text  # new since this completion's previous output
+        self.delta_token_ids = [] if delta_token_ids is None else delta_token_ids
+        self.error = error  # why it ended, for finish_reason "error"
+        self.metrics = metrics  # this completion's own timings
+        # the logprobs of delta_token_ids when the request asked for logprobs, else None
+        self.delta_logprobs = delta_logprobs
+
+    @property
+    def token_ids(self) -> list[int]:  # cumulative
+        if isinstance(self._token_ids, Prefix):
+            self._token_ids = self._token_ids.get()
+        return self._token_ids
+
+    @token_ids.setter
+    def token_ids(self, value: list[int]) -> None:
+        self._token_ids = value
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        """One per token of token_ids (cumulative) when the request asked (SamplingParams.logprobs), else None."""
+        if isinstance(self._logprobs, Prefix):
+            self._logprobs = self._logprobs.get()
+        return self._logprobs
+
+    @logprobs.setter
+    def logprobs(self, value: list[TokenLogprob] | None) -> None:
+        self._logprobs = value
 
     def finished(self) -> bool:  # a method, as vLLM's
         return self.finish_reason is not None
@@ -74,6 +121,19 @@ class CompletionOutput:
     def cumulative_logprob(self) -> float | None:
         """Sum of the sampled tokens' log-probabilities, when logprobs were asked for (as vLLM)."""
         return None if self.logprobs is None else sum(lp.logprob for lp in self.logprobs)
+
+    _FIELDS = ("index", "text", "token_ids", "logprobs", "finish_reason", "delta_text", "delta_token_ids",
+               "error", "metrics", "delta_logprobs")
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, CompletionOutput):
+            return NotImplemented
+        return all(getattr(self, f) == getattr(other, f) for f in self._FIELDS)
+
+    __hash__ = None  # mutable, as the dataclass it was
+
+    def __repr__(self) -> str:
+        return "CompletionOutput(" + ", ".join(f"{f}={getattr(self, f)!r}" for f in self._FIELDS) + ")"
 
 
 @dataclass
@@ -113,3 +173,7 @@ class RequestOutput:
     @property
     def logprobs(self) -> list[TokenLogprob] | None:
         return self.outputs[0].logprobs
+
+    @property
+    def delta_logprobs(self) -> list[TokenLogprob] | None:
+        return self.outputs[0].delta_logprobs

@@ -16,7 +16,7 @@ import torch
 
 from moe_serve.engine.detokenizer import IncrementalDetokenizer
 from moe_serve.engine.logprobs import TokenLogprob
-from moe_serve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, merge_metrics
+from moe_serve.engine.outputs import CompletionOutput, Prefix, RequestMetrics, RequestOutput, merge_metrics
 from moe_serve.engine.sampling_params import SamplingParams
 
 __all__ = ["FINISH_REASONS", "CompletionOutput", "RequestMetrics", "RequestOutput", "Sequence"]
@@ -34,6 +34,7 @@ class Sequence:
     generator: torch.Generator | None
     detok: IncrementalDetokenizer
     arrival_time: float = field(default_factory=time.monotonic)
+    # output_ids and logprobs are only ever appended to: outputs hold prefixes of them (outputs.Prefix)
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens already in the KV cache
     slot: int | None = None
@@ -116,11 +117,12 @@ class Sequence:
         completion = CompletionOutput(
             index=self.index,
             text=text,
-            token_ids=list(self.output_ids),
-            logprobs=None if self.logprobs is None else list(self.logprobs),
+            token_ids=Prefix(self.output_ids, len(self.output_ids)),  # copied when read, not every step
+            logprobs=None if self.logprobs is None else Prefix(self.logprobs, len(self.logprobs)),
             finish_reason=self.finish_reason,
             delta_text=text[self.sent_text:],
             delta_token_ids=self.output_ids[self.sent_ids:],
+            delta_logprobs=None if self.logprobs is None else self.logprobs[self.sent_ids:],
             error=self.error,
             metrics=metrics,
         )

@@ -39,10 +39,9 @@ class TokenTexts:
 
 
 def delta_logprobs(out) -> list[TokenLogprob]:
-    """The logprobs of the tokens new in this output (`delta_token_ids`)."""
-    if out.logprobs is None:
-        return []
-    return out.logprobs[len(out.token_ids) - len(out.delta_token_ids):]
+    """The logprobs of the tokens new in this output (`delta_token_ids`); not read from the cumulative
+    `logprobs`, which would copy the whole list at every streamed token."""
+    return out.delta_logprobs or []
 
 
 def completion_logprobs(lps: list[TokenLogprob], text: TokenTexts, offset: int) -> P.CompletionLogprobs:

@@ -48,7 +48,7 @@ def test_logprobs_equal_log_softmax_of_the_models_logits(tiny_dir, temperature):
 def test_logprobs_zero_gives_the_sampled_token_only_and_limits_are_named(tiny_dir):
     with LLM(model=str(tiny_dir), max_num_seqs=1) as llm:
         out = llm.generate("Once upon", SamplingParams(temperature=0, max_tokens=3, logprobs=0, ignore_eos=True))[0]
-    assert [lp.top for lp in out.logprobs] == [[], [], []]
+    assert [lp.top for lp in out.logprobs] == [(), (), ()]
     assert all(lp.logprob <= 0 and lp.rank == 1 for lp in out.logprobs)
     for bad in (-1, 21, 2.0, True):
         with pytest.raises(ValueError, match=r"SamplingParams.logprobs must be an integer in \[0, 20\]"):

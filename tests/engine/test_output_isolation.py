@@ -68,3 +68,29 @@ def test_an_outputs_metrics_are_a_snapshot_of_its_own(tiny_dir):
     assert [o.outputs[0].metrics.num_output_tokens for o, _, _ in outs] == list(range(1, 11))
     assert len(set(arrivals)) == 1 and arrivals[0] > 0  # the scribbles never reached the engine
     assert outs[-1][0].metrics.time_to_first_token > 0
+
+
+def test_cumulative_lists_are_each_outputs_own_and_read_as_they_were(tiny_dir):
+    # outputs copy token_ids / logprobs when first read (not every step): an output read only after the
+    # request ended shows the tokens of its own step, and a consumer's changes, also to a TokenLogprob
+    # (shared by every output of the stream), reach no other output
+    import dataclasses
+
+    import pytest
+
+    eng = LLMEngine(EngineConfig.from_flat(model=str(tiny_dir)))
+    eng.add_request(PROMPT, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2), "lp")
+    outs = [out for _ in range(10) for out in eng.step()]
+    assert len(outs) == 6 and outs[-1].finished
+    final_ids, final_lps = list(outs[-1].token_ids), list(outs[-1].logprobs)
+    for k, out in enumerate(outs):  # read now, after the request finished
+        assert out.token_ids == final_ids[:k + 1] and out.logprobs == final_lps[:k + 1]
+        assert out.delta_token_ids == final_ids[k:k + 1] and out.delta_logprobs == final_lps[k:k + 1]
+    first = outs[0].outputs[0]
+    first.token_ids.append(7)
+    first.logprobs.clear()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        outs[1].logprobs[0].logprob = 0.0
+    assert outs[1].token_ids == final_ids[:2] and outs[1].logprobs == final_lps[:2]
+    assert all(lp.logprob < 0 for lp in outs[-1].logprobs)
+    assert outs[-1].outputs[0].cumulative_logprob == pytest.approx(sum(lp.logprob for lp in final_lps))
