@@ -108,6 +108,9 @@ def replay(experts: np.ndarray, num_experts: int, policy: CachePolicy, capacity:
     check_routing(experts, num_experts)
     steps = global_steps(experts, num_experts)
     cache = SlotCache(policy, L, num_experts, capacity)
+    if hasattr(policy, "warm_set"):  # a static hot set: resident before the first token, as the store loads it
+        for g in policy.warm_set().tolist():  # at start-up (not counted: its copies end before any step)
+            cache.insert(int(g))
     copy_ms = cost.copy_ms
     ready_at = np.zeros(L * num_experts)  # ms at which each expert's latest copy completes
     prefetched = np.zeros(L * num_experts, dtype=bool)  # prefetched, not yet used
