@@ -48,7 +48,10 @@ def replicate_greedy(load: np.ndarray, num_slots: int) -> np.ndarray:
 def fill_spare_slots(home: list[list[int]], load: np.ndarray, slots_per_rank: int) -> list[list[int]]:
     """Top `home[n]` (logical experts of rank n, each expert exactly once) up to `slots_per_rank` with
     replicas of the busiest experts (`replicate_greedy`). Each replica goes to the rank with free slots
-    and the least load so far that does not already hold that expert (ties -> lowest rank)."""
+    and the least load so far that does not already hold that expert (ties -> lowest rank). Where every
+    rank with a free slot held it already (the last replicas: e.g. the runtime's default, 64 experts on
+    ep=8 with 8 spare slots, put expert 7 twice on rank 0, a slot serving nothing), the doubled copy is
+    then swapped apart (`separate_copies`: with a home expert of another rank when no replica will do)."""
     E, N = len(load), len(home)
     count = replicate_greedy(np.asarray(load, dtype=np.float64), N * slots_per_rank)
     share = load / count
@@ -61,6 +64,9 @@ def fill_spare_slots(home: list[list[int]], load: np.ndarray, slots_per_rank: in
         n = min(fresh, key=lambda n: (rank_load[n], n))
         ranks[n].append(int(e))
         rank_load[n] += share[e]
+    if extra and doubled_copies(np.array([e for r in ranks for e in r]), E, N):
+        phy = separate_copies(np.array([e for r in ranks for e in r]), np.asarray(load, dtype=np.float64), N)
+        ranks = [phy[n * slots_per_rank:(n + 1) * slots_per_rank].tolist() for n in range(N)]
     return ranks
 
 

@@ -1,5 +1,6 @@
 """Baselines that ignore traffic when placing logical experts: contiguous (vLLM's default) and
-round-robin. Spare slots (redundant experts) hold replicas of the busiest experts of `load`."""
+round-robin. Spare slots (redundant experts) hold replicas of the busiest experts of `load`, never two copies
+of one expert on a rank while it has at most num_ranks copies (`fill_spare_slots`)."""
 from __future__ import annotations
 
 import numpy as np
