@@ -101,6 +101,7 @@ class LLMEngine(RequestIntake):
         plan = self.scheduler.schedule()
         if not plan:
             return outputs
+        self._copy_prompt_kv(plan)
         plan, logits = self._forward(plan, outputs)
         now = time.monotonic()
         to_sample, rows = [], []
@@ -158,6 +159,15 @@ class LLMEngine(RequestIntake):
             for s in waiting:
                 s.num_computed, s.fork_of = n, None
         return waiting
+
+    def _copy_prompt_kv(self, plan: list[tuple[Sequence, int]]) -> None:
+        """Completions admitted after their request's prefill (scheduler.prompt_kv_holder) get the prompt's
+        KV but its last token from the sibling holding it, before this step feeds them that last token."""
+        for seq, _ in plan:
+            holder, seq.kv_source = seq.kv_source, None
+            if holder is not None:
+                self.model.copy_kv_prefix(holder.slot, [seq.slot], seq.num_computed)
+                self.model.hooks.fork(holder.seq_id, [seq.seq_id], seq.num_computed)
 
     def _retire(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)

@@ -11,7 +11,9 @@ them); finishing or aborting a sequence returns its slot at once.
 With `share_prefill` (the model can copy KV between slots), a completion admitted while a sibling of
 its request is prefilling the prompt takes a slot but feeds nothing (`fork_of` is that sibling): the
 engine copies the sibling's prompt KV into its slot when that prefill ends. A completion admitted later
-(no free slot until then) prefills on its own, as every completion did before.
+(no free slot until then) while a sibling still holds the prompt's KV gets all of it but the last
+token copied from that sibling (`kv_source`; the engine copies before the step's forward) and feeds
+that last token, whose logits it samples from; with no such sibling it prefills on its own.
 """
 from __future__ import annotations
 
@@ -93,7 +95,10 @@ class Scheduler:
             seq.fork_of = leader
             if leader is not None:
                 continue  # feeds nothing (so takes no budget): waits for the sibling's prefill
-            n = min(self.prefill_chunk, len(seq.prompt_ids), budget)
+            seq.kv_source = self.prompt_kv_holder(seq)
+            if seq.kv_source is not None:
+                seq.num_computed = len(seq.prompt_ids) - 1  # once the engine has copied them
+            n = min(self.prefill_chunk, len(seq.prompt_ids) - seq.num_computed, budget)
             plan.append((seq, n))
             budget -= n
         return plan
@@ -108,6 +113,14 @@ class Scheduler:
                 return other
         return None
 
+    def prompt_kv_holder(self, seq: Sequence) -> Sequence | None:
+        """A running member of seq's request whose slot holds the whole prompt's KV (its prefill, or a
+        copy of one, is done), when there are prompt tokens before the last to copy; else None."""
+        if not self.share_prefill or len(seq.group) == 1 or seq.num_computed or len(seq.prompt_ids) < 2:
+            return None
+        return next((other for other in seq.group if other is not seq and other.slot is not None
+                     and other.fork_of is None and other.prefill_done and not other.finished), None)
+
     def remove(self, seq: Sequence) -> None:
         """Take a finished or aborted sequence out, returning its slot."""
         if seq in self.running:
@@ -117,7 +130,7 @@ class Scheduler:
         if seq.slot is not None:
             heapq.heappush(self.free_slots, seq.slot)
             seq.slot = None
-        seq.fork_of = None  # an aborted follower is not forked
+        seq.fork_of = seq.kv_source = None  # an aborted follower is not forked
         waiting_on_it = [s for s in seq.group if s.fork_of is seq]
         if waiting_on_it:  # its prefill will not end: the first sibling waiting on it prefills instead
             head = waiting_on_it[0]

@@ -47,6 +47,9 @@ class Sequence:
     index: int = 0  # which completion of its request
     # the group member whose prefill this one waits to share (holds a slot, feeds no tokens), else None
     fork_of: "Sequence | None" = field(default=None, repr=False, compare=False)
+    # the group member whose prompt KV (all but the last token) the engine copies into this one's slot
+    # before the next forward (admitted after the prefill, see scheduler.py), else None
+    kv_source: "Sequence | None" = field(default=None, repr=False, compare=False)
     # the request's n sequences, itself included (not in repr or ==: it holds itself)
     group: list["Sequence"] = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
     # the prompt ids outputs hand out (see shown_prompt_ids); on the group's first sequence only

@@ -37,9 +37,10 @@ class RouterHooks:
     def end_step(self, batch: ForwardBatch) -> None:
         """Called once after the forward of a step."""
 
-    def fork(self, parent: int, children: list[int]) -> None:
-        """Sequences `children` go on from `parent`'s computed rows (their KV is a copy of its prompt's:
-        a request's n completions share one prefill); a hook keeping rows per sequence copies them."""
+    def fork(self, parent: int, children: list[int], rows: int | None = None) -> None:
+        """Sequences `children` go on from `parent`'s computed rows, all of them or its first `rows` (their
+        KV is a copy of its prompt's: a request's n completions share one prefill); a hook keeping rows
+        per sequence copies them."""
 
 
 NO_HOOKS = RouterHooks()
@@ -73,6 +74,6 @@ class HookChain(RouterHooks):
         for h in self.hooks:
             h.end_step(batch)
 
-    def fork(self, parent, children):
+    def fork(self, parent, children, rows=None):
         for h in self.hooks:
-            h.fork(parent, children)
+            h.fork(parent, children, rows)

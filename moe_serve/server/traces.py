@@ -118,10 +118,10 @@ class LiveTraceHook(RouterHooks):
                 self._step.end_step(batch)
             self._step = None
 
-    def fork(self, parent, children):
+    def fork(self, parent, children, rows=None):
         with self.lock:
             if self.recording and self.recorder is not None:
-                self.recorder.fork(parent, children)
+                self.recorder.fork(parent, children, rows)
 
 
 class TraceControl:

@@ -74,16 +74,21 @@ class TraceRecorder(RouterHooks):
             self.num_tokens += len(chunk[0])
         self._step = []
 
-    def fork(self, parent: int, children: list[int]) -> None:
-        """Each child's sequence begins with the parent's rows so far (the prompt the model ran once for
-        them all), so every completion of an n > 1 request is a whole trace sequence from position 0, as
-        when each prefilled alone. The rows are shared, never written again."""
+    def fork(self, parent: int, children: list[int], rows: int | None = None) -> None:
+        """Each child's sequence begins with the parent's rows so far, or its first `rows` (the prompt the
+        model ran once for them all), so every completion of an n > 1 request is a whole trace sequence
+        from position 0, as when each prefilled alone. The rows are shared, never written again."""
         if parent not in self.chunks:
             return  # began before the recording: its children are left out with it
-        rows = sum(len(c[0]) for c in self.chunks[parent])
+        kept, left = [], sum(len(c[0]) for c in self.chunks[parent]) if rows is None else rows
+        for chunk in self.chunks[parent]:
+            if left <= 0:
+                break
+            kept.append(chunk if len(chunk[0]) <= left else tuple(None if a is None else a[:left] for a in chunk))
+            left -= len(kept[-1][0])
         for child in children:
-            self.chunks[child] = list(self.chunks[parent])
-            self.num_tokens += rows
+            self.chunks[child] = list(kept)
+            self.num_tokens += sum(len(c[0]) for c in kept)
 
     def copy(self) -> "TraceRecorder":
         """What was recorded so far, apart (the rows are shared: they are never written again)."""

@@ -214,3 +214,41 @@ def test_under_routing_replay_each_completion_prefills_its_own_trace_sequence(ti
     got = run_all(shared)["r"]
     assert [c.token_ids for c in got] == [want[f"c{i}"][0].token_ids for i in range(3)]
     assert len({tuple(c.token_ids) for c in got}) > 1  # the trace sequences route differently
+
+
+@pytest.mark.parametrize("seed", [None, 6])
+def test_a_completion_admitted_after_the_prefill_copies_the_prompt_kv(tiny_dir, tmp_path, seed):
+    """n=3 with 2 free slots: the third completion gets a slot only once its siblings decode. It copies
+    their prompt KV (all but the last token, which it feeds for its logits) instead of prefilling the
+    prompt again; it gives what it gives alone, the counter and the trace see the prompt once more by
+    one token only, and its trace sequence is whole from position 0."""
+    kw = dict(max_num_seqs=3, prefill_chunk=16, max_num_batched_tokens=24)
+    want = [alone(tiny_dir, PROMPT, params(None if seed is None else completion_seed(seed, i), **EXTRAS), **kw)
+            for i in range(3)]
+    eng = engine(tiny_dir, record_trace=str(tmp_path / "t.npz"), **kw)
+    dirty_every_slot(eng)
+    load_before = eng.expert_load()
+    ids = eng.tokenizer.encode(PROMPT)
+    eng.add_request(OTHER, SamplingParams(temperature=0, max_tokens=100, ignore_eos=True), "busy")
+    eng.step()
+    eng.add_request(PROMPT, params(seed, 3, **EXTRAS), "r")
+    group = [s for s in eng.live_sequences() if s.request_id == "r"]
+    while not group[1].output_ids:
+        eng.step()
+    assert group[2].slot is None and not group[2].output_ids  # still waiting for a slot
+    eng.abort("busy")
+    # frees busy's slot; the third is admitted, its KV copied, its last prompt token fed
+    busy = next(o for o in eng.step() if o.request_id == "busy").outputs[0]
+    assert group[2].num_computed == len(ids) and len(group[2].output_ids) == 1
+    outs = run_all(eng)["r"]
+    assert_same(completions(outs), want)
+    fed = len(ids) + 1 + sum(len(c.token_ids) - 1 for c in outs)  # the prompt once, + the third's last token
+    fed += len(eng.tokenizer.encode(OTHER)) + len(busy.token_ids) - 1
+    assert ((eng.expert_load() - load_before).sum(axis=1) == fed * 2).all()  # per layer, top-2
+    recorded = eng.save_trace()
+    rows = {tuple(recorded.token_ids[recorded.sequence(i)].tolist()): recorded.sequence(i)
+            for i in range(recorded.num_sequences)}
+    mine = [rows[tuple(ids + c.token_ids[:-1])] for c in outs]  # each completion whole from position 0
+    for r in mine[1:]:
+        assert (recorded.experts[r][:len(ids) - 1] == recorded.experts[mine[0]][:len(ids) - 1]).all()
+    assert sorted(eng.scheduler.free_slots) == [0, 1, 2] and not eng.live_sequences()
