@@ -31,6 +31,7 @@ import json
 import os
 import secrets
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,7 +185,8 @@ def load_trace(path: str | Path) -> RoutingTrace:
         return _read_trace(path)
     except ValueError as e:
         raise ValueError(f"trace {path}: {e}") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as e:  # a directory, or not a numpy archive
+    # a directory, not a numpy archive, or one whose directory asks for a zip version past Python's
+    except (OSError, zipfile.BadZipFile, EOFError, NotImplementedError) as e:
         raise ValueError(f"trace {path}: not a readable .npz routing trace ({e})") from None
 
 
@@ -203,6 +205,10 @@ def _read_trace(path: Path) -> RoutingTrace:
                     arrays[key] = z[key]
                 except ValueError as e:  # a truncated or garbled .npy member
                     raise ValueError(f"{key!r}: {e}") from None
+                # a garbled compressed member (np.savez_compressed), compression-method field (NotImplementedError)
+                # or flag bits (RuntimeError: "is encrypted") were tracebacks from every command reading traces
+                except (zlib.error, NotImplementedError, RuntimeError, zipfile.BadZipFile, EOFError, OSError) as e:
+                    raise ValueError(f"{key!r}: cannot be read ({e})") from None
                 if not isinstance(arrays[key], np.ndarray):  # np.load hands back the raw bytes of a non-.npy member
                     raise ValueError(f"{key!r} is not a numpy array (.npy) in the archive")
     meta = {}
