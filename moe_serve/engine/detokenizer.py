@@ -50,8 +50,9 @@ class IncrementalDetokenizer:
         """Append a token without decoding (no stop strings, nobody reading yet): decoded at the next add."""
         self.ids.append(token_id)
 
-    def add(self, token_id: int | None, final: bool = False) -> bool:
-        """Append a token (None: only flush); True when a stop string was found (text cut before it)."""
+    def add(self, token_id: int | None, final: bool = False, find_stops: bool = True) -> bool:
+        """Append a token (None: only flush); True when a stop string was found (text cut before it).
+        find_stops=False (before SamplingParams.min_tokens): the new text is not searched."""
         if self.stopped:
             return True
         if token_id is not None:
@@ -61,7 +62,7 @@ class IncrementalDetokenizer:
             return False
         start = max(0, len(self.text) - self.hold)
         self.text += new
-        cut = find_stop(self.text, self.stops, start) if self.stops else None
+        cut = find_stop(self.text, self.stops, start) if self.stops and find_stops else None
         if cut is not None:
             self.text = self.text[:cut]
             self.stopped = True

@@ -217,12 +217,13 @@ class LLMEngine(RequestIntake):
         generator: the same draw as in the batch unless the batch failed after drawing (every plausible
         failure, e.g. a parameter that slipped past validation, comes before)."""
         try:
-            return (seqs, *sample_rows(logits, seqs, self._num_extras > 0))
+            return (seqs, *sample_rows(logits, seqs, self._num_extras > 0, self.eos_token_ids))
         except Exception:  # noqa: BLE001 - isolate the culprit below
             kept, tokens, logprobs = [], [], []
             for i, seq in enumerate(seqs):
                 try:
-                    toks, lps = sample_rows(logits[i:i + 1], [seq], self._num_extras > 0)
+                    toks, lps = sample_rows(logits[i:i + 1], [seq], self._num_extras > 0,
+                                             self.eos_token_ids)
                     tokens += toks
                     logprobs += lps if lps is not None else [None]
                     kept.append(seq)
@@ -232,11 +233,12 @@ class LLMEngine(RequestIntake):
 
     def _check_stop(self, seq: Sequence, tok: int) -> None:
         p = seq.params
-        if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+        may_stop = len(seq.output_ids) >= p.min_tokens  # min_tokens (vLLM's rule): only the length ends it before
+        if may_stop and ((tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids):
             seq.finish("stop")  # the stop token stays in token_ids, not in the text
             return
         if p.stop_list or self.stream:
-            stopped = seq.detok.add(tok)
+            stopped = seq.detok.add(tok, find_stops=may_stop)
         else:
             seq.detok.push(tok)
             stopped = False

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 _EPS = 1e-5  # temperatures below this are greedy (as in vLLM)
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs, and OpenAI's top_logprobs limit
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads (seed, index) over the seed space
 
 
@@ -40,6 +41,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's, in [-2, 2]: minus this times the token's count in the output
     repetition_penalty: float = 1.0  # vLLM's, > 0: a token in the prompt or output has its logit divided
     # by it when positive, multiplied when negative (1 = none)
+    # OpenAI's: {token id: bias in [-100, 100]} added to that token's logit before sampling (not to logprobs)
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0  # vLLM's: end-of-sequence and stop_token_ids cannot end the request (nor stop
+    # strings) before this many output tokens
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -82,9 +87,29 @@ class SamplingParams:
         if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in ids):
             fail("stop_token_ids", "a list of non-negative integers", self.stop_token_ids)
         self.stop_token_ids = ids
+        if not number(self.min_tokens, int) or self.min_tokens < 0 or (
+                self.max_tokens is not None and self.min_tokens > self.max_tokens):
+            fail("min_tokens", "an integer in [0, max_tokens]", self.min_tokens)
+        self._check_logit_bias(fail, number)
+
+    def _check_logit_bias(self, fail, number) -> None:
+        bias = self.logit_bias
+        if bias is None:
+            return
+        limit = f"a dict of token id (int >= 0) -> number in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"
+        if not isinstance(bias, dict):
+            fail("logit_bias", limit, bias)
+        taken = {}
+        for t, v in bias.items():
+            t = int(t) if isinstance(t, numbers.Integral) and not isinstance(t, bool) else t
+            v = float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
+            if not number(t, int) or t < 0 or not number(v) or not math.isfinite(v) or abs(v) > MAX_LOGIT_BIAS:
+                fail("logit_bias", limit, {t: v})
+            taken[t] = v
+        self.logit_bias = taken or None
 
     _REALS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
-    _INTEGERS = ("top_k", "max_tokens", "seed", "logprobs")
+    _INTEGERS = ("top_k", "max_tokens", "seed", "logprobs", "min_tokens")
 
     def _take_numpy_numbers(self) -> None:
         """numpy's numbers (np.int64 from array arithmetic, np.float32) as Python's, as prompts' token ids
@@ -109,8 +134,8 @@ class SamplingParams:
 
     @property
     def extra_work(self) -> bool:
-        """Asks the engine for per-step work past plain sampling (logprobs or penalties)."""
-        return self.logprobs is not None or self.penalized
+        """Asks the engine for per-step work past plain sampling (logprobs, penalties, logit_bias, min_tokens)."""
+        return self.logprobs is not None or self.penalized or self.logit_bias is not None or self.min_tokens > 0
 
     @property
     def greedy(self) -> bool:
@@ -123,6 +148,7 @@ class SamplingParams:
 
     def check_vocab(self, vocab_size: int) -> None:
         """Token-id fields against the model's vocabulary (known only once a model is loaded)."""
-        bad = [t for t in self.stop_token_ids if t >= vocab_size]
-        if bad:
-            raise ValueError(f"SamplingParams.stop_token_ids must be < vocab size {vocab_size}, got {bad}")
+        for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias keys", list(self.logit_bias or ()))):
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                raise ValueError(f"SamplingParams.{name} must be < vocab size {vocab_size}, got {bad[:5]}")
