@@ -40,7 +40,7 @@ def not_an_input(out_flag: str, out: str | None, inputs: list[tuple[str, str]]) 
 
 
 def run_fit(args) -> int:
-    from placement.algorithms import check_options, get_algorithm
+    from placement.algorithms import ALGORITHMS, check_options, get_algorithm
     from placement.stats import coactivation, expert_load
 
     if not args.out:
@@ -49,6 +49,8 @@ def run_fit(args) -> int:
         raise ValueError(f"--ep must be >= 1, got {args.ep}")
     if args.num_nodes < 1:  # 0 divided by zero inside eplb, -1 reached a numpy reshape
         raise ValueError(f"--num-nodes must be >= 1, got {args.num_nodes}")
+    if args.algorithm not in ALGORITHMS:  # was refused in the registry's words, naming no flag
+        raise ValueError(f"--algorithm {args.algorithm} is not one of {', '.join(sorted(ALGORITHMS))}")
     algorithm = get_algorithm(args.algorithm)
     options = _params(args.param)
     try:  # a misspelt option was ignored, its default used; num_nodes twice was a TypeError

@@ -41,3 +41,12 @@ def test_eval_refuses_a_batch_size_below_one_naming_the_flag(trace_and_plan, cap
     trace, plan = trace_and_plan
     assert main(["place", "eval", "--plan", str(plan), "--trace", str(trace), "--batch-size", size, *online]) == 2
     assert f"--batch-size must be >= 1, got {size}" in capsys.readouterr().err
+
+
+def test_an_unknown_algorithm_names_the_flag(trace_and_plan, capsys):
+    """'--algorithm foo' was refused as "placement: algorithm 'foo' is not one of [...]", naming no flag."""
+    trace, plan = trace_and_plan
+    assert main(["place", "--trace", str(trace), "--ep", "2", "--algorithm", "foo", "--out", str(plan)]) == 2
+    err = capsys.readouterr().err
+    assert "--algorithm foo is not one of affinity, contiguous, eplb, round_robin" in err, err
+
