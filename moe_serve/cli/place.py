@@ -52,6 +52,8 @@ def run_fit(args) -> int:
     if args.algorithm not in ALGORITHMS:  # was refused in the registry's words, naming no flag
         raise ValueError(f"--algorithm {args.algorithm} is not one of {', '.join(sorted(ALGORITHMS))}")
     algorithm = get_algorithm(args.algorithm)
+    if args.num_nodes != 1 and args.algorithm != "eplb":  # the others ignored it: a one-node plan, silently
+        raise ValueError(f"--num-nodes {args.num_nodes}: only eplb places over nodes, not {args.algorithm}")
     options = _params(args.param)
     try:  # a misspelt option was ignored, its default used; num_nodes twice was a TypeError
         check_options(args.algorithm, options, set_by={"num_nodes": "--num-nodes"})

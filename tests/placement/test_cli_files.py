@@ -50,3 +50,15 @@ def test_an_unknown_algorithm_names_the_flag(trace_and_plan, capsys):
     err = capsys.readouterr().err
     assert "--algorithm foo is not one of affinity, contiguous, eplb, round_robin" in err, err
 
+
+@pytest.mark.parametrize("algorithm", ["contiguous", "round_robin", "affinity"])
+def test_num_nodes_is_refused_where_the_algorithm_ignores_it(trace_and_plan, capsys, algorithm):
+    """'--num-nodes 2' with any algorithm but eplb was silently ignored: a plan for one node was written as
+    if it respected the node boundaries."""
+    trace, plan = trace_and_plan
+    before = plan.read_bytes()
+    argv = ["place", "--trace", str(trace), "--ep", "2", "--algorithm", algorithm, "--out", str(plan)]
+    assert main(argv + ["--num-nodes", "2"]) == 2
+    assert f"--num-nodes 2: only eplb places over nodes, not {algorithm}" in capsys.readouterr().err
+    assert plan.read_bytes() == before
+    assert main(argv + ["--num-nodes", "1"]) == 0  # the default, said out loud
