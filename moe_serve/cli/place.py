@@ -106,6 +106,8 @@ def run_eval(args) -> int:
     experts, E = _experts(args.trace)
     if E != plan.num_experts:
         raise ValueError(f"--trace has {E} experts per layer, the plan {plan.num_experts}")
+    if experts.shape[1] != plan.num_layers:  # was refused in the scorer's words, naming neither flag
+        raise ValueError(f"--trace has {experts.shape[1]} MoE layers, the --plan {args.plan} {plan.num_layers}")
     if args.online_budget:
         from placement.online import online_replay
 

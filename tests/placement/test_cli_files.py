@@ -62,3 +62,15 @@ def test_num_nodes_is_refused_where_the_algorithm_ignores_it(trace_and_plan, cap
     assert f"--num-nodes 2: only eplb places over nodes, not {algorithm}" in capsys.readouterr().err
     assert plan.read_bytes() == before
     assert main(argv + ["--num-nodes", "1"]) == 0  # the default, said out loud
+
+
+def test_eval_on_a_trace_of_other_layers_names_the_flags(trace_and_plan, tmp_path, capsys):
+    """A --trace with another number of MoE layers than the plan was refused in the scorer's words
+    ('score: trace has 4 MoE layers, plan has 3'); experts per layer were already named by flag."""
+    _, plan = trace_and_plan
+    other = tmp_path / "four_layers.npz"
+    layer_map_trace(tokens=60, L=4, E=8, K=2, seqs=3).save(other)
+    for online in ([], ["--online-budget", "2"]):
+        assert main(["place", "eval", "--plan", str(plan), "--trace", str(other), *online]) == 2
+        err = capsys.readouterr().err
+        assert f"--trace has 4 MoE layers, the --plan {plan} 3" in err, err
