@@ -89,7 +89,7 @@ class SamplingParams:
         self.stop_token_ids = ids
         if not number(self.min_tokens, int) or self.min_tokens < 0 or (
                 self.max_tokens is not None and self.min_tokens > self.max_tokens):
-            fail("min_tokens", "an integer in [0, max_tokens]", self.min_tokens)
+            fail("min_tokens", f"an integer in [0, max_tokens={self.max_tokens}]", self.min_tokens)
         self._check_logit_bias(fail, number)
 
     def _check_logit_bias(self, fail, number) -> None:

@@ -3,7 +3,8 @@
 Requests forbid unknown fields (the OpenAI API answers 400 "Unrecognized request argument") and
 carry their limits in the schema, so FastAPI rejects impossible values before they reach the engine
 and the OpenAPI spec tells clients (and the schema fuzzer) what is valid. A few vLLM extensions
-(`top_k`, `stop_token_ids`, `ignore_eos`, `repetition_penalty`) are accepted because vLLM users send them.
+(`top_k`, `stop_token_ids`, `ignore_eos`, `repetition_penalty`, `min_tokens`) are accepted because vLLM
+users send them. `response_format` is accepted as {"type": "text"} only (there is no structured output).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ NumLogprobs = Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)]
 Penalty = Annotated[StrictFloat, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]  # OpenAI's range
 MAX_N = 16  # choices per request: n completions of one engine request, so n KV slots / queue places
 Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None
+MAX_LOGIT_BIAS_ENTRIES = 1024
+Bias = Annotated[StrictFloat, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]  # OpenAI's range
 
 
 class StreamOptions(BaseModel):
@@ -48,6 +51,28 @@ class SamplingFields(BaseModel):
     frequency_penalty: Penalty | None = None  # minus this times the token's count in the output
     repetition_penalty: Annotated[StrictFloat, Field(gt=0.0, allow_inf_nan=False)] | None = None  # vLLM's; 1 = none
     user: StrictStr | None = None
+    # {token id (a JSON key, so a string): bias}, added to that token's logit before sampling
+    logit_bias: Annotated[dict[StrictStr, Bias], Field(max_length=MAX_LOGIT_BIAS_ENTRIES)] | None = None
+    min_tokens: Annotated[StrictInt, Field(ge=0)] = 0  # vLLM's: no EOS / stop before this many tokens
+    response_format: dict | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys_are_token_ids(cls, value):
+        if value is None:
+            return None
+        bad = [k for k in value if not (k.isascii() and k.isdigit())]
+        if bad:
+            raise ValueError(f"keys must be token ids (non-negative integers, as strings), got {bad[0]!r}")
+        return {int(k): v for k, v in value.items()}
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value):
+        if value is not None and value.get("type") != "text":
+            raise ValueError(f'only {{"type": "text"}} is supported: this server has no structured (JSON) '
+                             f"output, got type {value.get('type')!r}")
+        return value
 
     @field_validator("stream_options")
     @classmethod

@@ -74,7 +74,8 @@ def sampling_params(req: P.SamplingFields, max_tokens: int, defaults: dict,
     chosen.update({name: getattr(req, name) for name in PENALTIES if getattr(req, name) is not None})
     try:
         return SamplingParams(**chosen, n=req.n, max_tokens=max_tokens, seed=req.seed, stop=req.stop,
-                              stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs)
+                              stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
+                              logit_bias=req.logit_bias, min_tokens=req.min_tokens)
     except ValueError as exc:
         raise engine_error(exc) from exc
 
