@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from moe_serve.config_expert_cache import ExpertCacheConfig
-from moe_serve.config_fields import check_output_file, doc, require
+from moe_serve.config_fields import check_output_file, doc, require, same_file
 from moe_serve.config_parallel import ParallelConfig
 from moe_serve.config_types import check_types
 
@@ -102,6 +102,10 @@ class TraceConfig:
         # the server's live recording takes record_hidden in POST /v1/traces/start, not from here
         require(not self.record_hidden or bool(self.record_trace), "trace", "record_hidden",
                 "set only with trace.record_trace (it records nothing alone)", self.record_hidden)
+        if self.record_trace and self.replay_trace and same_file(self.record_trace, self.replay_trace):
+            # the recording, written at close, replaced the trace just replayed
+            raise ValueError(f"trace.record_trace {self.record_trace} is also trace.replay_trace "
+                             f"{self.replay_trace}: the recording would replace it; name another file")
 
 
 @dataclass

@@ -17,6 +17,11 @@ def require(cond: bool, section: str, name: str, limit: str, value) -> None:
         raise ValueError(f"{section}.{name} must be {limit}, got {value!r}")
 
 
+def same_file(a: str, b: str) -> bool:
+    """Whether paths `a` and `b` name one file, however spelt (./x, a symlink, ..)."""
+    return Path(a).resolve() == Path(b).resolve()
+
+
 def check_output_file(path: str, name: str) -> None:
     """Refuse an output file that could not be written, before the work that fills it (minutes of
     generation or fitting would otherwise end in a traceback from open()); creates its parent directories."""

@@ -20,6 +20,7 @@ import numpy as np
 from moe_serve.cli.flags import add_config_flags, config_kwargs, output_file
 from moe_serve.cli.info import format_info, model_info
 from moe_serve.config import DEFAULT_MODEL, EngineConfig
+from moe_serve.config_fields import same_file
 
 DEFAULT_PROMPTS = ["Once upon a time", "The history of the city", "def fibonacci(n):"]
 # every engine section but the HTTP server's
@@ -140,7 +141,9 @@ def _generate(args, **extra):
     trace = Path(options["record_trace"]) if options.get("record_trace") else None
     part = trace.with_name(f".{trace.name}.{os.getpid()}.part") if trace else None
     if part:
-        output_file(str(trace), "--record-trace" if "record_trace" not in extra else "--out")  # as the engine would
+        flag = "--record-trace" if "record_trace" not in extra else "--out"
+        output_file(str(trace), flag)  # as the engine would
+        _not_an_input(flag, str(trace), args, options)
         options["record_trace"] = str(part)
     try:
         with LLM(**options) as llm:
@@ -152,6 +155,15 @@ def _generate(args, **extra):
     finally:
         if part:
             part.unlink(missing_ok=True)
+
+
+def _not_an_input(flag: str, trace: str, args, options: dict) -> None:
+    """ValueError when the trace to record names a file the run reads: the recording, written at the end,
+    replaced the prompts file or the trace replayed (the engine sees only the recording's .part name)."""
+    for other, path in (("--prompts-file", args.prompts_file), ("--replay-trace", options.get("replay_trace"))):
+        if path and same_file(trace, path):
+            raise ValueError(f"{flag} {trace} is also {other} {path}: the recording would replace it; "
+                             "name another file")
 
 
 def run_generate(args) -> int:
