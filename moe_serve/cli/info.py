@@ -52,7 +52,7 @@ def model_info(model_dir: str | Path) -> dict:
 
 def _human(n: float, unit: str = "") -> str:
     for suffix in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000 or suffix == "T":
+        if abs(round(n, 1)) < 1000 or suffix == "T":  # 999.96K prints as 1.0M, not 1000.0K
             return f"{n:.1f}{suffix}{unit}" if suffix else f"{int(n)}{unit}"
         n /= 1000
 
