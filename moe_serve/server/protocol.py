@@ -30,10 +30,17 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
+def _null_is_the_default(cls, value, info: ValidationInfo):
+    """OpenAI's API takes null for these fields (clients that build bodies from optional values send it)
+    and means the default; the field keeps its plain type for the handlers."""
+    return cls.model_fields[info.field_name].default if value is None else value
+
+
 class SamplingFields(BaseModel):
     """The sampling fields completions and chat share (OpenAI names, plus vLLM's extensions)."""
 
     model_config = ConfigDict(extra="forbid")
+    _nullable = field_validator("n", "stream", "ignore_eos", "min_tokens", mode="before")(_null_is_the_default)
 
     model: StrictStr | None = None
     # StrictFloat: a JSON number (an integer is fine), never "0.5" or true, as the int/str/bool fields are strict
@@ -89,6 +96,7 @@ class CompletionRequest(SamplingFields):
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = 16  # OpenAI's default for completions
     echo: StrictBool = False
     logprobs: NumLogprobs | None = None  # the sampled token's log-probability plus the `logprobs` most likely
+    _nullable_echo = field_validator("echo", mode="before")(_null_is_the_default)
 
     @field_validator("logprobs")
     @classmethod
@@ -119,6 +127,7 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: StrictBool | None = None  # the output tokens' log-probabilities
     top_logprobs: NumLogprobs | None = None  # and the `top_logprobs` most likely tokens at each step
     add_generation_prompt: StrictBool = True  # vLLM extension
+    _nullable_prompt = field_validator("add_generation_prompt", mode="before")(_null_is_the_default)
 
     @field_validator("top_logprobs")
     @classmethod

@@ -83,3 +83,17 @@ def test_text_response_format_user_and_max_completion_tokens_are_taken(server, c
     out = chat(client, server, max_completion_tokens=3, temperature=0, response_format={"type": "text"},
                user="someone", seed=4, stop=["never-1", "never-2"], extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 3 and out.choices[0].finish_reason == "length"
+
+
+def test_null_means_the_default_as_in_openai(server):
+    # OpenAI's API takes null for n, stream, echo (bodies built from optional values send it): it was a 400
+    chat_body = {"model": server.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                 "n": None, "stream": None, "ignore_eos": None, "min_tokens": None, "add_generation_prompt": None}
+    r = httpx.post(server.url + "/v1/chat/completions", json=chat_body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1 and r.json()["object"] == "chat.completion"
+    r = httpx.post(server.url + "/v1/completions", json={"model": server.model, "prompt": "Hi", "max_tokens": 2,
+                                                          "n": None, "echo": None, "stream": None}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1 and not r.json()["choices"][0]["text"].startswith("Hi")
+
