@@ -19,6 +19,18 @@ from starlette.requests import ClientDisconnect
 _UNION_TYPES = {"str", "int", "float", "bool", "dict"}
 _UNION_PREFIXES = ("list[", "dict[", "constrained-", "function-", "tagged-union", "json-or-python", "nullable[")
 
+# fields of OpenAI's completions / chat API this server does not implement: refused like unknown ones,
+# but the message must not tell a user of the real API that their field does not exist
+OPENAI_UNSUPPORTED = {
+    "tools": "tool calling", "tool_choice": "tool calling", "parallel_tool_calls": "tool calling",
+    "functions": "function calling", "function_call": "function calling", "tool_calls": "tool calling",
+    "tool_call_id": "tool calling", "best_of": "server-side best-of sampling", "suffix": "insertion (suffix)",
+    "store": "storing completions", "metadata": "stored-completion metadata", "audio": "audio output",
+    "modalities": "output modalities other than text", "prediction": "predicted outputs",
+    "reasoning_effort": "reasoning models", "service_tier": "service tiers", "web_search_options": "web search",
+    "refusal": "assistant refusals",
+}
+
 
 class APIError(Exception):
     """An error the handlers answer in OpenAI's shape."""
@@ -52,6 +64,9 @@ def _describe(err: dict) -> str:
     if err.get("type") == "missing":
         return "field required"
     if err.get("type") == "extra_forbidden":
+        name = str(err.get("loc", ("",))[-1])
+        if name in OPENAI_UNSUPPORTED:
+            return f"not supported by this server ({OPENAI_UNSUPPORTED[name]}); leave it out"
         return "unrecognized request argument (not part of the API)"
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     if "input" in err and err.get("type") != "model_attributes_type":

@@ -97,3 +97,17 @@ def test_null_means_the_default_as_in_openai(server):
     assert r.status_code == 200, r.text
     assert len(r.json()["choices"]) == 1 and not r.json()["choices"][0]["text"].startswith("Hi")
 
+
+@pytest.mark.parametrize("field, value, why", [("tools", [{"type": "function", "function": {"name": "f"}}], "tool"),
+                                                ("tool_choice", "none", "tool"), ("store", False, "storing"),
+                                                ("best_of", 2, "best-of"), ("suffix", "x", "suffix")])
+def test_openai_fields_not_implemented_are_refused_as_such(server, field, value, why):
+    route = "completions" if field in ("best_of", "suffix") else "chat/completions"
+    body = {"model": server.model, "max_tokens": 2}
+    body |= {"prompt": "Hi"} if route == "completions" else {"messages": [{"role": "user", "content": "Hi"}]}
+    r = httpx.post(f"{server.url}/v1/{route}", json=body | {field: value}, timeout=60)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == field
+    assert "not supported by this server" in err["message"] and why in err["message"], err
+    r = httpx.post(f"{server.url}/v1/{route}", json=body | {"no_such_field": 1}, timeout=60)
+    assert r.status_code == 400 and "not part of the API" in r.json()["error"]["message"]
