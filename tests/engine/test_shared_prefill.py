@@ -252,3 +252,26 @@ def test_a_completion_admitted_after_the_prefill_copies_the_prompt_kv(tiny_dir, 
     for r in mine[1:]:
         assert (recorded.experts[r][:len(ids) - 1] == recorded.experts[mine[0]][:len(ids) - 1]).all()
     assert sorted(eng.scheduler.free_slots) == [0, 1, 2] and not eng.live_sequences()
+
+
+def test_two_completions_admitted_together_after_the_prefill(tiny_dir):
+    """Two slots free at once after the prefill: the first late completion copies the prompt KV from a
+    decoding sibling, the second waits on it (fork_of) and gets its whole prompt KV; all four still give
+    what each gives alone."""
+    kw = dict(max_num_seqs=4, prefill_chunk=16, max_num_batched_tokens=24)
+    want = [alone(tiny_dir, PROMPT, params(completion_seed(9, i), **EXTRAS), **kw) for i in range(4)]
+    eng = engine(tiny_dir, **kw)
+    dirty_every_slot(eng)
+    for rid in ("b1", "b2"):
+        eng.add_request(OTHER, SamplingParams(temperature=0, max_tokens=100, ignore_eos=True), rid)
+    eng.step()
+    eng.add_request(PROMPT, params(9, 4, **EXTRAS), "r")
+    group = [s for s in eng.live_sequences() if s.request_id == "r"]
+    while not group[0].output_ids:
+        eng.step()
+    eng.abort("b1")
+    eng.abort("b2")
+    eng.step()
+    assert group[2].fork_of is None and group[3].fork_of is None and len(group[3].output_ids) == 1
+    assert assert_same(completions(run_all(eng)["r"]), want) is None
+    assert sorted(eng.scheduler.free_slots) == [0, 1, 2, 3]
