@@ -24,6 +24,7 @@ from moe_serve.distributed.launcher import WorkerFailure, WorkerGroup
 from moe_serve.distributed.sizes import check_shardable, threads_per_rank, usable_cores
 from moe_serve.distributed.worker import WorkerSpec
 from moe_serve.models.batch import ForwardBatch
+from moe_serve.models.hooks import NO_HOOKS
 
 
 # Largest all-reduce sent through DeepSpeed's shm kernel; bigger ones go through gloo. From
@@ -82,6 +83,9 @@ class DistributedModel:
         self.group: WorkerGroup | None = None
         self.error: WorkerFailure | None = None
         self.step_id = 0
+        self.num_slots = self.max_len = 0  # set by allocate_kv_cache
+        self.kv_copies: list[m.KVCopy] = []  # queued by copy_kv_prefix, sent with the next step's plan
+        self.hooks = NO_HOOKS  # the engine's fork() tells these; routing (and the load counter) is on the ranks
         self.last_stats: list[dict] = []
         self.expert_load: torch.Tensor | None = None
         self.allreduce = resolve_allreduce(pc, mc.device)
@@ -145,7 +149,8 @@ class DistributedModel:
         plan = m.StepPlan(step=step, token_ids=m.TensorBlob.from_tensor(batch.token_ids),
                           positions=m.TensorBlob.from_tensor(batch.positions), slot_ids=list(batch.slot_ids),
                           query_lens=list(batch.query_lens), context_lens=list(batch.context_lens),
-                          seq_ids=list(batch.seq_ids), all_logits=batch.all_logits)
+                          seq_ids=list(batch.seq_ids), all_logits=batch.all_logits, kv_copies=self.kv_copies)
+        self.kv_copies = []  # handed over: a retry of this step must not copy again from a slot it rewrote
         try:
             self.group.broadcast(plan)
             outs = self.group.collect(step, len(self.layout.output_ranks()), self.pc.step_timeout_s)
@@ -163,6 +168,15 @@ class DistributedModel:
             if counter is not None:  # the engine's ExpertLoadCounter (CLI table, /metrics) shows the ranks' sum
                 counter.counts.copy_(self.expert_load)
         return self._assemble(batch, outs)
+
+    def copy_kv_prefix(self, src_slot: int, dst_slots: list[int], n: int) -> None:
+        """Have every rank copy positions [0, n) of slot `src_slot`'s KV into each of `dst_slots` (a request's
+        completions share one prefill: the engine runs the prompt once). Checked here as MoEModel checks it;
+        the copy rides the next step's plan and the ranks do it before that step's forward (kv_copy.py)."""
+        if not 0 < n <= self.max_len or not all(0 <= s < self.num_slots for s in [src_slot, *dst_slots]):
+            raise ValueError(f"copy_kv_prefix: slots {src_slot} -> {dst_slots} (of {self.num_slots}) and "
+                             f"n={n} (max_len {self.max_len}) out of range")
+        self.kv_copies.append(m.KVCopy(int(src_slot), [int(s) for s in dst_slots], int(n)))
 
     def _assemble(self, batch: ForwardBatch, outs: list[m.StepOutput]) -> torch.Tensor:
         if len(outs) == 1 and outs[0].seq_index == list(range(batch.num_seqs)):

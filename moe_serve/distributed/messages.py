@@ -59,6 +59,15 @@ class Heartbeat(msgspec.Struct, tag=True):
     phase: str = "serving"  # starting | rendezvous | loading | serving
 
 
+class KVCopy(msgspec.Struct, frozen=True):
+    """Copy KV positions [0, n) of engine slot `src` into each of `dsts` (a request's completions share
+    one prefill of its prompt: `DistributedModel.copy_kv_prefix`)."""
+
+    src: int
+    dsts: list[int]
+    n: int
+
+
 class StepPlan(msgspec.Struct, tag=True):
     """One forward step, the same on every rank: the flattened batch (see models.batch.ForwardBatch)."""
 
@@ -71,6 +80,7 @@ class StepPlan(msgspec.Struct, tag=True):
     seq_ids: list[int] = []  # [S]
     all_logits: bool = False
     freed_slots: list[int] = []  # KV-cache slots released since the previous step
+    kv_copies: list[KVCopy] = []  # done by every rank, in order, before this step's forward
 
 
 class StepOutput(msgspec.Struct, tag=True):

@@ -23,6 +23,7 @@ from moe_serve.distributed import messages as m
 from moe_serve.distributed.comm import AllReduce, load_deepspeed_shm
 from moe_serve.distributed.ep import DISPATCHERS, DispatchStats, EPExpertStore
 from moe_serve.distributed.groups import Groups
+from moe_serve.distributed.kv_copy import apply_kv_copies
 from moe_serve.distributed.rebalance import Rebalancer
 from moe_serve.distributed.sizes import check_shardable
 from moe_serve.distributed.tp import apply_tp
@@ -150,6 +151,8 @@ class ModelRunner:
     # ---- steps --------------------------------------------------------------------------------
     def step(self, plan: m.StepPlan):
         self.last_step = plan.step
+        if plan.kv_copies:  # completions sharing a prefill that ended last step (kv_copy.py)
+            apply_kv_copies(self.model, self.layout, self.groups.world, plan.kv_copies, self.slot_routing)
         self.rebalancer.before_step(plan.step)
         out = self._forward(plan)
         self.rebalancer.after_step(plan.step)

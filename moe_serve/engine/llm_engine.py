@@ -77,9 +77,9 @@ class LLMEngine(RequestIntake):
                          self.model.compiled.max_batch, self.model.compiled.tuned)
         self.hooks.attach(self.spec, self.device, meta={"model": str(mc.model), "family": self.spec.family})
         self.eos_token_ids = set(self.spec.eos_token_ids) | set(self.tokenizer.eos_token_ids)  # + generation_config's
-        # a request's completions share one prefill where the model can copy KV between slots; not the
-        # distributed model (its KV lives in the ranks), nor under routing replay (each completion replays
-        # its own trace sequence, so siblings' prompt KV differ): there each completion prefills, as before
+        # a request's completions share one prefill where the model can copy KV between slots (the distributed
+        # model has its ranks copy it); not under routing replay (each completion replays its own trace
+        # sequence, so siblings' prompt KV differ): there each completion prefills, as before
         share = hasattr(self.model, "copy_kv_prefix") and not config.trace.replay_trace
         self.scheduler = Scheduler(self.num_slots, sc.max_num_batched_tokens, sc.prefill_chunk, sc.max_queue,
                                    share_prefill=share)
