@@ -69,3 +69,31 @@ def our_greedy(model, prompt: list[int], n: int, slot: int = 0) -> list[int]:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def assert_matches_transformers(hf, ours, prompt: list[int], name: str, new_tokens: int = 24) -> None:
+    """`ours` against transformers' `hf` on `prompt`: every position's logits within 1e-4 relative,
+    the same experts chosen in every MoE layer, and the same greedy continuation of prompt[:16]
+    (`new_tokens` tokens, not all alike)."""
+    ids = torch.tensor(prompt)
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]  # [N, V]
+    got = model_logits(ours, prompt, slot=1)
+    assert rel_err(got, ref) < 1e-4, name
+    ref_ids, rec = hf_router_ids(hf, ids), RecordRoutes()
+    hooks, ours.hooks = ours.hooks, rec
+    try:
+        ours(ForwardBatch.single(prompt, slot=2))
+    finally:
+        ours.hooks = hooks
+    assert len(ref_ids) == len(rec.ids) == ours.spec.num_moe_layers > 0
+    for layer, expert_ids in enumerate(ref_ids):
+        assert torch.equal(rec.ids[layer][0], expert_ids), f"{name}: MoE layer {layer} chose other experts"
+    expected = hf_greedy(hf, prompt[:16], new_tokens)
+    assert our_greedy(ours, prompt[:16], new_tokens, slot=0) == expected, name
+    assert len(set(expected)) > 1  # a constant continuation would prove little
+
+
+def model_logits(model, prompt: list[int], slot: int = 1) -> torch.Tensor:
+    """Every position's logits [N, V] of one prefill of `prompt` in `slot`."""
+    return model(ForwardBatch.single(prompt, slot=slot, all_logits=True))

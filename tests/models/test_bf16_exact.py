@@ -1,4 +1,4 @@
-"""bf16 checkpoints: the same numbers as transformers (loaded with from_pretrained), bit for bit.
+"""bf16 (and fp16) checkpoints: the same numbers as transformers (loaded with from_pretrained), bit for bit.
 
 The engine benchmark requires identical greedy outputs in bf16, so the model mirrors transformers'
 op order where rounding depends on it (router dtype, grouped-mm combine, fp32 complex rope of V2).
@@ -17,12 +17,14 @@ from tests.models.tiny_checkpoints import FAMILIES, make_tiny_checkpoint
 PROMPT = torch.randint(3, 128, (20,), generator=torch.Generator().manual_seed(1)).tolist()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_bf16_prefill_and_greedy_are_bit_exact(family, tmp_path):
-    d = make_tiny_checkpoint(family, tmp_path, dtype=torch.bfloat16)
+def test_half_precision_prefill_and_greedy_are_bit_exact(family, dtype, tmp_path):
+    """A bf16 or fp16 checkpoint, loaded in its own dtype (dtype auto) by both."""
+    d = make_tiny_checkpoint(family, tmp_path, dtype=dtype)
     hf = AutoModelForCausalLM.from_pretrained(d).eval()
     ours = load_model(d, mla_decode="expanded")
-    assert hf.dtype == ours.dtype == torch.bfloat16
+    assert hf.dtype == ours.dtype == dtype
     ours.allocate_kv_cache(2, 64)
     with torch.no_grad():
         ref = hf(torch.tensor([PROMPT])).logits[0].float()

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from moe_serve.models import ForwardBatch, load_model
 from moe_serve.models.spec import UnsupportedModelError
-from tests.models.helpers import RecordRoutes, hf_and_ours, hf_greedy, hf_router_ids, our_greedy, rel_err
+from tests.models.helpers import assert_matches_transformers, hf_and_ours, hf_greedy, rel_err
 from tests.models.tiny_checkpoints import make_tiny_checkpoint
 
 PROMPT = torch.randint(3, 128, (40,), generator=torch.Generator().manual_seed(7)).tolist()
@@ -62,21 +62,7 @@ def edit_config(src, dst, drop=(), **changes):
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_variant_matches_transformers(name, tmp_path):
     family, overrides = VARIANTS[name]
-    hf, ours = hf_and_ours(family, tmp_path, **overrides)
-    prompt = torch.tensor(PROMPT)
-    with torch.no_grad():
-        ref = hf(prompt[None]).logits[0]  # [N, V]
-    got = ours(ForwardBatch.single(PROMPT, slot=1, all_logits=True))
-    assert rel_err(got, ref) < 1e-4, name
-    ref_ids, rec = hf_router_ids(hf, prompt), RecordRoutes()
-    ours.hooks = rec
-    ours(ForwardBatch.single(PROMPT, slot=2))
-    assert len(ref_ids) == len(rec.ids) == ours.spec.num_moe_layers > 0
-    for layer, ids in enumerate(ref_ids):
-        assert torch.equal(rec.ids[layer][0], ids), f"{name}: MoE layer {layer} chose other experts"
-    expected = hf_greedy(hf, PROMPT[:16], 24)
-    assert our_greedy(ours, PROMPT[:16], 24, slot=0) == expected, name
-    assert len(set(expected)) > 1  # a constant continuation would prove little
+    assert_matches_transformers(*hf_and_ours(family, tmp_path, **overrides), PROMPT, name)
 
 
 @pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
