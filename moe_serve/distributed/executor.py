@@ -194,15 +194,16 @@ class DistributedModel:
         return torch.cat([rows[i] for i in range(batch.num_seqs)])
 
     def switch_placement(self, plan, at_step: int | None = None) -> int:
-        """Have every rank switch to `plan` (a placement.PlacementPlan) before step `at_step` (default: the
-        next one); returns that step once every rank has taken the plan (a ValueError with their reason when
+        """Have every rank switch to `plan` (a placement.PlacementPlan) before step `at_step` (default: the next
+        step boundary, the first step the ranks run after taking the command, even if a step's plan went out
+        meanwhile); returns that step once every rank has taken the plan (a ValueError with their reason when
         they refuse it: serving goes on with the running plan). Weights move between ranks; outputs do not change."""
         import json
 
         if self.group is None:
             raise RuntimeError("the worker ranks are not running")
-        at = self.step_id if at_step is None else at_step
-        if at < self.step_id:  # the ranks switch before that step: one already run would never come
+        at = -1 if at_step is None else at_step  # -1: the ranks take the next step they run (runner.command)
+        if at_step is not None and at < self.step_id:  # the ranks switch before it: one already run never comes
             raise ValueError(f"switch_placement: at_step must be >= the next step {self.step_id}, got {at}")
         shape = lambda p: (p.num_layers, p.num_experts, p.num_ranks, p.slots_per_rank)  # noqa: E731
         if shape(plan) != shape(self.plan):  # a rank would fail on it, and every rank with it
@@ -210,8 +211,8 @@ class DistributedModel:
                              "one {} x {} on {} x {}".format(*shape(plan), *shape(self.plan)))
         plan.validate()  # an expert in no slot was routed to slot -1 on the ranks, failing them all
         doc = dict(num_ranks=plan.num_ranks, phy2log=plan.phy2log.tolist(), meta=plan.meta)
-        self.group.command(m.PlacementCommand(at_step=at, plan_json=json.dumps(doc)), self.pc.step_timeout_s)
-        return at
+        done = self.group.command(m.PlacementCommand(at_step=at, plan_json=json.dumps(doc)), self.pc.step_timeout_s)
+        return done[0].at_step
 
     def dispatch_stats(self) -> dict[str, float]:
         """This step's dispatch counters summed over the output ranks."""

@@ -176,9 +176,10 @@ class WorkerGroup(RankMonitor):  # the monitor thread's half: monitor.py
         at once, and the monitor stops the ranks (the caller's thread closes the group, which kills what is left)."""
         self._fail(reason)
 
-    def command(self, msg, timeout_s: float) -> None:
-        """Send a command (PlacementCommand, CacheCommand) to every rank and wait until each has answered; a
-        ValueError with the rank's reason (it names the field) when they refused it, and serve on as before.
+    def command(self, msg, timeout_s: float) -> list[m.CommandDone]:
+        """Send a command (PlacementCommand, CacheCommand) to every rank and wait until each has answered (their
+        answers, by rank); a ValueError with the rank's reason (it names the field) when they refused it, and
+        serve on as before.
         Ranks disagreeing would leave them running different plans: the group is failed (WorkerFailure)."""
         cid = next(self._command_ids)
         with self._answered:
@@ -205,6 +206,7 @@ class WorkerGroup(RankMonitor):  # the monitor thread's half: monitor.py
             raise self.error
         if refused:
             raise ValueError(f"{refused[0][1]} (refused by ranks {[r for r, _ in refused]}; they serve on as before)")
+        return sorted(got, key=lambda a: a.rank)
 
     def _send(self, r: int, frame: bytes, deadline: float, late: str) -> None:
         """Send `frame` to rank r, or raise WorkerFailure naming it. A PUSH socket whose only peer is gone (a

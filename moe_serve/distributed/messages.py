@@ -109,12 +109,13 @@ class CommandDone(msgspec.Struct, tag=True):
     rank: int
     command_id: int
     error: str = ""
+    at_step: int = -1  # a PlacementCommand taken: the step it switches before (its at_step, resolved)
 
 
 class PlacementCommand(msgspec.Struct, tag=True):
     """Switch to a new placement plan at `at_step` (the same step on every rank)."""
 
-    at_step: int
+    at_step: int  # -1: before the next step (every rank gets the messages in one order: the same step on all)
     plan_json: str  # placement.PlanFile JSON text
     command_id: int = 0  # echoed in each rank's CommandDone (0: nobody waits for the answers)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import msgspec
 import numpy as np
 import torch
 
@@ -199,18 +200,22 @@ class ModelRunner:
         return mine, logits, self.ctx.stats.step_dict()
 
     # ---- commands -----------------------------------------------------------------------------
-    def command(self, msg) -> None:
+    def command(self, msg) -> int | None:
+        """Take a command; a PlacementCommand returns the step it switches before."""
         if isinstance(msg, m.PlacementCommand):  # switch before step `at_step`, on every rank
+            # -1: the next step. The frontend cannot name it: a step's plan may go out between its choice and the
+            # command (it was refused then), but every rank resolves it alike, after the same messages
+            at = self.last_step + 1 if msg.at_step == -1 else msg.at_step
             try:
-                if msg.at_step <= self.last_step:  # kept, it would wait for a step that never comes again
+                if at <= self.last_step:  # kept, it would wait for a step that never comes again
                     raise ValueError(f"placement command for step {msg.at_step} refused: at_step={msg.at_step} is "
                                      f"not after the last step run ({self.last_step})")
-                new = plan_from_command(msg, self.plan)
+                new = plan_from_command(msgspec.structs.replace(msg, at_step=at), self.plan)
             except ValueError:  # a bad plan must not take the rank down: the worker reports it, serving goes on
                 self.rebalancer.refused += 1
                 raise
-            self.rebalancer.pending[msg.at_step] = new
-            return
+            self.rebalancer.pending[at] = new
+            return at
         raise ValueError(f"model runner: command {type(msg).__name__} is not supported")
 
 

@@ -173,15 +173,16 @@ def run_worker(spec: WorkerSpec, key: bytes) -> int:
                                       None if load is None else m.TensorBlob.from_tensor(load)))
                 hb.step = step
             else:
-                error = ""
+                error, at = "", -1
                 try:
-                    runner.command(msg)
+                    at = runner.command(msg)
                 except ValueError as exc:  # a command this runner refuses (every rank alike, from the same message)
                     # must not end the rank, and with it every request in flight: the running state serves on
                     print(f"rank {spec.rank}: refused {type(msg).__name__}: {exc}; serving on", file=sys.stderr,
                           flush=True)
                     error = str(exc)
-                send(m.CommandDone(spec.rank, getattr(msg, "command_id", 0), error))  # the issuer waits for it
+                # the issuer waits for it (and for a PlacementCommand, the step it switches before)
+                send(m.CommandDone(spec.rank, getattr(msg, "command_id", 0), error, at if isinstance(at, int) else -1))
     except Exception:  # report, then exit non-zero: the frontend fails the requests in flight
         send(m.WorkerError(spec.rank, step, traceback.format_exc()))
         return 1

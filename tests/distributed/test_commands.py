@@ -9,7 +9,7 @@ from moe_serve.config import ModelConfig, ParallelConfig
 from moe_serve.distributed import messages as m
 from moe_serve.distributed.executor import DistributedModel
 from moe_serve.distributed.launcher import WorkerGroup
-from moe_serve.models import load_model
+from moe_serve.models import ForwardBatch, load_model
 from placement.plan import PlacementPlan
 from tests.distributed.helpers import greedy
 from tests.distributed.test_control import _keeps_serving_then_stops_cleanly, _spec
@@ -58,3 +58,31 @@ def test_a_refused_cache_command_is_reported_to_its_issuer():
                                          r"\[0, 1\]; they serve on as before\)$"):
         group.command(m.CacheCommand("prefetch", 0, [1, 2]), 30)
     _keeps_serving_then_stops_cleanly(group)
+
+
+def test_switch_placement_by_default_applies_at_the_next_step_boundary(tmp_path):
+    """The default step used to be chosen by the frontend (its next step id) before the command went out: a step
+    thread's plan sent in between made every rank refuse it as too late. Now the ranks take the next step they run."""
+    ckpt = make_tiny_checkpoint("mixtral", tmp_path / "mixtral")
+    ref = load_model(ckpt)
+    ref.allocate_kv_cache(4, 64)
+    want_tokens, _ = greedy(ref, steps=3)
+    dm = DistributedModel(ModelConfig(model=str(ckpt)), ParallelConfig(tp=1, ep=2, allreduce="gloo", threads_per_rank=1))
+    try:
+        dm.allocate_kv_cache(4, 64)
+        command = dm.group.command
+
+        def step_first(msg, timeout_s):  # the step thread's plan goes out between the choice of step and the command
+            dm.forward(ForwardBatch.single([7, 8, 9], slot=3))  # step 0, in a slot greedy does not use
+            return command(msg, timeout_s)
+
+        dm.group.command = step_first
+        swapped = np.r_[np.arange(4, 8), np.arange(4)][None].repeat(3, 0)
+        assert dm.switch_placement(PlacementPlan.from_phy2log(swapped, 8, 2)) == 1 == dm.step_id
+        dm.group.command = command
+        got_tokens, _ = greedy(dm, steps=3)  # steps 1..3, the first on the new plan
+        stats = dm.dispatch_stats()
+    finally:
+        dm.close()
+    assert got_tokens == want_tokens
+    assert stats["rebalance_switches"] == 2 and stats["placement_commands_refused"] == 0  # each rank switched once
