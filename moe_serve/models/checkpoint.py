@@ -1,7 +1,8 @@
 """Reading a Hugging Face checkpoint directory: config.json and (sharded) safetensors, memory-mapped.
 
 Every failure names the file or tensor and what was expected: a missing directory or config.json,
-a missing, truncated or corrupt safetensors file, a missing tensor key, a tensor of the wrong shape or
+a missing, truncated or corrupt safetensors file (a header whose offsets do not fit a tensor's shape and
+dtype names it: safetensors_header.py), a missing tensor key, a tensor of the wrong shape or
 dtype. With model.safetensors.index.json, its files are read and no others, and a tensor is read from
 the file it names (a copy elsewhere is not used); shard names must be files of the directory.
 `check` judges a tensor from the file's header alone (name, shape, dtype), reading no data.
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from moe_serve.models.safetensors_header import header_problem
 
 # safetensors' header dtype names -> torch dtypes (those this torch has); only floating types of >= 2 bytes load
 _TORCH_DTYPES = {name: getattr(torch, attr) for name, attr in (
@@ -83,8 +86,10 @@ class SafetensorsCheckpoint:
             try:
                 self.handles[name] = safe_open(str(path), framework="pt", device="cpu")
             except Exception as e:  # safetensors raises its own error types for bad headers
-                raise CheckpointError(f"{path} is not a readable safetensors file "
-                                      f"(truncated or corrupt?): {e}") from None
+                # its message names no tensor for a span that does not fit the shape and dtype
+                problem = header_problem(path)
+                raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
+                                      f"{problem or e}") from None
         self.key_file: dict[str, str] = {}
         for name, h in self.handles.items():
             for k in h.keys():

@@ -1,0 +1,86 @@
+"""Safetensors files whose header lies (offsets, shape or dtype that do not fit the bytes), and
+tensors the model does not read: refused, or reported, naming the file and the tensor."""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from moe_serve.cli.main import main
+from moe_serve.models import load_model
+from moe_serve.models.checkpoint import CheckpointError
+from tests.models.checkpoint_edits import copy
+
+KEY = "model.norm.weight"  # 64 float32 values: 256 bytes
+
+
+def rewrite_header(d, edit):
+    """Rewrite the JSON header of d/model.safetensors with `edit(header)`; the data bytes stay as they were."""
+    path = d / "model.safetensors"
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    return header
+
+
+def _span(header, key=KEY):
+    return header[key]["data_offsets"]
+
+
+def _shorten(h):
+    h[KEY]["data_offsets"][1] -= 4
+
+
+def _halve_shape(h):
+    h[KEY]["shape"] = [32]
+
+
+def _as_f16(h):
+    h[KEY]["dtype"] = "F16"
+
+
+CASES = {  # name: (header edit, what the error must say after "tensor 'model.norm.weight': ")
+    "span shorter than the shape": (_shorten, "dtype F32 and shape [64] make 256 bytes, but data_offsets [{s}, {e4}] "
+                                              "span 252"),
+    "shape smaller than the span": (_halve_shape, "dtype F32 and shape [32] make 128 bytes, but data_offsets "
+                                                  "[{s}, {e}] span 256"),
+    "dtype of another size": (_as_f16, "dtype F16 and shape [64] make 128 bytes, but data_offsets [{s}, {e}] "
+                                       "span 256"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_header_whose_span_does_not_fit_names_the_tensor(mixtral_dir, tmp_path, capsys, case):
+    """safetensors' own message, "invalid shape, data type, or offset for tensor", named no tensor."""
+    edit, says = CASES[case]
+    d = copy(mixtral_dir, tmp_path)
+    s, e = _span(rewrite_header(d, lambda h: None))
+    rewrite_header(d, edit)
+    with pytest.raises(CheckpointError) as err:
+        load_model(d)
+    assert str(err.value) == (f"{d / 'model.safetensors'} is not a readable safetensors file (truncated or corrupt?): "
+                              f"tensor {KEY!r}: " + says.format(s=s, e=e, e4=e - 4))
+    assert main(["info", str(d)]) == 2 and capsys.readouterr().err.strip() == f"moe-serve info: error: {err.value}"
+
+
+def test_offsets_past_the_data_and_overlapping_name_the_tensor(mixtral_dir, tmp_path):
+    d = copy(mixtral_dir, tmp_path)
+    header = rewrite_header(d, lambda h: None)
+    data = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+    s, e = _span(header)
+    rewrite_header(d, lambda h: h[KEY].update(data_offsets=[s + data, e + data]))
+    with pytest.raises(CheckpointError, match=rf"tensor '{KEY}': data_offsets \[{s + data}, {e + data}\] run past "
+                                              rf"the end of the data \({data} bytes after the header\)"):
+        load_model(d)
+    other = next(k for k, v in header.items() if k not in ("__metadata__", KEY) and v["shape"] == [64])
+    d = copy(mixtral_dir, tmp_path / "overlap")
+    rewrite_header(d, lambda h: h[other].update(data_offsets=[s, e]))  # two tensors on the same bytes
+    first, second = sorted([KEY, other])  # ties in start offset sort by name
+    with pytest.raises(CheckpointError, match=rf"tensor '{second}': data_offsets \[{s}, {e}\] overlap tensor "
+                                              rf"'{first}' \(which ends at {e}\)"):
+        load_model(d)
