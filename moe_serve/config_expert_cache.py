@@ -36,8 +36,9 @@ class ExpertCacheConfig:
     cache_per_layer: bool = doc("split the expert slots evenly per layer instead of sharing them", default=False)
     host_memory: str = doc("host copy of the experts: copy (in RAM, pinned on GPU), mmap (read from the "
                            "checkpoint on demand) or auto (copy when RAM allows)", default="auto")
-    cache_admission: str = doc("which demand misses take a slot: always, reuse (only experts used in the last "
-                               "token; the others stream through a staging buffer: CPU devices only) or auto "
+    cache_admission: str = doc("which demand misses take a slot: always, reuse (a free slot, or else only "
+                               "experts used in the last token; the others stream through a staging buffer: "
+                               "CPU devices only) or auto "
                                "(reuse on CPU, always elsewhere)", default="auto")
 
     def __post_init__(self):

@@ -42,6 +42,10 @@ class SlotCache:
     def resident(self, g: int) -> bool:
         return self.slot_of[g] >= 0
 
+    def has_free_slot(self, g: int) -> bool:
+        """Could `g` take a slot without evicting anyone (a free slot in its pool)?"""
+        return bool(self._free[self._pool(g)])
+
     def begin_step(self, gids) -> None:
         """Mark `gids` as in use by the current step (clearing the previous step's marks)."""
         self.in_use[:] = False

@@ -15,8 +15,9 @@ calls `begin_layer` (the experts this step needs), `get`/`compute_expert` per ex
   first (`compute_order`), so pending copies have time to land. The store's side of each copy
   (ticket, counters, stall time, a failed copy's slot) is in `slot_copies.py`.
 - Admission (`admit`; auto = "reuse" on a CPU device, "always" elsewhere): with "reuse" a demand
-  miss takes a slot only if its expert was used within the last `admit_window` tokens (default 1:
-  the previous token; 1, 2 and 4 measured on the e2e bench, 1 best by a few %); the others stream
+  miss takes a slot if one is free (keeping it evicts no one) or its expert was used within the last
+  `admit_window` tokens (default 1: the previous token; 1, 2 and 4 measured on the e2e bench, 1 best
+  by a few %); the others stream
   through a ring of two staging buffers (`StagingRing`): copied (by the copy thread, one buffer
   ahead of the compute), computed, dropped. Why, on CPU: the staging buffers stay in the CPU cache,
   while a copy into an evicted slot writes memory that left the cache long ago (measured, 4.3 MB
@@ -203,8 +204,10 @@ class OffloadExpertStore(SlotCopies, ExpertStore):
             if self._computes_in_place(1 if rows is None else rows[i]):
                 self._on_host.add(g)
                 continue
-            if self.admit == "reuse" and not self._admits(g):
-                self._streamed[g] = len(self._streamed)  # not used lately: copied and computed, not kept
+            # not used lately: copied and computed, not kept, unless a slot is free (keeping it then
+            # evicts nobody, and its next use is a hit instead of a second copy)
+            if self.admit == "reuse" and not self._admits(g) and not self.cache.has_free_slot(g):
+                self._streamed[g] = len(self._streamed)
                 continue
             try:
                 self._copy_in(g)

@@ -77,8 +77,6 @@ def test_any_policy_any_budget(policy, slots, admit, tiny_checkpoint):
                             cache_admission=admit)
     (toks, logits), store = run(path, expert_store_factory(cfg), n=8)
     assert store.admit == admit
-    if admit == "reuse":  # experts not used in the last token (admit_window=1) ran from the staging buffer
-        assert store.metrics()["streamed"] > 0
     assert toks == ref_toks
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     m = store.metrics()
@@ -86,6 +84,10 @@ def test_any_policy_any_budget(policy, slots, admit, tiny_checkpoint):
     assert m["capacity"] == min(slots, total)
     if slots < total:
         assert m["copies"] > min(slots, total)  # evictions happened: more copies than slots
+        if admit == "reuse":  # once the slots are full, experts not used in the last token stream
+            assert m["streamed"] > 0
+    else:  # every expert fits: each is copied into a slot once and kept (streaming it would copy it twice)
+        assert m["streamed"] == 0 and m["copies"] == int((store.cache.slot_of >= 0).sum())
     store.close()
 
 
@@ -175,15 +177,18 @@ def test_on_demand_baseline_matches_resident(family, tiny_checkpoint):
 
 
 def test_admission_streams_experts_not_used_lately():
-    """admit="reuse": a miss whose expert was not used in the last `admit_window` tokens is copied
-    into the staging buffer and computed there, never given a slot; used again within the window,
-    it takes a slot. Both give the expert's own output."""
+    """admit="reuse", every slot taken: a miss whose expert was not used in the last `admit_window`
+    tokens is copied into the staging buffer and computed there, never given a slot; used again
+    within the window, it takes a slot. Both give the expert's own output."""
     from moe_serve.experts.store import expert_forward
 
     src = TinySource()
     store = OffloadExpertStore(src, torch.float32, "cpu", capacity=3, policy=LRUPolicy(), top_k=2, cpu_experts="off",
                                admit="reuse", admit_window=1)
     x = torch.randn(2, 8)
+    store.begin_layer(0, [0, 2, 3])  # first uses take the three free slots (no one evicted)
+    store.end_layer(0)
+    store.reset_metrics()
     for token in range(3):
         for layer in range(2):
             store.begin_layer(layer, [1])
@@ -243,14 +248,14 @@ def test_failed_prefetch_reported_to_a_streamed_expert_forgets_its_expert():
     from moe_serve.experts.store import expert_forward
 
     src = BrokenSource()
-    store = OffloadExpertStore(src, torch.float32, "cpu", capacity=3, policy=LRUPolicy(), top_k=2, cpu_experts="off",
+    store = OffloadExpertStore(src, torch.float32, "cpu", capacity=1, policy=LRUPolicy(), top_k=2, cpu_experts="off",
                                host="mmap", admit="reuse")
-    store.prefetch(1, [2])  # fails in the worker
+    store.prefetch(1, [2])  # takes the only slot, and fails in the worker
     slot = int(store.cache.slot_of[1 * 4 + 2])
     settle(store.copier, (int(store.ticket[slot]), slot))
     x = torch.randn(2, 8)
     store.begin_layer(0, [0])
-    assert 0 * 4 + 0 in store._streamed  # never used: through the staging ring
+    assert 0 * 4 + 0 in store._streamed  # never used, no free slot: through the staging ring
     with pytest.raises(CopyError, match="expert copy failed") as info:
         store.compute_expert(0, 0, x)
     assert info.value.slot == slot and not store.cache.resident(1 * 4 + 2)

@@ -31,9 +31,15 @@ def test_stall_is_the_time_spent_waiting(admit):
     time the ring's bookkeeping as stall), and, when the compute thread has to run the copy (the
     worker held), for between the copy's own time and the whole call's."""
     src = SlowSource(DELAY)
-    store = OffloadExpertStore(src, torch.float32, "cpu", capacity=3, policy=LRUPolicy(), top_k=2, cpu_experts="off",
-                               host="mmap", admit=admit)
+    # reuse: one slot, filled first, so both misses below stream (a miss takes a free slot when there is one)
+    store = OffloadExpertStore(src, torch.float32, "cpu", capacity=1 if admit == "reuse" else 3, policy=LRUPolicy(),
+                               top_k=2, cpu_experts="off", host="mmap", admit=admit)
     x = torch.randn(2, 8)
+    if admit == "reuse":
+        store.begin_layer(1, [3])
+        store.get(1, 3)
+        store.end_layer(1)
+        store.reset_metrics()
     store.begin_layer(0, [0])  # a miss: the worker copies it meanwhile
     settle(store.copier, _copy_of(store, 0))
     assert store.copier.ready(*_copy_of(store, 0))
