@@ -133,12 +133,13 @@ class SafetensorsCheckpoint:
         dtype) from the header alone: no tensor data is read."""
         self._handle(key)
         if shape is not None and self.shape(key) != tuple(shape):
-            raise CheckpointError(f"tensor {key!r} has shape {list(self.shape(key))}, expected {list(shape)}")
+            raise CheckpointError(f"tensor {key!r} has shape {list(self.shape(key))}, expected {list(shape)} "
+                                  f"(in {self.dir / self._file(key)})")
         name = self.dtype(key)
         dt = _TORCH_DTYPES.get(name)
         if dt is None or not dt.is_floating_point or dt.itemsize < 2:
-            raise CheckpointError(f"tensor {key!r} has dtype {dt or name}; only float32/bfloat16/float16 "
-                                  "weights are supported (quantized checkpoints are not)")
+            raise CheckpointError(f"tensor {key!r} has dtype {dt or name}; only float32/bfloat16/float16 weights "
+                                  f"are supported (quantized checkpoints are not) (in {self.dir / self._file(key)})")
 
     def check_unchanged(self, key: str) -> None:
         """Raise CheckpointError if the file holding `key` was truncated or rewritten since it was

@@ -84,3 +84,28 @@ def test_offsets_past_the_data_and_overlapping_name_the_tensor(mixtral_dir, tmp_
     with pytest.raises(CheckpointError, match=rf"tensor '{second}': data_offsets \[{s}, {e}\] overlap tensor "
                                               rf"'{first}' \(which ends at {e}\)"):
         load_model(d)
+
+
+@pytest.mark.parametrize("bad", ["dtype", "shape"])
+def test_a_tensor_of_the_wrong_dtype_or_shape_names_its_shard(mixtral_dir, tmp_path, capsys, bad):
+    """The error named the tensor but not the file: in a checkpoint of many shards, which one to fix?"""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    d = copy(mixtral_dir, tmp_path)
+    sd = load_file(d / "model.safetensors")
+    (d / "model.safetensors").unlink()
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    home = next(f for f, ks in shards.items() if KEY in ks)
+    sd[KEY] = sd[KEY].to(torch.int8) if bad == "dtype" else sd[KEY][:32]
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, d / name, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    what = ("has dtype torch.int8; only float32/bfloat16/float16 weights are supported (quantized checkpoints are not)"
+            if bad == "dtype" else "has shape [32], expected [64]")
+    with pytest.raises(CheckpointError) as err:
+        load_model(d)
+    assert str(err.value) == f"tensor {KEY!r} {what} (in {d / home})"
+    assert main(["info", str(d)]) == 2 and capsys.readouterr().err.strip() == f"moe-serve info: error: {err.value}"
