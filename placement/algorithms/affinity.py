@@ -124,6 +124,22 @@ def touched(phy, tokens_l, num_experts: int, num_ranks: int):
     return touch
 
 
+def check_statistics(tokens, coact, num_layers: int, num_experts: int) -> None:
+    """ValueError unless tokens int [T, L, K] and coact [L, E, E] are of the load's layers and experts
+    (a trace of other layers was fitted silently, layer l's swaps judged on another layer's tokens)."""
+    name = "placement algorithm affinity"
+    if tokens is not None:
+        shape = np.shape(tokens)
+        if len(shape) != 3 or shape[1] != num_layers:
+            raise ValueError(f"{name}: tokens must be [T, L={num_layers}, K] like the load, got shape {shape}")
+        if np.size(tokens) and (np.max(tokens) >= num_experts or np.min(tokens) < 0):
+            bad = np.max(tokens) if np.max(tokens) >= num_experts else np.min(tokens)
+            raise ValueError(f"{name}: tokens hold expert id {bad}, outside [0, E={num_experts})")
+    if coact is not None and np.shape(coact) != (num_layers, num_experts, num_experts):
+        raise ValueError(f"{name}: coact must be [L={num_layers}, E={num_experts}, E={num_experts}] like the "
+                         f"load, got shape {np.shape(coact)}")
+
+
 def affinity(load, num_ranks: int, slots_per_rank: int, coact=None, transitions=None, tokens=None,
              uniform_blend: float = 0.0, max_tokens: int = 4096, balance_tol: float = 0.02,
              explore_tol: float = 0.25, balance_weight: float = 4.0, cross_layer_weight: float = 0.3,
@@ -138,6 +154,7 @@ def affinity(load, num_ranks: int, slots_per_rank: int, coact=None, transitions=
                     cross_layer_weight=cross_layer_weight, max_iters=max_iters, rounds=rounds,
                     window_tokens=window_tokens, contiguous_windows=contiguous_windows)
     t0, c0 = time.perf_counter(), time.process_time()
+    check_statistics(tokens, coact, L, E)
     if tokens is not None:
         tokens = np.asarray(tokens, dtype=np.int64)
         if len(tokens) > max_tokens:
