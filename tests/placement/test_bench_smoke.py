@@ -46,3 +46,29 @@ def test_imbalance_suite_refuses_what_would_clobber_or_run_nothing(tmp_path):
                              env=env, cwd=ROOT)
         assert run.returncode == 2 and message in run.stderr, (argv, run.returncode, run.stderr[-2000:])
         assert not default_out.exists() and not (tmp_path / "o").exists()
+
+
+def test_the_suites_eplb_baseline_by_hand():
+    """The suite's fit() and scorer on a case worked by hand. Loads 8, 7, 1, 2 on 2 ranks x 2 slots, no
+    replicas: EPLB packs descending (8 -> rank 0, 7 -> rank 1, 2 -> rank 1, 1 -> rank 0), ranks {0, 2}
+    and {1, 3}, 9 tokens each: max/mean 1.0; contiguous {0, 1} / {2, 3} is 15 / 3: max/mean 15/9.
+    With replicas, loads 10, 1, 1, 6 on 2 x 3: spare slots to 0 (10 -> 5 a copy) then 3 (6 -> 3); packing
+    the copies 5, 5, 3, 3, 1, 1 apart: rank 0 = [0, 3, 1], rank 1 = [0, 3, 2], 9 and 9."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("imbalance_run", ROOT / "benches" / "imbalance" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    from placement.score import score_plan
+
+    tokens = np.array([0] * 8 + [1] * 7 + [2] + [3] * 2)[:, None, None]  # [18, 1 layer, top-1]
+    plan = run.fit("eplb", tokens, 4, 2, 2)
+    assert plan.phy2log.tolist() == [[0, 2, 1, 3]]
+    assert score_plan(plan, tokens, 18)["imbalance_trace"] == 1.0
+    assert abs(score_plan(run.fit("contiguous", tokens, 4, 2, 2), tokens, 18)["imbalance_trace"] - 15 / 9) < 1e-12
+    tokens = np.array([0] * 10 + [1] + [2] + [3] * 6)[:, None, None]
+    plan = run.fit("eplb", tokens, 4, 2, 3)
+    assert plan.phy2log.tolist() == [[0, 3, 1, 0, 3, 2]]
+    assert score_plan(plan, tokens, 18)["imbalance_trace"] == 1.0
