@@ -9,7 +9,7 @@ so there `outputs[0]` is that completion (with n = 1, always the only one).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from moe_serve.engine.logprobs import TokenLogprob
 
@@ -71,48 +71,44 @@ class Prefix:
         return self._copy
 
 
+class CopiedOnRead:
+    """A CompletionOutput field given a list or a Prefix: reading it gives a list, the Prefix's copy made
+    on the first read. A descriptor, so CompletionOutput stays a dataclass (asdict, replace, ==)."""
+
+    def __set_name__(self, owner, name):
+        self.slot = "_" + name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:  # read on the class: the dataclass field has no default
+            raise AttributeError(self.slot[1:])
+        value = obj.__dict__[self.slot]
+        if isinstance(value, Prefix):
+            value = obj.__dict__[self.slot] = value.get()
+        return value
+
+    def __set__(self, obj, value):
+        obj.__dict__[self.slot] = value
+
+
+@dataclass
 class CompletionOutput:
     """One completion of a request (vLLM's CompletionOutput, plus the deltas a stream needs).
 
     `token_ids` and `logprobs` are cumulative, copied when first read (see Prefix): a streaming
     consumer that reads only `delta_token_ids` / `delta_logprobs` pays nothing for the length."""
 
-    def __init__(self, index: int, text: str, token_ids: list[int] | Prefix,
-                 logprobs: list[TokenLogprob] | Prefix | None, finish_reason: str | None,
-                 delta_text: str = "", delta_token_ids: list[int] | None = None, error: str | None = None,
-                 metrics: RequestMetrics | None = None, delta_logprobs: list[TokenLogprob] | None = None):
-        self.index = index  # which of the request's n completions
-        self.text = text  # cumulative
-        self._token_ids = token_ids
-        self._logprobs = logprobs
-        self.finish_reason = finish_reason  # "stop" | "length" | "abort" | "error" once this completion finished
-        self.delta_text = delta_text  # new since this completion's previous output
-        self.delta_token_ids = [] if delta_token_ids is None else delta_token_ids
-        self.error = error  # why it ended, for finish_reason "error"
-        self.metrics = metrics  # this completion's own timings
-        # the logprobs of delta_token_ids when the request asked for logprobs, else None
-        self.delta_logprobs = delta_logprobs
-
-    @property
-    def token_ids(self) -> list[int]:  # cumulative
-        if isinstance(self._token_ids, Prefix):
-            self._token_ids = self._token_ids.get()
-        return self._token_ids
-
-    @token_ids.setter
-    def token_ids(self, value: list[int]) -> None:
-        self._token_ids = value
-
-    @property
-    def logprobs(self) -> list[TokenLogprob] | None:
-        """One per token of token_ids (cumulative) when the request asked (SamplingParams.logprobs), else None."""
-        if isinstance(self._logprobs, Prefix):
-            self._logprobs = self._logprobs.get()
-        return self._logprobs
-
-    @logprobs.setter
-    def logprobs(self, value: list[TokenLogprob] | None) -> None:
-        self._logprobs = value
+    index: int  # which of the request's n completions
+    text: str  # cumulative
+    token_ids: list[int] = CopiedOnRead()  # cumulative
+    # one per token of token_ids (cumulative) when the request asked (SamplingParams.logprobs), else None
+    logprobs: list[TokenLogprob] | None = CopiedOnRead()
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" once this completion finished
+    delta_text: str = ""  # new since this completion's previous output
+    delta_token_ids: list[int] = field(default_factory=list)
+    error: str | None = None  # why it ended, for finish_reason "error"
+    metrics: RequestMetrics | None = None  # this completion's own timings
+    # the logprobs of delta_token_ids when the request asked for logprobs, else None
+    delta_logprobs: list[TokenLogprob] | None = None
 
     def finished(self) -> bool:  # a method, as vLLM's
         return self.finish_reason is not None
@@ -121,19 +117,6 @@ class CompletionOutput:
     def cumulative_logprob(self) -> float | None:
         """Sum of the sampled tokens' log-probabilities, when logprobs were asked for (as vLLM)."""
         return None if self.logprobs is None else sum(lp.logprob for lp in self.logprobs)
-
-    _FIELDS = ("index", "text", "token_ids", "logprobs", "finish_reason", "delta_text", "delta_token_ids",
-               "error", "metrics", "delta_logprobs")
-
-    def __eq__(self, other) -> bool:
-        if not isinstance(other, CompletionOutput):
-            return NotImplemented
-        return all(getattr(self, f) == getattr(other, f) for f in self._FIELDS)
-
-    __hash__ = None  # mutable, as the dataclass it was
-
-    def __repr__(self) -> str:
-        return "CompletionOutput(" + ", ".join(f"{f}={getattr(self, f)!r}" for f in self._FIELDS) + ")"
 
 
 @dataclass

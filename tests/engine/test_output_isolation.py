@@ -94,3 +94,22 @@ def test_cumulative_lists_are_each_outputs_own_and_read_as_they_were(tiny_dir):
     assert outs[1].token_ids == final_ids[:2] and outs[1].logprobs == final_lps[:2]
     assert all(lp.logprob < 0 for lp in outs[-1].logprobs)
     assert outs[-1].outputs[0].cumulative_logprob == pytest.approx(sum(lp.logprob for lp in final_lps))
+
+
+def test_outputs_are_dataclasses_as_in_vllm(tiny_dir):
+    # 7ab8f02 made CompletionOutput a plain class (for its copied-on-read lists): dataclasses.asdict of a
+    # RequestOutput then left the completions as objects, and json.dumps of it failed
+    import dataclasses
+    import json
+
+    eng = LLMEngine(EngineConfig.from_flat(model=str(tiny_dir)))
+    eng.add_request(PROMPT, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=1), "d")
+    outs = [out for _ in range(6) for out in eng.step()]
+    as_dict = dataclasses.asdict(outs[1])
+    assert as_dict["outputs"][0]["token_ids"] == outs[-1].token_ids[:2]
+    assert as_dict["outputs"][0]["logprobs"][1]["token_id"] == outs[-1].token_ids[1]
+    assert json.loads(json.dumps(as_dict))["outputs"][0]["delta_token_ids"] == outs[-1].token_ids[1:2]
+    assert [f.name for f in dataclasses.fields(outs[0].outputs[0])][:5] == [
+        "index", "text", "token_ids", "logprobs", "finish_reason"]
+    again = dataclasses.replace(outs[0].outputs[0], text="x")
+    assert again.token_ids == outs[0].token_ids and again == dataclasses.replace(again)
