@@ -26,6 +26,7 @@ from moe_serve.distributed.endpoints import ControlEndpoints, bind_sockets
 from moe_serve.distributed.monitor import _FAILED, RankMonitor, WorkerFailure
 from moe_serve.distributed.signing import KEY_ENV, Signer, key_from_env, new_key, over_tcp
 from moe_serve.distributed.spawner import Spawner
+from moe_serve.distributed.teardown import GroupTeardown
 from moe_serve.distributed.worker import SPEC_ENV, WorkerSpec
 
 
@@ -37,7 +38,7 @@ __all__ = ["STARTUP_GRACE_S", "WorkerFailure", "WorkerGroup"]  # WorkerFailure l
 STARTUP_GRACE_S = 0.5
 
 
-class WorkerGroup(RankMonitor):  # the monitor thread's half: monitor.py
+class WorkerGroup(RankMonitor, GroupTeardown):  # the monitor thread's half: monitor.py; shutdown: teardown.py
     def __init__(self, base: WorkerSpec, world_size: int, startup_timeout_s: float = 120.0,
                  heartbeat_timeout_s: float = 10.0, transport: str = "ipc", faults: dict[int, str] | None = None,
                  extra_env: dict[str, str] | None = None, external: str | None = None,
@@ -79,6 +80,7 @@ class WorkerGroup(RankMonitor):  # the monitor thread's half: monitor.py
         self._answered = threading.Condition()
         self._command_ids = itertools.count(1)
         self._broadcasting = threading.Lock()  # see broadcast
+        self._init_teardown()
         faults = faults or {}
         deadline = time.monotonic() + startup_timeout_s
         try:
@@ -165,11 +167,14 @@ class WorkerGroup(RankMonitor):  # the monitor thread's half: monitor.py
         # one broadcast at a time, all its sends together: a command from a user thread (switch_placement)
         # interleaved with the step thread's step plan reached the ranks in different orders, so one rank switched
         # plans before a step that another ran on the old one (and ZeroMQ sockets are not thread-safe)
-        with self._broadcasting:
+        self._broadcasting.acquire()
+        try:
             deadline = time.monotonic() + self.heartbeat_timeout_s
             for r in range(len(self.down)):
                 self._send(r, frame, deadline, f"has taken no message for parallel.heartbeat_timeout_s="
                                                f"{self.heartbeat_timeout_s:g} s")
+        finally:
+            self._release_broadcast()  # teardown.py: a shutdown may have left the sockets to this thread
 
     def abort(self, reason: str) -> None:
         """Fail the group now, from any thread: a step or command waiting on the ranks raises WorkerFailure(reason)
@@ -213,6 +218,8 @@ class WorkerGroup(RankMonitor):  # the monitor thread's half: monitor.py
         rank killed a moment ago, before the monitor saw it; a torchrun rank that never started) blocks in
         send(): so never block, and between tries look for the rank's death, the monitor's verdict, the deadline."""
         while True:
+            if self.error is not None:  # failed or shut down meanwhile (teardown.py): never send on
+                raise self.error
             try:
                 self.down[r].send(frame, zmq.NOBLOCK, copy=False)
                 return
@@ -252,36 +259,6 @@ class WorkerGroup(RankMonitor):  # the monitor thread's half: monitor.py
             if item.step == step:
                 got.append(item)
         return got
-
-    def shutdown(self, grace_s: float = 5.0) -> None:
-        """Ask every rank to stop, then terminate and kill what is left; remove the temp dir."""
-        # the monitor first: a rank exiting on the Shutdown is no failure, whose handling would SIGTERM the others
-        self._stop.set()
-        for s in self.down:
-            try:
-                s.send(self.signer.sign(m.encode(m.Shutdown("frontend shutdown"))), zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
-        deadline = time.monotonic() + grace_s
-        for p in self.procs:
-            try:
-                p.wait(timeout=max(0.05, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=2)
-        if getattr(self, "_spawner", None) is not None:  # the ranks are gone (a failed bind never made one)
-            self._spawner.stop()
-        if self._monitor is not None and self._monitor is not threading.current_thread():
-            self._monitor.join(timeout=2)
-        for s in [self.up, *self.down]:
-            s.close()
-        self.ctx.term()
-        self.endpoints.cleanup()
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
