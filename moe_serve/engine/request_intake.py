@@ -8,6 +8,7 @@ unfinished sequences by completion index; everything here touches shared state o
 """
 from __future__ import annotations
 
+import copy
 import time
 
 from moe_serve.engine.detokenizer import IncrementalDetokenizer
@@ -46,7 +47,9 @@ class RequestIntake:
                       request_id: str | None = None, arrival_time: float | None = None) -> Sequence:
         """Validate and tokenize one request; its first completion's sequence (`make_request` gives all
         n). Raises ValueError naming the field and the limit."""
-        params = params if params is not None else self.default_sampling_params()
+        # the request's own copy (as vLLM clones it): the caller may reuse and change its SamplingParams
+        # for the next request while this one runs (validate_request then normalizes the copy's lists)
+        params = copy.copy(params) if params is not None else self.default_sampling_params()
         text, ids = validate_request(prompt, params, self.tokenizer, self.spec.vocab_size, self.max_model_len)
         return self._sequence(text, ids, params, request_id, arrival_time, 0)
 

@@ -170,3 +170,28 @@ def test_option_type_check_leaves_container_fields_to_their_section():
     check_types("s", Section, {"ids": [1, 2], "size": None})
     with pytest.raises(ValueError, match=re.escape("s.size must be an integer or None, got '3'")):
         check_types("s", Section, {"size": "3"})
+
+
+def test_changing_the_sampling_params_after_submit_leaves_the_request_alone(tiny_dir):
+    # the engine kept the caller's SamplingParams: reusing it for the next request (changing max_tokens,
+    # temperature, logprobs) changed the running one, and the engine's count of requests needing logprobs
+    # or penalties (read at submit and at finish) went to -1, so a later such request sampled plainly
+    from moe_serve.config import EngineConfig
+    from moe_serve.engine import LLMEngine, SamplingParams
+    from tests.engine.helpers import run
+
+    eng = LLMEngine(EngineConfig.from_flat(model=str(tiny_dir)))
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    eng.add_request("The quick brown fox", sp, "clean")
+    want = run(eng)["clean"].token_ids
+    eng.add_request("The quick brown fox", sp, "reused")
+    eng.step()
+    sp.temperature, sp.max_tokens, sp.logprobs, sp.stop_token_ids = 1.0, 2, 3, [want[2]]
+    got = run(eng)["reused"]
+    assert got.token_ids == want and got.logprobs is None and got.finish_reason == "length"
+    assert eng._num_extras == 0
+    pen = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, repetition_penalty=1.5)
+    eng.add_request("The quick brown fox", pen, "penalized")
+    alone = LLMEngine(EngineConfig.from_flat(model=str(tiny_dir)))
+    alone.add_request("The quick brown fox", pen, "penalized")
+    assert run(eng)["penalized"].token_ids == run(alone)["penalized"].token_ids
