@@ -14,12 +14,15 @@ The default factory builds a ResidentExpertStore. A factory that takes its exper
 
 What loading accepts is decided before any weight is read, from config.json and the safetensors
 headers, by `read_spec` (config.json: family, sizes, a servable dtype, no quantization_config) and `check_tensors`
-(every tensor the model and its experts read: present, of the expected shape and a float dtype);
+(every tensor the model and its experts read: present, of the expected shape and a float dtype; tensors
+it does not read are named in a logged warning, `warn_unused`);
 `moe-serve info` calls the same two, so it refuses what loading refuses, with the same messages.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
 from itertools import chain
 from pathlib import Path
 from typing import Iterator
@@ -35,6 +38,7 @@ from moe_serve.models.hooks import NO_HOOKS, HookChain, RouterHooks
 from moe_serve.models.model import MoEModel
 from moe_serve.models.spec import ModelSpec, UnsupportedModelError
 
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FP32_PARAMS = ("e_score_correction_bias",)  # transformers keeps these in fp32 whatever the dtype
 
@@ -194,7 +198,35 @@ def check_tensors(model_dir: str | Path, family: Family, spec: ModelSpec,
     if experts:
         for key, shape in source.tensors():
             ckpt.check(key, shape)
+        warn_unused(ckpt, {key for _, key, _ in dense_tensors(model, family)} | {k for k, _ in source.tensors()}, spec)
     return ckpt, model, source
+
+
+def unused_tensors(ckpt: SafetensorsCheckpoint, read: set[str], spec: ModelSpec) -> list[str]:
+    """The checkpoint's tensors that loading does not read, but those transformers also skips without a
+    word: rotary inv_freq buffers (older checkpoints saved them; they are recomputed), DeepSeek-V3's
+    multi-token-prediction layers (model.layers.{num_hidden_layers + i}, i < num_nextn_predict_layers,
+    which the published V3/R1 checkpoints hold and inference does not use), a tied head saved as well."""
+    mtp = {str(spec.num_layers + i) for i in range(spec.extra.get("num_nextn_predict_layers") or 0)}
+
+    def skipped(key: str) -> bool:
+        layer = re.match(r"model\.layers\.(\d+)\.", key)
+        return (key.endswith("rotary_emb.inv_freq") or (layer is not None and layer.group(1) in mtp)
+                or (key == "lm_head.weight" and spec.tie_word_embeddings))
+    return sorted(k for k in ckpt.key_file if k not in read and not skipped(k))
+
+
+def warn_unused(ckpt: SafetensorsCheckpoint, read: set[str], spec: ModelSpec, shown: int = 5) -> None:
+    """Log a warning naming the tensors loading does not read (and their files): a config.json that
+    describes less than the checkpoint holds (fewer layers, no shared expert) loads without them, as
+    transformers loads it with a warning; published checkpoints hold such tensors, so not an error."""
+    unused = unused_tensors(ckpt, read, spec)
+    if unused:
+        names = ", ".join(f"{k!r} (in {ckpt.key_file[k]})" for k in unused[:shown])
+        more = f" and {len(unused) - shown} more" if len(unused) > shown else ""
+        log.warning("%d tensor(s) of the checkpoint in %s are not used by the model config.json describes (%d "
+                    "layers, %s); they are ignored, check config.json if they were meant to be: %s%s",
+                    len(unused), ckpt.dir, spec.num_layers, spec.architecture, names, more)
 
 
 def load_model(model_dir: str | Path, dtype="auto", device="cpu", hooks: RouterHooks = NO_HOOKS,

@@ -109,3 +109,55 @@ def test_a_tensor_of_the_wrong_dtype_or_shape_names_its_shard(mixtral_dir, tmp_p
         load_model(d)
     assert str(err.value) == f"tensor {KEY!r} {what} (in {d / home})"
     assert main(["info", str(d)]) == 2 and capsys.readouterr().err.strip() == f"moe-serve info: error: {err.value}"
+
+
+def _add_tensors(d, config=None, **tensors):
+    """Checkpoint dir `d` (one model.safetensors) with `tensors` added and config.json updated by `config`."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(d / "model.safetensors")
+    save_file({**sd, **{k.replace("__", "."): v(sd).clone() for k, v in tensors.items()}}, d / "model.safetensors",
+              metadata={"format": "pt"})
+    if config:
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, **config}))
+    return d
+
+
+def _logits(d):
+    from tests.models.helpers import model_logits
+
+    model = load_model(d)
+    model.allocate_kv_cache(1, 16)
+    return model_logits(model, [5, 9, 3, 7], slot=0)
+
+
+def test_tensors_the_model_does_not_read_are_named_in_a_warning(mixtral_dir, tmp_path, caplog):
+    """A checkpoint holding more than config.json describes (here a fourth layer, and a tensor of no known
+    module) loaded without a word. As transformers, it still loads, ignoring them, now with a warning
+    naming them and their file."""
+    import torch
+
+    d = _add_tensors(copy(mixtral_dir, tmp_path), model__layers__3__self_attn__q_proj__weight=lambda sd: torch.ones(2),
+                     model__layers__0__mystery__weight=lambda sd: torch.ones(3))
+    with caplog.at_level("WARNING", logger="moe_serve.models.loader"):
+        logits = _logits(d)
+    assert torch.equal(logits, _logits(mixtral_dir))
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "moe_serve.models.loader"]
+    assert f"2 tensor(s) of the checkpoint in {d} are not used by the model config.json describes (3 layers, " \
+           "MixtralForCausalLM)" in warning
+    assert warning.endswith("'model.layers.0.mystery.weight' (in model.safetensors), "
+                            "'model.layers.3.self_attn.q_proj.weight' (in model.safetensors)")
+
+
+def test_tensors_transformers_skips_silently_raise_no_warning(tiny_checkpoint, tmp_path, caplog):
+    """DeepSeek-V3's multi-token-prediction layer (the layer after the last, as published V3/R1 checkpoints
+    hold it), an old rotary inv_freq buffer, and a tied head saved with the embeddings' values."""
+    v3 = tiny_checkpoint("deepseek_v3")
+    d = _add_tensors(copy(v3, tmp_path), config={"num_nextn_predict_layers": 1, "tie_word_embeddings": True},
+                     model__layers__3__eh_proj__weight=lambda sd: sd["model.layers.1.mlp.gate.weight"],
+                     model__layers__0__self_attn__rotary_emb__inv_freq=lambda sd: sd["model.norm.weight"][:4],
+                     lm_head__weight=lambda sd: sd["model.embed_tokens.weight"])
+    with caplog.at_level("WARNING", logger="moe_serve.models.loader"):
+        load_model(d)
+    assert [r.getMessage() for r in caplog.records if r.name == "moe_serve.models.loader"] == []

@@ -110,7 +110,9 @@ def _parse(cfg: dict, family: str) -> ModelSpec:
         shared_expert_intermediate_size=count(cfg, "n_shared_experts", default["n_shared_experts"])
         * cfg["moe_intermediate_size"],
         extra={"norm_topk_prob": cfg.get("norm_topk_prob"), "topk_method": cfg.get("topk_method"),
-               "scoring_func": cfg.get("scoring_func")},
+               "scoring_func": cfg.get("scoring_func"),
+               # multi-token-prediction layers after the last: held by V3/R1 checkpoints, unused here
+               "num_nextn_predict_layers": count(cfg, "num_nextn_predict_layers", 0)},
     )
 
 
