@@ -49,6 +49,8 @@ from moe_serve.experts.cache import CacheFull, SlotCache
 from moe_serve.experts.copier import make_copier
 from moe_serve.experts.cost import ExpertCosts, measure_costs
 from moe_serve.experts.learner import BackgroundLearner
+from moe_serve.experts.offload_options import check_options
+from moe_serve.experts.policy_rollback import PolicySnapshot
 from moe_serve.experts.prefetch import RoutingHook
 from moe_serve.experts.slot_copies import SlotCopies
 from moe_serve.experts.staging import StagingRing, resolve_admission, staging_buffers
@@ -60,17 +62,8 @@ class OffloadExpertStore(SlotCopies, ExpertStore):
                  per_layer: bool = False, host: str = "copy", cpu_experts: str = "auto", max_queued: int = 12,
                  learn_every: int = 64, learning: str = "background", admit: str = "auto", admit_window: int = 1,
                  prefetch_when: str = "always"):
-        if host not in ("copy", "mmap"):
-            raise ValueError(f"expert_cache.host_memory must be copy or mmap, got {host!r}")
-        if cpu_experts not in ("auto", "on", "off"):
-            raise ValueError(f"expert_cache.cpu_experts must be auto, on or off, got {cpu_experts!r}")
-        if learning not in ("background", "inline"):
-            raise ValueError(f"expert_cache.predictor_learning must be background or inline, got {learning!r}")
-        if prefetch_when not in ("always", "idle"):
-            raise ValueError(f"expert_cache.prefetch_when must be always or idle, got {prefetch_when!r}")
-        if admit not in ("auto", "always", "reuse") or admit_window < 1:
-            raise ValueError(f"OffloadExpertStore: admit must be auto, always or reuse (got {admit!r}) and "
-                             f"admit_window >= 1 token (got {admit_window})")
+        check_options(host=host, cpu_experts=cpu_experts, learning=learning, prefetch_when=prefetch_when,
+                      admit=admit, admit_window=admit_window)
         self.source, self.dtype, self.device = source, dtype, torch.device(device)
         self.num_moe_layers, self.num_experts = L, E = source.num_moe_layers, source.num_experts
         gu0, dn0 = source.get(0, 0)
@@ -79,6 +72,7 @@ class OffloadExpertStore(SlotCopies, ExpertStore):
             self.host_gu, self.host_dn = stack_experts(source, dtype, pin_memory=self.device.type == "cuda")
         self.cache = SlotCache(policy, L, E, capacity, per_layer=per_layer)
         self.policy, self.capacity = policy, capacity
+        self._policy_before = PolicySnapshot(policy)  # after SlotCache bound it: the plan reads its arrays
         # the compute device is the host: a copy can never beat computing where the weights lie (same
         # memory, same cores, plus the copy), so every miss runs in place and nothing is prefetched:
         # no slot is ever filled, and none is allocated (they took the whole budget of RAM for nothing)
@@ -181,6 +175,7 @@ class OffloadExpertStore(SlotCopies, ExpertStore):
         gids = moe_layer * E + ids
         self.cache.begin_step(gids)
         if not self.in_place_only:  # nothing is ever copied in: the policy has nothing to decide
+            self._policy_before.take(moe_layer)  # put back by abort_layer if this layer fails
             self.policy.on_access(moe_layer, ids, self.clock)
         self.layer = moe_layer
         self._on_host.clear()
@@ -285,7 +280,11 @@ class OffloadExpertStore(SlotCopies, ExpertStore):
         gu, dn = self.get(moe_layer, e)
         return expert_forward(x, gu, dn)
 
+    def abort_layer(self, moe_layer: int) -> None:
+        self._policy_before.restore()  # the retry counts these accesses: the failed attempt must not
+
     def end_layer(self, moe_layer: int) -> None:
+        self._policy_before.discard()
         self.copier.release(self._used_slots)
         self.cache.end_step()
         self.clock += 1

@@ -18,6 +18,7 @@ where weights live without touching model code:
     compute_order(moe_layer, active)     the order `run` computes the step's experts in (expert
                                          order here; outputs stay in expert order)
     end_layer(moe_layer)                 unpin
+    abort_layer(moe_layer)               the layer failed (before end_layer): undo what begin_layer counted
     prefetch(moe_layer, expert_ids)      a hint from the predictor for a later layer (no-op here)
 
 A store that wants to compute a cold expert where its weights lie (on the CPU) overrides `run` or
@@ -118,6 +119,9 @@ class ExpertStore(ABC):
     def begin_layer(self, moe_layer: int, expert_ids: list[int], rows: list[int] | None = None) -> None:
         """This step needs `expert_ids` of `moe_layer` (ascending), for `rows[i]` tokens each."""
 
+    def abort_layer(self, moe_layer: int) -> None:
+        """The layer failed after `begin_layer` (`end_layer` still follows): undo what it counted."""
+
     def end_layer(self, moe_layer: int) -> None:
         """The layer's experts are done with for this step."""
 
@@ -151,6 +155,9 @@ class ExpertStore(ABC):
             self.begin_layer(moe_layer, active, [counts[e] for e in active])
             for i in self.compute_order(moe_layer, active):
                 outs[i] = self.compute_expert(moe_layer, active[i], xs[i])
+        except BaseException:
+            self.abort_layer(moe_layer)  # the engine retries: what begin_layer counted must not count twice
+            raise
         finally:
             self.end_layer(moe_layer)
         if not outs:
