@@ -75,6 +75,11 @@ class ParallelConfig:
         require(self.worker_endpoint is None or (self.worker_endpoint.startswith("tcp://")
                                                  and self.worker_endpoint.rsplit(":", 1)[-1].isdigit()),
                 "parallel", "worker_endpoint", "tcp://host:port", self.worker_endpoint)
+        if self.worker_endpoint is not None:  # it binds port and port + 1 + r for every rank r; ZeroMQ took port 0 as
+            # "any" (the ranks, told port + 1 + r, found nothing) and a port past 65535 modulo 65536, silently
+            port, top = int(self.worker_endpoint.rsplit(":", 1)[-1]), 65535 - w
+            require(1 <= port <= top, "parallel", "worker_endpoint", f"tcp://host:port with 1 <= port <= {top} (it "
+                    f"binds port and port+1+r for each of the max(tp, ep)={w} ranks, up to 65535)", self.worker_endpoint)
 
     @property
     def world_size(self) -> int:

@@ -28,6 +28,17 @@ def test_bad_values_name_the_field(kw, field):
         ParallelConfig(**kw)
 
 
+@pytest.mark.parametrize("kw,top", [(dict(ep=2, worker_endpoint="tcp://127.0.0.1:0"), 65533),
+                                    (dict(worker_endpoint="tcp://127.0.0.1:99999"), 65534),
+                                    (dict(tp=2, worker_endpoint="tcp://127.0.0.1:65534"), 65533)])
+def test_worker_endpoint_ports_past_the_limit_are_refused(kw, top):
+    """ZeroMQ bound port 0 as any free port and 99999 as 34463, silently; 65534 left no port for rank 1 (+1 + r)."""
+    with pytest.raises(ValueError, match=rf"^parallel\.worker_endpoint must be tcp://host:port with 1 <= port <= "
+                                         rf"{top} \(it binds port and port\+1\+r for each of the max\(tp, ep\)="):
+        ParallelConfig(**kw)
+    ParallelConfig(**(kw | dict(worker_endpoint=f"tcp://127.0.0.1:{top}")))  # the limit itself is taken
+
+
 def test_layout_groups():
     lay = ParallelLayout(tp=2, ep=4, rank=3)  # W=4: two TP pairs, data parallel across them; EP over all 4
     assert lay.tp_groups() == [[0, 1], [2, 3]] and lay.ep_groups() == [[0, 1, 2, 3]]
