@@ -84,3 +84,39 @@ def alone_other(model_dir):
     eng = LLMEngine(EngineConfig.from_flat(model=str(model_dir), **KW))
     eng.add_request(OTHER, params(None), "x")
     return run(eng)["x"].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("family,dispatch", [("deepseek_v2", "allgather"), ("qwen3_moe", "alltoall")])
+def test_a_kv_copy_across_ranks_continues_as_the_source_would(tmp_path, family, dispatch):
+    """DistributedModel.copy_kv_prefix, model level, on families with other cache layouts (MLA's latent cache):
+    slot 0's prompt copied to slot 1 (the other rank under data-parallel attention) and slot 2 (the same rank),
+    then each decodes a token: logits equal the single-process model's, which copies in one process."""
+    import torch
+
+    from moe_serve.config import ModelConfig, ParallelConfig
+    from moe_serve.distributed.executor import DistributedModel
+    from moe_serve.models import ForwardBatch, load_model
+    from tests.models.tiny_checkpoints import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(family, tmp_path / family)
+    prompt, dirt = [3, 4, 5, 6, 7, 8], [50, 51, 52, 53, 54, 55, 56]
+
+    def run(model):
+        model.allocate_kv_cache(3, 32)
+        for s in (1, 2):  # another prompt's KV in the destinations first
+            model.forward(ForwardBatch.single(dirt, slot=s))
+        model.forward(ForwardBatch.single(prompt, slot=0))
+        model.copy_kv_prefix(0, [1, 2], len(prompt) - 1)  # all but the last token, which each then feeds
+        n = len(prompt) - 1
+        return model.forward(ForwardBatch(token_ids=torch.tensor([prompt[-1]] * 3), positions=torch.tensor([n] * 3),
+                                          slot_ids=[0, 1, 2], query_lens=[1] * 3, context_lens=[n] * 3))
+
+    want = run(load_model(ckpt))
+    dm = DistributedModel(ModelConfig(model=str(ckpt)),
+                          ParallelConfig(tp=1, ep=2, dispatch=dispatch, allreduce="gloo", threads_per_rank=1))
+    try:
+        got = run(dm)
+    finally:
+        dm.close()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[1:], got[:1].expand(2, -1), atol=1e-5, rtol=1e-5)
