@@ -88,3 +88,23 @@ def test_old_style_rope_fields_read_as_transformers_reads_them(family, tmp_path)
         ref = hf(torch.tensor([PROMPT])).logits[0]
         assert rel_err(before(torch.tensor([PROMPT])).logits[0], ref) > 1e-3
     assert rel_err(model_logits(ours, PROMPT, slot=0), ref) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_rope_scaling_added_to_a_config_with_rope_parameters_is_used(family, tmp_path):
+    """Qwen's model cards say to enable YaRN by adding a rope_scaling object to config.json; a checkpoint saved
+    by transformers 5 already has rope_parameters. transformers then uses rope_scaling (its theta, else the
+    top-level rope_theta, else the family's default: not rope_parameters' theta); moe-serve kept
+    rope_parameters and computed the unscaled model (logits ~50% off past the original context)."""
+    d = make_tiny_checkpoint(family, tmp_path, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(max_position_embeddings=4 * OLD_MAX, rope_scaling={
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": OLD_MAX})
+    (d / "config.json").write_text(json.dumps(cfg))
+    hf = AutoModelForCausalLM.from_pretrained(d).eval()
+    assert hf.config.rope_parameters["rope_type"] == "yarn" and hf.config.rope_parameters["rope_theta"] == 1e4
+    ours = load_model(d)
+    ours.allocate_kv_cache(1, 64)
+    with torch.no_grad():
+        ref = hf(torch.tensor([PROMPT])).logits[0]
+    assert rel_err(model_logits(ours, PROMPT, slot=0), ref) < 1e-4

@@ -95,8 +95,10 @@ def rope_spec(cfg: dict, dim: int, default_theta: float, interleaved: bool = Fal
               complex_fp32: bool = False) -> RopeSpec:
     """Read `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta` (older configs). Every value
     is checked and named in errors as `rope_parameters.<key>`: a bad one failed at the first forward, or
-    not at all (a negative factor computed a model that loaded fine)."""
-    where = next((n for n in ("rope_parameters", "rope_scaling") if cfg.get(n)), "rope_parameters")
+    not at all (a negative factor computed a model that loaded fine).
+    With both, a non-empty `rope_scaling` wins and `rope_parameters` is not read (its theta neither), as
+    transformers 5 reads them: model cards say to add rope_scaling to enable YaRN, whatever else is there."""
+    where = next((n for n in ("rope_scaling", "rope_parameters") if cfg.get(n)), "rope_parameters")
     params = cfg.get(where) or {}
     if not isinstance(params, dict):
         raise ValueError(f"config.json field '{where}' must be an object, got {params!r}")
