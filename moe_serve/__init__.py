@@ -16,6 +16,7 @@ _EXPORTS = {
     "LLMEngine": "moe_serve.engine.llm_engine",
     "AsyncEngine": "moe_serve.engine.async_engine",
     "SamplingParams": "moe_serve.engine.sampling_params",
+    "RequestOutputKind": "moe_serve.engine.sampling_params",
     "RequestOutput": "moe_serve.engine.outputs",
     "CompletionOutput": "moe_serve.engine.outputs",
     "QueueFullError": "moe_serve.engine.scheduler",

@@ -2,9 +2,9 @@
 from moe_serve.engine.async_engine import AsyncEngine, EngineDeadError
 from moe_serve.engine.llm import LLM
 from moe_serve.engine.llm_engine import LLMEngine
-from moe_serve.engine.sampling_params import SamplingParams
+from moe_serve.engine.sampling_params import RequestOutputKind, SamplingParams
 from moe_serve.engine.scheduler import QueueFullError
 from moe_serve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 __all__ = ["AsyncEngine", "CompletionOutput", "EngineDeadError", "LLM", "LLMEngine", "QueueFullError",
-           "RequestMetrics", "RequestOutput", "SamplingParams"]
+           "RequestMetrics", "RequestOutput", "RequestOutputKind", "SamplingParams"]

@@ -30,6 +30,7 @@ from moe_serve.engine.model_setup import EngineHooks, load_engine_model, resolve
 from moe_serve.engine.request_intake import RequestIntake
 from moe_serve.engine.request_validation import Prompt, as_token_ids  # noqa: F401 (re-exported)
 from moe_serve.engine.sample_step import sample_rows
+from moe_serve.engine.sampling_params import RequestOutputKind
 from moe_serve.engine.scheduler import QueueFullError, Scheduler, kv_cache_slots  # noqa: F401 (re-exported)
 from moe_serve.engine.sequence import RequestOutput, Sequence
 from moe_serve.engine.tokenizer import load_tokenizer
@@ -129,7 +130,7 @@ class LLMEngine(RequestIntake):
                 if seq.finished:
                     self._retire(seq)
                     outputs.append(seq.make_output())
-                elif self.stream:
+                elif self.stream and seq.params.output_kind != RequestOutputKind.FINAL_ONLY:
                     outputs.append(seq.make_output())
         return outputs
 

@@ -5,6 +5,7 @@ before the request ever reaches the engine.
 """
 from __future__ import annotations
 
+import enum
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -20,6 +21,16 @@ def completion_seed(seed: int, index: int) -> int:
     seed (so n = 1 gives the text it always gave, and completion 0 of any n that text), completion
     i > 0 uses (seed + i * 0x9E3779B97F4A7C15) mod 2**63. The same request gives the same n texts."""
     return seed if index == 0 else (seed + index * _GOLDEN) % 2**63
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What a streamed output carries (vLLM's names and values): CUMULATIVE, the completion's text,
+    token_ids and logprobs so far; DELTA, only what is new since its previous output (as delta_*);
+    FINAL_ONLY, no output until the completion finishes (then its whole text)."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -45,6 +56,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     min_tokens: int = 0  # vLLM's: end-of-sequence and stop_token_ids cannot end the request (nor stop
     # strings) before this many output tokens
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # vLLM's: what a streamed output carries
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -91,6 +103,9 @@ class SamplingParams:
                 self.max_tokens is not None and self.min_tokens > self.max_tokens):
             fail("min_tokens", f"an integer in [0, max_tokens={self.max_tokens}]", self.min_tokens)
         self._check_logit_bias(fail, number)
+        if not number(self.output_kind, int) or self.output_kind not in tuple(RequestOutputKind):
+            fail("output_kind", "a RequestOutputKind (CUMULATIVE, DELTA or FINAL_ONLY)", self.output_kind)
+        self.output_kind = RequestOutputKind(self.output_kind)
 
     def _check_logit_bias(self, fail, number) -> None:
         bias = self.logit_bias

@@ -17,7 +17,7 @@ import torch
 from moe_serve.engine.detokenizer import IncrementalDetokenizer
 from moe_serve.engine.logprobs import TokenLogprob
 from moe_serve.engine.outputs import CompletionOutput, Prefix, RequestMetrics, RequestOutput, merge_metrics
-from moe_serve.engine.sampling_params import SamplingParams
+from moe_serve.engine.sampling_params import RequestOutputKind, SamplingParams
 
 __all__ = ["FINISH_REASONS", "CompletionOutput", "RequestMetrics", "RequestOutput", "Sequence"]
 
@@ -113,22 +113,22 @@ class Sequence:
         return head._shown_prompt
 
     def make_output(self) -> RequestOutput:
-        """The request's output carrying this completion: cumulative text and ids plus what is new
-        since its previous output; `finished` once every completion of the request has finished."""
+        """The request's output carrying this completion: cumulative text and ids (only the new ones with
+        output_kind DELTA) plus what is new since its previous output; `finished` once every completion
+        of the request has finished."""
         text = self.detok.visible(self.finished)
         metrics = replace(self.metrics)  # a snapshot, the consumer's own (the engine updates the live one)
-        completion = CompletionOutput(
-            index=self.index,
-            text=text,
-            token_ids=Prefix(self.output_ids, len(self.output_ids)),  # copied when read, not every step
-            logprobs=None if self.logprobs is None else Prefix(self.logprobs, len(self.logprobs)),
-            finish_reason=self.finish_reason,
-            delta_text=text[self.sent_text:],
-            delta_token_ids=self.output_ids[self.sent_ids:],
-            delta_logprobs=None if self.logprobs is None else self.logprobs[self.sent_ids:],
-            error=self.error,
-            metrics=metrics,
-        )
+        delta_text, delta_ids = text[self.sent_text:], self.output_ids[self.sent_ids:]
+        delta_lps = None if self.logprobs is None else self.logprobs[self.sent_ids:]
+        if self.params.output_kind == RequestOutputKind.DELTA:  # the consumer's own lists, apart from delta_*
+            shown, ids, lps = delta_text, list(delta_ids), None if delta_lps is None else list(delta_lps)
+        else:  # cumulative, copied when read, not every step
+            shown, ids = text, Prefix(self.output_ids, len(self.output_ids))
+            lps = None if self.logprobs is None else Prefix(self.logprobs, len(self.logprobs))
+        completion = CompletionOutput(index=self.index, text=shown, token_ids=ids, logprobs=lps,
+                                      finish_reason=self.finish_reason, delta_text=delta_text,
+                                      delta_token_ids=delta_ids, delta_logprobs=delta_lps, error=self.error,
+                                      metrics=metrics)
         self.sent_text, self.sent_ids = len(text), len(self.output_ids)
         return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.shown_prompt_ids(),
                              outputs=[completion], finished=all(s.finished for s in self.group),
