@@ -207,7 +207,8 @@ def _read_trace(path: Path) -> RoutingTrace:
                     raise ValueError(f"{key!r}: {e}") from None
                 # a garbled compressed member (np.savez_compressed), compression-method field (NotImplementedError)
                 # or flag bits (RuntimeError: "is encrypted") were tracebacks from every command reading traces
-                except (zlib.error, NotImplementedError, RuntimeError, zipfile.BadZipFile, EOFError, OSError) as e:
+                except (zlib.error, NotImplementedError, RuntimeError, MemoryError, zipfile.BadZipFile, EOFError,
+                        OSError) as e:  # MemoryError: a header claiming a shape past memory (10**13 rows)
                     raise ValueError(f"{key!r}: cannot be read ({e})") from None
                 if not isinstance(arrays[key], np.ndarray):  # np.load hands back the raw bytes of a non-.npy member
                     raise ValueError(f"{key!r} is not a numpy array (.npy) in the archive")

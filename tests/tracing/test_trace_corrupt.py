@@ -74,3 +74,30 @@ def test_random_damage_is_always_a_value_error_naming_the_file(tmp_path):
             load_trace(bad)
         except ValueError as e:
             assert str(e).startswith(f"trace {bad}: "), e
+
+
+def test_a_member_claiming_an_impossible_shape_names_the_file_and_the_key(tmp_path):
+    """An .npy header (garbled, or written by hand) claiming 10**13 x 3 x 2 ids: numpy tried to allocate
+    109 TiB and the MemoryError was a traceback. Now a ValueError naming the file and the key."""
+    import io
+
+    path = _compressed_trace(tmp_path / "t.npz")
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    buf = io.BytesIO()
+    np.save(buf, arrays["experts"])
+    raw = bytearray(buf.getvalue())
+    end = raw.index(b"\n") + 1
+    header = raw[10:end].decode("latin1")
+    claimed = header.replace("(200, 2, 3), }", "(10000000000000, 2, 3), }")
+    assert claimed != header
+    raw[10:end] = (claimed[:len(header) - 1].rstrip().ljust(len(header) - 1) + "\n").encode("latin1")
+    bad = tmp_path / "bad.npz"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("experts.npy", bytes(raw))
+        for key in ("weights", "seq_offsets", "meta"):
+            member = io.BytesIO()
+            np.save(member, arrays[key])
+            z.writestr(f"{key}.npy", member.getvalue())
+    with pytest.raises(ValueError, match=rf"trace {bad}: 'experts': cannot be read \(.*allocate"):
+        load_trace(bad)
