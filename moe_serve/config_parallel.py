@@ -62,6 +62,13 @@ class ParallelConfig:
         require(self.rebalance_every >= 0, "parallel", "rebalance_every", ">= 0", self.rebalance_every)
         require(self.rebalance_window >= 1, "parallel", "rebalance_window", ">= 1", self.rebalance_window)
         require(self.redundant_experts >= 0, "parallel", "redundant_experts", ">= 0", self.redundant_experts)
+        # with ep=1 nothing reads them (one process, or TP ranks that each hold every expert): they were ignored
+        why = "unless ep > 1 (experts are placed over EP ranks; with ep=1 every rank holds every expert)"
+        require(self.ep > 1 or self.placement is None, "parallel", "placement", f"unset {why}", self.placement)
+        require(self.ep > 1 or self.rebalance_every == 0, "parallel", "rebalance_every", f"0 {why}",
+                self.rebalance_every)
+        require(self.ep > 1 or self.redundant_experts == 0, "parallel", "redundant_experts", f"0 {why}",
+                self.redundant_experts)
         require(self.allreduce in ("auto", "gloo", "deepspeed"), "parallel", "allreduce",
                 "one of auto, gloo, deepspeed", self.allreduce)
         for name in ("startup_timeout_s", "heartbeat_interval_s", "heartbeat_timeout_s", "step_timeout_s",

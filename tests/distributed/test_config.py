@@ -22,6 +22,10 @@ def test_flat_options_and_cli_flags_reach_the_parallel_section():
     (dict(tp=2, ep=2, preplan=True), "parallel.preplan"), (dict(worker_endpoint="host:1"), "parallel.worker_endpoint"),
     (dict(ep=2, preplan_predictor="p.safetensors"), "parallel.preplan_predictor"),
     (dict(shutdown_grace_s=0), "parallel.shutdown_grace_s"),
+    # with ep=1 (one process, or TP ranks holding every expert) these were silently ignored
+    (dict(placement="plan.json"), "parallel.placement must be unset unless ep > 1"),
+    (dict(tp=2, rebalance_every=8), "parallel.rebalance_every must be 0 unless ep > 1"),
+    (dict(redundant_experts=4), "parallel.redundant_experts must be 0 unless ep > 1"),
 ])
 def test_bad_values_name_the_field(kw, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
