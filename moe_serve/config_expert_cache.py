@@ -9,11 +9,12 @@ from moe_serve.config_fields import doc, require
 
 @dataclass
 class ExpertCacheConfig:
-    expert_cache_gb: float | None = doc("GiB of expert slots on the compute device (the rest stay on the host), "
-                                        "the staging buffers of cache_admission reuse (2 experts) included; "
-                                        "default: every expert resident", default=None)
-    expert_cache_slots: int | None = doc("expert slots on the compute device (instead of --expert-cache-gb; the 2 "
-                                         "staging buffers of cache_admission reuse come on top)", default=None)
+    expert_cache_gb: float | None = doc("GiB of device memory for experts (the rest stay on the host): cache "
+                                        "slots plus, below every expert, the 2 staging buffers of cache_admission "
+                                        "reuse; default: every expert resident", default=None)
+    expert_cache_slots: int | None = doc("cache slots on the compute device, as cache-sim's capacity counts them "
+                                         "(instead of --expert-cache-gb); below every expert, cache_admission "
+                                         "reuse adds 2 staging buffers: N + 2 experts of memory", default=None)
     cache_policy: str = doc("expert cache policy: lru, lfu, static, predicted (evict by predicted next use) or "
                             "predicted-prefetch (also fetch the predictor's top-k of the next layers)",
                             default="predicted")

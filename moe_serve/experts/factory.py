@@ -29,7 +29,9 @@ def slots_for(cfg: ExpertCacheConfig, expert_bytes: int, total_experts: int, num
     """The budget in slots (at most every expert); refused, naming the budget's field and the
     minimum, when it holds no expert or, with cache_per_layer, fewer than one per MoE layer.
     expert_cache_gb also pays for the store's `staging` buffers (one expert each: the device memory
-    used stays within what the user set), so they leave fewer slots; expert_cache_slots counts slots only."""
+    used stays within what the user set), so they leave fewer slots, unless it holds every expert (the
+    store then needs no staging buffer); expert_cache_slots counts cache slots only, as cache-sim's
+    capacity does (the buffers come on top)."""
     min_slots = num_layers if cfg.cache_per_layer else 1  # every layer's pool needs a slot of its own
     if cfg.expert_cache_slots is not None:
         slots = cfg.expert_cache_slots
@@ -41,6 +43,8 @@ def slots_for(cfg: ExpertCacheConfig, expert_bytes: int, total_experts: int, num
         if held < 1:
             raise ValueError(f"expert_cache.expert_cache_gb={cfg.expert_cache_gb} holds no expert "
                              f"(one takes {expert_bytes / 2**30:.4g} GiB)")  # 4 decimals printed 0.0000 for small ones
+        if held >= total_experts:  # every expert gets a slot: nothing streams, the store allocates no staging buffer
+            return total_experts
         if staging and held < staging + min_slots:
             per_layer = " (expert_cache.cache_per_layer: one per MoE layer)" if cfg.cache_per_layer else ""
             need = staging + min_slots

@@ -89,7 +89,8 @@ class OffloadExpertStore(SlotCopies, ExpertStore):
         if self.admit == "reuse" and self.device.type != "cpu":
             raise ValueError("OffloadExpertStore: admit=reuse needs a CPU device (its staging buffers are "
                              "refilled as soon as a forward returns, which only synchronous compute allows)")
-        stage = staging_buffers(self.device, cpu_experts, admit)  # expert_cache_gb pays for them (factory.py)
+        # expert_cache_gb pays for them (factory.py); none when every expert has a slot: nothing ever streams
+        stage = staging_buffers(self.device, cpu_experts, admit) if capacity < L * E else 0
         self.copier = make_copier(self.device, capacity + stage)  # copier slots >= capacity: staging buffers
         # the copier's worker thread stops with the store: at close(), or when a store nobody closed
         # (the engine drops its model) is collected; the copier never refers back to the store

@@ -21,7 +21,8 @@ def resolve_admission(admit: str, device: torch.device) -> str:
 def staging_buffers(device, cpu_experts: str, admit: str) -> int:
     """Staging buffers the offloading store allocates on `device` besides its slots: the ring of
     admit=reuse, unless every miss is computed in place (a CPU device with cpu_experts not off).
-    The factory pays them from expert_cache_gb, so it must know before the store exists."""
+    The factory pays them from expert_cache_gb, so it must know before the store exists (a store
+    with a slot for every expert allocates none: nothing streams; the factory then charges none)."""
     device = torch.device(device)
     in_place_only = device.type == "cpu" and cpu_experts != "off"
     return STAGING_BUFFERS if resolve_admission(admit, device) == "reuse" and not in_place_only else 0

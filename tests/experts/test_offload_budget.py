@@ -65,3 +65,36 @@ def test_a_gib_budget_too_small_for_the_staging_buffers_names_the_field_and_the_
     store = load_model(path, dtype="float32", expert_store_factory=expert_store_factory(cfg)).store
     assert store.nbytes() <= (experts + 1) * ONE and store.ring is not None
     store.close()
+
+
+@pytest.mark.parametrize("budget", ["slots", "gb"])
+def test_a_budget_for_every_expert_allocates_no_staging_buffer(tiny_checkpoint, budget):
+    """A budget that holds all 24 experts (as slots, or as exactly 24 experts of GiB) needs no staging
+    buffer: every miss finds a free slot, nothing streams. The store allocated 2 all the same (26
+    experts of memory for 24 slots; the GiB form kept 22 slots and 2 buffers, and copied evicted
+    experts back in). Now: 24 slots, no buffer, every expert copied once; metrics() adds up."""
+    path = tiny_checkpoint("mixtral")  # 3 MoE layers x 8 experts
+    (ref_toks, ref_logits), _ = run(path, n=6)
+    size = dict(expert_cache_slots=24) if budget == "slots" else dict(expert_cache_gb=24 * ONE / 2**30)
+    cfg = ExpertCacheConfig(**size, cache_policy="lru", cpu_experts="off", cache_admission="reuse")
+    (toks, logits), store = run(path, expert_store_factory(cfg), n=6)
+    m = store.metrics()
+    assert (m["capacity"], m["staging_buffers"], m["staging_bytes"]) == (24, 0, 0) and store.ring is None
+    assert store.nbytes() == m["slot_bytes"] == 24 * ONE
+    resident = int((store.cache.slot_of >= 0).sum())
+    assert m["streamed"] == 0 and m["copies"] == m["misses"] == resident
+    assert m["bytes_moved"] == m["copies"] * ONE and m["hits"] + m["misses"] > m["misses"]
+    assert toks == ref_toks
+    assert torch.equal(logits, ref_logits)
+    store.close()
+
+
+def test_a_slot_budget_below_every_expert_costs_two_more_experts(tiny_checkpoint):
+    """expert_cache_slots counts cache slots (cache-sim's capacity); with cache_admission reuse the
+    store's device memory is those slots plus 2 staging buffers, all of it in metrics()."""
+    cfg = ExpertCacheConfig(expert_cache_slots=23, cache_policy="lru", cpu_experts="off", cache_admission="reuse")
+    store = load_model(tiny_checkpoint("mixtral"), dtype="float32", expert_store_factory=expert_store_factory(cfg)).store
+    m = store.metrics()
+    assert (m["capacity"], m["staging_buffers"]) == (23, 2)
+    assert store.nbytes() == m["slot_bytes"] + m["staging_bytes"] == 25 * ONE
+    store.close()
