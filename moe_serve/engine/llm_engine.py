@@ -63,7 +63,7 @@ class LLMEngine(RequestIntake):
         self.spec = self.model.spec
         self.device = torch.device(mc.device)
         kv_bytes = self.model.kv_bytes_per_token()
-        self.max_model_len = resolve_max_model_len(mc.max_model_len, self.spec.max_position_embeddings,
+        self.max_model_len = resolve_max_model_len(mc.max_model_len, self.spec.context_length,
                                                    config.kv_cache.kv_cache_gb, kv_bytes)
         self.num_slots = kv_cache_slots(config.kv_cache.kv_cache_gb, kv_bytes, self.max_model_len,
                                         config.kv_cache.max_num_seqs)

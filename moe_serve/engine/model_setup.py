@@ -88,8 +88,8 @@ def resolve_max_model_len(requested: int | None, context: int, kv_cache_gb: floa
     """The requested length (at most the model's context), or by default the context capped by the KV budget."""
     if requested is not None:
         if requested > context:
-            raise ValueError(f"model.max_model_len={requested} exceeds the model's context "
-                             f"(max_position_embeddings={context})")
+            raise ValueError(f"model.max_model_len={requested} exceeds the model's context of {context} tokens "
+                             "(max_position_embeddings, or original_max_position_embeddings x factor under YaRN)")
         return requested
     budget_tokens = int(kv_cache_gb * 2**30) // max(1, kv_bytes_per_token)
     return max(2, min(context, budget_tokens))

@@ -112,6 +112,16 @@ class ModelSpec:
         """How q/k are rotated: half | pairs | complex (see moe_serve.models.rope.Rotary)."""
         return "complex" if self.rope.complex_fp32 else ("pairs" if self.rope.interleaved else "half")
 
+    @property
+    def context_length(self) -> int:
+        """Tokens a sequence may span: max_position_embeddings, or under YaRN original x factor when that
+        is more. YaRN is enabled by adding rope_scaling to a config.json that keeps its max_position_embeddings
+        (Qwen3: 40960, with factor 4 over 32768 for 131072 tokens); vLLM derives the same length."""
+        r = self.rope
+        if r.kind == "yarn" and r.original_max_position_embeddings:
+            return max(self.max_position_embeddings, int(r.original_max_position_embeddings * r.factor))
+        return self.max_position_embeddings
+
     def window(self, layer: int) -> int | None:
         return self.sliding_windows[layer] if self.sliding_windows else None
 

@@ -108,3 +108,23 @@ def test_rope_scaling_added_to_a_config_with_rope_parameters_is_used(family, tmp
     with torch.no_grad():
         ref = hf(torch.tensor([PROMPT])).logits[0]
     assert rel_err(model_logits(ours, PROMPT, slot=0), ref) < 1e-4
+
+
+def test_yarn_context_is_original_times_factor(tmp_path):
+    """Qwen3's cards enable YaRN by adding rope_scaling (factor 4, original 32768) and keep
+    max_position_embeddings 40960: the engine refused max_model_len past 40960, so the extended context
+    could not be served (vLLM derives original x factor). A prompt past max_position_embeddings now runs
+    and continues as transformers does."""
+    from moe_serve.config import EngineConfig
+    from moe_serve.engine import LLMEngine, SamplingParams
+    from tests.engine.helpers import run
+    from tests.models.helpers import hf_greedy
+
+    d = make_tiny_checkpoint("qwen3_moe", tmp_path, max_position_embeddings=20, **{k: v for k, v in yarn(4.0).items()
+                                                                                  if k == "rope_parameters"})
+    engine = LLMEngine(EngineConfig.from_flat(model=str(d), max_model_len=4 * OLD_MAX, dtype="float32"))
+    prompt = (PROMPT * 2)[:50]  # past max_position_embeddings (20)
+    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), "long")
+    hf = AutoModelForCausalLM.from_pretrained(d).eval()
+    assert run(engine)["long"].token_ids == hf_greedy(hf, prompt, 8)
+    assert engine.max_model_len == load_model(d).spec.context_length == 4 * OLD_MAX
