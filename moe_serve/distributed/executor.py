@@ -21,7 +21,7 @@ from moe_serve.distributed.comm import shm_files
 from moe_serve.distributed.endpoints import free_tcp_port
 from moe_serve.distributed.groups import ParallelLayout
 from moe_serve.distributed.launcher import WorkerFailure, WorkerGroup
-from moe_serve.distributed.sizes import check_shardable, threads_per_rank, usable_cores
+from moe_serve.distributed.sizes import check_rank_devices, check_shardable, threads_per_rank, usable_cores
 from moe_serve.distributed.worker import WorkerSpec
 from moe_serve.models.batch import ForwardBatch
 from moe_serve.models.hooks import NO_HOOKS
@@ -73,6 +73,7 @@ class DistributedModel:
             self.threads = pc.threads_per_rank or max(1, usable_cores() // self.layout.world_size)
         else:
             self.threads = threads_per_rank(pc.tp, pc.ep, pc.threads_per_rank, mc.device)
+            check_rank_devices(mc.device, pc.tp, pc.ep, torch.cuda.device_count())  # ranks started here: a GPU each
         # the ranks run the same checks: sizes the layout cannot split (heads, KV heads, intermediate sizes),
         # a bad placement file or redundant_experts fail here, before any rank starts
         check_shardable(self.spec, self.layout)

@@ -25,6 +25,7 @@ from moe_serve.distributed import messages as m
 from moe_serve.distributed.endpoints import ControlEndpoints, bind_sockets
 from moe_serve.distributed.monitor import _FAILED, RankMonitor, WorkerFailure
 from moe_serve.distributed.signing import KEY_ENV, Signer, key_from_env, new_key, over_tcp
+from moe_serve.distributed.sizes import rank_device
 from moe_serve.distributed.spawner import Spawner
 from moe_serve.distributed.teardown import GroupTeardown
 from moe_serve.distributed.worker import SPEC_ENV, WorkerSpec
@@ -85,7 +86,8 @@ class WorkerGroup(RankMonitor, GroupTeardown):  # the monitor thread's half: mon
         deadline = time.monotonic() + startup_timeout_s
         try:
             for r in range(world_size):
-                spec = replace(base, rank=r, up=up_addr, down=self.down[r].getsockopt_string(zmq.LAST_ENDPOINT),
+                spec = replace(base, rank=r, device=rank_device(base.device, r), up=up_addr,
+                               down=self.down[r].getsockopt_string(zmq.LAST_ENDPOINT),
                                dist_init=self.endpoints.store, fault=faults.get(r, ""))
                 if external is not None:  # the rank exists already: it waits for its spec on down[r]
                     self._send(r, self.signer.sign(m.encode(m.Configure(spec.to_json()))), deadline,

@@ -93,3 +93,24 @@ def threads_per_rank(tp: int, ep: int, threads: int, device: str, cores: int | N
         raise ValueError(f"parallel.threads_per_rank={threads}: {world} ranks x {threads} threads exceed the {cores} "
                          f"cores this process may use; at most {cores // world} (0 picks it)")
     return threads or cores // world
+
+
+def rank_device(device: str, rank: int) -> str:
+    """The device of rank `rank` when this machine starts the ranks: on CUDA one GPU each, from the given index
+    on ("cuda" = "cuda:0"); all on "cuda" put every rank on GPU 0, which NCCL refuses (and two ranks would share it)."""
+    if not device.startswith("cuda"):
+        return device
+    first = int(device.partition(":")[2] or 0)
+    return f"cuda:{first + rank}"
+
+
+def check_rank_devices(device: str, tp: int, ep: int, gpus: int) -> None:
+    """A ValueError naming the options when the max(tp, ep) ranks this machine starts on `device` need more GPUs
+    than the `gpus` it has (torch.cuda.device_count())."""
+    if not device.startswith("cuda"):
+        return
+    world = max(tp, ep)
+    last = int(rank_device(device, world - 1).partition(":")[2])
+    if last >= gpus:
+        raise ValueError(f"model.device={device} with parallel.tp={tp}, parallel.ep={ep}: the {world} ranks take one "
+                         f"GPU each, {rank_device(device, 0)} to cuda:{last}; this machine has {gpus}")

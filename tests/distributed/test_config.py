@@ -218,3 +218,29 @@ def test_a_closed_model_is_not_kept_alive(tmp_path):
     del dm
     gc.collect()
     assert ref() is None
+
+
+def test_ranks_started_here_on_cuda_take_one_gpu_each(tmp_path):
+    """Every rank this machine started on model.device=cuda was given "cuda" itself, so all went to GPU 0: NCCL
+    refuses two ranks on one GPU (and with one GPU the failure came from each rank at start-up). Rank r now takes
+    cuda:r (from the index given on), and too few GPUs are refused before any rank starts."""
+    import torch
+
+    from moe_serve.config import ModelConfig
+    from moe_serve.distributed.executor import DistributedModel
+    from moe_serve.distributed.sizes import check_rank_devices, rank_device
+    from tests.models.tiny_checkpoints import make_tiny_checkpoint
+
+    assert [rank_device("cuda", r) for r in range(2)] == ["cuda:0", "cuda:1"]
+    assert [rank_device("cuda:2", r) for r in range(2)] == ["cuda:2", "cuda:3"]
+    assert rank_device("cpu", 1) == "cpu"
+    check_rank_devices("cuda:2", 1, 2, gpus=4)
+    with pytest.raises(ValueError, match=r"^model\.device=cuda:3 with parallel\.tp=1, parallel\.ep=2: the 2 ranks take "
+                                         r"one GPU each, cuda:3 to cuda:4; this machine has 4$"):
+        check_rank_devices("cuda:3", 1, 2, gpus=4)
+    gpus = torch.cuda.device_count()
+    if gpus >= 2:
+        pytest.skip(f"{gpus} GPUs: 2 ranks fit")
+    ckpt = make_tiny_checkpoint("mixtral", tmp_path / "mixtral")
+    with pytest.raises(ValueError, match=rf"the 2 ranks take one GPU each, cuda:0 to cuda:1; this machine has {gpus}$"):
+        DistributedModel(ModelConfig(model=str(ckpt), device="cuda"), ParallelConfig(tp=2, allreduce="gloo"))
