@@ -53,11 +53,12 @@ from moe_serve.experts.offload_options import check_options
 from moe_serve.experts.policy_rollback import PolicySnapshot
 from moe_serve.experts.prefetch import RoutingHook
 from moe_serve.experts.slot_copies import SlotCopies
+from moe_serve.experts.store_metrics import StoreMetrics
 from moe_serve.experts.staging import StagingRing, resolve_admission, staging_buffers
 from moe_serve.experts.store import ExpertStore, expert_forward, stack_experts
 
 
-class OffloadExpertStore(SlotCopies, ExpertStore):
+class OffloadExpertStore(StoreMetrics, SlotCopies, ExpertStore):
     def __init__(self, source, dtype: torch.dtype, device, capacity: int, policy, *, top_k: int,
                  per_layer: bool = False, host: str = "copy", cpu_experts: str = "auto", max_queued: int = 12,
                  learn_every: int = 64, learning: str = "background", admit: str = "auto", admit_window: int = 1,
@@ -125,33 +126,6 @@ class OffloadExpertStore(SlotCopies, ExpertStore):
             for g in policy.warm_set().tolist():
                 self._copy_in(int(g))
             self.reset_metrics()
-
-    # -- metrics -------------------------------------------------------------------------------
-    def reset_metrics(self) -> None:
-        # prefetches issued before are counted already (issued, copies): from now on their experts are
-        # plain residents, else they would count as used, late or cancelled (a copy off `copies`) of none issued
-        self.prefetched[:] = False
-        # cpu_computed: misses computed where they lie by choice (cost model, cpu_experts on, CPU device);
-        # cpu_overflow: run on the host because every slot held an expert of the same step
-        self.stats = dict(hits=0, misses=0, cpu_computed=0, cpu_overflow=0, streamed=0, prefetch_issued=0,
-                          prefetch_used=0, prefetch_wasted=0, prefetch_cancelled=0, prefetch_late=0,
-                          prefetch_deferred=0, copies=0, bytes_moved=0, stall_s=0.0)
-
-    def metrics(self) -> dict:
-        s = dict(self.stats)
-        acc = s["hits"] + s["misses"]
-        s["hit_rate"] = s["hits"] / acc if acc else None
-        s["prefetch_precision"] = s["prefetch_used"] / s["prefetch_issued"] if s["prefetch_issued"] else None
-        demand = s["misses"] + s["prefetch_used"]
-        s["prefetch_recall"] = s["prefetch_used"] / demand if demand else None
-        # slots allocated: none when every miss is computed in place (CPU device, cpu_experts auto/on),
-        # whatever the budget; the budget itself (expert_cache_slots or _gb, at most every expert) apart
-        s["capacity"] = int(self.slot_gu.shape[0])
-        s["capacity_configured"] = self.capacity
-        # device bytes: slots + staging buffers = nbytes(), within expert_cache_gb (the factory pays both from it)
-        s["staging_buffers"] = self.ring.n if self.ring is not None else 0
-        s["slot_bytes"], s["staging_bytes"] = s["capacity"] * self.expert_bytes, s["staging_buffers"] * self.expert_bytes
-        return s
 
     # -- tiers ---------------------------------------------------------------------------------
     def host_expert(self, l: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
