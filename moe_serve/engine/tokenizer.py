@@ -28,6 +28,12 @@ class Tokenizer:
         for Llama/Mixtral tokenizers). A rendered chat template already holds its special tokens."""
         if self.backend is None:
             raise ValueError("prompt: this checkpoint has no tokenizer; pass the prompt as a list of token ids")
+        if not text.isascii():  # JSON's "\ud800" gives a lone surrogate, which tokenizers fails on (TypeError)
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"text is not valid Unicode: a lone surrogate {text[exc.start]!r} at character "
+                                 f"{exc.start}") from None
         if self.kind == "tokenizers":
             # the batch call releases the GIL while it works (the single one holds it: 2.5 s for a 1 MB
             # prompt), so a server thread tokenizes while the event loop goes on streaming; same ids

@@ -147,3 +147,27 @@ def test_server_keeps_serving_after_bad_requests(server):
         assert r.status_code == 200, r.text
     # every error answered is counted once, whether the schema, the handler or the engine refused it
     assert server.metrics().get(key, 0.0) - before == 10
+
+
+@pytest.mark.parametrize("endpoint, raw, param", [
+    ("chat/completions", '{"messages": [{"role": "user", "content": "hi \\ud83d"}], "max_tokens": 2}', "messages"),
+    ("chat/completions", '{"messages": [{"role": "system", "content": [{"type": "text", "text": "\\udc00"}]}, '
+                         '{"role": "user", "content": "hi"}], "max_tokens": 2}', "messages"),
+])
+def test_a_lone_surrogate_in_a_message_is_a_400(server, endpoint, raw, param):
+    # JSON's \\ud83d without its pair reached the tokenizer, whose TypeError was a 500 "internal error"
+    r = httpx.post(f"{server.url}/v1/{endpoint}", content=raw, headers={"Content-Type": "application/json"},
+                   timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and "lone surrogate" in err["message"]
+    assert httpx.post(f"{server.url}/v1/{endpoint}", json=OK_CHAT, timeout=60).status_code == 200
+
+
+def test_a_lone_surrogate_in_a_python_prompt_names_it(tiny_dir):
+    from moe_serve import LLM, SamplingParams
+
+    with LLM(model=str(tiny_dir)) as llm:
+        with pytest.raises(ValueError, match=r"prompts\[1\]: text is not valid Unicode: a lone surrogate"):
+            llm.generate(["fine", "bad \ud800"], SamplingParams(max_tokens=2))
+        assert llm.generate("fine", SamplingParams(max_tokens=2))[0].finish_reason in ("length", "stop")
