@@ -7,6 +7,7 @@ import dataclasses
 import typing
 
 from moe_serve.config import check_output_file
+from moe_serve.config_fields import same_file
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip: tuple[str, ...] = ()) -> None:
@@ -50,6 +51,14 @@ def output_file(path: str | None, flag: str) -> None:
     """Check an output file flag before the work that fills it; creates its parent directories."""
     if path is not None:
         check_output_file(path, flag)
+
+
+def not_an_input(out_flag: str, out: str | None, inputs: list[tuple[str, str]]) -> None:
+    """ValueError when output file `out` is one of the `inputs` (flag, path) under any spelling: the run
+    would replace that input with its results (a plan or a predictor written over a trace, scores over a plan)."""
+    for flag, path in inputs:
+        if out and same_file(out, path):
+            raise ValueError(f"{out_flag} {out} is also an input ({flag} {path}): name another output file")
 
 
 def same_trace_shape(paths: list[str], traces: list, flags: str) -> None:

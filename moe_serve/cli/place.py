@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from moe_serve.cli.flags import key_value_params as _params, output_file, same_trace_shape
+from moe_serve.cli.flags import key_value_params as _params, not_an_input, output_file, same_trace_shape
 
 
 def _experts(paths: list[str]):
@@ -29,14 +29,6 @@ def _experts(paths: list[str]):
         if t.num_tokens == 0:
             raise ValueError(f"--trace: {path} has no tokens")
     return np.concatenate([t.experts for t in traces]), traces[0].num_experts
-
-
-def not_an_input(out_flag: str, out: str | None, inputs: list[tuple[str, str]]) -> None:
-    """ValueError when output file `out` is one of the `inputs` (flag, path) under any spelling: the run
-    would replace that input with its results (a plan written over a trace, scores over a plan)."""
-    for flag, path in inputs:
-        if out and Path(out).resolve() == Path(path).resolve():
-            raise ValueError(f"{out_flag} {out} is also an input ({flag} {path}): name another output file")
 
 
 def run_fit(args) -> int:

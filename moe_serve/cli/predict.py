@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from moe_serve.cli.flags import key_value_params as _params, output_file, same_trace_shape
+from moe_serve.cli.flags import key_value_params as _params, not_an_input, output_file, same_trace_shape
 
 
 def run_fit(args) -> int:
@@ -25,6 +25,7 @@ def run_fit(args) -> int:
     from predictors.router import HiddenLinearPredictor, RouterPredictor
     from predictors.traces import load_trace
 
+    not_an_input("--out", args.out, [("--trace", p) for p in args.trace])  # a predictor written over a trace
     output_file(args.out, "--out")
     params = _params(args.param)
     check_params(args.predictor, params, "--param")  # a misspelt key: refused before the traces load
@@ -133,6 +134,7 @@ def run_eval(args) -> int:
     from predictors.compare import compare, format_table
     from predictors.traces import load_trace
 
+    not_an_input("--json", args.json, [("--train", p) for p in args.train] + [("--test", p) for p in args.test])
     output_file(args.json, "--json")
     names = predictor_names(args.predictors)
     params = predictor_params(args.params)
