@@ -34,12 +34,16 @@ def config_kwargs(args: argparse.Namespace, *config_classes) -> dict:
 
 
 def key_value_params(items: list[str] | None) -> dict:
-    """--param KEY=VALUE (VALUE parsed as JSON when it parses, else kept as a string)."""
-    out = {}
+    """--param KEY=VALUE (VALUE parsed as JSON when it parses, else kept as a string). A key given twice
+    is refused: only the last value would count, while the earlier one looked taken."""
+    out, given = {}, {}
     for item in items or []:
         if "=" not in item:
             raise ValueError(f"--param must look like KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
+        if key in given:
+            raise ValueError(f"--param: {key} given twice ({given[key]}, {item}); give each key once")
+        given[key] = item
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:

@@ -1,5 +1,8 @@
-"""`moe-serve predict` output files and --param: an output may not replace an input."""
+"""`moe-serve predict` output files and --param: an output may not replace an input, a key is given once."""
+import numpy as np
+
 from moe_serve.cli.main import main
+from predictors import load_predictor
 from tests.predictors.synth import layer_map_trace
 
 
@@ -28,3 +31,25 @@ def test_an_output_may_not_replace_an_input_trace(tmp_path, capsys):
     assert main(["predict", "fit", "--trace", str(a), "--predictor", "popularity", "--out", str(out)]) == 0
     assert out.exists()
 
+
+def test_a_repeated_param_key_is_refused(tmp_path, capsys):
+    """`--param smoothing=0.5 --param smoothing=2` kept 2 without a word (the first looked taken): now exit 2
+    naming the key and both values, for predict fit and place alike; distinct keys go through."""
+    trace = tmp_path / "t.npz"
+    layer_map_trace(tokens=60, L=3, E=8, K=2, seqs=3).save(trace)
+    out = tmp_path / "p.safetensors"
+    rc = main(["predict", "fit", "--trace", str(trace), "--predictor", "transition", "--out", str(out),
+               "--param", "smoothing=0.5", "--param", "smoothing=2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--param: smoothing given twice (smoothing=0.5, smoothing=2)" in err, err
+    assert not out.exists()
+    plan = tmp_path / "plan.json"
+    rc = main(["place", "--trace", str(trace), "--ep", "2", "--out", str(plan),
+               "--param", "max_iters=3", "--param", "max_iters=5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--param: max_iters given twice (max_iters=3, max_iters=5)" in err, err
+    assert not plan.exists()
+    assert main(["predict", "fit", "--trace", str(trace), "--predictor", "transition", "--out", str(out),
+                 "--param", "smoothing=0.5", "--param", "weighted=false"]) == 0
+    assert load_predictor(out).params == {"smoothing": 0.5, "weighted": False}
+    assert np.isfinite(load_predictor(out).params["smoothing"])
