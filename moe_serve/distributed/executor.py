@@ -223,6 +223,16 @@ class DistributedModel:
                 out[k] = out.get(k, 0.0) + v
         return out
 
+    def failure(self) -> str | None:
+        """Why the ranks can serve no more (one died or failed: every later request fails at once), else None.
+        Seen by the monitor between steps too, so the server's /health tells it before a request comes."""
+        if self.error is not None:
+            return str(self.error)
+        g = self.group
+        if g is not None and g.error is not None and not g._stop.is_set():  # not a shutdown of ours
+            return str(g.error)
+        return None
+
     def interrupt(self, reason: str) -> None:
         """From another thread: fail the step in flight now (WorkerFailure(reason) in forward, whose thread then
         closes the group: 0.5 s for the ranks, then SIGTERM, SIGKILL) instead of waiting on a hung rank."""

@@ -52,7 +52,9 @@ class EngineBridge:
         return self.core.model
 
     def alive(self) -> bool:
-        return getattr(self.engine, "dead", None) is None
+        # worker ranks: once one died or failed, every request fails at once (DistributedModel.failure)
+        failure = getattr(self.core.model, "failure", None)
+        return getattr(self.engine, "dead", None) is None and (failure is None or failure() is None)
 
     def stats(self) -> EngineStats:
         s = EngineStats(num_requests_running=self.core.num_running, num_requests_waiting=self.core.num_waiting)
