@@ -19,10 +19,12 @@ class ExpertCacheConfig:
                             "predicted-prefetch (also fetch the predictor's top-k of the next layers)",
                             default="predicted")
     prefetch_lookahead: int = doc("MoE layers ahead the predictor prefetches experts for (0: none)", default=1)
-    prefetch_from: int = doc("the nearest MoE layer ahead whose predicted experts are prefetched (1: the next). "
-                             "A copy slower than d layers of compute cannot land before layer l + d: set it to "
-                             "copy time / layer time, rounded up, so such hints leave the link to copies that can",
-                             default=1)
+    prefetch_from: str | int = doc("the nearest MoE layer ahead whose predicted experts are prefetched (1: the "
+                                   "next). A copy slower than d layers of compute cannot land before layer l + d: "
+                                   "set it to copy time / layer time, rounded up, so such hints leave the link to "
+                                   "copies that can; auto: that, from the start-up copy time and the first 32 layer "
+                                   "steps served with their experts in place (1 until then), as cache-sim's auto",
+                                   default=1)
     prefetch_when: str = doc("when a prefetch may start: always, or idle (only while no copy is in flight or "
                              "queued, so it never delays a demand copy: for a link slower than the compute)",
                              default="always")
@@ -53,7 +55,11 @@ class ExpertCacheConfig:
         require(self.cache_policy in ("lru", "lfu", "static", "predicted", "predicted-prefetch"), "expert_cache",
                 "cache_policy", "one of lru, lfu, static, predicted, predicted-prefetch", self.cache_policy)
         require(self.prefetch_lookahead >= 0, "expert_cache", "prefetch_lookahead", ">= 0", self.prefetch_lookahead)
-        require(self.prefetch_from >= 1, "expert_cache", "prefetch_from", ">= 1", self.prefetch_from)
+        if isinstance(self.prefetch_from, str) and self.prefetch_from.isdigit():  # the CLI's flag is a string
+            self.prefetch_from = int(self.prefetch_from)
+        require(self.prefetch_from == "auto" or (isinstance(self.prefetch_from, int) and not isinstance(
+            self.prefetch_from, bool) and self.prefetch_from >= 1), "expert_cache", "prefetch_from",
+            "an integer >= 1 or auto", self.prefetch_from)
         require(self.prefetch_when in ("always", "idle"), "expert_cache", "prefetch_when", "one of always, idle",
                 self.prefetch_when)
         require(self.predictor_learn_every >= 0, "expert_cache", "predictor_learn_every", ">= 0",

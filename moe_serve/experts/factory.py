@@ -102,12 +102,14 @@ def expert_store_factory(cfg: ExpertCacheConfig):
                         "was fitted for; %s", cfg.prefetch_lookahead, predictor.lookahead, cfg.predictor,
                         f"prefetching {lookahead} MoE layer(s) ahead" if lookahead else
                         "it predicts the next token at the same layer, no later layer: nothing is prefetched")
-        if lookahead and cfg.prefetch_from > lookahead and predicted:
+        auto_from = cfg.prefetch_from == "auto"  # measured by the store while serving (prefetch_auto.py); 1 until then
+        prefetch_from = 1 if auto_from else cfg.prefetch_from
+        if lookahead and prefetch_from > lookahead and predicted:
             # every predicted layer is nearer than the first one prefetched for: the forecast only steers eviction
             log.warning("expert_cache.prefetch_from=%d is beyond the %d MoE layer(s) predicted ahead: no predicted "
                         "layer is prefetched for (the forecast still steers eviction)", cfg.prefetch_from, lookahead)
         policy = make_policy(cfg.cache_policy, load=load, predictor=predictor if lookahead else None,
-                             lookahead=lookahead, prefetch_from=cfg.prefetch_from)
+                             lookahead=lookahead, prefetch_from=prefetch_from)
         host = cfg.host_memory
         if host == "auto":
             avail = _available_host_bytes()
@@ -115,7 +117,7 @@ def expert_store_factory(cfg: ExpertCacheConfig):
         return OffloadExpertStore(source, dtype, device, capacity, policy, top_k=spec.top_k,
                                   per_layer=cfg.cache_per_layer, host=host, cpu_experts=cfg.cpu_experts,
                                   learn_every=cfg.predictor_learn_every, learning=cfg.predictor_learning,
-                                  admit=cfg.cache_admission,
-                                  prefetch_when=cfg.prefetch_when)
+                                  admit=cfg.cache_admission, prefetch_when=cfg.prefetch_when,
+                                  prefetch_from_auto=auto_from and predicted)
 
     return factory

@@ -52,6 +52,7 @@ from moe_serve.experts.learner import BackgroundLearner
 from moe_serve.experts.offload_options import check_options
 from moe_serve.experts.policy_rollback import PolicySnapshot
 from moe_serve.experts.prefetch import RoutingHook
+from moe_serve.experts.prefetch_auto import AutoPrefetchFrom
 from moe_serve.experts.slot_copies import SlotCopies
 from moe_serve.experts.store_metrics import StoreMetrics
 from moe_serve.experts.staging import StagingRing, resolve_admission, staging_buffers
@@ -62,7 +63,7 @@ class OffloadExpertStore(StoreMetrics, SlotCopies, ExpertStore):
     def __init__(self, source, dtype: torch.dtype, device, capacity: int, policy, *, top_k: int,
                  per_layer: bool = False, host: str = "copy", cpu_experts: str = "auto", max_queued: int = 12,
                  learn_every: int = 64, learning: str = "background", admit: str = "auto", admit_window: int = 1,
-                 prefetch_when: str = "always"):
+                 prefetch_when: str = "always", prefetch_from_auto: bool = False):
         check_options(host=host, cpu_experts=cpu_experts, learning=learning, prefetch_when=prefetch_when,
                       admit=admit, admit_window=admit_window)
         self.source, self.dtype, self.device = source, dtype, torch.device(device)
@@ -111,8 +112,11 @@ class OffloadExpertStore(StoreMetrics, SlotCopies, ExpertStore):
         # the worker thread stops with the store, as the copier's does
         self._close_learner = weakref.finalize(self, learner.close) if isinstance(learner, BackgroundLearner) else None
         self.routing_hook = RoutingHook(L, top_k, learner, max(learn_every, 1)) if wants else None
-        if cpu_experts != "off" and not self.in_place_only:  # in place only: nothing to decide
+        if (cpu_experts != "off" or prefetch_from_auto) and not self.in_place_only:  # in place only: nothing to decide
             self.costs = measure_costs(*self.host_expert(0, 0), self.slot_gu[0], self.slot_dn[0])
+        # prefetch_from=auto, for a policy that prefetches predicted layers: set once layer steps are timed
+        self._auto_from = AutoPrefetchFrom(policy, self.costs, self.device, policy.lookahead) if (
+            prefetch_from_auto and self.routing_hook is not None and hasattr(policy, "prefetch_from")) else None
         self.clock, self.layer, self.max_queued = 0, 0, max_queued
         self.prefetch_when = prefetch_when
         self._window = admit_window * L  # in clock ticks (layer steps)
@@ -149,6 +153,8 @@ class OffloadExpertStore(StoreMetrics, SlotCopies, ExpertStore):
         ids = np.asarray(expert_ids, dtype=np.int64)
         gids = moe_layer * E + ids
         self.cache.begin_step(gids)
+        if self._auto_from is not None and self._auto_from.resolved is None:  # before the rollback snapshot:
+            self._auto_from.mark(self, moe_layer)  # a failed layer must not undo the setting
         if not self.in_place_only:  # nothing is ever copied in: the policy has nothing to decide
             self._policy_before.take(moe_layer)  # put back by abort_layer if this layer fails
             self.policy.on_access(moe_layer, ids, self.clock)
@@ -195,6 +201,8 @@ class OffloadExpertStore(StoreMetrics, SlotCopies, ExpertStore):
                             if g not in self._on_host and g not in self._streamed]
         if self.in_place_only:
             return
+        if self._auto_from is not None and self._auto_from.resolved is None:
+            self._auto_from.note_in_place(self)
         state = self.routing_hook.state(moe_layer) if self.routing_hook is not None else None
         for g in self.policy.on_route(moe_layer, state, self.clock).tolist():
             self._prefetch_one(g)
