@@ -120,6 +120,10 @@ def run_eval(args) -> int:
 def run(args) -> int:
     if not args.trace:
         raise ValueError("--trace is required (one or more routing trace .npz files)")
+    for word in args.trace:  # --trace takes every word after it: 'place --trace t.npz eval' made 'eval' a trace
+        if word in ("fit", "eval") and not Path(word).exists():
+            raise ValueError(f"--trace: {word!r} is the action, not a trace file (--trace takes every word after "
+                             f"it): name the action first, as in 'moe-serve place {word} --trace ...'")
     return run_eval(args) if args.action == "eval" else run_fit(args)
 
 

@@ -74,3 +74,19 @@ def test_eval_on_a_trace_of_other_layers_names_the_flags(trace_and_plan, tmp_pat
         assert main(["place", "eval", "--plan", str(plan), "--trace", str(other), *online]) == 2
         err = capsys.readouterr().err
         assert f"--trace has 4 MoE layers, the --plan {plan} 3" in err, err
+
+
+def test_an_action_after_the_traces_is_named_not_read_as_a_trace(trace_and_plan, capsys, monkeypatch):
+    """`place --trace t.npz eval --plan p.json`: --trace (nargs='+') took 'eval' as a second trace, the
+    action stayed fit and the run failed with 'trace file eval does not exist'. Now exit 2 saying that
+    'eval' is the action and to put it first; a trace file really named so is still read."""
+    trace, plan = trace_and_plan
+    for action, rest in (("eval", ["--plan", str(plan)]), ("fit", ["--ep", "2", "--out", str(plan.with_name("q.json"))])):
+        assert main(["place", "--trace", str(trace), action, *rest]) == 2
+        err = capsys.readouterr().err
+        assert f"--trace: {action!r} is the action, not a trace file" in err, err
+        assert f"moe-serve place {action} --trace" in err and "does not exist" not in err, err
+        assert not plan.with_name("q.json").exists()
+    trace.with_name("eval").write_bytes(trace.read_bytes())  # a trace file named like the action: read
+    monkeypatch.chdir(trace.parent)
+    assert main(["place", "eval", "--plan", str(plan), "--trace", "eval"]) == 0
