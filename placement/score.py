@@ -50,6 +50,13 @@ def check_trace(plan: PlacementPlan, experts: np.ndarray, empty_ok: bool = False
     return T, L, K
 
 
+def max_over_mean(load: np.ndarray) -> np.ndarray:
+    """Imbalance max/mean over the last axis of rank loads float [..., N]; 1.0 where the mean is 0: no
+    load is perfectly balanced (0 / eps said 0, below the best a plan can do)."""
+    mean = load.mean(-1)
+    return np.where(mean > 0, load.max(-1) / np.where(mean > 0, mean, 1.0), 1.0)
+
+
 def assign_ranks(plan: PlacementPlan, experts: np.ndarray, batch: np.ndarray) -> np.ndarray:
     """int64 [T, L, K]: rank serving each routing choice under the plan and the replica rule."""
     experts = np.asarray(experts, dtype=np.int64)
@@ -99,9 +106,9 @@ def score_ranks(ranks: np.ndarray, batch: np.ndarray, batch_size: int, num_ranks
     load = np.bincount(flat.ravel(), minlength=nb * L * N).reshape(nb, L, N).astype(np.float64)
     full = np.bincount(batch, minlength=nb) == batch_size
     per_batch = load[full] if full.any() else load
-    imb = (per_batch.max(-1) / np.maximum(per_batch.mean(-1), 1e-12)).ravel()
+    imb = max_over_mean(per_batch).ravel()
     whole = load.sum(0)  # [L, N]
-    imb_trace = whole.max(-1) / np.maximum(whole.mean(-1), 1e-12)
+    imb_trace = max_over_mean(whole)
     touched = touched_ranks(ranks, N)  # [T, L, N]
     fan = touched.sum(-1)  # [T, L]
     changes = (touched[:, 1:] & ~touched[:, :-1]).sum(-1) if L > 1 else np.zeros((T, 1))
@@ -113,7 +120,7 @@ def score_ranks(ranks: np.ndarray, batch: np.ndarray, batch_size: int, num_ranks
         fanout_mean=float(fan.mean()), fanout_p99=float(np.percentile(fan, 99)),
         dispatch_bytes_per_token=float(fan.sum(1).mean() * hidden_size * dtype_bytes),
         hidden_size=hidden_size, rank_changes_mean=float(changes.mean()),
-        imbalance_series=[float(x) for x in (per_batch.max(-1) / np.maximum(per_batch.mean(-1), 1e-12)).mean(1)],
+        imbalance_series=[float(x) for x in max_over_mean(per_batch).mean(1)],
     )
 
 
@@ -146,6 +153,6 @@ def score_load(plan: PlacementPlan, load) -> dict:
         for e, ranks in ranks_of.items():
             rank_load[l, ranks] -= load[l, e] / len(ranks)
             rank_load[l, ranks] = np.maximum(rank_load[l, ranks], _water_level(rank_load[l, ranks], load[l, e]))
-    imb = rank_load.max(1) / np.maximum(rank_load.mean(1), 1e-12)
+    imb = max_over_mean(rank_load)
     return dict(imbalance_trace=float(imb.mean()), imbalance_trace_max=float(imb.max()),
                 imbalance_per_layer=[float(x) for x in imb])

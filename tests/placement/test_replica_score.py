@@ -118,3 +118,17 @@ def test_score_load_counts_a_rank_once_however_many_copies_it_holds():
     tokens = np.array([[0]] * 8 + [[2]] * 12)
     slots = choose_replica(tokens, plan.log2phy[0], plan.replica_count[0], 3, 2)
     assert np.bincount((slots // 3).ravel(), minlength=2).tolist() == [10, 10]
+
+
+def test_a_layer_without_load_is_balanced_in_both_scores():
+    """max/mean is 1 where there is no load (nothing is uneven), as the imbalance's 1.0-is-perfect scale
+    says: score_load gave 0 for an all-zero layer (0 / 1e-12), dragging imbalance_trace below 1 (the best
+    a plan can do) and imbalance_trace_max off. Layer 1 below has no load; layer 0 is 3 vs 1 (1.5)."""
+    from placement.score import max_over_mean, score_load
+
+    plan = PlacementPlan.from_phy2log([[0, 1, 2, 3], [0, 1, 2, 3]], 4, 2).validate()
+    scores = score_load(plan, np.array([[2.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+    assert scores["imbalance_per_layer"] == pytest.approx([1.5, 1.0])
+    assert scores["imbalance_trace"] == pytest.approx(1.25) and scores["imbalance_trace_max"] == pytest.approx(1.5)
+    # the token-based score uses the same rule (its loads are never all zero: every token routes K choices)
+    assert max_over_mean(np.array([[0.0, 0.0], [3.0, 1.0], [2.0, 2.0]])).tolist() == [1.0, 1.5, 1.0]
