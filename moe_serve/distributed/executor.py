@@ -79,6 +79,10 @@ class DistributedModel:
         check_shardable(self.spec, self.layout)
         self.plan = default_plan(self.spec.num_moe_layers, self.spec.num_experts, pc.ep, pc.redundant_experts,
                                  pc.placement)
+        if pc.preplan_predictor:  # each rank loads it too: a bad file failed every rank's start-up, a traceback each
+            from moe_serve.distributed.forecast import load_forecaster
+
+            load_forecaster(pc.preplan_predictor, self.spec.num_moe_layers, self.spec.num_experts, self.spec.top_k)
         self.dtype = resolve_dtype(mc.dtype, self.spec)
         self.device = torch.device("cpu")  # logits arrive on the host
         self.group: WorkerGroup | None = None

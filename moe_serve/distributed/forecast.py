@@ -23,10 +23,14 @@ from moe_serve.distributed.ep import _slots
 
 
 def load_forecaster(path: str, num_layers: int, num_experts: int, top_k: int):
-    """The predictor file at `path`, checked against the model (parallel.preplan_predictor)."""
+    """The predictor file at `path`, checked against the model (parallel.preplan_predictor); a ValueError naming
+    that option for a file absent, unreadable or not a predictor."""
     from predictors import load_predictor
 
-    pred = load_predictor(path)
+    try:
+        pred = load_predictor(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"parallel.preplan_predictor: {exc}") from exc
     got, want = (pred.num_layers, pred.num_experts, pred.top_k), (num_layers, num_experts, top_k)
     if got != want:
         raise ValueError(f"parallel.preplan_predictor: {path} predicts (MoE layers, experts, top_k)={got}, "

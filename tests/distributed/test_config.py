@@ -244,3 +244,21 @@ def test_ranks_started_here_on_cuda_take_one_gpu_each(tmp_path):
     ckpt = make_tiny_checkpoint("mixtral", tmp_path / "mixtral")
     with pytest.raises(ValueError, match=rf"the 2 ranks take one GPU each, cuda:0 to cuda:1; this machine has {gpus}$"):
         DistributedModel(ModelConfig(model=str(ckpt), device="cuda"), ParallelConfig(tp=2, allreduce="gloo"))
+
+
+def test_a_bad_preplan_predictor_is_refused_before_any_rank_starts(tmp_path, capsys):
+    """A missing or unreadable --preplan-predictor file failed every rank's start-up: exit 1 and a traceback (each
+    rank's FileNotFoundError wrapped in WorkerFailure). Now the frontend loads it first: one line naming the option."""
+    from moe_serve.cli.main import main
+    from tests.models.tiny_checkpoints import make_tiny_checkpoint
+
+    ckpt = str(make_tiny_checkpoint("mixtral", tmp_path / "mixtral"))
+    garbage = tmp_path / "p.safetensors"
+    garbage.write_bytes(b"not a predictor")
+    capsys.readouterr()  # the checkpoint writer's progress bar
+    for path, message in [(tmp_path / "none.safetensors", "does not exist"), (garbage, "not a readable safetensors")]:
+        rc = main(["generate", "--model", ckpt, "--prompt", "hi", "--max-tokens", "1", "--ep", "2",
+                   "--threads-per-rank", "1", "--preplan", "--preplan-predictor", str(path)])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(f"moe-serve generate: error: parallel.preplan_predictor: predictor file "
+                                          f"{path}") and message in err and "Traceback" not in err, err
