@@ -3,9 +3,9 @@ CompletionOutput per completion (`SamplingParams.n` of them), each with its `ind
 
 vLLM users write `out.outputs[0].text`; earlier moe-serve users wrote `out.text`. Both work: the flat
 fields (`text`, `token_ids`, `delta_text`, `delta_token_ids`, `finish_reason`, `error`, `logprobs`,
-`delta_logprobs`) are those of `outputs[0]`. A finished output of `LLM.generate` holds all n completions in index order; a
-streamed output (AsyncEngine, LLMEngine.step) holds the completion that changed, as vLLM streams n > 1,
-so there `outputs[0]` is that completion (with n = 1, always the only one).
+`delta_logprobs`) are those of `outputs[0]`. A finished output of `LLM.generate` holds all n completions
+in index order; a streamed output (AsyncEngine, LLMEngine.step) holds the completion that changed, as
+vLLM streams n > 1, so there `outputs[0]` is that completion (with n = 1, always the only one).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """One step's sampling for the sequences that get a token: (penalties,) sample, (logprobs).
 
-`extras` is the engine's "a live request asks for logprobs, penalties, logit_bias or min_tokens": while it is False this is
-`sample` alone, so the default decode path does no extra work per step.
+`extras` is the engine's "a live request asks for logprobs, penalties, logit_bias or min_tokens": while
+it is False this is `sample` alone, so the default decode path does no extra work per step.
 """
 from __future__ import annotations
 
