@@ -78,6 +78,12 @@ def create_app(engine, cfg: ServerConfig, model_dir: str | None = None, own_engi
     async def models():
         return P.ModelList(data=[P.ModelCard(id=name, max_model_len=info.max_model_len)])
 
+    # the openai client's models.retrieve(id); `path`: a served name may hold slashes ("org/model")
+    @app.get("/v1/models/{model_id:path}", response_model=P.ModelCard, **v1)
+    async def model(model_id: str):
+        check_model(model_id)
+        return P.ModelCard(id=name, max_model_len=info.max_model_len)
+
     @app.post("/v1/completions", response_model=P.CompletionResponse, **v1)
     async def completions(req: P.CompletionRequest, request: Request):
         check_model(req.model)

@@ -111,3 +111,12 @@ def test_openai_fields_not_implemented_are_refused_as_such(server, field, value,
     assert "not supported by this server" in err["message"] and why in err["message"], err
     r = httpx.post(f"{server.url}/v1/{route}", json=body | {"no_such_field": 1}, timeout=60)
     assert r.status_code == 400 and "not part of the API" in r.json()["error"]["message"]
+
+
+def test_models_retrieve_answers_for_the_served_model(server, client):
+    # GET /v1/models/{id} (the client's models.retrieve) had no route: a 404 for the served model too
+    card = client.models.retrieve(server.model)
+    assert card.id == server.model and card.object == "model"
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("org/other-model")
+    assert err.value.body["param"] == "model" and "org/other-model" in err.value.body["message"]
