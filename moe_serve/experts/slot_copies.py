@@ -5,7 +5,8 @@ per-step logic (what each step needs, hits and misses, admission, compute order)
 bookkeeping around each copy the copier (`copier.py`) runs: the slot's ticket, the cancelled copy of
 an evicted prefetch, the copy and byte counters, the stall a wait costs, and the slot left without
 valid weights when a copy fails. It reads the store's `cache`, `copier`, `ticket`, `prefetched`,
-`stats`, `slot_gu`/`slot_dn`, `expert_bytes`, `capacity`, `num_experts`, `host`, `source` and `host_expert`.
+`stats`, `copy_counted`, `slot_gu`/`slot_dn`, `expert_bytes`, `capacity`, `num_experts`, `host`, `source` and
+`host_expert`.
 """
 from __future__ import annotations
 
@@ -28,14 +29,17 @@ class SlotCopies:
             if placed is None:
                 return False
             slot, evicted = placed
-            if evicted >= 0 and self.prefetched[evicted]:
-                self.prefetched[evicted] = False
-                if self.copier.cancel(int(self.ticket[slot]), slot):  # never started: no bytes moved
-                    self.stats["prefetch_cancelled"] += 1
+            if evicted >= 0:
+                # a copy of the evicted expert that never started moves no bytes: a prefetch, or a demand
+                # copy left queued by a step that failed before computing its expert (the new copy into
+                # the slot would supersede it unseen, and `copies` would count a copy that never ran)
+                cancelled = self.copier.cancel(int(self.ticket[slot]), slot)
+                if cancelled and self.copy_counted[slot]:  # not one counted before reset_metrics()
                     self.stats["copies"] -= 1
                     self.stats["bytes_moved"] -= self.expert_bytes
-                else:
-                    self.stats["prefetch_wasted"] += 1
+                if self.prefetched[evicted]:
+                    self.prefetched[evicted] = False
+                    self.stats["prefetch_cancelled" if cancelled else "prefetch_wasted"] += 1
             gu, dn, check = self.host_copy_source(g)
             pairs = CheckedPairs([(self.slot_gu[slot], gu), (self.slot_dn[slot], dn)], check)
             self.ticket[slot] = self.copier.submit(pairs, slot, need)
@@ -44,6 +48,7 @@ class SlotCopies:
             raise
         self.stats["copies"] += 1
         self.stats["bytes_moved"] += self.expert_bytes
+        self.copy_counted[slot] = True
         return True
 
     def host_copy_source(self, g: int) -> tuple:

@@ -5,12 +5,16 @@ per-step logic. It reads the store's `stats`, `prefetched`, `slot_gu`, `capacity
 """
 from __future__ import annotations
 
+import numpy as np
+
 
 class StoreMetrics:
     def reset_metrics(self) -> None:
         # prefetches issued before are counted already (issued, copies): from now on their experts are
         # plain residents, else they would count as used, late or cancelled (a copy off `copies`) of none issued
         self.prefetched[:] = False
+        # [capacity]: the slot's latest copy was counted since this reset (a cancel takes back only those)
+        self.copy_counted = np.zeros(self.capacity, dtype=bool)
         # cpu_computed: misses computed where they lie by choice (cost model, cpu_experts on, CPU device);
         # cpu_overflow: run on the host because every slot held an expert of the same step
         self.stats = dict(hits=0, misses=0, cpu_computed=0, cpu_overflow=0, streamed=0, prefetch_issued=0,

@@ -57,3 +57,25 @@ def test_a_failed_layer_is_counted_once_by_the_policy(policy, tiny_checkpoint, t
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
     clean.close()
     failing.close()
+
+
+def test_a_copy_left_queued_by_a_failed_step_is_not_counted_when_its_expert_is_evicted():
+    """A step fails at its first expert's copy; the second expert's demand copy is still queued
+    (the worker held). The next step evicts that expert: its copy never runs (the slot's new copy
+    supersedes it), so `copies` and `bytes_moved` must not count it (they did: 5 copies for 4)."""
+    from moe_serve.experts.copier import CopyError
+    from tests.experts.sources import BrokenSource
+    from tests.experts.test_offload import _store_with
+
+    src = BrokenSource()  # expert (1, 2)'s copy fails
+    store = _store_with("thread", src)  # 3 slots, admission always
+    with store.copier._cv:  # the worker starts nothing: a copy runs when this thread waits for it
+        with pytest.raises(CopyError, match="expert copy failed"):
+            store.run(1, torch.randn(2, 8), [0, 0, 1, 1])  # (1, 2) first: fails; (1, 3)'s copy left queued
+        assert store.cache.resident(1 * 4 + 3) and not store.copier.ready(int(store.ticket[store.cache.slot_of[7]]),
+                                                                           int(store.cache.slot_of[7]))
+        y = store.run(0, torch.randn(3, 8), [1, 1, 1, 0])  # two free slots, then (1, 3) evicted
+    assert not store.cache.resident(1 * 4 + 3) and y.shape == (3, 8)
+    m = store.metrics()
+    assert m["copies"] == 4 and m["bytes_moved"] == 4 * store.expert_bytes  # (1, 2) tried, (0, 0..2) landed
+    store.close()
