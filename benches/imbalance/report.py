@@ -44,6 +44,18 @@ def _f(x, nd=3):
     return "" if x is None else f"{x:.{nd}f}"
 
 
+def _layers_summed(rows) -> str:
+    """The MoE layers the rows scored (their 'layers'); results written before rows kept it: the full suite's 26."""
+    counts = sorted({r.get("layers", 26) for r in rows})
+    return f"{counts[0]} MoE layers" if len(counts) == 1 else f"{'/'.join(map(str, counts))} MoE layers"
+
+
+def _sweep_layers(rows) -> str:
+    """Which layers the sweep ran ('every 3rd layer' in results written before rows kept layer_ids)."""
+    ids = rows[0].get("layer_ids") if rows else None
+    return "every 3rd layer" if ids is None else f"{len(ids)} MoE layers: {', '.join(map(str, ids))}"
+
+
 def _real_tables(rows):
     lines = []
     scen = sorted({(r["fit"], r["eval"]) for r in rows}, key=lambda fe: (fe[0] != fe[1], fe))
@@ -76,7 +88,7 @@ def _real_tables(rows):
                                _f(ratio), _f(r["fanout_mean"]), _f(eplb["fanout_mean"])])
     lines.append(f"Imbalance = max/mean rank load per layer; per-batch over batches of B={b0} tokens (seeded random "
                  "order) unless marked B=512; `trace` = whole-trace loads. Fan-out = distinct ranks per token and "
-                 "layer. Dispatch KB = fan-out x 2048 x 2 B summed over 26 layers. CPU s = solver CPU time. "
+                 f"layer. Dispatch KB = fan-out x 2048 x 2 B summed over {_layers_summed(rows)}. CPU s = solver CPU time. "
                  "Moved = experts rewritten in all (mean per layer per step).\n")
     lines.append(_table(["fit -> eval", "algorithm", f"imb B={b0}", "p99", "imb B=512", "imb trace", "fan-out",
                          "vs EPLB", "rank chg", "dispatch KB", "CPU s", "moved"], body))
@@ -155,7 +167,7 @@ def _plot_sweep(rows, path):
     axes[0, 0].set_ylabel("imbalance (cross-domain)")
     axes[1, 0].set_ylabel("fan-out (cross-domain)")
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle("Sweep: fitted on intent, scored on summary (every 3rd layer)")
+    fig.suptitle(f"Sweep: fitted on intent, scored on summary ({_sweep_layers(rows)})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -198,7 +210,7 @@ def write_report(results: dict, out: Path) -> str:
         body = [[f"{r['fit']} -> {r['eval']}", r["ep"], r["redundant_per_rank"], r["algorithm"],
                  _f(r["imbalance_mean"]), _f(r["imbalance_trace"]), _f(r["fanout_mean"]),
                  _f(r["solver_cpu_seconds"], 1)] for r in rows]
-        parts += ["## Sweep over EP size and redundant slots (every 3rd layer)\n",
+        parts += [f"## Sweep over EP size and redundant slots ({_sweep_layers(rows)})\n",
                   _table(["fit -> eval", "EP", "red/rank", "algorithm", "imb B=256", "imb trace", "fan-out",
                           "CPU s"], body), "\n![sweep](sweep.png)\n"]
         _plot_sweep(s["sweep"], out / "sweep.png")

@@ -37,7 +37,7 @@ from placement.stats import expert_load  # noqa: E402
 SHARED = (ROOT / ".." / "shared").resolve()
 RESULTS = ROOT / "benches" / "results" / "imbalance"
 SECTIONS = ("real", "sweep", "synth", "stats")
-KEYS = ("imbalance_mean", "imbalance_p50", "imbalance_p99", "imbalance_trace", "fanout_mean", "rank_changes_mean",
+KEYS = ("layers", "imbalance_mean", "imbalance_p50", "imbalance_p99", "imbalance_trace", "fanout_mean", "rank_changes_mean",
         "dispatch_bytes_per_token", "solver_seconds", "solver_cpu_seconds", "experts_moved_total",
         "experts_moved_per_layer_step_mean", "imbalance_series")
 
@@ -84,7 +84,8 @@ def section_sweep(traces, B, algos, eps, reds, layers, log, max_tokens):
             plan = fit(a, tok, E, ep, spr, max_tokens=max_tokens)
             for dom, x in ((fit_dom, tok), (ev_dom, ev.experts[:, layers])):
                 rows.append(row(score_plan(plan, x, B), fit=fit_dom, eval=dom, algorithm=a, ep=ep,
-                                redundant_per_rank=red, batch_size=B, solver_seconds=plan.meta["solver_seconds"],
+                                redundant_per_rank=red, batch_size=B, layer_ids=list(layers),
+                                solver_seconds=plan.meta["solver_seconds"],
                                 solver_cpu_seconds=plan.meta["solver_cpu_seconds"]))
                 log(rows[-1])
     return rows

@@ -1,8 +1,11 @@
 """The imbalance suite's smoke configuration runs end to end and writes its report, JSON and plots."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,3 +75,19 @@ def test_the_suites_eplb_baseline_by_hand():
     plan = run.fit("eplb", tokens, 4, 2, 3)
     assert plan.phy2log.tolist() == [[0, 3, 1, 0, 3, 2]]
     assert score_plan(plan, tokens, 18)["imbalance_trace"] == 1.0
+
+
+def test_the_smoke_report_names_the_layers_it_ran(tmp_path, shared_dir):
+    """The report said 'Dispatch KB = fan-out x 2048 x 2 B summed over 26 layers' and 'every 3rd layer' for
+    the sweep whatever ran: the smoke configuration scores 2 layers, all of them. Each now says what ran."""
+    if not (shared_dir / "traces" / "dsv2lite_intent.npz").exists():
+        pytest.skip(f"{shared_dir / 'traces'} is absent (the real and sweep sections read its traces)")
+    run = subprocess.run([sys.executable, str(ROOT / "benches" / "imbalance" / "run.py"), "--smoke",
+                          "--sections", "real,sweep", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = (tmp_path / "report.md").read_text()
+    assert "summed over 2 MoE layers" in report and "26 layers" not in report, report
+    assert "## Sweep over EP size and redundant slots (2 MoE layers: 0, 1)" in report and "3rd" not in report, report
+    rows = json.loads((tmp_path / "results.json").read_text())["sections"]
+    assert {r["layers"] for r in rows["real"] + rows["sweep"]} == {2}
