@@ -130,6 +130,12 @@ class TraceControl:
     def __init__(self, bridge, trace_dir: str):
         self.trace_dir = Path(trace_dir)
         spec, model = bridge.spec, bridge.model
+        # the trace files the engine itself uses: a dump under one's name replaced the replayed trace, or
+        # was replaced by the recording the engine writes at shutdown
+        tc = getattr(getattr(bridge.core, "config", None), "trace", None)
+        self.engine_files = {Path(p).resolve(): field for field, p in
+                             (("trace.replay_trace", getattr(tc, "replay_trace", None)),
+                              ("trace.record_trace", getattr(tc, "record_trace", None))) if p}
         self.hook = LiveTraceHook(spec.num_moe_layers, spec.num_experts, spec.top_k,
                                   meta={"family": spec.family, "source": "moe-serve server"})
         # Installed before the server takes requests, so no step is in flight while hooks change.
@@ -200,6 +206,10 @@ class TraceControl:
         if path.is_dir():
             raise APIError(409, f"path: {name!r} is a directory under the server's trace_dir, not a file",
                            param="path", code="path_is_directory")
+        if path in self.engine_files:
+            raise APIError(409, f"path: {name!r} under the server's trace_dir is its {self.engine_files[path]} "
+                                f"({path}): the dump would replace it; name another file", param="path",
+                           code="path_in_use")
         # written beside the target and renamed over it, as RoutingTrace.save does, but through a file
         # that can be stopped: a cut or failed write leaves neither a partial file nor a truncated target
         part = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
