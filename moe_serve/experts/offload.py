@@ -97,7 +97,10 @@ class OffloadExpertStore(StoreMetrics, SlotCopies, ExpertStore):
         # the copier's worker thread stops with the store: at close(), or when a store nobody closed
         # (the engine drops its model) is collected; the copier never refers back to the store
         self._close_copier = weakref.finalize(self, self.copier.close)
-        self.ring = StagingRing(self.copier, capacity, stage, self.slot_gu[0], self.slot_dn[0]) if stage else None
+        # the ring counts its copies as it submits or cancels them (a weak method: the store stays collectable)
+        count = weakref.WeakMethod(self._count_streamed_copies)
+        self.ring = StagingRing(self.copier, capacity, stage, self.slot_gu[0], self.slot_dn[0],
+                                lambda delta: count()(delta)) if stage else None
         self.ticket = np.zeros(capacity, dtype=np.int64)  # copy each slot waits on
         self.prefetched = np.zeros(L * E, dtype=bool)  # prefetched, not used yet
         self.costs: ExpertCosts | None = None
@@ -193,10 +196,7 @@ class OffloadExpertStore(StoreMetrics, SlotCopies, ExpertStore):
         self._last_use[gids] = self.clock
         if self._streamed:
             self.ring.start([self.host_copy_source(g) for g in self._streamed])
-            n = len(self._streamed)
-            self.stats["streamed"] += n
-            self.stats["copies"] += n
-            self.stats["bytes_moved"] += n * self.expert_bytes
+            self.stats["streamed"] += len(self._streamed)  # their copies: counted by the ring as it makes them
         self._used_slots = [int(self.cache.slot_of[g]) for g in glist
                             if g not in self._on_host and g not in self._streamed]
         if self.in_place_only:
@@ -265,6 +265,10 @@ class OffloadExpertStore(StoreMetrics, SlotCopies, ExpertStore):
 
     def abort_layer(self, moe_layer: int) -> None:
         self._policy_before.restore()  # the retry counts these accesses: the failed attempt must not
+
+    def _count_streamed_copies(self, delta: int) -> None:
+        self.stats["copies"] += delta
+        self.stats["bytes_moved"] += delta * self.expert_bytes
 
     def end_layer(self, moe_layer: int) -> None:
         self._policy_before.discard()

@@ -37,8 +37,10 @@ class StagingRing:
     expert whose copy was not started ahead takes a free buffer (or one whose expert is not
     computed yet, which is then copied again when its turn comes)."""
 
-    def __init__(self, copier, first_slot: int, n: int, gu: torch.Tensor, dn: torch.Tensor):
+    def __init__(self, copier, first_slot: int, n: int, gu: torch.Tensor, dn: torch.Tensor, on_copies=None):
         self.copier, self.first, self.n = copier, first_slot, n
+        # on_copies(delta): copies submitted (+1) or cancelled before they started (-1), as they happen
+        self.on_copies = on_copies or (lambda delta: None)
         self.gu = torch.zeros((n, *gu.shape), dtype=gu.dtype, device=gu.device)  # [n, 2I, H]
         self.dn = torch.zeros((n, *dn.shape), dtype=dn.dtype, device=dn.device)  # [n, H, I]
         self.ticket = [0] * n
@@ -51,6 +53,11 @@ class StagingRing:
     def start(self, sources: list[tuple]) -> None:
         """A new layer: `sources` [(host gu, host dn[, check])] of its streamed experts (a check
         runs right before each copy, see `CheckedPairs`); fill what fits."""
+        # a layer that failed left copies of experts it never computed: those not started are dropped
+        # (the new copies into their buffers would supersede them), and never counted as copies made
+        for b in range(self.n):
+            if self.owner[b] >= 0 and self.copier.cancel(self.ticket[b], self.first + b):
+                self.on_copies(-1)
         self.queue, self.where, self.next, self.owner, self.computed = sources, {}, 0, [-1] * self.n, set()
         for b in range(self.n):
             j = self._next_waiting()
@@ -66,11 +73,13 @@ class StagingRing:
     def _fill(self, b: int, j: int) -> None:
         old = self.owner[b]
         if old >= 0:  # not computed yet: copied again when it runs
-            self.copier.cancel(self.ticket[b], self.first + b)
+            if self.copier.cancel(self.ticket[b], self.first + b):
+                self.on_copies(-1)
             del self.where[old]
         self.owner[b], self.where[j] = j, b
         gu, dn, *check = self.queue[j]  # the check is optional
         self.ticket[b] = self.copier.submit(CheckedPairs([(self.gu[b], gu), (self.dn[b], dn)], *check), self.first + b)
+        self.on_copies(1)
 
     def get(self, j: int, wait=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Buffers of queue position `j`, once its copy has landed (may run the copy here), waited

@@ -78,3 +78,27 @@ def test_the_engine_retry_after_a_failed_host_read_gives_a_clean_runs_tokens(tin
     assert not hook.seen_at_retry[0][0]  # the failed layer's experts are unpinned
     assert hook.seen_at_retry[0][1] > clock_before  # the clock counted the layers the failed forward began
     llm.close()
+
+
+def test_streamed_copies_that_a_failed_layer_never_made_are_not_counted():
+    """Four experts stream through the two staging buffers; the third one's copy fails, so the fourth,
+    already queued behind it, is never computed, and the next streamed layer's copy into its buffer
+    supersedes it. `copies` counted all four at the start of the layer (6 for 5 made); the ring now
+    counts a copy when it submits it and takes back one it drops before it started."""
+    from moe_serve.experts.offload import OffloadExpertStore
+    from moe_serve.experts.policies import LRUPolicy
+
+    src = BrokenSource()  # expert (1, 2)'s copy fails
+    store = OffloadExpertStore(src, torch.float32, "cpu", capacity=1, policy=LRUPolicy(), top_k=2,
+                               cpu_experts="off", host="mmap", admit="reuse")
+    with store.copier._cv:  # the worker is held: a copy runs when this thread waits for it
+        store.run(0, torch.randn(1, 8), [0, 0, 0, 1])  # (0, 3) takes the only slot
+        with pytest.raises(CopyError, match="expert copy failed"):
+            store.run(1, torch.randn(4, 8), [1, 1, 1, 1])  # all four stream; (1, 2) fails, (1, 3) left queued
+        assert store.metrics()["streamed"] == 4
+        x = torch.randn(1, 8)
+        torch.testing.assert_close(store.run(0, x, [0, 1, 0, 0]), expert_forward(x, *src.w[0, 1]))  # streams
+    m = store.metrics()
+    # made: (0, 3) into the slot; (1, 0), (1, 1), the failed (1, 2) and (0, 1) through the buffers
+    assert m["copies"] == 5 and m["bytes_moved"] == 5 * store.expert_bytes and m["streamed"] == 5
+    store.close()
