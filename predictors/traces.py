@@ -174,15 +174,26 @@ class RoutingTrace:
             part.unlink(missing_ok=True)
 
 
-def load_trace(path: str | Path) -> RoutingTrace:
+OPTIONAL_KEYS = ("token_ids", "hidden")  # the members a trace may lack; experts, weights, seq_offsets, meta it may not
+
+
+def load_trace(path: str | Path, keys=None) -> RoutingTrace:
     """Read a trace file (the shared traces or the runtime's own); no pickle is ever executed.
 
+    keys: which of the optional members (OPTIONAL_KEYS) to read; None reads every one the file holds.
+    A caller that needs expert ids only passes () and the hidden states (float16 [T, L, H]: ~850 MB for a
+    DeepSeek-shaped trace) are never read from the archive: the trace's `hidden` is then None.
     Every failure is a ValueError naming the file (FileNotFoundError when it is absent)."""
+    keys = OPTIONAL_KEYS if keys is None else tuple(keys)
+    unknown = [k for k in keys if k not in OPTIONAL_KEYS]
+    if unknown:  # a misspelt 'hiden' would load without the hidden states the caller asked for
+        raise ValueError(f"load_trace: keys may name {', '.join(OPTIONAL_KEYS)} (the rest is always read), "
+                         f"got {unknown[0]!r}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"trace file {path} does not exist")
     try:
-        return _read_trace(path)
+        return _read_trace(path, keys)
     except ValueError as e:
         raise ValueError(f"trace {path}: {e}") from None
     # a directory, not a numpy archive, or one whose directory asks for a zip version past Python's
@@ -190,7 +201,7 @@ def load_trace(path: str | Path) -> RoutingTrace:
         raise ValueError(f"trace {path}: not a readable .npz routing trace ({e})") from None
 
 
-def _read_trace(path: Path) -> RoutingTrace:
+def _read_trace(path: Path, optional: tuple[str, ...]) -> RoutingTrace:
     # np.load takes anything else for a pickle (and says so) or a bare .npy array
     if not zipfile.is_zipfile(path):
         raise ValueError("not an .npz archive (a routing trace is one: experts, weights, seq_offsets, meta)")
@@ -199,8 +210,8 @@ def _read_trace(path: Path) -> RoutingTrace:
             if key not in z.files:
                 raise ValueError(f"missing key {key!r} (has {sorted(z.files)})")
         arrays = {}
-        for key in ("experts", "weights", "seq_offsets", "meta", "token_ids", "hidden"):
-            if key in z.files:
+        for key in ("experts", "weights", "seq_offsets", "meta", *optional):
+            if key in z.files:  # np.load's archive reads a member only here: one not asked for stays on disk
                 try:
                     arrays[key] = z[key]
                 except ValueError as e:  # a truncated or garbled .npy member

@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     results = dict(machine="2-core shared CPU (numpy, 1 BLAS thread)", smoke=args.smoke, sections={})
     have_traces = (SHARED / "traces" / "dsv2lite_intent.npz").exists()
     if have_traces and ("real" in secs or "sweep" in secs):
-        traces = {d: load_trace(SHARED / "traces" / f"dsv2lite_{d}.npz") for d in ("intent", "summary")}
+        traces = {d: load_trace(SHARED / "traces" / f"dsv2lite_{d}.npz", keys=()) for d in ("intent", "summary")}
         if args.smoke:
             traces = {d: t.select_sequences([0]) for d, t in traces.items()}
             traces = {d: type(t)(t.experts[:512, :2], t.weights[:512, :2], np.array([0, min(512, t.num_tokens)]),

@@ -145,9 +145,11 @@ def main(args) -> int:
         predictor = load_predictor(args.predictor)
     if args.lookahead is None:  # a next-token predictor (lookahead 0) runs by default; one asked beyond it is refused
         args.lookahead = 1 if predictor is None else min(1, predictor.lookahead)
-    fit = [load_trace(p) for p in args.fit_trace]
+    fit = [load_trace(p, keys=()) for p in args.fit_trace]  # the policies learn expert ids from them, nothing else
     names = result_names(args.trace)
-    traces = [load_trace(path) for path in args.trace]
+    # the hidden states (GBs for a full trace) only for a predictor that predicts from them
+    replay_keys = ("hidden",) if getattr(predictor, "needs_hidden", False) else ()
+    traces = [load_trace(path, keys=replay_keys) for path in args.trace]
     for path, trace in zip(args.trace, traces):  # all of them first: a bad last one wasted every replay before it
         check_matches(trace, path, fit, predictor, args)
     results = {}

@@ -23,7 +23,7 @@ def _experts(paths: list[str]):
 
     from predictors.traces import load_trace
 
-    traces = [load_trace(p) for p in paths]
+    traces = [load_trace(p, keys=()) for p in paths]  # ids only: never the hidden states (GBs for a full trace)
     same_trace_shape(paths, traces, "--trace")
     for path, t in zip(paths, traces):  # a plan fitted from nothing was written as if fitted
         if t.num_tokens == 0:

@@ -63,7 +63,7 @@ def load_replay(path, num_layers: int, num_experts: int, top_k: int) -> TraceRep
     from predictors.traces import load_trace
 
     try:
-        trace = load_trace(path)
+        trace = load_trace(path, keys=())  # ids and weights drive the routers: the hidden states stay on disk
     except FileNotFoundError as e:
         raise FileNotFoundError(f"trace.replay_trace: {e}") from None
     except ValueError as e:  # "trace PATH: what is wrong"
