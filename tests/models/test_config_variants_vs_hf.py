@@ -198,3 +198,18 @@ def test_more_experts_a_token_than_its_groups_hold_is_refused(family, groups, tm
     d = make_tiny_checkpoint(family, tmp_path, **groups)
     with pytest.raises(ValueError, match=r"'num_experts_per_tok' \(\d\) must be <= topk_group"):
         load_model(d)
+
+
+def test_v2_greedy_routing_ignores_expert_groups(tmp_path):
+    """transformers' V2 reads n_group/topk_group only for group_limited_greedy; moe-serve refused a greedy
+    config whose groups did not divide the experts (or topk_group > n_group), which transformers runs."""
+    assert_matches_transformers(*hf_and_ours("deepseek_v2", tmp_path, n_group=3, topk_group=5), PROMPT, "v2_greedy")
+
+
+@pytest.mark.parametrize("groups,message", [
+    (dict(n_group=3), r"config.json field 'n_routed_experts' \(8\) must be a multiple of 'n_group' \(3\)"),
+    (dict(n_group=2, topk_group=3), r"config.json field 'topk_group' \(3\) must be in 1..n_group \(2\)")])
+def test_bad_expert_groups_are_refused_naming_the_fields(groups, message, tmp_path):
+    d = make_tiny_checkpoint("deepseek_v2_qlora", tmp_path, **groups)
+    with pytest.raises(ValueError, match=message):
+        load_model(d)

@@ -78,18 +78,8 @@ def _parse(cfg: dict, family: str) -> ModelSpec:
                               n_group=n_group, topk_group=topk_group, has_bias=True, logits_fp32=True,
                               weights_fp32=True)
         interleaved = flag(cfg, "rope_interleave", True)
-    if num_experts % routing.n_group:
-        raise ValueError(f"n_routed_experts ({num_experts}) must be a multiple of n_group ({routing.n_group})")
-    if routing.topk_method == "noaux_tc" and num_experts // routing.n_group < 2:
-        raise ValueError(f"config.json field 'n_group' ({routing.n_group}) must leave at least 2 experts a group "
-                         f"(n_routed_experts {num_experts}): V3 scores a group by its top-2 sum")
-    if not 1 <= routing.topk_group <= routing.n_group:
-        raise ValueError(f"topk_group must be in 1..n_group ({routing.n_group}), got {routing.topk_group}")
-    candidates = routing.topk_group * (num_experts // routing.n_group)
-    if routing.topk_method != "greedy" and top_k > candidates:  # it would take experts its groups exclude
-        raise ValueError(f"config.json field 'num_experts_per_tok' ({top_k}) must be <= topk_group x experts per "
-                         f"group ({routing.topk_group} x {num_experts // routing.n_group} = {candidates}): routing "
-                         "keeps only the topk_group best groups")
+    if routing.topk_method != "greedy":  # V2's greedy routing never reads the groups (nor does transformers)
+        check_groups(routing, num_experts, top_k)
     rope = rope_spec(cfg, mla.qk_rope_head_dim, default_theta=10000.0, interleaved=interleaved,
                      complex_fp32=family == "deepseek_v2")
     scale = mla.qk_head_dim ** -0.5
@@ -114,6 +104,25 @@ def _parse(cfg: dict, family: str) -> ModelSpec:
                # multi-token-prediction layers after the last: held by V3/R1 checkpoints, unused here
                "num_nextn_predict_layers": count(cfg, "num_nextn_predict_layers", 0)},
     )
+
+
+def check_groups(routing: RoutingSpec, num_experts: int, top_k: int) -> None:
+    """Group-limited routing's fields: groups that split the experts evenly, topk_group of them kept,
+    and top-k within the experts those hold."""
+    if num_experts % routing.n_group:
+        raise ValueError(f"config.json field 'n_routed_experts' ({num_experts}) must be a multiple of 'n_group' "
+                         f"({routing.n_group})")
+    if routing.topk_method == "noaux_tc" and num_experts // routing.n_group < 2:
+        raise ValueError(f"config.json field 'n_group' ({routing.n_group}) must leave at least 2 experts a group "
+                         f"(n_routed_experts {num_experts}): V3 scores a group by its top-2 sum")
+    if not 1 <= routing.topk_group <= routing.n_group:
+        raise ValueError(f"config.json field 'topk_group' ({routing.topk_group}) must be in 1..n_group "
+                         f"({routing.n_group})")
+    candidates = routing.topk_group * (num_experts // routing.n_group)
+    if top_k > candidates:  # it would take experts its groups exclude
+        raise ValueError(f"config.json field 'num_experts_per_tok' ({top_k}) must be <= topk_group x experts per "
+                         f"group ({routing.topk_group} x {num_experts // routing.n_group} = {candidates}): routing "
+                         "keeps only the topk_group best groups")
 
 
 _RENAMES = ((".shared_expert.", ".shared_experts."),)
