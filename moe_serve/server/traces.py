@@ -132,7 +132,7 @@ class TraceControl:
         spec, model = bridge.spec, bridge.model
         # the trace files the engine itself uses: a dump under one's name replaced the replayed trace, or
         # was replaced by the recording the engine writes at shutdown
-        tc = getattr(getattr(bridge.core, "config", None), "trace", None)
+        tc = getattr(getattr(getattr(bridge, "core", None), "config", None), "trace", None)
         self.engine_files = {Path(p).resolve(): field for field, p in
                              (("trace.replay_trace", getattr(tc, "replay_trace", None)),
                               ("trace.record_trace", getattr(tc, "record_trace", None))) if p}
