@@ -224,7 +224,10 @@ class TraceControl:
         finally:
             with contextlib.suppress(OSError):  # e.g. trace_dir under a file: the error above says so
                 part.unlink(missing_ok=True)
-        return dict(self.status(), path=str(path))
+        # the file's counts: the recording goes on (or restarts) while a big trace is written, so the
+        # status once written described more, or other, tokens than the file holds
+        return {"recording": self.hook.recording, "sequences": trace.num_sequences, "tokens": trace.num_tokens,
+                "path": str(path)}
 
 
 async def until_done_or_disconnected(request, task: asyncio.Future) -> bool:
