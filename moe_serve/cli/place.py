@@ -117,6 +117,22 @@ def run_eval(args) -> int:
     return 0
 
 
+# each action's own flags and their defaults: a flag of the other action, set, would be ignored without a word
+FIT_FLAGS = {"--ep": 8, "--redundant": 0, "--algorithm": "affinity", "--num-nodes": 1, "--no-tokens": False,
+             "--param": None, "--out": None}
+EVAL_FLAGS = {"--plan": None, "--json": None, "--batch-size": 512, "--hidden-size": 2048, "--online-budget": 0,
+              "--online-window": 1024}
+
+
+def refuse_other_actions_flags(args) -> None:
+    """ValueError naming the flags set (not at their defaults) that only the other action reads."""
+    other, flags = ("eval", EVAL_FLAGS) if args.action == "fit" else ("fit", FIT_FLAGS)
+    given = [flag for flag, default in flags.items() if getattr(args, flag[2:].replace("-", "_")) != default]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only for 'place {other}', and this runs 'place {args.action}' "
+                         "(they would be ignored)")
+
+
 def run(args) -> int:
     if not args.trace:
         raise ValueError("--trace is required (one or more routing trace .npz files)")
@@ -124,6 +140,7 @@ def run(args) -> int:
         if word in ("fit", "eval") and not Path(word).exists():
             raise ValueError(f"--trace: {word!r} is the action, not a trace file (--trace takes every word after "
                              f"it): name the action first, as in 'moe-serve place {word} --trace ...'")
+    refuse_other_actions_flags(args)
     return run_eval(args) if args.action == "eval" else run_fit(args)
 
 
@@ -133,11 +150,13 @@ def register(subparsers) -> None:
     p.add_argument("action", nargs="?", choices=["fit", "eval"], default="fit",
                    help="fit (default): write a plan; eval: score a plan on traces")
     p.add_argument("--trace", nargs="+", action="extend", help="routing trace files (.npz)")
-    p.add_argument("--ep", type=int, default=8, help="expert-parallel ranks (default: 8)")
-    p.add_argument("--redundant", type=int, default=0,
+    p.add_argument("--ep", type=int, default=FIT_FLAGS["--ep"], help="expert-parallel ranks (default: 8)")
+    p.add_argument("--redundant", type=int, default=FIT_FLAGS["--redundant"],
                    help="extra physical expert slots in all, replicas of hot experts (default: 0)")
-    p.add_argument("--algorithm", default="affinity", help="contiguous, round_robin, eplb or affinity (default)")
-    p.add_argument("--num-nodes", type=int, default=1, help="nodes, for eplb's hierarchical policy (default: 1)")
+    p.add_argument("--algorithm", default=FIT_FLAGS["--algorithm"],
+                   help="contiguous, round_robin, eplb or affinity (default)")
+    p.add_argument("--num-nodes", type=int, default=FIT_FLAGS["--num-nodes"],
+                   help="nodes, for eplb's hierarchical policy (default: 1)")
     p.add_argument("--no-tokens", action="store_true",
                    help="affinity: fit from the co-activation matrix instead of the tokens themselves")
     p.add_argument("--param", action="append", help="algorithm option KEY=VALUE (repeatable), e.g. max_iters=100 for affinity; "
@@ -145,10 +164,13 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="plan file to write (.json or .safetensors)")
     p.add_argument("--plan", help="eval: plan file to score")
     p.add_argument("--json", help="eval: write the scores here")
-    p.add_argument("--batch-size", type=int, default=512, help="eval: tokens per batch for imbalance (default: 512)")
-    p.add_argument("--hidden-size", type=int, default=2048, help="eval: hidden size for dispatch bytes (default: 2048)")
-    p.add_argument("--online-budget", type=int, default=0,
+    p.add_argument("--batch-size", type=int, default=EVAL_FLAGS["--batch-size"],
+                   help="eval: tokens per batch for imbalance (default: 512)")
+    p.add_argument("--hidden-size", type=int, default=EVAL_FLAGS["--hidden-size"],
+                   help="eval: hidden size for dispatch bytes (default: 2048)")
+    p.add_argument("--online-budget", type=int, default=EVAL_FLAGS["--online-budget"],
                    help="eval: replay with online re-placement, at most this many slots rewritten per layer "
                         "and batch (default: 0, static)")
-    p.add_argument("--online-window", type=int, default=1024, help="eval: online sliding window in tokens")
+    p.add_argument("--online-window", type=int, default=EVAL_FLAGS["--online-window"],
+                   help="eval: online sliding window in tokens")
     p.set_defaults(func=run)

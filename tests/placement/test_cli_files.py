@@ -90,3 +90,25 @@ def test_an_action_after_the_traces_is_named_not_read_as_a_trace(trace_and_plan,
     trace.with_name("eval").write_bytes(trace.read_bytes())  # a trace file named like the action: read
     monkeypatch.chdir(trace.parent)
     assert main(["place", "eval", "--plan", str(plan), "--trace", "eval"]) == 0
+
+
+def test_a_flag_of_the_other_action_is_refused(trace_and_plan, capsys):
+    """`place --trace t.npz --out p.json --json s.json` wrote the plan and no scores, and `place eval ... --ep 4
+    --out x.json` scored the plan's own ranks: a flag of the other action was ignored without a word. Now
+    exit 2 naming the flags and the action they belong to; nothing is written."""
+    trace, plan = trace_and_plan
+    new_plan, scores = plan.with_name("q.json"), plan.with_name("s.json")
+    for argv, message in (
+        (["place", "--trace", str(trace), "--ep", "2", "--out", str(new_plan), "--json", str(scores),
+          "--batch-size", "64"], "--json, --batch-size: only for 'place eval'"),
+        (["place", "eval", "--plan", str(plan), "--trace", str(trace), "--ep", "4", "--out", str(new_plan)],
+         "--ep, --out: only for 'place fit'"),
+        (["place", "eval", "--plan", str(plan), "--trace", str(trace), "--param", "max_iters=3"],
+         "--param: only for 'place fit'"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err, (argv, err)
+        assert not new_plan.exists() and not scores.exists()
+    # the defaults, spelt out, are no change: accepted
+    assert main(["place", "eval", "--plan", str(plan), "--trace", str(trace), "--ep", "8", "--json", str(scores)]) == 0
