@@ -34,7 +34,7 @@ class RankMonitor:
         start, reported = time.monotonic(), {msg.rank}
         window = max(wait_s, 3 * self.heartbeat_s)
         last = msg.error.strip().splitlines()[-1][:300]
-        while time.monotonic() - start < window:
+        while time.monotonic() - start < window and not self._stop.is_set():  # shut down: no verdict needed
             if self.up.poll(50):  # read what is queued before judging: a dead rank's own report may be there
                 got = self._recv()
                 if isinstance(got, (m.Heartbeat, m.StepOutput)):
@@ -55,6 +55,15 @@ class RankMonitor:
         return f"rank {msg.rank} failed at step {msg.step}:\n{msg.error}"
 
     def _watch(self) -> None:
+        """The monitor thread: it alone uses the up socket once the ranks are ready, so it closes it when it ends
+        (shutdown, which used to close it after a join that could time out, left it closed under a poll)."""
+        try:
+            self._watch_until_stopped()
+        finally:
+            with self._handoff:  # teardown.py: whoever closes the last side ends the context
+                self._close_side([self.up])
+
+    def _watch_until_stopped(self) -> None:
         self.last_seen = [time.monotonic()] * self.world_size
         stopped, tick = False, time.monotonic()
         while not self._stop.is_set():  # (checked again here: shutdown() may have set it during the poll)

@@ -11,7 +11,8 @@ Now shutdown first fails the group (every broadcast, command and collect in flig
 next check, a broadcast within one 50 ms poll), then takes the lock for at most BROADCAST_WAIT_S. If it gets
 it, it sends the Shutdowns and closes the sockets as before; if not (the holder is descheduled), it leaves the
 down sockets alone and the holder closes them when it lets go of the lock. The ranks are stopped either way
-(without a Shutdown, by SIGTERM after the grace): no hang comes back.
+(without a Shutdown, by SIGTERM after the grace): no hang comes back. The up socket is the monitor thread's: it
+closes it itself when it stops (monitor.py), so no join timing out can leave it closed under the monitor's poll.
 """
 from __future__ import annotations
 
@@ -84,10 +85,12 @@ class GroupTeardown:
                 p.wait(timeout=2)
         if getattr(self, "_spawner", None) is not None:  # the ranks are gone (a failed bind never made one)
             self._spawner.stop()
-        if self._monitor is not None and self._monitor is not threading.current_thread():
-            self._monitor.join(timeout=2)
+        monitor = self._monitor
+        if monitor is not None and monitor is not threading.current_thread():
+            monitor.join(timeout=2)  # it sees _stop within a poll (0.1 s); a late one closes the up socket itself
         with self._handoff:
-            self._close_side([self.up])
+            if monitor is None:  # never started (a failed start-up): the up socket is this thread's
+                self._close_side([self.up])
             if owned:
                 self._close_side(self.down)
                 self._broadcasting.release()  # later broadcasts raise the group's error before touching a socket
