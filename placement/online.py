@@ -29,7 +29,7 @@ from placement.algorithms.common import replicate_greedy, single_thread_blas
 from placement.algorithms.swap_search import items_to_phy2log, swap_cost_tokens, swap_search
 from placement.plan import PlacementPlan
 from placement.replica import choose_replica
-from placement.score import batch_ids, check_trace, score_ranks
+from placement.score import batch_ids, check_trace, score_ranks, trace_ids
 
 
 def stable_layout(old: np.ndarray, new: np.ndarray, slots_per_rank: int) -> np.ndarray:
@@ -126,7 +126,7 @@ def online_replay(plan: PlacementPlan, experts, batch_size=256, window=1024, ste
                   seed=0, hidden_size=2048, **layer_kw):
     """Serve `experts` (int [T, L, K]) batch by batch (same batching as `score_plan`), re-placing after
     every `step_batches` batches. Returns (scores dict with `experts_moved_*`, final plan)."""
-    experts = np.asarray(getattr(experts, "experts", experts), dtype=np.int64)
+    experts = trace_ids(experts)  # float ids were truncated to experts they do not name
     T, L, K = check_trace(plan, experts)  # another shape was an IndexError, or replayed the trace's layers only
     N, spr, E = plan.num_ranks, plan.slots_per_rank, plan.num_experts
     batch = batch_ids(T, batch_size, seed)

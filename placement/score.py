@@ -47,7 +47,18 @@ def check_trace(plan: PlacementPlan, experts: np.ndarray, empty_ok: bool = False
         raise ValueError(f"score: trace has {L} MoE layers, plan has {plan.num_layers}")
     if experts.size and experts.max() >= plan.num_experts:
         raise ValueError(f"score: trace expert id {experts.max()} >= plan num_experts={plan.num_experts}")
+    if experts.size and experts.min() < 0:  # -1 indexed log2phy from the end: scored as the last expert
+        raise ValueError(f"score: trace expert id {experts.min()} < 0")
     return T, L, K
+
+
+def trace_ids(experts) -> np.ndarray:
+    """int64 [T, L, K] of `experts` (an int array or a RoutingTrace); ValueError for non-integer ids, which
+    the cast would truncate (0.9 -> expert 0) rather than refuse."""
+    experts = np.asarray(getattr(experts, "experts", experts))
+    if experts.size and not np.issubdtype(experts.dtype, np.integer):
+        raise ValueError(f"score: expert ids must be integers, got {experts.dtype}")
+    return experts.astype(np.int64, copy=False)
 
 
 def max_over_mean(load: np.ndarray) -> np.ndarray:
@@ -83,7 +94,7 @@ def score_plan(plan: PlacementPlan, experts, batch_size: int = 512, hidden_size:
                dtype_bytes: int = 2, seed: int | None = 0) -> dict:
     """All scores of `plan` on `experts` (int [T, L, K] or a RoutingTrace), as a flat JSON-able dict.
     seed: batching order (None: consecutive rows form a batch)."""
-    experts = np.asarray(getattr(experts, "experts", experts), dtype=np.int64)
+    experts = trace_ids(experts)
     check_trace(plan, experts)
     batch = batch_ids(experts.shape[0], batch_size, seed)
     ranks = assign_ranks(plan, experts, batch)

@@ -132,3 +132,17 @@ def test_a_layer_without_load_is_balanced_in_both_scores():
     assert scores["imbalance_trace"] == pytest.approx(1.25) and scores["imbalance_trace_max"] == pytest.approx(1.5)
     # the token-based score uses the same rule (its loads are never all zero: every token routes K choices)
     assert max_over_mean(np.array([[0.0, 0.0], [3.0, 1.0], [2.0, 2.0]])).tolist() == [1.0, 1.5, 1.0]
+
+
+def test_score_refuses_negative_and_fractional_expert_ids():
+    """-1 (a padding id) indexed log2phy from the end and was scored as the last expert, -4 as expert 0,
+    and float ids 0.9 / 1.5 were truncated to 0 / 1: a plan scored on ids it never saw, silently."""
+    from placement.online import online_replay
+
+    plan = plan_from_rank_lists([[[0, 1], [2, 3]]], num_experts=4)
+    for score in (lambda x: score_plan(plan, x, 4), lambda x: online_replay(plan, x, 4, budget=1)):
+        with pytest.raises(ValueError, match=r"expert id -4 < 0"):
+            score(np.array([[[0]], [[-1]], [[3]], [[-4]]]))
+        with pytest.raises(ValueError, match="expert ids must be integers, got float64"):
+            score(np.array([[[0.9]], [[1.5]]]))
+    assert score_plan(plan, np.array([[[0]], [[1]], [[2]], [[3]]], dtype=np.int16), 4)["imbalance_trace"] == 1.0
