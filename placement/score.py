@@ -151,6 +151,10 @@ def score_load(plan: PlacementPlan, load) -> dict:
     load = np.asarray(load, dtype=np.float64)
     if load.shape != (plan.num_layers, plan.num_experts):
         raise ValueError(f"score: load must be [L={plan.num_layers}, E={plan.num_experts}], got {load.shape}")
+    bad = (~np.isfinite(load)).sum(), (load < 0).sum()  # a NaN scored as balanced, a negative cancelled real load
+    if any(bad):
+        raise ValueError(f"score: load must be finite and >= 0, got {bad[0]} NaN or infinite" if bad[0] else
+                         f"score: load must be finite and >= 0, got {bad[1]} negative")
     N, spr = plan.num_ranks, plan.slots_per_rank
     rank_load = np.zeros((plan.num_layers, N))
     for l in range(plan.num_layers):

@@ -146,3 +146,16 @@ def test_score_refuses_negative_and_fractional_expert_ids():
         with pytest.raises(ValueError, match="expert ids must be integers, got float64"):
             score(np.array([[[0.9]], [[1.5]]]))
     assert score_plan(plan, np.array([[[0]], [[1]], [[2]], [[3]]], dtype=np.int16), 4)["imbalance_trace"] == 1.0
+
+
+def test_score_load_refuses_loads_that_are_not_counts():
+    """A NaN load scored 1.0 (perfect, since f760951 made a zero mean 1.0; NaN before) and a negative one
+    cancelled a rank's real load (5 and -5 on rank 0: 2.0 where the counts say nothing sensible)."""
+    from placement.score import score_load
+
+    plan = PlacementPlan.from_phy2log([[0, 1, 2, 3]], 4, 2).validate()
+    for bad, what in (([np.nan, 1, 1, 1], "1 NaN or infinite"), ([5.0, -5.0, 1, 1], "1 negative"),
+                      ([np.inf, 1, 1, 1], "1 NaN or infinite")):
+        with pytest.raises(ValueError, match=f"score: load must be finite and >= 0, got {what}"):
+            score_load(plan, np.array([bad]))
+    assert score_load(plan, np.array([[3.0, 1.0, 2.0, 2.0]]))["imbalance_trace"] == 1.0
