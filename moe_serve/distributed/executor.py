@@ -159,6 +159,7 @@ class DistributedModel:
         try:
             self.group.broadcast(plan)
             outs = self.group.collect(step, len(self.layout.output_ranks()), self.pc.step_timeout_s)
+            logits = self._assemble(step, batch, outs)  # ranks that disagree fail the group as a dead rank does
         except WorkerFailure as exc:
             self.error = exc
             # the other ranks are most likely stuck in a collective with the failed one: they would not
@@ -172,7 +173,7 @@ class DistributedModel:
             counter = getattr(self.engine_hooks, "counter", None)
             if counter is not None:  # the engine's ExpertLoadCounter (CLI table, /metrics) shows the ranks' sum
                 counter.counts.copy_(self.expert_load)
-        return self._assemble(batch, outs)
+        return logits
 
     def copy_kv_prefix(self, src_slot: int, dst_slots: list[int], n: int) -> None:
         """Have every rank copy positions [0, n) of slot `src_slot`'s KV into each of `dst_slots` (a request's
@@ -183,9 +184,20 @@ class DistributedModel:
                              f"n={n} (max_len {self.max_len}) out of range")
         self.kv_copies.append(m.KVCopy(int(src_slot), [int(s) for s in dst_slots], int(n)))
 
-    def _assemble(self, batch: ForwardBatch, outs: list[m.StepOutput]) -> torch.Tensor:
+    def _assemble(self, step: int, batch: ForwardBatch, outs: list[m.StepOutput]) -> torch.Tensor:
         if len(outs) == 1 and outs[0].seq_index == list(range(batch.num_seqs)):
             return outs[0].logits.to_tensor()
+        owners: dict[int, list[int]] = {}  # sequence -> the ranks that returned it: exactly one each
+        for o in outs:
+            for i in o.seq_index:
+                owners.setdefault(i, []).append(o.rank)
+        wrong = {i: owners.get(i, []) for i in range(batch.num_seqs) if len(owners.get(i, [])) != 1}
+        wrong.update({i: r for i, r in owners.items() if not 0 <= i < batch.num_seqs})
+        if wrong:  # a rank out of step with the others (its own idea of the batch): nothing it computes is sure
+            said = "; ".join(f"rank {o.rank} returned {o.seq_index}" for o in sorted(outs, key=lambda o: o.rank))
+            raise WorkerFailure(f"step {step}: the ranks disagree on which of the {batch.num_seqs} sequences each "
+                                f"returns (data-parallel split by slot % {self.layout.dp}, slots {batch.slot_ids}): "
+                                f"sequence -> ranks returning it {dict(sorted(wrong.items()))}; {said}")
         rows: dict[int, torch.Tensor] = {}
         for o in outs:
             t = o.logits.to_tensor()
@@ -193,9 +205,6 @@ class DistributedModel:
                 t = t.split([batch.query_lens[i] for i in o.seq_index])
             for i, r in zip(o.seq_index, t):
                 rows[i] = r if batch.all_logits else r[None]
-        missing = [i for i in range(batch.num_seqs) if i not in rows]
-        if missing:
-            raise WorkerFailure(f"step outputs lack sequences {missing[:5]}: the ranks disagree on the DP split")
         return torch.cat([rows[i] for i in range(batch.num_seqs)])
 
     def switch_placement(self, plan, at_step: int | None = None) -> int:

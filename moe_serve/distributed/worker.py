@@ -44,7 +44,8 @@ class WorkerSpec:
     heartbeat_s: float = 0.5
     dist_timeout_s: float = 60.0
     threads: int = 1  # torch intra-op threads of this rank
-    fault: str = ""  # tests only: "exit_before_ready", "hang_before_ready", "exit_at_step:N", "raise_at_step:N"
+    fault: str = ""  # tests only: "exit_before_ready", "hang_before_ready", "exit_at_step:N", "raise_at_step:N",
+    # "drop_output_at_step:N"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -168,6 +169,8 @@ def run_worker(spec: WorkerSpec, key: bytes) -> int:
                 out = runner.step(msg)
                 if out is not None:
                     seq_index, logits, stats, load = out
+                    if spec.fault == f"drop_output_at_step:{step}":  # a rank out of step: its last sequence missing
+                        seq_index, logits = seq_index[:-1], logits[:-1]
                     send(m.StepOutput(step, spec.rank, seq_index, m.TensorBlob.from_tensor(logits),
                                       time.perf_counter() - t, stats,
                                       None if load is None else m.TensorBlob.from_tensor(load)))
