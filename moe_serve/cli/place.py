@@ -46,6 +46,8 @@ def run_fit(args) -> int:
     algorithm = get_algorithm(args.algorithm)
     if args.num_nodes != 1 and args.algorithm != "eplb":  # the others ignored it: a one-node plan, silently
         raise ValueError(f"--num-nodes {args.num_nodes}: only eplb places over nodes, not {args.algorithm}")
+    if args.no_tokens and args.algorithm != "affinity":  # the others fit from the load alone: ignored, silently
+        raise ValueError(f"--no-tokens: only affinity fits from tokens, not {args.algorithm} (it fits from the load)")
     options = _params(args.param)
     try:  # a misspelt option was ignored, its default used; num_nodes twice was a TypeError
         check_options(args.algorithm, options, set_by={"num_nodes": "--num-nodes"})

@@ -112,3 +112,16 @@ def test_a_flag_of_the_other_action_is_refused(trace_and_plan, capsys):
         assert not new_plan.exists() and not scores.exists()
     # the defaults, spelt out, are no change: accepted
     assert main(["place", "eval", "--plan", str(plan), "--trace", str(trace), "--ep", "8", "--json", str(scores)]) == 0
+
+
+@pytest.mark.parametrize("algorithm", ["contiguous", "round_robin", "eplb"])
+def test_no_tokens_is_refused_where_the_algorithm_reads_no_tokens(trace_and_plan, capsys, algorithm):
+    """'--no-tokens' (affinity: fit from the co-activation matrix) with another algorithm was silently
+    ignored: they fit from the load alone either way, and the user thought the switch did something."""
+    trace, plan = trace_and_plan
+    before = plan.read_bytes()
+    argv = ["place", "--trace", str(trace), "--ep", "2", "--algorithm", algorithm, "--out", str(plan)]
+    assert main(argv + ["--no-tokens"]) == 2
+    assert f"--no-tokens: only affinity fits from tokens, not {algorithm}" in capsys.readouterr().err
+    assert plan.read_bytes() == before
+    assert main(argv[:-4] + ["--algorithm", "affinity", "--out", str(plan), "--no-tokens"]) == 0
