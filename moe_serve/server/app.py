@@ -66,8 +66,11 @@ def create_app(engine, cfg: ServerConfig, model_dir: str | None = None, own_engi
     # HEAD as well: load balancers and uptime checkers probe with it (the body is dropped, as for any HEAD)
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
-        if not bridge.alive():
-            return JSONResponse({"status": "engine dead"}, status_code=503)
+        reason = bridge.dead_reason()
+        if reason is not None:  # which rank died and how; a rank's traceback is capped: its head names the rank
+            if len(reason) > 4000:
+                reason = reason[:1000] + " ... " + reason[-2995:]
+            return JSONResponse({"status": "engine dead", "reason": reason}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")

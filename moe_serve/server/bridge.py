@@ -52,9 +52,16 @@ class EngineBridge:
         return self.core.model
 
     def alive(self) -> bool:
-        # worker ranks: once one died or failed, every request fails at once (DistributedModel.failure)
+        return self.dead_reason() is None
+
+    def dead_reason(self) -> str | None:
+        """Why the engine can serve no more (its step loop stopped; worker ranks: which rank died or failed, and
+        how: every request then fails at once, DistributedModel.failure), else None."""
+        dead = getattr(self.engine, "dead", None)
+        if dead is not None:
+            return str(dead)
         failure = getattr(self.core.model, "failure", None)
-        return getattr(self.engine, "dead", None) is None and (failure is None or failure() is None)
+        return None if failure is None else failure()
 
     def stats(self) -> EngineStats:
         s = EngineStats(num_requests_running=self.core.num_running, num_requests_waiting=self.core.num_waiting)

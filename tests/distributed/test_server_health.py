@@ -28,7 +28,9 @@ def test_health_turns_503_when_a_rank_dies(tiny_dir, tmp_path):
         while httpx.get(url + "/health", timeout=5).status_code == 200 and time.monotonic() < deadline:
             time.sleep(0.1)  # the monitor sees the exit within a poll (0.1 s)
         health = httpx.get(url + "/health", timeout=5)
-        assert health.status_code == 503 and health.json() == {"status": "engine dead"}
+        assert health.status_code == 503 and health.json()["status"] == "engine dead"
+        # and why: which rank, how it died (old code: the status alone)
+        assert health.json()["reason"] == f"rank 1 (pid {ranks[1].pid}) exited with code -9", health.text
         failed = httpx.post(url + "/v1/completions", json=body, timeout=60)  # and requests fail, as /health says
         assert failed.status_code == 500 and "rank 1" in failed.json()["error"]["message"], failed.text
     finally:
