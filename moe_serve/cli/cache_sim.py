@@ -13,7 +13,7 @@ import math
 import sys
 from pathlib import Path
 
-from moe_serve.cli.flags import output_file
+from moe_serve.cli.flags import not_an_input, output_file
 from moe_serve.experts.policies import POLICY_NAMES
 from moe_serve.experts.replay import DSV2_LITE_EXPERT_BYTES, CostModel
 from moe_serve.experts.simulate import format_table, simulate
@@ -137,9 +137,7 @@ def main(args) -> int:
     prefetch_from = cost.prefetch_from(args.prefetch_from)
     output_file(args.json, "--json")
     inputs = [("--trace", p) for p in args.trace] + [("--fit-trace", p) for p in args.fit_trace]
-    for flag, path in inputs + ([("--predictor", args.predictor)] if args.predictor else []):
-        if args.json and Path(args.json).resolve() == Path(path).resolve():  # it would be replaced by the results
-            raise ValueError(f"--json {args.json} is also an input ({flag} {path}): name another output file")
+    not_an_input("--json", args.json, inputs + ([("--predictor", args.predictor)] if args.predictor else []))
     predictor = None
     if args.predictor:
         predictor = load_predictor(args.predictor)

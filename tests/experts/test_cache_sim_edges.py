@@ -223,3 +223,16 @@ def test_json_output_may_not_overwrite_an_input(tmp_path, capsys):
         assert cli_main(["cache-sim", *argv, "--policy", "lru"]) == 2
         assert "--json" in capsys.readouterr().err
         assert (tmp_path / "t.npz").read_bytes() == before
+
+
+def test_json_naming_an_input_is_refused_by_the_shared_check(tmp_path, capsys):
+    """cache-sim refuses --json naming a --trace, --fit-trace (any spelling) with the same check and words as
+    place and predict (moe_serve.cli.flags.not_an_input); the input is left as it was."""
+    a = save_trace(tmp_path / "a.npz", [[[0, 1], [2, 3]]] * 4, 4)
+    b = save_trace(tmp_path / "b.npz", [[[1, 2], [0, 3]]] * 4, 4)
+    before = {p: open(p, "rb").read() for p in (a, b)}
+    for argv, flag, path in ((["--json", str(tmp_path / "." / "a.npz")], "--trace", a),
+                             (["--fit-trace", b, "--json", b], "--fit-trace", b)):
+        assert cli_main(["cache-sim", "--trace", a, "--policy", "lru", *argv]) == 2
+        assert f"is also an input ({flag} {path}): name another output file" in capsys.readouterr().err
+    assert {p: open(p, "rb").read() for p in (a, b)} == before
