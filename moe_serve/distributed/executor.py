@@ -79,6 +79,7 @@ class DistributedModel:
         check_shardable(self.spec, self.layout)
         self.plan = default_plan(self.spec.num_moe_layers, self.spec.num_experts, pc.ep, pc.redundant_experts,
                                  pc.placement)
+        self.plan_since_step = 0  # the step from which self.plan is in force (switch_placement moves both)
         if pc.preplan_predictor:  # each rank loads it too: a bad file failed every rank's start-up, a traceback each
             from moe_serve.distributed.forecast import load_forecaster
 
@@ -226,6 +227,9 @@ class DistributedModel:
         plan.validate()  # an expert in no slot was routed to slot -1 on the ranks, failing them all
         doc = dict(num_ranks=plan.num_ranks, phy2log=plan.phy2log.tolist(), meta=plan.meta)
         done = self.group.command(m.PlacementCommand(at_step=at, plan_json=json.dumps(doc)), self.pc.step_timeout_s)
+        # every rank took it and runs it from that step on: this is the plan in force now (it stayed the start-up
+        # one; the ranks' own rebalance_every switches are not seen here)
+        self.plan, self.plan_since_step = plan, done[0].at_step
         return done[0].at_step
 
     def dispatch_stats(self) -> dict[str, float]:

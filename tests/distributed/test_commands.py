@@ -79,6 +79,8 @@ def test_switch_placement_by_default_applies_at_the_next_step_boundary(tmp_path)
         dm.group.command = step_first
         swapped = np.r_[np.arange(4, 8), np.arange(4)][None].repeat(3, 0)
         assert dm.switch_placement(PlacementPlan.from_phy2log(swapped, 8, 2)) == 1 == dm.step_id
+        # the frontend's plan is the one in force, from that step (old code: still the start-up plan)
+        assert (dm.plan.phy2log == swapped).all() and dm.plan_since_step == 1
         dm.group.command = command
         got_tokens, _ = greedy(dm, steps=3)  # steps 1..3, the first on the new plan
         stats = dm.dispatch_stats()
