@@ -20,6 +20,16 @@ from pathlib import Path
 from moe_serve.cli.flags import key_value_params as _params, not_an_input, output_file, same_trace_shape
 
 
+# the predictors whose fit or predict reads the traces' hidden states when they hold some; the others are
+# run without loading them (float16 [T, L, H]: ~850 MB for a full DeepSeek-shaped trace, and eval's float32 copy)
+READS_HIDDEN = ("ensemble", "hidden_linear", "mlp", "mlp_online", "router")
+
+
+def trace_keys(names) -> tuple | None:
+    """load_trace's keys for running predictors `names` (None: all of them): hidden states only if one reads them."""
+    return None if names is None or any(n in READS_HIDDEN for n in names) else ()
+
+
 def run_fit(args) -> int:
     from predictors.registry import make_predictor
     from predictors.router import HiddenLinearPredictor, RouterPredictor
@@ -29,7 +39,7 @@ def run_fit(args) -> int:
     output_file(args.out, "--out")
     params = _params(args.param)
     check_params(args.predictor, params, "--param")  # a misspelt key: refused before the traces load
-    traces = [load_trace(p) for p in args.trace]
+    traces = [load_trace(p, keys=trace_keys([args.predictor])) for p in args.trace]
     same_trace_shape(args.trace, traces, "--trace")  # the predictor's shape is the first one's
     ref = traces[0]
     check_lookahead(args.lookahead, ref.num_layers, args.trace[0])
@@ -138,8 +148,9 @@ def run_eval(args) -> int:
     output_file(args.json, "--json")
     names = predictor_names(args.predictors)
     params = predictor_params(args.params)
-    train = [load_trace(p) for p in args.train]
-    test = [load_trace(p) for p in args.test]
+    keys = trace_keys(names)
+    train = [load_trace(p, keys=keys) for p in args.train]
+    test = [load_trace(p, keys=keys) for p in args.test]
     same_trace_shape(args.train + args.test, train + test, "--train/--test")
     sized = [(p, t.hidden.shape[-1]) for p, t in zip(args.train + args.test, train + test) if t.hidden is not None]
     for path, H in sized:  # a hidden-state predictor fitted on one size fails on the other, after every fit

@@ -53,3 +53,36 @@ def test_a_repeated_param_key_is_refused(tmp_path, capsys):
                  "--param", "smoothing=0.5", "--param", "weighted=false"]) == 0
     assert load_predictor(out).params == {"smoothing": 0.5, "weighted": False}
     assert np.isfinite(load_predictor(out).params["smoothing"])
+
+
+def test_predictors_that_read_no_hidden_states_are_run_without_loading_them(tmp_path, capsys):
+    """predict fit / eval loaded every trace's hidden states (float16 [T, L, H], ~850 MB for a full
+    DeepSeek-shaped trace; eval then made a float32 copy) whatever the predictor. Those that read none now
+    never load them: their results equal those on the same traces without hidden states, and a trace whose
+    hidden member cannot be read is accepted for them (the old code refused it). mlp still gets them."""
+    import json
+
+    from predictors.traces import RoutingTrace
+    from tests.predictors.synth import router_trace
+
+    t, _ = router_trace(tokens=300, L=3, E=8, K=2, seqs=6)
+    with_hidden, without, broken = tmp_path / "h.npz", tmp_path / "n.npz", tmp_path / "b.npz"
+    t.save(with_hidden)
+    RoutingTrace(t.experts, t.weights, t.seq_offsets, t.num_experts).save(without)
+    np.savez(broken, experts=t.experts, weights=t.weights, seq_offsets=t.seq_offsets,
+             meta=np.array('{"num_experts": 8}'), hidden=np.array(["not", "numbers"]))
+    names = "popularity,transition,prev_token,logreg,sgd"
+    results = {}
+    for path in (with_hidden, without, broken):
+        out = tmp_path / f"{path.stem}.json"
+        assert main(["predict", "eval", "--train", str(path), "--test", str(path), "--predictors", names,
+                     "--lookahead", "1", "--json", str(out)]) == 0, capsys.readouterr().err
+        res = json.loads(out.read_text())["results"]
+        results[path.stem] = {n: {k: v for k, v in r.items() if "_s" not in k and "_ms" not in k} for n, r in res.items()}
+        assert main(["predict", "fit", "--trace", str(path), "--predictor", "transition",
+                     "--out", str(tmp_path / f"{path.stem}.safetensors")]) == 0
+    assert results["h"] == results["n"] == results["b"] and set(results["h"]) == set(names.split(","))
+    capsys.readouterr()
+    assert main(["predict", "fit", "--trace", str(broken), "--predictor", "mlp", "--param", "epochs=1",
+                 "--out", str(tmp_path / "m.safetensors")]) == 2  # mlp reads hidden states: it still loads them
+    assert "'hidden' must hold numbers" in capsys.readouterr().err
