@@ -112,6 +112,11 @@ class DistributedModel:
         """Start the ranks: each loads its shard and allocates its KV cache of `num_slots` x `max_len`."""
         if self._closed.is_set():
             raise RuntimeError("the distributed model is closed")
+        if num_slots < 1 or max_len < 1:  # as MoEModel: else every rank failed its start-up, a traceback each
+            raise ValueError(f"allocate_kv_cache needs num_slots >= 1 and max_len >= 1, got {num_slots}, {max_len}")
+        if self.group is not None or not self._started.is_set():  # a second group: the first's ranks ran on, unowned
+            raise RuntimeError(f"allocate_kv_cache: the worker ranks are running already ({self.num_slots} slots x "
+                               f"{self.max_len}); close() this model and build a new one for other sizes")
         pc, mc, w = self.pc, self.mc, self.layout.world_size
         args = dict(model=str(mc.model), dtype=mc.dtype, mla_decode=mc.mla_decode, num_slots=num_slots, max_len=max_len,
                     dispatch=pc.dispatch, placement=pc.placement, redundant_experts=pc.redundant_experts,
@@ -227,8 +232,7 @@ class DistributedModel:
         plan.validate()  # an expert in no slot was routed to slot -1 on the ranks, failing them all
         doc = dict(num_ranks=plan.num_ranks, phy2log=plan.phy2log.tolist(), meta=plan.meta)
         done = self.group.command(m.PlacementCommand(at_step=at, plan_json=json.dumps(doc)), self.pc.step_timeout_s)
-        # every rank took it and runs it from that step on: this is the plan in force now (it stayed the start-up
-        # one; the ranks' own rebalance_every switches are not seen here)
+        # every rank took it: the plan in force from that step (the ranks' own rebalance_every switches unseen here)
         self.plan, self.plan_since_step = plan, done[0].at_step
         return done[0].at_step
 
