@@ -220,8 +220,8 @@ class DistributedModel:
         they refuse it: serving goes on with the running plan). Weights move between ranks; outputs do not change."""
         import json
 
-        if self.group is None:
-            raise RuntimeError("the worker ranks are not running")
+        if self.group is None:  # failed: why (a bare 'not running' hid which rank died and how)
+            raise self.error or RuntimeError("the worker ranks are not running")
         at = -1 if at_step is None else at_step  # -1: the ranks take the next step they run (runner.command)
         if at_step is not None and at < self.step_id:  # the ranks switch before it: one already run never comes
             raise ValueError(f"switch_placement: at_step must be >= the next step {self.step_id}, got {at}")

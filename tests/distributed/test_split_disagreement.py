@@ -33,6 +33,8 @@ def test_ranks_disagreeing_on_the_split_fail_the_group_like_a_dead_rank(tmp_path
         assert dm.failure() == text  # /health's 503 reads this (old code: None, health 200)
         with pytest.raises(WorkerFailure):  # every later step fails at once (old code: step 2 served)
             greedy(dm, steps=1)
+        with pytest.raises(WorkerFailure, match="step 1: the ranks disagree"):  # not a bare 'ranks are not running'
+            dm.switch_placement(dm.plan)
         deadline = time.monotonic() + 10
         while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
