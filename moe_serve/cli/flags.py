@@ -20,11 +20,20 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip: tuple[st
         kind = hints[f.name]
         args = typing.get_args(kind)
         base = next((a for a in args if a is not type(None)), kind) if args else kind
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "") + default_note(f.metadata.get("help", ""), f.default)
+        # the parser's default is None, so that config_kwargs passes on only the flags the user gave
         if base is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=base, default=None, help=f"{help_text} (default: {f.default})")
+            parser.add_argument(flag, dest=f.name, type=base, default=None, help=help_text)
+
+
+def default_note(help_text: str, default) -> str:
+    """' (default: X)' for a field's help. A None default whose help already says what it means ('default:
+    the model's context') gets nothing: ' (default: None)' beside it read as a second, contradicting one."""
+    if default is None and "default" in help_text:
+        return ""
+    return f" (default: {default})"
 
 
 def config_kwargs(args: argparse.Namespace, *config_classes) -> dict:

@@ -28,8 +28,11 @@ ENGINE_SECTIONS = tuple(cls for name, cls in EngineConfig.sections().items() if 
 
 
 def _add_prompt_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
-    p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
+    demo = ", ".join(repr(d) for d in DEFAULT_PROMPTS)
+    p.add_argument("--prompt", action="append", default=None,
+                   help=f"a prompt (repeat for several); with neither this nor --prompts-file: {demo}")
+    p.add_argument("--prompts-file", default=None,
+                   help="a text file with one prompt per line, after any --prompt (default: none)")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -37,8 +40,8 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate per prompt (default: 64)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1)")
-    g.add_argument("--top-k", type=int, default=-1, help="keep the k most likely tokens; -1 = all")
-    g.add_argument("--seed", type=int, default=None, help="sampling seed of every request")
+    g.add_argument("--top-k", type=int, default=-1, help="keep the k most likely tokens; -1 = all (default: -1)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed of every request (default: none, unseeded)")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeat for several)")
     g.add_argument("--stop-token-ids", type=int, nargs="+", action="extend", default=None,
                    help="token ids that end a request (repeat the flag to add more)")
@@ -61,7 +64,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_generate)
 
     p = subparsers.add_parser("info", help="describe a checkpoint: family, layers, experts, top-k, sizes")
-    p.add_argument("model_dir", nargs="?", default=DEFAULT_MODEL, help="checkpoint directory")
+    p.add_argument("model_dir", nargs="?", default=DEFAULT_MODEL,
+                   help=f"checkpoint directory (default: the shipped default model, {DEFAULT_MODEL})")
     p.set_defaults(func=run_info)
 
     p = subparsers.add_parser("record-trace", help="run prompts and write their routing trace (.npz)")
