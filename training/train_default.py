@@ -27,39 +27,47 @@ from training.evaluate import evaluate
 REPO = Path(__file__).resolve().parents[1]
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--corpus", type=Path, default=REPO / ".." / "shared" / "corpus")
-    p.add_argument("--out", type=Path, default=REPO / "moe_serve" / "default_model")
+def build_parser() -> argparse.ArgumentParser:
+    # every flag says its default (the formatter adds it); those defaults made the shipped checkpoint
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--corpus", type=Path, default=REPO / ".." / "shared" / "corpus",
+                   help=f"directory holding the corpus files ({', '.join(CORPUS_FILES)})")
+    p.add_argument("--out", type=Path, default=REPO / "moe_serve" / "default_model",
+                   help="checkpoint directory to write: new, empty, or one this command wrote before")
     p.add_argument("--work", type=Path, default=Path("/tmp/moe_default_work"), help="tokenized data cache + checkpoints")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=int, default=1234, help="seed of model init, window sampling and file choice")
     p.add_argument("--threads", type=int, default=1, help="1 beats 2 on a shared 2-core box (measured 5x)")
     p.add_argument("--minutes", type=float, default=24.0, help="wall-clock guard for the training loop")
     p.add_argument("--steps", type=int, default=520, help="optimizer steps (cosine schedule length)")
     p.add_argument("--calibrate", type=int, default=0, help="run this many steps, print tokens/s, save nothing")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32", help="autocast dtype for the forward")
     # model
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--moe-inter", type=int, default=256)
-    p.add_argument("--max-pos", type=int, default=2048)
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary (>= 256 bytes + 5 special tokens)")
+    p.add_argument("--hidden", type=int, default=256, help="hidden size")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers (every one MoE)")
+    p.add_argument("--heads", type=int, default=8, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=2, help="key/value heads (GQA; divides --heads)")
+    p.add_argument("--head-dim", type=int, default=32, help="dimension of each attention head")
+    p.add_argument("--experts", type=int, default=8, help="routed experts per layer")
+    p.add_argument("--top-k", type=int, default=2, help="experts each token is routed to")
+    p.add_argument("--moe-inter", type=int, default=256, help="intermediate size of each expert")
+    p.add_argument("--max-pos", type=int, default=2048, help="max_position_embeddings (> --seq-len)")
     # optimization
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--aux-coef", type=float, default=0.1)
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per training row (windows of seq-len + 1)")
+    p.add_argument("--batch", type=int, default=8, help="rows per optimizer step")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine's final lr, as a fraction of --lr")
+    p.add_argument("--warmup", type=int, default=30, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (weight matrices, not embeddings)")
+    p.add_argument("--aux-coef", type=float, default=0.1, help="weight of the load-balancing loss")
     p.add_argument("--tok-sample-chars", type=int, default=3_000_000, help="chars per file to train the BPE on")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    p.add_argument("--ckpt-every", type=int, default=100, help="steps between ckpt.pt saves in --work")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     for message in bad_args(a):
         p.error(message)  # exit code 2, before the corpus is read or anything is written

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from training.data import CORPUS_FILES
-from training.train_default import parse_args, prepare
+from training.train_default import build_parser, parse_args, prepare
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--vocab-size", "300", "--hidden", "32", "--layers", "2", "--heads", "2", "--kv-heads", "1", "--head-dim", "16",
@@ -41,6 +41,18 @@ def test_help(capsys):
         parse_args(["--help"])
     out = capsys.readouterr().out
     assert info.value.code == 0 and "--corpus" in out and "--minutes" in out and "--steps" in out
+
+
+def test_every_flag_has_help_that_shows_its_default():
+    """--corpus, --hidden, --lr and 18 more had no help at all, and no flag said its default."""
+    parser = build_parser()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, f"{action.option_strings[0]} has no help text"
+        text = parser._get_formatter()._expand_help(action)  # as --help prints it
+        assert text.endswith(f"(default: {action.default})"), f"{action.option_strings[0]}: {text!r}"
+    assert "--lr LR" in parser.format_help() and "(default: 0.003)" in parser.format_help()
 
 
 @pytest.mark.parametrize("argv, message", [
