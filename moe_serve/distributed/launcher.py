@@ -147,10 +147,15 @@ class WorkerGroup(RankMonitor, GroupTeardown):  # the monitor thread's half: mon
                         "engine); not executed", len(frame))
             return None
         try:
-            return m.decode_from_worker(payload)
+            msg = m.decode_from_worker(payload)
         except msgspec.DecodeError as exc:  # ValidationError too (a subclass)
             log.warning("control: dropped a %d-byte frame that is no rank's message (%s)", len(frame), exc)
             return None
+        if not 0 <= msg.rank < self.world_size:  # it indexed the per-rank tables: an IndexError ended the monitor
+            log.warning("control: dropped a %s from rank %d, no rank of this group of %d", type(msg).__name__,
+                        msg.rank, self.world_size)
+            return None
+        return msg
 
     def _drain_errors(self) -> str:
         text = ""

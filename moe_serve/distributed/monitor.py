@@ -59,6 +59,9 @@ class RankMonitor:
         (shutdown, which used to close it after a join that could time out, left it closed under a poll)."""
         try:
             self._watch_until_stopped()
+        except Exception as exc:  # a dead monitor hears no rank: every step would wait out step_timeout_s
+            self._fail(f"the frontend's rank monitor failed: {type(exc).__name__}: {exc}")
+            raise
         finally:
             with self._handoff:  # teardown.py: whoever closes the last side ends the context
                 self._close_side([self.up])

@@ -32,3 +32,30 @@ def test_shutdown_while_the_monitor_judges_a_failure_never_closes_its_socket_und
         for p in group.procs:
             if p.poll() is None:
                 p.kill()
+
+
+def test_a_message_naming_no_rank_of_the_group_is_dropped_and_the_monitor_serves_on(monkeypatch):
+    """An ipc frame (not signed: a directory only this user opens) that decodes as a rank's message but names a rank
+    outside the group (another engine's rank on a reused path, a tool of this user) indexed the monitor's per-rank
+    table: IndexError, the monitor thread died, every later step waited out parallel.step_timeout_s."""
+    import zmq
+
+    from moe_serve.distributed import messages as m
+    from tests.distributed.test_control import _spec
+
+    crashed = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: crashed.append(args.exc_value))
+    group = WorkerGroup(_spec(1, 2), world_size=2, startup_timeout_s=60, heartbeat_timeout_s=20)
+    ctx = zmq.Context()
+    stranger = ctx.socket(zmq.PUSH)
+    try:
+        stranger.connect(group.endpoints.up)
+        stranger.send(m.encode(m.Heartbeat(7, 0, time.time(), "serving")))
+        time.sleep(0.5)
+        assert crashed == [] and group._monitor.is_alive() and group.error is None, crashed
+        group.broadcast(_plan(0, [[3], [4]]))  # and the ranks' steps still come back
+        assert len(group.collect(0, 2, timeout_s=20)) == 2
+    finally:
+        stranger.close(linger=0)
+        ctx.term()
+        group.shutdown(grace_s=1)
