@@ -181,9 +181,10 @@ def run_generate(args) -> int:
         tpot = [o.metrics.time_per_output_token for o in outs if o.metrics.time_per_output_token is not None]
         print(f"\n{len(outs)} requests, {n_in} prompt + {n_out} output tokens in {elapsed:.2f} s: "
               f"{n_out / elapsed:.1f} output tokens/s, {(n_in + n_out) / elapsed:.1f} total tokens/s")
-        if ttft:
-            print(f"time to first token {np.mean(ttft) * 1e3:.1f} ms (mean), "
-                  f"time per output token {np.mean(tpot) * 1e3 if tpot else float('nan'):.1f} ms (mean)")
+        if ttft:  # TPOT needs a second token: with one token per request there is none to print (not nan)
+            tpot_text = (f"time per output token {np.mean(tpot) * 1e3:.1f} ms (mean)" if tpot
+                         else "no time per output token (no request made a second token)")
+            print(f"time to first token {np.mean(ttft) * 1e3:.1f} ms (mean), {tpot_text}")
         load = llm.expert_load()
         if load is not None:
             print("\nexpert load per MoE layer (tokens routed to each expert):")

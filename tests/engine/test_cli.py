@@ -73,3 +73,11 @@ def test_output_flags_create_missing_directories(tmp_path):
     plan = tmp_path / "new" / "dir" / "plan.json"
     assert main(["place", "--trace", trace, "--ep", "2", "--algorithm", "contiguous", "--out", str(plan)]) == 0
     assert plan.is_file()
+
+
+def test_one_token_per_request_prints_no_nan_time_per_output_token(tiny_dir, capsys):
+    """TPOT needs a second token: with --max-tokens 1 the line said 'time per output token nan ms'."""
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "hello", "--max-tokens", "1", "--ignore-eos"]) == 0
+    out = capsys.readouterr().out
+    assert "nan" not in out and "time to first token" in out
+    assert "no time per output token (no request made a second token)" in out
