@@ -26,7 +26,7 @@ def register(subparsers) -> None:
     p.add_argument("--trace", nargs="+", action="extend", required=True, help="routing trace files (.npz) to replay")
     p.add_argument("--capacity", type=float, nargs="+", action="extend", default=None,
                    help="fraction(s) of all experts resident, in (0, 1] (default: 0.25)")
-    p.add_argument("--policy", nargs="+", action="extend", default=None, help=f"{', '.join(POLICY_NAMES)} or all")
+    p.add_argument("--policy", nargs="+", action="extend", default=None, help=f"{', '.join(POLICY_NAMES)} or all (default: all)")
     p.add_argument("--predictor", default=None, help="fitted predictor file for the predicted policy's prefetch")
     p.add_argument("--fit-trace", nargs="*", action="extend", default=None,
                    help="traces (another domain) the static load and the predicted prior are fitted on")

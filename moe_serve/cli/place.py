@@ -174,5 +174,5 @@ def register(subparsers) -> None:
                    help="eval: replay with online re-placement, at most this many slots rewritten per layer "
                         "and batch (default: 0, static)")
     p.add_argument("--online-window", type=int, default=EVAL_FLAGS["--online-window"],
-                   help="eval: online sliding window in tokens")
+                   help="eval: online sliding window in tokens (default: 1024)")
     p.set_defaults(func=run)
