@@ -194,30 +194,33 @@ def launch_server(args) -> subprocess.Popen:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="server to load (ignored with --launch)")
     p.add_argument("--launch", action="store_true", help="start `python -m moe_serve.server` on a free port")
     p.add_argument("--serve-args", default="", help="extra server flags with --launch")
-    p.add_argument("--server-log", default="/tmp/moe_serve_bench_server.log")
+    p.add_argument("--server-log", default="/tmp/moe_serve_bench_server.log", help="the --launch server's output")
     p.add_argument("--server-pid", type=int, default=None, help="sample this process's RSS")
     p.add_argument("--model-dir", type=Path, default=None,
                    help="checkpoint served (its tokenizer builds the prompts; --launch serves it); default: the default model")
-    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
-    p.add_argument("--dataset", choices=["random", "corpus"], default="random")
-    p.add_argument("--input-len", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
+                   help="/v1/completions or /v1/chat/completions")
+    p.add_argument("--dataset", choices=["random", "corpus"], default="random",
+                   help="random token ids (exact input lengths) or slices of ../shared/corpus")
+    p.add_argument("--input-len", type=int, default=64, help="prompt tokens per request (mean with --range-ratio)")
+    p.add_argument("--output-len", type=int, default=64, help="max_tokens per request (mean with --range-ratio)")
     p.add_argument("--range-ratio", type=float, default=0.0, help="lengths drawn from mean*(1 +- ratio)")
-    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--num-prompts", type=int, default=64, help="requests per pass")
     p.add_argument("--duration", type=float, default=None, help="run each pass for this many seconds instead")
-    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most (default: no limit)")
     p.add_argument("--sweep", default=None, help="comma-separated concurrencies, one pass each (first = baseline)")
     p.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second")
-    p.add_argument("--warmup-requests", type=int, default=4)
+    p.add_argument("--warmup-requests", type=int, default=4, help="requests sent (and not counted) before the first pass")
     p.add_argument("--warmup-s", type=float, default=30.0, help="RSS growth is measured from this time on")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false")
-    p.add_argument("--timeout", type=float, default=600.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--result-file", type=Path, default=None)
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of every request (0: greedy)")
+    p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
+                   help="let requests end at EOS (default: ignore_eos, so each runs its --output-len)")
+    p.add_argument("--timeout", type=float, default=600.0, help="HTTP timeout per request, seconds")
+    p.add_argument("--seed", type=int, default=0, help="seeds the prompts, lengths and arrival times")
+    p.add_argument("--result-file", type=Path, default=None, help="write the results as JSON here")
     return p.parse_args(argv)
 
 
