@@ -111,3 +111,28 @@ def test_replay_refuses_duplicated_or_out_of_range_ids():
     wide = np.array([[[0], [4]]], dtype=np.int64)  # expert 4 of E=4 at layer 1
     with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 4\)"):
         replay(wide, 4, make_policy("lru"), 2, cost)
+
+
+def test_reuse_forecast_keeps_the_bounds_and_counts():
+    """The predicted policies with the learned reuse forecast (any weights) obey the same invariants."""
+    from moe_serve.experts.policies.reuse import NF
+
+    rng = np.random.default_rng(13)
+    weights = rng.normal(size=(NF, 8))
+    for _ in range(30):
+        x, E = random_trace(rng)
+        T, L, K = x.shape
+        future = global_steps(x, E)
+        for cap in sorted({K, L * E // 2, L * E} & set(range(K, L * E + 1))):
+            cost = CostModel(expert_bytes=1000, bandwidth_gbps=1.0, layer_ms=0.5)
+            r = replay(x, E, make_policy("predicted", reuse_weights=weights), cap, cost)
+            best = replay(x, E, make_policy("belady", future=future), cap, cost)
+            hits, copies = counts(r)
+            assert copies == r["accesses"] - hits and 0.0 <= r["ready_in_time"] <= r["hit_rate"] <= 1.0
+            assert r["hit_rate"] <= best["hit_rate"] + 1e-12
+            if cap == L * E:
+                assert copies == np.unique(future).size
+            p = replay(x, E, make_policy("predicted-prefetch", reuse_weights=weights), cap,
+                       CostModel(expert_bytes=10**6, bandwidth_gbps=2.0, layer_ms=1.0, copy_order="demand-first"))
+            hits, copies = counts(p)
+            assert copies >= p["accesses"] - hits and 0.0 <= p["ready_in_time"] <= p["hit_rate"] <= 1.0

@@ -13,12 +13,15 @@ SERVING_POLICIES = ("lru", "lfu", "static", "predicted", "predicted-prefetch")  
 
 
 def make_policy(name: str, *, load: np.ndarray | None = None, future: np.ndarray | None = None,
-                predictor=None, lookahead: int = 1, prior=None, prefetch_from: int = 1) -> CachePolicy:
+                predictor=None, lookahead: int = 1, prior=None, prefetch_from: int = 1,
+                reuse_weights: np.ndarray | None = None, reuse_mix: float = 0.75) -> CachePolicy:
     """`load` float [L, E] profiled expert load (static); `future` int [S, K] global ids per clock
     (belady); `predictor` and `prior` (from `gap_counts`) for predicted. "predicted-prefetch" is
     predicted that also fetches the predictor's top-k experts of the next layers unconditionally
     (more hits, more bytes moved), and the k + 4 likeliest by the combined estimate. `prefetch_from`:
-    the nearest predicted layer the predicted policies prefetch for (see `PredictedPolicy`)."""
+    the nearest predicted layer the predicted policies prefetch for (see `PredictedPolicy`).
+    `reuse_weights` (from `reuse.fit_reuse`, opt-in): the predicted policies mix the learned reuse
+    forecast into eviction with weight `reuse_mix`."""
     if name == "lru":
         return LRUPolicy()
     if name == "lfu":
@@ -33,7 +36,8 @@ def make_policy(name: str, *, load: np.ndarray | None = None, future: np.ndarray
         # expert's own recent use): about k - 2 of those are resident already, the rest are the
         # likeliest misses the predictor alone ranks too low
         return PredictedPolicy(predictor=predictor, lookahead=lookahead, prior=prior, prefetch_top=top,
-                               combined_top=top + 4 if top else 0, prefetch_from=prefetch_from)
+                               combined_top=top + 4 if top else 0, prefetch_from=prefetch_from,
+                               reuse_weights=reuse_weights, reuse_mix=reuse_mix)
     if name in ("belady", "belady-prefetch"):
         if future is None:
             raise ValueError(f"cache policy {name!r} sees the future: it exists for trace replay only")

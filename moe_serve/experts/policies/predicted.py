@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from moe_serve.experts.policies.base import CachePolicy
+from moe_serve.experts.policies.reuse import NF, ReuseForecast, until_from_logits
 
 MAX_GAP = 64  # gaps >= MAX_GAP share one hazard
 FAR = -MAX_GAP  # "last used" of an expert never used
@@ -102,6 +103,12 @@ class PredictedPolicy(CachePolicy):
     likeliest by the combined estimate (predictor and the expert's own recent use at that layer,
     `combine`), which catches the likely misses the predictor alone ranks too low.
 
+    `reuse_weights` (opt-in; `reuse.fit_reuse` on another trace): the learned reuse forecast (decayed
+    use counts and which experts follow the previous token's at the same layer, learned online) is
+    mixed into each expert's expected tokens until use with weight `reuse_mix`; the predicted layers
+    keep the predictor's estimate. Full traces, 50%, lookahead 6, 54.8 GB/s, prefetch from 2, fitted on
+    the other domain: ready-in-time summary .8837 -> .8907 (mix .5), intent .9098 -> .9141.
+
     Online cost: everything that depends only on the hazards (their log-odds, E[min(N, H)] for every
     gap) is tabulated at each refresh, so a layer step is a few gathers over E experts."""
 
@@ -109,7 +116,8 @@ class PredictedPolicy(CachePolicy):
 
     def __init__(self, predictor=None, lookahead: int = 1, prior=None, prior_weight: float = 0.0,
                  prefetch_threshold: float = 0.5, horizon: int | None = None, shrink: float = 4.0,
-                 refresh_every: int = 16, prefetch_top: int = 0, combined_top: int = 0, prefetch_from: int = 1):
+                 refresh_every: int = 16, prefetch_top: int = 0, combined_top: int = 0, prefetch_from: int = 1,
+                 reuse_weights: np.ndarray | None = None, reuse_mix: float = 0.75):
         if lookahead < 0:
             raise ValueError(f"predicted policy: lookahead must be >= 0, got {lookahead}")
         if not 0.0 <= prefetch_threshold <= 1.0:
@@ -124,6 +132,12 @@ class PredictedPolicy(CachePolicy):
             raise ValueError(f"predicted policy: prefetch_top must be >= 0, got {prefetch_top}")
         self.prefetch_top, self.combined_top, self.prefetch_from = prefetch_top, combined_top, prefetch_from
         self._horizon_arg = horizon
+        if not 0.0 <= reuse_mix <= 1.0:
+            raise ValueError(f"predicted policy: reuse_mix must lie in [0, 1], got {reuse_mix}")
+        # the learned reuse forecast (`reuse.py`, weights [NF, >= H-1] from `fit_reuse`), mixed into the
+        # expected tokens until use with weight reuse_mix; None: the hazards alone
+        self.reuse_weights = None if reuse_weights is None else np.asarray(reuse_weights, dtype=np.float64)
+        self.reuse_mix = reuse_mix
         self._forced: set[int] = set()
 
     def bind(self, num_layers, num_experts, capacity):
@@ -139,6 +153,10 @@ class PredictedPolicy(CachePolicy):
             self.trials += self.prior_weight * pt
             self.uses += self.prior_weight * pu
         self.last_tok = np.full((L, E), FAR, dtype=np.int64)  # token of each expert's last use
+        self._reuse = ReuseForecast(L, E) if self.reuse_weights is not None else None
+        wshape = None if self._reuse is None else self.reuse_weights.shape
+        if wshape is not None and (len(wshape) != 2 or wshape[0] != NF or wshape[1] < self.horizon - 1):
+            raise ValueError(f"predicted policy: reuse_weights shape {wshape} must be [{NF}, >= {self.horizon - 1}]")
         self.tokens = np.ones((L, E))  # expected tokens until use, counted from the next opportunity
         self.token, self.layer = -1, L - 1
         self._e = np.arange(E)
@@ -175,6 +193,10 @@ class PredictedPolicy(CachePolicy):
     def _update_row(self, layer: int, next_token: int) -> None:
         gap = _gap(next_token - self.last_tok[layer])
         self.tokens[layer] = self._until(layer, gap, self.horizon)
+        if self._reuse is not None:
+            w = self.reuse_weights[:, : self.horizon - 1]  # [NF, H-1]
+            learned = until_from_logits(self._reuse.logits(layer, next_token, w)) if self.horizon > 1 else 1.0
+            self.tokens[layer] += self.reuse_mix * (learned - self.tokens[layer])
 
     def on_access(self, layer, experts, clock):
         if layer <= self.layer:  # wrapped around: a new token
@@ -182,6 +204,8 @@ class PredictedPolicy(CachePolicy):
             if self.token % self.refresh_every == 0:
                 self._refresh()
         self.layer = layer
+        if self._reuse is not None:
+            self._reuse.observe(layer, experts, self.token)
         gap = _gap(self.token - self.last_tok[layer])
         self.trials[layer, self._e, gap] += 1.0
         self.uses[layer, experts, gap[experts]] += 1.0

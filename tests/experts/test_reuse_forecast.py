@@ -1,0 +1,74 @@
+"""The learned reuse forecast (policies/reuse.py) and the predicted policy that mixes it into eviction."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moe_serve.experts.policies import PredictedPolicy
+from moe_serve.experts.policies.reuse import NF, ReuseForecast, fit_reuse, tokens_until, training_rows
+from moe_serve.experts.replay import CostModel, replay
+
+
+def test_transition_feature_learns_what_follows():
+    # layer 0, E = 8, K = 1: expert 1 is always followed by expert 3 within the window, 5 never is
+    state = ReuseForecast(1, 8)
+    stream = [1, 3, 0, 2] * 20
+    for t, e in enumerate(stream):
+        state.observe(0, np.array([e]), t)
+    state.observe(0, np.array([1]), len(stream))  # the last token used expert 1
+    f = state.features(0, len(stream) + 1)  # [E, NF]
+    assert f.shape == (8, NF)
+    assert f[3, 12] > 0.5 > -0.5 > f[5, 12]  # 3 follows 1 in every window; 5 never appears
+    assert f[1, 0] == 1.0 and f[1].sum() > 1.0  # gap 1 bucket, plus counts and bias
+    assert f[7, 8] == 1.0 and np.all(f[7, 9:12] == 0.0)  # never used: the last gap bucket, no counts
+    w = np.random.default_rng(1).normal(size=(NF, 7))  # the policy's path skips building the features
+    assert np.allclose(state.logits(0, len(stream) + 1, w), f @ w)
+    assert np.allclose(ReuseForecast(1, 8).logits(0, 0, w), ReuseForecast(1, 8).features(0, 0) @ w)
+
+
+def test_tokens_until_is_an_expectation_within_the_horizon():
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(16, NF))
+    w = rng.normal(size=(NF, 8))
+    u = tokens_until(f, w, 8)
+    assert u.shape == (16,) and np.all(u >= 1.0) and np.all(u <= 8.0)
+    assert np.all(tokens_until(f, w, 1) == 1.0)
+    # certain use at the next opportunity: 1; certain no use within H: H
+    assert np.allclose(tokens_until(np.ones((2, NF)), np.full((NF, 8), 50.0), 8), 1.0)
+    assert np.allclose(tokens_until(np.ones((2, NF)), np.full((NF, 8), -50.0), 8), 8.0)
+
+
+def _trace(T=120, L=3, E=8, K=2, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.stack([np.stack([rng.choice(E, K, replace=False) for _ in range(L)]) for _ in range(T)])
+
+
+def test_training_rows_labels_match_the_stream():
+    x = _trace()
+    X, Y = training_rows(x, 8, horizon=4, every=4)
+    T, L = x.shape[:2]
+    assert X.shape == ((T - 1) // 4 * L * 8, NF) and Y.shape == (X.shape[0], 4)
+    # row block of token 4, layer 1: Y[e, w-1] is whether e is used at layer 1 within tokens 4 .. 4 + w - 1
+    block = Y[(0 * L + 1) * 8:(0 * L + 2) * 8]
+    for e in range(8):
+        for w in range(1, 5):
+            assert block[e, w - 1] == any(e in x[t, 1] for t in range(4, 4 + w))
+
+
+def test_policy_with_reuse_replays_and_mix_zero_is_the_hazard_policy():
+    x = _trace(T=200, L=4, E=16, K=2)
+    w = fit_reuse(x, 16, horizon=8, steps=10)
+    assert w.shape == (NF, 8) and np.all(np.isfinite(w))
+    cost = CostModel()
+    plain = replay(x, 16, PredictedPolicy(horizon=8), 24, cost)
+    mix0 = replay(x, 16, PredictedPolicy(horizon=8, reuse_weights=w, reuse_mix=0.0), 24, cost)
+    mixed = replay(x, 16, PredictedPolicy(horizon=8, reuse_weights=w, reuse_mix=1.0), 24, cost)
+    assert mix0 == plain
+    assert 0.0 < mixed["hit_rate"] <= 1.0 and mixed["ready_in_time"] <= mixed["hit_rate"]
+
+
+def test_reuse_arguments_are_checked():
+    with pytest.raises(ValueError, match="reuse_mix"):
+        PredictedPolicy(reuse_weights=np.zeros((NF, 8)), reuse_mix=1.5)
+    with pytest.raises(ValueError, match="reuse_weights shape"):
+        PredictedPolicy(horizon=8, reuse_weights=np.zeros((NF, 3))).bind(2, 8, 4)
