@@ -107,7 +107,7 @@ class PredictedPolicy(CachePolicy):
     use counts and which experts follow the previous token's at the same layer, learned online) is
     mixed into each expert's expected tokens until use with weight `reuse_mix`; the predicted layers
     keep the predictor's estimate. Full traces, 50%, lookahead 6, 54.8 GB/s, prefetch from 2, fitted on
-    the other domain: ready-in-time summary .8837 -> .8907 (mix .5), intent .9098 -> .9141.
+    the other domain: ready-in-time summary .8837 -> .8919, intent .9098 -> .9132 (mix .75; .8907 / .9141 at .5).
 
     Online cost: everything that depends only on the hazards (their log-odds, E[min(N, H)] for every
     gap) is tabulated at each refresh, so a layer step is a few gathers over E experts."""
