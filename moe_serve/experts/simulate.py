@@ -26,12 +26,13 @@ def expert_load(traces) -> np.ndarray:
 
 
 def simulate(trace, policies, capacities, cost: CostModel, predictor=None, fit_traces=(), lookahead: int = 1,
-             prefetch_from: int = 1, learn_lag: int = 1, log=None) -> dict:
+             prefetch_from: int = 1, learn_lag: int = 1, reuse: bool = False, log=None) -> dict:
     """{capacity fraction (str): {policy: metrics}} for one trace; metrics also hold `vs_belady`
     (hit rate over Belady's at that capacity; None where Belady hits nothing) when Belady ran.
     `prefetch_from`: see `PredictedPolicy` (`cost.min_prefetch_distance` is the nearest layer a copy
     can reach in time). `learn_lag`: chunks an adapting predictor's learning trails its predictions
-    (see `TracePredictions`; 1 as the runtime's background learner, 0 as inline learning)."""
+    (see `TracePredictions`; 1 as the runtime's background learner, 0 as inline learning). `reuse`: the
+    predicted policies also use the learned reuse forecast (`policies/reuse.py`), fitted on `fit_traces`."""
     for name in policies:
         if name not in POLICY_NAMES:
             raise ValueError(f"policy must be one of {', '.join(POLICY_NAMES)} or all, got {name!r}")
@@ -44,6 +45,12 @@ def simulate(trace, policies, capacities, cost: CostModel, predictor=None, fit_t
     if fit_traces and predicted:
         parts = [gap_counts(t.experts.astype(np.int64), E) for t in fit_traces]
         prior = (sum(p[0] for p in parts), sum(p[1] for p in parts))
+    reuse_weights = None
+    if reuse and predicted:
+        if not fit_traces:
+            raise ValueError("simulate: reuse=True fits the reuse forecast on fit_traces; none were given")
+        from moe_serve.experts.policies.reuse import fit_reuse
+        reuse_weights = fit_reuse(np.concatenate([t.experts.astype(np.int64) for t in fit_traces]), E)
     preds = None
     if predictor is not None and predicted and lookahead > 0:
         preds = TracePredictions(predictor, trace, learn_lag=learn_lag)
@@ -57,7 +64,7 @@ def simulate(trace, policies, capacities, cost: CostModel, predictor=None, fit_t
             use_pred = name.startswith("predicted") and preds is not None
             policy = make_policy(name, load=load, future=future, predictor=preds if use_pred else None,
                                  lookahead=min(lookahead, preds.lookahead) if use_pred else 0, prior=prior,
-                                 prefetch_from=prefetch_from)
+                                 prefetch_from=prefetch_from, reuse_weights=reuse_weights)
             m = replay(experts, E, policy, slots, cost, state_fn=(lambda t, layer: t) if use_pred else None)
             m["seconds"] = time.perf_counter() - t0
             if name == "belady-prefetch":

@@ -72,3 +72,22 @@ def test_reuse_arguments_are_checked():
         PredictedPolicy(reuse_weights=np.zeros((NF, 8)), reuse_mix=1.5)
     with pytest.raises(ValueError, match="reuse_weights shape"):
         PredictedPolicy(horizon=8, reuse_weights=np.zeros((NF, 3))).bind(2, 8, 4)
+
+
+def test_simulate_fits_the_reuse_forecast_on_the_fit_traces():
+    from moe_serve.experts.simulate import simulate
+    from predictors.traces import RoutingTrace
+
+    def trace(seed):
+        x = _trace(T=80, L=3, E=8, K=2, seed=seed)
+        return RoutingTrace(x.astype(np.int16), np.ones(x.shape, np.float16), np.array([0, 80]), 8)
+    test, fit = trace(1), trace(2)
+    cost = CostModel()
+    plain = simulate(test, ["predicted"], [0.5], cost, fit_traces=[fit])["0.5"]["predicted"]
+    reuse = simulate(test, ["predicted"], [0.5], cost, fit_traces=[fit], reuse=True)["0.5"]["predicted"]
+    weights = fit_reuse(fit.experts.astype(np.int64), 8)
+    by_hand = replay(test.experts.astype(np.int64), 8, PredictedPolicy(reuse_weights=weights), 12, cost)
+    assert reuse["hit_rate"] == by_hand["hit_rate"] and reuse["copies_per_token"] == by_hand["copies_per_token"]
+    assert 0.0 < plain["hit_rate"] <= 1.0
+    with pytest.raises(ValueError, match="fit_traces"):
+        simulate(test, ["predicted"], [0.5], cost, reuse=True)
