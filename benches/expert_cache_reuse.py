@@ -7,6 +7,7 @@ trace (`fit_reuse`); its transition counts are learned online from the replayed 
 
     python benches/expert_cache_reuse.py --out benches/results/expert_cache_sim_session13.json \
         [--scores-dir DIR]   # DIR/scores_{trace}_0.npy: TracePredictions.scores saved by an earlier run
+        [--online-steps 8]   # mlp_online's steps per chunk (default 1); 8 -> expert_cache_sim_session13_steps8.json
 """
 from __future__ import annotations
 
@@ -35,13 +36,14 @@ class Saved:
         return self.scores[state, layer][None]
 
 
-def predictions(name, other, scores_dir):
+def predictions(name, other, scores_dir, online_steps):
     from predictors.traces import load_trace
     if scores_dir:
         return Saved(np.load(pathlib.Path(scores_dir) / f"scores_{name}_0.npy", mmap_mode="r"), 6, 6)
     from predictors.registry import make_predictor
     fit = load_trace(TRACES / f"dsv2lite_{other}.npz", keys=())
-    p = make_predictor("mlp_online", fit.num_layers, fit.num_experts, fit.top_k, lookahead=6).fit([fit])
+    p = make_predictor("mlp_online", fit.num_layers, fit.num_experts, fit.top_k, lookahead=6,
+                       online_steps=online_steps).fit([fit])
     return TracePredictions(p, load_trace(TRACES / f"dsv2lite_{name}.npz", keys=()), learn_lag=1)
 
 
@@ -49,15 +51,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--scores-dir", default=None)
+    ap.add_argument("--online-steps", type=int, default=1,
+                    help="mlp_online's optimizer steps per learned chunk (8: session 11's better summary forecast)")
     args = ap.parse_args()
     cost = CostModel(bandwidth_gbps=54.8)
     out = dict(setup=dict(capacity=0.5, lookahead=6, bandwidth_gbps=54.8, prefetch_from=2, policy="predicted-prefetch",
-                          predictor="mlp_online fitted on the other trace, learn_lag 1", reuse_mix=MIX,
+                          predictor="mlp_online fitted on the other trace, learn_lag 1",
+                          online_steps=args.online_steps, reuse_mix=MIX,
                           predictions="loaded from --scores-dir" if args.scores_dir else "computed"), results={})
     for name, other in (("summary", "intent"), ("intent", "summary")):
         experts = np.load(TRACES / f"dsv2lite_{name}.npz")["experts"].astype(np.int64)
         T, L, K = experts.shape
-        preds = predictions(name, other, args.scores_dir)
+        preds = predictions(name, other, args.scores_dir, args.online_steps)
         t0 = time.perf_counter()
         weights = fit_reuse(np.load(TRACES / f"dsv2lite_{other}.npz")["experts"].astype(np.int64), 64)
         fit_s = time.perf_counter() - t0
