@@ -35,6 +35,10 @@ class ExpertCacheConfig:
                                   "predictor whose new weights are swapped in after each round) or inline (inside "
                                   "the decode step: a pause of online_steps optimizer steps every "
                                   "predictor_learn_every tokens)", default="background")
+    reuse_trace: str | None = doc("routing trace (.npz) of this model, another domain than the one served, to fit "
+                                  "the learned reuse forecast on at start-up (about 40 s for an 8,000-token "
+                                  "DeepSeek-V2-Lite trace on 2 CPU cores); the predicted policies then also evict by "
+                                  "it, as cache-sim --reuse", default=None)
     cpu_experts: str = doc("compute cold experts where they lie (CPU) when cheaper: auto, on or off", default="auto")
     cache_per_layer: bool = doc("split the expert slots evenly per layer instead of sharing them", default=False)
     host_memory: str = doc("host copy of the experts: copy (in RAM, pinned on GPU), mmap (read from the "
@@ -66,6 +70,10 @@ class ExpertCacheConfig:
                 self.predictor_learn_every)
         require(self.predictor_learning in ("background", "inline"), "expert_cache", "predictor_learning",
                 "one of background, inline", self.predictor_learning)
+        # fitted, then ignored by the other policies: refused rather than silently unused
+        require(self.reuse_trace is None or self.cache_policy in ("predicted", "predicted-prefetch"), "expert_cache",
+                "reuse_trace", "unset unless cache_policy is predicted or predicted-prefetch (the policies that use "
+                "it)", self.reuse_trace)
         require(self.cpu_experts in ("auto", "on", "off"), "expert_cache", "cpu_experts", "one of auto, on, off",
                 self.cpu_experts)
         require(self.host_memory in ("auto", "copy", "mmap"), "expert_cache", "host_memory", "one of auto, copy, mmap",

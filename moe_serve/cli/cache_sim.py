@@ -1,7 +1,7 @@
 """`moe-serve cache-sim`: replay routing traces through the expert-cache policies, no model.
 
     moe-serve cache-sim --trace A.npz [B.npz ...] --capacity 0.125 0.25 0.5 --policy all \
-        [--predictor P.safetensors] [--fit-trace OTHER.npz] --json OUT.json
+        [--predictor P.safetensors] [--fit-trace OTHER.npz] [--reuse] --json OUT.json
 
 Prints a table and writes JSON: {"config": ..., "results": {trace: {capacity: {policy: {hit_rate,
 ready_in_time, bytes_per_token, stall_ms_per_token, ...}}}}}.
@@ -30,6 +30,10 @@ def register(subparsers) -> None:
     p.add_argument("--predictor", default=None, help="fitted predictor file for the predicted policy's prefetch")
     p.add_argument("--fit-trace", nargs="*", action="extend", default=None,
                    help="traces (another domain) the static load and the predicted prior are fitted on")
+    p.add_argument("--reuse", action="store_true",
+                   help="the predicted policies also evict by the learned reuse forecast (P(used within the next "
+                        "w tokens), weights fitted on --fit-trace, its transition counts learned online from the "
+                        "replayed trace); needs --fit-trace; default: off")
     p.add_argument("--lookahead", type=int, default=None,
                    help="MoE layers ahead the predicted policies prefetch, at most the predictor's own lookahead "
                         "(default: 1, or the predictor's lookahead when it is 0; belady-prefetch's oracle always "
@@ -119,6 +123,11 @@ def main(args) -> int:
     if "predicted-prefetch" in args.policy and not args.predictor:  # asked for by name: as the server, refuse
         raise ValueError("--policy predicted-prefetch needs --predictor (the forecast it prefetches); without "
                          "one it is plain predicted")
+    if args.reuse and not args.fit_trace:  # its weights are fitted on another domain, never the replayed one
+        raise ValueError("--reuse fits the reuse forecast's weights on --fit-trace (another domain); give one")
+    if args.reuse and not any(n.startswith("predicted") for n in policies):  # it would change nothing, silently
+        raise ValueError(f"--reuse changes only the predicted policies (predicted, predicted-prefetch); "
+                         f"--policy gave {', '.join(policies)}")
     check_cost_flags(args)
     cost = CostModel(expert_bytes=args.expert_bytes, bandwidth_gbps=args.bandwidth_gbps, layer_ms=args.layer_ms,
                      copy_order=args.copy_order, prefetch_when=args.prefetch_when)
@@ -156,12 +165,12 @@ def main(args) -> int:
             predictor = load_predictor(args.predictor)
         results[name] = simulate(trace, policies, args.capacity, cost, predictor=predictor, fit_traces=fit,
                                  lookahead=args.lookahead, prefetch_from=prefetch_from, learn_lag=args.learn_lag,
-                                 log=lambda s: print(f"{name}: {s}", file=sys.stderr))
+                                 reuse=args.reuse, log=lambda s: print(f"{name}: {s}", file=sys.stderr))
     print(format_table(results))
     if args.json:
         config = dict(trace=args.trace, capacity=args.capacity, policies=policies, predictor=args.predictor,
                       fit_trace=args.fit_trace, lookahead=args.lookahead, prefetch_from=prefetch_from,
-                      learn_lag=args.learn_lag,
+                      learn_lag=args.learn_lag, reuse=args.reuse,
                       expert_bytes=cost.expert_bytes,
                       bandwidth_gbps=cost.bandwidth_gbps, layer_ms=cost.layer_ms, copy_ms=cost.copy_ms,
                       copy_order=cost.copy_order, prefetch_when=cost.prefetch_when)

@@ -58,6 +58,25 @@ def slots_for(cfg: ExpertCacheConfig, expert_bytes: int, total_experts: int, num
     return min(slots, total_experts)
 
 
+def fit_reuse_weights(cfg: ExpertCacheConfig, num_layers: int, num_experts: int):
+    """The learned reuse forecast's weights float [NF, 8], fitted on expert_cache.reuse_trace; refused,
+    naming the field, for an unreadable or too short trace or one of another model's shape."""
+    from moe_serve.experts.policies.reuse import fit_reuse
+    from predictors.traces import load_trace
+
+    try:
+        trace = load_trace(cfg.reuse_trace, keys=())
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"expert_cache.reuse_trace: {exc}") from exc
+    if (trace.num_layers, trace.num_experts) != (num_layers, num_experts):
+        raise ValueError(f"expert_cache.reuse_trace: {cfg.reuse_trace} has (MoE layers, experts) = "
+                         f"{(trace.num_layers, trace.num_experts)}, the model has {(num_layers, num_experts)}")
+    try:
+        return fit_reuse(trace.experts.astype("int64"), num_experts)
+    except ValueError as exc:  # too short to fit on
+        raise ValueError(f"expert_cache.reuse_trace: {cfg.reuse_trace}: {exc}") from exc
+
+
 def expert_store_factory(cfg: ExpertCacheConfig):
     if not cfg.enabled:
         return None
@@ -108,8 +127,9 @@ def expert_store_factory(cfg: ExpertCacheConfig):
             # every predicted layer is nearer than the first one prefetched for: the forecast only steers eviction
             log.warning("expert_cache.prefetch_from=%d is beyond the %d MoE layer(s) predicted ahead: no predicted "
                         "layer is prefetched for (the forecast still steers eviction)", cfg.prefetch_from, lookahead)
+        reuse_weights = fit_reuse_weights(cfg, L, E) if cfg.reuse_trace is not None else None
         policy = make_policy(cfg.cache_policy, load=load, predictor=predictor if lookahead else None,
-                             lookahead=lookahead, prefetch_from=prefetch_from)
+                             lookahead=lookahead, prefetch_from=prefetch_from, reuse_weights=reuse_weights)
         host = cfg.host_memory
         if host == "auto":
             avail = _available_host_bytes()

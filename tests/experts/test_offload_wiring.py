@@ -139,3 +139,41 @@ def test_prefetch_when_is_checked():
         OffloadExpertStore(TinySource(), torch.float32, "cpu", 4, LRUPolicy(), top_k=2, prefetch_when="early")
     with pytest.raises(ValueError, match="prefetch_when"):
         ExpertCacheConfig(expert_cache_slots=4, prefetch_when="early")
+
+
+def test_reuse_trace_fits_the_predicted_policys_reuse_forecast(tiny_checkpoint, tmp_path):
+    """`expert_cache.reuse_trace` (--reuse-trace) fits the learned reuse forecast on that trace at
+    start-up and hands it to the predicted policy (what cache-sim --reuse replays); the tokens stay the
+    resident store's. A trace of another shape, an unreadable or too short one, or a policy that would
+    ignore it is refused, naming the field."""
+    import numpy as np
+
+    from moe_serve.experts.policies.reuse import fit_reuse
+    from predictors.traces import RoutingTrace
+
+    def save(name, T, L=3, E=8):
+        x = np.random.default_rng(T).integers(0, E, size=(T, L, 2)).astype(np.int16)
+        x[:, :, 1] = (x[:, :, 0] + 1) % E  # two distinct experts per token and layer
+        RoutingTrace(x, np.ones(x.shape, np.float16), np.array([0, T]), E).save(tmp_path / name)
+        return str(tmp_path / name), x
+
+    path, x = save("fit.npz", 60)
+    ckpt = tiny_checkpoint("mixtral")  # 3 MoE layers x 8 experts, top-2
+    cfg = ExpertCacheConfig(expert_cache_slots=6, cache_policy="predicted", cpu_experts="off", reuse_trace=path)
+    (toks, _), store = run(ckpt, expert_store_factory(cfg))
+    np.testing.assert_array_equal(store.policy.reuse_weights, fit_reuse(x.astype(np.int64), 8))
+    assert toks == run(ckpt)[0][0]
+    store.close()
+    plain = ExpertCacheConfig(expert_cache_slots=6, cache_policy="predicted", cpu_experts="off")
+    (_, _), store = run(ckpt, expert_store_factory(plain))
+    assert store.policy.reuse_weights is None
+    store.close()
+
+    for bad, message in [(save("wide.npz", 60, E=16)[0], r"has \(MoE layers, experts\) = \(3, 16\), the model has \(3, 8\)"),
+                         (save("short.npz", 3)[0], r"fitted on a trace of >= 5 tokens, got 3"),
+                         (str(tmp_path / "absent.npz"), "absent.npz")]:
+        cfg = ExpertCacheConfig(expert_cache_slots=6, cache_policy="predicted", cpu_experts="off", reuse_trace=bad)
+        with pytest.raises(ValueError, match=r"expert_cache.reuse_trace: .*" + message):
+            run(ckpt, expert_store_factory(cfg))
+    with pytest.raises(ValueError, match=r"expert_cache.reuse_trace must be unset unless cache_policy is predicted"):
+        ExpertCacheConfig(expert_cache_slots=6, cache_policy="lru", reuse_trace=path)

@@ -91,3 +91,38 @@ def test_simulate_fits_the_reuse_forecast_on_the_fit_traces():
     assert 0.0 < plain["hit_rate"] <= 1.0
     with pytest.raises(ValueError, match="fit_traces"):
         simulate(test, ["predicted"], [0.5], cost, reuse=True)
+
+
+def test_cache_sim_reuse_flag(tmp_path, capsys):
+    """`cache-sim --reuse` replays the predicted policies with the reuse forecast fitted on --fit-trace
+    (the same figures as simulate(reuse=True)), records it in the JSON config, and is refused where it
+    would be fitted on nothing or change nothing."""
+    import json
+
+    from moe_serve.cli.main import main as cli_main
+    from moe_serve.experts.simulate import simulate
+    from predictors.traces import RoutingTrace, load_trace
+
+    paths = {}
+    for name, seed in (("test", 1), ("fit", 2)):
+        x = _trace(T=80, L=3, E=8, K=2, seed=seed).astype(np.int16)
+        paths[name] = str(tmp_path / f"{name}.npz")
+        RoutingTrace(x, np.ones(x.shape, np.float16), np.array([0, 80]), 8).save(paths[name])
+    out = tmp_path / "sim.json"
+    base = ["cache-sim", "--trace", paths["test"], "--capacity", "0.5", "--expert-bytes", "1000"]
+    assert cli_main([*base, "--policy", "predicted", "lru", "--fit-trace", paths["fit"], "--reuse",
+                     "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["config"]["reuse"] is True
+    cost = CostModel(expert_bytes=1000, bandwidth_gbps=25.0, layer_ms=0.25)
+    want = simulate(load_trace(paths["test"], keys=()), ["predicted", "lru"], [0.5], cost,
+                    fit_traces=[load_trace(paths["fit"], keys=())], reuse=True)["0.5"]
+    got = data["results"]["test"]["0.5"]
+    for name in ("predicted", "lru"):
+        assert got[name]["hit_rate"] == want[name]["hit_rate"], name
+        assert got[name]["copies_per_token"] == want[name]["copies_per_token"], name
+    capsys.readouterr()
+    assert cli_main([*base, "--policy", "predicted", "--reuse"]) == 2
+    assert "--reuse fits the reuse forecast's weights on --fit-trace" in capsys.readouterr().err
+    assert cli_main([*base, "--policy", "lru", "--fit-trace", paths["fit"], "--reuse"]) == 2
+    assert "--reuse changes only the predicted policies" in capsys.readouterr().err

@@ -108,6 +108,8 @@ def training_rows(experts: np.ndarray, num_experts: int, horizon: int, every: in
     """A trace int [T, L, K] replayed as one stream -> X float32 [n, NF], Y float32 [n, H] (Y[:, w-1]:
     used within the next w opportunities), one row per expert and layer of every `every`-th token."""
     T, L, K = experts.shape
+    if T <= every:  # the first row is taken at token `every`
+        raise ValueError(f"the reuse forecast is fitted on a trace of >= {every + 1} tokens, got {T}")
     nxt = np.full((T + 1, L, num_experts), 2**40, dtype=np.int64)  # next token >= t using (l, e)
     for t in range(T - 1, -1, -1):
         nxt[t] = nxt[t + 1]
