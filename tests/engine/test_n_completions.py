@@ -39,7 +39,10 @@ def test_generate_mixes_n_and_greedy_and_logprobs(tiny_dir):
         greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, n=2, logprobs=1)
         outs = llm.generate(["The quick brown fox", "Once upon"], [greedy, SamplingParams(n=4, **SAMPLED)])
         a, b = outs[0].outputs
-        assert a.token_ids == b.token_ids and a.logprobs == b.logprobs  # greedy: identical, as vLLM
+        assert a.token_ids == b.token_ids  # greedy: the same tokens, as vLLM; logprobs up to the rounding a
+        # row's place in the decode batch may change (equal on some CPUs, ~1e-6 apart on AMD EPYC)
+        assert [(lp.token_id, lp.rank) for lp in a.logprobs] == [(lp.token_id, lp.rank) for lp in b.logprobs]
+        assert [lp.logprob for lp in a.logprobs] == pytest.approx([lp.logprob for lp in b.logprobs], abs=1e-4)
         assert a.cumulative_logprob == pytest.approx(sum(lp.logprob for lp in a.logprobs))
         assert len(outs[1].outputs) == 4 and outs[1].outputs[1].logprobs is None  # unseeded: still n of them
 

@@ -83,8 +83,9 @@ def test_each_completion_is_its_own_request_alone_with_chunked_prefill(tiny_dir,
         got = completions(run_all(eng)[f"n{n}"])
         assert len(got) == n
         assert_same(got, want[:n])
-        if seed is None:  # greedy completions read one prefill: now identical to the bit
-            assert all(g == got[0] for g in got)
+        if seed is None:  # greedy completions read one prefill: the same tokens, and logprobs within the
+            # rounding that a row's place in the batch may change (bitwise on some CPUs, ~1e-6 on AMD EPYC)
+            assert_same(got, [got[0]] * n)
     if seed is not None:
         assert len({tuple(t) for t, _ in want}) == 4  # distinct draws: a shared generator would show
 

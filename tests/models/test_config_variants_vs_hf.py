@@ -82,7 +82,11 @@ def test_bf16_sliding_window_decode_is_bit_exact(family, overrides, tmp_path):
     """Past the window, transformers' decode attends over exactly the last `window` keys (its sliding
     cache keeps no more); each decode's logits must equal its bits, the next token fed to both alike.
     (Attending over the whole context with the older keys masked out is the same sum in another order:
-    a few bf16 ulps off from the first steps past the window, then another greedy token.)"""
+    a few bf16 ulps off from the first steps past the window, then another greedy token.)
+    On some CPUs (AMD EPYC) a bf16 kernel rounds a step's residual one ulp apart from transformers' for
+    equal inputs: such a step may differ by one ulp, but the greedy token never, and most steps (3 in 4)
+    stay bit-exact; attending with the older keys masked fails this within the first steps past the
+    window (checked by swapping it in: step 2 for mixtral, 5 for qwen3)."""
     d = make_tiny_checkpoint(family, tmp_path, dtype=torch.bfloat16, **overrides)
     hf = AutoModelForCausalLM.from_pretrained(d).eval()
     ours = load_model(d)
@@ -91,12 +95,18 @@ def test_bf16_sliding_window_decode_is_bit_exact(family, overrides, tmp_path):
     with torch.no_grad():
         ref = hf(torch.tensor([prompt]), use_cache=True)
         got = ours(ForwardBatch.single(prompt, slot=0))
+        exact = 0
         for n in range(24):
-            assert torch.equal(got[0], ref.logits[0, -1].float()), f"decode step {n} (context {ctx})"
+            want = ref.logits[0, -1].float()
+            ulp = 2.0 ** (torch.floor(torch.log2(want.abs().max())) - 7)  # bf16: 8 significant bits
+            assert int(got[0].argmax()) == int(want.argmax()), f"decode step {n} (context {ctx})"
+            assert (got[0] - want).abs().max() <= ulp, f"decode step {n} (context {ctx})"
+            exact += torch.equal(got[0], want)
             tok = int(ref.logits[0, -1].argmax())
             ref = hf(torch.tensor([[tok]]), past_key_values=ref.past_key_values, use_cache=True)
             got = ours(ForwardBatch.single([tok], slot=0, context_len=ctx))
             ctx += 1
+        assert exact >= 18, f"bit-exact at {exact} of 24 decode steps"
 
 
 def step(tokens: list[list[int]], context: list[int]) -> ForwardBatch:
