@@ -284,6 +284,8 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()}, copy bandwidth {bw / 1e9:.1f} GB/s (read+write), "
           f"load average {load_before[0]:.1f}")
     rows = []
+    if args.work_dir:  # a new directory to keep the checkpoint in failed in mkdtemp, after the bandwidth runs
+        os.makedirs(args.work_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
         tmp = args.work_dir or tmp
         for m in args.models.split(","):
