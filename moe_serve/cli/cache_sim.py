@@ -16,7 +16,7 @@ from pathlib import Path
 from moe_serve.cli.flags import not_an_input, output_file
 from moe_serve.experts.policies import POLICY_NAMES
 from moe_serve.experts.replay import DSV2_LITE_EXPERT_BYTES, CostModel
-from moe_serve.experts.simulate import format_table, simulate
+from moe_serve.experts.simulate import format_table, reuse_weights_for, simulate
 
 
 def register(subparsers) -> None:
@@ -159,13 +159,18 @@ def main(args) -> int:
     traces = [load_trace(path, keys=replay_keys) for path in args.trace]
     for path, trace in zip(args.trace, traces):  # all of them first: a bad last one wasted every replay before it
         check_matches(trace, path, fit, predictor, args)
+    # fitted once for every replayed trace (~40 s on a full DeepSeek-V2-Lite trace)
+    try:
+        reuse = reuse_weights_for(fit, traces[0].num_experts) if args.reuse else False
+    except ValueError as exc:  # too few tokens to fit on
+        raise ValueError(f"--reuse: --fit-trace {' '.join(args.fit_trace)}: {exc}") from exc
     results = {}
     for i, (name, trace) in enumerate(zip(names, traces)):
         if i and getattr(predictor, "adapts", False):  # it learned on the trace before: each starts from the file
             predictor = load_predictor(args.predictor)
         results[name] = simulate(trace, policies, args.capacity, cost, predictor=predictor, fit_traces=fit,
                                  lookahead=args.lookahead, prefetch_from=prefetch_from, learn_lag=args.learn_lag,
-                                 reuse=args.reuse, log=lambda s: print(f"{name}: {s}", file=sys.stderr))
+                                 reuse=reuse, log=lambda s: print(f"{name}: {s}", file=sys.stderr))
     print(format_table(results))
     if args.json:
         config = dict(trace=args.trace, capacity=args.capacity, policies=policies, predictor=args.predictor,

@@ -25,14 +25,23 @@ def expert_load(traces) -> np.ndarray:
     return load
 
 
+def reuse_weights_for(fit_traces, num_experts: int) -> np.ndarray:
+    """The learned reuse forecast's weights [NF, 8], fitted on `fit_traces` (another domain) as one stream."""
+    if not fit_traces:
+        raise ValueError("simulate: reuse=True fits the reuse forecast on fit_traces; none were given")
+    from moe_serve.experts.policies.reuse import fit_reuse
+    return fit_reuse(np.concatenate([t.experts.astype(np.int64) for t in fit_traces]), num_experts)
+
+
 def simulate(trace, policies, capacities, cost: CostModel, predictor=None, fit_traces=(), lookahead: int = 1,
-             prefetch_from: int = 1, learn_lag: int = 1, reuse: bool = False, log=None) -> dict:
+             prefetch_from: int = 1, learn_lag: int = 1, reuse=False, log=None) -> dict:
     """{capacity fraction (str): {policy: metrics}} for one trace; metrics also hold `vs_belady`
     (hit rate over Belady's at that capacity; None where Belady hits nothing) when Belady ran.
     `prefetch_from`: see `PredictedPolicy` (`cost.min_prefetch_distance` is the nearest layer a copy
     can reach in time). `learn_lag`: chunks an adapting predictor's learning trails its predictions
     (see `TracePredictions`; 1 as the runtime's background learner, 0 as inline learning). `reuse`: the
-    predicted policies also use the learned reuse forecast (`policies/reuse.py`), fitted on `fit_traces`."""
+    predicted policies also use the learned reuse forecast (`policies/reuse.py`): True fits it on
+    `fit_traces` (`reuse_weights_for`), an array [NF, >= 7] is weights fitted already (once for many traces)."""
     for name in policies:
         if name not in POLICY_NAMES:
             raise ValueError(f"policy must be one of {', '.join(POLICY_NAMES)} or all, got {name!r}")
@@ -46,11 +55,10 @@ def simulate(trace, policies, capacities, cost: CostModel, predictor=None, fit_t
         parts = [gap_counts(t.experts.astype(np.int64), E) for t in fit_traces]
         prior = (sum(p[0] for p in parts), sum(p[1] for p in parts))
     reuse_weights = None
-    if reuse and predicted:
-        if not fit_traces:
-            raise ValueError("simulate: reuse=True fits the reuse forecast on fit_traces; none were given")
-        from moe_serve.experts.policies.reuse import fit_reuse
-        reuse_weights = fit_reuse(np.concatenate([t.experts.astype(np.int64) for t in fit_traces]), E)
+    if isinstance(reuse, np.ndarray):
+        reuse_weights = reuse
+    elif reuse and predicted:
+        reuse_weights = reuse_weights_for(fit_traces, E)
     preds = None
     if predictor is not None and predicted and lookahead > 0:
         preds = TracePredictions(predictor, trace, learn_lag=learn_lag)

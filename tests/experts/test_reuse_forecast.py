@@ -93,7 +93,7 @@ def test_simulate_fits_the_reuse_forecast_on_the_fit_traces():
         simulate(test, ["predicted"], [0.5], cost, reuse=True)
 
 
-def test_cache_sim_reuse_flag(tmp_path, capsys):
+def test_cache_sim_reuse_flag(tmp_path, capsys, monkeypatch):
     """`cache-sim --reuse` replays the predicted policies with the reuse forecast fitted on --fit-trace
     (the same figures as simulate(reuse=True)), records it in the JSON config, and is refused where it
     would be fitted on nothing or change nothing."""
@@ -121,7 +121,19 @@ def test_cache_sim_reuse_flag(tmp_path, capsys):
     for name in ("predicted", "lru"):
         assert got[name]["hit_rate"] == want[name]["hit_rate"], name
         assert got[name]["copies_per_token"] == want[name]["copies_per_token"], name
+    from moe_serve.experts.policies import reuse as reuse_module  # two traces replayed: fitted once
+
+    fits = []
+    monkeypatch.setattr(reuse_module, "fit_reuse", lambda *a, **k: fits.append(1) or fit_reuse(*a, **k))
+    two = ["cache-sim", "--trace", paths["test"], paths["fit"], "--capacity", "0.5", "--expert-bytes", "1000"]
+    assert cli_main([*two, "--policy", "predicted", "--fit-trace", paths["fit"], "--reuse"]) == 0
+    assert fits == [1]
+    short = str(tmp_path / "short.npz")
+    ids = np.broadcast_to(np.array([0, 1], np.int16), (3, 3, 2)).copy()  # 3 tokens: too few to fit on
+    RoutingTrace(ids, np.ones((3, 3, 2), np.float16), np.array([0, 3]), 8).save(short)
     capsys.readouterr()
+    assert cli_main([*base, "--policy", "predicted", "--fit-trace", short, "--reuse"]) == 2
+    assert "--reuse: --fit-trace" in capsys.readouterr().err
     assert cli_main([*base, "--policy", "predicted", "--reuse"]) == 2
     assert "--reuse fits the reuse forecast's weights on --fit-trace" in capsys.readouterr().err
     assert cli_main([*base, "--policy", "lru", "--fit-trace", paths["fit"], "--reuse"]) == 2
